@@ -1,0 +1,185 @@
+"""Paged KV cache and grouped-query attention over it, with an optional sliding window.
+
+The cache of one layer is `k, v: (num_blocks, block_size, K, Dh)`; a sequence owns a list of
+block ids (its block table), and its token at position p lives in slot
+`block_table[p // block_size] * block_size + p % block_size`. Blocks come from one
+`BlockAllocator` shared by all layers and go back to it when the sequence ends.
+
+Backends, chosen once in `select_backend`: flash-attn's varlen kernel with a block table on
+CUDA when flash-attn is importable (it needs block_size % 256 == 0); otherwise torch SDPA over
+K/V gathered from the blocks (CPU, or CUDA without flash-attn).
+
+Shapes: N tokens in this step (packed), B sequences, H query heads, K kv heads, Dh head dim,
+L keys of a sequence (padded to whole blocks), Q queries of a sequence.
+Worked example (block_size 4): sequences with q_lens [3, 1] and ctx_lens [3, 6] ->
+positions [0 1 2 5], cu_seqlens_q [0 3 4], cu_seqlens_k [0 3 9].
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+FLASH_BLOCK_SIZE = 256
+
+
+def select_backend(device: torch.device | str) -> str:
+    """'flash' on CUDA with flash-attn installed, else 'sdpa'. The only place the choice is made."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash"
+    return "sdpa"
+
+
+class BlockAllocator:
+    """Free list of KV-cache block ids."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class KVCache:
+    """Per-layer paged K and V tensors plus the allocator of their blocks."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.allocator = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Everything attention needs about one step's packed batch; built once per step."""
+    positions: torch.Tensor          # (N,) int64
+    slot_mapping: torch.Tensor       # (N,) int64
+    q_lens: list[int]                # per sequence
+    ctx_lens: list[int]              # keys per sequence after this step (cached + new)
+    block_tables: list[list[int]]
+    backend: str
+    groups: list["_SdpaGroup"] = dataclasses.field(default_factory=list)   # sdpa
+    flash: dict = dataclasses.field(default_factory=dict)                  # flash-attn args
+
+    @classmethod
+    def build(cls, q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
+              block_size: int, sliding_window: int | None, backend: str,
+              device: torch.device | str) -> "AttentionMetadata":
+        positions, slots = [], []
+        for q, c, table in zip(q_lens, ctx_lens, block_tables):
+            for p in range(c - q, c):
+                positions.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+        meta = cls(torch.tensor(positions, dtype=torch.int64, device=device),
+                   torch.tensor(slots, dtype=torch.int64, device=device),
+                   q_lens, ctx_lens, block_tables, backend)
+        if backend == "flash":
+            meta.flash = _flash_args(q_lens, ctx_lens, block_tables, sliding_window, device)
+        else:
+            meta.groups = _sdpa_groups(q_lens, ctx_lens, block_tables, block_size,
+                                       sliding_window, device)
+        return meta
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           meta: AttentionMetadata) -> torch.Tensor:
+    """q (N, H, Dh) against the cache (new keys already written) -> (N, H, Dh)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if meta.backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+        return flash_attn_varlen_func(q, k_cache, v_cache, softmax_scale=scale, causal=True,
+                                      **meta.flash)
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        out[g.rows] = _sdpa(q, k_cache, v_cache, g, scale)
+    return out
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store this step's k, v (N, K, Dh) into their slots."""
+    k_cache.view(-1, *k.shape[1:])[slot_mapping] = k
+    v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
+
+
+@dataclasses.dataclass
+class _SdpaGroup:
+    rows: torch.Tensor          # (B*Q,) which of the N packed rows this group answers
+    q_index: torch.Tensor       # (B, Q) row of each padded query (padding points at a valid row)
+    valid: torch.Tensor         # (B, Q) bool
+    block_table: torch.Tensor   # (B, L / block_size)
+    mask: torch.Tensor          # (B, 1, Q, L) bool, True = may attend
+
+
+def _sdpa_groups(q_lens, ctx_lens, block_tables, block_size, window, device) -> list[_SdpaGroup]:
+    """Decode sequences (one query each) form one group; every prefill chunk is its own group."""
+    starts = list(itertools.accumulate(q_lens, initial=0))
+    decode = [i for i, q in enumerate(q_lens) if q == 1]
+    members = ([decode] if decode else []) + [[i] for i, q in enumerate(q_lens) if q > 1]
+    return [_sdpa_group(m, starts, q_lens, ctx_lens, block_tables, block_size, window, device)
+            for m in members]
+
+
+def _sdpa_group(members, starts, q_lens, ctx_lens, block_tables, block_size, window,
+                device) -> _SdpaGroup:
+    qmax = max(q_lens[i] for i in members)
+    nblocks = max(len(block_tables[i]) for i in members)
+    q_index = torch.tensor([[starts[i] + min(j, q_lens[i] - 1) for j in range(qmax)]
+                            for i in members], device=device)                       # (B, Q)
+    valid = torch.tensor([[j < q_lens[i] for j in range(qmax)] for i in members], device=device)
+    table = torch.tensor([block_tables[i] + [0] * (nblocks - len(block_tables[i]))
+                          for i in members], device=device)                         # (B, L/bs)
+    ctx = torch.tensor([ctx_lens[i] for i in members], device=device)               # (B,)
+    qpos = ctx[:, None] - torch.tensor([q_lens[i] for i in members], device=device)[:, None] \
+        + torch.arange(qmax, device=device)[None, :]                                # (B, Q)
+    kpos = torch.arange(nblocks * block_size, device=device)                        # (L,)
+    mask = kpos[None, None, :] <= qpos[:, :, None]                                  # (B, Q, L)
+    if window is not None:
+        mask &= kpos[None, None, :] > qpos[:, :, None] - window
+    return _SdpaGroup(q_index[valid], q_index, valid, table, mask[:, None])
+
+
+def _sdpa(q, k_cache, v_cache, g: _SdpaGroup, scale: float) -> torch.Tensor:
+    b, nq = g.q_index.shape
+    kv_shape = (b, -1, *k_cache.shape[2:])
+    k = k_cache[g.block_table].view(kv_shape).transpose(1, 2)                       # (B, K, L, Dh)
+    v = v_cache[g.block_table].view(kv_shape).transpose(1, 2)                       # (B, K, L, Dh)
+    qg = q[g.q_index].transpose(1, 2)                                               # (B, H, Q, Dh)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale,
+                                       enable_gqa=True)                             # (B, H, Q, Dh)
+    return o.transpose(1, 2)[g.valid]                                               # (B*Q, H, Dh)
+
+
+def _flash_args(q_lens, ctx_lens, block_tables, window, device) -> dict:
+    def cumulative(xs):
+        return torch.tensor(list(itertools.accumulate(xs, initial=0)), dtype=torch.int32,
+                            device=device)
+    nblocks = max(len(t) for t in block_tables)
+    table = torch.tensor([t + [0] * (nblocks - len(t)) for t in block_tables],
+                         dtype=torch.int32, device=device)
+    return dict(cu_seqlens_q=cumulative(q_lens), cu_seqlens_k=cumulative(ctx_lens),
+                max_seqlen_q=max(q_lens), max_seqlen_k=max(ctx_lens), block_table=table,
+                window_size=(window - 1, 0) if window is not None else (-1, -1))
+

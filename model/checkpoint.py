@@ -1,0 +1,207 @@
+"""Hugging Face Mixtral checkpoints: read only the tensors asked for; write random ones.
+
+Reading goes through `model.safetensors.index.json` (or one `model.safetensors`), opens only the
+shards that hold the requested names and copies only those tensors, converting dtype on the way.
+Writing produces the exact layout of the real checkpoints (config.json, sharded
+`model-0000i-of-0000n.safetensors` + index, generation_config.json, tokenizer files) with
+seeded random weights, which transformers' MixtralForCausalLM loads:
+
+    python -m model.checkpoint random --preset small --out /tmp/small [--dtype float32] [--seed 0]
+
+`random_tensor(name, ...)` seeds each tensor from (seed, name), so any subset of a checkpoint
+(one expert, the non-expert part) can be rebuilt anywhere without the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import PRESETS, MixtralConfig, cache_dir, resolve_config
+from model.mixtral import tensor_shapes
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing a tensor, has a wrong shape or is malformed; names the tensor."""
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def weight_map(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> the shard file that holds it."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is malformed: {e!r}") from None
+        return {name: path / file for name, file in mapping.items()}
+    single = path / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {path}")
+
+
+def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read exactly the tensors named in `shapes`, checking each shape, as `dtype` on `device`."""
+    files = weight_map(path)
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in shapes:
+        if name not in files:
+            raise CheckpointError(f"checkpoint {path} has no tensor {name!r}")
+        by_file[files[name]].append(name)
+    progress = _Progress(len(shapes), f"loading {len(shapes)} tensors from {path}")
+    out = {}
+    for file, names in sorted(by_file.items()):
+        if not file.exists():
+            raise CheckpointError(f"shard {file.name} (holding {names[0]!r}) is missing")
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in names:
+                t = f.get_slice(name)
+                if tuple(t.get_shape()) != tuple(shapes[name]):
+                    raise CheckpointError(f"tensor {name!r} has shape {tuple(t.get_shape())}, "
+                                          f"expected {tuple(shapes[name])}")
+                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                out[name] = tensor
+                progress.advance(tensor.numel() * tensor.element_size())
+    progress.done()
+    return out
+
+
+class _Progress:
+    """Logs a progress line at most every 2 s, then a summary."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.count, self.bytes = total, what, 0, 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, nbytes: int) -> None:
+        self.count += 1
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self.last >= 2.0:
+            self.last = now
+            bar = "#" * int(20 * self.count / self.total)
+            log.info("%s [%-20s] %d/%d, %.2f GB, %.1f s", self.what, bar, self.count,
+                     self.total, self.bytes / 1e9, now - self.start)
+
+    def done(self) -> None:
+        log.info("%s: done, %.2f GB in %.1f s", self.what, self.bytes / 1e9,
+                 time.monotonic() - self.start)
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Seeded from (seed, name): N(0, 0.02) like HF's init; norm weights 1 + N(0, 0.1)."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    t = 1.0 + 0.1 * t if name.endswith("norm.weight") else 0.02 * t
+    return t.to(dtype)
+
+
+def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch.float32,
+                 seed: int = 0, shard_bytes: int | None = None) -> Path:
+    """Write a random-weight checkpoint in the exact Hugging Face Mixtral layout to `out`."""
+    from model.tokenizer import Tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = tensor_shapes(cfg)
+    sizes = {n: math.prod(s) * dtype.itemsize for n, s in shapes.items()}
+    total = sum(sizes.values())
+    shards = _plan_shards(sizes, shard_bytes or min(5 * 10**9, math.ceil(total / 4)))
+    progress = _Progress(len(shapes), f"writing {len(shards)} shards to {out}")
+    names_to_file = {}
+    for i, names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for n in names:
+            tensors[n] = random_tensor(n, shapes[n], seed, dtype)
+            progress.advance(sizes[n])
+        save_file(tensors, out / file, metadata={"format": "pt"})
+        names_to_file.update(dict.fromkeys(names, file))
+    progress.done()
+    index = {"metadata": {"total_size": total}, "weight_map": names_to_file}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    hf = cfg.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    Tokenizer.from_pretrained().save(out)
+    return out
+
+
+def cached_random_checkpoint(preset: str = "tiny", seed: int = 0,
+                             dtype: torch.dtype = torch.float32) -> Path:
+    """A random checkpoint under the cache dir, written once (atomically) and reused."""
+    path = cache_dir() / "checkpoints" / f"{preset}-seed{seed}-{str(dtype).removeprefix('torch.')}"
+    if (path / "config.json").exists():
+        return path
+    log.info("creating the %s random checkpoint at %s (once)", preset, path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    write_random(resolve_config(preset), partial, dtype, seed)
+    try:
+        os.replace(partial, path)
+    except OSError:             # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+def _plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, size in sizes.items():
+        if shards[-1] and filled + size > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += size
+    return shards
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m model.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rnd = sub.add_parser("random", help="write a random-weight checkpoint in the HF Mixtral layout")
+    rnd.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    rnd.add_argument("--out", required=True, help="output directory")
+    rnd.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--shard-size-mb", type=int, default=None,
+                     help="largest shard in MB (default: a quarter of the model, at most 5000)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    shard = args.shard_size_mb * 10**6 if args.shard_size_mb else None
+    path = write_random(resolve_config(args.preset), args.out, torch_dtype(args.dtype),
+                        args.seed, shard)
+    log.info("wrote %s checkpoint to %s", args.preset, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The Mixtral decoder minus its experts: embeddings, attention, norms, routers and lm_head.
+
+Module attributes mirror the checkpoint keys (`model.layers.{i}.self_attn.q_proj.weight`,
+`model.layers.{i}.block_sparse_moe.gate.weight`, `lm_head.weight`), so loading is a lookup.
+The experts live outside this module: `forward` takes a `moe(layer, x, weights, experts)`
+callable, served in-process by `moe.LocalExperts` or remotely by the dispatcher in `actors/`.
+
+Shapes: N tokens in this step (packed), D hidden, H query heads, K kv heads, Dh head dim,
+E experts, A experts per token, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from model.attention import AttentionMetadata, KVCache, attend, write_kv
+from model.config import MixtralConfig
+from model.layers import RMSNorm, apply_rope, rope_cos_sin
+from model.moe import route
+
+MoeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor],
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)       # (N, H, Dh)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)    # (N, K, Dh)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)    # (N, K, Dh)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = attend(q, k_cache, v_cache, meta)                            # (N, H, Dh)
+        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))  # (N, D)
+
+
+class SparseMoeBlock(nn.Module):
+    """Only the router; the experts are served by the `moe` callable."""
+
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.block_sparse_moe = SparseMoeBlock(cfg)
+
+
+class Body(nn.Module):
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Mixtral(nn.Module):
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @classmethod
+    def from_tensors(cls, cfg: MixtralConfig, tensors: dict[str, torch.Tensor]) -> "Mixtral":
+        """Build from checkpoint tensors (every non-expert name), sharing their storage."""
+        with torch.device("meta"):
+            module = cls(cfg)
+        if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+            tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
+        module.load_state_dict(tensors, strict=True, assign=True)
+        return module.requires_grad_(False).eval()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+                moe: MoeFn) -> torch.Tensor:
+        """input_ids (N,) -> final hidden states (N, D), writing this step's keys into `kv`."""
+        h = self.model.embed_tokens(input_ids)                          # (N, D)
+        rope = rope_cos_sin(meta.positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        top_k = self.cfg.num_experts_per_tok
+        for i, layer in enumerate(self.model.layers):
+            h = h + layer.self_attn(layer.input_layernorm(h), meta, rope, kv.k[i], kv.v[i])
+            x = layer.post_attention_layernorm(h)
+            weights, experts = route(x, layer.block_sparse_moe.gate.weight, top_k)  # (N, A)
+            h = h + moe(i, x, weights, experts)                         # (N, D)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()                             # (n, V)
+
+
+def non_expert_names(cfg: MixtralConfig) -> list[str]:
+    """Checkpoint tensor names the frontend needs: everything but the experts."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                  p + "block_sparse_moe.gate.weight"]
+        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
+    return names
+
+
+def expert_names(cfg: MixtralConfig, expert_ids) -> list[str]:
+    """Checkpoint tensor names of the given expert ids in every layer."""
+    return [f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
+            for i in range(cfg.num_hidden_layers) for e in expert_ids for w in ("w1", "w2", "w3")]
+
+
+def tensor_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor name -> its shape."""
+    d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (cfg.num_attention_heads * dh, d),
+            p + "self_attn.k_proj.weight": (cfg.num_key_value_heads * dh, d),
+            p + "self_attn.v_proj.weight": (cfg.num_key_value_heads * dh, d),
+            p + "self_attn.o_proj.weight": (d, cfg.num_attention_heads * dh),
+            p + "block_sparse_moe.gate.weight": (cfg.num_local_experts, d)})
+        for e in range(cfg.num_local_experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            shapes.update({q + "w1.weight": (f, d), q + "w2.weight": (d, f), q + "w3.weight": (f, d)})
+    shapes["model.norm.weight"] = (d,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    return shapes

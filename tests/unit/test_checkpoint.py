@@ -1,0 +1,180 @@
+"""Reading only the tensors asked for, clear errors on broken checkpoints, random checkpoints
+that transformers loads."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model.checkpoint as ckpt
+from model.checkpoint import CheckpointError, load_tensors, random_tensor
+from model.config import PRESETS, ConfigError, MixtralConfig
+from model.engine import Engine
+from model.mixtral import expert_names, non_expert_names, tensor_shapes
+
+
+def test_random_checkpoint_has_hf_layout(tiny_checkpoint):
+    index = json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert set(index["weight_map"]) == set(tensor_shapes(PRESETS["tiny"]))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tiny_checkpoint / name).exists(), name
+    assert "[INST]" in json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_transformers_loads_random_checkpoint_and_agrees(tiny_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.MixtralForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    engine = Engine.from_pretrained(tiny_checkpoint)
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (engine.logits(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_random_tensors_are_seeded_per_name():
+    a = random_tensor("model.layers.0.block_sparse_moe.experts.3.w1.weight", (4, 8), 7, torch.float32)
+    b = random_tensor("model.layers.0.block_sparse_moe.experts.3.w1.weight", (4, 8), 7, torch.float32)
+    c = random_tensor("model.layers.0.block_sparse_moe.experts.4.w1.weight", (4, 8), 7, torch.float32)
+    d = random_tensor("model.layers.0.block_sparse_moe.experts.3.w1.weight", (4, 8), 8, torch.float32)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_from_config_equals_written_checkpoint(tiny_checkpoint):
+    from_files = Engine.from_pretrained(tiny_checkpoint)
+    in_memory = Engine.from_config("tiny", seed=0)
+    ids = [1, 415, 2936, 9060, 285, 1142]
+    assert torch.equal(from_files.logits(ids), in_memory.logits(ids))
+
+
+class _SpyOpen:
+    """Wraps safetensors.safe_open and records every tensor read."""
+
+    def __init__(self, real, reads):
+        self.real, self.reads = real, reads
+
+    def __call__(self, *args, **kwargs):
+        handle = self.real(*args, **kwargs)
+        reads = self.reads
+
+        class Handle:
+            def __enter__(self):
+                self.inner = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def get_tensor(self, name):
+                reads.append(name)
+                return self.inner.get_tensor(name)
+
+            def get_slice(self, name):
+                return self.inner.get_slice(name)
+
+            def keys(self):
+                return self.inner.keys()
+
+        return Handle()
+
+
+def test_loading_one_expert_reads_only_its_tensors(tiny_checkpoint, monkeypatch):
+    cfg = MixtralConfig.from_json(tiny_checkpoint)
+    reads: list[str] = []
+    monkeypatch.setattr(ckpt, "safe_open", _SpyOpen(ckpt.safe_open, reads))
+    names = expert_names(cfg, [3])
+    shapes = tensor_shapes(cfg)
+    got = load_tensors(tiny_checkpoint, {n: shapes[n] for n in names}, torch.float32)
+    assert sorted(reads) == sorted(names) and set(got) == set(names)
+    for n in names:
+        assert torch.equal(got[n], random_tensor(n, shapes[n], 0, torch.float32))
+    reads.clear()
+    frontend = load_tensors(tiny_checkpoint, {n: shapes[n] for n in non_expert_names(cfg)},
+                            torch.float32)
+    assert not any(".experts." in n for n in reads) and set(frontend) == set(reads)
+
+
+@pytest.fixture
+def broken(tiny_checkpoint, tmp_path):
+    """A writable copy of the tiny checkpoint."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, dst)
+    return dst
+
+
+def _shard_of(path, name):
+    return path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
+def test_missing_tensor_is_named(broken):
+    name = "model.layers.1.block_sparse_moe.experts.5.w2.weight"
+    shard = _shard_of(broken, name)
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    del index["weight_map"][name]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        Engine.from_pretrained(broken)
+
+
+def test_wrong_shape_is_named(broken):
+    name = "model.layers.0.self_attn.k_proj.weight"
+    shard = _shard_of(broken, name)
+    tensors = load_file(shard)
+    tensors[name] = torch.zeros(3, 5)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"k_proj.*\(3, 5\)"):
+        Engine.from_pretrained(broken)
+
+
+def test_missing_shard_is_reported(broken):
+    shard = _shard_of(broken, "lm_head.weight")
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        Engine.from_pretrained(broken)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.pop("num_local_experts"), "num_local_experts"),
+    (lambda c: c.update(num_key_value_heads=3), "num_key_value_heads"),
+    (lambda c: c.update(hidden_size="big"), "hidden_size"),
+    (lambda c: c.update(sliding_window=-4), "sliding_window"),
+    (lambda c: c.update(num_experts_per_tok=9), "num_experts_per_tok"),
+])
+def test_bad_config_names_the_field(broken, edit, field):
+    raw = json.loads((broken / "config.json").read_text())
+    edit(raw)
+    (broken / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=field):
+        Engine.from_pretrained(broken)
+
+
+def test_config_accepts_both_rope_spellings_and_null_fields():
+    base = PRESETS["tiny"].to_hf_dict()
+    top = MixtralConfig.from_dict(base | {"rope_theta": 5e5, "head_dim": None})
+    nested = {k: v for k, v in base.items() if k != "rope_theta"}
+    nested["rope_parameters"] = {"rope_theta": 5e5, "rope_type": "default"}
+    assert MixtralConfig.from_dict(nested) == top
+    assert top.head_dim == 16 and top.sliding_window is None
+    assert MixtralConfig.from_dict(base | {"sliding_window": 4096}).sliding_window == 4096
+
+
+def test_cli_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "model.checkpoint", "random", "--preset", "tiny",
+                           "--out", str(out), "--dtype", "bfloat16", "--seed", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote tiny checkpoint" in proc.stderr
+    engine = Engine.from_pretrained(out, dtype="float32")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    expected = random_tensor(name, (64, 64), 3, torch.bfloat16).float()
+    assert torch.equal(engine.model.get_parameter(name), expected)

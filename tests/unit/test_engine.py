@@ -1,0 +1,164 @@
+"""The in-process engine: continuous batching, preemption, sampling, stop conditions, streaming."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from model.config import PRESETS
+from model.engine import Engine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+PROMPTS = ["Hello, my name is", "The capital of France", "def fib(n):\n    return",
+           "Once upon a time there was a very long prompt " * 6, "日本語のテキスト 😀"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine):
+    """Each prompt generated alone: what every batched or preempted run must reproduce."""
+    return [tiny_engine.generate(p, GREEDY)[0].token_ids for p in PROMPTS]
+
+
+def test_batched_equals_alone(tiny_engine, reference):
+    assert [o.token_ids for o in tiny_engine.generate(PROMPTS, GREEDY)] == reference
+
+
+def test_chunked_prefill_and_small_batches_equal_alone(tiny_checkpoint, reference):
+    engine = Engine.from_pretrained(tiny_checkpoint, max_num_batched_tokens=7, max_num_seqs=2)
+    assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == reference
+
+
+def test_preemption_under_kv_pressure_equals_alone(tiny_checkpoint, reference):
+    # 30 blocks of 4 tokens: too few for the five requests at once, enough for any one alone
+    engine = Engine.from_pretrained(tiny_checkpoint, block_size=4, max_model_len=96,
+                                    kv_cache_memory=30 * 4 * 2 * 2 * 2 * 16 * 4)
+    assert engine.kv.allocator.num_blocks == 30
+    outs = engine.generate(PROMPTS, GREEDY)
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == reference
+    assert engine.num_free_blocks() == 30
+
+
+def test_requests_joining_mid_flight_equal_alone(tiny_engine, reference):
+    first = tiny_engine.add_request(PROMPTS[0], GREEDY)
+    for _ in range(5):
+        tiny_engine.step()
+    late = tiny_engine.add_request(PROMPTS[1], GREEDY)
+    tiny_engine._run_until_done([first, late])
+    got = [tiny_engine._completions.pop(r).token_ids for r in (first, late)]
+    for r in (first, late):
+        tiny_engine.abort(r)
+    assert got == reference[:2]
+
+
+def test_seeded_sampling_is_independent_of_the_batch(tiny_engine):
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=1234,
+                            ignore_eos=True)
+    alone = tiny_engine.generate(PROMPTS[0], params)[0].token_ids
+    noise = SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True)
+    batch = tiny_engine.generate([PROMPTS[2], PROMPTS[0], PROMPTS[1]], [noise, params, noise])
+    assert batch[1].token_ids == alone
+    other_seed = tiny_engine.generate(PROMPTS[0], SamplingParams(
+        max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=99, ignore_eos=True))
+    assert other_seed[0].token_ids != alone
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(tiny_engine, reference):
+    for params in (SamplingParams(max_tokens=24, temperature=1.0, top_k=1, ignore_eos=True),
+                   SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6, ignore_eos=True)):
+        assert tiny_engine.generate(PROMPTS[0], params)[0].token_ids == reference[0]
+
+
+def test_logprobs_are_of_the_chosen_tokens(tiny_engine):
+    out = tiny_engine.generate(PROMPTS[1], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    logits = tiny_engine.logits(out.prompt_ids + out.token_ids[:-1])
+    expected = logits.log_softmax(-1)[-len(out.token_ids):]
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert abs(expected[i, tok].item() - lp) < 1e-4
+
+
+def test_stop_string_cuts_the_text_exactly(tiny_engine):
+    full = tiny_engine.generate(PROMPTS[0], GREEDY)[0]
+    text = full.text
+    assert len(text) > 8, "the tiny model should produce some text"
+    stop = text[5:8]
+    first = text.find(stop)
+    out = tiny_engine.generate(PROMPTS[0], SamplingParams(
+        max_tokens=24, temperature=0.0, ignore_eos=True, stop=(stop,)))[0]
+    assert out.finish_reason == "stop" and out.text == text[:first]
+    assert out.token_ids == full.token_ids[:len(out.token_ids)]
+
+
+def test_stop_token_ids_and_max_tokens(tiny_engine, reference):
+    stop_at = reference[0][3]
+    out = tiny_engine.generate(PROMPTS[0], SamplingParams(
+        max_tokens=24, temperature=0.0, stop_token_ids=(stop_at,)))[0]
+    first = reference[0].index(stop_at)
+    assert out.finish_reason == "stop" and out.token_ids == reference[0][:first + 1]
+    out = tiny_engine.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0,
+                                                          ignore_eos=True))[0]
+    assert out.finish_reason == "length" and out.token_ids == reference[0][:3]
+
+
+def test_eos_stops_unless_ignored(reference):
+    # the same seeded weights as the tiny checkpoint, with EOS set to the 3rd greedy token
+    forced = reference[0][2]
+    engine = Engine.from_config(dataclasses.replace(PRESETS["tiny"], eos_token_id=forced))
+    out = engine.generate(PROMPTS[0], SamplingParams(max_tokens=24, temperature=0.0))[0]
+    assert out.finish_reason == "stop" and out.token_ids == reference[0][:reference[0].index(forced) + 1]
+    assert engine.generate(PROMPTS[0], GREEDY)[0].token_ids == reference[0]
+
+
+def test_stream_concatenates_to_generate(tiny_engine):
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=("zz",))
+    expected = tiny_engine.generate(PROMPTS, params)
+
+    async def run(prompt):
+        chunks = [c async for c in tiny_engine.stream(prompt, params)]
+        return chunks
+
+    async def main():
+        return await asyncio.gather(*(run(p) for p in PROMPTS))
+
+    for chunks, want in zip(asyncio.run(main()), expected):
+        assert "".join(c.text for c in chunks) == want.text
+        assert [t for c in chunks for t in c.token_ids] == want.token_ids
+        assert chunks[-1].finish_reason == want.finish_reason
+        assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_leaving_a_stream_frees_its_blocks(tiny_engine):
+    start = tiny_engine.num_free_blocks()
+
+    async def main():
+        got = 0
+        async for _ in tiny_engine.stream(PROMPTS[3], GREEDY):
+            got += 1
+            if got == 3:
+                break
+        return got
+
+    assert asyncio.run(main()) == 3
+    assert tiny_engine.num_free_blocks() == start and not tiny_engine.has_unfinished()
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ("", SamplingParams(), "prompt must not be empty"),
+    ([1, 40000], SamplingParams(), r"token ids must be in \[0, 32000\)"),
+    ("hi", SamplingParams(max_tokens=5000), r"max_tokens \(5000\) exceeds max_model_len \(4096\)"),
+])
+def test_bad_requests_are_rejected_with_the_field(tiny_engine, prompt, params, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_engine.generate(prompt, params)
+    assert not tiny_engine.has_unfinished()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
+    (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(stop=("",)), "stop"), (dict(seed="x"), "seed"),
+])
+def test_sampling_params_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
