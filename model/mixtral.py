@@ -18,7 +18,8 @@ from torch import nn
 from model.attention import AttentionMetadata, KVCache, attend, write_kv
 from model.config import MixtralConfig
 from model.layers import RMSNorm, apply_rope, rope_cos_sin
-from model.moe import route
+from model.linear import Linear
+from model.moe import expert_name, route
 
 MoeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -28,10 +29,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim)
+        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor],
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -75,16 +76,19 @@ class Mixtral(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Body(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
     @classmethod
     def from_tensors(cls, cfg: MixtralConfig, tensors: dict[str, torch.Tensor]) -> "Mixtral":
-        """Build from checkpoint tensors (every non-expert name), sharing their storage."""
+        """Build from checkpoint tensors (every non-expert name); linear weights get packed."""
         with torch.device("meta"):
             module = cls(cfg)
         if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
             tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
         module.load_state_dict(tensors, strict=True, assign=True)
+        for m in module.modules():
+            if isinstance(m, Linear):
+                m.pack()
         return module.requires_grad_(False).eval()
 
     @torch.inference_mode()
@@ -121,7 +125,7 @@ def non_expert_names(cfg: MixtralConfig) -> list[str]:
 
 def expert_names(cfg: MixtralConfig, expert_ids) -> list[str]:
     """Checkpoint tensor names of the given expert ids in every layer."""
-    return [f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
+    return [expert_name(i, e, w)
             for i in range(cfg.num_hidden_layers) for e in expert_ids for w in ("w1", "w2", "w3")]
 
 
@@ -139,8 +143,8 @@ def tensor_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.o_proj.weight": (d, cfg.num_attention_heads * dh),
             p + "block_sparse_moe.gate.weight": (cfg.num_local_experts, d)})
         for e in range(cfg.num_local_experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            shapes.update({q + "w1.weight": (f, d), q + "w2.weight": (d, f), q + "w3.weight": (f, d)})
+            shapes.update({expert_name(i, e, "w1"): (f, d), expert_name(i, e, "w2"): (d, f),
+                           expert_name(i, e, "w3"): (f, d)})
     shapes["model.norm.weight"] = (d,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)

@@ -15,6 +15,13 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from model.linear import linear, nbytes, pack
+
+
+def expert_name(layer: int, expert: int, w: str) -> str:
+    """Checkpoint name of one expert weight, w in {"w1", "w2", "w3"}."""
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+
 
 def route(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, D), gate (E, D) -> routing weights (N, A) in x's dtype, expert ids (N, A) int64."""
@@ -49,35 +56,43 @@ def group_by_expert(weights: torch.Tensor, experts: torch.Tensor, num_experts: i
     return ExpertGroups(order // top_k, weights.flatten()[order], counts)
 
 
-def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """SwiGLU expert: x (n, D), w1/w3 (F, D), w2 (D, F) -> (n, D)."""
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert: x (n, D), w13 = [w1; w3] (2F, D), w2 (D, F), plain or packed -> (n, D)."""
+    h = linear(x, w13)                                                  # (n, 2F)
+    gate, up = h.chunk(2, dim=-1)                                       # (n, F) each
+    return linear(F.silu(gate) * up, w2)                                # (n, D)
+
+
+def fuse_w13(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """One (2F, D) weight for w1 and w3: one GEMM instead of two (0.51 vs 0.68 ms here, 8 rows)."""
+    return torch.cat((w1, w3), dim=0)
 
 
 class LocalExperts:
     """Expert weights of some expert ids for every layer, computed in this process.
 
-    `weights[(layer, e)] = (w1, w2, w3)`. The in-process engine holds all experts; an expert
-    actor holds its own ids only.
+    `weights[(layer, e)] = (w13, w2)`, packed for `linear`. The in-process engine holds all
+    experts; an expert actor holds its own ids only.
     """
 
-    def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    def __init__(self, weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
                  num_experts: int):
         self.weights = weights
         self.num_experts = num_experts
 
     @classmethod
     def from_tensors(cls, cfg, tensors: dict[str, torch.Tensor], expert_ids=None) -> "LocalExperts":
-        """Take (pop) the named expert tensors of `expert_ids` (default: all) out of `tensors`."""
+        """Take (pop) the expert tensors of `expert_ids` (default: all) out of `tensors`, packed."""
         ids = range(cfg.num_local_experts) if expert_ids is None else expert_ids
-        prefix = "model.layers.{}.block_sparse_moe.experts.{}.{}.weight"
-        weights = {(i, e): tuple(tensors.pop(prefix.format(i, e, w)) for w in ("w1", "w2", "w3"))
-                   for i in range(cfg.num_hidden_layers) for e in ids}
+        weights = {}
+        for i in range(cfg.num_hidden_layers):
+            for e in ids:
+                w1, w2, w3 = (tensors.pop(expert_name(i, e, w)) for w in ("w1", "w2", "w3"))
+                weights[(i, e)] = (pack(fuse_w13(w1, w3)), pack(w2))
         return cls(weights, cfg.num_local_experts)
 
     def compute(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
-        w1, w2, w3 = self.weights[(layer, expert)]
-        return expert_mlp(x, w1, w2, w3)
+        return expert_mlp(x, *self.weights[(layer, expert)])
 
     def moe(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
             experts: torch.Tensor) -> torch.Tensor:
@@ -90,5 +105,5 @@ class LocalExperts:
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ws in self.weights.values() for t in ws)
+        return sum(nbytes(t) for ws in self.weights.values() for t in ws)
 

@@ -1,0 +1,51 @@
+"""The one place that picks the GEMM for `y = x @ W.T`.
+
+On CPU, fp32 weights are repacked once into oneDNN's blocked layout and multiplied with
+oneDNN: MKL's sgemm (what `F.linear` calls) takes slow generic paths on AMD CPUs and for
+few rows; on this 2-core EPYC a 512x5376 weight took 1.5 ms for 8 rows with MKL, 0.46 ms
+packed, and the 32000x512 lm_head 17.6 ms vs 7.1 ms for 32 rows. Elsewhere (CUDA, bf16) the
+weight stays as it is and `F.linear` runs. Results equal `F.linear` up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in) in the layout `linear` multiplies fastest on its device."""
+    if (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    return weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (n, in) @ weight.T -> (n, out), for a plain or a `pack`ed weight."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """A packed weight back as an ordinary tensor (for inspection and tests)."""
+    return weight.to_dense() if weight.is_mkldnn else weight
+
+
+def nbytes(weight: torch.Tensor) -> int:
+    return weight.numel() * weight.element_size()
+
+
+class Linear(nn.Module):
+    """Bias-free linear layer whose weight (checkpoint name `weight`) can be packed in place."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features, in_features))
+
+    def pack(self) -> None:
+        self.weight = pack(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
