@@ -164,8 +164,9 @@ def _sdpa_group(members, starts, q_lens, ctx_lens, block_tables, block_size, win
 def _sdpa(q, k_cache, v_cache, g: _SdpaGroup, scale: float) -> torch.Tensor:
     b, nq = g.q_index.shape
     kv_shape = (b, -1, *k_cache.shape[2:])
-    k = k_cache[g.block_table].view(kv_shape).transpose(1, 2)                       # (B, K, L, Dh)
-    v = v_cache[g.block_table].view(kv_shape).transpose(1, 2)                       # (B, K, L, Dh)
+    blocks = g.block_table.flatten()    # index_select: ~5x faster than k_cache[table] here
+    k = k_cache.index_select(0, blocks).view(kv_shape).transpose(1, 2)              # (B, K, L, Dh)
+    v = v_cache.index_select(0, blocks).view(kv_shape).transpose(1, 2)              # (B, K, L, Dh)
     qg = q[g.q_index].transpose(1, 2)                                               # (B, H, Q, Dh)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale,
                                        enable_gqa=True)                             # (B, H, Q, Dh)

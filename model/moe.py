@@ -40,12 +40,17 @@ class ExpertGroups:
     counts: list[int]       # (E,) pairs per expert (host ints: one sync per layer)
 
     def segments(self):
-        """Yield (expert id, rows, weights) for every expert that received rows."""
+        """Yield (expert id, start, end): pairs [start, end) of `rows` go to that expert."""
         start = 0
         for e, n in enumerate(self.counts):
             if n:
-                yield e, self.rows[start:start + n], self.weights[start:start + n]
+                yield e, start, start + n
             start += n
+
+    def combine(self, y: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """y (P, D), one output per pair in `rows` order -> sum of weight * y per row (N, D)."""
+        out = torch.zeros(num_rows, y.shape[1], dtype=y.dtype, device=y.device)
+        return out.index_add_(0, self.rows, y * self.weights[:, None])
 
 
 def group_by_expert(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> ExpertGroups:
@@ -98,11 +103,11 @@ class LocalExperts:
             experts: torch.Tensor) -> torch.Tensor:
         """x (N, D), routing (N, A) -> sum over the chosen experts of p * expert(x), (N, D)."""
         groups = group_by_expert(weights, experts, self.num_experts)
-        out = torch.zeros_like(x)
-        for e, rows, w in groups.segments():
-            y = self.compute(layer, e, x[rows])                         # (n, D)
-            out.index_add_(0, rows, y * w[:, None])
-        return out
+        xs = x[groups.rows]                                             # (P, D) by expert
+        ys = torch.empty_like(xs)                                       # (P, D)
+        for e, start, end in groups.segments():
+            ys[start:end] = self.compute(layer, e, xs[start:end])
+        return groups.combine(ys, x.shape[0])
 
     def nbytes(self) -> int:
         return sum(nbytes(t) for ws in self.weights.values() for t in ws)
