@@ -27,11 +27,17 @@ import torch.nn.functional as F
 FLASH_BLOCK_SIZE = 256
 
 
-def select_backend(device: torch.device | str) -> str:
-    """'flash' on CUDA with flash-attn installed, else 'sdpa'. The only place the choice is made."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash"
-    return "sdpa"
+def select_backend(device: torch.device | str, requested: str | None = None) -> str:
+    """'flash' on CUDA with flash-attn installed, else 'sdpa' (or `requested`, if it can run).
+    The only place the choice is made."""
+    flash = torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested is None:
+        return "flash" if flash else "sdpa"
+    if requested not in ("flash", "sdpa"):
+        raise ValueError(f"attention_backend must be 'flash' or 'sdpa', got {requested!r}")
+    if requested == "flash" and not flash:
+        raise ValueError("attention_backend 'flash' needs a CUDA device and flash-attn installed")
+    return requested
 
 
 class BlockAllocator:
@@ -163,10 +169,15 @@ def _sdpa_group(members, starts, q_lens, ctx_lens, block_tables, block_size, win
 
 def _sdpa(q, k_cache, v_cache, g: _SdpaGroup, scale: float) -> torch.Tensor:
     b, nq = g.q_index.shape
+    kv_heads = k_cache.shape[2]
     kv_shape = (b, -1, *k_cache.shape[2:])
     blocks = g.block_table.flatten()    # index_select: ~5x faster than k_cache[table] here
     k = k_cache.index_select(0, blocks).view(kv_shape).transpose(1, 2)              # (B, K, L, Dh)
     v = v_cache.index_select(0, blocks).view(kv_shape).transpose(1, 2)              # (B, K, L, Dh)
+    if nq == 1:  # decode: the H/K query heads of a kv head act as its queries, no GQA expand
+        qg = q[g.q_index[:, 0]].view(b, kv_heads, -1, q.shape[-1])                # (B, K, H/K, Dh)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale)
+        return o.reshape(b, -1, q.shape[-1])                                        # (B, H, Dh)
     qg = q[g.q_index].transpose(1, 2)                                               # (B, H, Q, Dh)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale,
                                        enable_gqa=True)                             # (B, H, Q, Dh)

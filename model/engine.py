@@ -75,12 +75,13 @@ class Engine:
     def __init__(self, model: Mixtral, moe: MoeFn, tokenizer: Tokenizer, *,
                  device: str | torch.device = "cpu", max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 block_size: int | None = None, kv_cache_memory: int | None = None):
+                 block_size: int | None = None, kv_cache_memory: int | None = None,
+                 attention_backend: str | None = None):
         self.cfg: MixtralConfig = model.cfg
         self.model, self.moe, self.tokenizer = model, moe, tokenizer
         self.device = torch.device(device)
         self.dtype = model.lm_head.weight.dtype
-        self.backend = select_backend(self.device)
+        self.backend = select_backend(self.device, attention_backend)
         self.block_size = block_size or (FLASH_BLOCK_SIZE if self.backend == "flash" else 16)
         self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings,
                                  self.cfg.max_position_embeddings)
