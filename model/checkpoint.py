@@ -14,6 +14,7 @@ seeded random weights, which transformers' MixtralForCausalLM loads:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -114,6 +115,27 @@ class _Progress:
     def done(self) -> None:
         log.info("%s: done, %.2f GB in %.1f s", self.what, self.bytes / 1e9,
                  time.monotonic() - self.start)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """Where weights come from: a checkpoint directory, or seeded random weights of a config
+    (built on the target device, no files). Picklable, so each actor loads its own part."""
+    path: str | None = None
+    config: MixtralConfig | None = None
+    seed: int = 0
+
+    def model_config(self) -> MixtralConfig:
+        return MixtralConfig.from_json(self.path) if self.path is not None else self.config
+
+    def load(self, names: list[str], dtype: torch.dtype,
+             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Exactly the named tensors, as `dtype` on `device`."""
+        all_shapes = tensor_shapes(self.model_config())
+        shapes = {n: all_shapes[n] for n in names}
+        if self.path is not None:
+            return load_tensors(self.path, shapes, dtype, device)
+        return {n: random_tensor(n, s, self.seed, dtype, device) for n, s in shapes.items()}
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,

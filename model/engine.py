@@ -21,12 +21,12 @@ import itertools
 import logging
 import threading
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import torch
 
 from model.attention import FLASH_BLOCK_SIZE, AttentionMetadata, KVCache, select_backend
-from model.checkpoint import load_tensors, random_tensor, torch_dtype
+from model.checkpoint import WeightSource, torch_dtype
 from model.config import MixtralConfig, resolve_config
 from model.mixtral import Mixtral, MoeFn, tensor_shapes
 from model.moe import LocalExperts
@@ -69,6 +69,7 @@ class _Tracked:
     emitted_text: int = 0
     emitted_tokens: int = 0
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    error: Exception | None = None
 
 
 class Engine:
@@ -92,7 +93,7 @@ class Engine:
         self._completions: dict[str, Completion] = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._sinks: dict[str, Callable[[StreamChunk | BaseException], None]] = {}
         self._loop_task: asyncio.Task | None = None
         log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens",
                  self.device, self.dtype, self.backend, self.kv.allocator.num_blocks,
@@ -102,24 +103,24 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
                         device: str | torch.device = "cpu", **engine_args) -> "Engine":
-        cfg = MixtralConfig.from_json(path)
-        tensors = load_tensors(path, tensor_shapes(cfg), torch_dtype(dtype), device)
-        return cls._from_tensors(cfg, tensors, Tokenizer.from_pretrained(path), device, engine_args)
+        return cls.from_source(WeightSource(path=str(path)), dtype, device, **engine_args)
 
     @classmethod
     def from_config(cls, preset_or_config, dtype: str | torch.dtype = "float32",
                     device: str | torch.device = "cpu", seed: int = 0, **engine_args) -> "Engine":
         """Random weights built in memory on `device` (no files): the same values as
         `python -m model.checkpoint random --seed` writes when built on the CPU."""
-        cfg = resolve_config(preset_or_config)
-        dt = torch_dtype(dtype)
-        tensors = {n: random_tensor(n, s, seed, dt, device) for n, s in tensor_shapes(cfg).items()}
-        return cls._from_tensors(cfg, tensors, Tokenizer.from_pretrained(), device, engine_args)
+        source = WeightSource(config=resolve_config(preset_or_config), seed=seed)
+        return cls.from_source(source, dtype, device, **engine_args)
 
     @classmethod
-    def _from_tensors(cls, cfg, tensors, tokenizer, device, engine_args) -> "Engine":
+    def from_source(cls, source: WeightSource, dtype: str | torch.dtype = "float32",
+                    device: str | torch.device = "cpu", **engine_args) -> "Engine":
+        cfg = source.model_config()
+        tensors = source.load(list(tensor_shapes(cfg)), torch_dtype(dtype), device)
         experts = LocalExperts.from_tensors(cfg, tensors)          # pops the expert tensors
         model = Mixtral.from_tensors(cfg, tensors)
+        tokenizer = Tokenizer.from_pretrained(source.path)
         return cls(model, experts.moe, tokenizer, device=device, **engine_args)
 
     def _allocate_kv_cache(self, memory: int | None, max_num_seqs: int) -> KVCache:
@@ -184,13 +185,35 @@ class Engine:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[StreamChunk]:
-        """Run one scheduler step; return what each request produced in it."""
+        """Run one scheduler step; return what each request produced in it, and hand each
+        chunk to its request's sink (streams). If the step fails, its requests fail with the
+        error (their sinks get it) and it is raised; other requests carry on."""
         with self._lock:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return []
-            hidden = self._forward(scheduled)                             # (N, D)
-            return self._process(scheduled, hidden)
+            try:
+                hidden = self._forward(scheduled)                         # (N, D)
+                chunks = self._process(scheduled, hidden)
+            except Exception as e:
+                for req, _ in scheduled:
+                    self._fail(req, e)
+                raise
+        for chunk in chunks:
+            sink = self._sinks.get(chunk.request_id)
+            if sink is not None:
+                sink(chunk)
+        return chunks
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        tracked = self._tracked.get(req.request_id)
+        req.finish_reason = "error"
+        self.scheduler.finish(req)
+        if tracked is not None:
+            tracked.error = error
+        sink = self._sinks.get(req.request_id)
+        if sink is not None:
+            sink(error)
 
     def _forward(self, scheduled: list[tuple[Request, int]]) -> torch.Tensor:
         ids, q_lens, ctx_lens, tables = [], [], [], []
@@ -297,6 +320,8 @@ class Engine:
             self.step()
             for rid in list(pending):
                 tracked = self._tracked[rid]
+                if tracked.error is not None:
+                    raise tracked.error
                 if tracked.req.finished:
                     pending.discard(rid)
                     if tracked.req.params is not None:
@@ -315,7 +340,8 @@ class Engine:
         Leaving the iterator early aborts the request and frees its KV blocks."""
         rid = self.add_request(prompt, params)
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = queue
+        loop = asyncio.get_running_loop()
+        self._sinks[rid] = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
         self._ensure_loop()
         try:
             while True:
@@ -326,7 +352,7 @@ class Engine:
                 if item.finish_reason is not None:
                     return
         finally:
-            self._queues.pop(rid, None)
+            self._sinks.pop(rid, None)
             self.abort(rid)
 
     def _ensure_loop(self) -> None:
@@ -334,20 +360,13 @@ class Engine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
     async def _run_loop(self) -> None:
-        while self._queues and self.has_unfinished():
+        """Steps the engine while streams wait. Chunks reach streams through their sinks, so
+        steps driven by `generate` in another thread lose nothing either."""
+        while self._sinks and self.has_unfinished():
             try:
-                chunks = await asyncio.to_thread(self.step)
-            except Exception as e:  # fail every waiting stream instead of hanging it
+                await asyncio.to_thread(self.step)
+            except Exception:  # the failed step's requests got the error; others go on
                 log.exception("engine step failed")
-                for rid, queue in list(self._queues.items()):
-                    queue.put_nowait(e)
-                    self.abort(rid)
-                return
-            for chunk in chunks:
-                queue = self._queues.get(chunk.request_id)
-                if queue is not None:
-                    queue.put_nowait(chunk)
-            await asyncio.sleep(0)
 
 
 def _is_prompt_list(prompts) -> bool:

@@ -162,3 +162,43 @@ def test_bad_requests_are_rejected_with_the_field(tiny_engine, prompt, params, m
 def test_sampling_params_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_generate_in_a_thread_and_streams_share_the_engine(tiny_engine, reference):
+    async def collect(prompt):
+        return [t async for c in tiny_engine.stream(prompt, GREEDY) for t in c.token_ids]
+
+    async def main():
+        streams = asyncio.gather(*(collect(p) for p in PROMPTS[:2]))
+        generated = asyncio.to_thread(tiny_engine.generate, PROMPTS[2:], GREEDY)
+        return await asyncio.gather(streams, generated)
+
+    streams, generated = asyncio.run(main())
+    assert streams == reference[:2]
+    assert [o.token_ids for o in generated] == reference[2:]
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_carries_on(tiny_checkpoint, reference):
+    engine = Engine.from_pretrained(tiny_checkpoint)
+    moe, calls = engine.moe, []
+
+    def flaky(layer, x, weights, experts):
+        calls.append(layer)
+        if len(calls) == 3:
+            raise RuntimeError("expert exploded")
+        return moe(layer, x, weights, experts)
+
+    engine.moe = flaky
+    with pytest.raises(RuntimeError, match="expert exploded"):
+        engine.generate(PROMPTS[:2], GREEDY)
+    assert engine.num_free_blocks() == engine.kv.allocator.num_blocks
+
+    async def stream_fails():
+        calls.clear()
+        with pytest.raises(RuntimeError, match="expert exploded"):
+            async for _ in engine.stream(PROMPTS[0], GREEDY):
+                pass
+
+    asyncio.run(stream_fails())
+    assert not engine.has_unfinished()
+    assert [o.token_ids for o in engine.generate(PROMPTS[:2], GREEDY)] == reference[:2]

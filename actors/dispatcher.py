@@ -1,0 +1,186 @@
+"""The dispatcher: top-k all-to-all between the frontend and the expert actors, once per layer.
+
+It is the frontend engine's `moe` function (route happens in the model just before it):
+
+    dispatch: sort the step's (row, expert) pairs by expert; split each expert's rows evenly over
+              its healthy replicas; make ONE call per actor per layer with all its rows
+    compute:  each actor runs its experts on its rows (actors/expert.py)
+    combine:  out.index_add_(0, rows, weight * y)
+
+All data movement sits behind one function, `transport(layer, calls)`: today Ray object refs
+(`actor.compute.remote` + `ray.get`); compiled graphs or GPU-direct transport can replace it
+without touching the rest. A call that fails because its actor died or is restarting is sent
+again — to a replica if one is healthy, else to the restarted actor — at most `max_attempts`
+times within `retry_timeout_s`; then the layer fails with ExpertCallError, which fails the
+step's requests (never a loop, never a hang). Experts hold no request state, so a re-sent
+call gives the same result.
+
+Shapes: N tokens in the step, D hidden, P = N * A (row, expert) pairs.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Callable, Sequence
+
+import ray
+import torch
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from model.moe import ExpertGroups, group_by_expert
+
+log = logging.getLogger(__name__)
+
+RETRIABLE = (RayActorError, ActorUnavailableError)
+
+
+class ExpertCallError(RuntimeError):
+    """An expert call failed for good; the message names the layer, experts and cause."""
+
+
+@dataclasses.dataclass
+class Call:
+    actor: int                          # index into Dispatcher.actors
+    segments: list[tuple[int, int]]     # [start, end) slices of the sorted pairs, actor's order
+    counts: list[int]                   # rows per expert id the actor holds
+
+
+Result = tuple[torch.Tensor, float]    # (y rows, seconds the actor spent computing)
+Transport = Callable[[int, list[tuple[object, torch.Tensor, list[int]]]], list["Result | Exception"]]
+
+
+def object_ref_transport(layer: int, requests) -> list[Result | Exception]:
+    """One `compute.remote` per actor, then wait for all; a failure is returned, not raised."""
+    refs = [actor.compute.remote(layer, x, counts) for actor, x, counts in requests]
+    results: list[Result | Exception] = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - classified by the caller
+            results.append(e)
+    return results
+
+
+class Dispatcher:
+    def __init__(self, actors: Sequence[object], actor_experts: Sequence[Sequence[int]],
+                 num_experts: int, transport: Transport = object_ref_transport,
+                 max_attempts: int = 4, retry_timeout_s: float = 60.0, cooldown_s: float = 5.0):
+        self.actors = list(actors)
+        self.actor_experts = [list(ids) for ids in actor_experts]
+        self.num_experts = num_experts
+        self.holders: dict[int, list[int]] = collections.defaultdict(list)
+        for a, ids in enumerate(self.actor_experts):
+            for e in ids:
+                self.holders[e].append(a)
+        missing = [e for e in range(num_experts) if not self.holders[e]]
+        if missing:
+            raise ValueError(f"no actor holds expert(s) {missing}")
+        self.transport = transport
+        self.max_attempts, self.retry_timeout_s, self.cooldown_s = max_attempts, retry_timeout_s, cooldown_s
+        self._down_until = [0.0] * len(self.actors)
+        self.timings: collections.deque[dict] = collections.deque(maxlen=4096)
+        self.retries = 0
+
+    # ---- the per-layer path -------------------------------------------------------------
+    def moe(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
+            experts: torch.Tensor) -> torch.Tensor:
+        """x (N, D), routing weights/experts (N, A) -> (N, D), like LocalExperts.moe."""
+        t0 = time.perf_counter()
+        groups = group_by_expert(weights, experts, self.num_experts)
+        xs = x[groups.rows].cpu()                                       # (P, D) by expert
+        calls = self._calls(groups)
+        t1 = time.perf_counter()
+        ys, compute_s = self._send(layer, xs, calls)                    # (P, D)
+        t2 = time.perf_counter()
+        out = groups.combine(ys.to(x.device), x.shape[0])               # (N, D)
+        t3 = time.perf_counter()
+        self.timings.append({"layer": layer, "rows": x.shape[0], "dispatch": t1 - t0,
+                             "transport": t2 - t1 - compute_s, "compute": compute_s,
+                             "combine": t3 - t2, "total": t3 - t0})
+        return out
+
+    def _calls(self, groups: ExpertGroups) -> list[Call]:
+        """Split each expert's rows over its healthy replicas; one Call per actor."""
+        per_actor: dict[int, dict[int, tuple[int, int]]] = collections.defaultdict(dict)
+        for e, start, end in groups.segments():
+            replicas = self._healthy(self.holders[e])
+            n, k = end - start, len(replicas)
+            for i, a in enumerate(replicas):
+                lo, hi = start + n * i // k, start + n * (i + 1) // k
+                if hi > lo:
+                    per_actor[a][e] = (lo, hi)
+        calls = []
+        for a, by_expert in per_actor.items():
+            ids = self.actor_experts[a]
+            segments = [by_expert[e] for e in ids if e in by_expert]
+            counts = [by_expert[e][1] - by_expert[e][0] if e in by_expert else 0 for e in ids]
+            calls.append(Call(a, segments, counts))
+        return calls
+
+    def _healthy(self, actors: list[int]) -> list[int]:
+        now = time.monotonic()
+        up = [a for a in actors if self._down_until[a] <= now]
+        return up or actors
+
+    def _send(self, layer: int, xs: torch.Tensor, calls: list[Call]) -> tuple[torch.Tensor, float]:
+        ys = torch.empty_like(xs)
+        pending = calls
+        attempts, deadline, compute_s = 0, time.monotonic() + self.retry_timeout_s, 0.0
+        while pending:
+            attempts += 1
+            inputs = [torch.cat([xs[s:e] for s, e in c.segments]) for c in pending]  # compact
+            results = self.transport(layer, [(self.actors[c.actor], x, c.counts)
+                                             for c, x in zip(pending, inputs)])
+            failed = []
+            for call, result in zip(pending, results):
+                if isinstance(result, Exception):
+                    failed.append((call, result))
+                    continue
+                y, seconds = result
+                compute_s = max(compute_s, seconds)
+                begin = 0
+                for s, e in call.segments:
+                    ys[s:e] = y[begin:begin + e - s]
+                    begin += e - s
+            pending = self._retry(layer, failed, attempts, deadline)
+        return ys, compute_s
+
+    def _retry(self, layer: int, failed: list[tuple[Call, Exception]], attempts: int,
+               deadline: float) -> list[Call]:
+        """Calls to send again (re-targeted to healthy replicas), or raise ExpertCallError."""
+        again = []
+        for call, error in failed:
+            ids = self.actor_experts[call.actor]
+            if not isinstance(error, RETRIABLE):
+                raise ExpertCallError(f"layer {layer}: experts {ids} failed: {error}") from error
+            if attempts >= self.max_attempts or time.monotonic() >= deadline:
+                raise ExpertCallError(
+                    f"layer {layer}: experts {ids} still failing after {attempts} attempts "
+                    f"({type(error).__name__}); giving up on this step") from error
+            self._down_until[call.actor] = time.monotonic() + self.cooldown_s
+            target = self._replacement(call.actor)
+            log.warning("layer %d: expert actor %d (%s) failed (%s); re-sending to actor %d",
+                        layer, call.actor, ids, type(error).__name__, target)
+            self.retries += 1
+            again.append(dataclasses.replace(call, actor=target))
+        if again and all(c.actor == f.actor for c, (f, _) in zip(again, failed)):
+            time.sleep(min(0.5 * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic())))
+        return again
+
+    def _replacement(self, actor: int) -> int:
+        """A healthy actor holding exactly the same experts, else the same (restarting) one."""
+        ids = self.actor_experts[actor]
+        twins = [a for a in self.holders[ids[0]] if self.actor_experts[a] == ids and a != actor]
+        healthy = [a for a in twins if self._down_until[a] <= time.monotonic()]
+        return healthy[0] if healthy else actor
+
+    # ---- measurements -------------------------------------------------------------------
+    def timing_summary(self) -> dict[str, float]:
+        """Median seconds per phase over the recorded layer calls."""
+        if not self.timings:
+            return {}
+        keys = ("dispatch", "transport", "compute", "combine", "total")
+        return {k: statistics.median(t[k] for t in self.timings) for k in keys}

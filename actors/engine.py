@@ -1,0 +1,122 @@
+"""RayEngine: the expert-parallel engine on a Ray cluster, with the in-process Engine's API.
+
+    import ray; ray.init(address=...)
+    from actors import RayEngine
+    engine = RayEngine.from_pretrained(path, dtype="float32", expert_replicas=1)
+    engine.generate([...], SamplingParams(...)); engine.logits([...])
+    engine.placement()   # {"frontend": node_id, "experts": {expert_id: [node_id, ...]}}
+    engine.shutdown()
+
+Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve one placement group
+pinned to the plan's nodes (cluster/placement.py), start one expert actor per (expert id,
+replica) in its bundle, then the frontend with their handles. Each actor loads only its own
+tensors. Expert actors are restarted by Ray when they die (their calls are re-sent by the
+dispatcher); the frontend is not (its KV cache is gone with it): its in-flight requests fail
+with a RayActorError.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+import ray
+import torch
+
+from actors.expert import ExpertWorker
+from actors.frontend import Frontend
+from cluster.placement import actor_options, cluster_nodes, release, reserve
+from cluster.plan import plan
+from model.checkpoint import WeightSource
+from model.config import resolve_config
+from model.engine import Completion, SamplingParams, StreamChunk
+from model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CPU_ACTOR = {"CPU": 0.01}   # a small CPU share: label/PG scheduling misplaces 0-CPU actors
+
+
+class RayEngine:
+    def __init__(self, frontend, experts: list, actor_experts: list[list[int]], pg,
+                 tokenizer: Tokenizer):
+        self.frontend, self.experts, self.actor_experts = frontend, experts, actor_experts
+        self._pg, self.tokenizer = pg, tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs) -> "RayEngine":
+        return cls.from_source(WeightSource(path=str(path)), dtype, **kwargs)
+
+    @classmethod
+    def from_config(cls, preset_or_config, dtype: str = "float32", seed: int = 0,
+                    **kwargs) -> "RayEngine":
+        """Random weights built inside each actor on its device: no files (GPU benchmarks)."""
+        source = WeightSource(config=resolve_config(preset_or_config), seed=seed)
+        return cls.from_source(source, dtype, **kwargs)
+
+    @classmethod
+    def from_source(cls, source: WeightSource, dtype: str = "float32", *,
+                    expert_replicas: int = 1, device: str = "cpu",
+                    expert_resources: dict | None = None, frontend_resources: dict | None = None,
+                    placement_timeout_s: float = 60.0, threads: int | None = None,
+                    engine_args: dict | None = None, dispatch_args: dict | None = None) -> "RayEngine":
+        """device "cuda": each actor asks for a GPU by default (pass fractional `GPU`
+        resources to share one card); "cpu": a small CPU share."""
+        default = {"GPU": 1, "CPU": 1} if device == "cuda" else CPU_ACTOR
+        cfg = source.model_config()
+        p = plan(cluster_nodes(), cfg.num_local_experts, expert_replicas,
+                 expert_resources or default, frontend_resources or default)
+        pg = reserve(p, placement_timeout_s)
+        expert_cls = ray.remote(max_restarts=-1, max_task_retries=0)(ExpertWorker)
+        experts, actor_experts, bundle = [], [], 1
+        for e in sorted(p.experts):
+            for slot in p.experts[e]:
+                experts.append(expert_cls.options(**actor_options(pg, bundle, slot)).remote(
+                    source, [e], dtype, device, threads))
+                actor_experts.append([e])
+                bundle += 1
+        frontend_cls = ray.remote(max_restarts=0)(Frontend)
+        frontend = frontend_cls.options(**actor_options(pg, 0, p.frontend)).remote(
+            source, experts, actor_experts, dtype, device, threads, engine_args, dispatch_args)
+        engine = cls(frontend, experts, actor_experts, pg, Tokenizer.from_pretrained(source.path))
+        try:
+            ray.get([frontend.info.remote()] + [a.info.remote() for a in experts])
+        except Exception:
+            engine.shutdown()
+            raise
+        log.info("RayEngine ready: %d expert actors, %d replica(s) each", len(experts),
+                 expert_replicas)
+        return engine
+
+    # ---- the Engine API, forwarded to the frontend ----------------------------------------
+    def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[Completion]:
+        return ray.get(self.frontend.generate.remote(prompts, params))
+
+    def logits(self, prompts) -> torch.Tensor | list[torch.Tensor]:
+        return ray.get(self.frontend.logits.remote(prompts))
+
+    async def stream(self, prompt, params: SamplingParams = SamplingParams()
+                     ) -> AsyncIterator[StreamChunk]:
+        async for ref in self.frontend.stream.remote(prompt, params):
+            yield await ref
+
+    # ---- inspection ---------------------------------------------------------------------
+    def placement(self) -> dict:
+        """Where the actors actually run: {"frontend": node, "experts": {id: [nodes]}}."""
+        infos = ray.get([a.info.remote() for a in self.experts])
+        experts: dict[int, list[str]] = {}
+        for ids, info in zip(self.actor_experts, infos):
+            for e in ids:
+                experts.setdefault(e, []).append(info["node_id"])
+        return {"frontend": ray.get(self.frontend.info.remote())["node_id"], "experts": experts}
+
+    def expert_info(self) -> list[dict]:
+        return ray.get([a.info.remote() for a in self.experts])
+
+    def frontend_info(self) -> dict:
+        return ray.get(self.frontend.info.remote())
+
+    def shutdown(self) -> None:
+        for actor in [self.frontend, *self.experts]:
+            ray.kill(actor, no_restart=True)
+        release(self._pg)

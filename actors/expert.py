@@ -1,0 +1,58 @@
+"""The expert actor: the w1/w2/w3 of some expert ids for every layer, nothing else.
+
+It loads only its own tensors straight from the checkpoint files (or builds its own seeded
+random ones), keeps them on its device, and holds no per-request state: any call can be sent
+again, to it after a restart or to a replica.
+
+    compute(layer, x, counts) -> y
+    x (n, D) rows grouped by expert in this actor's `expert_ids` order, counts[i] rows for
+    expert_ids[i]; y (n, D) the expert outputs in the same order (not yet weighted).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from model.checkpoint import WeightSource, torch_dtype
+from model.mixtral import expert_names
+from model.moe import LocalExperts
+
+log = logging.getLogger(__name__)
+
+
+class ExpertWorker:
+    def __init__(self, source: WeightSource, expert_ids: list[int], dtype: str = "float32",
+                 device: str = "cpu", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.expert_ids = list(expert_ids)
+        self.device = torch.device(device)
+        cfg = source.model_config()
+        tensors = source.load(expert_names(cfg, self.expert_ids), torch_dtype(dtype), self.device)
+        self.experts = LocalExperts.from_tensors(cfg, tensors, self.expert_ids)
+        self.hidden_size = cfg.hidden_size
+        log.info("expert actor %s ready: %.1f MB on %s", self.expert_ids,
+                 self.experts.nbytes() / 1e6, self.device)
+
+    def compute(self, layer: int, x: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, float]:
+        """-> (y, seconds spent computing)."""
+        start = time.perf_counter()
+        assert x.ndim == 2 and x.shape[1] == self.hidden_size, f"x must be (n, {self.hidden_size})"
+        assert sum(counts) == x.shape[0] and len(counts) == len(self.expert_ids), "bad counts"
+        x = x.to(self.device, non_blocking=True)
+        parts, begin = [], 0
+        for expert, n in zip(self.expert_ids, counts):
+            if n:
+                parts.append(self.experts.compute(layer, expert, x[begin:begin + n]))
+            begin += n
+        y = (torch.cat(parts) if parts else x[:0]).cpu()
+        return y, time.perf_counter() - start
+
+    def info(self) -> dict:
+        import ray
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "expert_ids": self.expert_ids, "nbytes": self.experts.nbytes(),
+                "layers_experts": sorted(self.experts.weights)}

@@ -1,0 +1,82 @@
+"""The frontend actor: the in-process Engine (scheduler, KV cache, sampler) around the
+non-expert weights only, with the Dispatcher as its `moe` function.
+
+An async actor: `generate`/`logits` run the engine in a worker thread, `stream` is an async
+generator (a Ray streaming call), and both share one engine, so their requests batch together.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from actors.dispatcher import Dispatcher
+from model.checkpoint import WeightSource, torch_dtype
+from model.engine import Engine, SamplingParams
+from model.linear import nbytes
+from model.mixtral import Mixtral, non_expert_names
+from model.moe import route
+from model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Frontend:
+    def __init__(self, source: WeightSource, expert_actors: list, actor_experts: list[list[int]],
+                 dtype: str = "float32", device: str = "cpu", threads: int | None = None,
+                 engine_args: dict | None = None, dispatch_args: dict | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = source.model_config()
+        tensors = source.load(non_expert_names(cfg), torch_dtype(dtype), device)
+        model = Mixtral.from_tensors(cfg, tensors)
+        self.dispatcher = Dispatcher(expert_actors, actor_experts, cfg.num_local_experts,
+                                     **(dispatch_args or {}))
+        self.engine = Engine(model, self.dispatcher.moe, Tokenizer.from_pretrained(source.path),
+                             device=device, **(engine_args or {}))
+
+    async def generate(self, prompts, params):
+        return await asyncio.to_thread(self.engine.generate, prompts, params)
+
+    async def logits(self, prompts):
+        return await asyncio.to_thread(self.engine.logits, prompts)
+
+    async def stream(self, prompt, params: SamplingParams):
+        async for chunk in self.engine.stream(prompt, params):
+            yield chunk
+
+    def info(self) -> dict:
+        import ray
+        state = self.engine.model.state_dict()
+        return {"node_id": ray.get_runtime_context().get_node_id(),
+                "tensor_names": sorted(state), "nbytes": sum(nbytes(t) for t in state.values()),
+                "free_blocks": self.engine.num_free_blocks(),
+                "total_blocks": self.engine.kv.allocator.num_blocks,
+                "retries": self.dispatcher.retries}
+
+    def dispatch_timings(self, reset: bool = False) -> dict[str, float]:
+        summary = self.dispatcher.timing_summary()
+        if reset:
+            self.dispatcher.timings.clear()
+        return summary
+
+    def profile_dispatch(self, batch: int, repeats: int, layer: int = 0) -> dict[str, float]:
+        """Time route + one dispatcher round trip for `batch` random hidden rows of `layer`;
+        medians in seconds per phase (routing is the model's, the rest the dispatcher's)."""
+        model, cfg = self.engine.model, self.engine.cfg
+        gate = model.model.layers[layer].block_sparse_moe.gate.weight
+        gen = torch.Generator(device=gate.device).manual_seed(batch)
+        self.dispatcher.timings.clear()
+        routing = []
+        for _ in range(repeats):
+            x = torch.randn(batch, cfg.hidden_size, generator=gen, device=gate.device,
+                            dtype=gate.dtype)
+            start = time.perf_counter()
+            weights, experts = route(x, gate, cfg.num_experts_per_tok)
+            routing.append(time.perf_counter() - start)
+            self.dispatcher.moe(layer, x, weights, experts)
+        summary = self.dispatcher.timing_summary()
+        self.dispatcher.timings.clear()
+        return {"routing": sorted(routing)[len(routing) // 2], **summary}

@@ -1,0 +1,46 @@
+"""A Ray cluster of several simulated nodes on this machine, for tests and development.
+
+    with local_cluster(expert_nodes=3, expert_slots=4) as cluster:
+        engine = RayEngine.from_pretrained(path, expert_resources={"CPU": 0.01, "expert": 1},
+                                           frontend_resources={"CPU": 0.01, "frontend": 1})
+
+The head node offers `frontend: 1`; each expert node offers `expert: expert_slots`, so the
+planner puts the frontend on the head and spreads the experts over the expert nodes. Every
+node is a real raylet with its own worker processes (`ray.cluster_utils.Cluster`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from typing import Iterator
+
+import ray
+from ray.cluster_utils import Cluster
+
+log = logging.getLogger(__name__)
+
+FRONTEND_RESOURCE = "frontend"
+EXPERT_RESOURCE = "expert"
+
+
+@contextlib.contextmanager
+def local_cluster(expert_nodes: int = 3, expert_slots: int = 4, cpus_per_node: int = 2,
+                  object_store_memory: int = 200 * 2**20) -> Iterator[Cluster]:
+    """Start a head plus `expert_nodes` nodes, connect this process to it, tear it down after."""
+    os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": cpus_per_node, "resources": {FRONTEND_RESOURCE: 1},
+        "object_store_memory": object_store_memory})
+    try:
+        for _ in range(expert_nodes):
+            cluster.add_node(num_cpus=cpus_per_node, resources={EXPERT_RESOURCE: expert_slots},
+                             object_store_memory=object_store_memory)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        log.info("local cluster: head + %d expert nodes at %s", expert_nodes, cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,110 @@
+"""Where every actor of one engine runs: a pure function of the cluster's nodes, no Ray.
+
+    plan(nodes, num_experts=8, replicas=2, expert_resources={"GPU": 1},
+         frontend_resources={"GPU": 1}) -> Plan
+
+The frontend goes first, on the node with the most room for it. Then, replica by replica and
+expert by expert, each expert actor goes to the node with the most room left for
+`expert_resources` that does not yet hold a replica of the same expert id (any node with room
+if every node already holds one): experts spread evenly, and replicas of one expert land on
+different nodes, so losing one node loses at most one replica of each expert.
+A cluster that cannot hold the plan raises PlacementError saying what was needed and what
+each node offers.
+
+Example: 3 nodes with {"expert": 4} each, 8 experts, 1 replica -> experts 0..7 on nodes
+a b c a b c a b (3, 3 and 2 per node).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the requested actors; the message says what is missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    node_id: str
+    resources: Mapping[str, float]          # what the node offers (free, for planning)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One actor: the node it runs on and the resources it reserves there."""
+    node_id: str
+    resources: Mapping[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    frontend: Slot
+    experts: dict[int, list[Slot]]          # expert id -> one slot per replica
+
+    def slots(self) -> list[Slot]:
+        """Every slot, frontend first, then experts by id and replica: bundle order."""
+        return [self.frontend] + [s for e in sorted(self.experts) for s in self.experts[e]]
+
+
+def plan(nodes: list[Node], num_experts: int, replicas: int = 1,
+         expert_resources: Mapping[str, float] | None = None,
+         frontend_resources: Mapping[str, float] | None = None) -> Plan:
+    if replicas < 1:
+        raise PlacementError(f"expert_replicas must be >= 1, got {replicas}")
+    expert_resources = dict(expert_resources or {"GPU": 1})
+    frontend_resources = dict(frontend_resources or {"GPU": 1})
+    free = {n.node_id: dict(n.resources) for n in nodes}
+    frontend_node = _roomiest(free, frontend_resources, exclude=set())
+    if frontend_node is None:
+        raise PlacementError(f"no node can hold the frontend ({_fmt(frontend_resources)}); "
+                             f"{describe(nodes)}")
+    _take(free, frontend_node, frontend_resources)
+    experts: dict[int, list[Slot]] = {e: [] for e in range(num_experts)}
+    for replica in range(replicas):
+        for e in range(num_experts):
+            holders = {s.node_id for s in experts[e]}
+            node = (_roomiest(free, expert_resources, exclude=holders)
+                    or _roomiest(free, expert_resources, exclude=set()))
+            if node is None:
+                raise PlacementError(
+                    f"cannot place {num_experts} experts x {replicas} replica(s), each "
+                    f"needing {_fmt(expert_resources)} (plus the frontend's "
+                    f"{_fmt(frontend_resources)}): ran out at expert {e}, replica {replica}; "
+                    f"{describe(nodes)}")
+            _take(free, node, expert_resources)
+            experts[e].append(Slot(node, expert_resources))
+    return Plan(Slot(frontend_node, frontend_resources), experts)
+
+
+def _fits(free: Mapping[str, float], need: Mapping[str, float]) -> bool:
+    return all(free.get(k, 0.0) >= v - 1e-9 for k, v in need.items())
+
+
+def _room(free: Mapping[str, float], need: Mapping[str, float]) -> float:
+    """How many more such actors fit (fractional counts allowed)."""
+    return min((free.get(k, 0.0) / v for k, v in need.items() if v > 0), default=float("inf"))
+
+
+def _roomiest(free: dict[str, dict[str, float]], need: Mapping[str, float],
+              exclude: set[str]) -> str | None:
+    candidates = [n for n in free if n not in exclude and _fits(free[n], need)]
+    # most room first; ties keep the nodes' given order (max returns the first maximum)
+    return max(candidates, key=lambda n: _room(free[n], need), default=None)
+
+
+def _take(free: dict[str, dict[str, float]], node: str, need: Mapping[str, float]) -> None:
+    for k, v in need.items():
+        free[node][k] = free[node].get(k, 0.0) - v
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def describe(nodes: list[Node]) -> str:
+    if not nodes:
+        return "the cluster has no alive nodes"
+    return "the cluster offers " + "; ".join(
+        f"node {n.node_id[:12]}: {_fmt({k: v for k, v in n.resources.items() if not k.startswith('node:')})}"
+        for n in nodes)

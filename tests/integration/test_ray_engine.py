@@ -1,0 +1,132 @@
+"""RayEngine (frontend actor + expert actors + dispatcher) on a real local multi-node Ray
+cluster equals the in-process Engine; placement, per-actor bytes, faults, impossible plans."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+
+import pytest
+import ray
+import torch
+
+from actors.dispatcher import Dispatcher, ExpertCallError
+from cluster.plan import PlacementError
+from model.config import MixtralConfig
+from model.engine import Engine, SamplingParams
+from model.mixtral import non_expert_names, tensor_shapes
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):\n    return",
+           "Once upon a time there was a very long prompt about experts and routers " * 3, "日本語"]
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+def assert_same_as_in_process(engine, reference: Engine) -> None:
+    ids = [reference.tokenizer.encode(p) for p in PROMPTS]
+    for got, want in zip(engine.logits(ids), reference.logits(ids)):
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert ([o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+            == [o.token_ids for o in reference.generate(PROMPTS, GREEDY)])
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("which", ["tiny", "small"])
+def test_equals_in_process_engine(ray_engine, tiny_checkpoint, small_checkpoint, which, replicas):
+    path = tiny_checkpoint if which == "tiny" else small_checkpoint
+    engine = ray_engine(path, replicas)
+    try:
+        assert_same_as_in_process(engine, Engine.from_pretrained(path))
+        if replicas == 2:
+            placement = engine.placement()["experts"]
+            assert all(len(set(nodes)) == 2 for nodes in placement.values()), placement
+    finally:
+        engine.shutdown()
+
+
+def test_experts_spread_over_the_expert_nodes(ray_cluster, ray_engine, tiny_checkpoint):
+    head = ray_cluster.head_node.node_id
+    expert_nodes = {n.node_id for n in ray_cluster.worker_nodes}
+    engine = ray_engine(tiny_checkpoint)
+    try:
+        placement = engine.placement()
+        assert placement["frontend"] == head
+        per_node = collections.Counter(nodes[0] for nodes in placement["experts"].values())
+        assert set(per_node) == expert_nodes and sorted(per_node.values()) == [2, 3, 3]
+        assert sorted(placement["experts"]) == list(range(8))
+        assert_same_as_in_process(engine, Engine.from_pretrained(tiny_checkpoint))
+    finally:
+        engine.shutdown()
+
+
+def test_each_actor_holds_only_its_own_bytes(ray_engine, tiny_checkpoint):
+    cfg = MixtralConfig.from_json(tiny_checkpoint)
+    shapes = tensor_shapes(cfg)
+    engine = ray_engine(tiny_checkpoint)
+    try:
+        per_expert = cfg.num_hidden_layers * 3 * cfg.hidden_size * cfg.intermediate_size * 4
+        for ids, info in zip(engine.actor_experts, engine.expert_info()):
+            assert info["nbytes"] == per_expert * len(ids)
+            assert {e for _, e in info["layers_experts"]} == set(ids)
+        front = engine.frontend_info()
+        assert not any(".experts." in n for n in front["tensor_names"])
+        non_expert = sum(torch.Size(shapes[n]).numel() * 4 for n in non_expert_names(cfg))
+        assert front["nbytes"] == non_expert
+    finally:
+        engine.shutdown()
+
+
+def test_killing_an_expert_actor_mid_generation_loses_nothing(ray_engine, tiny_checkpoint):
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in Engine.from_pretrained(tiny_checkpoint).generate(PROMPTS, params)]
+    engine = ray_engine(tiny_checkpoint)
+    victim = engine.expert_info()[3]["pid"]
+
+    async def run():
+        async def collect(prompt, kill_after=None):
+            ids = []
+            async for chunk in engine.stream(prompt, params):
+                ids += chunk.token_ids
+                if kill_after is not None and len(ids) == kill_after:
+                    os.kill(victim, signal.SIGKILL)
+            return ids
+        return await asyncio.gather(collect(PROMPTS[0], kill_after=5),
+                                    *(collect(p) for p in PROMPTS[1:]))
+
+    try:
+        got = asyncio.run(run())
+        assert got == expected
+        assert engine.frontend_info()["retries"] > 0
+        assert engine.expert_info()[3]["pid"] != victim      # Ray restarted it
+    finally:
+        engine.shutdown()
+
+
+def test_impossible_plans_fail_fast_with_a_clear_message(ray_engine, tiny_checkpoint):
+    start = time.monotonic()
+    with pytest.raises(PlacementError, match=r"8 experts x 4 replica\(s\)"):
+        ray_engine(tiny_checkpoint, replicas=4)
+    with pytest.raises(PlacementError, match=r"GPU"):
+        from actors import RayEngine
+        RayEngine.from_pretrained(tiny_checkpoint, device="cuda")
+    assert time.monotonic() - start < 30
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=0.01)
+class _DiesOnEveryCall:
+    def compute(self, layer, x, counts):
+        os._exit(1)
+
+
+def test_a_call_that_kills_its_actor_every_time_fails_bounded(ray_cluster):
+    actor = _DiesOnEveryCall.options(resources={"frontend": 0.01}).remote()
+    dispatcher = Dispatcher([actor], [[0, 1]], 2, max_attempts=3, retry_timeout_s=30)
+    x = torch.randn(4, 8)
+    weights = torch.full((4, 1), 1.0)
+    experts = torch.tensor([[0], [1], [0], [1]])
+    start = time.monotonic()
+    with pytest.raises(ExpertCallError, match=r"layer 0: experts \[0, 1\] still failing after 3 attempts"):
+        dispatcher.moe(0, x, weights, experts)
+    assert time.monotonic() - start < 30
+    ray.kill(actor, no_restart=True)
