@@ -62,7 +62,10 @@ class Frontend:
             self.dispatcher.timings.clear()
         return summary
 
-    def profile_dispatch(self, batch: int, repeats: int, layer: int = 0) -> dict[str, float]:
+    async def profile_dispatch(self, batch: int, repeats: int, layer: int = 0) -> dict[str, float]:
+        return await asyncio.to_thread(self._profile_dispatch, batch, repeats, layer)
+
+    def _profile_dispatch(self, batch: int, repeats: int, layer: int) -> dict[str, float]:
         """Time route + one dispatcher round trip for `batch` random hidden rows of `layer`;
         medians in seconds per phase (routing is the model's, the rest the dispatcher's)."""
         model, cfg = self.engine.model, self.engine.cfg

@@ -120,7 +120,7 @@ class _DiesOnEveryCall:
 
 
 def test_a_call_that_kills_its_actor_every_time_fails_bounded(ray_cluster):
-    actor = _DiesOnEveryCall.options(resources={"frontend": 0.01}).remote()
+    actor = _DiesOnEveryCall.remote()
     dispatcher = Dispatcher([actor], [[0, 1]], 2, max_attempts=3, retry_timeout_s=30)
     x = torch.randn(4, 8)
     weights = torch.full((4, 1), 1.0)
@@ -130,3 +130,15 @@ def test_a_call_that_kills_its_actor_every_time_fails_bounded(ray_cluster):
         dispatcher.moe(0, x, weights, experts)
     assert time.monotonic() - start < 30
     ray.kill(actor, no_restart=True)
+
+
+def test_from_config_builds_random_weights_inside_the_actors(ray_cluster):
+    from actors import RayEngine
+    from cluster.local import EXPERT_RESOURCE, FRONTEND_RESOURCE
+    engine = RayEngine.from_config("tiny", seed=5,
+                                   expert_resources={"CPU": 0.01, EXPERT_RESOURCE: 1},
+                                   frontend_resources={"CPU": 0.01, FRONTEND_RESOURCE: 1})
+    try:
+        assert_same_as_in_process(engine, Engine.from_config("tiny", seed=5))
+    finally:
+        engine.shutdown()
