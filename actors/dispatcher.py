@@ -10,8 +10,8 @@ It is the frontend engine's `moe` function (route happens in the model just befo
 All data movement sits behind one function, `transport(layer, calls)`: today Ray object refs
 (`actor.compute.remote` + `ray.get`); compiled graphs or GPU-direct transport can replace it
 without touching the rest. A call that fails because its actor died or is restarting is sent
-again — to a replica if one is healthy, else to the restarted actor — at most `max_attempts`
-times within `retry_timeout_s`; then the layer fails with ExpertCallError, which fails the
+again — to a replica if one is healthy, else to the restarted actor, backing off 0.5, 1, 2, ...
+s — at most `max_attempts` times within `retry_timeout_s`; then the layer fails with ExpertCallError, which fails the
 step's requests (never a loop, never a hang). Experts hold no request state, so a re-sent
 call gives the same result.
 
@@ -67,7 +67,7 @@ def object_ref_transport(layer: int, requests) -> list[Result | Exception]:
 class Dispatcher:
     def __init__(self, actors: Sequence[object], actor_experts: Sequence[Sequence[int]],
                  num_experts: int, transport: Transport = object_ref_transport,
-                 max_attempts: int = 4, retry_timeout_s: float = 60.0, cooldown_s: float = 5.0):
+                 max_attempts: int = 8, retry_timeout_s: float = 60.0, cooldown_s: float = 5.0):
         self.actors = list(actors)
         self.actor_experts = [list(ids) for ids in actor_experts]
         self.num_experts = num_experts

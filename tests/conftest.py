@@ -36,12 +36,22 @@ def hf_checkpoint(tmp_path_factory):
     return make
 
 
+def _random_checkpoint(tmp_path_factory, preset: str):
+    from model.checkpoint import write_random
+    from model.config import PRESETS
+    return write_random(PRESETS[preset], tmp_path_factory.mktemp(preset), seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Our own `tiny` random checkpoint, with tokenizer files."""
-    from model.checkpoint import write_random
-    from model.config import PRESETS
-    return write_random(PRESETS["tiny"], tmp_path_factory.mktemp("tiny"), seed=0)
+    return _random_checkpoint(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """The `small` preset (hidden 512, 8 layers; 0.86 GB in fp32)."""
+    return _random_checkpoint(tmp_path_factory, "small")
 
 
 @pytest.fixture(scope="session")

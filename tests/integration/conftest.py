@@ -17,13 +17,6 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def small_checkpoint(tmp_path_factory):
-    from model.checkpoint import write_random
-    from model.config import PRESETS
-    return write_random(PRESETS["small"], tmp_path_factory.mktemp("small"), seed=0)
-
-
-@pytest.fixture(scope="session")
 def ray_engine(ray_cluster):
     """RayEngine factory: frontend on the head, experts on the expert nodes."""
     from actors import RayEngine
