@@ -97,8 +97,17 @@ class RayEngine:
 
     async def stream(self, prompt, params: SamplingParams = SamplingParams()
                      ) -> AsyncIterator[StreamChunk]:
-        async for ref in self.frontend.stream.remote(prompt, params):
-            yield await ref
+        """Leaving early cancels the frontend's stream, which aborts the request there."""
+        generator = self.frontend.stream.remote(prompt, params)
+        finished = False
+        try:
+            async for ref in generator:
+                chunk = await ref
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            if not finished:
+                ray.cancel(generator)
 
     # ---- inspection ---------------------------------------------------------------------
     def placement(self) -> dict:

@@ -54,6 +54,7 @@ class Frontend:
                 "tensor_names": sorted(state), "nbytes": sum(nbytes(t) for t in state.values()),
                 "free_blocks": self.engine.num_free_blocks(),
                 "total_blocks": self.engine.kv.allocator.num_blocks,
+                "max_model_len": self.engine.max_model_len,
                 "retries": self.dispatcher.retries}
 
     def dispatch_timings(self, reset: bool = False) -> dict[str, float]:

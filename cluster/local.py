@@ -1,8 +1,8 @@
 """A Ray cluster of several simulated nodes on this machine, for tests and development.
 
     with local_cluster(expert_nodes=3, expert_slots=4) as cluster:
-        engine = RayEngine.from_pretrained(path, expert_resources={"CPU": 0.01, "expert": 1},
-                                           frontend_resources={"CPU": 0.01, "frontend": 1})
+        engine = RayEngine.from_pretrained(path, expert_resources=EXPERT_SLOT,
+                                           frontend_resources=FRONTEND_SLOT)
 
 The head node offers `frontend: 1`; each expert node offers `expert: expert_slots`, so the
 planner puts the frontend on the head and spreads the experts over the expert nodes. Every
@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 FRONTEND_RESOURCE = "frontend"
 EXPERT_RESOURCE = "expert"
+# per-actor resources that put the frontend on the head and experts on the expert nodes
+FRONTEND_SLOT = {"CPU": 0.01, FRONTEND_RESOURCE: 1}
+EXPERT_SLOT = {"CPU": 0.01, EXPERT_RESOURCE: 1}
 
 
 @contextlib.contextmanager

@@ -36,9 +36,13 @@ from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk"]
+__all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "QueueFull"]
 
 Prompt = str | Sequence[int]
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than `max_waiting`: try again later."""
 
 
 @dataclasses.dataclass
@@ -77,7 +81,7 @@ class Engine:
                  device: str | torch.device = "cpu", max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  block_size: int | None = None, kv_cache_memory: int | None = None,
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, max_waiting: int = 4096):
         self.cfg: MixtralConfig = model.cfg
         self.model, self.moe, self.tokenizer = model, moe, tokenizer
         self.device = torch.device(device)
@@ -89,6 +93,7 @@ class Engine:
         self.kv = self._allocate_kv_cache(kv_cache_memory, max_num_seqs)
         self.scheduler = Scheduler(self.kv.allocator, self.block_size, max_num_seqs,
                                    max_num_batched_tokens)
+        self.max_waiting = max_waiting
         self._tracked: dict[str, _Tracked] = {}
         self._completions: dict[str, Completion] = {}
         self._ids = itertools.count()
@@ -156,6 +161,9 @@ class Engine:
         req = Request(rid, ids, params, gen)
         tracked = _Tracked(req, self.tokenizer.detokenizer() if params is not None else None)
         with self._lock:
+            if len(self.scheduler.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.scheduler.waiting)} requests are waiting "
+                                f"(max_waiting={self.max_waiting}); try again later")
             self._tracked[rid] = tracked
             self.scheduler.add(req)
         return rid

@@ -58,3 +58,12 @@ def small_checkpoint(tmp_path_factory):
 def tiny_engine(tiny_checkpoint):
     from model.engine import Engine
     return Engine.from_pretrained(tiny_checkpoint, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster: a head offering `frontend` and 3 nodes offering 6 `expert`
+    slots each; shared by the integration and e2e tests."""
+    from cluster.local import local_cluster
+    with local_cluster(expert_nodes=3, expert_slots=6) as cluster:
+        yield cluster

@@ -1,19 +1,9 @@
-"""A real local Ray cluster: a head (frontend resource) and 3 expert nodes, shared by the
-integration tests, plus the in-process engines they must equal."""
+"""RayEngine on the shared local cluster (tests/conftest.py: ray_cluster)."""
 from __future__ import annotations
 
 import pytest
 
-from cluster.local import EXPERT_RESOURCE, FRONTEND_RESOURCE, local_cluster
-
-EXPERT = {"CPU": 0.01, EXPERT_RESOURCE: 1}
-FRONTEND = {"CPU": 0.01, FRONTEND_RESOURCE: 1}
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    with local_cluster(expert_nodes=3, expert_slots=6) as cluster:
-        yield cluster
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +12,6 @@ def ray_engine(ray_cluster):
     from actors import RayEngine
 
     def make(path, replicas=1, **kwargs):
-        return RayEngine.from_pretrained(path, expert_replicas=replicas, expert_resources=EXPERT,
-                                         frontend_resources=FRONTEND, threads=1, **kwargs)
+        return RayEngine.from_pretrained(path, expert_replicas=replicas, expert_resources=EXPERT_SLOT,
+                                         frontend_resources=FRONTEND_SLOT, threads=1, **kwargs)
     return make

@@ -134,10 +134,9 @@ def test_a_call_that_kills_its_actor_every_time_fails_bounded(ray_cluster):
 
 def test_from_config_builds_random_weights_inside_the_actors(ray_cluster):
     from actors import RayEngine
-    from cluster.local import EXPERT_RESOURCE, FRONTEND_RESOURCE
-    engine = RayEngine.from_config("tiny", seed=5,
-                                   expert_resources={"CPU": 0.01, EXPERT_RESOURCE: 1},
-                                   frontend_resources={"CPU": 0.01, FRONTEND_RESOURCE: 1})
+    from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
+    engine = RayEngine.from_config("tiny", seed=5, expert_resources=EXPERT_SLOT,
+                                   frontend_resources=FRONTEND_SLOT)
     try:
         assert_same_as_in_process(engine, Engine.from_config("tiny", seed=5))
     finally:

@@ -1,0 +1,100 @@
+"""The gRPC gateway: a stateless Serve deployment behind Serve's gRPC proxy implementing
+`mixtral_ep.v1.Generator` (method names are the RPC names). It validates, tokenizes (prompt or
+chat template), and streams token ids from the engine deployment, detokenized there. Every
+error reaches the client as a gRPC status with a message naming the field and its limit;
+no remote traceback ever does.
+"""
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+import grpc
+from ray import serve
+
+from actors.requests import (InvalidRequest, model_info, prompt_ids, sampling_params,
+                             stream_response, unary_response)
+from model.engine import Completion, QueueFull
+from model.tokenizer import Tokenizer
+from protos import generator_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(max_ongoing_requests=1000)
+class Gateway:
+    def __init__(self, engine, tokenizer_path: str | None, model_name: str):
+        self.engine = engine                       # DeploymentHandle of actors.server.EngineServer
+        self.tokenizer = Tokenizer.from_pretrained(tokenizer_path)
+        self.model_name = model_name
+        self._info: dict | None = None
+
+    async def _context_length(self) -> int:
+        return (await self._model_info())["context_length"]
+
+    async def _model_info(self) -> dict:
+        if self._info is None:
+            self._info = await self.engine.info.remote()
+        return self._info
+
+    async def _prepare(self, request: pb.GenerateRequest):
+        context = await self._context_length()
+        ids = prompt_ids(request, self.tokenizer, context)
+        return ids, sampling_params(request, len(ids), context)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        try:
+            ids, params = await self._prepare(request)
+            text, tokens, logprobs, reason = "", [], [], ""
+            async for chunk in self.engine.options(stream=True).stream.remote(ids, params):
+                text += chunk.text
+                tokens += chunk.token_ids
+                logprobs += chunk.logprobs
+                reason = chunk.finish_reason or reason
+            return unary_response(Completion("", ids, tokens, text, reason, logprobs),
+                                  request.logprobs)
+        except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
+            _set_status(grpc_context, e)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            ids, params = await self._prepare(request)
+            produced = 0
+            async for chunk in self.engine.options(stream=True).stream.remote(ids, params):
+                produced += len(chunk.token_ids)
+                yield stream_response(chunk, len(ids), produced, request.logprobs)
+        except Exception as e:  # noqa: BLE001
+            _set_status(grpc_context, e)
+            raise _Aborted() from None   # a streaming method must raise for the code to reach the client
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
+        try:
+            return model_info(self.model_name, await self.engine.info.remote())
+        except Exception as e:  # noqa: BLE001
+            _set_status(grpc_context, e)
+            return pb.ModelInfoResponse()
+
+
+class _Aborted(Exception):
+    """Raised after the status is set, to end a stream with it."""
+
+
+def _set_status(grpc_context, error: Exception) -> None:
+    code, details = _status(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("request failed", exc_info=error)
+    grpc_context.set_code(code)
+    grpc_context.set_details(details)
+
+
+def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
+    cause = getattr(error, "cause", None) or error      # unwrap Ray's task errors
+    if isinstance(cause, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
+    if isinstance(cause, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause)
+    if isinstance(cause, ValueError):                   # the engine's own input checks
+        return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(cause).__name__}); see the server log"

@@ -1,0 +1,1 @@
+"""Deployment: the Serve application builder, `serve.yaml`, `ray up` cluster configs."""

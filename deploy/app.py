@@ -1,0 +1,40 @@
+"""The Serve application: gateway (gRPC, CPU, stateless) -> engine deployment (one RayEngine
+per replica). `serve run deploy/serve.yaml` calls `build_app(args)`:
+
+    model:            checkpoint directory; omitted: a `tiny` random checkpoint with the real
+                      tokenizer, created once under $MIXTRAL_EP_CACHE (its text is gibberish)
+    dtype:            float32 | bfloat16 | float16 (default float32)
+    device:           cpu | cuda (default cpu)
+    expert_replicas:  actors per expert id (default 1)
+    expert_resources, frontend_resources: Ray resources per actor (default: 1 GPU on cuda,
+                      a small CPU share on cpu)
+    engine_args:      Engine options (max_num_seqs, max_num_batched_tokens, max_waiting, ...)
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ray.serve import Application
+
+from actors.gateway import Gateway
+from actors.server import EngineServer
+from model.checkpoint import WeightSource, cached_random_checkpoint
+
+log = logging.getLogger(__name__)
+
+_ENGINE_KEYS = ("dtype", "device", "expert_replicas", "expert_resources", "frontend_resources",
+                "engine_args", "threads", "placement_timeout_s")
+
+
+def build_app(args: dict) -> Application:
+    unknown = set(args) - {"model", *_ENGINE_KEYS}
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)}; expected model, "
+                         f"{', '.join(_ENGINE_KEYS)}")
+    path = args.get("model") or str(cached_random_checkpoint("tiny"))
+    name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny (random weights)"
+    options = {k: args[k] for k in _ENGINE_KEYS if k in args}
+    log.info("serving %s with %s", path, options)
+    engine = EngineServer.bind(WeightSource(path=path), options)
+    return Gateway.bind(engine, path, name)

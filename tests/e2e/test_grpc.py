@@ -1,0 +1,133 @@
+"""Real Serve with its gRPC proxy on a free port, a real gRPC client, the tiny checkpoint."""
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+
+import grpc
+import pytest
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
+from deploy.app import build_app
+from model.engine import Engine, SamplingParams
+from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_checkpoint):
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
+                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
+                    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"]))
+    app = build_app({"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
+                     "frontend_resources": FRONTEND_SLOT, "threads": 1,
+                     "engine_args": {"max_waiting": 64}})
+    serve.run(app, name="mixtral-ep", route_prefix="/")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=60)
+    yield pb_grpc.GeneratorStub(channel)
+    channel.close()
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return Engine.from_pretrained(tiny_checkpoint)
+
+
+def greedy(prompt: str, max_tokens: int = 20) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+
+
+def test_unary_and_stream_equal_the_in_process_engine(server, reference):
+    for prompt in PROMPTS:
+        want = reference.generate(prompt, SamplingParams(max_tokens=20, temperature=0.0))[0]
+        unary = server.Generate(greedy(prompt), timeout=60)
+        assert list(unary.token_ids) == want.token_ids and unary.text == want.text
+        assert unary.finish_reason == want.finish_reason
+        assert unary.usage.prompt_tokens == len(want.prompt_ids)
+        assert unary.usage.completion_tokens == len(want.token_ids)
+        parts = list(server.GenerateStream(greedy(prompt), timeout=60))
+        assert "".join(p.text for p in parts) == unary.text
+        assert [t for p in parts for t in p.token_ids] == list(unary.token_ids)
+        assert parts[-1].finish_reason == unary.finish_reason and parts[-1].usage.completion_tokens == 20
+
+
+def test_chat_messages_use_the_chat_template(server, reference):
+    messages = [pb.ChatMessage(role="user", content="Hi there")]
+    ids = reference.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    want = reference.generate([ids], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    got = server.Generate(pb.GenerateRequest(messages=messages, max_tokens=8, temperature=0.0),
+                          timeout=60)
+    assert list(got.token_ids) == want.token_ids and got.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("request_, field", [
+    (pb.GenerateRequest(), "prompt"),
+    (pb.GenerateRequest(prompt="a", messages=[pb.ChatMessage(role="user", content="b")]), "prompt"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="bot", content="b")]), "messages[0].role"),
+    (pb.GenerateRequest(prompt="x " * 5000), "context length"),
+    (pb.GenerateRequest(prompt="hi", max_tokens=0), "max_tokens"),
+    (pb.GenerateRequest(prompt="hi", max_tokens=100000), "max_tokens"),
+    (pb.GenerateRequest(prompt="hi", temperature=-1), "temperature"),
+    (pb.GenerateRequest(prompt="hi", top_p=0), "top_p"),
+    (pb.GenerateRequest(prompt="hi", top_p=1.5), "top_p"),
+    (pb.GenerateRequest(prompt="hi", top_k=-3), "top_k"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_requests_get_invalid_argument_naming_the_field(server, request_, field):
+    for call in (server.Generate, lambda r, timeout: list(server.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(request_, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert field in err.value.details() and "Traceback" not in err.value.details()
+    assert server.Generate(greedy("still serving", 2), timeout=60).usage.completion_tokens == 2
+
+
+def test_32_concurrent_streams_complete_correctly(server, reference):
+    prompts = [f"Request number {i} says" for i in range(32)]
+    want = reference.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))
+
+    def run(prompt):
+        parts = list(server.GenerateStream(greedy(prompt, 12), timeout=120))
+        return [t for p in parts for t in p.token_ids], "".join(p.text for p in parts)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(run, prompts))
+    assert [g[0] for g in got] == [w.token_ids for w in want]
+    assert [g[1] for g in got] == [w.text for w in want]
+
+
+def test_model_info(server):
+    info = server.ModelInfo(pb.ModelInfoRequest(), timeout=60)
+    assert info.num_experts == 8 and info.experts_per_token == 2 and info.vocab_size == 32000
+    assert sorted(e.expert_id for e in info.experts) == list(range(8))
+    assert info.context_length == 4096 and info.frontend_node_id
+
+
+def test_a_cancelled_stream_frees_its_kv_blocks(server):
+    engine = serve.get_deployment_handle("EngineServer", app_name="mixtral-ep")
+    start = engine.info.remote().result()
+    assert start["free_blocks"] == start["total_blocks"]
+    call = server.GenerateStream(pb.GenerateRequest(prompt="a long story " * 40, max_tokens=2000,
+                                                    temperature=0.0), timeout=120)
+    for i, _ in enumerate(call):
+        if i == 3:
+            break
+    assert engine.info.remote().result()["free_blocks"] < start["free_blocks"]
+    call.cancel()
+    deadline = time.monotonic() + 20
+    while engine.info.remote().result()["free_blocks"] != start["free_blocks"]:
+        assert time.monotonic() < deadline, "the cancelled request kept its KV blocks"
+        time.sleep(0.2)
