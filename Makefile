@@ -4,16 +4,21 @@ PYTHON ?= python3
 # pulls a multi-GB CUDA build); on GPU machines install your CUDA torch first and set TORCH=.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench protos
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH) -e ".[dev]"
 
+# starts the gRPC server on port 9000 with the embedded demo model (Ctrl-C stops it);
+# call it from another shell:  python -m protos.client "Tell me a story" --max-tokens 64
 demo: install
-	$(PYTHON) -m model "Tell me about mixtures of experts." --max-tokens 48
+	serve run deploy/serve.yaml
 
 test: install
 	$(PYTHON) -m pytest -q
 
 bench: install
 	$(PYTHON) bench/engine.py
+
+protos:
+	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/generator.proto

@@ -11,6 +11,8 @@ from typing import AsyncIterator
 
 import grpc
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors.requests import (InvalidRequest, model_info, prompt_ids, sampling_params,
                              stream_response, unary_response)
@@ -21,7 +23,7 @@ from protos import generator_pb2 as pb
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(max_ongoing_requests=1000)
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
 class Gateway:
     def __init__(self, engine, tokenizer_path: str | None, model_name: str):
         self.engine = engine                       # DeploymentHandle of actors.server.EngineServer
@@ -95,6 +97,10 @@ def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
     if isinstance(cause, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause)
+    if isinstance(cause, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests queued; try again later"
+    if isinstance(cause, (DeploymentUnavailableError, RayActorError)):
+        return grpc.StatusCode.UNAVAILABLE, "the engine is starting or restarting; try again"
     if isinstance(cause, ValueError):                   # the engine's own input checks
         return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(cause).__name__}); see the server log"

@@ -12,8 +12,10 @@ from model.checkpoint import WeightSource
 from model.engine import SamplingParams
 
 
-@serve.deployment(max_ongoing_requests=1000)
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.01})
 class EngineServer:
+    """Forwards to its RayEngine; the work happens in the frontend and expert actors."""
+
     def __init__(self, source: WeightSource, engine_options: dict):
         self.source = source
         self.engine = RayEngine.from_source(source, **engine_options)
@@ -33,4 +35,5 @@ class EngineServer:
                 "free_blocks": front["free_blocks"], "total_blocks": front["total_blocks"]}
 
     def __del__(self):
-        self.engine.shutdown()
+        if hasattr(self, "engine"):       # not if start-up failed
+            self.engine.shutdown()

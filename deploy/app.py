@@ -35,6 +35,7 @@ def build_app(args: dict) -> Application:
     path = args.get("model") or str(cached_random_checkpoint("tiny"))
     name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny (random weights)"
     options = {k: args[k] for k in _ENGINE_KEYS if k in args}
-    log.info("serving %s with %s", path, options)
+    log.info("serving %s with %s; call it with:  python -m protos.client \"Hello\" "
+             "--address localhost:9000  (gRPC mixtral_ep.v1.Generator)", path, options)
     engine = EngineServer.bind(WeightSource(path=path), options)
     return Gateway.bind(engine, path, name)

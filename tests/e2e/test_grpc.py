@@ -131,3 +131,18 @@ def test_a_cancelled_stream_frees_its_kv_blocks(server):
     while engine.info.remote().result()["free_blocks"] != start["free_blocks"]:
         assert time.monotonic() < deadline, "the cancelled request kept its KV blocks"
         time.sleep(0.2)
+
+
+def test_a_passed_deadline_ends_the_call_and_frees_its_blocks(server):
+    engine = serve.get_deployment_handle("EngineServer", app_name="mixtral-ep")
+    start = engine.info.remote().result()["free_blocks"]
+    long = pb.GenerateRequest(prompt="a long story " * 40, max_tokens=3000, temperature=0.0)
+    for call in (lambda: list(server.GenerateStream(long, timeout=1.5)),
+                 lambda: server.Generate(long, timeout=1.5)):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while engine.info.remote().result()["free_blocks"] != start:
+        assert time.monotonic() < deadline, "requests past their deadline kept their KV blocks"
+        time.sleep(0.2)

@@ -202,3 +202,12 @@ def test_a_failing_step_fails_its_requests_and_the_engine_carries_on(tiny_checkp
     asyncio.run(stream_fails())
     assert not engine.has_unfinished()
     assert [o.token_ids for o in engine.generate(PROMPTS[:2], GREEDY)] == reference[:2]
+
+
+def test_a_full_queue_is_refused(tiny_checkpoint):
+    from model.engine import QueueFull
+    engine = Engine.from_pretrained(tiny_checkpoint, max_waiting=2)
+    engine.add_request("a", GREEDY)
+    engine.add_request("b", GREEDY)
+    with pytest.raises(QueueFull, match=r"max_waiting=2"):
+        engine.add_request("c", GREEDY)
