@@ -16,6 +16,7 @@ Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sampl
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -100,6 +101,9 @@ class Engine:
         self._lock = threading.RLock()
         self._sinks: dict[str, Callable[[StreamChunk | BaseException], None]] = {}
         self._loop_task: asyncio.Task | None = None
+        # one thread runs the streams' steps: torch's OpenMP pool is per calling thread, and
+        # steps hopping over a pool of threads left several pools spinning on the same cores
+        self._stepper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens",
                  self.device, self.dtype, self.backend, self.kv.allocator.num_blocks,
                  self.block_size)
@@ -372,7 +376,7 @@ class Engine:
         steps driven by `generate` in another thread lose nothing either."""
         while self._sinks and self.has_unfinished():
             try:
-                await asyncio.to_thread(self.step)
+                await asyncio.get_running_loop().run_in_executor(self._stepper, self.step)
             except Exception:  # the failed step's requests got the error; others go on
                 log.exception("engine step failed")
 

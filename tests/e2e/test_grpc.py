@@ -69,9 +69,10 @@ def test_chat_messages_use_the_chat_template(server, reference):
     messages = [pb.ChatMessage(role="user", content="Hi there")]
     ids = reference.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}])
     want = reference.generate([ids], SamplingParams(max_tokens=8, temperature=0.0))[0]
-    got = server.Generate(pb.GenerateRequest(messages=messages, max_tokens=8, temperature=0.0),
-                          timeout=60)
+    got = server.Generate(pb.GenerateRequest(messages=messages, max_tokens=8, temperature=0.0,
+                                             logprobs=True), timeout=60)
     assert list(got.token_ids) == want.token_ids and got.usage.prompt_tokens == len(ids)
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
 
 
 @pytest.mark.parametrize("request_, field", [

@@ -1,0 +1,154 @@
+"""The gRPC server under concurrent clients vs the same workload in the in-process engine.
+
+    python bench/serve.py            # small random checkpoint, fp32, local Ray + Serve
+    python bench/serve.py --quick
+
+For 1, 8 and 32 concurrent clients, each sending requests back to back (GenerateStream, greedy,
+prompt ~100 tokens, 32 new tokens), prints requests/s, generated tokens/s, p50/p99 time to first
+token and p50/p99 inter-token latency, for the server and for the in-process Engine.stream with
+the same concurrency, and the server / in-process tokens/s ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.app import build_app  # noqa: E402
+from model.checkpoint import cached_random_checkpoint  # noqa: E402
+from model.engine import Engine, SamplingParams  # noqa: E402
+from protos import generator_pb2 as pb  # noqa: E402
+from protos import generator_pb2_grpc as pb_grpc  # noqa: E402
+
+log = logging.getLogger("bench.serve")
+WORDS = "the of and to in is was for on that with as by at from his her it an be this are".split()
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(90)) for _ in range(n)]
+
+
+def summarize(wall: float, ttfts: list[float], gaps: list[float], tokens: int, requests: int) -> dict:
+    def q(xs, p):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))] if xs else float("nan")
+    return {"req/s": requests / wall, "tok/s": tokens / wall, "ttft p50": q(ttfts, .5),
+            "ttft p99": q(ttfts, .99), "itl p50": q(gaps, .5), "itl p99": q(gaps, .99)}
+
+
+def run_grpc(stub, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+    ttfts, gaps, tokens = [], [], [0]
+
+    def one(text):
+        start = last = time.perf_counter()
+        first = True
+        n = 0
+        for part in stub.GenerateStream(pb.GenerateRequest(prompt=text, max_tokens=max_tokens,
+                                                           temperature=0.0), timeout=600):
+            now = time.perf_counter()
+            (ttfts.append(now - start) if first else gaps.append(now - last))
+            first, last, n = False, now, n + len(part.token_ids)
+        return n
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        tokens[0] = sum(pool.map(one, texts))
+    return summarize(time.perf_counter() - start, ttfts, gaps, tokens[0], len(texts))
+
+
+def run_local(engine: Engine, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    ttfts, gaps, tokens = [], [], []
+
+    async def one(text, gate):
+        async with gate:
+            start = last = time.perf_counter()
+            first, n = True, 0
+            async for chunk in engine.stream(text, params):
+                now = time.perf_counter()
+                (ttfts.append(now - start) if first else gaps.append(now - last))
+                first, last, n = False, now, n + len(chunk.token_ids)
+            tokens.append(n)
+
+    async def main():
+        gate = asyncio.Semaphore(concurrency)
+        await asyncio.gather(*(one(t, gate) for t in texts))
+
+    start = time.perf_counter()
+    asyncio.run(main())
+    return summarize(time.perf_counter() - start, ttfts, gaps, sum(tokens), len(texts))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="tiny model, fewer requests")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    preset = "tiny" if args.quick else args.preset
+    path = cached_random_checkpoint(preset)
+    levels = (1, 8, 32)
+    per_level = {c: prompts(max(2 * c, 4) if not args.quick else c, seed=c) for c in levels}
+
+    ray.init(address="local", logging_level=logging.WARNING)
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
+                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
+                    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"]))
+    serve.run(build_app({"model": str(path), "threads": 1}), name="bench", route_prefix="/")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.GeneratorStub(channel)
+    list(stub.GenerateStream(pb.GenerateRequest(prompt="warm up", max_tokens=2), timeout=300))
+    served = {}
+    for c in levels:
+        served[c] = run_grpc(stub, per_level[c], c, args.max_tokens)
+        log.info("grpc x%d: %s", c, served[c])
+    channel.close()
+    serve.shutdown()
+    ray.shutdown()
+
+    engine = Engine.from_pretrained(path)
+    run_local(engine, ["warm up"], 1, 2)
+    local = {}
+    for c in levels:
+        local[c] = run_local(engine, per_level[c], c, args.max_tokens)
+        log.info("in-process x%d: %s", c, local[c])
+
+    lines = [f"{preset} checkpoint, fp32, greedy, {args.max_tokens} new tokens, ~100-token prompts; "
+             "server = Serve gRPC proxy -> gateway -> engine deployment -> RayEngine (8 expert "
+             "actors, 1 thread each); in-process = Engine.stream (2 threads)", "",
+             "| clients | path | req/s | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | served / in-process tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    for c in levels:
+        for name, r in (("gRPC server", served[c]), ("in-process", local[c])):
+            ratio = f"{served[c]['tok/s'] / local[c]['tok/s']:.2f}" if name == "gRPC server" else ""
+            lines.append(f"| {c} | {name} | {r['req/s']:.2f} | {r['tok/s']:.1f} | "
+                         f"{r['ttft p50'] * 1e3:.0f} / {r['ttft p99'] * 1e3:.0f} | "
+                         f"{r['itl p50'] * 1e3:.0f} / {r['itl p99'] * 1e3:.0f} | {ratio} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
