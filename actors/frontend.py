@@ -57,12 +57,6 @@ class Frontend:
                 "max_model_len": self.engine.max_model_len,
                 "retries": self.dispatcher.retries}
 
-    def dispatch_timings(self, reset: bool = False) -> dict[str, float]:
-        summary = self.dispatcher.timing_summary()
-        if reset:
-            self.dispatcher.timings.clear()
-        return summary
-
     async def profile_dispatch(self, batch: int, repeats: int, layer: int = 0) -> dict[str, float]:
         return await asyncio.to_thread(self._profile_dispatch, batch, repeats, layer)
 

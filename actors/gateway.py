@@ -31,16 +31,10 @@ class Gateway:
         self.model_name = model_name
         self._info: dict | None = None
 
-    async def _context_length(self) -> int:
-        return (await self._model_info())["context_length"]
-
-    async def _model_info(self) -> dict:
-        if self._info is None:
-            self._info = await self.engine.info.remote()
-        return self._info
-
     async def _prepare(self, request: pb.GenerateRequest):
-        context = await self._context_length()
+        if self._info is None:                     # the context length never changes
+            self._info = await self.engine.info.remote()
+        context = self._info["context_length"]
         ids = prompt_ids(request, self.tokenizer, context)
         return ids, sampling_params(request, len(ids), context)
 

@@ -101,8 +101,8 @@ class Engine:
         self._lock = threading.RLock()
         self._sinks: dict[str, Callable[[StreamChunk | BaseException], None]] = {}
         self._loop_task: asyncio.Task | None = None
-        # one thread runs the streams' steps: torch's OpenMP pool is per calling thread, and
-        # steps hopping over a pool of threads left several pools spinning on the same cores
+        # one thread runs the streams' steps, so they do not hop over a pool of threads (each
+        # thread that runs torch gets its own OpenMP pool; here two such threads slowed each other)
         self._stepper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens",
                  self.device, self.dtype, self.backend, self.kv.allocator.num_blocks,
