@@ -14,9 +14,10 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from actors.requests import (InvalidRequest, model_info, prompt_ids, sampling_params,
+from actors.requests import (model_info, prompt_ids, sampling_params,
                              stream_response, unary_response)
-from model.engine import Completion, QueueFull
+from model.engine import Completion
+from model.errors import InvalidRequest, QueueFull
 from model.tokenizer import Tokenizer
 from protos import generator_pb2 as pb
 

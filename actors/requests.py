@@ -5,14 +5,11 @@ caller, and these are the only functions that read or build protobuf messages.
 from __future__ import annotations
 
 from model.engine import Completion, SamplingParams, StreamChunk
+from model.errors import InvalidRequest
 from model.tokenizer import ChatTemplateError, Tokenizer
 from protos import generator_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
-
-
-class InvalidRequest(ValueError):
-    """A request field is out of its limits; maps to INVALID_ARGUMENT."""
 
 
 def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer, context_length: int) -> list[int]:

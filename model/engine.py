@@ -29,6 +29,7 @@ import torch
 from model.attention import FLASH_BLOCK_SIZE, AttentionMetadata, KVCache, select_backend
 from model.checkpoint import WeightSource, torch_dtype
 from model.config import MixtralConfig, resolve_config
+from model.errors import InvalidRequest, QueueFull
 from model.mixtral import Mixtral, MoeFn, tensor_shapes
 from model.moe import LocalExperts
 from model.sampling import SamplingParams, make_generator, sample
@@ -40,10 +41,6 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "QueueFull"]
 
 Prompt = str | Sequence[int]
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than `max_waiting`: try again later."""
 
 
 @dataclasses.dataclass

@@ -37,6 +37,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, processors
 from tokenizers import Tokenizer as Backend
 
 from model.config import cache_dir
+from model.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InvalidRequest):
     """Messages that the chat template cannot render; the message names the field."""
 
 
