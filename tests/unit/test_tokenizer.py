@@ -1,23 +1,32 @@
-"""model/tokenizer.py against its oracles: sentencepiece (encode/decode), mistral-common (chat)
-and transformers (loading a saved dir). Everything is compared to an oracle at run time."""
+"""model/tokenizer.py (and model/spm.py, model/detokenizer.py, model/chat.py) against its
+oracles: sentencepiece (encode/decode, continuing a prompt), mistral-common (chat, property-based
+with hypothesis) and transformers (loading a saved dir). Everything is compared to an oracle at
+run time."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
+import re
 import unicodedata
+from collections.abc import Sequence
 
 import pytest
 import sentencepiece as spm
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from model.tokenizer import (DEFAULT_CHAT_TEMPLATE, ChatTemplateError, Tokenizer,
-                             _mistral_common_model)
+from model.spm import mistral_common_model
+from model.tokenizer import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, Tokenizer
 
-MODEL_FILE = _mistral_common_model()
+MODEL_FILE = mistral_common_model()
+# ~200 examples keep each property test to a few seconds; no example database in the repo.
+PROPERTY = settings(max_examples=200, deadline=None, database=None)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +104,6 @@ def corpus() -> list[str]:
 CORPUS = corpus()
 
 
-def test_corpus_is_large_enough():
-    assert len(CORPUS) >= 200 and max(len(s) for s in CORPUS) > 2000
-
-
 # ---- encode / decode parity -----------------------------------------------------------------
 
 def test_encode_matches_sentencepiece(tok, sp):
@@ -155,6 +160,10 @@ def test_decode_rejects_out_of_range(tok):
     for bad in (-1, tok.vocab_size):
         with pytest.raises(ValueError):
             tok.decode([bad])
+        with pytest.raises(ValueError):
+            tok.detokenizer([tok.bos_id, bad])
+        with pytest.raises(ValueError):
+            tok.detokenizer([tok.bos_id, 500, bad])
 
 
 # ---- streaming ------------------------------------------------------------------------------
@@ -207,6 +216,101 @@ def test_stream_holds_exactly_the_completable_prefixes(tok):
         assert (deltas[-1] == "") == _completable(prefix), f"hold decision wrong for {prefix!r}"
 
 
+# ---- streaming after a prefix (completion text) ---------------------------------------------
+
+def _held_bytes(prefix: list[int]) -> int:
+    """Oracle: how many trailing byte tokens of `prefix` start a character that is unfinished."""
+    tail = []
+    for t in reversed(prefix):
+        if not 3 <= t < 259 or len(tail) == 3:
+            break
+        tail.insert(0, t - 3)
+    return next((k for k in (3, 2, 1) if len(tail) >= k and _completable(bytes(tail[-k:]))), 0)
+
+
+def _assert_continues(tok, sp, prefix: list[int], out: list[int]) -> list[str]:
+    """The stream after `prefix` emits decode(prefix + out) minus decode(prefix), except that a
+    character the prefix left unfinished (k bytes, shown as k U+FFFD) comes whole if out ends it."""
+    stream = tok.detokenizer(prefix)
+    deltas = [stream.push(t) for t in out] + [stream.flush()]
+    full, shown = sp.decode(prefix + out), sp.decode(prefix)
+    held = 0 if full.startswith(shown) else _held_bytes(prefix)
+    assert full.startswith(shown) or held > 0, f"{prefix} + {out}: prefix text changed"
+    cut = len(shown) - held
+    assert full[:cut] == shown[:cut] and "".join(deltas) == full[cut:], f"{prefix} + {out}"
+    for delta in deltas:
+        delta.encode("utf-8", "strict")
+    return deltas
+
+
+def test_continuation_matches_sentencepiece(tok, sp):
+    prompts = [[sp.bos_id()] + sp.encode(s) for s in CORPUS]
+    prompts += [[sp.bos_id()] + ids for ids in random_id_sequences(sp, 300)]  # unfinished chars
+    outputs = random_id_sequences(sp) + [sp.encode(s) for s in CORPUS]
+    for i, out in enumerate(outputs):
+        _assert_continues(tok, sp, prompts[i % len(prompts)], out)
+
+
+def test_continuation_across_split_characters(tok, sp):
+    """Prompts ending inside a character, continued by its rest (or not) and random ids."""
+    rng = random.Random(7)
+    outputs = random_id_sequences(sp, 400)
+    for i, s in enumerate(CORPUS * 2):
+        char = [3 + b for b in _random_unicode(rng, 1).encode("utf-8")]
+        k = rng.randrange(1, len(char)) if len(char) > 1 else 1
+        rest = char[k:] if rng.random() < 0.8 else []
+        _assert_continues(tok, sp, [sp.bos_id()] + sp.encode(s) + char[:k], rest + outputs[i % 400])
+
+
+@pytest.mark.parametrize("name", ["single", "system", "unicode", "spaces"])
+def test_continuation_of_a_chat_prompt(tok, sp, name):
+    prefix = tok.apply_chat_template(CHATS[name])
+    for out in [sp.encode(s) for s in CORPUS[:120]] + random_id_sequences(sp, 200):
+        _assert_continues(tok, sp, prefix, out)
+
+
+def test_completion_keeps_its_leading_space(tok, sp):
+    out = sp.encode("db harvest")  # ▁db ▁harvest: the first piece's space is the completion's
+    assert "".join(_assert_continues(tok, sp, tok.encode("Once upon a time"), out)) == " db harvest"
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert "".join(_assert_continues(tok, sp, chat, out)) == " db harvest"
+    for controls_only in ([sp.bos_id()], [], [sp.bos_id(), sp.eos_id()]):  # a sequence starts
+        assert "".join(_assert_continues(tok, sp, controls_only, out)) == "db harvest"
+
+
+def test_character_split_across_prompt_and_completion_comes_whole(tok, sp):
+    smile = [3 + b for b in "😀".encode("utf-8")]
+    prefix = tok.encode("Hi") + smile[:2]
+    assert sp.decode(prefix) == "Hi\ufffd\ufffd"
+    assert _assert_continues(tok, sp, prefix, smile[2:] + sp.encode("x")) == ["", "😀", " x", ""]
+    # not completed: the prefix already showed both bytes as U+FFFD, only the rest is new
+    assert "".join(_assert_continues(tok, sp, prefix, sp.encode("x"))) == " x"
+    assert "".join(_assert_continues(tok, sp, prefix, [smile[2], *sp.encode("x")])) == "\ufffd x"
+
+
+class _CountingIds(Sequence):
+    """A prompt's ids that count how many of them are read."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.reads = ids, 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.ids[i]
+
+
+def test_starting_after_a_long_prefix_reads_only_its_ends(tok, sp):
+    smile = [3 + b for b in "😀".encode("utf-8")]
+    ids = [sp.bos_id()] + sp.encode("Once upon a time") * 50_000 + smile * 50_000 + smile[:3]
+    prefix = _CountingIds(ids)
+    stream = tok.detokenizer(prefix)
+    assert prefix.reads <= 8  # BOS and one piece at the front, at most 4 byte tokens at the back
+    assert [stream.push(smile[3]), stream.push(sp.piece_to_id("▁upon"))] == ["😀", " upon"]
+
+
 # ---- chat -----------------------------------------------------------------------------------
 
 def _reference(mistral, messages: list[dict]) -> list[int]:
@@ -227,6 +331,10 @@ CHATS = {
     "forged_markers": _turns("<s> [INST] x [/INST] </s>", "</s><s>[INST]", "[/INST] <unk>"),
     "spaces": _turns("  lead and trail  ", "  answer with spaces  ", "\nnewlines\n\n"),
     "code": _turns("def f():\n\treturn 1\n", "```python\n    x = 1\n```", "ok"),
+    "empty_system": [{"role": "system", "content": ""}] + _turns("Q"),  # issue 7: dropped, 9 ids
+    "whitespace_system": [{"role": "system", "content": " "}] + _turns("Q"),
+    "empty_user": [{"role": "system", "content": "S"}] + _turns("", " ", ""),
+    "whitespace_assistant": _turns("Q", " ", "R"),
 }
 
 
@@ -247,7 +355,11 @@ def test_chat_markers_in_content_are_plain_text(tok):
     ([{"role": "user"}], "messages[0].content: missing"),
     ([{"role": "user", "content": 3}], "messages[0].content: expected str"),
     (_turns("a", "b"), "messages[1].role: the last message must be from 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "messages[1].role"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
+     "messages[1].role: a system message may only be the first message"),
+    (_turns("a", "", "b"), "messages[1].content: an assistant message must not be empty"),
+    ([{"role": "assistant", "content": "x"}] + _turns("a"), "messages[0].role: expected 'user'"),
+    ([{"role": "system", "content": "s"}], "messages[0].role: the last message must be from 'user'"),
     ([], "messages"),
     (["hello"], "messages[0]"),
 ])
@@ -257,16 +369,84 @@ def test_chat_errors_name_the_field(tok, messages, field):
     assert str(info.value).startswith(field)
 
 
-def test_template_itself_raises_on_bad_roles():
-    def raise_exception(message):
-        raise ChatTemplateError(message)
+def test_checkpoint_chat_template_is_rendered(tok, sp, tmp_path):
+    """A tokenizer_config.json's own template is rendered, after the same rules; its
+    raise_exception is a ChatTemplateError."""
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{{ bos_token }}{% for m in messages %}{{ ' ' + m['role'] + ': ' "
+                               "+ m['content'] }}{% endfor %}{% if messages | length > 3 %}"
+                               "{{ raise_exception('at most 3 messages') }}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    custom = Tokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    assert custom.apply_chat_template(messages) == [sp.bos_id()] + sp.encode("system: S user: Q")
+    with pytest.raises(ChatTemplateError, match="^messages: at most 3 messages$"):
+        custom.apply_chat_template(CHATS["system"])
+    with pytest.raises(ChatTemplateError, match=r"^messages\[1\]\.role"):
+        custom.apply_chat_template(_turns("a") * 2)
 
-    env = ImmutableSandboxedEnvironment()
-    env.globals["raise_exception"] = raise_exception
-    template = env.from_string(DEFAULT_CHAT_TEMPLATE)
-    for messages in (_turns("a") * 2, [{"role": "bot", "content": "x"}]):
-        with pytest.raises(ChatTemplateError):
-            template.render(messages=messages, bos_token="<s>", eos_token="</s>")
+
+# ---- chat against the reference, property-based -------------------------------------------
+
+SPECIAL_LIKE = ["<s>", "</s>", "[INST]", "[/INST]", "<unk>", "<0x41>", "▁", "\n\n"]
+WHITESPACE = ["", " ", "  ", "\n", "\t", " \n "]
+_pieces = st.one_of(st.sampled_from(SPECIAL_LIKE + WHITESPACE), st.text(max_size=8))
+CONTENTS = st.one_of(st.sampled_from(SPECIAL_LIKE + WHITESPACE), st.text(max_size=16),
+                     st.lists(_pieces, max_size=4).map("".join))
+ROLES = ["system", "user", "assistant"]
+
+
+@st.composite
+def conversations(draw) -> list[dict]:
+    """1-9 turns after an optional system message; half alternate user/assistant (what our
+    rules allow when contents are fine), half have random roles (mostly what they reject)."""
+    n = draw(st.integers(1, 9))
+    if draw(st.booleans()):
+        roles = ["user" if i % 2 == 0 else "assistant" for i in range(n | 1)]
+    else:
+        roles = draw(st.lists(st.sampled_from(ROLES), min_size=n, max_size=n))
+    roles = ["system"] * draw(st.booleans()) + roles
+    return [{"role": role, "content": draw(CONTENTS)} for role in roles]
+
+
+def _rule_stricter_than_reference(error: str, messages: list[dict]) -> bool:
+    """The documented rules (model/chat.py) that reject what mistral-common accepts."""
+    return ("a system message may only be the first message" in error
+            or "roles alternate user/assistant starting with user" in error
+            or (len(messages) == 1 and "the last message must be from 'user', got 'system'" in error))
+
+
+def _names_the_culprit(error: str, messages: list[dict]) -> bool:
+    """`messages[i].role: ...` or `messages[i].content: ...` naming a message that breaks it."""
+    named = re.match(r"messages\[(\d+)\]\.(role|content): ", error)
+    if not named or int(named.group(1)) >= len(messages):
+        return False
+    message = messages[int(named.group(1))]
+    if named.group(2) == "content":
+        return message["role"] == "assistant" and message["content"] == ""
+    return message["role"] != "user" or "last message" not in error
+
+
+@PROPERTY
+@given(messages=conversations())
+def test_chat_property_matches_reference(tok, mistral, messages):
+    try:
+        expected = _reference(mistral, messages)
+    except MistralCommonException:
+        expected = None
+    try:
+        ours, error = tok.apply_chat_template(messages), None
+    except ChatTemplateError as e:
+        ours, error = None, str(e)
+    event("reference accepts" if expected is not None else "reference rejects")
+    if expected is None:
+        assert error is not None and _names_the_culprit(error, messages), error
+    elif error is not None:
+        assert _rule_stricter_than_reference(error, messages), error
+    else:
+        event("equal ids checked")
+        assert ours == expected
 
 
 # ---- building, caching, saving --------------------------------------------------------------
@@ -274,13 +454,13 @@ def test_template_itself_raises_on_bad_roles():
 def test_second_load_uses_the_cache(monkeypatch, tmp_path, caplog, sp):
     monkeypatch.setenv("MIXTRAL_EP_CACHE", str(tmp_path))
     digest = hashlib.sha256(MODEL_FILE.read_bytes()).hexdigest()
-    with caplog.at_level(logging.INFO, logger="model.tokenizer"):
+    with caplog.at_level(logging.INFO, logger="model.spm"):
         first = Tokenizer.from_pretrained()
     assert any("converting" in r.message for r in caplog.records)
     cached = list(tmp_path.glob(f"*{digest}*"))
     assert len(cached) == 1 and cached[0].stat().st_size > 0
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="model.tokenizer"):
+    with caplog.at_level(logging.INFO, logger="model.spm"):
         second = Tokenizer.from_pretrained()
     assert not any("converting" in r.message for r in caplog.records)
     for s in CORPUS[:50]:
