@@ -1,28 +1,32 @@
-"""The in-process engine: scheduler -> one model step over a packed batch -> sampler.
+"""The in-process engine: admission -> scheduler -> one model step over a packed batch -> sampler.
 
 It is the reference every distributed path must equal: the Ray frontend (actors/) runs this
-same class with its dispatcher as the `moe` function instead of local experts.
+same class with its dispatcher as the `moe` function instead of local experts. The engine knows
+tokens; text goes through `Tokenizer` at the edges and `model/output.py` (completion text, stop
+conditions, chunks); asyncio streams through `model/streaming.py`.
 
     engine = Engine.from_pretrained(path, dtype="float32")
     outs = engine.generate(["a prompt", [1, 733, 16289]], SamplingParams(max_tokens=20, temperature=0))
     logits = engine.logits([1, 733, 16289])                  # (T, V) float32, every position
     async for chunk in engine.stream("a prompt", params): ...
 
-Text prompts are encoded with BOS. Token ids of a completion include the token that stopped it
-(EOS or a stop token id); its text does not, and it ends before the first stop string. Streamed
-text deltas never split a character and concatenate to the completion's text.
+Text prompts are encoded with BOS. Admission is atomic: every request of a call is validated
+(InvalidRequest naming the field and its limit) before any is queued, so after an error nothing
+of that call is tracked, waiting or running. Adds and aborts never wait for a running step:
+they are queued and applied at the next step boundary (at once when no step runs), so a new
+stream or a client going away never stalls the others. One request's failure (its logits not
+finite, its sampling or detokenization failing) fails that request only; a failed forward pass
+fails the requests of that step and is raised. KV sizing: model/kv_sizing.py.
 Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sample.
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import dataclasses
 import itertools
 import logging
 import threading
 from pathlib import Path
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Sequence
 
 import torch
 
@@ -30,46 +34,27 @@ from model.attention import FLASH_BLOCK_SIZE, AttentionMetadata, KVCache, select
 from model.checkpoint import WeightSource, torch_dtype
 from model.config import MixtralConfig, resolve_config
 from model.errors import InvalidRequest, QueueFull
+from model.kv_sizing import size_kv_cache
 from model.mixtral import Mixtral, MoeFn, tensor_shapes
 from model.moe import LocalExperts
-from model.sampling import SamplingParams, make_generator, sample
+from model.output import Completion, RequestOutput, StreamChunk
+from model.sampling import Sampled, SamplingParams, make_generator, sample
 from model.scheduler import Request, Scheduler
+from model.streaming import Streams
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "QueueFull"]
+__all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "QueueFull", "InvalidRequest"]
 
 Prompt = str | Sequence[int]
 
 
-@dataclasses.dataclass
-class Completion:
-    request_id: str
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str          # "length" | "stop"
-    logprobs: list[float]
-
-
-@dataclasses.dataclass
-class StreamChunk:
-    request_id: str
-    text: str                   # new text since the previous chunk
-    token_ids: list[int]        # new token ids
-    logprobs: list[float]
-    finish_reason: str | None = None
-
-
 @dataclasses.dataclass(eq=False)
 class _Tracked:
-    """Engine-side state of a request: detokenizer, text, what was streamed, logits."""
+    """Engine-side state of a request from admission until its caller lets go of it."""
     req: Request
-    detok: object = None
-    text: str = ""
-    emitted_text: int = 0
-    emitted_tokens: int = 0
+    output: RequestOutput | None                 # None: a logits request
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
     error: Exception | None = None
 
@@ -86,24 +71,24 @@ class Engine:
         self.dtype = model.lm_head.weight.dtype
         self.backend = select_backend(self.device, attention_backend)
         self.block_size = block_size or (FLASH_BLOCK_SIZE if self.backend == "flash" else 16)
-        self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings,
-                                 self.cfg.max_position_embeddings)
-        self.kv = self._allocate_kv_cache(kv_cache_memory, max_num_seqs)
+        size = size_kv_cache(self.cfg, self.block_size, self.dtype, self.device, kv_cache_memory,
+                             max_model_len, max_num_seqs)
+        self.max_model_len = size.max_model_len
+        c = self.cfg
+        self.kv = KVCache(c.num_hidden_layers, size.num_blocks, self.block_size,
+                          c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self.scheduler = Scheduler(self.kv.allocator, self.block_size, max_num_seqs,
                                    max_num_batched_tokens)
         self.max_waiting = max_waiting
         self._tracked: dict[str, _Tracked] = {}
-        self._completions: dict[str, Completion] = {}
         self._ids = itertools.count()
-        self._lock = threading.RLock()
-        self._sinks: dict[str, Callable[[StreamChunk | BaseException], None]] = {}
-        self._loop_task: asyncio.Task | None = None
-        # one thread runs the streams' steps, so they do not hop over a pool of threads (each
-        # thread that runs torch gets its own OpenMP pool; here two such threads slowed each other)
-        self._stepper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-step")
-        log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens",
-                 self.device, self.dtype, self.backend, self.kv.allocator.num_blocks,
-                 self.block_size)
+        self._lock = threading.RLock()            # held for a whole step
+        self._pending_lock = threading.Lock()     # held for microseconds: adds and aborts
+        self._pending: list[_Tracked | str] = []  # admitted requests, and ids to abort, in order
+        self._streams = Streams(self.step, self.has_unfinished)
+        log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens, max_model_len %d",
+                 self.device, self.dtype, self.backend, size.num_blocks, self.block_size,
+                 self.max_model_len)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -129,65 +114,94 @@ class Engine:
         tokenizer = Tokenizer.from_pretrained(source.path)
         return cls(model, experts.moe, tokenizer, device=device, **engine_args)
 
-    def _allocate_kv_cache(self, memory: int | None, max_num_seqs: int) -> KVCache:
-        c = self.cfg
-        per_block = KVCache.bytes_per_block(c.num_hidden_layers, self.block_size,
-                                            c.num_key_value_heads, c.head_dim, self.dtype)
-        if memory is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                memory = int(free * 0.9)
-            else:
-                memory = 512 * 2**20
-        useful = max_num_seqs * -(-self.max_model_len // self.block_size)
-        num_blocks = min(memory // per_block, useful)
-        if num_blocks * self.block_size < self.max_model_len:
-            raise ValueError(f"kv_cache_memory ({memory} bytes) holds {num_blocks} blocks, fewer "
-                             f"than one max_model_len ({self.max_model_len}) sequence needs")
-        return KVCache(c.num_hidden_layers, num_blocks, self.block_size, c.num_key_value_heads,
-                       c.head_dim, self.dtype, self.device)
-
-    # ---- requests -----------------------------------------------------------------------
+    # ---- admission ----------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None) -> str:
-        """Validate and queue a request; `params=None` asks for every position's logits."""
+        """Validate and queue a request; `params=None` asks for every position's logits.
+        Raises InvalidRequest (a bad field) or QueueFull; never waits for a running step."""
+        tracked = self._prepare(prompt, params)
+        self._admit([tracked])
+        return tracked.req.request_id
+
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> _Tracked:
+        """Everything that can reject a request, with no side effect on the engine."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self._prompt_ids(prompt)
-        limit = self.max_model_len
+        limit, vocab = self.max_model_len, self.cfg.vocab_size
         if params is not None and len(ids) + params.max_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                             f"exceeds max_model_len ({limit})")
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                                 f"exceeds max_model_len ({limit})")
         if params is None and len(ids) > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) exceeds max_model_len ({limit})")
-        rid = str(next(self._ids))
-        gen = make_generator(params, self.device) if params is not None else None
-        req = Request(rid, ids, params, gen)
-        tracked = _Tracked(req, self.tokenizer.detokenizer() if params is not None else None)
-        with self._lock:
-            if len(self.scheduler.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.scheduler.waiting)} requests are waiting "
-                                f"(max_waiting={self.max_waiting}); try again later")
-            self._tracked[rid] = tracked
-            self.scheduler.add(req)
-        return rid
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) exceeds max_model_len ({limit})")
+        if params is not None and any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids must be in [0, {vocab}), got "
+                                 f"{list(params.stop_token_ids)}")
+        req = Request(str(next(self._ids)), ids, params,
+                      make_generator(params, self.device) if params is not None else None)
+        if params is None:
+            return _Tracked(req, None)
+        output = RequestOutput(req, self.tokenizer.detokenizer(ids), self.cfg.eos_token_id, limit)
+        return _Tracked(req, output)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids or prompt == "":
-            raise ValueError("prompt must not be empty")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.cfg.vocab_size]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt must not be empty")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, Sequence):
+            raise InvalidRequest(f"prompt must be text or a list of token ids, got "
+                                 f"{type(prompt).__name__}")
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequest("prompt must not be empty")
+        vocab = self.cfg.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size}), got {bad[:5]}")
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
         return ids
 
+    def _admit(self, batch: list[_Tracked]) -> None:
+        """Queue a validated batch whole, or raise QueueFull and queue none of it."""
+        with self._pending_lock:
+            waiting = len(self.scheduler.waiting) + sum(isinstance(p, _Tracked) for p in self._pending)
+            if waiting >= self.max_waiting:
+                raise QueueFull(f"{waiting} requests are waiting (max_waiting={self.max_waiting}); "
+                                "try again later")
+            for tracked in batch:
+                self._tracked[tracked.req.request_id] = tracked
+            self._pending += batch
+        self._apply_pending_if_idle()
+
     def abort(self, request_id: str) -> None:
-        """Drop a request now and return its KV blocks (no-op if it already finished)."""
-        with self._lock:
-            tracked = self._tracked.pop(request_id, None)
+        """Drop a request and return its KV blocks: at once when no step runs, else at the end
+        of the running step (it never waits for one). No-op if it already finished."""
+        with self._pending_lock:
+            self._pending.append(request_id)
+        self._apply_pending_if_idle()
+
+    def _apply_pending_if_idle(self) -> None:
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._lock.release()
+
+    def _apply_pending(self) -> None:
+        """Apply queued adds and aborts in their order (caller holds the step lock)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        for item in pending:
+            if isinstance(item, _Tracked):
+                self.scheduler.add(item.req)
+                continue
+            tracked = self._tracked.pop(item, None)
             if tracked is not None and not tracked.req.finished:
                 tracked.req.finish_reason = "abort"
                 self.scheduler.finish(tracked.req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether any request is queued, waiting or running (pending aborts do not count)."""
+        return self.scheduler.has_unfinished() or any(isinstance(p, _Tracked) for p in self._pending)
 
     def num_free_blocks(self) -> int:
         return self.kv.allocator.num_free
@@ -195,34 +209,30 @@ class Engine:
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[StreamChunk]:
         """Run one scheduler step; return what each request produced in it, and hand each
-        chunk to its request's sink (streams). If the step fails, its requests fail with the
-        error (their sinks get it) and it is raised; other requests carry on."""
-        with self._lock:
-            scheduled = self.scheduler.schedule()
-            if not scheduled:
-                return []
-            try:
-                hidden = self._forward(scheduled)                         # (N, D)
-                chunks = self._process(scheduled, hidden)
-            except Exception as e:
-                for req, _ in scheduled:
-                    self._fail(req, e)
-                raise
+        chunk to its request's stream. If the forward pass fails, the step's requests fail
+        with the error (their streams get it) and it is raised; other requests carry on."""
+        try:
+            with self._lock:
+                self._apply_pending()
+                scheduled = self.scheduler.schedule()
+                try:
+                    chunks = self._run(scheduled) if scheduled else []
+                finally:
+                    self._apply_pending()
+        finally:  # an add or abort that found the lock taken queued itself before trying it
+            self._apply_pending_if_idle()
         for chunk in chunks:
-            sink = self._sinks.get(chunk.request_id)
-            if sink is not None:
-                sink(chunk)
+            self._streams.deliver(chunk.request_id, chunk)
         return chunks
 
-    def _fail(self, req: Request, error: Exception) -> None:
-        tracked = self._tracked.get(req.request_id)
-        req.finish_reason = "error"
-        self.scheduler.finish(req)
-        if tracked is not None:
-            tracked.error = error
-        sink = self._sinks.get(req.request_id)
-        if sink is not None:
-            sink(error)
+    def _run(self, scheduled: list[tuple[Request, int]]) -> list[StreamChunk]:
+        try:
+            hidden = self._forward(scheduled)                         # (N, D)
+        except Exception as e:
+            for req, _ in scheduled:
+                self._fail(req, e)
+            raise
+        return self._process(scheduled, hidden)
 
     def _forward(self, scheduled: list[tuple[Request, int]]) -> torch.Tensor:
         ids, q_lens, ctx_lens, tables = [], [], [], []
@@ -242,144 +252,103 @@ class Engine:
             req.num_computed += n
             done = req.num_computed == req.num_tokens
             if req.params is None:
-                self._tracked[req.request_id].logits.append(
-                    self.model.compute_logits(hidden[start:start + n]).cpu())
-                if done:
-                    req.finish_reason = "stop"
-                    self.scheduler.finish(req)
+                self._keep_logits(req, hidden[start:start + n], done)
             elif done:
                 rows.append(start + n - 1)
                 sampling.append(req)
             start += n
         if not sampling:
             return []
-        logits = self.model.compute_logits(hidden[rows])                  # (B, V)
-        tokens, logprobs = sample(logits, [r.params for r in sampling],
-                                  [r.generator for r in sampling])
-        return [self._append(req, t, lp) for req, t, lp in zip(sampling, tokens, logprobs)]
+        try:
+            logits = self.model.compute_logits(hidden[rows])                  # (B, V)
+            sampled = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        except Exception as e:
+            for req in sampling:
+                self._fail(req, e)
+            raise
+        chunks = [self._append(req, result) for req, result in zip(sampling, sampled)]
+        return [c for c in chunks if c is not None]
 
-    def _append(self, req: Request, token: int, logprob: float) -> StreamChunk:
-        tracked, p = self._tracked[req.request_id], req.params
-        req.output_ids.append(token)
-        req.logprobs.append(logprob)
-        if token in p.stop_token_ids or (token == self.cfg.eos_token_id and not p.ignore_eos):
+    def _keep_logits(self, req: Request, hidden: torch.Tensor, done: bool) -> None:
+        try:
+            self._tracked[req.request_id].logits.append(self.model.compute_logits(hidden).cpu())
+        except Exception as e:  # noqa: BLE001 - this request's failure only
+            self._fail(req, e)
+            return
+        if done:
             req.finish_reason = "stop"
-        else:
-            tracked.text += tracked.detok.push(token)
-            if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-                req.finish_reason = "length"
-        if req.finished:
-            tracked.text += tracked.detok.flush()
-        self._cut_at_stop_string(tracked)
+            self.scheduler.finish(req)
+
+    def _append(self, req: Request, result: Sampled) -> StreamChunk | None:
+        """Add a sampled token to its request; a failure fails that request only."""
+        try:
+            if isinstance(result, Exception):
+                raise result
+            chunk = self._tracked[req.request_id].output.append(*result)
+        except Exception as e:  # noqa: BLE001
+            self._fail(req, e)
+            return None
         if req.finished:
             self.scheduler.finish(req)
-        return self._chunk(tracked)
-
-    def _cut_at_stop_string(self, tracked: _Tracked) -> None:
-        longest = max((len(s) for s in tracked.req.params.stop), default=0)
-        if not longest:
-            return
-        begin = max(0, tracked.emitted_text - longest)
-        hits = [i for s in tracked.req.params.stop if (i := tracked.text.find(s, begin)) >= 0]
-        if hits:
-            tracked.text = tracked.text[:min(hits)]
-            tracked.req.finish_reason = "stop"
-
-    def _chunk(self, tracked: _Tracked) -> StreamChunk:
-        req = tracked.req
-        hold = 0 if req.finished else max((len(s) - 1 for s in req.params.stop), default=0)
-        end = max(tracked.emitted_text, len(tracked.text) - hold)
-        chunk = StreamChunk(req.request_id, tracked.text[tracked.emitted_text:end],
-                            req.output_ids[tracked.emitted_tokens:],
-                            req.logprobs[tracked.emitted_tokens:], req.finish_reason)
-        tracked.emitted_text, tracked.emitted_tokens = end, len(req.output_ids)
         return chunk
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        log.warning("request %s failed: %s: %s", req.request_id, type(error).__name__, error)
+        req.finish_reason = "error"
+        self.scheduler.finish(req)
+        tracked = self._tracked.get(req.request_id)
+        if tracked is not None:
+            tracked.error = error
+        self._streams.deliver(req.request_id, error)
 
     # ---- synchronous API ----------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
-        """Run prompts through the continuous-batching scheduler until all finish."""
+        """Run prompts through the continuous-batching scheduler until all finish.
+        Raises InvalidRequest before queueing any if one is invalid, or the first error."""
         prompts = _as_prompt_list(prompts)
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
-            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        rids = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
-        try:
-            self._run_until_done(rids)
-        finally:
-            for rid in rids:
-                self.abort(rid)
-        return [self._completions.pop(rid) for rid in rids]
+            raise InvalidRequest(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        done = self._run_batch([self._prepare(p, sp) for p, sp in zip(prompts, per_prompt)])
+        return [t.output.completion() for t in done]
 
     def logits(self, prompts: Prompt | Sequence[Prompt]) -> torch.Tensor | list[torch.Tensor]:
         """(T, V) float32 logits of every position of one prompt (a list of them for a list)."""
-        single = not _is_prompt_list(prompts)
-        rids = [self.add_request(p, None) for p in _as_prompt_list(prompts)]
+        done = self._run_batch([self._prepare(p, None) for p in _as_prompt_list(prompts)])
+        out = [torch.cat(t.logits) for t in done]
+        return out if _is_prompt_list(prompts) else out[0]
+
+    def _run_batch(self, batch: list[_Tracked]) -> list[_Tracked]:
+        """Admit a validated batch, step until all finish, then let go of them."""
+        self._admit(batch)
         try:
-            self._run_until_done(rids)
-            out = [torch.cat(self._tracked[rid].logits) for rid in rids]
+            pending = list(batch)
+            while pending:
+                self.step()
+                for tracked in pending:
+                    if tracked.error is not None:
+                        raise tracked.error
+                pending = [t for t in pending if not t.req.finished]
         finally:
-            for rid in rids:
-                self.abort(rid)
-        return out[0] if single else out
-
-    def _run_until_done(self, rids: list[str]) -> None:
-        pending = set(rids)
-        while pending:
-            self.step()
-            for rid in list(pending):
-                tracked = self._tracked[rid]
-                if tracked.error is not None:
-                    raise tracked.error
-                if tracked.req.finished:
-                    pending.discard(rid)
-                    if tracked.req.params is not None:
-                        self._completions[rid] = self._completion(tracked)
-
-    @staticmethod
-    def _completion(tracked: _Tracked) -> Completion:
-        r = tracked.req
-        return Completion(r.request_id, r.prompt_ids, list(r.output_ids), tracked.text,
-                          r.finish_reason, list(r.logprobs))
+            for tracked in batch:
+                self.abort(tracked.req.request_id)
+        return batch
 
     # ---- asynchronous API ---------------------------------------------------------------
     async def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()
                      ) -> AsyncIterator[StreamChunk]:
         """Yield a chunk per generated token; the last one carries finish_reason.
         Leaving the iterator early aborts the request and frees its KV blocks."""
-        rid = self.add_request(prompt, params)
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self._sinks[rid] = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
-        self._ensure_loop()
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            self._sinks.pop(rid, None)
-            self.abort(rid)
-
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
-
-    async def _run_loop(self) -> None:
-        """Steps the engine while streams wait. Chunks reach streams through their sinks, so
-        steps driven by `generate` in another thread lose nothing either."""
-        while self._sinks and self.has_unfinished():
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._stepper, self.step)
-            except Exception:  # the failed step's requests got the error; others go on
-                log.exception("engine step failed")
+        tracked = self._prepare(prompt, params)
+        async for chunk in self._streams.follow(tracked.req.request_id,
+                                                lambda: self._admit([tracked]), self.abort):
+            yield chunk
 
 
 def _is_prompt_list(prompts) -> bool:
-    return not isinstance(prompts, str) and len(prompts) > 0 and not isinstance(prompts[0], int)
+    """A list of prompts (texts or id lists), as opposed to one prompt (a text or an id list)."""
+    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and not isinstance(prompts[0], int)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

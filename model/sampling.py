@@ -3,54 +3,82 @@
 Each request has its own `torch.Generator` (seeded when `seed` is given), so a seeded request
 samples the same tokens whatever else shares its batch. Greedy rows (temperature 0) take the
 argmax together; sampled rows apply temperature, then top-k, then top-p, then draw.
+Temperature divides the logits *after* subtracting the row's maximum, in float64, so any
+temperature small enough that sampling is numerically greedy gives the argmax (never inf - inf
+or 0 / 0 = NaN), down to the smallest positive double.
 The reported logprob is that of the chosen token under the model's raw distribution
 (log_softmax of the unscaled logits), as OpenAI-style APIs report it.
+A row whose logits are not finite (NaN, +inf, or all -inf) or whose draw fails yields an error
+for that row only: one request's failure never fails its neighbours in the step.
 Shapes: B rows (sequences that sample this step), V vocab.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
+
+from model.errors import InvalidRequest
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1     # torch.Generator.manual_seed's signed range
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """Validated in one place: each bad field raises InvalidRequest naming it and its range."""
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0                  # nucleus mass in (0, 1]
     top_k: int = 0                      # 0 = no top-k cut
-    seed: int | None = None
+    seed: int | None = None             # int64, like the gRPC field
     stop: tuple[str, ...] = ()          # stop strings: cut the text before the first one
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check(isinstance(self.max_tokens, int) and self.max_tokens > 0,
-               f"max_tokens must be an integer > 0, got {self.max_tokens!r}")
-        _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
-               f"temperature must be >= 0, got {self.temperature!r}")
-        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+        object.__setattr__(self, "stop", _tuple("stop", self.stop))
+        object.__setattr__(self, "stop_token_ids", _tuple("stop_token_ids", self.stop_token_ids))
+        _check(_is_int(self.max_tokens) and self.max_tokens > 0,
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _check(_is_real(self.temperature) and 0 <= self.temperature < math.inf,
+               f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        _check(_is_real(self.top_p) and 0 < self.top_p <= 1,
                f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+        _check(_is_int(self.top_k) and self.top_k >= 0,
                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        _check(self.seed is None or isinstance(self.seed, int),
-               f"seed must be an integer or None, got {self.seed!r}")
+        _check(self.seed is None or (_is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX),
+               f"seed must be an integer in [{INT64_MIN}, {INT64_MAX}] or None, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop must hold non-empty strings, got {self.stop!r}")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must hold token ids >= 0, got {self.stop_token_ids!r}")
+        _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _tuple(field: str, value) -> tuple:
+    if isinstance(value, str) and field == "stop":
+        return (value,)                                             # one stop string
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidRequest(f"{field} must be a list, got {value!r}")
+    return tuple(value)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise InvalidRequest(message)
 
 
 def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
@@ -64,27 +92,45 @@ def make_generator(params: SamplingParams, device: torch.device | str) -> torch.
     return gen
 
 
+class SamplingError(RuntimeError):
+    """One row could not be sampled (non-finite logits, or the draw failed)."""
+
+
+Sampled = tuple[int, float] | SamplingError        # (token id, its logprob) or this row's error
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
-    """logits (B, V) fp32 -> chosen token ids and their logprobs (one host sync per step)."""
+           generators: list[torch.Generator | None]) -> list[Sampled]:
+    """logits (B, V) fp32 -> per row (token id, logprob) or a SamplingError for that row alone
+    (one host sync per step for the batch)."""
     logprobs = torch.log_softmax(logits, dim=-1)                        # (B, V)
     tokens = torch.argmax(logits, dim=-1)                               # (B,)
+    bad = (logits.isnan() | (logits == math.inf)).any(-1) | (logits == -math.inf).all(-1)  # (B,)
+    errors: dict[int, SamplingError] = {}
+    for row in bad.nonzero()[:, 0].tolist():
+        errors[row] = SamplingError(f"the model's logits are not finite (row {row})")
     for row, (p, gen) in enumerate(zip(params, generators)):
-        if not p.greedy:
+        if p.greedy or row in errors:
+            continue
+        try:
             tokens[row] = _sample_row(logits[row], p, gen)
+        except RuntimeError as e:
+            errors[row] = SamplingError(f"sampling failed: {e}")
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]                  # (B,)
-    return tokens.tolist(), chosen.tolist()
+    return [errors.get(row, (t, lp)) for row, (t, lp) in enumerate(zip(tokens.tolist(),
+                                                                       chosen.tolist()))]
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    scaled = logits / p.temperature                                     # (V,)
+    logits = logits.double()          # any positive Python float temperature is a float64
+    scaled = (logits - logits.max()) / p.temperature                   # (V,) <= 0, max at 0
     if p.top_k and p.top_k < scaled.shape[0]:
         kth = torch.topk(scaled, p.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)            # ties with the k-th stay
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(scaled, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         outside = probs.cumsum(-1) - probs >= p.top_p                   # mass before it covers p
-        scaled = scaled.scatter(0, order[outside], float("-inf"))
+        scaled = scaled.scatter(0, order[outside], -math.inf)
     probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, 1, generator=gen)[0]

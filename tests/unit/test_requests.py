@@ -30,7 +30,7 @@ def test_defaults_and_explicit_values(tokenizer):
 
 @pytest.mark.parametrize("req, match", [
     (pb.GenerateRequest(prompt="hi", max_tokens=99), r"max_tokens must be in \[1, 98\]"),
-    (pb.GenerateRequest(prompt="hi", temperature=-0.5), "temperature must be >= 0"),
+    (pb.GenerateRequest(prompt="hi", temperature=-0.5), "temperature must be a finite number >= 0"),
     (pb.GenerateRequest(prompt="hi", top_k=-1), "top_k must be"),
 ])
 def test_limits_are_named(tokenizer, req, match):

@@ -1,0 +1,96 @@
+"""What a client sees of one request: its completion text, stop conditions, and stream chunks.
+
+Completion text is what the completion adds to the prompt's text: `decode(prompt + output)`
+minus `decode(prompt)`, so the first token keeps its leading space (`"▁db"` -> `" db"`) as
+vLLM, TGI and llama.cpp return it; the detokenizer is started after the prompt
+(`Tokenizer.detokenizer(prompt_ids)`) to get exactly that, one token at a time.
+
+Stop conditions, in order, after each token: a stop token id or EOS (unless `ignore_eos`) ends
+the request with "stop" and its text is not added; `max_tokens` or the context length ends it
+with "length"; then the text is cut before the first stop string, if any ("stop").
+Streaming: each chunk carries the new token ids and the new text; while a request runs, the
+last `len(longest stop string) - 1` characters are held back, since they may be the start of a
+stop string, so text after a stop is never streamed. Deltas never split a character, and they
+concatenate to the completion's text.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from model.scheduler import Request
+
+if TYPE_CHECKING:
+    from model.detokenizer import IncrementalDetokenizer
+
+
+@dataclasses.dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]        # includes the token that stopped it (EOS or a stop token id)
+    text: str                   # excludes it, and ends before the first stop string
+    finish_reason: str          # "length" | "stop"
+    logprobs: list[float]
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    request_id: str
+    text: str                   # new text since the previous chunk
+    token_ids: list[int]        # new token ids
+    logprobs: list[float]
+    finish_reason: str | None = None
+
+
+class RequestOutput:
+    """The text side of one sampling request: detokenizes its tokens, applies its stop
+    conditions and cuts its stream into chunks. Owned by the engine, touched under its lock."""
+
+    def __init__(self, req: Request, detok: IncrementalDetokenizer, eos_token_id: int,
+                 max_model_len: int):
+        self.req, self.detok = req, detok
+        self.eos_token_id, self.max_model_len = eos_token_id, max_model_len
+        self.text = ""
+        self.emitted_text = self.emitted_tokens = 0
+        self.longest_stop = max((len(s) for s in req.params.stop), default=0)
+
+    def append(self, token: int, logprob: float) -> StreamChunk:
+        """Record one sampled token; return the chunk it releases (finish_reason set if done)."""
+        req, p = self.req, self.req.params
+        req.output_ids.append(token)
+        req.logprobs.append(logprob)
+        if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
+            req.finish_reason = "stop"
+        else:
+            self.text += self.detok.push(token)
+            if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                req.finish_reason = "length"
+        if req.finished:
+            self.text += self.detok.flush()
+        self._cut_at_stop_string()
+        return self._chunk()
+
+    def _cut_at_stop_string(self) -> None:
+        if not self.longest_stop:
+            return
+        begin = max(0, self.emitted_text - self.longest_stop)
+        hits = [i for s in self.req.params.stop if (i := self.text.find(s, begin)) >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.req.finish_reason = "stop"
+
+    def _chunk(self) -> StreamChunk:
+        req = self.req
+        hold = 0 if req.finished else max(self.longest_stop - 1, 0)
+        end = max(self.emitted_text, len(self.text) - hold)
+        chunk = StreamChunk(req.request_id, self.text[self.emitted_text:end],
+                            req.output_ids[self.emitted_tokens:],
+                            req.logprobs[self.emitted_tokens:], req.finish_reason)
+        self.emitted_text, self.emitted_tokens = end, len(req.output_ids)
+        return chunk
+
+    def completion(self) -> Completion:
+        r = self.req
+        return Completion(r.request_id, r.prompt_ids, list(r.output_ids), self.text,
+                          r.finish_reason, list(r.logprobs))
