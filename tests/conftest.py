@@ -1,7 +1,10 @@
-"""Shared fixtures: random checkpoints written by transformers (the oracle) and by us."""
+"""Shared fixtures: random checkpoints written by transformers (the oracle) and by us; the README's
+Python code, found by heading, for the tests that run it."""
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,10 @@ logging.getLogger("model").setLevel(logging.WARNING)
 TINY_HF = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                num_experts_per_tok=2, max_position_embeddings=1024, sliding_window=None)
+# transformers' init (std 0.02) leaves these tiny models' attention almost uniform, so a wrong
+# RoPE position moves the logits by less than the parity tolerance: q and k are scaled by this
+# after init, which makes the scores' spread ~100x larger and each query attend to a few keys.
+QK_SCALE = 10.0
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +35,10 @@ def hf_checkpoint(tmp_path_factory):
             torch.manual_seed(len(cache) + 1)
             cfg = transformers.MixtralConfig(**(TINY_HF | overrides))
             model = transformers.MixtralForCausalLM(cfg).eval()
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.self_attn.q_proj.weight.mul_(QK_SCALE)
+                    layer.self_attn.k_proj.weight.mul_(QK_SCALE)
             path = tmp_path_factory.mktemp("hf")
             model.save_pretrained(path, max_shard_size="4MB")
             cache[key] = (model, path)
@@ -67,3 +78,51 @@ def ray_cluster():
     from cluster.local import local_cluster
     with local_cluster(expert_nodes=3, expert_slots=6) as cluster:
         yield cluster
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+NEEDS_CUDA = "# needs CUDA"     # a README code line carrying this comment runs only with CUDA
+_FENCE = re.compile(r"^```\s*(\S*)")
+_HEADING = re.compile(r"^#+\s+(.*\S)")
+
+
+def _python_sections(text: str) -> dict[str, str]:
+    """Each heading's ```python code (its blocks joined, in order), headings outside code."""
+    sections: dict[str, list[str]] = {}
+    heading, fence = "", None           # fence: the open block's language, None outside blocks
+    for line in text.splitlines():
+        if (m := _FENCE.match(line)) is not None:
+            fence = m.group(1) if fence is None else None
+            if fence in ("python", "py"):
+                sections.setdefault(heading, [])
+        elif fence is None and (m := _HEADING.match(line)):
+            heading = m.group(1)
+        elif fence in ("python", "py"):
+            sections[heading].append(line)
+    return {h: "\n".join(lines) + "\n" for h, lines in sections.items()}
+
+
+@pytest.fixture(scope="session")
+def python_sections():
+    """Markdown text -> {heading: its Python code}: how the README's code is found."""
+    return _python_sections
+
+
+@pytest.fixture(scope="session")
+def readme_python(python_sections) -> dict[str, str]:
+    """The README's Python code by the heading it is under."""
+    return python_sections(README.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def readme_code(readme_python, tmp_path, monkeypatch):
+    """(heading, cuda=False) -> that heading's README code as it is run here, lines marked
+    NEEDS_CUDA dropped unless `cuda`; MIXTRAL_EP_CACHE (the demo checkpoint) goes to tmp_path."""
+    monkeypatch.setenv("MIXTRAL_EP_CACHE", str(tmp_path / "cache"))
+
+    def code(heading: str, cuda: bool = False) -> str:
+        full = readme_python[heading]
+        compile(full, f"README.md ({heading})", "exec")     # CUDA lines must parse everywhere
+        return "".join(line for line in full.splitlines(keepends=True)
+                       if cuda or NEEDS_CUDA not in line)
+    return code

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import socket
 import time
 
@@ -26,7 +27,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_checkpoint):
+def address(ray_cluster, tiny_checkpoint):
+    """host:port of Serve's gRPC proxy running the app on the tiny checkpoint."""
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
                 grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
@@ -35,11 +37,16 @@ def server(ray_cluster, tiny_checkpoint):
                      "frontend_resources": FRONTEND_SLOT, "threads": 1,
                      "engine_args": {"max_waiting": 64}})
     serve.run(app, name="mixtral-ep", route_prefix="/")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield f"127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(address):
+    channel = grpc.insecure_channel(address)
     grpc.channel_ready_future(channel).result(timeout=60)
     yield pb_grpc.GeneratorStub(channel)
     channel.close()
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +154,10 @@ def test_a_passed_deadline_ends_the_call_and_frees_its_blocks(server):
     while engine.info.remote().result()["free_blocks"] != start:
         assert time.monotonic() < deadline, "requests past their deadline kept their KV blocks"
         time.sleep(0.2)
+
+
+def test_readme_client_code_runs(server, address, readme_code, monkeypatch, capsys):
+    monkeypatch.setenv("MIXTRAL_EP_ADDRESS", address)
+    code = readme_code("Calling it from a Python service")
+    exec(compile(code, "README.md (Calling it from a Python service)", "exec"), {})
+    assert re.search(r" (length|stop) \d+\n", capsys.readouterr().out)   # the unary reply's line

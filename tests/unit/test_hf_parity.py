@@ -22,6 +22,22 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert err <= 1e-4 * scale, f"max abs diff {err:.3g} > 1e-4 x logit scale {scale:.3g}"
 
 
+def test_oracle_attention_depends_on_positions(hf_checkpoint):
+    """The oracle must be able to see a RoPE position error (tests/conftest.py: QK_SCALE):
+    moving the last token one position back changes its logits by far more than the parity
+    tolerance (with transformers' plain init it is ~0.3% of the logit scale, and greedy tokens
+    under a decode-only position error stayed equal)."""
+    hf_model, _ = hf_checkpoint()
+    for ids in PROMPTS:
+        positions = torch.arange(len(ids))[None]
+        shifted = positions.clone()
+        shifted[0, -1] -= 1
+        with torch.no_grad():
+            right, wrong = (hf_model(torch.tensor([ids]), position_ids=p).logits[0, -1]
+                            for p in (positions, shifted))
+        assert (right - wrong).abs().max() > 0.05 * right.abs().max()
+
+
 @pytest.mark.parametrize("overrides", [
     dict(),                                                   # kv ratio 2, 8 experts top-2
     dict(num_key_value_heads=4),                              # ratio 1 (MHA)
