@@ -30,6 +30,7 @@ from typing import AsyncIterator, Sequence
 
 import torch
 
+from model.admission import Prompt, check_request, prompt_ids
 from model.attention import FLASH_BLOCK_SIZE, AttentionMetadata, KVCache, select_backend
 from model.checkpoint import WeightSource, torch_dtype
 from model.config import MixtralConfig, resolve_config
@@ -46,9 +47,6 @@ from model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "QueueFull", "InvalidRequest"]
-
-Prompt = str | Sequence[int]
-
 
 @dataclasses.dataclass(eq=False)
 class _Tracked:
@@ -123,42 +121,16 @@ class Engine:
         return tracked.req.request_id
 
     def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> _Tracked:
-        """Everything that can reject a request, with no side effect on the engine."""
-        if params is not None and not isinstance(params, SamplingParams):
-            raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = self._prompt_ids(prompt)
-        limit, vocab = self.max_model_len, self.cfg.vocab_size
-        if params is not None and len(ids) + params.max_tokens > limit:
-            raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                                 f"exceeds max_model_len ({limit})")
-        if params is None and len(ids) > limit:
-            raise InvalidRequest(f"prompt ({len(ids)} tokens) exceeds max_model_len ({limit})")
-        if params is not None and any(t >= vocab for t in params.stop_token_ids):
-            raise InvalidRequest(f"stop_token_ids must be in [0, {vocab}), got "
-                                 f"{list(params.stop_token_ids)}")
+        """Everything that can reject a request (model/admission.py), with no side effect."""
+        vocab, limit = self.cfg.vocab_size, self.max_model_len
+        ids = prompt_ids(prompt, self.tokenizer, vocab)
+        check_request(ids, params, limit, vocab)
         req = Request(str(next(self._ids)), ids, params,
                       make_generator(params, self.device) if params is not None else None)
         if params is None:
             return _Tracked(req, None)
         output = RequestOutput(req, self.tokenizer.detokenizer(ids), self.cfg.eos_token_id, limit)
         return _Tracked(req, output)
-
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("prompt must not be empty")
-            return self.tokenizer.encode(prompt)
-        if not isinstance(prompt, Sequence):
-            raise InvalidRequest(f"prompt must be text or a list of token ids, got "
-                                 f"{type(prompt).__name__}")
-        ids = list(prompt)
-        if not ids:
-            raise InvalidRequest("prompt must not be empty")
-        vocab = self.cfg.vocab_size
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
-        return ids
 
     def _admit(self, batch: list[_Tracked]) -> None:
         """Queue a validated batch whole, or raise QueueFull and queue none of it."""

@@ -1,0 +1,52 @@
+"""Request validation, before anything is queued: every check that can reject a request, as
+pure functions of the request and the engine's limits. Each raises InvalidRequest naming the
+field and its limit (gRPC INVALID_ARGUMENT); none touches engine state, which is what lets a
+call with several prompts be admitted whole or not at all.
+
+    ids = prompt_ids("Hello", tokenizer, vocab_size=32000)      # text -> [1, 22557]
+    check_request(ids, SamplingParams(max_tokens=20), max_model_len=4096, vocab_size=32000)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from model.errors import InvalidRequest
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    """Token ids of a text (encoded with BOS) or of a list of ids (checked against the vocab)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty")
+        return tokenizer.encode(prompt)
+    if not isinstance(prompt, Sequence):
+        raise InvalidRequest(f"prompt must be text or a list of token ids, got {type(prompt).__name__}")
+    ids = list(prompt)
+    if not ids:
+        raise InvalidRequest("prompt must not be empty")
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+    return ids
+
+
+def check_request(ids: list[int], params: SamplingParams | None, max_model_len: int,
+                  vocab_size: int) -> None:
+    """Limits that depend on the engine: context length and vocabulary. `params=None` is a
+    logits request (every position's logits, nothing sampled)."""
+    if params is None:
+        if len(ids) > max_model_len:
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) exceeds max_model_len ({max_model_len})")
+        return
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
+    if len(ids) + params.max_tokens > max_model_len:
+        raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds max_model_len ({max_model_len})")
+    if any(t >= vocab_size for t in params.stop_token_ids):
+        raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size}), got "
+                             f"{list(params.stop_token_ids)}")
