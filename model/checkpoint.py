@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+QK_INIT_GAIN = 8.0
+RANDOM_INIT_VERSION = 2     # bump when random_tensor changes: names the cached checkpoints
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -140,10 +142,16 @@ class WeightSource:
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Seeded from (seed, name): N(0, 0.02) like HF's init; norm weights 1 + N(0, 0.1)."""
+    """Seeded from (seed, name): N(0, 0.02) like HF's init; norm weights 1 + N(0, 0.1); q_proj and
+    k_proj N(0, 0.02 * QK_INIT_GAIN), so that attention scores are large enough for positions
+    to matter (with HF's init a tiny model attends almost uniformly, and a wrong RoPE position
+    would leave its outputs unchanged: tests comparing two engines could not see it)."""
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    t = 1.0 + 0.1 * t if name.endswith("norm.weight") else 0.02 * t
+    if name.endswith("norm.weight"):
+        t = 1.0 + 0.1 * t
+    else:
+        t = 0.02 * t * (QK_INIT_GAIN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1)
     return t.to(dtype)
 
 
@@ -182,7 +190,8 @@ def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch
 def cached_random_checkpoint(preset: str = "tiny", seed: int = 0,
                              dtype: torch.dtype = torch.float32) -> Path:
     """A random checkpoint under the cache dir, written once (atomically) and reused."""
-    path = cache_dir() / "checkpoints" / f"{preset}-seed{seed}-{str(dtype).removeprefix('torch.')}"
+    name = f"{preset}-seed{seed}-{str(dtype).removeprefix('torch.')}-v{RANDOM_INIT_VERSION}"
+    path = cache_dir() / "checkpoints" / name
     if (path / "config.json").exists():
         return path
     log.info("creating the %s random checkpoint at %s (once)", preset, path)
