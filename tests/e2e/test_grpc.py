@@ -2,44 +2,24 @@
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import time
 
 import grpc
 import pytest
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
-from deploy.app import build_app
 from model.engine import Engine, SamplingParams
 from protos import generator_pb2 as pb
-from protos import generator_pb2_grpc as pb_grpc
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_checkpoint):
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
-                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
-                    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"]))
-    app = build_app({"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
-                     "frontend_resources": FRONTEND_SLOT, "threads": 1,
-                     "engine_args": {"max_waiting": 64}})
-    serve.run(app, name="mixtral-ep", route_prefix="/")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    grpc.channel_ready_future(channel).result(timeout=60)
-    yield pb_grpc.GeneratorStub(channel)
-    channel.close()
-    serve.shutdown()
+def server(deploy, tiny_checkpoint):
+    return deploy("mixtral-ep", {"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
+                                 "frontend_resources": FRONTEND_SLOT, "threads": 1,
+                                 "engine_args": {"max_waiting": 64}})
 
 
 @pytest.fixture(scope="module")
@@ -120,23 +100,23 @@ def test_model_info(server):
 def test_a_cancelled_stream_frees_its_kv_blocks(server):
     engine = serve.get_deployment_handle("EngineServer", app_name="mixtral-ep")
     start = engine.info.remote().result()
-    assert start["free_blocks"] == start["total_blocks"]
+    assert start.free_blocks == start.total_blocks
     call = server.GenerateStream(pb.GenerateRequest(prompt="a long story " * 40, max_tokens=2000,
                                                     temperature=0.0), timeout=120)
     for i, _ in enumerate(call):
         if i == 3:
             break
-    assert engine.info.remote().result()["free_blocks"] < start["free_blocks"]
+    assert engine.info.remote().result().free_blocks < start.free_blocks
     call.cancel()
     deadline = time.monotonic() + 20
-    while engine.info.remote().result()["free_blocks"] != start["free_blocks"]:
+    while engine.info.remote().result().free_blocks != start.free_blocks:
         assert time.monotonic() < deadline, "the cancelled request kept its KV blocks"
         time.sleep(0.2)
 
 
 def test_a_passed_deadline_ends_the_call_and_frees_its_blocks(server):
     engine = serve.get_deployment_handle("EngineServer", app_name="mixtral-ep")
-    start = engine.info.remote().result()["free_blocks"]
+    start = engine.info.remote().result().free_blocks
     long = pb.GenerateRequest(prompt="a long story " * 40, max_tokens=3000, temperature=0.0)
     for call in (lambda: list(server.GenerateStream(long, timeout=1.5)),
                  lambda: server.Generate(long, timeout=1.5)):
@@ -144,6 +124,6 @@ def test_a_passed_deadline_ends_the_call_and_frees_its_blocks(server):
             call()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 30
-    while engine.info.remote().result()["free_blocks"] != start:
+    while engine.info.remote().result().free_blocks != start:
         assert time.monotonic() < deadline, "requests past their deadline kept their KV blocks"
         time.sleep(0.2)
