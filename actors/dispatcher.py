@@ -67,7 +67,12 @@ def object_ref_transport(layer: int, requests) -> list[Result | Exception]:
 class Dispatcher:
     def __init__(self, actors: Sequence[object], actor_experts: Sequence[Sequence[int]],
                  num_experts: int, transport: Transport = object_ref_transport,
-                 max_attempts: int = 8, retry_timeout_s: float = 60.0, cooldown_s: float = 5.0):
+                 max_attempts: int = 8, retry_timeout_s: float = 60.0, cooldown_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        """actor_experts[a]: the expert ids actor a holds, in the order its `compute` takes
+        them. A failed actor is avoided for `cooldown_s` seconds; `clock` (seconds) and
+        `sleep` are injectable for tests. ValueError if some expert id has no actor."""
         self.actors = list(actors)
         self.actor_experts = [list(ids) for ids in actor_experts]
         self.num_experts = num_experts
@@ -78,7 +83,7 @@ class Dispatcher:
         missing = [e for e in range(num_experts) if not self.holders[e]]
         if missing:
             raise ValueError(f"no actor holds expert(s) {missing}")
-        self.transport = transport
+        self.transport, self._clock, self._sleep = transport, clock, sleep
         self.max_attempts, self.retry_timeout_s, self.cooldown_s = max_attempts, retry_timeout_s, cooldown_s
         self._down_until = [0.0] * len(self.actors)
         self.timings: collections.deque[dict] = collections.deque(maxlen=4096)
@@ -121,14 +126,14 @@ class Dispatcher:
         return calls
 
     def _healthy(self, actors: list[int]) -> list[int]:
-        now = time.monotonic()
+        now = self._clock()
         up = [a for a in actors if self._down_until[a] <= now]
         return up or actors
 
     def _send(self, layer: int, xs: torch.Tensor, calls: list[Call]) -> tuple[torch.Tensor, float]:
         ys = torch.empty_like(xs)
         pending = calls
-        attempts, deadline, compute_s = 0, time.monotonic() + self.retry_timeout_s, 0.0
+        attempts, deadline, compute_s = 0, self._clock() + self.retry_timeout_s, 0.0
         while pending:
             attempts += 1
             inputs = [torch.cat([xs[s:e] for s, e in c.segments]) for c in pending]  # compact
@@ -156,25 +161,25 @@ class Dispatcher:
             ids = self.actor_experts[call.actor]
             if not isinstance(error, RETRIABLE):
                 raise ExpertCallError(f"layer {layer}: experts {ids} failed: {error}") from error
-            if attempts >= self.max_attempts or time.monotonic() >= deadline:
+            if attempts >= self.max_attempts or self._clock() >= deadline:
                 raise ExpertCallError(
                     f"layer {layer}: experts {ids} still failing after {attempts} attempts "
                     f"({type(error).__name__}); giving up on this step") from error
-            self._down_until[call.actor] = time.monotonic() + self.cooldown_s
+            self._down_until[call.actor] = self._clock() + self.cooldown_s
             target = self._replacement(call.actor)
             log.warning("layer %d: expert actor %d (%s) failed (%s); re-sending to actor %d",
                         layer, call.actor, ids, type(error).__name__, target)
             self.retries += 1
             again.append(dataclasses.replace(call, actor=target))
         if again and all(c.actor == f.actor for c, (f, _) in zip(again, failed)):
-            time.sleep(min(0.5 * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic())))
+            self._sleep(min(0.5 * 2 ** (attempts - 1), max(0.0, deadline - self._clock())))
         return again
 
     def _replacement(self, actor: int) -> int:
         """A healthy actor holding exactly the same experts, else the same (restarting) one."""
         ids = self.actor_experts[actor]
         twins = [a for a in self.holders[ids[0]] if self.actor_experts[a] == ids and a != actor]
-        healthy = [a for a in twins if self._down_until[a] <= time.monotonic()]
+        healthy = [a for a in twins if self._down_until[a] <= self._clock()]
         return healthy[0] if healthy else actor
 
     # ---- measurements -------------------------------------------------------------------

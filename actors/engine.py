@@ -2,17 +2,19 @@
 
     import ray; ray.init(address=...)
     from actors import RayEngine
-    engine = RayEngine.from_pretrained(path, dtype="float32", expert_replicas=1)
+    engine = RayEngine.from_pretrained(path, dtype="float32", expert_replicas=1,
+                                       experts_per_actor=1)
     engine.generate([...], SamplingParams(...)); engine.logits([...])
-    engine.placement()   # {"frontend": node_id, "experts": {expert_id: [node_id, ...]}}
+    engine.placement()   # {"frontend": node_id, "experts": {expert_id: (node_id, ...)}}
+    engine.info()        # EngineInfo (actors/info.py)
     engine.shutdown()
 
 Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve one placement group
-pinned to the plan's nodes (cluster/placement.py), start one expert actor per (expert id,
-replica) in its bundle, then the frontend with their handles. Each actor loads only its own
-tensors. Expert actors are restarted by Ray when they die (their calls are re-sent by the
-dispatcher); the frontend is not (its KV cache is gone with it): its in-flight requests fail
-with a RayActorError.
+pinned to the plan's nodes (cluster/placement.py), start one expert actor per (group of
+`experts_per_actor` expert ids, replica) in its bundle, then the frontend with their handles.
+Each actor loads only its own tensors. Expert actors are restarted by Ray when they die (their
+calls are re-sent by the dispatcher); the frontend is not (its KV cache is gone with it): its
+in-flight requests fail with a RayActorError.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from actors.expert import ExpertWorker
 from actors.frontend import Frontend
+from actors.info import EngineInfo, WorkerInfo
 from cluster.placement import actor_options, cluster_nodes, release, reserve
 from cluster.plan import plan
 from model.checkpoint import WeightSource
@@ -56,25 +59,23 @@ class RayEngine:
 
     @classmethod
     def from_source(cls, source: WeightSource, dtype: str = "float32", *,
-                    expert_replicas: int = 1, device: str = "cpu",
+                    expert_replicas: int = 1, experts_per_actor: int = 1, device: str = "cpu",
                     expert_resources: dict | None = None, frontend_resources: dict | None = None,
                     placement_timeout_s: float = 60.0, threads: int | None = None,
                     engine_args: dict | None = None, dispatch_args: dict | None = None) -> "RayEngine":
         """device "cuda": each actor asks for a GPU by default (pass fractional `GPU`
-        resources to share one card); "cpu": a small CPU share."""
+        resources to share one card); "cpu": a small CPU share. An expert actor holds
+        `experts_per_actor` expert ids (must divide num_local_experts, else PlacementError) and
+        asks for `expert_resources` as a whole."""
         default = {"GPU": 1, "CPU": 1} if device == "cuda" else CPU_ACTOR
-        cfg = source.model_config()
-        p = plan(cluster_nodes(), cfg.num_local_experts, expert_replicas,
-                 expert_resources or default, frontend_resources or default)
+        p = plan(cluster_nodes(), source.model_config().num_local_experts, expert_replicas,
+                 expert_resources or default, frontend_resources or default, experts_per_actor)
         pg = reserve(p, placement_timeout_s)
         expert_cls = ray.remote(max_restarts=-1, max_task_retries=0)(ExpertWorker)
-        experts, actor_experts, bundle = [], [], 1
-        for e in sorted(p.experts):
-            for slot in p.experts[e]:
-                experts.append(expert_cls.options(**actor_options(pg, bundle, slot)).remote(
-                    source, [e], dtype, device, threads))
-                actor_experts.append([e])
-                bundle += 1
+        experts = [expert_cls.options(**actor_options(pg, bundle, slot)).remote(
+                       source, list(ids), dtype, device, threads)
+                   for bundle, (ids, slot) in enumerate(p.actors(), start=1)]
+        actor_experts = [list(ids) for ids, _ in p.actors()]
         frontend_cls = ray.remote(max_restarts=0)(Frontend)
         frontend = frontend_cls.options(**actor_options(pg, 0, p.frontend)).remote(
             source, experts, actor_experts, dtype, device, threads, engine_args, dispatch_args)
@@ -84,8 +85,8 @@ class RayEngine:
         except Exception:
             engine.shutdown()
             raise
-        log.info("RayEngine ready: %d expert actors, %d replica(s) each", len(experts),
-                 expert_replicas)
+        log.info("RayEngine ready: %d expert actors of %d expert(s), %d replica(s) each",
+                 len(experts), experts_per_actor, expert_replicas)
         return engine
 
     # ---- the Engine API, forwarded to the frontend ----------------------------------------
@@ -110,20 +111,20 @@ class RayEngine:
                 ray.cancel(generator)
 
     # ---- inspection ---------------------------------------------------------------------
-    def placement(self) -> dict:
-        """Where the actors actually run: {"frontend": node, "experts": {id: [nodes]}}."""
-        infos = ray.get([a.info.remote() for a in self.experts])
-        experts: dict[int, list[str]] = {}
-        for ids, info in zip(self.actor_experts, infos):
-            for e in ids:
-                experts.setdefault(e, []).append(info["node_id"])
-        return {"frontend": ray.get(self.frontend.info.remote())["node_id"], "experts": experts}
+    def info(self) -> EngineInfo:
+        return ray.get(self.frontend.info.remote())
 
-    def expert_info(self) -> list[dict]:
+    def placement(self) -> dict:
+        """Where the actors actually run: {"frontend": node, "experts": {id: (nodes...)}}."""
+        info = self.info()
+        return {"frontend": info.frontend_node_id, "experts": dict(info.experts)}
+
+    def expert_info(self) -> list[WorkerInfo]:
+        """One per expert actor, in `self.experts` order."""
         return ray.get([a.info.remote() for a in self.experts])
 
-    def frontend_info(self) -> dict:
-        return ray.get(self.frontend.info.remote())
+    def frontend_info(self) -> WorkerInfo:
+        return ray.get(self.frontend.worker_info.remote())
 
     def shutdown(self) -> None:
         for actor in [self.frontend, *self.experts]:

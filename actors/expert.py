@@ -11,14 +11,14 @@ again, to it after a restart or to a replica.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
+from actors.info import WorkerInfo
 from model.checkpoint import WeightSource, torch_dtype
 from model.mixtral import expert_names
-from model.moe import LocalExperts
+from model.moe import LocalExperts, expert_name
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ class ExpertWorker:
         y = (torch.cat(parts) if parts else x[:0]).cpu()
         return y, time.perf_counter() - start
 
-    def info(self) -> dict:
-        import ray
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "expert_ids": self.expert_ids, "nbytes": self.experts.nbytes(),
-                "layers_experts": sorted(self.experts.weights)}
+    def info(self) -> WorkerInfo:
+        kept = [expert_name(layer, e, w) for layer, e in self.experts.weights
+                for w in ("w1", "w2", "w3")]
+        return WorkerInfo.of_this_process(self.expert_ids, self.experts.nbytes(), kept)

@@ -10,9 +10,11 @@ import asyncio
 import logging
 import time
 
+import ray
 import torch
 
 from actors.dispatcher import Dispatcher
+from actors.info import EngineInfo, WorkerInfo
 from model.checkpoint import WeightSource, torch_dtype
 from model.engine import Engine, SamplingParams
 from model.linear import nbytes
@@ -47,15 +49,25 @@ class Frontend:
         async for chunk in self.engine.stream(prompt, params):
             yield chunk
 
-    def info(self) -> dict:
-        import ray
+    async def info(self) -> EngineInfo:
+        """The engine's model limits, KV blocks and where each expert actor runs (it asks them)."""
+        workers = await asyncio.gather(*[a.info.remote() for a in self.dispatcher.actors])
+        experts: dict[int, tuple[str, ...]] = {}
+        for ids, worker in zip(self.dispatcher.actor_experts, workers):
+            for e in ids:
+                experts[e] = experts.get(e, ()) + (worker.node_id,)
+        cfg = self.engine.cfg
+        return EngineInfo(
+            context_length=self.engine.max_model_len, vocab_size=cfg.vocab_size,
+            num_layers=cfg.num_hidden_layers, num_experts=cfg.num_local_experts,
+            experts_per_token=cfg.num_experts_per_tok,
+            frontend_node_id=ray.get_runtime_context().get_node_id(),
+            experts=dict(sorted(experts.items())), free_blocks=self.engine.num_free_blocks(),
+            total_blocks=self.engine.kv.allocator.num_blocks, retries=self.dispatcher.retries)
+
+    def worker_info(self) -> WorkerInfo:
         state = self.engine.model.state_dict()
-        return {"node_id": ray.get_runtime_context().get_node_id(),
-                "tensor_names": sorted(state), "nbytes": sum(nbytes(t) for t in state.values()),
-                "free_blocks": self.engine.num_free_blocks(),
-                "total_blocks": self.engine.kv.allocator.num_blocks,
-                "max_model_len": self.engine.max_model_len,
-                "retries": self.dispatcher.retries}
+        return WorkerInfo.of_this_process((), sum(nbytes(t) for t in state.values()), state)
 
     async def profile_dispatch(self, batch: int, repeats: int, layer: int = 0) -> dict[str, float]:
         return await asyncio.to_thread(self._profile_dispatch, batch, repeats, layer)

@@ -1,8 +1,18 @@
 """The gRPC gateway: a stateless Serve deployment behind Serve's gRPC proxy implementing
 `mixtral_ep.v1.Generator` (method names are the RPC names). It validates, tokenizes (prompt or
-chat template), and streams token ids from the engine deployment, detokenized there. Every
-error reaches the client as a gRPC status with a message naming the field and its limit;
-no remote traceback ever does.
+chat template), and streams token ids from the engine deployment, detokenized there.
+
+Errors reach the client as a gRPC status, never as a traceback (`status_of`):
+    InvalidRequest (and subclasses: ChatTemplateError...)   INVALID_ARGUMENT, its message
+    QueueFull (max_waiting), Serve's BackPressureError       RESOURCE_EXHAUSTED
+    DeploymentUnavailableError, RayActorError (an actor of
+    the engine died or is restarting)                        UNAVAILABLE
+    anything else (other ValueErrors too: config, checkpoint,
+    torch; ExpertCallError...)                               INTERNAL, no internal text
+Ray wraps an exception raised in another actor in RayTaskError (nested once per hop), and
+`as_instanceof_cause()` makes it an instance of the cause's class as well: the cause is
+unwrapped first, so a wrapped torch ValueError is INTERNAL. Client errors are logged as one
+info line, INTERNAL as one error line (its traceback at debug level).
 """
 from __future__ import annotations
 
@@ -11,9 +21,10 @@ from typing import AsyncIterator
 
 import grpc
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from actors.info import EngineInfo
 from actors.requests import (model_info, prompt_ids, sampling_params,
                              stream_response, unary_response)
 from model.engine import Completion
@@ -30,12 +41,12 @@ class Gateway:
         self.engine = engine                       # DeploymentHandle of actors.server.EngineServer
         self.tokenizer = Tokenizer.from_pretrained(tokenizer_path)
         self.model_name = model_name
-        self._info: dict | None = None
+        self._info: EngineInfo | None = None
 
     async def _prepare(self, request: pb.GenerateRequest):
         if self._info is None:                     # the context length never changes
             self._info = await self.engine.info.remote()
-        context = self._info["context_length"]
+        context = self._info.context_length
         ids = prompt_ids(request, self.tokenizer, context)
         return ids, sampling_params(request, len(ids), context)
 
@@ -79,23 +90,38 @@ class _Aborted(Exception):
 
 
 def _set_status(grpc_context, error: Exception) -> None:
-    code, details = _status(error)
+    code, details = status_of(error)
+    cause = unwrap(error)
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("request failed", exc_info=error)
+        log.error("request failed: %s: %s", type(cause).__name__, _first_line(cause))
+        log.debug("request failed", exc_info=error)
+    else:
+        log.info("request answered %s: %s", code.name, _first_line(cause))
     grpc_context.set_code(code)
     grpc_context.set_details(details)
 
 
-def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
-    cause = getattr(error, "cause", None) or error      # unwrap Ray's task errors
+def unwrap(error: BaseException) -> BaseException:
+    """The exception inside Ray's task-error wrappers, however deeply nested:
+    RayTaskError(cause=RayTaskError(cause=ValueError(...))) -> the ValueError."""
+    while isinstance(error, RayTaskError) and error.cause is not None and error.cause is not error:
+        error = error.cause
+    return error
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(gRPC status code, details for the client) of an error; see the module docstring.
+    Only request validation sends its own text."""
+    cause = unwrap(error)
     if isinstance(cause, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
-    if isinstance(cause, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause)
-    if isinstance(cause, BackPressureError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests queued; try again later"
+    if isinstance(cause, (QueueFull, BackPressureError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are waiting; try again later"
     if isinstance(cause, (DeploymentUnavailableError, RayActorError)):
         return grpc.StatusCode.UNAVAILABLE, "the engine is starting or restarting; try again"
-    if isinstance(cause, ValueError):                   # the engine's own input checks
-        return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(cause).__name__}); see the server log"
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

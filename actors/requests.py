@@ -4,6 +4,7 @@ caller, and these are the only functions that read or build protobuf messages.
 """
 from __future__ import annotations
 
+from actors.info import EngineInfo
 from model.engine import Completion, SamplingParams, StreamChunk
 from model.errors import InvalidRequest
 from model.tokenizer import ChatTemplateError, Tokenizer
@@ -71,10 +72,10 @@ def unary_response(c: Completion, logprobs: bool) -> pb.GenerateResponse:
     return out
 
 
-def model_info(name: str, info: dict) -> pb.ModelInfoResponse:
+def model_info(name: str, info: EngineInfo) -> pb.ModelInfoResponse:
     return pb.ModelInfoResponse(
-        model=name, context_length=info["context_length"], vocab_size=info["vocab_size"],
-        num_layers=info["num_layers"], num_experts=info["num_experts"],
-        experts_per_token=info["experts_per_token"], frontend_node_id=info["frontend_node_id"],
+        model=name, context_length=info.context_length, vocab_size=info.vocab_size,
+        num_layers=info.num_layers, num_experts=info.num_experts,
+        experts_per_token=info.experts_per_token, frontend_node_id=info.frontend_node_id,
         experts=[pb.ExpertPlacement(expert_id=e, node_ids=nodes)
-                 for e, nodes in sorted(info["experts"].items())])
+                 for e, nodes in sorted(info.experts.items())])

@@ -1,18 +1,21 @@
 """Where every actor of one engine runs: a pure function of the cluster's nodes, no Ray.
 
     plan(nodes, num_experts=8, replicas=2, expert_resources={"GPU": 1},
-         frontend_resources={"GPU": 1}) -> Plan
+         frontend_resources={"GPU": 1}, experts_per_actor=1) -> Plan
 
-The frontend goes first, on the node with the most room for it. Then, replica by replica and
-expert by expert, each expert actor goes to the node with the most room left for
-`expert_resources` that does not yet hold a replica of the same expert id (any node with room
-if every node already holds one): experts spread evenly, and replicas of one expert land on
-different nodes, so losing one node loses at most one replica of each expert.
+An expert actor holds a group of `experts_per_actor` consecutive expert ids (k = 2: groups
+(0, 1), (2, 3), ...) and is one placement unit asking for `expert_resources`. The frontend goes
+first, on the node with the most room for it. Then, replica by replica and group by group, each
+expert actor goes to the node with the most room left for `expert_resources` that does not yet
+hold a replica of the same group (any node with room if every node already holds one): actors
+spread evenly, and replicas of one group land on different nodes, so losing one node loses at
+most one replica of each expert.
 A cluster that cannot hold the plan raises PlacementError saying what was needed and what
 each node offers.
 
 Example: 3 nodes with {"expert": 4} each, 8 experts, 1 replica -> experts 0..7 on nodes
-a b c a b c a b (3, 3 and 2 per node).
+a b c a b c a b (3, 3 and 2 per node); with experts_per_actor=2, groups (0, 1) .. (6, 7) on
+a b c a.
 """
 from __future__ import annotations
 
@@ -40,18 +43,34 @@ class Slot:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     frontend: Slot
-    experts: dict[int, list[Slot]]          # expert id -> one slot per replica
+    groups: dict[tuple[int, ...], list[Slot]]   # expert ids of one actor -> a slot per replica
+
+    def actors(self) -> list[tuple[tuple[int, ...], Slot]]:
+        """(expert ids, slot) of every expert actor, by group then replica: bundle order."""
+        return [(ids, s) for ids in sorted(self.groups) for s in self.groups[ids]]
 
     def slots(self) -> list[Slot]:
-        """Every slot, frontend first, then experts by id and replica: bundle order."""
-        return [self.frontend] + [s for e in sorted(self.experts) for s in self.experts[e]]
+        """Every slot, frontend first, then the expert actors': bundle order."""
+        return [self.frontend] + [s for _, s in self.actors()]
+
+
+def expert_groups(num_experts: int, experts_per_actor: int) -> list[tuple[int, ...]]:
+    """Consecutive expert ids per actor: (8, 2) -> [(0, 1), (2, 3), (4, 5), (6, 7)].
+    PlacementError unless experts_per_actor >= 1 divides num_experts."""
+    k = experts_per_actor
+    if k < 1 or num_experts % k:
+        raise PlacementError(f"experts_per_actor must be >= 1 and divide num_local_experts "
+                             f"({num_experts}), got {k}")
+    return [tuple(range(first, first + k)) for first in range(0, num_experts, k)]
 
 
 def plan(nodes: list[Node], num_experts: int, replicas: int = 1,
          expert_resources: Mapping[str, float] | None = None,
-         frontend_resources: Mapping[str, float] | None = None) -> Plan:
+         frontend_resources: Mapping[str, float] | None = None,
+         experts_per_actor: int = 1) -> Plan:
     if replicas < 1:
         raise PlacementError(f"expert_replicas must be >= 1, got {replicas}")
+    groups = expert_groups(num_experts, experts_per_actor)
     expert_resources = dict(expert_resources or {"GPU": 1})
     frontend_resources = dict(frontend_resources or {"GPU": 1})
     free = {n.node_id: dict(n.resources) for n in nodes}
@@ -60,21 +79,21 @@ def plan(nodes: list[Node], num_experts: int, replicas: int = 1,
         raise PlacementError(f"no node can hold the frontend ({_fmt(frontend_resources)}); "
                              f"{describe(nodes)}")
     _take(free, frontend_node, frontend_resources)
-    experts: dict[int, list[Slot]] = {e: [] for e in range(num_experts)}
+    placed: dict[tuple[int, ...], list[Slot]] = {ids: [] for ids in groups}
     for replica in range(replicas):
-        for e in range(num_experts):
-            holders = {s.node_id for s in experts[e]}
+        for ids in groups:
+            holders = {s.node_id for s in placed[ids]}
             node = (_roomiest(free, expert_resources, exclude=holders)
                     or _roomiest(free, expert_resources, exclude=set()))
             if node is None:
                 raise PlacementError(
-                    f"cannot place {num_experts} experts x {replicas} replica(s), each "
-                    f"needing {_fmt(expert_resources)} (plus the frontend's "
-                    f"{_fmt(frontend_resources)}): ran out at expert {e}, replica {replica}; "
-                    f"{describe(nodes)}")
+                    f"cannot place {num_experts} experts x {replicas} replica(s) in actors of "
+                    f"{experts_per_actor}, each needing {_fmt(expert_resources)} (plus the "
+                    f"frontend's {_fmt(frontend_resources)}): ran out at experts {list(ids)}, "
+                    f"replica {replica}; {describe(nodes)}")
             _take(free, node, expert_resources)
-            experts[e].append(Slot(node, expert_resources))
-    return Plan(Slot(frontend_node, frontend_resources), experts)
+            placed[ids].append(Slot(node, expert_resources))
+    return Plan(Slot(frontend_node, frontend_resources), placed)
 
 
 def _fits(free: Mapping[str, float], need: Mapping[str, float]) -> bool:

@@ -6,6 +6,8 @@ per replica). `serve run deploy/serve.yaml` calls `build_app(args)`:
     dtype:            float32 | bfloat16 | float16 (default float32)
     device:           cpu | cuda (default cpu)
     expert_replicas:  actors per expert id (default 1)
+    experts_per_actor: expert ids per expert actor (default 1; must divide num_local_experts);
+                      an actor is one placement unit asking for expert_resources
     expert_resources, frontend_resources: Ray resources per actor (default: 1 GPU on cuda,
                       a small CPU share on cpu)
     engine_args:      Engine options (max_num_seqs, max_num_batched_tokens, max_waiting, ...)
@@ -23,8 +25,8 @@ from model.checkpoint import WeightSource, cached_random_checkpoint
 
 log = logging.getLogger(__name__)
 
-_ENGINE_KEYS = ("dtype", "device", "expert_replicas", "expert_resources", "frontend_resources",
-                "engine_args", "threads", "placement_timeout_s")
+_ENGINE_KEYS = ("dtype", "device", "expert_replicas", "experts_per_actor", "expert_resources",
+                "frontend_resources", "engine_args", "threads", "placement_timeout_s")
 
 
 def build_app(args: dict) -> Application:

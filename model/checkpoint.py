@@ -10,6 +10,9 @@ seeded random weights, which transformers' MixtralForCausalLM loads:
 
 `random_tensor(name, ...)` seeds each tensor from (seed, name), so any subset of a checkpoint
 (one expert, the non-expert part) can be rebuilt anywhere without the others.
+
+`materialised_names()` says which tensors this process has read from a checkpoint (or built
+for a WeightSource) so far: an expert actor must read its own experts' tensors and no others.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ SINGLE_FILE = "model.safetensors"
 QK_INIT_GAIN = 8.0
 RANDOM_INIT_VERSION = 2     # bump when random_tensor changes: names the cached checkpoints
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MATERIALISED: set[str] = set()     # tensor names this process read or built, see below
 
 
 class CheckpointError(ValueError):
@@ -51,6 +55,12 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def materialised_names() -> frozenset[str]:
+    """Checkpoint tensor names whose data this process has read (`load_tensors`) or built
+    (`WeightSource.load` of random weights) since it started; shape checks do not count."""
+    return frozenset(_MATERIALISED)
 
 
 def weight_map(path: str | Path) -> dict[str, Path]:
@@ -91,6 +101,7 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
                     raise CheckpointError(f"tensor {name!r} has shape {tuple(t.get_shape())}, "
                                           f"expected {tuple(shapes[name])}")
                 tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                _MATERIALISED.add(name)
                 out[name] = tensor
                 progress.advance(tensor.numel() * tensor.element_size())
     progress.done()
@@ -137,6 +148,7 @@ class WeightSource:
         shapes = {n: all_shapes[n] for n in names}
         if self.path is not None:
             return load_tensors(self.path, shapes, dtype, device)
+        _MATERIALISED.update(shapes)
         return {n: random_tensor(n, s, self.seed, dtype, device) for n, s in shapes.items()}
 
 

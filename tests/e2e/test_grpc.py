@@ -3,50 +3,30 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
-import socket
 import time
 
 import grpc
 import pytest
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
-from deploy.app import build_app
 from model.engine import Engine, SamplingParams
 from protos import generator_pb2 as pb
-from protos import generator_pb2_grpc as pb_grpc
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def server(deploy, tiny_checkpoint):
+    return deploy("mixtral-ep", {"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
+                                 "frontend_resources": FRONTEND_SLOT, "threads": 1,
+                                 "engine_args": {"max_waiting": 64}})
 
 
 @pytest.fixture(scope="module")
-def address(ray_cluster, tiny_checkpoint):
-    """host:port of Serve's gRPC proxy running the app on the tiny checkpoint."""
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
-                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
-                    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"]))
-    app = build_app({"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
-                     "frontend_resources": FRONTEND_SLOT, "threads": 1,
-                     "engine_args": {"max_waiting": 64}})
-    serve.run(app, name="mixtral-ep", route_prefix="/")
-    yield f"127.0.0.1:{port}"
-    serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(address):
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=60)
-    yield pb_grpc.GeneratorStub(channel)
-    channel.close()
+def address(server, grpc_port) -> str:
+    """host:port of Serve's gRPC proxy, once the module's app runs."""
+    return f"127.0.0.1:{grpc_port}"
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +97,18 @@ def test_32_concurrent_streams_complete_correctly(server, reference):
     assert [g[1] for g in got] == [w.text for w in want]
 
 
+def test_a_tiny_temperature_is_greedy_beside_its_neighbours(server, reference):
+    """temperature=1e-40 once made the sampler divide to inf -> NaN and fail the whole step."""
+    want = reference.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
+
+    def run(prompt):
+        request = pb.GenerateRequest(prompt=prompt, max_tokens=12, temperature=1e-40, seed=3)
+        return list(server.Generate(request, timeout=120).token_ids)
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        assert list(pool.map(run, PROMPTS)) == [w.token_ids for w in want]
+
+
 def test_model_info(server):
     info = server.ModelInfo(pb.ModelInfoRequest(), timeout=60)
     assert info.num_experts == 8 and info.experts_per_token == 2 and info.vocab_size == 32000
@@ -127,23 +119,23 @@ def test_model_info(server):
 def test_a_cancelled_stream_frees_its_kv_blocks(server):
     engine = serve.get_deployment_handle("EngineServer", app_name="mixtral-ep")
     start = engine.info.remote().result()
-    assert start["free_blocks"] == start["total_blocks"]
+    assert start.free_blocks == start.total_blocks
     call = server.GenerateStream(pb.GenerateRequest(prompt="a long story " * 40, max_tokens=2000,
                                                     temperature=0.0), timeout=120)
     for i, _ in enumerate(call):
         if i == 3:
             break
-    assert engine.info.remote().result()["free_blocks"] < start["free_blocks"]
+    assert engine.info.remote().result().free_blocks < start.free_blocks
     call.cancel()
     deadline = time.monotonic() + 20
-    while engine.info.remote().result()["free_blocks"] != start["free_blocks"]:
+    while engine.info.remote().result().free_blocks != start.free_blocks:
         assert time.monotonic() < deadline, "the cancelled request kept its KV blocks"
         time.sleep(0.2)
 
 
 def test_a_passed_deadline_ends_the_call_and_frees_its_blocks(server):
     engine = serve.get_deployment_handle("EngineServer", app_name="mixtral-ep")
-    start = engine.info.remote().result()["free_blocks"]
+    start = engine.info.remote().result().free_blocks
     long = pb.GenerateRequest(prompt="a long story " * 40, max_tokens=3000, temperature=0.0)
     for call in (lambda: list(server.GenerateStream(long, timeout=1.5)),
                  lambda: server.Generate(long, timeout=1.5)):
@@ -151,7 +143,7 @@ def test_a_passed_deadline_ends_the_call_and_frees_its_blocks(server):
             call()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     deadline = time.monotonic() + 30
-    while engine.info.remote().result()["free_blocks"] != start:
+    while engine.info.remote().result().free_blocks != start:
         assert time.monotonic() < deadline, "requests past their deadline kept their KV blocks"
         time.sleep(0.2)
 

@@ -16,7 +16,7 @@ from actors.dispatcher import Dispatcher, ExpertCallError
 from cluster.plan import PlacementError
 from model.config import MixtralConfig
 from model.engine import Engine, SamplingParams
-from model.mixtral import non_expert_names, tensor_shapes
+from model.mixtral import expert_names, non_expert_names, tensor_shapes
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):\n    return",
            "Once upon a time there was a very long prompt about experts and routers " * 3, "日本語"]
@@ -60,19 +60,38 @@ def test_experts_spread_over_the_expert_nodes(ray_cluster, ray_engine, tiny_chec
         engine.shutdown()
 
 
-def test_each_actor_holds_only_its_own_bytes(ray_engine, tiny_checkpoint):
-    cfg = MixtralConfig.from_json(tiny_checkpoint)
+def assert_each_actor_reads_and_holds_only_its_own(engine, cfg: MixtralConfig) -> None:
+    """Every tensor an actor's process read from the checkpoint, and every one it keeps, is its
+    own: its experts' w1/w2/w3 of every layer, or (frontend) everything but the experts."""
+    per_expert = cfg.num_hidden_layers * 3 * cfg.hidden_size * cfg.intermediate_size * 4
+    workers = engine.expert_info()
+    assert [list(w.expert_ids) for w in workers] == engine.actor_experts
+    for ids, worker in zip(engine.actor_experts, workers):
+        own = set(expert_names(cfg, ids))
+        assert worker.read == own, f"actor {ids} read {sorted(worker.read - own)[:3]}..."
+        assert worker.kept == own and worker.nbytes == per_expert * len(ids)
+    front = engine.frontend_info()
+    assert front.read == set(non_expert_names(cfg)) == front.kept
     shapes = tensor_shapes(cfg)
+    assert front.nbytes == sum(torch.Size(shapes[n]).numel() * 4 for n in non_expert_names(cfg))
+
+
+def test_each_actor_holds_only_its_own_bytes(ray_engine, tiny_checkpoint):
     engine = ray_engine(tiny_checkpoint)
     try:
-        per_expert = cfg.num_hidden_layers * 3 * cfg.hidden_size * cfg.intermediate_size * 4
-        for ids, info in zip(engine.actor_experts, engine.expert_info()):
-            assert info["nbytes"] == per_expert * len(ids)
-            assert {e for _, e in info["layers_experts"]} == set(ids)
-        front = engine.frontend_info()
-        assert not any(".experts." in n for n in front["tensor_names"])
-        non_expert = sum(torch.Size(shapes[n]).numel() * 4 for n in non_expert_names(cfg))
-        assert front["nbytes"] == non_expert
+        assert_each_actor_reads_and_holds_only_its_own(engine, MixtralConfig.from_json(tiny_checkpoint))
+    finally:
+        engine.shutdown()
+
+
+def test_actors_of_two_experts_equal_the_in_process_engine(ray_engine, tiny_checkpoint):
+    engine = ray_engine(tiny_checkpoint, experts_per_actor=2)
+    try:
+        assert engine.actor_experts == [[0, 1], [2, 3], [4, 5], [6, 7]]
+        assert_same_as_in_process(engine, Engine.from_pretrained(tiny_checkpoint))
+        assert_each_actor_reads_and_holds_only_its_own(engine, MixtralConfig.from_json(tiny_checkpoint))
+        placement = engine.placement()["experts"]
+        assert all(placement[e] == placement[e + 1] for e in range(0, 8, 2)), placement
     finally:
         engine.shutdown()
 
@@ -81,7 +100,7 @@ def test_killing_an_expert_actor_mid_generation_loses_nothing(ray_engine, tiny_c
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     expected = [o.token_ids for o in Engine.from_pretrained(tiny_checkpoint).generate(PROMPTS, params)]
     engine = ray_engine(tiny_checkpoint)
-    victim = engine.expert_info()[3]["pid"]
+    victim = engine.expert_info()[3].pid
 
     async def run():
         async def collect(prompt, kill_after=None):
@@ -97,8 +116,8 @@ def test_killing_an_expert_actor_mid_generation_loses_nothing(ray_engine, tiny_c
     try:
         got = asyncio.run(run())
         assert got == expected
-        assert engine.frontend_info()["retries"] > 0
-        assert engine.expert_info()[3]["pid"] != victim      # Ray restarted it
+        assert engine.info().retries > 0
+        assert engine.expert_info()[3].pid != victim        # Ray restarted it
     finally:
         engine.shutdown()
 

@@ -1,13 +1,23 @@
-"""gRPC request validation and error-to-status mapping (no server)."""
+"""gRPC request validation, ModelInfo building and the error-to-status mapping (no server;
+tests/e2e/ has the same over a real channel)."""
 from __future__ import annotations
+
+import logging
 
 import grpc
 import pytest
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from actors.gateway import _status
-from actors.requests import InvalidRequest, prompt_ids, sampling_params
-from model.engine import QueueFull
-from model.tokenizer import Tokenizer
+from actors.dispatcher import ExpertCallError
+from actors.gateway import _set_status, status_of, unwrap
+from actors.info import EngineInfo
+from actors.requests import InvalidRequest, model_info, prompt_ids, sampling_params
+from model.checkpoint import CheckpointError
+from model.errors import QueueFull
+from model.tokenizer import ChatTemplateError, Tokenizer
 from protos import generator_pb2 as pb
 
 
@@ -39,8 +49,90 @@ def test_limits_are_named(tokenizer, req, match):
         sampling_params(req, len(ids), 100)
 
 
-def test_status_mapping():
-    assert _status(InvalidRequest("top_p must be in (0, 1]"))[0] == grpc.StatusCode.INVALID_ARGUMENT
-    assert _status(QueueFull("9 requests are waiting"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-    code, details = _status(RuntimeError("secret internals"))
-    assert code == grpc.StatusCode.INTERNAL and "secret" not in details
+def test_model_info_from_engine_info():
+    info = EngineInfo(context_length=4096, vocab_size=32000, num_layers=2, num_experts=2,
+                      experts_per_token=2, frontend_node_id="head",
+                      experts={1: ("n1",), 0: ("n0", "n2")}, free_blocks=3, total_blocks=4,
+                      retries=0)
+    reply = model_info("tiny", info)
+    assert (reply.model, reply.context_length, reply.num_layers, reply.frontend_node_id) == (
+        "tiny", 4096, 2, "head")
+    assert [(e.expert_id, list(e.node_ids)) for e in reply.experts] == [(0, ["n0", "n2"]),
+                                                                        (1, ["n1"])]
+
+
+def _torch_value_error() -> ValueError:
+    try:
+        torch.distributions.Normal(0.0, -1.0)       # torch's own argument check
+    except ValueError as e:
+        return e
+    raise AssertionError("torch accepted a negative scale")
+
+
+CODE = grpc.StatusCode
+ERRORS = [    # (error, code, whether the client may see its text)
+    (InvalidRequest("top_p must be in (0, 1], got 2"), CODE.INVALID_ARGUMENT, True),
+    (ChatTemplateError("messages[1].content must not be empty"), CODE.INVALID_ARGUMENT, True),
+    (QueueFull("9 requests are waiting (max_waiting=8)"), CODE.RESOURCE_EXHAUSTED, False),
+    (BackPressureError(num_queued_requests=9, max_queued_requests=8), CODE.RESOURCE_EXHAUSTED, False),
+    (DeploymentUnavailableError(DeploymentID("EngineServer", "app")), CODE.UNAVAILABLE, False),
+    (ActorDiedError(), CODE.UNAVAILABLE, False),
+    (ActorUnavailableError("restarting secret", None), CODE.UNAVAILABLE, False),
+    (ValueError("config.json secret: hidden_size must be even"), CODE.INTERNAL, False),
+    (CheckpointError("tensor 'secret.weight' has shape (2,)"), CODE.INTERNAL, False),
+    (_torch_value_error(), CODE.INTERNAL, False),
+    (RuntimeError("secret: probability tensor contains nan"), CODE.INTERNAL, False),
+    (ExpertCallError("layer 3: experts [1] failed: secret"), CODE.INTERNAL, False),
+]
+
+
+def ray_wrapped(error: Exception, hops: int) -> Exception:
+    """`error` as the gateway gets it after crossing `hops` Ray actor calls."""
+    for i in range(hops):
+        error = RayTaskError(f"hop{i}", "Traceback (most recent call last): secret frames",
+                             error).as_instanceof_cause()
+    return error
+
+
+@pytest.mark.parametrize("hops", [0, 1, 2])
+@pytest.mark.parametrize("error, code, shows_text", ERRORS,
+                         ids=[type(e).__name__ for e, _, _ in ERRORS])
+def test_every_error_kind_maps_to_its_status(error, code, shows_text, hops):
+    wrapped = ray_wrapped(error, hops)
+    assert unwrap(wrapped) is error
+    got, details = status_of(wrapped)
+    assert got == code
+    if shows_text:
+        assert details == str(error)
+    else:
+        assert "secret" not in details and "Traceback" not in details and details
+
+
+def test_a_ray_wrapped_internal_value_error_is_a_value_error_yet_internal():
+    wrapped = ray_wrapped(_torch_value_error(), 1)
+    assert isinstance(wrapped, ValueError) and isinstance(wrapped, RayTaskError)
+    assert status_of(wrapped)[0] == CODE.INTERNAL
+
+
+class _Context:
+    """Records what the gateway sets (Serve's RayServegRPCContext needs a live call)."""
+    code = details = None
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+@pytest.mark.parametrize("error, level", [(InvalidRequest("top_k must be >= 0"), logging.INFO),
+                                          (QueueFull("full"), logging.INFO),
+                                          (ValueError("secret\nsecond line"), logging.ERROR)])
+def test_each_failed_request_logs_one_line_without_traceback(caplog, error, level):
+    context = _Context()
+    with caplog.at_level(logging.INFO, logger="actors.gateway"):
+        _set_status(context, ray_wrapped(error, 1))
+    assert (context.code, context.details) == status_of(error)
+    [record] = caplog.records
+    assert record.levelno == level and record.exc_info is None
+    assert "\n" not in record.getMessage()

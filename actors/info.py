@@ -1,0 +1,49 @@
+"""What the actors report about themselves: the contracts between the frontend, the engine
+deployment and the gateway, as frozen dataclasses (picklable, so they cross Ray calls as is).
+
+    EngineInfo   one engine (frontend + its expert actors): Frontend.info() builds it,
+                 RayEngine.info() and EngineServer.info() pass it on, the gateway reads the
+                 context length from it and actors/requests.py turns it into ModelInfoResponse.
+    WorkerInfo   one actor's process and memory (frontend or expert): which tensors it read from
+                 the checkpoint (or built), which it keeps, and their bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Mapping
+
+import ray
+
+from model.checkpoint import materialised_names
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    context_length: int                         # tokens: the engine's max_model_len
+    vocab_size: int
+    num_layers: int
+    num_experts: int                            # num_local_experts
+    experts_per_token: int                      # num_experts_per_tok
+    frontend_node_id: str                       # Ray node id (hex)
+    experts: Mapping[int, tuple[str, ...]]      # expert id -> node id of each actor holding it
+    free_blocks: int                            # KV cache blocks free now
+    total_blocks: int
+    retries: int                                # expert calls re-sent by the dispatcher so far
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerInfo:
+    node_id: str                                # Ray node id (hex)
+    pid: int
+    expert_ids: tuple[int, ...]                 # () for the frontend
+    nbytes: int                                 # bytes of the weights it keeps
+    kept: frozenset[str]                        # checkpoint tensor names it keeps
+    read: frozenset[str]                        # names this process read or built, ever
+
+    @classmethod
+    def of_this_process(cls, expert_ids: Iterable[int], nbytes: int,
+                        kept: Iterable[str]) -> "WorkerInfo":
+        """Filled in inside the actor: its node, pid and what its process materialised."""
+        return cls(ray.get_runtime_context().get_node_id(), os.getpid(), tuple(expert_ids),
+                   nbytes, frozenset(kept), materialised_names())

@@ -1,0 +1,51 @@
+"""One Serve instance with its gRPC proxy on a free port, shared by the e2e modules; each module
+deploys its own application and deletes it when done (one application at a time, so clients
+need no `application` metadata)."""
+from __future__ import annotations
+
+import socket
+
+import grpc
+import pytest
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from deploy.app import build_app
+from protos import generator_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def grpc_port(ray_cluster) -> int:
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
+                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
+                    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"]))
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def deploy(grpc_port):
+    """deploy(name, app_args) -> a GeneratorStub on the proxy once the app runs; deleted after
+    the module."""
+    names, channels = [], []
+
+    def run(name: str, args: dict) -> pb_grpc.GeneratorStub:
+        serve.run(build_app(args), name=name, route_prefix="/")
+        names.append(name)
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        channels.append(channel)
+        grpc.channel_ready_future(channel).result(timeout=60)
+        return pb_grpc.GeneratorStub(channel)
+
+    yield run
+    for channel in channels:
+        channel.close()
+    for name in names:
+        serve.delete(name)
