@@ -16,6 +16,7 @@ info line, INTERNAL as one error line (its traceback at debug level).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator
 
@@ -32,7 +33,9 @@ from model.errors import InvalidRequest, QueueFull
 from model.tokenizer import Tokenizer
 from protos import generator_pb2 as pb
 
-log = logging.getLogger(__name__)
+# a child of Serve's logger: its handlers (replica log files, the console of `serve run`) and
+# its LoggingConfig apply; a plain module logger has no handler in a Serve process
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
@@ -47,7 +50,7 @@ class Gateway:
         if self._info is None:                     # the context length never changes
             self._info = await self.engine.info.remote()
         context = self._info.context_length
-        ids = prompt_ids(request, self.tokenizer, context)
+        ids = await asyncio.to_thread(prompt_ids, request, self.tokenizer, context)  # off the loop
         return ids, sampling_params(request, len(ids), context)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:

@@ -5,6 +5,7 @@ caller, and these are the only functions that read or build protobuf messages.
 from __future__ import annotations
 
 from actors.info import EngineInfo
+from model.admission import check_text_size
 from model.engine import Completion, SamplingParams, StreamChunk
 from model.errors import InvalidRequest
 from model.tokenizer import ChatTemplateError, Tokenizer
@@ -19,6 +20,8 @@ def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer, context_length: in
         raise InvalidRequest("set exactly one of prompt and messages, not both")
     if not req.prompt and not req.messages:
         raise InvalidRequest("set one of prompt (non-empty text) and messages")
+    chars = len(req.prompt) + sum(len(m.role) + len(m.content) for m in req.messages)
+    check_text_size("prompt" if req.prompt else "messages", chars, tokenizer, context_length)
     if req.prompt:
         ids = tokenizer.encode(req.prompt)
     else:

@@ -23,7 +23,9 @@ from actors.gateway import Gateway
 from actors.server import EngineServer
 from model.checkpoint import WeightSource, cached_random_checkpoint
 
-log = logging.getLogger(__name__)
+# a child of Serve's logger: its handlers (replica log files, the console of `serve run`) and
+# its LoggingConfig apply; a plain module logger has no handler in a Serve process
+log = logging.getLogger(f"ray.serve.{__name__}")
 
 _ENGINE_KEYS = ("dtype", "device", "expert_replicas", "experts_per_actor", "expert_resources",
                 "frontend_resources", "engine_args", "threads", "placement_timeout_s")

@@ -3,7 +3,7 @@ pure functions of the request and the engine's limits. Each raises InvalidReques
 field and its limit (gRPC INVALID_ARGUMENT); none touches engine state, which is what lets a
 call with several prompts be admitted whole or not at all.
 
-    ids = prompt_ids("Hello", tokenizer, vocab_size=32000)      # text -> [1, 22557]
+    ids = prompt_ids("Hello", tokenizer, vocab_size=32000, max_model_len=4096)  # [1, 22557]
     check_request(ids, SamplingParams(max_tokens=20), max_model_len=4096, vocab_size=32000)
 """
 from __future__ import annotations
@@ -17,11 +17,12 @@ from model.tokenizer import Tokenizer
 Prompt = str | Sequence[int]
 
 
-def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
     """Token ids of a text (encoded with BOS) or of a list of ids (checked against the vocab)."""
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequest("prompt must not be empty")
+        check_text_size("prompt", len(prompt), tokenizer, max_model_len)
         return tokenizer.encode(prompt)
     if not isinstance(prompt, Sequence):
         raise InvalidRequest(f"prompt must be text or a list of token ids, got {type(prompt).__name__}")
@@ -32,6 +33,15 @@ def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int) -> list[in
     if bad:
         raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
     return ids
+
+
+def check_text_size(field: str, chars: int, tokenizer: Tokenizer, max_model_len: int) -> None:
+    """Reject, before encoding it, a text too long to fit in max_model_len tokens whatever its
+    tokens: encoding megabytes would hold the caller (an event loop) for seconds."""
+    limit = tokenizer.max_token_chars * max_model_len
+    if chars > limit:
+        raise InvalidRequest(f"{field} is {chars} characters; {max_model_len} tokens (the context "
+                             f"length) hold at most {limit}")
 
 
 def check_request(ids: list[int], params: SamplingParams | None, max_model_len: int,

@@ -123,7 +123,7 @@ class Engine:
     def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> _Tracked:
         """Everything that can reject a request (model/admission.py), with no side effect."""
         vocab, limit = self.cfg.vocab_size, self.max_model_len
-        ids = prompt_ids(prompt, self.tokenizer, vocab)
+        ids = prompt_ids(prompt, self.tokenizer, vocab, limit)
         check_request(ids, params, limit, vocab)
         req = Request(str(next(self._ids)), ids, params,
                       make_generator(params, self.device) if params is not None else None)

@@ -21,7 +21,8 @@ import torch
 
 from model.errors import InvalidRequest
 
-INT64_MIN, INT64_MAX = -2**63, 2**63 - 1     # torch.Generator.manual_seed's signed range
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1     # the seed's range: the gRPC field's int64
+_MASK64 = 2**64 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +87,21 @@ def make_generator(params: SamplingParams, device: torch.device | str) -> torch.
         return None
     gen = torch.Generator(device=device)
     if params.seed is not None:
-        gen.manual_seed(params.seed)
+        gen.manual_seed(mix_seed(params.seed))
     else:
         gen.seed()
     return gen
+
+
+def mix_seed(seed: int) -> int:
+    """An int64 seed -> a 64-bit torch seed in which every input bit moves the low 32 bits:
+    torch's CPU generator (mt19937) keeps only those, so seeds 1 and 2**32 + 1 would otherwise
+    draw alike. MurmurHash3's 64-bit finalizer (fmix64), a bijection, so distinct seeds stay
+    distinct for the 64-bit CUDA generator (Philox)."""
+    x = seed & _MASK64
+    x = ((x ^ (x >> 33)) * 0xFF51AFD7ED558CCD) & _MASK64
+    x = ((x ^ (x >> 33)) * 0xC4CEB9FE1A85EC53) & _MASK64
+    return x ^ (x >> 33)
 
 
 class SamplingError(RuntimeError):

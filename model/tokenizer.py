@@ -71,6 +71,9 @@ class Tokenizer:
         pieces = [self._backend.id_to_token(i) for i in range(self.vocab_size)]
         strip_first_space = self._dummy_prefix or _metaspace_prepends(spec.get("pre_tokenizer"))
         self._decode_table = decode_table(pieces, specials, self.unk_id, strip_first_space)
+        # the most characters one token can stand for (+1 for the dummy prefix's space): a text
+        # longer than max_token_chars * n cannot fit in n tokens, which is checked before encoding
+        self.max_token_chars = max(len(p) for p in pieces) + 1
 
     @property
     def chat_template(self) -> str:

@@ -28,16 +28,29 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     return req
 
 
+def _integer(bits: int):
+    """An argparse type: an integer that fits the proto's signed `bits`-bit field."""
+    lo, hi = -2**(bits - 1), 2**(bits - 1) - 1
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside the int{bits} range [{lo}, {hi}]")
+        return value
+    parse.__name__ = f"int{bits}"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m protos.client", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt")
     ap.add_argument("--address", default="localhost:9000")
     ap.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=_integer(32), default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--seed", type=_integer(64), default=None)
     ap.add_argument("--stop", action="append", help="a stop string (repeatable)")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     args = ap.parse_args(argv)

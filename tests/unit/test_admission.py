@@ -30,7 +30,7 @@ def assert_idle(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("call", ["generate", "logits"])
-@pytest.mark.parametrize("bad", ["x " * 5000, [1, 32000], ""])
+@pytest.mark.parametrize("bad", ["x " * 5000, "y" * 10**6, [1, 32000], ""])
 def test_a_rejected_batch_queues_nothing(engine, reference, call, bad):
     with pytest.raises(InvalidRequest):
         if call == "generate":

@@ -30,3 +30,12 @@ def test_every_message_field_is_commented():
         stripped = line.strip()
         if "=" in stripped and stripped.endswith(";") and not stripped.startswith(("//", "syntax", "package")):
             assert lines[i - 1].strip().startswith("//"), f"line {i + 1} has no comment: {stripped}"
+
+
+@pytest.mark.parametrize("argv", [["hi", "--seed", str(2**63)], ["hi", "--seed", str(-2**63 - 1)],
+                                  ["hi", "--max-tokens", str(2**31)], ["hi", "--seed", "x"]])
+def test_the_client_refuses_values_its_fields_cannot_hold(argv, capsys):
+    from protos.client import main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "int" in capsys.readouterr().err

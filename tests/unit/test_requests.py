@@ -49,6 +49,29 @@ def test_limits_are_named(tokenizer, req, match):
         sampling_params(req, len(ids), 100)
 
 
+@pytest.mark.parametrize("req, field", [
+    (pb.GenerateRequest(prompt="x" * 1_000_001), "prompt"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="y " * 500_000)]), "messages"),
+])
+def test_a_text_too_long_for_the_context_is_refused_before_encoding(tokenizer, req, field,
+                                                                    monkeypatch):
+    """A megabyte prompt once held the gateway's event loop for seconds while it was encoded."""
+    limit = tokenizer.max_token_chars * 4096
+    monkeypatch.setattr(tokenizer, "encode", None)            # encoding it would fail the test
+    monkeypatch.setattr(tokenizer, "apply_chat_template", None)
+    with pytest.raises(InvalidRequest, match=rf"^{field} is 10000\d\d characters; 4096 tokens "
+                                             rf"\(the context length\) hold at most {limit}"):
+        prompt_ids(req, tokenizer, 4096)
+
+
+def test_the_longest_text_that_can_fit_is_encoded(tokenizer):
+    """The bound is safe: no text of n * max_token_chars characters has fewer than n tokens."""
+    longest = max(range(tokenizer.vocab_size), key=lambda i: len(tokenizer.decode([i])))
+    text = tokenizer.decode([longest]) * 50
+    assert len(tokenizer.encode(text, bos=False)) * tokenizer.max_token_chars >= len(text)
+    assert prompt_ids(pb.GenerateRequest(prompt=text), tokenizer, 4096)
+
+
 def test_model_info_from_engine_info():
     info = EngineInfo(context_length=4096, vocab_size=32000, num_layers=2, num_experts=2,
                       experts_per_token=2, frontend_node_id="head",
@@ -130,8 +153,13 @@ class _Context:
                                           (ValueError("secret\nsecond line"), logging.ERROR)])
 def test_each_failed_request_logs_one_line_without_traceback(caplog, error, level):
     context = _Context()
-    with caplog.at_level(logging.INFO, logger="actors.gateway"):
-        _set_status(context, ray_wrapped(error, 1))
+    logger = logging.getLogger("ray.serve.actors.gateway")   # Serve's loggers do not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            _set_status(context, ray_wrapped(error, 1))
+    finally:
+        logger.removeHandler(caplog.handler)
     assert (context.code, context.details) == status_of(error)
     [record] = caplog.records
     assert record.levelno == level and record.exc_info is None

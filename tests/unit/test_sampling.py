@@ -49,6 +49,15 @@ def test_seeds_at_the_int64_bounds_sample(seed):
     assert first == draws([0.0, 0.1, 0.2, 0.3], params, 8, seed=seed)
 
 
+@pytest.mark.parametrize("a, b", [(1, 2**32 + 1), (0, 2**32), (-1, 2**63 - 1), (0, -2**63),
+                                  (5, 5 + 7 * 2**32)])
+def test_seeds_differing_only_in_high_bits_draw_differently(a, b):
+    """torch's CPU generator keeps only a seed's low 32 bits: these pairs once drew alike."""
+    logits = torch.zeros(1000).tolist()
+    params = SamplingParams(temperature=1.0)
+    assert draws(logits, params, 8, seed=a) != draws(logits, params, 8, seed=b)
+
+
 def test_a_single_stop_string_is_a_list_of_one():
     assert SamplingParams(stop="\n").stop == ("\n",)
 
