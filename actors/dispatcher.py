@@ -7,9 +7,9 @@ It is the frontend engine's `moe` function (route happens in the model just befo
     compute:  each actor runs its experts on its rows (actors/expert.py)
     combine:  out.index_add_(0, rows, weight * y)
 
-All data movement sits behind one function, `transport(layer, calls)`: today Ray object refs
-(`actor.compute.remote` + `ray.get`); compiled graphs or GPU-direct transport can replace it
-without touching the rest. A call that fails because its actor died or is restarting is sent
+All data movement sits behind one function, `transport(layer, calls)`: a persistent ZeroMQ
+channel per actor (actors/channel.py, the default) or Ray object refs (`actor.compute.remote` +
+`ray.get`, the equality oracle); GPU-direct transport can replace them without touching the rest. A call that fails because its actor died or is restarting is sent
 again — to a replica if one is healthy, else to the restarted actor, backing off 0.5, 1, 2, ...
 s — at most `max_attempts` times within `retry_timeout_s`; then the layer fails with ExpertCallError, which fails the
 step's requests (never a loop, never a hang). Experts hold no request state, so a re-sent
@@ -30,11 +30,13 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from actors.channel import ChannelTransport, PeerLost
 from model.moe import ExpertGroups, group_by_expert
 
 log = logging.getLogger(__name__)
 
-RETRIABLE = (RayActorError, ActorUnavailableError)
+RETRIABLE = (RayActorError, ActorUnavailableError, PeerLost)
+TRANSPORTS = ("channel", "object_refs")
 
 
 class ExpertCallError(RuntimeError):
@@ -62,6 +64,15 @@ def object_ref_transport(layer: int, requests) -> list[Result | Exception]:
         except Exception as e:  # noqa: BLE001 - classified by the caller
             results.append(e)
     return results
+
+
+def make_transport(name: str, secret: str | None = None) -> Transport:
+    """"channel" (needs the engine's secret) or "object_refs"; ValueError naming the field."""
+    if name == "object_refs":
+        return object_ref_transport
+    if name == "channel" and secret:
+        return ChannelTransport(secret)
+    raise ValueError(f"transport must be one of {TRANSPORTS} (channel with a secret), got {name!r}")
 
 
 class Dispatcher:

@@ -19,6 +19,7 @@ in-flight requests fail with a RayActorError.
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -62,23 +63,28 @@ class RayEngine:
                     expert_replicas: int = 1, experts_per_actor: int = 1, device: str = "cpu",
                     expert_resources: dict | None = None, frontend_resources: dict | None = None,
                     placement_timeout_s: float = 60.0, threads: int | None = None,
-                    engine_args: dict | None = None, dispatch_args: dict | None = None) -> "RayEngine":
+                    engine_args: dict | None = None, dispatch_args: dict | None = None,
+                    transport: str = "channel") -> "RayEngine":
         """device "cuda": each actor asks for a GPU by default (pass fractional `GPU`
         resources to share one card); "cpu": a small CPU share. An expert actor holds
         `experts_per_actor` expert ids (must divide num_local_experts, else PlacementError) and
-        asks for `expert_resources` as a whole."""
+        asks for `expert_resources` as a whole. `transport`: "channel" (a ZeroMQ channel per
+        expert actor, authenticated with a secret made here) or "object_refs" (a Ray task per
+        actor per layer); see actors/dispatcher.py."""
         default = {"GPU": 1, "CPU": 1} if device == "cuda" else CPU_ACTOR
         p = plan(cluster_nodes(), source.model_config().num_local_experts, expert_replicas,
                  expert_resources or default, frontend_resources or default, experts_per_actor)
         pg = reserve(p, placement_timeout_s)
-        expert_cls = ray.remote(max_restarts=-1, max_task_retries=0)(ExpertWorker)
+        # threads: its channel's liveness task blocks one, calls (info, compute) use the others
+        expert_cls = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(ExpertWorker)
         experts = [expert_cls.options(**actor_options(pg, bundle, slot)).remote(
                        source, list(ids), dtype, device, threads)
                    for bundle, (ids, slot) in enumerate(p.actors(), start=1)]
         actor_experts = [list(ids) for ids, _ in p.actors()]
         frontend_cls = ray.remote(max_restarts=0)(Frontend)
         frontend = frontend_cls.options(**actor_options(pg, 0, p.frontend)).remote(
-            source, experts, actor_experts, dtype, device, threads, engine_args, dispatch_args)
+            source, experts, actor_experts, dtype, device, threads, engine_args, dispatch_args,
+            transport, secrets.token_hex(32))
         engine = cls(frontend, experts, actor_experts, pg, Tokenizer.from_pretrained(source.path))
         try:
             ray.get([frontend.info.remote()] + [a.info.remote() for a in experts])

@@ -4,17 +4,21 @@ It loads only its own tensors straight from the checkpoint files (or builds its 
 random ones), keeps them on its device, and holds no per-request state: any call can be sent
 again, to it after a restart or to a replica.
 
-    compute(layer, x, counts) -> y
+    compute(layer, x, counts) -> y        (also served over its channel: open_channel)
     x (n, D) rows grouped by expert in this actor's `expert_ids` order, counts[i] rows for
     expert_ids[i]; y (n, D) the expert outputs in the same order (not yet weighted).
 """
 from __future__ import annotations
 
+import hmac
 import logging
+import threading
 import time
 
+import ray
 import torch
 
+from actors.channel import ChannelServer
 from actors.info import WorkerInfo
 from model.checkpoint import WeightSource, torch_dtype
 from model.mixtral import expert_names
@@ -34,6 +38,8 @@ class ExpertWorker:
         tensors = source.load(expert_names(cfg, self.expert_ids), torch_dtype(dtype), self.device)
         self.experts = LocalExperts.from_tensors(cfg, tensors, self.expert_ids)
         self.hidden_size = cfg.hidden_size
+        self._channel: ChannelServer | None = None
+        self._secret = ""
         log.info("expert actor %s ready: %.1f MB on %s", self.expert_ids,
                  self.experts.nbytes() / 1e6, self.device)
 
@@ -50,6 +56,21 @@ class ExpertWorker:
             begin += n
         y = (torch.cat(parts) if parts else x[:0]).cpu()
         return y, time.perf_counter() - start
+
+    def open_channel(self, secret: str) -> str:
+        """Start (once per process) this actor's data-plane channel on the node's address and
+        return its endpoint (actors/channel.py); later calls must present the same secret."""
+        if self._channel is None:
+            self._channel = ChannelServer(self.compute, ray.util.get_node_ip_address(), secret)
+            self._secret = secret
+        if not hmac.compare_digest(secret, self._secret):
+            raise PermissionError("open_channel: wrong secret")
+        return self._channel.endpoint
+
+    def until_stopped(self) -> None:
+        """Never returns: its ObjectRef fails when this actor dies, which is how a channel's
+        client tells a dead actor from a slow one (one blocked thread; no CPU)."""
+        threading.Event().wait()
 
     def info(self) -> WorkerInfo:
         kept = [expert_name(layer, e, w) for layer, e in self.experts.weights

@@ -13,7 +13,7 @@ import time
 import ray
 import torch
 
-from actors.dispatcher import Dispatcher
+from actors.dispatcher import Dispatcher, make_transport
 from actors.info import EngineInfo, WorkerInfo
 from model.checkpoint import WeightSource, torch_dtype
 from model.engine import Engine, SamplingParams
@@ -28,13 +28,15 @@ log = logging.getLogger(__name__)
 class Frontend:
     def __init__(self, source: WeightSource, expert_actors: list, actor_experts: list[list[int]],
                  dtype: str = "float32", device: str = "cpu", threads: int | None = None,
-                 engine_args: dict | None = None, dispatch_args: dict | None = None):
+                 engine_args: dict | None = None, dispatch_args: dict | None = None,
+                 transport: str = "channel", channel_secret: str | None = None):
         if threads:
             torch.set_num_threads(threads)
         cfg = source.model_config()
         tensors = source.load(non_expert_names(cfg), torch_dtype(dtype), device)
         model = Mixtral.from_tensors(cfg, tensors)
         self.dispatcher = Dispatcher(expert_actors, actor_experts, cfg.num_local_experts,
+                                     make_transport(transport, channel_secret),
                                      **(dispatch_args or {}))
         self.engine = Engine(model, self.dispatcher.moe, Tokenizer.from_pretrained(source.path),
                              device=device, **(engine_args or {}))

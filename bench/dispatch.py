@@ -4,11 +4,12 @@
     python bench/dispatch.py --quick
     python bench/dispatch.py --device cuda --gpu-share 0.1   # frontend + 8 experts on one GPU
 
-Prints medians of --runs runs:
-  * one layer's dispatch round trip (us) for batch sizes 1, 8, 32, 128, split into
-    routing (the router matmul + top-k), dispatch (grouping rows by expert), transport (Ray
-    object refs there and back, minus expert compute), expert compute (inside the actors;
-    the slowest actor's), combine (weighted index_add);
+Prints medians of --runs runs, for each transport (--transports; default both: the ZeroMQ
+channel and Ray object refs):
+  * one layer's dispatch round trip (us) for batch sizes 1, 8, 32, 64, 128, split into
+    routing (the router matmul + top-k), dispatch (grouping rows by expert), transport (there
+    and back, minus expert compute), expert compute (inside the actors; the slowest actor's),
+    combine (weighted index_add);
   * decode tokens/s of RayEngine vs the in-process Engine at batch 8, 32, 64 (prompt 128,
     64 new tokens; decode = total time minus the time to the first token).
 """
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=30, help="layer calls per dispatch measurement")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--transports", default="channel,object_refs")
+    ap.add_argument("--experts-per-actor", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process engine")
     ap.add_argument("--actor-threads", type=int, default=1,
                     help="torch threads per actor (9 actors share the machine's cores)")
@@ -72,33 +75,37 @@ def main() -> None:
     ray.init(address="local", logging_level=logging.WARNING)
     gpu = args.device.startswith("cuda")
     resources = {"CPU": 0.01, "GPU": args.gpu_share} if gpu else {"CPU": 0.01}
-    dist = RayEngine.from_pretrained(path, device=args.device, expert_resources=resources,
-                                     frontend_resources=resources, threads=args.actor_threads)
-    dispatch = {}
-    for batch in (1, 8, 32, 128):
-        samples = [ray.get(dist.frontend.profile_dispatch.remote(batch, args.repeats))
-                   for _ in range(runs)]
-        dispatch[batch] = {k: statistics.median(s[k] for s in samples) for k in PHASES}
-        log.info("dispatch batch %d: %.0f us", batch, dispatch[batch]["total"] * 1e6)
+    dispatch, ours = {}, {}
     batches = (8, 32, 64)
-    ours = {b: decode_tps(dist, b, 128, 64, runs) for b in batches}
-    dist.shutdown()
+    for transport in args.transports.split(","):
+        dist = RayEngine.from_pretrained(path, device=args.device, expert_resources=resources,
+                                         frontend_resources=resources, threads=args.actor_threads,
+                                         transport=transport,
+                                         experts_per_actor=args.experts_per_actor)
+        for batch in (1, 8, 32, 64, 128):
+            samples = [ray.get(dist.frontend.profile_dispatch.remote(batch, args.repeats))
+                       for _ in range(runs)]
+            dispatch[transport, batch] = {k: statistics.median(s[k] for s in samples) for k in PHASES}
+            log.info("%s dispatch batch %d: %.0f us", transport, batch,
+                     dispatch[transport, batch]["total"] * 1e6)
+        ours.update({(transport, b): decode_tps(dist, b, 128, 64, runs) for b in batches})
+        dist.shutdown()
     local = Engine.from_pretrained(path, device=args.device)
     base = {b: decode_tps(local, b, 128, 64, runs) for b in batches}
     ray.shutdown()
 
     lines = [f"device {args.device}, small checkpoint fp32, in-process {args.threads} threads, "
-             f"actors {args.actor_threads} thread(s) each, "
-             f"8 expert actors + frontend on one node, object-ref transport; medians of {runs} runs",
-             "", "| batch | routing us | dispatch us | transport us | expert compute us | combine us "
-             "| total us per layer |", "|---|---|---|---|---|---|---|"]
-    for b, d in dispatch.items():
-        lines.append(f"| {b} | " + " | ".join(f"{(d[k] + (d['routing'] if k == 'total' else 0)) * 1e6:.0f}"
-                                             for k in PHASES) + " |")
-    lines += ["", "| batch | RayEngine decode tok/s | in-process decode tok/s | distributed / in-process |",
-              "|---|---|---|---|"]
-    for b in batches:
-        lines.append(f"| {b} | {ours[b]:.1f} | {base[b]:.1f} | {ours[b] / base[b]:.2f} |")
+             f"actors {args.actor_threads} thread(s) each, {8 // args.experts_per_actor} expert "
+             f"actors + frontend on one node; medians of {runs} runs",
+             "", "| transport | batch | routing us | dispatch us | transport us | expert compute us "
+             "| combine us | total us per layer |", "|---|---|---|---|---|---|---|---|"]
+    for (transport, b), d in dispatch.items():
+        lines.append(f"| {transport} | {b} | " + " | ".join(
+            f"{(d[k] + (d['routing'] if k == 'total' else 0)) * 1e6:.0f}" for k in PHASES) + " |")
+    lines += ["", "| transport | batch | RayEngine decode tok/s | in-process decode tok/s "
+              "| distributed / in-process |", "|---|---|---|---|---|"]
+    for (transport, b), tps in ours.items():
+        lines.append(f"| {transport} | {b} | {tps:.1f} | {base[b]:.1f} | {tps / base[b]:.2f} |")
     print("\n".join(lines))
 
 

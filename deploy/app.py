@@ -6,6 +6,7 @@ per replica). `serve run deploy/serve.yaml` calls `build_app(args)`:
     dtype:            float32 | bfloat16 | float16 (default float32)
     device:           cpu | cuda (default cpu)
     expert_replicas:  actors per expert id (default 1)
+    transport:        channel (default: a ZeroMQ channel per expert actor) | object_refs
     experts_per_actor: expert ids per expert actor (default 1; must divide num_local_experts);
                       an actor is one placement unit asking for expert_resources
     expert_resources, frontend_resources: Ray resources per actor (default: 1 GPU on cuda,
@@ -28,7 +29,7 @@ from model.checkpoint import WeightSource, cached_random_checkpoint
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 _ENGINE_KEYS = ("dtype", "device", "expert_replicas", "experts_per_actor", "expert_resources",
-                "frontend_resources", "engine_args", "threads", "placement_timeout_s")
+                "frontend_resources", "engine_args", "threads", "placement_timeout_s", "transport")
 
 
 def build_app(args: dict) -> Application:
