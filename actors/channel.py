@@ -26,6 +26,7 @@ Shapes: n rows for this actor, D hidden, k expert ids the actor holds.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import struct
@@ -119,6 +120,14 @@ class _Peer:
         self.socket.close(linger=0)
 
 
+@dataclasses.dataclass
+class _Sent:
+    """Requests sent by `ChannelTransport.send`, awaiting `receive`."""
+    requests: list
+    results: list
+    waiting: dict          # request index -> (peer, actor key, sequence)
+
+
 class ChannelTransport:
     """The dispatcher's `transport` over channels; see the module docstring."""
 
@@ -127,11 +136,16 @@ class ChannelTransport:
         self._context = zmq.Context()
         self._peers: dict[str, _Peer] = {}
         self._alive: dict[str, ray.ObjectRef] = {}    # actor -> its until_stopped() task
+        self._early: dict[int, tuple[zmq.Frame, zmq.Frame]] = {}  # replies read ahead, by seq
         self._seq = itertools.count()
 
     def __call__(self, layer: int, requests) -> list:
-        results: list = [None] * len(requests)
-        waiting: dict[zmq.Socket, tuple[int, str, int]] = {}
+        return self.receive(self.send(layer, requests))
+
+    def send(self, layer: int, requests) -> "_Sent":
+        """Send every request now; `receive` waits for the replies (so a caller can overlap
+        other work with the round trip, e.g. the other micro-batch's attention)."""
+        sent = _Sent(requests, [None] * len(requests), {})
         for i, (actor, x, counts) in enumerate(requests):
             key, seq = actor._actor_id.hex(), next(self._seq)
             try:
@@ -139,42 +153,68 @@ class ChannelTransport:
                 head = REQUEST.pack(seq, layer, x.shape[0], len(counts), DTYPES.index(x.dtype))
                 peer.socket.send_multipart([head + struct.pack(f"<{len(counts)}i", *counts),
                                             _as_bytes(x)], copy=False)
-                waiting[peer.socket] = (i, key, seq)
+                sent.waiting[i] = (peer, key, seq)
             except Exception as e:  # noqa: BLE001 - classified by the dispatcher
                 self._drop(key)
-                results[i] = e if isinstance(e, (ray.exceptions.RayActorError,
-                                                 ray.exceptions.ActorUnavailableError)) \
+                sent.results[i] = e if isinstance(e, (ray.exceptions.RayActorError,
+                                                      ray.exceptions.ActorUnavailableError)) \
                     else PeerLost(f"channel to expert actor {key[:8]}: {e}")
-        self._collect(waiting, results, requests)
-        return results
+        return sent
 
-    def _collect(self, waiting: dict, results: list, requests) -> None:
-        poller = zmq.Poller()
-        for socket in waiting:
-            poller.register(socket, zmq.POLLIN)
+    def receive(self, sent: "_Sent") -> list:
+        """The replies of `send`, in request order: (y, compute seconds) or an exception."""
+        waiting, poller = dict(sent.waiting), zmq.Poller()
+        for i, (peer, key, seq) in list(waiting.items()):
+            if self._peers.get(key) is not peer:               # lost while we were away
+                sent.results[i] = PeerLost(f"expert actor {key[:8]}: channel closed")
+                del waiting[i]
+            elif not self._take_early(sent, i, seq):
+                poller.register(peer.socket, zmq.POLLIN)
+            else:
+                del waiting[i]
         deadline = time.monotonic() + self._timeout_s
         while waiting:
             ready = dict(poller.poll(self._poll_s * 1000))          # blocks: no busy polling
-            for socket in [s for s in waiting if s in ready]:
-                i, key, seq = waiting[socket]
-                head, body = socket.recv_multipart(copy=False)
-                got, seconds, ok = REPLY.unpack_from(head.buffer)
-                if got != seq:
-                    continue                                         # a stale reply: skip it
-                results[i] = (_as_rows(body, requests[i][1].dtype, requests[i][1].shape[0]).clone(),
-                              seconds) if ok else ExpertError(bytes(body.buffer).decode())
-                del waiting[socket]
-                poller.unregister(socket)
-            if ready or not waiting:
-                continue
-            for socket, (i, key, _) in list(waiting.items()):
-                lost = self._dead(key)
-                if lost or time.monotonic() > deadline:
-                    results[i] = PeerLost(f"expert actor {key[:8]} "
-                                          f"{'died' if lost else f'did not answer in {self._timeout_s} s'}")
-                    poller.unregister(socket)
-                    del waiting[socket]
-                    self._drop(key)
+            for i, (peer, key, seq) in list(waiting.items()):
+                if peer.socket in ready and self._read(peer.socket, sent, i, seq):
+                    del waiting[i]
+                    poller.unregister(peer.socket)
+            if not ready:
+                self._check_lost(waiting, sent, poller, deadline)
+        return sent.results
+
+    def _read(self, socket: zmq.Socket, sent: "_Sent", i: int, seq: int) -> bool:
+        """Read one reply; True if it is the awaited one (another is kept for its caller)."""
+        head, body = socket.recv_multipart(copy=False)
+        got = REPLY.unpack_from(head.buffer)[0]
+        if got != seq:
+            self._early[got] = (head, body)
+            return False
+        self._store(sent, i, head, body)
+        return True
+
+    def _take_early(self, sent: "_Sent", i: int, seq: int) -> bool:
+        frames = self._early.pop(seq, None)
+        if frames is not None:
+            self._store(sent, i, *frames)
+        return frames is not None
+
+    @staticmethod
+    def _store(sent: "_Sent", i: int, head: zmq.Frame, body: zmq.Frame) -> None:
+        _, seconds, ok = REPLY.unpack_from(head.buffer)
+        x = sent.requests[i][1]
+        sent.results[i] = ((_as_rows(body, x.dtype, x.shape[0]), seconds) if ok
+                           else ExpertError(bytes(body.buffer).decode()))
+
+    def _check_lost(self, waiting: dict, sent: "_Sent", poller: zmq.Poller, deadline: float) -> None:
+        for i, (peer, key, _) in list(waiting.items()):
+            lost = self._dead(key)
+            if lost or time.monotonic() > deadline:
+                sent.results[i] = PeerLost(f"expert actor {key[:8]} "
+                                           f"{'died' if lost else f'did not answer in {self._timeout_s} s'}")
+                poller.unregister(peer.socket)
+                del waiting[i]
+                self._drop(key)
 
     def _peer(self, key: str, actor) -> _Peer:
         if key not in self._peers:

@@ -54,22 +54,32 @@ Result = tuple[torch.Tensor, float]    # (y rows, seconds the actor spent comput
 Transport = Callable[[int, list[tuple[object, torch.Tensor, list[int]]]], list["Result | Exception"]]
 
 
-def object_ref_transport(layer: int, requests) -> list[Result | Exception]:
-    """One `compute.remote` per actor, then wait for all; a failure is returned, not raised."""
-    refs = [actor.compute.remote(layer, x, counts) for actor, x, counts in requests]
-    results: list[Result | Exception] = []
-    for ref in refs:
-        try:
-            results.append(ray.get(ref))
-        except Exception as e:  # noqa: BLE001 - classified by the caller
-            results.append(e)
-    return results
+class ObjectRefTransport:
+    """One `compute.remote` per actor (`send`), then wait for all (`receive`); a failure is
+    returned, not raised. A Ray task per actor per layer: the equality oracle."""
+
+    def __call__(self, layer: int, requests) -> list[Result | Exception]:
+        return self.receive(self.send(layer, requests))
+
+    @staticmethod
+    def send(layer: int, requests) -> list:
+        return [actor.compute.remote(layer, x, counts) for actor, x, counts in requests]
+
+    @staticmethod
+    def receive(refs: list) -> list[Result | Exception]:
+        results: list[Result | Exception] = []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except Exception as e:  # noqa: BLE001 - classified by the caller
+                results.append(e)
+        return results
 
 
 def make_transport(name: str, secret: str | None = None) -> Transport:
     """"channel" (needs the engine's secret) or "object_refs"; ValueError naming the field."""
     if name == "object_refs":
-        return object_ref_transport
+        return ObjectRefTransport()
     if name == "channel" and secret:
         return ChannelTransport(secret)
     raise ValueError(f"transport must be one of {TRANSPORTS} (channel with a secret), got {name!r}")
@@ -77,7 +87,7 @@ def make_transport(name: str, secret: str | None = None) -> Transport:
 
 class Dispatcher:
     def __init__(self, actors: Sequence[object], actor_experts: Sequence[Sequence[int]],
-                 num_experts: int, transport: Transport = object_ref_transport,
+                 num_experts: int, transport: Transport | None = None,
                  max_attempts: int = 8, retry_timeout_s: float = 60.0, cooldown_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
@@ -94,7 +104,8 @@ class Dispatcher:
         missing = [e for e in range(num_experts) if not self.holders[e]]
         if missing:
             raise ValueError(f"no actor holds expert(s) {missing}")
-        self.transport, self._clock, self._sleep = transport, clock, sleep
+        self.transport = transport or ObjectRefTransport()
+        self._clock, self._sleep = clock, sleep
         self.max_attempts, self.retry_timeout_s, self.cooldown_s = max_attempts, retry_timeout_s, cooldown_s
         self._down_until = [0.0] * len(self.actors)
         self.timings: collections.deque[dict] = collections.deque(maxlen=4096)
@@ -104,19 +115,37 @@ class Dispatcher:
     def moe(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
             experts: torch.Tensor) -> torch.Tensor:
         """x (N, D), routing weights/experts (N, A) -> (N, D), like LocalExperts.moe."""
+        return self.moe_begin(layer, x, weights, experts)()
+
+    def moe_begin(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
+                  experts: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Dispatch now (a transport with `send` sends at once); the returned function waits
+        for the experts, retries what failed, combines and returns (N, D). Between the two the
+        caller can do other work: the other micro-batch's attention."""
         t0 = time.perf_counter()
         groups = group_by_expert(weights, experts, self.num_experts)
         xs = x[groups.rows].cpu()                                       # (P, D) by expert
         calls = self._calls(groups)
+        send = getattr(self.transport, "send", None)
+        sent = send(layer, self._requests(xs, calls)) if send else None
         t1 = time.perf_counter()
-        ys, compute_s = self._send(layer, xs, calls)                    # (P, D)
-        t2 = time.perf_counter()
-        out = groups.combine(ys.to(x.device), x.shape[0])               # (N, D)
-        t3 = time.perf_counter()
-        self.timings.append({"layer": layer, "rows": x.shape[0], "dispatch": t1 - t0,
-                             "transport": t2 - t1 - compute_s, "compute": compute_s,
-                             "combine": t3 - t2, "total": t3 - t0})
-        return out
+
+        def finish() -> torch.Tensor:
+            t2 = time.perf_counter()
+            ys, compute_s = self._send(layer, xs, calls, sent)          # (P, D)
+            t3 = time.perf_counter()
+            out = groups.combine(ys.to(x.device), x.shape[0])           # (N, D)
+            t4 = time.perf_counter()
+            self.timings.append({"layer": layer, "rows": x.shape[0], "dispatch": t1 - t0,
+                                 "transport": t3 - t2 - compute_s, "compute": compute_s,
+                                 "combine": t4 - t3, "total": t1 - t0 + t4 - t2})
+            return out
+        return finish
+
+    def _requests(self, xs: torch.Tensor, calls: list[Call]) -> list:
+        """(actor handle, its rows compacted (n, D), rows per expert id) per call."""
+        return [(self.actors[c.actor], torch.cat([xs[s:e] for s, e in c.segments]), c.counts)
+                for c in calls]
 
     def _calls(self, groups: ExpertGroups) -> list[Call]:
         """Split each expert's rows over its healthy replicas; one Call per actor."""
@@ -141,15 +170,18 @@ class Dispatcher:
         up = [a for a in actors if self._down_until[a] <= now]
         return up or actors
 
-    def _send(self, layer: int, xs: torch.Tensor, calls: list[Call]) -> tuple[torch.Tensor, float]:
+    def _send(self, layer: int, xs: torch.Tensor, calls: list[Call],
+              sent=None) -> tuple[torch.Tensor, float]:
+        """Exchange the calls (the first attempt maybe already sent), re-sending what failed."""
         ys = torch.empty_like(xs)
         pending = calls
         attempts, deadline, compute_s = 0, self._clock() + self.retry_timeout_s, 0.0
         while pending:
             attempts += 1
-            inputs = [torch.cat([xs[s:e] for s, e in c.segments]) for c in pending]  # compact
-            results = self.transport(layer, [(self.actors[c.actor], x, c.counts)
-                                             for c, x in zip(pending, inputs)])
+            if attempts == 1 and sent is not None:
+                results = self.transport.receive(sent)
+            else:
+                results = self.transport(layer, self._requests(xs, pending))
             failed = []
             for call, result in zip(pending, results):
                 if isinstance(result, Exception):

@@ -39,7 +39,8 @@ class Frontend:
                                      make_transport(transport, channel_secret),
                                      **(dispatch_args or {}))
         self.engine = Engine(model, self.dispatcher.moe, Tokenizer.from_pretrained(source.path),
-                             device=device, **(engine_args or {}))
+                             device=device, moe_begin=self.dispatcher.moe_begin,
+                             **(engine_args or {}))
 
     async def generate(self, prompts, params):
         return await asyncio.to_thread(self.engine.generate, prompts, params)

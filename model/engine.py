@@ -36,7 +36,7 @@ from model.checkpoint import WeightSource, torch_dtype
 from model.config import MixtralConfig, resolve_config
 from model.errors import InvalidRequest, QueueFull
 from model.kv_sizing import size_kv_cache
-from model.mixtral import Mixtral, MoeFn, tensor_shapes
+from model.mixtral import Mixtral, MoeBeginFn, MoeFn, tensor_shapes
 from model.moe import LocalExperts
 from model.output import Completion, RequestOutput, StreamChunk
 from model.sampling import Sampled, SamplingParams, make_generator, sample
@@ -62,9 +62,13 @@ class Engine:
                  device: str | torch.device = "cpu", max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  block_size: int | None = None, kv_cache_memory: int | None = None,
-                 attention_backend: str | None = None, max_waiting: int = 4096):
+                 attention_backend: str | None = None, max_waiting: int = 4096,
+                 moe_begin: MoeBeginFn | None = None, micro_batches: int = 1):
+        if micro_batches not in (1, 2) or (micro_batches == 2 and moe_begin is None):
+            raise ValueError(f"micro_batches must be 1, or 2 with a moe_begin; got {micro_batches}")
         self.cfg: MixtralConfig = model.cfg
         self.model, self.moe, self.tokenizer = model, moe, tokenizer
+        self.moe_begin, self.micro_batches = moe_begin, micro_batches
         self.device = torch.device(device)
         self.dtype = model.lm_head.weight.dtype
         self.backend = select_backend(self.device, attention_backend)
@@ -110,7 +114,8 @@ class Engine:
         experts = LocalExperts.from_tensors(cfg, tensors)          # pops the expert tensors
         model = Mixtral.from_tensors(cfg, tensors)
         tokenizer = Tokenizer.from_pretrained(source.path)
-        return cls(model, experts.moe, tokenizer, device=device, **engine_args)
+        return cls(model, experts.moe, tokenizer, device=device, moe_begin=experts.moe_begin,
+                   **engine_args)
 
     # ---- admission ----------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None) -> str:
@@ -207,6 +212,17 @@ class Engine:
         return self._process(scheduled, hidden)
 
     def _forward(self, scheduled: list[tuple[Request, int]]) -> torch.Tensor:
+        """(N, D) hidden states of the step's tokens, in `scheduled` order; with two
+        micro-batches, each half of the sequences overlaps its expert round trip with the
+        other's attention (Mixtral.forward_micro_batches)."""
+        parts = _halves(scheduled) if self.micro_batches == 2 else [scheduled]
+        if len(parts) == 1:
+            return self.model(*self._inputs(scheduled), self.kv, self.moe)
+        inputs = [self._inputs(part) for part in parts]
+        return torch.cat(self.model.forward_micro_batches(
+            [ids for ids, _ in inputs], [meta for _, meta in inputs], self.kv, self.moe_begin))
+
+    def _inputs(self, scheduled: list[tuple[Request, int]]) -> tuple[torch.Tensor, AttentionMetadata]:
         ids, q_lens, ctx_lens, tables = [], [], [], []
         for req, n in scheduled:
             ids += req.all_ids[req.num_computed:req.num_computed + n]
@@ -215,8 +231,7 @@ class Engine:
             tables.append(req.block_table)
         meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.block_size,
                                        self.cfg.sliding_window, self.backend, self.device)
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        return self.model(input_ids, meta, self.kv, self.moe)
+        return torch.tensor(ids, dtype=torch.int64, device=self.device), meta
 
     def _process(self, scheduled, hidden: torch.Tensor) -> list[StreamChunk]:
         rows, sampling, start = [], [], 0
@@ -316,6 +331,16 @@ class Engine:
         async for chunk in self._streams.follow(tracked.req.request_id,
                                                 lambda: self._admit([tracked]), self.abort):
             yield chunk
+
+
+def _halves(scheduled: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+    """Split a step's sequences in two runs of about equal token counts (one if it has one)."""
+    total, running = sum(n for _, n in scheduled), 0
+    for i, (_, n) in enumerate(scheduled[:-1]):
+        running += n
+        if 2 * running >= total:
+            return [scheduled[:i + 1], scheduled[i + 1:]]
+    return [scheduled]
 
 
 def _is_prompt_list(prompts) -> bool:

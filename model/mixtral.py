@@ -22,6 +22,9 @@ from model.linear import Linear
 from model.moe import expert_name, route
 
 MoeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# moe_begin(layer, x, weights, experts) dispatches now and returns a function that waits for
+# and returns the (N, D) result (actors/dispatcher.py; LocalExperts computes at once)
+MoeBeginFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]
 
 
 class Attention(nn.Module):
@@ -104,6 +107,29 @@ class Mixtral(nn.Module):
             weights, experts = route(x, layer.block_sparse_moe.gate.weight, top_k)  # (N, A)
             h = h + moe(i, x, weights, experts)                         # (N, D)
         return self.model.norm(h)
+
+    @torch.inference_mode()
+    def forward_micro_batches(self, input_ids: list[torch.Tensor], metas: list[AttentionMetadata],
+                              kv: KVCache, moe_begin: MoeBeginFn) -> list[torch.Tensor]:
+        """Like `forward` for several micro-batches (disjoint sequences), interleaved per layer
+        so that one's expert round trip overlaps the others' attention (ping-pong, as in
+        MegaScale-Infer): micro-batch m waits for its layer i-1 experts only right before its
+        layer i attention. Each micro-batch's rows equal what `forward` gives them."""
+        hs = [self.model.embed_tokens(ids) for ids in input_ids]       # (N_m, D) each
+        ropes = [rope_cos_sin(m.positions, self.cfg.head_dim, self.cfg.rope_theta, hs[0].dtype)
+                 for m in metas]
+        waits: list = [None] * len(hs)
+        for i, layer in enumerate(self.model.layers):
+            for m, meta in enumerate(metas):
+                if waits[m] is not None:
+                    hs[m] = hs[m] + waits[m]()                          # layer i-1's experts
+                hs[m] = hs[m] + layer.self_attn(layer.input_layernorm(hs[m]), meta, ropes[m],
+                                                kv.k[i], kv.v[i])
+                x = layer.post_attention_layernorm(hs[m])
+                weights, experts = route(x, layer.block_sparse_moe.gate.weight,
+                                         self.cfg.num_experts_per_tok)  # (N_m, A)
+                waits[m] = moe_begin(i, x, weights, experts)
+        return [self.model.norm(h + wait()) for h, wait in zip(hs, waits)]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,12 @@ class LocalExperts:
             ys[start:end] = self.compute(layer, e, xs[start:end])
         return groups.combine(ys, x.shape[0])
 
+    def moe_begin(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
+                  experts: torch.Tensor):
+        """`moe` computed now, returned later: the in-process side of micro-batching."""
+        out = self.moe(layer, x, weights, experts)
+        return lambda: out
+
     def nbytes(self) -> int:
         return sum(nbytes(t) for ws in self.weights.values() for t in ws)
 

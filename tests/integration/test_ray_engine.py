@@ -31,14 +31,15 @@ def assert_same_as_in_process(engine, reference: Engine) -> None:
             == [o.token_ids for o in reference.generate(PROMPTS, GREEDY)])
 
 
-@pytest.mark.parametrize("which, replicas, transport, experts_per_actor", [
-    ("tiny", 1, "channel", 1), ("tiny", 2, "channel", 1), ("tiny", 1, "channel", 4),
-    ("small", 1, "channel", 1), ("small", 2, "channel", 1), ("tiny", 1, "object_refs", 1),
-    ("small", 1, "object_refs", 1)])
+@pytest.mark.parametrize("which, replicas, transport, experts_per_actor, micro_batches", [
+    ("tiny", 1, "channel", 1, 1), ("tiny", 2, "channel", 1, 1), ("tiny", 1, "channel", 4, 1),
+    ("tiny", 2, "channel", 4, 2), ("small", 1, "channel", 1, 1), ("small", 2, "channel", 1, 2),
+    ("tiny", 1, "object_refs", 1, 1), ("small", 1, "object_refs", 1, 2)])
 def test_equals_in_process_engine(ray_engine, tiny_checkpoint, small_checkpoint, which, replicas,
-                                  transport, experts_per_actor):
+                                  transport, experts_per_actor, micro_batches):
     path = tiny_checkpoint if which == "tiny" else small_checkpoint
-    engine = ray_engine(path, replicas, transport=transport, experts_per_actor=experts_per_actor)
+    engine = ray_engine(path, replicas, transport=transport, experts_per_actor=experts_per_actor,
+                        engine_args={"micro_batches": micro_batches})
     try:
         assert_same_as_in_process(engine, Engine.from_pretrained(path))
         if replicas == 2:
@@ -99,11 +100,14 @@ def test_actors_of_two_experts_equal_the_in_process_engine(ray_engine, tiny_chec
         engine.shutdown()
 
 
-@pytest.mark.parametrize("transport", ["channel", "object_refs"])
-def test_killing_an_expert_actor_mid_generation_loses_nothing(ray_engine, tiny_checkpoint, transport):
+@pytest.mark.parametrize("transport, micro_batches", [("channel", 1), ("channel", 2),
+                                                       ("object_refs", 1)])
+def test_killing_an_expert_actor_mid_generation_loses_nothing(ray_engine, tiny_checkpoint, transport,
+                                                              micro_batches):
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     expected = [o.token_ids for o in Engine.from_pretrained(tiny_checkpoint).generate(PROMPTS, params)]
-    engine = ray_engine(tiny_checkpoint, transport=transport)
+    engine = ray_engine(tiny_checkpoint, transport=transport,
+                        engine_args={"micro_batches": micro_batches})
     victim = engine.expert_info()[3].pid
 
     async def run():

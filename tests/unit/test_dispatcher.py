@@ -36,7 +36,7 @@ class FakeActor:
 
 
 def in_process_transport(layer, requests):
-    """What object_ref_transport does, without Ray: a failure is returned, not raised."""
+    """What ObjectRefTransport does, without Ray: a failure is returned, not raised."""
     results = []
     for actor, x, counts in requests:
         try:

@@ -220,3 +220,18 @@ def test_a_full_queue_is_refused(tiny_checkpoint):
     engine.add_request("b", GREEDY)
     with pytest.raises(QueueFull, match=r"max_waiting=2"):
         engine.add_request("c", GREEDY)
+
+
+def test_two_micro_batches_equal_one(tiny_checkpoint, reference):
+    engine = Engine.from_pretrained(tiny_checkpoint, micro_batches=2, max_num_batched_tokens=64)
+    calls = []
+    begin = engine.moe_begin
+    engine.moe_begin = lambda *a: calls.append(a[1].shape[0]) or begin(*a)
+    assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == reference
+    assert len(calls) > 0, "the micro-batched path never ran"
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    single = Engine.from_pretrained(tiny_checkpoint, max_num_batched_tokens=64)
+    for got, want in zip(engine.logits(ids), single.logits(ids)):
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    with pytest.raises(ValueError, match="micro_batches"):
+        Engine.from_pretrained(tiny_checkpoint, micro_batches=3)
