@@ -4,8 +4,8 @@
     python bench/dispatch.py --quick
     python bench/dispatch.py --device cuda --gpu-share 0.1   # frontend + 8 experts on one GPU
 
-Prints medians of --runs runs, for each transport (--transports; default both: the ZeroMQ
-channel and Ray object refs):
+Prints medians of --runs runs, for each configuration (--configs TRANSPORT:MICRO_BATCHES,...;
+default the ZeroMQ channel with 1 and 2 micro-batches, and Ray object refs):
   * one layer's dispatch round trip (us) for batch sizes 1, 8, 32, 64, 128, split into
     routing (the router matmul + top-k), dispatch (grouping rows by expert), transport (there
     and back, minus expert compute), expert compute (inside the actors; the slowest actor's),
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=30, help="layer calls per dispatch measurement")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--transports", default="channel,object_refs")
+    ap.add_argument("--configs", default="channel:1,channel:2,object_refs:1")
     ap.add_argument("--experts-per-actor", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process engine")
     ap.add_argument("--actor-threads", type=int, default=1,
@@ -77,12 +77,14 @@ def main() -> None:
     resources = {"CPU": 0.01, "GPU": args.gpu_share} if gpu else {"CPU": 0.01}
     dispatch, ours = {}, {}
     batches = (8, 32, 64)
-    for transport in args.transports.split(","):
+    for config in args.configs.split(","):
+        transport, micro_batches = config.split(":")
         dist = RayEngine.from_pretrained(path, device=args.device, expert_resources=resources,
                                          frontend_resources=resources, threads=args.actor_threads,
-                                         transport=transport,
-                                         experts_per_actor=args.experts_per_actor)
-        for batch in (1, 8, 32, 64, 128):
+                                         transport=transport, experts_per_actor=args.experts_per_actor,
+                                         engine_args={"micro_batches": int(micro_batches)})
+        transport = f"{transport}, {micro_batches} micro-batch(es)"
+        for batch in (1, 8, 32, 64, 128) if micro_batches == "1" else ():
             samples = [ray.get(dist.frontend.profile_dispatch.remote(batch, args.repeats))
                        for _ in range(runs)]
             dispatch[transport, batch] = {k: statistics.median(s[k] for s in samples) for k in PHASES}
