@@ -1,4 +1,5 @@
-"""The Ray pieces: expert actors, the dispatcher, the frontend actor and RayEngine."""
+"""The Ray pieces: expert actors and their pool, the dispatcher, the frontend (an actor of
+RayEngine, or the engine replica itself when served) and RayEngine."""
 from actors.engine import RayEngine
 
 __all__ = ["RayEngine"]

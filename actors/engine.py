@@ -9,28 +9,25 @@
     engine.info()        # EngineInfo (actors/info.py)
     engine.shutdown()
 
-Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve one placement group
-pinned to the plan's nodes (cluster/placement.py), start one expert actor per (group of
-`experts_per_actor` expert ids, replica) in its bundle, then the frontend with their handles.
-Each actor loads only its own tensors. Expert actors are restarted by Ray when they die (their
-calls are re-sent by the dispatcher); the frontend is not (its KV cache is gone with it): its
-in-flight requests fail with a RayActorError.
+Start-up is ExpertPool's (actors/pool.py: plan, one placement group, the expert actors, the
+channel secret), with bundle 0 reserved for the frontend actor, started there with the pool's
+experts. Each actor loads only its own tensors. Expert actors are restarted by Ray when they
+die (their calls are re-sent by the dispatcher); the frontend is not (its KV cache is gone with
+it): its in-flight requests fail with a RayActorError. The served path does not use this class:
+its engine replica is the frontend itself (actors/server.py).
 """
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import AsyncIterator
 
 import ray
 import torch
 
-from actors.expert import ExpertWorker
 from actors.frontend import Frontend
 from actors.info import EngineInfo, WorkerInfo
-from cluster.placement import actor_options, cluster_nodes, release, reserve
-from cluster.plan import plan
+from actors.pool import ExpertPool, default_resources
 from model.checkpoint import WeightSource
 from model.config import resolve_config
 from model.engine import Completion, SamplingParams, StreamChunk
@@ -38,14 +35,12 @@ from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-CPU_ACTOR = {"CPU": 0.01}   # a small CPU share: label/PG scheduling misplaces 0-CPU actors
-
 
 class RayEngine:
-    def __init__(self, frontend, experts: list, actor_experts: list[list[int]], pg,
-                 tokenizer: Tokenizer):
-        self.frontend, self.experts, self.actor_experts = frontend, experts, actor_experts
-        self._pg, self.tokenizer = pg, tokenizer
+    def __init__(self, frontend, pool: ExpertPool, tokenizer: Tokenizer):
+        self.frontend, self._pool, self.tokenizer = frontend, pool, tokenizer
+        self.experts = pool.experts.actors                  # ExpertWorker handles
+        self.actor_experts = pool.experts.actor_experts     # expert ids of each
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs) -> "RayEngine":
@@ -71,28 +66,21 @@ class RayEngine:
         asks for `expert_resources` as a whole. `transport`: "channel" (a ZeroMQ channel per
         expert actor, authenticated with a secret made here) or "object_refs" (a Ray task per
         actor per layer); see actors/dispatcher.py."""
-        default = {"GPU": 1, "CPU": 1} if device == "cuda" else CPU_ACTOR
-        p = plan(cluster_nodes(), source.model_config().num_local_experts, expert_replicas,
-                 expert_resources or default, frontend_resources or default, experts_per_actor)
-        pg = reserve(p, placement_timeout_s)
-        # threads: its channel's liveness task blocks one, calls (info, compute) use the others
-        expert_cls = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(ExpertWorker)
-        experts = [expert_cls.options(**actor_options(pg, bundle, slot)).remote(
-                       source, list(ids), dtype, device, threads)
-                   for bundle, (ids, slot) in enumerate(p.actors(), start=1)]
-        actor_experts = [list(ids) for ids, _ in p.actors()]
-        frontend_cls = ray.remote(max_restarts=0)(Frontend)
-        frontend = frontend_cls.options(**actor_options(pg, 0, p.frontend)).remote(
-            source, experts, actor_experts, dtype, device, threads, engine_args, dispatch_args,
-            transport, secrets.token_hex(32))
-        engine = cls(frontend, experts, actor_experts, pg, Tokenizer.from_pretrained(source.path))
+        pool = ExpertPool.start(
+            source, dtype, device, expert_replicas=expert_replicas,
+            experts_per_actor=experts_per_actor, expert_resources=expert_resources,
+            frontend_resources=frontend_resources or default_resources(device), threads=threads,
+            placement_timeout_s=placement_timeout_s)
+        frontend = ray.remote(max_restarts=0)(Frontend).options(**pool.frontend_options()).remote(
+            source, pool.experts, dtype, device, threads, engine_args, dispatch_args, transport)
+        engine = cls(frontend, pool, Tokenizer.from_pretrained(source.path))
         try:
-            ray.get([frontend.info.remote()] + [a.info.remote() for a in experts])
+            pool.ready()
+            ray.get(frontend.info.remote())
         except Exception:
             engine.shutdown()
             raise
-        log.info("RayEngine ready: %d expert actors of %d expert(s), %d replica(s) each",
-                 len(experts), experts_per_actor, expert_replicas)
+        log.info("RayEngine ready")
         return engine
 
     # ---- the Engine API, forwarded to the frontend ----------------------------------------
@@ -133,6 +121,5 @@ class RayEngine:
         return ray.get(self.frontend.worker_info.remote())
 
     def shutdown(self) -> None:
-        for actor in [self.frontend, *self.experts]:
-            ray.kill(actor, no_restart=True)
-        release(self._pg)
+        ray.kill(self.frontend, no_restart=True)
+        self._pool.shutdown()

@@ -1,8 +1,12 @@
-"""The frontend actor: the in-process Engine (scheduler, KV cache, sampler) around the
-non-expert weights only, with the Dispatcher as its `moe` function.
+"""The frontend: the in-process Engine (scheduler, KV cache, sampler) around the non-expert
+weights only, with the Dispatcher over its expert actors as its `moe` function.
 
-An async actor: `generate`/`logits` run the engine in a worker thread, `stream` is an async
-generator (a Ray streaming call), and both share one engine, so their requests batch together.
+One class, used two ways: as RayEngine's async actor (`ray.remote(Frontend)`), and in-process
+in the engine replica of the served path (actors/server.py), which then is the frontend.
+Either way it must be called from one asyncio event loop: `generate`/`logits` run the engine
+in a worker thread, `stream` is an async generator (a Ray streaming call when it is an actor),
+and all share one engine, so their requests batch together. It neither starts nor stops its
+expert actors: their owner (actors/pool.py) does.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 
 from actors.dispatcher import Dispatcher, make_transport
 from actors.info import EngineInfo, WorkerInfo
+from actors.pool import Experts
 from model.checkpoint import WeightSource, torch_dtype
 from model.engine import Engine, SamplingParams
 from model.linear import nbytes
@@ -26,17 +31,19 @@ log = logging.getLogger(__name__)
 
 
 class Frontend:
-    def __init__(self, source: WeightSource, expert_actors: list, actor_experts: list[list[int]],
-                 dtype: str = "float32", device: str = "cpu", threads: int | None = None,
+    def __init__(self, source: WeightSource, experts: Experts, dtype: str = "float32",
+                 device: str = "cpu", threads: int | None = None,
                  engine_args: dict | None = None, dispatch_args: dict | None = None,
-                 transport: str = "channel", channel_secret: str | None = None):
+                 transport: str = "channel"):
+        """Loads the non-expert weights (blocking). `threads`: torch threads of this process;
+        `transport`: "channel" (with `experts.secret`) or "object_refs" (actors/dispatcher.py)."""
         if threads:
             torch.set_num_threads(threads)
         cfg = source.model_config()
         tensors = source.load(non_expert_names(cfg), torch_dtype(dtype), device)
         model = Mixtral.from_tensors(cfg, tensors)
-        self.dispatcher = Dispatcher(expert_actors, actor_experts, cfg.num_local_experts,
-                                     make_transport(transport, channel_secret),
+        self.dispatcher = Dispatcher(experts.actors, experts.actor_experts, cfg.num_local_experts,
+                                     make_transport(transport, experts.secret),
                                      **(dispatch_args or {}))
         self.engine = Engine(model, self.dispatcher.moe, Tokenizer.from_pretrained(source.path),
                              device=device, moe_begin=self.dispatcher.moe_begin,
@@ -49,6 +56,7 @@ class Frontend:
         return await asyncio.to_thread(self.engine.logits, prompts)
 
     async def stream(self, prompt, params: SamplingParams):
+        """StreamChunks; leaving early (or being cancelled) aborts the request, freeing its KV."""
         async for chunk in self.engine.stream(prompt, params):
             yield chunk
 

@@ -5,8 +5,8 @@ chat template), and streams token ids from the engine deployment, detokenized th
 Errors reach the client as a gRPC status, never as a traceback (`status_of`):
     InvalidRequest (and subclasses: ChatTemplateError...)   INVALID_ARGUMENT, its message
     QueueFull (max_waiting), Serve's BackPressureError       RESOURCE_EXHAUSTED
-    DeploymentUnavailableError, RayActorError (an actor of
-    the engine died or is restarting)                        UNAVAILABLE
+    DeploymentUnavailableError, RayActorError (the engine
+    replica or one of its actors died or is restarting)      UNAVAILABLE
     anything else (other ValueErrors too: config, checkpoint,
     torch; ExpertCallError...)                               INTERNAL, no internal text
 Ray wraps an exception raised in another actor in RayTaskError (nested once per hop), and

@@ -1,32 +1,86 @@
-"""The engine deployment: one expert-parallel engine (RayEngine: its frontend actor and expert
-actors) per replica, reached from the gateway through a streaming DeploymentHandle. Token ids
-and SamplingParams in, StreamChunks out; the client going away cancels the stream, which aborts
-the request and frees its KV blocks.
+"""The engine deployment: each replica *is* one engine's frontend. Its Engine and Dispatcher run
+in the replica's own process (actors/frontend.py, used in-process), and it starts and owns its
+expert actors and their placement group (actors/pool.py); the gateway reaches it through a
+streaming DeploymentHandle, so a stream crosses no Ray hop between the replica and its engine.
+
+    Serve proxy -> Gateway -> EngineServer (frontend: scheduler, KV cache, dispatcher)
+                                            -> expert actors (one channel each, per layer)
+
+Token ids and SamplingParams in, StreamChunks out; the client going away cancels the stream,
+which aborts the request and frees its KV blocks. The replica's own resources (the frontend's:
+a GPU on cuda) are its `ray_actor_options` (deploy/app.py sets them from `frontend_resources`;
+a Serve config may override them); the placement group reserves the experts' only.
+Shutdown (Serve calls `__del__`) kills the expert actors and releases the group; a replica
+that dies without it takes them along anyway (Ray's ownership). Its requests in flight then
+fail with a RayActorError at the gateway (UNAVAILABLE), and Serve starts a new replica.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from ray import serve
 
-from actors.engine import RayEngine
+from actors.frontend import Frontend
 from actors.info import EngineInfo
+from actors.pool import ExpertPool, default_resources
+from cluster.placement import resource_options
 from model.checkpoint import WeightSource
 from model.engine import SamplingParams
+
+# a child of Serve's logger: its handlers and LoggingConfig apply in a replica
+log = logging.getLogger(f"ray.serve.{__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """One engine replica's options, built once from the Serve application's args (the field
+    names are the args' names; deploy/app.py)."""
+    dtype: str = "float32"
+    device: str = "cpu"
+    expert_replicas: int = 1
+    experts_per_actor: int = 1
+    expert_resources: dict | None = None        # per expert actor
+    frontend_resources: dict | None = None      # the replica's own: ray_actor_options()
+    threads: int | None = None                  # torch threads per process
+    placement_timeout_s: float = 60.0
+    transport: str = "channel"
+    engine_args: dict | None = None
+
+    def ray_actor_options(self) -> dict:
+        """The replica's resources, i.e. the frontend's: `frontend_resources`, by default
+        a GPU and a CPU on cuda, a small CPU share on cpu."""
+        return resource_options(self.frontend_resources or default_resources(self.device))
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.01})
 class EngineServer:
-    """Forwards to its RayEngine; the work happens in the frontend and expert actors."""
-
-    def __init__(self, source: WeightSource, engine_options: dict):
-        self.engine = RayEngine.from_source(source, **engine_options)
+    def __init__(self, source: WeightSource, options: EngineOptions):
+        """Starts the expert actors (no frontend bundle: this replica is the frontend), loads
+        the frontend's weights meanwhile, and waits for both; on an error nothing is left."""
+        o = options
+        pool = ExpertPool.start(source, o.dtype, o.device, expert_replicas=o.expert_replicas,
+                                experts_per_actor=o.experts_per_actor,
+                                expert_resources=o.expert_resources, threads=o.threads,
+                                placement_timeout_s=o.placement_timeout_s)
+        try:
+            frontend = Frontend(source, pool.experts, o.dtype, o.device, o.threads,
+                                o.engine_args, transport=o.transport)
+            pool.ready()
+        except BaseException:
+            pool.shutdown()
+            raise
+        self.pool, self.frontend = pool, frontend
+        log.info("engine replica ready: the frontend runs here, %d expert actors",
+                 len(pool.experts.actors))
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams):
-        async for chunk in self.engine.stream(prompt_ids, params):
+        async for chunk in self.frontend.stream(prompt_ids, params):
             yield chunk
 
-    def info(self) -> EngineInfo:
-        return self.engine.info()
+    async def info(self) -> EngineInfo:
+        return await self.frontend.info()
 
     def __del__(self):
-        if hasattr(self, "engine"):       # not if start-up failed
-            self.engine.shutdown()
+        if hasattr(self, "pool"):          # not if start-up failed (it cleaned up then)
+            self.pool.shutdown()

@@ -137,8 +137,8 @@ def main() -> None:
         log.info("in-process x%d: %s", c, local[c])
 
     lines = [f"{preset} checkpoint, fp32, greedy, {args.max_tokens} new tokens, ~100-token prompts; "
-             "server = Serve gRPC proxy -> gateway -> engine deployment -> RayEngine (8 expert "
-             "actors, 1 thread each); in-process = Engine.stream (2 threads)", "",
+             "server = Serve gRPC proxy -> gateway -> engine replica (the frontend, 1 thread) -> "
+             "8 expert actors (1 thread each); in-process = Engine.stream (2 threads)", "",
              "| clients | path | req/s | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | served / in-process tok/s |",
              "|---|---|---|---|---|---|---|"]
     for c in levels:

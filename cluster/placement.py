@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Mapping
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -49,12 +50,18 @@ def reserve(plan: Plan, timeout_s: float = 60.0) -> PlacementGroup:
     return pg
 
 
+def resource_options(resources: Mapping[str, float]) -> dict:
+    """Ray's actor options for a resource dict: {"CPU": 1, "GPU": 1, "frontend": 1} ->
+    {"num_cpus": 1, "num_gpus": 1, "resources": {"frontend": 1}} (also a Serve deployment's
+    `ray_actor_options`)."""
+    res = dict(resources)
+    return {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res}
+
+
 def actor_options(pg: PlacementGroup, bundle: int, slot: Slot) -> dict:
     """`.options(...)` that put an actor into bundle `bundle` with the slot's resources."""
-    res = dict(slot.resources)
-    return {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res,
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=bundle)}
+    return {**resource_options(slot.resources), "scheduling_strategy":
+            PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)}
 
 
 def release(pg: PlacementGroup, timeout_s: float = 30.0) -> None:

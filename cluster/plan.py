@@ -1,11 +1,13 @@
 """Where every actor of one engine runs: a pure function of the cluster's nodes, no Ray.
 
     plan(nodes, num_experts=8, replicas=2, expert_resources={"GPU": 1},
-         frontend_resources={"GPU": 1}, experts_per_actor=1) -> Plan
+         frontend_resources={"GPU": 1} or None, experts_per_actor=1) -> Plan
 
 An expert actor holds a group of `experts_per_actor` consecutive expert ids (k = 2: groups
-(0, 1), (2, 3), ...) and is one placement unit asking for `expert_resources`. The frontend goes
-first, on the node with the most room for it. Then, replica by replica and group by group, each
+(0, 1), (2, 3), ...) and is one placement unit asking for `expert_resources`. The frontend, when
+the plan has one, goes first, on the node with the most room for it; `frontend_resources=None`
+plans none (the served path: the frontend is the Serve replica, placed by Serve, already
+running, and what it holds is no longer free). Then, replica by replica and group by group, each
 expert actor goes to the node with the most room left for `expert_resources` that does not yet
 hold a replica of the same group (any node with room if every node already holds one): actors
 spread evenly, and replicas of one group land on different nodes, so losing one node loses at
@@ -42,7 +44,7 @@ class Slot:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    frontend: Slot
+    frontend: Slot | None                       # None: the frontend is placed elsewhere
     groups: dict[tuple[int, ...], list[Slot]]   # expert ids of one actor -> a slot per replica
 
     def actors(self) -> list[tuple[tuple[int, ...], Slot]]:
@@ -50,8 +52,9 @@ class Plan:
         return [(ids, s) for ids in sorted(self.groups) for s in self.groups[ids]]
 
     def slots(self) -> list[Slot]:
-        """Every slot, frontend first, then the expert actors': bundle order."""
-        return [self.frontend] + [s for _, s in self.actors()]
+        """Every slot, the frontend's first (if planned), then the expert actors': bundle order."""
+        front = [self.frontend] if self.frontend is not None else []
+        return front + [s for _, s in self.actors()]
 
 
 def expert_groups(num_experts: int, experts_per_actor: int) -> list[tuple[int, ...]]:
@@ -72,13 +75,16 @@ def plan(nodes: list[Node], num_experts: int, replicas: int = 1,
         raise PlacementError(f"expert_replicas must be >= 1, got {replicas}")
     groups = expert_groups(num_experts, experts_per_actor)
     expert_resources = dict(expert_resources or {"GPU": 1})
-    frontend_resources = dict(frontend_resources or {"GPU": 1})
     free = {n.node_id: dict(n.resources) for n in nodes}
-    frontend_node = _roomiest(free, frontend_resources, exclude=set())
-    if frontend_node is None:
-        raise PlacementError(f"no node can hold the frontend ({_fmt(frontend_resources)}); "
-                             f"{describe(nodes)}")
-    _take(free, frontend_node, frontend_resources)
+    frontend = None
+    if frontend_resources is not None:
+        frontend_node = _roomiest(free, frontend_resources, exclude=set())
+        if frontend_node is None:
+            raise PlacementError(f"no node can hold the frontend ({_fmt(frontend_resources)}); "
+                                 f"{describe(nodes)}")
+        _take(free, frontend_node, frontend_resources)
+        frontend = Slot(frontend_node, dict(frontend_resources))
+    beside = f" (plus the frontend's {_fmt(frontend_resources)})" if frontend else ""
     placed: dict[tuple[int, ...], list[Slot]] = {ids: [] for ids in groups}
     for replica in range(replicas):
         for ids in groups:
@@ -88,12 +94,11 @@ def plan(nodes: list[Node], num_experts: int, replicas: int = 1,
             if node is None:
                 raise PlacementError(
                     f"cannot place {num_experts} experts x {replicas} replica(s) in actors of "
-                    f"{experts_per_actor}, each needing {_fmt(expert_resources)} (plus the "
-                    f"frontend's {_fmt(frontend_resources)}): ran out at experts {list(ids)}, "
-                    f"replica {replica}; {describe(nodes)}")
+                    f"{experts_per_actor}, each needing {_fmt(expert_resources)}{beside}: ran "
+                    f"out at experts {list(ids)}, replica {replica}; {describe(nodes)}")
             _take(free, node, expert_resources)
             placed[ids].append(Slot(node, expert_resources))
-    return Plan(Slot(frontend_node, frontend_resources), placed)
+    return Plan(frontend, placed)
 
 
 def _fits(free: Mapping[str, float], need: Mapping[str, float]) -> bool:

@@ -1,5 +1,6 @@
-"""The Serve application: gateway (gRPC, CPU, stateless) -> engine deployment (one RayEngine
-per replica). `serve run deploy/serve.yaml` calls `build_app(args)`:
+"""The Serve application: gateway (gRPC, CPU, stateless) -> engine deployment (each replica is
+one engine's frontend and owns its expert actors: actors/server.py). `serve run
+deploy/serve.yaml` calls `build_app(args)`:
 
     model:            checkpoint directory; omitted: a `tiny` random checkpoint with the real
                       tokenizer, created once under $MIXTRAL_EP_CACHE (its text is gibberish)
@@ -9,27 +10,30 @@ per replica). `serve run deploy/serve.yaml` calls `build_app(args)`:
     transport:        channel (default: a ZeroMQ channel per expert actor) | object_refs
     experts_per_actor: expert ids per expert actor (default 1; must divide num_local_experts);
                       an actor is one placement unit asking for expert_resources
-    expert_resources, frontend_resources: Ray resources per actor (default: 1 GPU on cuda,
-                      a small CPU share on cpu)
+    expert_resources: Ray resources per expert actor (default: 1 GPU + 1 CPU on cuda, a
+                      small CPU share on cpu), reserved in the engine's placement group
+    frontend_resources: the engine replica's own resources, i.e. the frontend's (same
+                      defaults); they become EngineServer's `ray_actor_options`, which a
+                      `deployments:` entry of a Serve config replaces if it sets them
     engine_args:      Engine options (max_num_seqs, max_num_batched_tokens, max_waiting, ...)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 from ray.serve import Application
 
 from actors.gateway import Gateway
-from actors.server import EngineServer
+from actors.server import EngineOptions, EngineServer
 from model.checkpoint import WeightSource, cached_random_checkpoint
 
 # a child of Serve's logger: its handlers (replica log files, the console of `serve run`) and
 # its LoggingConfig apply; a plain module logger has no handler in a Serve process
 log = logging.getLogger(f"ray.serve.{__name__}")
 
-_ENGINE_KEYS = ("dtype", "device", "expert_replicas", "experts_per_actor", "expert_resources",
-                "frontend_resources", "engine_args", "threads", "placement_timeout_s", "transport")
+_ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineOptions))
 
 
 def build_app(args: dict) -> Application:
@@ -39,8 +43,9 @@ def build_app(args: dict) -> Application:
                          f"{', '.join(_ENGINE_KEYS)}")
     path = args.get("model") or str(cached_random_checkpoint("tiny"))
     name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny (random weights)"
-    options = {k: args[k] for k in _ENGINE_KEYS if k in args}
+    options = EngineOptions(**{k: args[k] for k in _ENGINE_KEYS if k in args})
     log.info("serving %s with %s; call it with:  python -m protos.client \"Hello\" "
              "--address localhost:9000  (gRPC mixtral_ep.v1.Generator)", path, options)
-    engine = EngineServer.bind(WeightSource(path=path), options)
+    engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
+        WeightSource(path=path), options)
     return Gateway.bind(engine, path, name)

@@ -109,11 +109,27 @@ def test_a_tiny_temperature_is_greedy_beside_its_neighbours(server, reference):
         assert list(pool.map(run, PROMPTS)) == [w.token_ids for w in want]
 
 
-def test_model_info(server):
+def test_model_info(server, ray_cluster):
     info = server.ModelInfo(pb.ModelInfoRequest(), timeout=60)
     assert info.num_experts == 8 and info.experts_per_token == 2 and info.vocab_size == 32000
     assert sorted(e.expert_id for e in info.experts) == list(range(8))
-    assert info.context_length == 4096 and info.frontend_node_id
+    expert_nodes = {n.node_id for n in ray_cluster.worker_nodes}
+    assert all(set(e.node_ids) <= expert_nodes for e in info.experts)
+    assert info.context_length == 4096
+    assert info.frontend_node_id == ray_cluster.head_node.node_id   # frontend_resources: the head
+
+
+def test_the_engine_replica_is_the_frontend_and_owns_its_experts(server, alive_actors,
+                                                                  engine_actors):
+    """No frontend actor between the replica and its engine: the replica runs the engine and
+    the dispatcher itself, and started (so owns) the 8 expert actors."""
+    replica, owned = engine_actors("mixtral-ep")
+    assert not alive_actors("Frontend")
+    assert len(owned) == 8 and len(alive_actors("ExpertWorker")) == 8
+    info = server.ModelInfo(pb.ModelInfoRequest(), timeout=60)
+    assert info.frontend_node_id == replica["Address"]["NodeID"]
+    assert sorted(n for e in info.experts for n in e.node_ids) == \
+        sorted(a["Address"]["NodeID"] for a in owned)
 
 
 def test_a_cancelled_stream_frees_its_kv_blocks(server):

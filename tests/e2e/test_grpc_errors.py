@@ -1,6 +1,7 @@
 """RESOURCE_EXHAUSTED and UNAVAILABLE over a real gRPC channel, on an engine of its own with room
-for one running and one waiting request (max_num_seqs=1, max_waiting=1). The last test kills
-that engine's frontend, so this module deploys its own application."""
+for one running and one waiting request (max_num_seqs=1, max_waiting=1). The last tests kill
+that engine's replica (which is its frontend) and delete the application, so this module
+deploys its own."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -11,17 +12,19 @@ import time
 import grpc
 import pytest
 import ray
+from ray import serve
 
-from cluster.local import EXPERT_SLOT
+from cluster.local import EXPERT_RESOURCE, EXPERT_SLOT
 from protos import generator_pb2 as pb
 
+APP = "mixtral-ep-one-slot"
 ONE_SLOT = {"max_num_seqs": 1, "max_waiting": 1}
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture(scope="module")
 def server(deploy, tiny_checkpoint):
-    return deploy("mixtral-ep-one-slot", {
+    return deploy(APP, {
         "model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
         "frontend_resources": {"CPU": 0.01}, "threads": 1, "engine_args": ONE_SLOT})
 
@@ -61,12 +64,47 @@ def test_requests_beyond_max_waiting_are_resource_exhausted(server):
         hog.cancel()
 
 
-def test_a_dead_frontend_is_unavailable(server):
-    # the GCS's actor table, as cluster/placement.py reads resources: the state API needs the
-    # dashboard, which can take longer than a test to answer on a loaded machine
-    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
-    [pid] = [a["Pid"] for a in alive if a["ActorClassName"] == "Frontend"]
-    os.kill(pid, signal.SIGKILL)
-    assert status(lambda: server.Generate(short("hello"), timeout=60)) == grpc.StatusCode.UNAVAILABLE
-    assert status(lambda: list(server.GenerateStream(short("hello"), timeout=60))) == \
-        grpc.StatusCode.UNAVAILABLE
+def free_expert_slots() -> float:
+    return sum(res.get(EXPERT_RESOURCE, 0.0)
+               for res in ray._private.state.available_resources_per_node().values())
+
+
+def wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+
+
+def test_a_dead_engine_replica_is_unavailable_and_takes_its_experts_along(server, engine_actors,
+                                                                         alive_actors):
+    """SIGKILL the replica in the middle of a stream: the client gets UNAVAILABLE; the replica's
+    expert actors and placement group go with it (Ray's ownership), and Serve's new replica
+    starts an engine of its own that serves again."""
+    replica, owned = engine_actors(APP)
+    assert len(owned) == 8
+    slots_in_use = len(owned)                   # EXPERT_SLOT: one `expert` per actor
+    all_slots = free_expert_slots() + slots_in_use
+    call = server.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=4000,
+                                                    temperature=0.0), timeout=120)
+    next(call)                                  # streaming from the replica's engine
+    os.kill(replica["Pid"], signal.SIGKILL)
+    assert status(lambda: list(call)) == grpc.StatusCode.UNAVAILABLE
+
+    def serves() -> bool:
+        return status(lambda: server.Generate(short("hello"), timeout=60)) == grpc.StatusCode.OK
+    wait_for(serves, "no new engine replica served")
+    new_replica, new_owned = engine_actors(APP)
+    assert new_replica["Pid"] != replica["Pid"] and len(new_owned) == 8
+    old = {a["ActorID"] for a in owned}
+    wait_for(lambda: not old & {a["ActorID"] for a in alive_actors("ExpertWorker")},
+             "the dead replica's expert actors outlived it", timeout_s=30)
+    wait_for(lambda: free_expert_slots() == all_slots - slots_in_use,
+             "the dead replica's placement group still holds expert slots", timeout_s=30)
+
+
+def test_deleting_the_application_kills_the_experts_and_frees_their_slots(server, alive_actors):
+    all_slots = free_expert_slots() + len(alive_actors("ExpertWorker"))
+    serve.delete(APP)
+    wait_for(lambda: not alive_actors("ExpertWorker"), "expert actors outlived their engine", 30)
+    wait_for(lambda: free_expert_slots() == all_slots, "expert slots still reserved", 30)

@@ -45,3 +45,27 @@ def test_serve_config_matches_serves_schema_and_imports(name):
         assert callable(getattr(importlib.import_module(module), func))
     module, builder = config.applications[0].import_path.split(":")
     assert callable(getattr(importlib.import_module(module), builder))
+
+
+def test_the_engine_replica_asks_for_the_frontends_resources():
+    """The replica is the frontend: its ray_actor_options are what the frontend needs."""
+    from actors.server import EngineOptions
+    assert EngineOptions(device="cuda").ray_actor_options() == {
+        "num_cpus": 1, "num_gpus": 1, "resources": {}}
+    assert EngineOptions().ray_actor_options() == {"num_cpus": 0.01, "num_gpus": 0, "resources": {}}
+    assert EngineOptions(frontend_resources={"CPU": 0.5, "frontend": 1}).ray_actor_options() == {
+        "num_cpus": 0.5, "num_gpus": 0, "resources": {"frontend": 1}}
+
+
+def test_the_gpu_config_gives_the_engine_replica_its_gpu():
+    app = yaml.safe_load((ROOT / "deploy/serve-gpu.yaml").read_text())["applications"][0]
+    [engine] = [d for d in app["deployments"] if d["name"] == "EngineServer"]
+    assert engine["ray_actor_options"]["num_gpus"] == 1
+    assert engine["ray_actor_options"]["resources"] == {"frontend": 1}
+    assert "frontend_resources" not in app["args"]      # one place says it: the deployment's
+
+
+def test_unknown_application_args_are_refused():
+    from deploy.app import build_app
+    with pytest.raises(ValueError, match=r"unknown application args \['frontend'\]"):
+        build_app({"model": "/nowhere", "frontend": {"GPU": 1}})

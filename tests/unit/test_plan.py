@@ -51,7 +51,18 @@ def test_not_enough_capacity_fails_with_what_was_needed_and_what_is_there():
 
 def test_no_gpu_anywhere():
     with pytest.raises(PlacementError, match=r"no node can hold the frontend \(\{GPU: 1\}\)"):
-        plan(expert_nodes(2), 8)
+        plan(expert_nodes(2), 8, 1, {"GPU": 1}, {"GPU": 1})
+    with pytest.raises(PlacementError, match=r"each needing \{GPU: 1\}: ran out"):
+        plan(expert_nodes(2), 8)                 # experts ask for a GPU by default
+
+
+def test_a_plan_without_a_frontend_reserves_only_the_experts():
+    """The served path: the frontend is the Serve replica, already placed by Serve."""
+    p = plan([HEAD] + expert_nodes(2, slots=4), 8, 1, {"expert": 1}, None)
+    assert p.frontend is None and len(p.slots()) == 8 and p.slots() == [s for _, s in p.actors()]
+    with pytest.raises(PlacementError) as err:
+        plan([HEAD] + expert_nodes(1, slots=4), 8, 1, {"expert": 1}, None)
+    assert "frontend" not in str(err.value).split(";")[0]
 
 
 def test_bad_replicas():
