@@ -16,7 +16,6 @@ import concurrent.futures
 import logging
 import random
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
