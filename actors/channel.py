@@ -80,7 +80,7 @@ class ChannelServer:
 
     def __init__(self, compute: Compute, host: str, secret: str):
         self._compute = compute
-        self._context = zmq.Context()
+        self._context = zmq.Context.instance()   # process-wide, never terminated by GC
         self._auth = ThreadAuthenticator(self._context, log=_RefusalLog(log, {}))
         self._auth.start()
         self._auth.configure_plain(domain="*", passwords={USER.decode(): secret})
@@ -133,7 +133,9 @@ class ChannelTransport:
 
     def __init__(self, secret: str, poll_s: float = 0.5, timeout_s: float = 30.0):
         self._secret, self._poll_s, self._timeout_s = secret, poll_s, timeout_s
-        self._context = zmq.Context()
+        # process-wide: a context of its own would be terminated when the transport is garbage
+        # collected, and zmq_ctx_term blocks while any frame it sent is still referenced
+        self._context = zmq.Context.instance()
         self._peers: dict[str, _Peer] = {}
         self._alive: dict[str, ray.ObjectRef] = {}    # actor -> its until_stopped() task
         self._early: dict[int, tuple[zmq.Frame, zmq.Frame]] = {}  # replies read ahead, by seq
@@ -235,4 +237,3 @@ class ChannelTransport:
     def close(self) -> None:
         for key in list(self._peers):
             self._drop(key)
-        self._context.term()
