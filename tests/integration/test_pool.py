@@ -2,6 +2,8 @@
 engine replica is the frontend), and a shutdown that leaves nothing behind."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 
@@ -15,9 +17,21 @@ def free(resource: str) -> float:
                for res in ray._private.state.available_resources_per_node().values())
 
 
+def all_free() -> tuple[float, float]:
+    """Wait until actors killed by earlier tests have given their slots back (Ray frees them
+    asynchronously), then return the free (expert, frontend) slots: the whole cluster's."""
+    total = ray.cluster_resources()
+    deadline = time.monotonic() + 60
+    while (free(EXPERT_RESOURCE), free(FRONTEND_RESOURCE)) != (total[EXPERT_RESOURCE],
+                                                               total[FRONTEND_RESOURCE]):
+        assert time.monotonic() < deadline, "earlier tests' actors never gave their slots back"
+        time.sleep(0.5)
+    return free(EXPERT_RESOURCE), free(FRONTEND_RESOURCE)
+
+
 def test_a_pool_without_a_frontend_reserves_the_experts_only_and_frees_them(ray_cluster,
                                                                             tiny_checkpoint):
-    before = free(EXPERT_RESOURCE), free(FRONTEND_RESOURCE)
+    before = all_free()
     pool = ExpertPool.start(WeightSource(path=str(tiny_checkpoint)),
                             expert_resources=EXPERT_SLOT, experts_per_actor=2, threads=1)
     try:
