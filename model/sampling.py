@@ -113,8 +113,9 @@ Sampled = tuple[int, float] | SamplingError        # (token id, its logprob) or 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[Sampled]:
-    """logits (B, V) fp32 -> per row (token id, logprob) or a SamplingError for that row alone
-    (one host sync per step for the batch)."""
+    """logits (B, V) fp32 -> per row (token id, logprob) or a SamplingError for that row alone.
+    Host syncs are per step, not per greedy row: the non-finite rows, the tokens, their logprobs
+    (a sampled row adds its own draw)."""
     logprobs = torch.log_softmax(logits, dim=-1)                        # (B, V)
     tokens = torch.argmax(logits, dim=-1)                               # (B,)
     bad = (logits.isnan() | (logits == math.inf)).any(-1) | (logits == -math.inf).all(-1)  # (B,)
