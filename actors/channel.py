@@ -22,6 +22,10 @@ the actor dies). A dead actor, a passed `timeout_s` or a failed (re)connect retu
 (retriable: the dispatcher re-sends to a replica or, after the restart, to the same actor, and
 the transport reconnects to the restarted actor's new endpoint). An error raised inside the
 expert returns `ExpertError` (not retriable).
+GPU: rows cross every transport as host tensors. On CUDA they are copied into page-locked
+(pinned) memory from torch's caching host allocator (`host_rows`, `device_rows`), so copies use
+DMA and a buffer is reused once its last reference (a sent ZeroMQ frame included) is gone and its
+copy has finished; device-to-device transfer (CUDA IPC, NCCL) is not built yet.
 Shapes: n rows for this actor, D hidden, k expert ids the actor holds.
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ import logging
 import struct
 import threading
 import time
+import weakref
 from typing import Callable
 
 import ray
@@ -55,6 +60,30 @@ class PeerLost(ConnectionError):
 
 class ExpertError(RuntimeError):
     """The expert actor raised while computing: sending it again would fail again."""
+
+
+def pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` in pinned host memory, from torch's caching host allocator (which reuses
+    a freed block only after the copies recorded on it have finished). Waits for the copy."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+
+def host_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows to send: `t` itself on CPU, a pinned host copy of a CUDA tensor."""
+    return pinned_copy(t) if t.device.type == "cuda" else t
+
+
+def empty_host_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised host tensor like `t`, pinned if `t` is: where replies are gathered."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_pinned())
+
+
+def device_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Received host rows onto `device`: `t` itself on CPU; on CUDA an asynchronous copy from
+    pinned memory (later work on the current stream is ordered after it)."""
+    if device.type != "cuda":
+        return t
+    return (t if t.is_pinned() else pinned_copy(t)).to(device, non_blocking=True)
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -138,7 +167,11 @@ class ChannelTransport:
         self._context = zmq.Context.instance()
         self._peers: dict[str, _Peer] = {}
         self._alive: dict[str, ray.ObjectRef] = {}    # actor -> its until_stopped() task
-        self._early: dict[int, tuple[zmq.Frame, zmq.Frame]] = {}  # replies read ahead, by seq
+        # replies read while awaiting another on the same socket (a retry sent behind the other
+        # micro-batch's call), kept by sequence until their `receive`; a sequence leaves
+        # `_awaited` when read, lost, or when its `_Sent` is dropped unread (a failed step)
+        self._early: dict[int, tuple[zmq.Frame, zmq.Frame]] = {}
+        self._awaited: set[int] = set()
         self._seq = itertools.count()
 
     def __call__(self, layer: int, requests) -> list:
@@ -156,11 +189,13 @@ class ChannelTransport:
                 peer.socket.send_multipart([head + struct.pack(f"<{len(counts)}i", *counts),
                                             _as_bytes(x)], copy=False)
                 sent.waiting[i] = (peer, key, seq)
+                self._awaited.add(seq)
             except Exception as e:  # noqa: BLE001 - classified by the dispatcher
                 self._drop(key)
                 sent.results[i] = e if isinstance(e, (ray.exceptions.RayActorError,
                                                       ray.exceptions.ActorUnavailableError)) \
                     else PeerLost(f"channel to expert actor {key[:8]}: {e}")
+        weakref.finalize(sent, self._forget, [seq for _, _, seq in sent.waiting.values()])
         return sent
 
     def receive(self, sent: "_Sent") -> list:
@@ -190,16 +225,25 @@ class ChannelTransport:
         head, body = socket.recv_multipart(copy=False)
         got = REPLY.unpack_from(head.buffer)[0]
         if got != seq:
-            self._early[got] = (head, body)
+            if got in self._awaited:
+                self._early[got] = (head, body)
             return False
         self._store(sent, i, head, body)
+        self._awaited.discard(seq)
         return True
 
     def _take_early(self, sent: "_Sent", i: int, seq: int) -> bool:
         frames = self._early.pop(seq, None)
         if frames is not None:
             self._store(sent, i, *frames)
+            self._awaited.discard(seq)
         return frames is not None
+
+    def _forget(self, seqs: list[int]) -> None:
+        """A `_Sent` is gone: its replies, read or still to come, have no reader."""
+        for seq in seqs:
+            self._awaited.discard(seq)
+            self._early.pop(seq, None)
 
     @staticmethod
     def _store(sent: "_Sent", i: int, head: zmq.Frame, body: zmq.Frame) -> None:

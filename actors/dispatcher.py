@@ -30,7 +30,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.channel import ChannelTransport, PeerLost
+from actors.channel import ChannelTransport, PeerLost, device_rows, empty_host_like, host_rows
 from model.moe import ExpertGroups, group_by_expert
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Dispatcher:
         caller can do other work: the other micro-batch's attention."""
         t0 = time.perf_counter()
         groups = group_by_expert(weights, experts, self.num_experts)
-        xs = x[groups.rows].cpu()                                       # (P, D) by expert
+        xs = host_rows(x[groups.rows])                          # (P, D) by expert, on the host
         calls = self._calls(groups)
         send = getattr(self.transport, "send", None)
         sent = send(layer, self._requests(xs, calls)) if send else None
@@ -134,7 +134,7 @@ class Dispatcher:
             t2 = time.perf_counter()
             ys, compute_s = self._send(layer, xs, calls, sent)          # (P, D)
             t3 = time.perf_counter()
-            out = groups.combine(ys.to(x.device), x.shape[0])           # (N, D)
+            out = groups.combine(device_rows(ys, x.device), x.shape[0])  # (N, D)
             t4 = time.perf_counter()
             self.timings.append({"layer": layer, "rows": x.shape[0], "dispatch": t1 - t0,
                                  "transport": t3 - t2 - compute_s, "compute": compute_s,
@@ -173,7 +173,7 @@ class Dispatcher:
     def _send(self, layer: int, xs: torch.Tensor, calls: list[Call],
               sent=None) -> tuple[torch.Tensor, float]:
         """Exchange the calls (the first attempt maybe already sent), re-sending what failed."""
-        ys = torch.empty_like(xs)
+        ys = empty_host_like(xs)
         pending = calls
         attempts, deadline, compute_s = 0, self._clock() + self.retry_timeout_s, 0.0
         while pending:

@@ -57,7 +57,8 @@ class RayEngine:
     def from_source(cls, source: WeightSource, dtype: str = "float32", *,
                     expert_replicas: int = 1, experts_per_actor: int = 1, device: str = "cpu",
                     expert_resources: dict | None = None, frontend_resources: dict | None = None,
-                    placement_timeout_s: float = 60.0, threads: int | None = None,
+                    placement_timeout_s: float = 60.0, frontend_threads: int | None = None,
+                    expert_threads: int | None = None,
                     engine_args: dict | None = None, dispatch_args: dict | None = None,
                     transport: str = "channel") -> "RayEngine":
         """device "cuda": each actor asks for a GPU by default (pass fractional `GPU`
@@ -65,14 +66,18 @@ class RayEngine:
         `experts_per_actor` expert ids (must divide num_local_experts, else PlacementError) and
         asks for `expert_resources` as a whole. `transport`: "channel" (a ZeroMQ channel per
         expert actor, authenticated with a secret made here) or "object_refs" (a Ray task per
-        actor per layer); see actors/dispatcher.py."""
+        actor per layer); see actors/dispatcher.py. `frontend_threads` / `expert_threads`:
+        torch threads of the frontend (None: every core on CPU) / of each expert actor (None:
+        Ray's default for its CPUs, 1 for a fractional share)."""
         pool = ExpertPool.start(
             source, dtype, device, expert_replicas=expert_replicas,
             experts_per_actor=experts_per_actor, expert_resources=expert_resources,
-            frontend_resources=frontend_resources or default_resources(device), threads=threads,
+            frontend_resources=frontend_resources or default_resources(device),
+            expert_threads=expert_threads,
             placement_timeout_s=placement_timeout_s)
         frontend = ray.remote(max_restarts=0)(Frontend).options(**pool.frontend_options()).remote(
-            source, pool.experts, dtype, device, threads, engine_args, dispatch_args, transport)
+            source, pool.experts, dtype, device, frontend_threads, engine_args, dispatch_args,
+            transport)
         engine = cls(frontend, pool, Tokenizer.from_pretrained(source.path))
         try:
             pool.ready()

@@ -18,7 +18,7 @@ import time
 import ray
 import torch
 
-from actors.channel import ChannelServer
+from actors.channel import ChannelServer, device_rows, host_rows
 from actors.info import WorkerInfo
 from model.checkpoint import WeightSource, torch_dtype
 from model.mixtral import expert_names
@@ -48,13 +48,13 @@ class ExpertWorker:
         start = time.perf_counter()
         assert x.ndim == 2 and x.shape[1] == self.hidden_size, f"x must be (n, {self.hidden_size})"
         assert sum(counts) == x.shape[0] and len(counts) == len(self.expert_ids), "bad counts"
-        x = x.to(self.device, non_blocking=True)
+        x = device_rows(x, self.device)
         parts, begin = [], 0
         for expert, n in zip(self.expert_ids, counts):
             if n:
                 parts.append(self.experts.compute(layer, expert, x[begin:begin + n]))
             begin += n
-        y = (torch.cat(parts) if parts else x[:0]).cpu()
+        y = host_rows(torch.cat(parts) if parts else x[:0])
         return y, time.perf_counter() - start
 
     def open_channel(self, secret: str) -> str:

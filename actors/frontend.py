@@ -11,6 +11,7 @@ expert actors: their owner (actors/pool.py) does.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import time
 
@@ -35,10 +36,12 @@ class Frontend:
                  device: str = "cpu", threads: int | None = None,
                  engine_args: dict | None = None, dispatch_args: dict | None = None,
                  transport: str = "channel"):
-        """Loads the non-expert weights (blocking). `threads`: torch threads of this process;
-        `transport`: "channel" (with `experts.secret`) or "object_refs" (actors/dispatcher.py)."""
-        if threads:
-            torch.set_num_threads(threads)
+        """Loads the non-expert weights (blocking). `threads`: torch threads of this process
+        (None: on CPU every core it may use, since the frontend and the experts take turns
+        within a layer; Ray would give a fractional-CPU actor one); `transport`: "channel" (with
+        `experts.secret`) or "object_refs" (actors/dispatcher.py)."""
+        torch.set_num_threads(threads or (len(os.sched_getaffinity(0)) if device == "cpu"
+                                          else torch.get_num_threads()))
         cfg = source.model_config()
         tensors = source.load(non_expert_names(cfg), torch_dtype(dtype), device)
         model = Mixtral.from_tensors(cfg, tensors)
@@ -85,7 +88,12 @@ class Frontend:
 
     def _profile_dispatch(self, batch: int, repeats: int, layer: int) -> dict[str, float]:
         """Time route + one dispatcher round trip for `batch` random hidden rows of `layer`;
-        medians in seconds per phase (routing is the model's, the rest the dispatcher's)."""
+        medians in seconds per phase (routing is the model's, the rest the dispatcher's). Holds
+        the engine's step lock: steps and this never share the channel's sockets."""
+        with self.engine.step_lock:
+            return self._profile_dispatch_locked(batch, repeats, layer)
+
+    def _profile_dispatch_locked(self, batch: int, repeats: int, layer: int) -> dict[str, float]:
         model, cfg = self.engine.model, self.engine.cfg
         gate = model.model.layers[layer].block_sparse_moe.gate.weight
         gen = torch.Generator(device=gate.device).manual_seed(batch)

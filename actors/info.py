@@ -14,6 +14,7 @@ import os
 from typing import Iterable, Mapping
 
 import ray
+import torch
 
 from model.checkpoint import materialised_names
 
@@ -40,10 +41,13 @@ class WorkerInfo:
     nbytes: int                                 # bytes of the weights it keeps
     kept: frozenset[str]                        # checkpoint tensor names it keeps
     read: frozenset[str]                        # names this process read or built, ever
+    threads: int                                # torch's intra-op threads
+    env: dict[str, str]                         # the process's OpenMP variables (OMP_*, GOMP_*)
 
     @classmethod
     def of_this_process(cls, expert_ids: Iterable[int], nbytes: int,
                         kept: Iterable[str]) -> "WorkerInfo":
         """Filled in inside the actor: its node, pid and what its process materialised."""
         return cls(ray.get_runtime_context().get_node_id(), os.getpid(), tuple(expert_ids),
-                   nbytes, frozenset(kept), materialised_names())
+                   nbytes, frozenset(kept), materialised_names(), torch.get_num_threads(),
+                   {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 
 import ray
@@ -37,6 +38,25 @@ from model.checkpoint import WeightSource
 log = logging.getLogger(__name__)
 
 CPU_ACTOR = {"CPU": 0.01}   # a small CPU share: label/PG scheduling misplaces 0-CPU actors
+
+# On CPU the frontend and its expert actors share cores, taking turns within every layer. GNU
+# OpenMP (PyTorch's on Linux) lets an idle worker thread spin GOMP_SPINCOUNT times (default
+# 300,000) before it sleeps, so the frontend's spinning threads took the cores its experts
+# computed on: a decode step at batch 64 (`small`, 2 cores, 2 actors x 4 experts) took 156 ms,
+# and 121-127 ms with 3,000-30,000 spins. Fewer spins than that slow the frontend's own ops:
+# 0 spins (OMP_WAIT_POLICY=PASSIVE) made the in-process engine 29% slower. libgomp reads it at
+# process start, so it goes into the frontend process's runtime_env; a value set by the user
+# wins. https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html
+FRONTEND_CPU_ENV = {"GOMP_SPINCOUNT": "30000"}
+
+
+def frontend_runtime_env(device: str) -> dict:
+    """The frontend process's `runtime_env` option: on CPU, FRONTEND_CPU_ENV's variables that
+    this process's environment does not set; nothing on CUDA."""
+    if device != "cpu":
+        return {}
+    env = {k: v for k, v in FRONTEND_CPU_ENV.items() if k not in os.environ}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def default_resources(device: str) -> dict[str, float]:
@@ -54,18 +74,20 @@ class Experts:
 
 
 class ExpertPool:
-    def __init__(self, experts: Experts, pg: PlacementGroup, plan_: Plan):
-        self.experts, self._pg, self._plan = experts, pg, plan_
+    def __init__(self, experts: Experts, pg: PlacementGroup, plan_: Plan, device: str):
+        self.experts, self._pg, self._plan, self._device = experts, pg, plan_, device
 
     @classmethod
     def start(cls, source: WeightSource, dtype: str = "float32", device: str = "cpu", *,
               expert_replicas: int = 1, experts_per_actor: int = 1,
               expert_resources: dict | None = None, frontend_resources: dict | None = None,
-              threads: int | None = None, placement_timeout_s: float = 60.0) -> "ExpertPool":
+              expert_threads: int | None = None, placement_timeout_s: float = 60.0) -> "ExpertPool":
         """Plan, reserve and start the expert actors (without waiting for them: `ready()`).
         PlacementError when the cluster cannot hold the plan (nothing left reserved).
         `expert_resources` per actor (default `default_resources(device)`);
-        `frontend_resources`: a bundle for a frontend actor, or None for none."""
+        `frontend_resources`: a bundle for a frontend actor, or None for none.
+        `expert_threads`: torch threads per expert actor (None: the process default, which Ray
+        sets from the actor's CPUs: 1 for a fractional share)."""
         p = plan(cluster_nodes(), source.model_config().num_local_experts, expert_replicas,
                  expert_resources or default_resources(device), frontend_resources,
                  experts_per_actor)
@@ -74,12 +96,12 @@ class ExpertPool:
         # threads: its channel's liveness task blocks one, calls (info, compute) use the others
         remote = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(ExpertWorker)
         actors = [remote.options(**actor_options(pg, bundle, slot)).remote(
-                      source, list(ids), dtype, device, threads)
+                      source, list(ids), dtype, device, expert_threads)
                   for bundle, (ids, slot) in enumerate(p.actors(), start=first)]
         experts = Experts(actors, [list(ids) for ids, _ in p.actors()], secrets.token_hex(32))
         log.info("expert pool: %d actors of %d expert(s), %d replica(s) each, starting",
                  len(actors), experts_per_actor, expert_replicas)
-        return cls(experts, pg, p)
+        return cls(experts, pg, p, device)
 
     def ready(self) -> None:
         """Wait until every expert actor has loaded its weights; raise an actor's start-up
@@ -87,11 +109,13 @@ class ExpertPool:
         ray.get([a.info.remote() for a in self.experts.actors])
 
     def frontend_options(self) -> dict:
-        """`.options(...)` that put a frontend actor into the bundle reserved for it;
-        ValueError if the pool was started without `frontend_resources` (or is shut down)."""
+        """`.options(...)` that put a frontend actor into the bundle reserved for it, with
+        `frontend_runtime_env`; ValueError if the pool was started without
+        `frontend_resources` (or is shut down)."""
         if self._plan.frontend is None or self._pg is None:
             raise ValueError("this pool reserved no frontend bundle (frontend_resources=None)")
-        return actor_options(self._pg, 0, self._plan.frontend)
+        return {**actor_options(self._pg, 0, self._plan.frontend),
+                **frontend_runtime_env(self._device)}
 
     def shutdown(self) -> None:
         """Kill the expert actors (no restart) and release the placement group; idempotent."""

@@ -23,7 +23,7 @@ from ray import serve
 
 from actors.frontend import Frontend
 from actors.info import EngineInfo
-from actors.pool import ExpertPool, default_resources
+from actors.pool import ExpertPool, default_resources, frontend_runtime_env
 from cluster.placement import resource_options
 from model.checkpoint import WeightSource
 from model.engine import SamplingParams
@@ -42,15 +42,18 @@ class EngineOptions:
     experts_per_actor: int = 1
     expert_resources: dict | None = None        # per expert actor
     frontend_resources: dict | None = None      # the replica's own: ray_actor_options()
-    threads: int | None = None                  # torch threads per process
+    frontend_threads: int | None = None         # torch threads of the replica (None: all cores)
+    expert_threads: int | None = None           # per expert actor (None: Ray's, 1 if fractional)
     placement_timeout_s: float = 60.0
     transport: str = "channel"
     engine_args: dict | None = None
 
     def ray_actor_options(self) -> dict:
         """The replica's resources, i.e. the frontend's: `frontend_resources`, by default
-        a GPU and a CPU on cuda, a small CPU share on cpu."""
-        return resource_options(self.frontend_resources or default_resources(self.device))
+        a GPU and a CPU on cuda, a small CPU share on cpu; and the frontend's runtime_env
+        (actors/pool.py: frontend_runtime_env)."""
+        return {**resource_options(self.frontend_resources or default_resources(self.device)),
+                **frontend_runtime_env(self.device)}
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.01})
@@ -61,10 +64,11 @@ class EngineServer:
         o = options
         pool = ExpertPool.start(source, o.dtype, o.device, expert_replicas=o.expert_replicas,
                                 experts_per_actor=o.experts_per_actor,
-                                expert_resources=o.expert_resources, threads=o.threads,
+                                expert_resources=o.expert_resources,
+                                expert_threads=o.expert_threads,
                                 placement_timeout_s=o.placement_timeout_s)
         try:
-            frontend = Frontend(source, pool.experts, o.dtype, o.device, o.threads,
+            frontend = Frontend(source, pool.experts, o.dtype, o.device, o.frontend_threads,
                                 o.engine_args, transport=o.transport)
             pool.ready()
         except BaseException:

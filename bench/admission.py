@@ -53,7 +53,7 @@ def time_calls(engine: Engine, calls: int, locked: bool, spacing_s: float) -> di
 def timed(bucket: list[float], call, engine: Engine, locked: bool):
     start = time.perf_counter()
     if locked:                       # the old design: wait for the step's lock
-        with engine._lock:
+        with engine.step_lock:
             result = call()
     else:
         result = call()

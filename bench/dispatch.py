@@ -64,9 +64,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--configs", default="channel:1,channel:2,object_refs:1")
     ap.add_argument("--experts-per-actor", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process engine")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads of the in-process engine and of the frontend")
     ap.add_argument("--actor-threads", type=int, default=1,
-                    help="torch threads per actor (9 actors share the machine's cores)")
+                    help="torch threads per expert actor")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runs = 1 if args.quick else args.runs
@@ -80,7 +81,8 @@ def main() -> None:
     for config in args.configs.split(","):
         transport, micro_batches = config.split(":")
         dist = RayEngine.from_pretrained(path, device=args.device, expert_resources=resources,
-                                         frontend_resources=resources, threads=args.actor_threads,
+                                         frontend_resources=resources, frontend_threads=args.threads,
+                                         expert_threads=args.actor_threads,
                                          transport=transport, experts_per_actor=args.experts_per_actor,
                                          engine_args={"micro_batches": int(micro_batches)})
         transport = f"{transport}, {micro_batches} micro-batch(es)"

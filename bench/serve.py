@@ -6,14 +6,17 @@
 For 1, 8 and 32 concurrent clients, each sending requests back to back (GenerateStream, greedy,
 prompt ~100 tokens, 32 new tokens), prints requests/s, generated tokens/s, p50/p99 time to first
 token and p50/p99 inter-token latency, for the server and for the in-process Engine.stream with
-the same concurrency, and the server / in-process tokens/s ratio.
+the same concurrency, and the server / in-process tokens/s ratio; then how many cores each
+process of the server kept busy at each level (where the served path's time goes).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import logging
+import os
 import random
 import socket
 import sys
@@ -93,6 +96,34 @@ def run_local(engine: Engine, texts: list[str], concurrency: int, max_tokens: in
     return summarize(time.perf_counter() - start, ttfts, gaps, sum(tokens), len(texts))
 
 
+def processes() -> dict[str, list[int]]:
+    """Local pids by role: each live Ray actor by its class (Serve replicas by deployment),
+    Ray's raylet and GCS, and this process (the clients)."""
+    from ray.util.state import list_actors
+    roles = collections.defaultdict(list, {"clients (this process)": [os.getpid()]})
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
+        roles[actor.class_name.split(":")[-1]].append(actor.pid)
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if (name := comm.read_text().strip()) in ("raylet", "gcs_server"):
+                roles[name].append(int(comm.parent.name))
+        except OSError:
+            continue
+    return roles
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (/proc/PID/stat; gone ones: 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,6 +135,9 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="tiny model, fewer requests")
+    ap.add_argument("--experts-per-actor", type=int, default=1)
+    ap.add_argument("--frontend-threads", type=int, default=None,
+                    help="torch threads of the engine replica (default: every core)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     preset = "tiny" if args.quick else args.preset
@@ -116,13 +150,18 @@ def main() -> None:
     serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
                 grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
                     "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"]))
-    serve.run(build_app({"model": str(path), "threads": 1}), name="bench", route_prefix="/")
+    serve.run(build_app({"model": str(path), "experts_per_actor": args.experts_per_actor,
+                         "frontend_threads": args.frontend_threads}), name="bench", route_prefix="/")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.GeneratorStub(channel)
     list(stub.GenerateStream(pb.GenerateRequest(prompt="warm up", max_tokens=2), timeout=300))
-    served = {}
+    served, cores = {}, {}
+    roles = processes()
     for c in levels:
+        before = {role: cpu_seconds(pids) for role, pids in roles.items()}
         served[c] = run_grpc(stub, per_level[c], c, args.max_tokens)
+        wall = len(per_level[c]) / served[c]["req/s"]
+        cores[c] = {role: (cpu_seconds(pids) - before[role]) / wall for role, pids in roles.items()}
         log.info("grpc x%d: %s", c, served[c])
     channel.close()
     serve.shutdown()
@@ -136,8 +175,9 @@ def main() -> None:
         log.info("in-process x%d: %s", c, local[c])
 
     lines = [f"{preset} checkpoint, fp32, greedy, {args.max_tokens} new tokens, ~100-token prompts; "
-             "server = Serve gRPC proxy -> gateway -> engine replica (the frontend, 1 thread) -> "
-             "8 expert actors (1 thread each); in-process = Engine.stream (2 threads)", "",
+             f"server = Serve gRPC proxy -> gateway -> engine replica (the frontend, "
+             f"{args.frontend_threads or 'all'} threads) -> {8 // args.experts_per_actor} expert "
+             "actors (1 thread each); in-process = Engine.stream (2 threads)", "",
              "| clients | path | req/s | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | served / in-process tok/s |",
              "|---|---|---|---|---|---|---|"]
     for c in levels:
@@ -146,6 +186,13 @@ def main() -> None:
             lines.append(f"| {c} | {name} | {r['req/s']:.2f} | {r['tok/s']:.1f} | "
                          f"{r['ttft p50'] * 1e3:.0f} / {r['ttft p99'] * 1e3:.0f} | "
                          f"{r['itl p50'] * 1e3:.0f} / {r['itl p99'] * 1e3:.0f} | {ratio} |")
+    lines += ["", "Cores busy per process while serving (CPU seconds / wall seconds, from /proc):", "",
+              "| process | " + " | ".join(f"{c} clients" for c in levels) + " |",
+              "|---|" + "---|" * len(levels)]
+    for role in sorted(roles, key=lambda r: -cores[levels[-1]][r]):
+        lines.append(f"| {role} ({len(roles[role])}) | "
+                     + " | ".join(f"{cores[c][role]:.2f}" for c in levels) + " |")
+    lines.append("| all of the above | " + " | ".join(f"{sum(cores[c].values()):.2f}" for c in levels) + " |")
     print("\n".join(lines))
 
 

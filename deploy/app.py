@@ -15,6 +15,9 @@ deploy/serve.yaml` calls `build_app(args)`:
     frontend_resources: the engine replica's own resources, i.e. the frontend's (same
                       defaults); they become EngineServer's `ray_actor_options`, which a
                       `deployments:` entry of a Serve config replaces if it sets them
+    frontend_threads: torch threads of the engine replica (default: every core on cpu; it gets a
+                      short OpenMP spin there, actors/pool.py: FRONTEND_CPU_ENV)
+    expert_threads:   torch threads per expert actor (default: Ray's for its CPUs, 1 for a share)
     engine_args:      Engine options (max_num_seqs, max_num_batched_tokens, max_waiting, ...)
 """
 from __future__ import annotations

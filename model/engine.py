@@ -84,7 +84,7 @@ class Engine:
         self.max_waiting = max_waiting
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
-        self._lock = threading.RLock()            # held for a whole step
+        self.step_lock = threading.RLock()  # held for a whole step; other users of the model too
         self._pending_lock = threading.Lock()     # held for microseconds: adds and aborts
         self._pending: list[_Tracked | str] = []  # admitted requests, and ids to abort, in order
         self._streams = Streams(self.step, self.has_unfinished)
@@ -157,11 +157,11 @@ class Engine:
         self._apply_pending_if_idle()
 
     def _apply_pending_if_idle(self) -> None:
-        if self._lock.acquire(blocking=False):
+        if self.step_lock.acquire(blocking=False):
             try:
                 self._apply_pending()
             finally:
-                self._lock.release()
+                self.step_lock.release()
 
     def _apply_pending(self) -> None:
         """Apply queued adds and aborts in their order (caller holds the step lock)."""
@@ -189,7 +189,7 @@ class Engine:
         chunk to its request's stream. If the forward pass fails, the step's requests fail
         with the error (their streams get it) and it is raised; other requests carry on."""
         try:
-            with self._lock:
+            with self.step_lock:
                 self._apply_pending()
                 scheduled = self.scheduler.schedule()
                 try:

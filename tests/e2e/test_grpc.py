@@ -19,7 +19,8 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
 @pytest.fixture(scope="module")
 def server(deploy, tiny_checkpoint):
     return deploy("mixtral-ep", {"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
-                                 "frontend_resources": FRONTEND_SLOT, "threads": 1,
+                                 "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
+                                 "expert_threads": 1,
                                  "engine_args": {"max_waiting": 64}})
 
 

@@ -26,7 +26,8 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 def server(deploy, tiny_checkpoint):
     return deploy(APP, {
         "model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
-        "frontend_resources": {"CPU": 0.01}, "threads": 1, "engine_args": ONE_SLOT})
+        "frontend_resources": {"CPU": 0.01}, "frontend_threads": 1, "expert_threads": 1,
+        "engine_args": ONE_SLOT})
 
 
 def short(prompt: str) -> pb.GenerateRequest:

@@ -1,4 +1,5 @@
-"""CUDA paths: the same checkpoint on GPU equals the CPU engine; flash-attn equals SDPA.
+"""CUDA paths: the same checkpoint on GPU equals the CPU engine; flash-attn equals SDPA; the
+expert data plane on CUDA (pinned host copies) equals the in-process CUDA engine.
 Skipped (never faked) without a CUDA device."""
 from __future__ import annotations
 
@@ -69,3 +70,42 @@ def test_bf16_cuda_close_to_fp32(tiny_checkpoint, cpu_engine):
         chosen = ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]          # (16,)
         shortfall = (ref.max(1).values - chosen).max().item()
         assert shortfall <= BF16_REL * ref.abs().max().item(), (out.token_ids, shortfall)
+
+
+def test_rows_cross_the_channel_as_pinned_host_copies():
+    """actors/channel.py: CUDA rows go to page-locked host memory and back, unchanged."""
+    from actors.channel import device_rows, empty_host_like, host_rows
+    x = torch.randn(5, 8, device="cuda")
+    host = host_rows(x)
+    assert host.device.type == "cpu" and host.is_pinned() and torch.equal(host, x.cpu())
+    assert empty_host_like(host).is_pinned()
+    for rows in (host, x.cpu()):                    # pinned (a reply), pageable (a ZeroMQ frame)
+        back = device_rows(rows, x.device)
+        torch.cuda.synchronize()
+        assert back.device == x.device and torch.equal(back, x)
+
+
+@pytest.mark.parametrize("transport", ["channel", "object_refs"])
+def test_ray_engine_on_cuda_equals_the_cuda_engine(tiny_checkpoint, transport):
+    """Frontend and 8 expert actors sharing the GPU (0.1 each): the rows cross as pinned host
+    copies, and logits and greedy tokens equal the in-process CUDA engine's."""
+    import ray
+    from actors import RayEngine
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    share = {"CPU": 0.01, "GPU": 0.1}
+    engine = RayEngine.from_pretrained(tiny_checkpoint, device="cuda", expert_resources=share,
+                                       frontend_resources=share, transport=transport)
+    try:
+        reference = Engine.from_pretrained(tiny_checkpoint, device="cuda")
+        ids = [reference.tokenizer.encode(p) for p in PROMPTS]
+        for got, want in zip(engine.logits(ids), reference.logits(ids)):
+            _close(got, want, 1e-5)
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        assert ([o.token_ids for o in engine.generate(PROMPTS, params)]
+                == [o.token_ids for o in reference.generate(PROMPTS, params)])
+    finally:
+        engine.shutdown()
+        if started:
+            ray.shutdown()

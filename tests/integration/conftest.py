@@ -13,5 +13,6 @@ def ray_engine(ray_cluster):
 
     def make(path, replicas=1, **kwargs):
         return RayEngine.from_pretrained(path, expert_replicas=replicas, expert_resources=EXPERT_SLOT,
-                                         frontend_resources=FRONTEND_SLOT, threads=1, **kwargs)
+                                         frontend_resources=FRONTEND_SLOT, frontend_threads=1,
+                                         expert_threads=1, **kwargs)
     return make

@@ -2,6 +2,7 @@
 layer call, one that dies on every call, the secret, and an idle engine's CPU use."""
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import sys
@@ -87,6 +88,46 @@ def test_a_channel_call_that_kills_its_actor_every_time_fails_bounded(ray_cluste
         dispatcher.moe(0, torch.randn(4, 8), torch.ones(4, 1), torch.tensor([[0], [1], [0], [1]]))
     assert time.monotonic() - start < 60
     ray.kill(actor, no_restart=True)
+
+
+def test_replies_read_ahead_wait_for_their_call_and_go_with_an_abandoned_one(ray_cluster,
+                                                                             tiny_checkpoint):
+    """Two calls in flight to one actor (the two micro-batches'): receiving the second first
+    keeps the first's reply for it; a call never received (its step failed) leaves nothing
+    behind, whether its reply was read ahead or arrives later."""
+    cfg = MixtralConfig.from_json(tiny_checkpoint)
+    source = WeightSource(path=str(tiny_checkpoint))
+    local = LocalExperts.from_tensors(
+        cfg, source.load(expert_names(cfg, [0]), torch.float32, "cpu"), [0])
+    actor = ray.remote(max_restarts=0, max_concurrency=4)(ExpertWorker).options(
+        resources={"expert": 1}, num_cpus=0.01).remote(source, [0])
+    transport = ChannelTransport(secrets.token_hex(16))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, cfg.hidden_size, generator=gen) for n in (3, 5)]
+
+    def send(x):
+        return transport.send(0, [(actor, x, [x.shape[0]])])
+
+    def check(sent, x):
+        (y, _), = transport.receive(sent)
+        assert (y - local.compute(0, 0, x)).abs().max().item() < 1e-5
+
+    try:
+        first, second = send(xs[0]), send(xs[1])
+        check(second, xs[1])
+        assert len(transport._early) == 1               # the first's reply, read ahead
+        check(first, xs[0])
+        third, fourth = send(xs[0]), send(xs[1])
+        check(fourth, xs[1])
+        del third                                       # abandoned with its reply read ahead
+        gc.collect()
+        fifth, sixth = send(xs[0]), send(xs[1])
+        del fifth                                       # abandoned before its reply came
+        check(sixth, xs[1])
+        assert transport._early == {} and transport._awaited == set()
+    finally:
+        transport.close()
+        ray.kill(actor, no_restart=True)
 
 
 def test_opening_a_channel_with_another_secret_is_refused(ray_engine, tiny_checkpoint):

@@ -33,7 +33,7 @@ def test_a_pool_without_a_frontend_reserves_the_experts_only_and_frees_them(ray_
                                                                             tiny_checkpoint):
     before = all_free()
     pool = ExpertPool.start(WeightSource(path=str(tiny_checkpoint)),
-                            expert_resources=EXPERT_SLOT, experts_per_actor=2, threads=1)
+                            expert_resources=EXPERT_SLOT, experts_per_actor=2, expert_threads=1)
     try:
         pool.ready()
         assert pool.experts.actor_experts == [[0, 1], [2, 3], [4, 5], [6, 7]]

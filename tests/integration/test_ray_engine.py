@@ -88,6 +88,23 @@ def test_each_actor_holds_only_its_own_bytes(ray_engine, tiny_checkpoint):
         engine.shutdown()
 
 
+def test_threads_and_openmp_spin_are_set_per_process(ray_cluster, tiny_checkpoint, monkeypatch):
+    """The frontend gets every core and a short OpenMP spin (actors/pool.py: FRONTEND_CPU_ENV),
+    so its idle threads leave the cores to its experts; the experts get what they are told."""
+    from actors import RayEngine
+    from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    engine = RayEngine.from_pretrained(tiny_checkpoint, expert_resources=EXPERT_SLOT,
+                                       frontend_resources=FRONTEND_SLOT, expert_threads=2)
+    try:
+        front = engine.frontend_info()
+        assert front.threads == len(os.sched_getaffinity(0))
+        assert front.env.get("GOMP_SPINCOUNT") == "30000"
+        assert all(w.threads == 2 and "GOMP_SPINCOUNT" not in w.env for w in engine.expert_info())
+    finally:
+        engine.shutdown()
+
+
 def test_actors_of_two_experts_equal_the_in_process_engine(ray_engine, tiny_checkpoint):
     engine = ray_engine(tiny_checkpoint, experts_per_actor=2)
     try:

@@ -47,14 +47,20 @@ def test_serve_config_matches_serves_schema_and_imports(name):
     assert callable(getattr(importlib.import_module(module), builder))
 
 
-def test_the_engine_replica_asks_for_the_frontends_resources():
-    """The replica is the frontend: its ray_actor_options are what the frontend needs."""
+def test_the_engine_replica_asks_for_the_frontends_resources(monkeypatch):
+    """The replica is the frontend: its ray_actor_options are what the frontend needs, with
+    the short OpenMP spin on CPU (actors/pool.py), unless the user set their own."""
     from actors.server import EngineOptions
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    cpu_env = {"runtime_env": {"env_vars": {"GOMP_SPINCOUNT": "30000"}}}
     assert EngineOptions(device="cuda").ray_actor_options() == {
         "num_cpus": 1, "num_gpus": 1, "resources": {}}
-    assert EngineOptions().ray_actor_options() == {"num_cpus": 0.01, "num_gpus": 0, "resources": {}}
+    assert EngineOptions().ray_actor_options() == {
+        "num_cpus": 0.01, "num_gpus": 0, "resources": {}, **cpu_env}
     assert EngineOptions(frontend_resources={"CPU": 0.5, "frontend": 1}).ray_actor_options() == {
-        "num_cpus": 0.5, "num_gpus": 0, "resources": {"frontend": 1}}
+        "num_cpus": 0.5, "num_gpus": 0, "resources": {"frontend": 1}, **cpu_env}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "100")
+    assert "runtime_env" not in EngineOptions().ray_actor_options()
 
 
 def test_the_gpu_config_gives_the_engine_replica_its_gpu():
