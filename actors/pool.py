@@ -50,6 +50,13 @@ CPU_ACTOR = {"CPU": 0.01}   # a small CPU share: label/PG scheduling misplaces 0
 FRONTEND_CPU_ENV = {"GOMP_SPINCOUNT": "30000"}
 
 
+def check_threads(**threads: int | None) -> None:
+    """ValueError naming the field unless each value is None or a positive int."""
+    for name, value in threads.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None (default), got {value!r}")
+
+
 def frontend_runtime_env(device: str) -> dict:
     """The frontend process's `runtime_env` option: on CPU, FRONTEND_CPU_ENV's variables that
     this process's environment does not set; nothing on CUDA."""

@@ -63,6 +63,14 @@ def test_the_engine_replica_asks_for_the_frontends_resources(monkeypatch):
     assert "runtime_env" not in EngineOptions().ray_actor_options()
 
 
+@pytest.mark.parametrize("field, value", [("frontend_threads", 0), ("expert_threads", -2),
+                                          ("expert_threads", 1.5), ("frontend_threads", True)])
+def test_thread_counts_are_checked_before_anything_starts(field, value):
+    from deploy.app import build_app
+    with pytest.raises(ValueError, match=rf"{field} must be a positive integer or None.*{value!r}"):
+        build_app({"model": "unused", field: value})
+
+
 def test_the_gpu_config_gives_the_engine_replica_its_gpu():
     app = yaml.safe_load((ROOT / "deploy/serve-gpu.yaml").read_text())["applications"][0]
     [engine] = [d for d in app["deployments"] if d["name"] == "EngineServer"]
