@@ -43,18 +43,18 @@ class RayEngine:
         self.actor_experts = pool.experts.actor_experts     # expert ids of each
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs) -> "RayEngine":
+    def from_pretrained(cls, path: str | Path, dtype: str = "auto", **kwargs) -> "RayEngine":
         return cls.from_source(WeightSource(path=str(path)), dtype, **kwargs)
 
     @classmethod
-    def from_config(cls, preset_or_config, dtype: str = "float32", seed: int = 0,
+    def from_config(cls, preset_or_config, dtype: str = "auto", seed: int = 0,
                     **kwargs) -> "RayEngine":
         """Random weights built inside each actor on its device: no files (GPU benchmarks)."""
         source = WeightSource(config=resolve_config(preset_or_config), seed=seed)
         return cls.from_source(source, dtype, **kwargs)
 
     @classmethod
-    def from_source(cls, source: WeightSource, dtype: str = "float32", *,
+    def from_source(cls, source: WeightSource, dtype: str = "auto", *,
                     expert_replicas: int = 1, experts_per_actor: int = 1, device: str = "cpu",
                     expert_resources: dict | None = None, frontend_resources: dict | None = None,
                     placement_timeout_s: float = 60.0, frontend_threads: int | None = None,

@@ -20,7 +20,7 @@ import torch
 
 from actors.channel import ChannelServer, device_rows, host_rows
 from actors.info import WorkerInfo
-from model.checkpoint import WeightSource, torch_dtype
+from model.checkpoint import WeightSource
 from model.mixtral import expert_names
 from model.moe import LocalExperts, expert_name
 
@@ -28,14 +28,14 @@ log = logging.getLogger(__name__)
 
 
 class ExpertWorker:
-    def __init__(self, source: WeightSource, expert_ids: list[int], dtype: str = "float32",
+    def __init__(self, source: WeightSource, expert_ids: list[int], dtype: str = "auto",
                  device: str = "cpu", threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.expert_ids = list(expert_ids)
         self.device = torch.device(device)
         cfg = source.model_config()
-        tensors = source.load(expert_names(cfg, self.expert_ids), torch_dtype(dtype), self.device)
+        tensors = source.load(expert_names(cfg, self.expert_ids), source.resolve_dtype(dtype), self.device)
         self.experts = LocalExperts.from_tensors(cfg, tensors, self.expert_ids)
         self.hidden_size = cfg.hidden_size
         self._channel: ChannelServer | None = None

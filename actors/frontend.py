@@ -21,7 +21,7 @@ import torch
 from actors.dispatcher import Dispatcher, make_transport
 from actors.info import EngineInfo, WorkerInfo
 from actors.pool import Experts
-from model.checkpoint import WeightSource, torch_dtype
+from model.checkpoint import WeightSource
 from model.engine import Engine, SamplingParams
 from model.linear import nbytes
 from model.mixtral import Mixtral, non_expert_names
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class Frontend:
-    def __init__(self, source: WeightSource, experts: Experts, dtype: str = "float32",
+    def __init__(self, source: WeightSource, experts: Experts, dtype: str = "auto",
                  device: str = "cpu", threads: int | None = None,
                  engine_args: dict | None = None, dispatch_args: dict | None = None,
                  transport: str = "channel"):
@@ -43,7 +43,7 @@ class Frontend:
         torch.set_num_threads(threads or (len(os.sched_getaffinity(0)) if device == "cpu"
                                           else torch.get_num_threads()))
         cfg = source.model_config()
-        tensors = source.load(non_expert_names(cfg), torch_dtype(dtype), device)
+        tensors = source.load(non_expert_names(cfg), source.resolve_dtype(dtype), device)
         model = Mixtral.from_tensors(cfg, tensors)
         self.dispatcher = Dispatcher(experts.actors, experts.actor_experts, cfg.num_local_experts,
                                      make_transport(transport, experts.secret),

@@ -85,7 +85,7 @@ class ExpertPool:
         self.experts, self._pg, self._plan, self._device = experts, pg, plan_, device
 
     @classmethod
-    def start(cls, source: WeightSource, dtype: str = "float32", device: str = "cpu", *,
+    def start(cls, source: WeightSource, dtype: str = "auto", device: str = "cpu", *,
               expert_replicas: int = 1, experts_per_actor: int = 1,
               expert_resources: dict | None = None, frontend_resources: dict | None = None,
               expert_threads: int | None = None, placement_timeout_s: float = 60.0) -> "ExpertPool":

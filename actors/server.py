@@ -36,7 +36,7 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 class EngineOptions:
     """One engine replica's options, built once from the Serve application's args (the field
     names are the args' names; deploy/app.py)."""
-    dtype: str = "float32"
+    dtype: str = "auto"                         # "auto": the checkpoint's torch_dtype
     device: str = "cpu"
     expert_replicas: int = 1
     experts_per_actor: int = 1

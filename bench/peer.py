@@ -99,7 +99,7 @@ def vllm_env(vllm_python: str) -> tuple[dict, list[str]]:
     patterns = ("/usr/lib/x86_64-linux-gnu/libtcmalloc*.so*", str(venv / "lib/libiomp5.so"))
     preload = [found[0] for pattern in patterns if (found := sorted(glob.glob(pattern)))]
     if preload:
-        env["LD_PRELOAD"] = ":".join(preload + [env["LD_PRELOAD"]] * bool(env.get("LD_PRELOAD")))
+        env["LD_PRELOAD"] = ":".join(preload + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
     return env, preload
 
 

@@ -4,7 +4,7 @@ deploy/serve.yaml` calls `build_app(args)`:
 
     model:            checkpoint directory; omitted: a `tiny` random checkpoint with the real
                       tokenizer, created once under $MIXTRAL_EP_CACHE (its text is gibberish)
-    dtype:            float32 | bfloat16 | float16 (default float32)
+    dtype:            auto | float32 | bfloat16 | float16 (default auto: the checkpoint's torch_dtype)
     device:           cpu | cuda (default cpu)
     expert_replicas:  actors per expert id (default 1)
     transport:        channel (default: a ZeroMQ channel per expert actor) | object_refs

@@ -53,7 +53,7 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -140,6 +140,22 @@ class WeightSource:
 
     def model_config(self) -> MixtralConfig:
         return MixtralConfig.from_json(self.path) if self.path is not None else self.config
+
+    def resolve_dtype(self, dtype: str | torch.dtype) -> torch.dtype:
+        """`dtype` as a torch dtype. "auto" (the default everywhere) is the checkpoint's
+        config.json `torch_dtype` (`dtype` since transformers 5), as Hugging Face's
+        `from_pretrained(torch_dtype="auto")` and vLLM's `--dtype auto` take it; float32 for
+        random weights or a config naming none. ValueError naming `dtype` otherwise."""
+        if dtype != "auto":
+            return torch_dtype(dtype)
+        if self.path is None:
+            return torch.float32
+        raw = json.loads((Path(self.path) / "config.json").read_text())
+        name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        if name not in DTYPES:
+            raise ValueError(f"dtype 'auto': the checkpoint's config.json names torch_dtype "
+                             f"{name!r}; pass dtype, one of {sorted(DTYPES)}")
+        return DTYPES[name]
 
     def load(self, names: list[str], dtype: torch.dtype,
              device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

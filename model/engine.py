@@ -32,7 +32,7 @@ import torch
 
 from model.admission import Prompt, check_request, prompt_ids
 from model.attention import FLASH_BLOCK_SIZE, AttentionMetadata, KVCache, select_backend
-from model.checkpoint import WeightSource, torch_dtype
+from model.checkpoint import WeightSource
 from model.config import MixtralConfig, resolve_config
 from model.errors import InvalidRequest, QueueFull
 from model.kv_sizing import size_kv_cache
@@ -94,12 +94,12 @@ class Engine:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "float32",
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto",
                         device: str | torch.device = "cpu", **engine_args) -> "Engine":
         return cls.from_source(WeightSource(path=str(path)), dtype, device, **engine_args)
 
     @classmethod
-    def from_config(cls, preset_or_config, dtype: str | torch.dtype = "float32",
+    def from_config(cls, preset_or_config, dtype: str | torch.dtype = "auto",
                     device: str | torch.device = "cpu", seed: int = 0, **engine_args) -> "Engine":
         """Random weights built in memory on `device` (no files): the same values as
         `python -m model.checkpoint random --seed` writes when built on the CPU."""
@@ -107,10 +107,10 @@ class Engine:
         return cls.from_source(source, dtype, device, **engine_args)
 
     @classmethod
-    def from_source(cls, source: WeightSource, dtype: str | torch.dtype = "float32",
+    def from_source(cls, source: WeightSource, dtype: str | torch.dtype = "auto",
                     device: str | torch.device = "cpu", **engine_args) -> "Engine":
         cfg = source.model_config()
-        tensors = source.load(list(tensor_shapes(cfg)), torch_dtype(dtype), device)
+        tensors = source.load(list(tensor_shapes(cfg)), source.resolve_dtype(dtype), device)
         experts = LocalExperts.from_tensors(cfg, tensors)          # pops the expert tensors
         model = Mixtral.from_tensors(cfg, tensors)
         tokenizer = Tokenizer.from_pretrained(source.path)

@@ -179,3 +179,24 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
     name = "model.layers.1.self_attn.q_proj.weight"
     expected = random_tensor(name, (64, 64), 3, torch.bfloat16).float()
     assert torch.equal(dense(engine.model.get_buffer(name)), expected)
+
+
+def test_dtype_auto_takes_the_checkpoints_torch_dtype(tmp_path, tiny_checkpoint, hf_checkpoint):
+    """"auto" (the default) is config.json's `torch_dtype` (or transformers 5's `dtype`), as HF
+    and vLLM take it; float32 for random weights or when none is named; an explicit dtype wins."""
+    bf16 = ckpt.write_random(PRESETS["tiny"], tmp_path / "bf16", torch.bfloat16, seed=0)
+    assert Engine.from_pretrained(bf16).dtype == torch.bfloat16
+    assert Engine.from_pretrained(bf16, dtype="float32").dtype == torch.float32
+    assert ckpt.WeightSource(path=str(tiny_checkpoint)).resolve_dtype("auto") == torch.float32
+    assert ckpt.WeightSource(path=str(hf_checkpoint()[1])).resolve_dtype("auto") == torch.float32
+    assert ckpt.WeightSource(config=PRESETS["tiny"]).resolve_dtype("auto") == torch.float32
+    raw = json.loads((bf16 / "config.json").read_text())
+    for key in ("torch_dtype", "dtype"):
+        raw.pop("torch_dtype", None)
+        (bf16 / "config.json").write_text(json.dumps(raw | {key: "float16"}))
+        assert ckpt.WeightSource(path=str(bf16)).resolve_dtype("auto") == torch.float16
+    (bf16 / "config.json").write_text(json.dumps(raw | {"dtype": "int8"}))
+    with pytest.raises(ValueError, match=r"dtype 'auto'.*'int8'"):
+        ckpt.WeightSource(path=str(bf16)).resolve_dtype("auto")
+    with pytest.raises(ValueError, match=r"dtype must be 'auto' or one of"):
+        ckpt.WeightSource(path=str(bf16)).resolve_dtype("fp8")
