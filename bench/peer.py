@@ -56,8 +56,8 @@ def _measure(generate, batches: list[int], prompt_len: int, new_tokens: int) -> 
         start = time.perf_counter()
         ids = generate(prompts, new_tokens)
         total = time.perf_counter() - start
-        out[str(batch)] = {"ttft": ttft, "decode_tps": batch * (new_tokens - 1) / max(total - ttft, 1e-9),
-                           "ids": ids}
+        decode_tps = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
+        out[str(batch)] = {"ttft": ttft, "decode_tps": decode_tps, "ids": ids}
     return out
 
 
@@ -76,12 +76,14 @@ def worker_ours(path: str, dtype: str, batches, prompt_len, new_tokens) -> dict:
 
 def worker_vllm(path: str, dtype: str, batches, prompt_len, new_tokens) -> dict:
     from vllm import LLM, SamplingParams, TokensPrompt
-    llm = LLM(model=path, dtype=dtype, skip_tokenizer_init=True, max_model_len=prompt_len + new_tokens + 16,
-              max_num_seqs=max(batches), seed=0)
+    llm = LLM(model=path, dtype=dtype, skip_tokenizer_init=True, seed=0,
+              max_model_len=prompt_len + new_tokens + 16, max_num_seqs=max(batches))
 
     def generate(prompts, max_tokens):
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                detokenize=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                            use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
     return _measure(generate, batches, prompt_len, new_tokens)
 
@@ -99,14 +101,15 @@ def vllm_env(vllm_python: str) -> tuple[dict, list[str]]:
     patterns = ("/usr/lib/x86_64-linux-gnu/libtcmalloc*.so*", str(venv / "lib/libiomp5.so"))
     preload = [found[0] for pattern in patterns if (found := sorted(glob.glob(pattern)))]
     if preload:
-        env["LD_PRELOAD"] = ":".join(preload + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
+        env["LD_PRELOAD"] = ":".join(preload + [env["LD_PRELOAD"]] if env.get("LD_PRELOAD")
+                                     else preload)
     return env, preload
 
 
 def run_worker(python: str, which: str, path: str, dtype: str, args, env=None) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--worker", which, "--path", path, "--dtype", dtype,
-           "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens)]
+    cmd = [python, str(Path(__file__).resolve()), "--worker", which, "--path", path,
+           "--dtype", dtype, "--batches", ",".join(map(str, args.batches)),
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -114,8 +117,13 @@ def run_worker(python: str, which: str, path: str, dtype: str, args, env=None) -
     return json.loads(lines[-1])
 
 
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs) if runs else float("nan")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -131,7 +139,8 @@ def main() -> None:
     args.batches = [int(b) for b in str(args.batches).split(",")]
     if args.worker:
         fn = worker_ours if args.worker == "ours" else worker_vllm
-        print(json.dumps(fn(args.path, args.dtype, args.batches, args.prompt_len, args.new_tokens)), flush=True)
+        out = fn(args.path, args.dtype, args.batches, args.prompt_len, args.new_tokens)
+        print(json.dumps(out), flush=True)
         return
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -142,7 +151,8 @@ def main() -> None:
     have_vllm = Path(args.vllm_python).exists() and subprocess.run(
         [args.vllm_python, "-c", "import vllm"], capture_output=True).returncode == 0
     if not have_vllm:
-        log.warning("vLLM is not installed at %s (make peer-venv): measuring ours alone", args.vllm_python)
+        log.warning("vLLM is not installed at %s (make peer-venv): measuring ours alone",
+                    args.vllm_python)
     env, preload = vllm_env(args.vllm_python)
     results = {}                      # (engine, dtype) -> list of per-run dicts
     for dtype in args.dtypes.split(","):
@@ -153,25 +163,27 @@ def main() -> None:
                 results.setdefault((which, dtype), []).append(
                     run_worker(python, which, path, dtype, args, env if which == "vllm" else None))
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    lines = [f"{cpu}, {len(os.sched_getaffinity(0))} cores; small checkpoint, prompt {args.prompt_len} random ids, "
-             f"{args.new_tokens} greedy new tokens; medians of {runs} run(s), alternating processes; "
-             f"vLLM preloads: {', '.join(Path(p).name for p in preload) or 'none found'}", "",
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               "unknown CPU")
+    lines = [f"{cpu}, {len(os.sched_getaffinity(0))} cores; small checkpoint, prompt "
+             f"{args.prompt_len} random ids, {args.new_tokens} greedy new tokens; medians of "
+             f"{runs} run(s), alternating processes; vLLM preloads: "
+             f"{', '.join(Path(p).name for p in preload) or 'none found'}", "",
              "| dtype | batch | ours decode tok/s | vLLM decode tok/s | ours / vLLM | TTFT ours / vLLM s "
              "| fp32 greedy ids equal |", "|---|---|---|---|---|---|---|"]
     for dtype in args.dtypes.split(","):
         for b in map(str, args.batches):
             ours = [r[b] for r in results[("ours", dtype)]]
             theirs = [r[b] for r in results.get(("vllm", dtype), [])]
-            med = lambda rs, k: statistics.median(r[k] for r in rs) if rs else float("nan")  # noqa: E731
             same = "-"
             if theirs and dtype == "float32":
                 pairs = [(a, c) for a, c in zip(ours[0]["ids"], theirs[0]["ids"])]
                 same = f"{sum(a == c for a, c in pairs)} / {len(pairs)}"
-            lines.append(f"| {dtype} | {b} | {med(ours, 'decode_tps'):.1f} | {med(theirs, 'decode_tps'):.1f} | "
-                         f"{med(ours, 'decode_tps') / med(theirs, 'decode_tps'):.2f} | "
-                         f"{med(ours, 'ttft'):.2f} / {med(theirs, 'ttft'):.2f} | {same} |")
+            ours_tps, their_tps = _median(ours, "decode_tps"), _median(theirs, "decode_tps")
+            lines.append(f"| {dtype} | {b} | {ours_tps:.1f} | {their_tps:.1f} | "
+                         f"{ours_tps / their_tps:.2f} | {_median(ours, 'ttft'):.2f} / "
+                         f"{_median(theirs, 'ttft'):.2f} | {same} |")
     print("\n".join(lines))
 
 
