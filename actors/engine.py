@@ -27,7 +27,7 @@ import torch
 
 from actors.frontend import Frontend
 from actors.info import EngineInfo, WorkerInfo
-from actors.pool import ExpertPool, check_threads, default_resources
+from actors.pool import ExpertPool, check_start_args, default_resources
 from model.checkpoint import WeightSource
 from model.config import resolve_config
 from model.engine import Completion, SamplingParams, StreamChunk
@@ -69,7 +69,8 @@ class RayEngine:
         actor per layer); see actors/dispatcher.py. `frontend_threads` / `expert_threads`:
         torch threads of the frontend (None: every core on CPU) / of each expert actor (None:
         Ray's default for its CPUs, 1 for a fractional share)."""
-        check_threads(frontend_threads=frontend_threads, expert_threads=expert_threads)
+        check_start_args(source, dtype, transport, frontend_threads=frontend_threads,
+                         expert_threads=expert_threads)
         pool = ExpertPool.start(
             source, dtype, device, expert_replicas=expert_replicas,
             experts_per_actor=experts_per_actor, expert_resources=expert_resources,

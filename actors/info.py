@@ -42,7 +42,8 @@ class WorkerInfo:
     kept: frozenset[str]                        # checkpoint tensor names it keeps
     read: frozenset[str]                        # names this process read or built, ever
     threads: int                                # torch's intra-op threads
-    env: dict[str, str]                         # the process's OpenMP variables (OMP_*, GOMP_*)
+    env: dict[str, str]                         # its OMP_* / GOMP_* variables (Ray sets
+                                                # OMP_NUM_THREADS; `threads` is torch's)
 
     @classmethod
     def of_this_process(cls, expert_ids: Iterable[int], nbytes: int,

@@ -30,10 +30,11 @@ import secrets
 import ray
 from ray.util.placement_group import PlacementGroup
 
+from actors.dispatcher import TRANSPORTS
 from actors.expert import ExpertWorker
 from cluster.placement import actor_options, cluster_nodes, release, reserve
 from cluster.plan import Plan, plan
-from model.checkpoint import WeightSource
+from model.checkpoint import WeightSource, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,20 @@ CPU_ACTOR = {"CPU": 0.01}   # a small CPU share: label/PG scheduling misplaces 0
 FRONTEND_CPU_ENV = {"GOMP_SPINCOUNT": "30000"}
 
 
-def check_threads(**threads: int | None) -> None:
-    """ValueError naming the field unless each value is None or a positive int."""
+def check_start_args(source: WeightSource | None, dtype: str, transport: str,
+                     **threads: int | None) -> None:
+    """What would otherwise fail only inside a started actor, checked before anything starts:
+    ValueError naming the field. `threads`: each None or a positive int; `source` None skips
+    the dtype check against the checkpoint (its name is still checked)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     for name, value in threads.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{name} must be a positive integer or None (default), got {value!r}")
+    if source is not None:
+        source.resolve_dtype(dtype)
+    elif dtype != "auto":
+        torch_dtype(dtype)
 
 
 def frontend_runtime_env(device: str) -> dict:

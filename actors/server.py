@@ -23,7 +23,7 @@ from ray import serve
 
 from actors.frontend import Frontend
 from actors.info import EngineInfo
-from actors.pool import ExpertPool, check_threads, default_resources, frontend_runtime_env
+from actors.pool import ExpertPool, check_start_args, default_resources, frontend_runtime_env
 from cluster.placement import resource_options
 from model.checkpoint import WeightSource
 from model.engine import SamplingParams
@@ -49,7 +49,8 @@ class EngineOptions:
     engine_args: dict | None = None
 
     def __post_init__(self):
-        check_threads(frontend_threads=self.frontend_threads, expert_threads=self.expert_threads)
+        check_start_args(None, self.dtype, self.transport, frontend_threads=self.frontend_threads,
+                         expert_threads=self.expert_threads)
 
     def ray_actor_options(self) -> dict:
         """The replica's resources, i.e. the frontend's: `frontend_resources`, by default

@@ -47,6 +47,7 @@ def build_app(args: dict) -> Application:
     path = args.get("model") or str(cached_random_checkpoint("tiny"))
     name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny (random weights)"
     options = EngineOptions(**{k: args[k] for k in _ENGINE_KEYS if k in args})
+    WeightSource(path=path).resolve_dtype(options.dtype)      # "auto": reads its config.json
     log.info("serving %s with %s; call it with:  python -m protos.client \"Hello\" "
              "--address localhost:9000  (gRPC mixtral_ep.v1.Generator)", path, options)
     engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(

@@ -105,6 +105,18 @@ def test_threads_and_openmp_spin_are_set_per_process(ray_cluster, tiny_checkpoin
         engine.shutdown()
 
 
+@pytest.mark.parametrize("field, value", [("transport", "bogus"), ("dtype", "fp8"),
+                                          ("expert_threads", 0)])
+def test_bad_arguments_fail_before_any_actor_starts(ray_cluster, tiny_checkpoint, field, value):
+    from actors import RayEngine
+    from ray.util.state import list_actors
+    alive = lambda: {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")])}  # noqa: E731
+    before = alive()
+    with pytest.raises(ValueError, match=field):
+        RayEngine.from_pretrained(tiny_checkpoint, **{field: value})
+    assert alive() == before
+
+
 def test_actors_of_two_experts_equal_the_in_process_engine(ray_engine, tiny_checkpoint):
     engine = ray_engine(tiny_checkpoint, experts_per_actor=2)
     try:

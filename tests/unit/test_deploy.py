@@ -63,11 +63,15 @@ def test_the_engine_replica_asks_for_the_frontends_resources(monkeypatch):
     assert "runtime_env" not in EngineOptions().ray_actor_options()
 
 
-@pytest.mark.parametrize("field, value", [("frontend_threads", 0), ("expert_threads", -2),
-                                          ("expert_threads", 1.5), ("frontend_threads", True)])
-def test_thread_counts_are_checked_before_anything_starts(field, value):
+@pytest.mark.parametrize("field, value, says", [
+    ("frontend_threads", 0, "must be a positive integer or None"),
+    ("expert_threads", -2, "must be a positive integer or None"),
+    ("expert_threads", 1.5, "must be a positive integer or None"),
+    ("frontend_threads", True, "must be a positive integer or None"),
+    ("transport", "bogus", "must be one of"), ("dtype", "fp8", "must be 'auto' or one of")])
+def test_engine_args_are_checked_before_anything_starts(field, value, says):
     from deploy.app import build_app
-    with pytest.raises(ValueError, match=rf"{field} must be a positive integer or None.*{value!r}"):
+    with pytest.raises(ValueError, match=rf"{field} {says}.*{value!r}"):
         build_app({"model": "unused", field: value})
 
 
