@@ -1,0 +1,38 @@
+"""model/linear.py: the packed oneDNN GEMM equals F.linear, in fp32 and in bf16 (packed where
+oneDNN has native bf16 kernels), for any row count; and the bf16 engine stays close to fp32."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.engine import Engine
+from model.linear import dense, linear, pack
+
+BF16_NATIVE = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), inp=st.sampled_from([8, 64, 96, 512]),
+       out=st.sampled_from([16, 128, 200]), bf16=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_packed_linear_equals_f_linear(rows, inp, out, bf16, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    w = (torch.randn(out, inp, generator=gen) * 0.05).to(dtype)
+    x = torch.randn(rows, inp, generator=gen).to(dtype)
+    packed = pack(w)
+    assert packed.is_mkldnn == (not bf16 or BF16_NATIVE)
+    assert torch.equal(dense(packed), w)
+    got, want = linear(x, packed).float(), F.linear(x.float(), w.float())
+    # fp32: rounding only; bf16: the output's own rounding (8 bits) of a sum over `inp` terms
+    tol = 1e-5 if not bf16 else 2 ** -7 * (x.float().abs() @ w.float().abs().T).max().item()
+    scale = max(1.0, want.abs().max().item()) if not bf16 else 1.0
+    assert (got - want).abs().max().item() <= tol * scale
+
+
+def test_bf16_engine_is_close_to_fp32(tiny_checkpoint, assert_bf16_close):
+    fp32 = Engine.from_pretrained(tiny_checkpoint)
+    bf16 = Engine.from_pretrained(tiny_checkpoint, dtype="bfloat16")
+    assert_bf16_close(bf16, fp32, ["Hello, my name is", "The capital of France is a city that",
+                                   "def f(x):\n    return"])
