@@ -27,15 +27,20 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
     assert (a.float().cpu() - b.float().cpu()).abs().max().item() <= rel * scale
 
 
+def _assert_equal_engines(engine, reference, rel: float) -> None:
+    """Logits within `rel` of the reference's logit scale; greedy tokens equal."""
+    ids = [reference.tokenizer.encode(p) for p in PROMPTS]
+    for got, want in zip(engine.logits(ids), reference.logits(ids)):
+        _close(got, want, rel)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert ([o.token_ids for o in engine.generate(PROMPTS, params)]
+            == [o.token_ids for o in reference.generate(PROMPTS, params)])
+
+
 @pytest.mark.parametrize("backend", ["sdpa", pytest.param("flash", marks=needs_flash)])
 def test_fp32_cuda_equals_cpu(tiny_checkpoint, cpu_engine, backend):
     gpu = Engine.from_pretrained(tiny_checkpoint, device="cuda", attention_backend=backend)
-    ids = [cpu_engine.tokenizer.encode(p) for p in PROMPTS]
-    for got, want in zip(gpu.logits(ids), cpu_engine.logits(ids)):
-        _close(got, want, 1e-4)
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    assert ([o.token_ids for o in gpu.generate(PROMPTS, params)]
-            == [o.token_ids for o in cpu_engine.generate(PROMPTS, params)])
+    _assert_equal_engines(gpu, cpu_engine, 1e-4)
 
 
 @needs_flash
@@ -82,13 +87,7 @@ def test_ray_engine_on_cuda_equals_the_cuda_engine(tiny_checkpoint, transport):
     engine = RayEngine.from_pretrained(tiny_checkpoint, device="cuda", expert_resources=share,
                                        frontend_resources=share, transport=transport)
     try:
-        reference = Engine.from_pretrained(tiny_checkpoint, device="cuda")
-        ids = [reference.tokenizer.encode(p) for p in PROMPTS]
-        for got, want in zip(engine.logits(ids), reference.logits(ids)):
-            _close(got, want, 1e-5)
-        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-        assert ([o.token_ids for o in engine.generate(PROMPTS, params)]
-                == [o.token_ids for o in reference.generate(PROMPTS, params)])
+        _assert_equal_engines(engine, Engine.from_pretrained(tiny_checkpoint, device="cuda"), 1e-5)
     finally:
         engine.shutdown()
         if started:
