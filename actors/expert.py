@@ -35,7 +35,8 @@ class ExpertWorker:
         self.expert_ids = list(expert_ids)
         self.device = torch.device(device)
         cfg = source.model_config()
-        tensors = source.load(expert_names(cfg, self.expert_ids), source.resolve_dtype(dtype), self.device)
+        tensors = source.load(expert_names(cfg, self.expert_ids), source.resolve_dtype(dtype),
+                              self.device)
         self.experts = LocalExperts.from_tensors(cfg, tensors, self.expert_ids)
         self.hidden_size = cfg.hidden_size
         self._channel: ChannelServer | None = None

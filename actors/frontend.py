@@ -11,8 +11,8 @@ expert actors: their owner (actors/pool.py) does.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import time
 
 import ray
@@ -40,8 +40,8 @@ class Frontend:
         (None: on CPU every core it may use, since the frontend and the experts take turns
         within a layer; Ray would give a fractional-CPU actor one); `transport`: "channel" (with
         `experts.secret`) or "object_refs" (actors/dispatcher.py)."""
-        torch.set_num_threads(threads or (len(os.sched_getaffinity(0)) if device == "cpu"
-                                          else torch.get_num_threads()))
+        if threads or device == "cpu":
+            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         cfg = source.model_config()
         tensors = source.load(non_expert_names(cfg), source.resolve_dtype(dtype), device)
         model = Mixtral.from_tensors(cfg, tensors)

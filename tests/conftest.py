@@ -99,6 +99,22 @@ def assert_bf16_close():
     return check
 
 
+def _alive_actors(class_name: str | None = None) -> list[dict]:
+    """ALIVE actors (of a class, or all), from the GCS's actor table (as cluster/placement.py
+    reads resources: the state API needs the dashboard, which can take longer than a test to
+    answer on a loaded machine)."""
+    import ray
+    return [a for a in ray._private.state.actors(actor_state_name="ALIVE").values()
+            if class_name is None or a["ActorClassName"] == class_name]
+
+
+@pytest.fixture
+def alive_actors():
+    """alive_actors(class_name=None) -> the ALIVE actors of that class, or all (GCS
+    actor-table entries: ActorID, Pid, Address, OwnerAddress...)."""
+    return _alive_actors
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster: a head offering `frontend` and 3 nodes offering 6 `expert`

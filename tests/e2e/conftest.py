@@ -7,7 +7,6 @@ import socket
 
 import grpc
 import pytest
-import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
@@ -52,28 +51,14 @@ def deploy(grpc_port):
         serve.delete(name)
 
 
-def _alive_actors(class_name: str) -> list[dict]:
-    """ALIVE actors of a class, from the GCS's actor table (as cluster/placement.py reads
-    resources: the state API needs the dashboard, which can take longer than a test to answer
-    on a loaded machine)."""
-    return [a for a in ray._private.state.actors(actor_state_name="ALIVE").values()
-            if a["ActorClassName"] == class_name]
-
-
 @pytest.fixture
-def alive_actors():
-    """alive_actors(class_name) -> the ALIVE actors of that class (GCS actor-table entries)."""
-    return _alive_actors
-
-
-@pytest.fixture
-def engine_actors():
+def engine_actors(alive_actors):
     """engine_actors(app) -> (its EngineServer replica, the ExpertWorker actors that replica
     owns), as GCS actor-table entries (ActorID, Pid, Address, OwnerAddress...)."""
     def find(app: str) -> tuple[dict, list[dict]]:
-        [replica] = _alive_actors(f"ServeReplica:{app}:EngineServer")
+        [replica] = alive_actors(f"ServeReplica:{app}:EngineServer")
         where = (replica["Address"]["IPAddress"], replica["Address"]["Port"])
-        owned = [a for a in _alive_actors("ExpertWorker")
+        owned = [a for a in alive_actors("ExpertWorker")
                  if (a["OwnerAddress"]["IPAddress"], a["OwnerAddress"]["Port"]) == where]
         return replica, owned
     return find

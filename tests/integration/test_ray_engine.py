@@ -107,14 +107,13 @@ def test_threads_and_openmp_spin_are_set_per_process(ray_cluster, tiny_checkpoin
 
 @pytest.mark.parametrize("field, value", [("transport", "bogus"), ("dtype", "fp8"),
                                           ("expert_threads", 0)])
-def test_bad_arguments_fail_before_any_actor_starts(ray_cluster, tiny_checkpoint, field, value):
+def test_bad_arguments_fail_before_any_actor_starts(ray_cluster, tiny_checkpoint, alive_actors,
+                                                    field, value):
     from actors import RayEngine
-    from ray.util.state import list_actors
-    alive = lambda: {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")])}  # noqa: E731
-    before = alive()
+    before = {a["ActorID"] for a in alive_actors()}
     with pytest.raises(ValueError, match=field):
         RayEngine.from_pretrained(tiny_checkpoint, **{field: value})
-    assert alive() == before
+    assert {a["ActorID"] for a in alive_actors()} == before
 
 
 def test_actors_of_two_experts_equal_the_in_process_engine(ray_engine, tiny_checkpoint):
