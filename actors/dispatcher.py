@@ -5,7 +5,7 @@ It is the frontend engine's `moe` function (route happens in the model just befo
     dispatch: sort the step's (row, expert) pairs by expert; split each expert's rows evenly over
               its healthy replicas; make ONE call per actor per layer with all its rows
     compute:  each actor runs its experts on its rows (actors/expert.py)
-    combine:  out.index_add_(0, rows, weight * y)
+    combine:  un-sort the outputs, sum weight * y over each row's A experts (ExpertGroups.combine)
 
 All data movement sits behind one function, `transport(layer, calls)`: a persistent ZeroMQ
 channel per actor (actors/channel.py, the default) or Ray object refs (`actor.compute.remote` +

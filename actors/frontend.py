@@ -81,7 +81,8 @@ class Frontend:
 
     def worker_info(self) -> WorkerInfo:
         state = self.engine.model.state_dict()
-        return WorkerInfo.of_this_process((), sum(nbytes(t) for t in state.values()), state)
+        return WorkerInfo.of_this_process((), sum(nbytes(t) for t in state.values()),
+                                          self.engine.model.checkpoint_names())
 
     async def profile_dispatch(self, batch: int, repeats: int, layer: int = 0) -> dict[str, float]:
         return await asyncio.to_thread(self._profile_dispatch, batch, repeats, layer)

@@ -9,7 +9,7 @@ default the ZeroMQ channel with 1 and 2 micro-batches, and Ray object refs):
   * one layer's dispatch round trip (us) for batch sizes 1, 8, 32, 64, 128, split into
     routing (the router matmul + top-k), dispatch (grouping rows by expert), transport (there
     and back, minus expert compute), expert compute (inside the actors; the slowest actor's),
-    combine (weighted index_add);
+    combine (un-sort and weighted sum);
   * decode tokens/s of RayEngine vs the in-process Engine at batch 8, 32, 64 (prompt 128,
     64 new tokens; decode = total time minus the time to the first token).
 """

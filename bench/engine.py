@@ -157,7 +157,7 @@ def gemm_only_step_ms(engine: Engine, batch: int, repeats: int = 5) -> float:
     def step():
         for i, layer in enumerate(model.model.layers):
             a = layer.self_attn
-            for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj):
+            for proj in (a.qkv_proj, a.o_proj):
                 linear(x, proj.weight)
             for e in range(active):
                 expert_mlp(xe, *experts[(i, e)])

@@ -5,11 +5,14 @@
     python bench/peer.py --quick    # one run each
 
 Same `small` random checkpoint, same prompts (--prompt-len random ids), greedy, --new-tokens
-new tokens, ignore_eos. Each measurement runs in a fresh process, ours and vLLM's alternating
-(ours, vLLM, ours, vLLM, ...), so neither warms the other's caches or keeps its threads spinning;
+new tokens, ignore_eos, the same tokens per step (--max-num-batched-tokens, default 4096:
+vLLM's default for its offline `LLM` on CPU; ours is 2048, as vLLM's server's). Each
+measurement runs in a fresh process, ours and vLLM's alternating (ours, vLLM, ours, vLLM, ...),
+so neither warms the other's caches or keeps its threads spinning;
 each process measures every batch size of one dtype. Per batch it reports time to first token
 (a generate of 1 token) and decode tokens/s (batch * (new - 1) / (time of the full generate -
-TTFT)), the medians over --runs, and the ratios ours / vLLM. At fp32 the greedy ids must be the
+TTFT)); each generate gets fresh prompts (vLLM's prefix cache must not skip a prefill), the
+medians over --runs, and the ratios ours / vLLM. At fp32 the greedy ids must be the
 same (a sanity check that both ran the same model), reported as ids equal / ids compared.
 
 vLLM runs as its CPU docs say: threads bound to every core (VLLM_CPU_OMP_THREADS_BIND),
@@ -49,24 +52,26 @@ def _measure(generate, batches: list[int], prompt_len: int, new_tokens: int) -> 
     generate(_prompts(2, prompt_len, seed=99), 4)                         # warm-up
     out = {}
     for batch in batches:
-        prompts = _prompts(batch, prompt_len)
+        # every call gets prompts no earlier call saw: vLLM's prefix cache (on by default)
+        # would otherwise skip their prefill, shrinking its TTFT and, as the TTFT is
+        # subtracted from the full generate's time, inflating its decode rate
         start = time.perf_counter()
-        generate(prompts, 1)
+        generate(_prompts(batch, prompt_len, seed=1000 + batch), 1)
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        ids = generate(prompts, new_tokens)
+        ids = generate(_prompts(batch, prompt_len, seed=batch), new_tokens)
         total = time.perf_counter() - start
         decode_tps = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
         out[str(batch)] = {"ttft": ttft, "decode_tps": decode_tps, "ids": ids}
     return out
 
 
-def worker_ours(path: str, dtype: str, batches, prompt_len, new_tokens) -> dict:
+def worker_ours(path: str, dtype: str, batches, prompt_len, new_tokens, step_tokens) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
     from model.engine import Engine, SamplingParams
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    engine = Engine.from_pretrained(path, dtype=dtype)
+    engine = Engine.from_pretrained(path, dtype=dtype, max_num_batched_tokens=step_tokens)
 
     def generate(prompts, max_tokens):
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -74,10 +79,11 @@ def worker_ours(path: str, dtype: str, batches, prompt_len, new_tokens) -> dict:
     return _measure(generate, batches, prompt_len, new_tokens)
 
 
-def worker_vllm(path: str, dtype: str, batches, prompt_len, new_tokens) -> dict:
+def worker_vllm(path: str, dtype: str, batches, prompt_len, new_tokens, step_tokens) -> dict:
     from vllm import LLM, SamplingParams, TokensPrompt
     llm = LLM(model=path, dtype=dtype, skip_tokenizer_init=True, seed=0,
-              max_model_len=prompt_len + new_tokens + 16, max_num_seqs=max(batches))
+              max_model_len=prompt_len + new_tokens + 16, max_num_seqs=max(batches),
+              max_num_batched_tokens=step_tokens)
 
     def generate(prompts, max_tokens):
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
@@ -109,7 +115,8 @@ def vllm_env(vllm_python: str) -> tuple[dict, list[str]]:
 def run_worker(python: str, which: str, path: str, dtype: str, args, env=None) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", which, "--path", path,
            "--dtype", dtype, "--batches", ",".join(map(str, args.batches)),
-           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -130,6 +137,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                    help="tokens per step, both engines (vLLM's default for LLM on CPU)")
     ap.add_argument("--vllm-python", default=str(ROOT / ".peer-venv/bin/python"))
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     ap.add_argument("--worker", choices=("ours", "vllm"), help=argparse.SUPPRESS)
@@ -139,7 +148,8 @@ def main() -> None:
     args.batches = [int(b) for b in str(args.batches).split(",")]
     if args.worker:
         fn = worker_ours if args.worker == "ours" else worker_vllm
-        out = fn(args.path, args.dtype, args.batches, args.prompt_len, args.new_tokens)
+        out = fn(args.path, args.dtype, args.batches, args.prompt_len, args.new_tokens,
+                 args.max_num_batched_tokens)
         print(json.dumps(out), flush=True)
         return
 
@@ -168,7 +178,8 @@ def main() -> None:
                "unknown CPU")
     lines = [f"{cpu}, {len(os.sched_getaffinity(0))} cores; small checkpoint, prompt "
              f"{args.prompt_len} random ids, {args.new_tokens} greedy new tokens; medians of "
-             f"{runs} run(s), alternating processes; vLLM preloads: "
+             f"{runs} run(s), alternating processes; {args.max_num_batched_tokens} tokens per "
+             f"step; vLLM preloads: "
              f"{', '.join(Path(p).name for p in preload) or 'none found'}", "",
              "| dtype | batch | ours decode tok/s | vLLM decode tok/s | ours / vLLM | TTFT ours / vLLM s "
              "| fp32 greedy ids equal |", "|---|---|---|---|---|---|---|"]

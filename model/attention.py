@@ -117,6 +117,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         from flash_attn import flash_attn_varlen_func
         return flash_attn_varlen_func(q, k_cache, v_cache, softmax_scale=scale, causal=True,
                                       **meta.flash)
+    if len(meta.groups) == 1:      # all decode, or one prefill chunk: its rows are all N, in order
+        return _sdpa(q, k_cache, v_cache, meta.groups[0], scale)
     out = torch.empty_like(q)
     for g in meta.groups:
         out[g.rows] = _sdpa(q, k_cache, v_cache, g, scale)
@@ -137,6 +139,15 @@ class _SdpaGroup:
     valid: torch.Tensor         # (B, Q) bool
     block_table: torch.Tensor   # (B, L / block_size)
     mask: torch.Tensor          # (B, 1, Q, L) bool, True = may attend
+    _bias: dict = dataclasses.field(default_factory=dict)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as SDPA's additive mask (0 where True, -inf where False) in `dtype`, made once
+        per step: given the bool mask, SDPA makes this same tensor again in every layer."""
+        if dtype not in self._bias:
+            self._bias[dtype] = torch.zeros(self.mask.shape, dtype=dtype,
+                                            device=self.mask.device).masked_fill_(~self.mask, -math.inf)
+        return self._bias[dtype]
 
 
 def _sdpa_groups(q_lens, ctx_lens, block_tables, block_size, window, device) -> list[_SdpaGroup]:
@@ -176,10 +187,10 @@ def _sdpa(q, k_cache, v_cache, g: _SdpaGroup, scale: float) -> torch.Tensor:
     v = v_cache.index_select(0, blocks).view(kv_shape).transpose(1, 2)              # (B, K, L, Dh)
     if nq == 1:  # decode: the H/K query heads of a kv head act as its queries, no GQA expand
         qg = q[g.q_index[:, 0]].view(b, kv_heads, -1, q.shape[-1])                # (B, K, H/K, Dh)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.bias(q.dtype), scale=scale)
         return o.reshape(b, -1, q.shape[-1])                                        # (B, H, Dh)
     qg = q[g.q_index].transpose(1, 2)                                               # (B, H, Q, Dh)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale,
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.bias(q.dtype), scale=scale,
                                        enable_gqa=True)                             # (B, H, Q, Dh)
     return o.transpose(1, 2)[g.valid]                                               # (B*Q, H, Dh)
 

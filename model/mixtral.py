@@ -1,7 +1,9 @@
 """The Mixtral decoder minus its experts: embeddings, attention, norms, routers and lm_head.
 
-Module attributes mirror the checkpoint keys (`model.layers.{i}.self_attn.q_proj.weight`,
-`model.layers.{i}.block_sparse_moe.gate.weight`, `lm_head.weight`), so loading is a lookup.
+Module attributes mirror the checkpoint keys (`model.layers.{i}.block_sparse_moe.gate.weight`,
+`lm_head.weight`), so loading is a lookup; one exception: q_proj, k_proj and v_proj are
+concatenated at load time into `self_attn.qkv_proj` (as vLLM's QKVParallelLinear), one GEMM
+instead of three.
 The experts live outside this module: `forward` takes a `moe(layer, x, weights, experts)`
 callable, served in-process by `moe.LocalExperts` or remotely by the dispatcher in `actors/`.
 
@@ -32,18 +34,16 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim)
-        self.k_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
-        self.v_proj = Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim)
+        self.qkv_proj = Linear(cfg.hidden_size,
+                               (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor],
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)       # (N, H, Dh)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)    # (N, K, Dh)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)    # (N, K, Dh)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        n, h, kv = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)      # (N, H+2K, Dh)
+        qk = apply_rope(qkv[:, :h + kv], *rope)                         # (N, H+K, Dh)
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv:]                 # (N, H|K|K, Dh)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = attend(q, k_cache, v_cache, meta)                            # (N, H, Dh)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))  # (N, D)
@@ -83,16 +83,32 @@ class Mixtral(nn.Module):
 
     @classmethod
     def from_tensors(cls, cfg: MixtralConfig, tensors: dict[str, torch.Tensor]) -> "Mixtral":
-        """Build from checkpoint tensors (every non-expert name); linear weights get packed."""
+        """Build from checkpoint tensors (every non-expert name; `tensors` is not changed);
+        q/k/v fused, linear weights packed."""
         with torch.device("meta"):
             module = cls(cfg)
+        tensors = dict(tensors)
         if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
-            tensors = {**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}.self_attn."
+            tensors[p + "qkv_proj.weight"] = torch.cat([tensors.pop(f"{p}{x}_proj.weight")
+                                                        for x in "qkv"])
         module.load_state_dict(tensors, strict=True, assign=True)
         for m in module.modules():
             if isinstance(m, Linear):
                 m.pack()
         return module.requires_grad_(False).eval()
+
+    def checkpoint_names(self) -> set[str]:
+        """Checkpoint tensor names this module holds (`qkv_proj` stands for q, k and v_proj)."""
+        names = set()
+        for name in self.state_dict():
+            if name.endswith("self_attn.qkv_proj.weight"):
+                names.update(name.replace("qkv_proj", f"{x}_proj") for x in "qkv")
+            else:
+                names.add(name)
+        return names
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.engine import Engine, SamplingParams
+from model.layers import RMSNorm
 
 PROMPTS = [[1] + list(range(300, 341)), [1, 5, 6, 7], [1] + list(range(1000, 1019)),
            [1, 22557, 28725, 910, 460, 368, 28804]]
@@ -77,3 +80,19 @@ def test_logits_single_prompt_returns_tensor(hf_checkpoint):
     got = engine.logits(PROMPTS[1])
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
     assert_close(got, hf_logits(hf_model, PROMPTS[1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 64), hidden=st.sampled_from([8, 64, 512, 1000]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_rms_norm_equals_transformers(rows, hidden, dtype, seed):
+    """Our RMSNorm (PyTorch's fused rms_norm inside) gives transformers' MixtralRMSNorm's values."""
+    modeling = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    torch.manual_seed(seed)
+    x = (torch.randn(rows, hidden) * 10 ** torch.empty(rows, 1).uniform_(-3, 3)).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden)).to(dtype)
+    ours, ref = RMSNorm(hidden, 1e-5).to(dtype), modeling.MixtralRMSNorm(hidden, 1e-5).to(dtype)
+    ours.weight.copy_(weight)
+    with torch.no_grad():
+        ref.weight.copy_(weight)
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
