@@ -117,8 +117,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     Host syncs are per step, not per greedy row: the non-finite rows, the tokens, their logprobs
     (a sampled row adds its own draw)."""
     logprobs = torch.log_softmax(logits, dim=-1)                        # (B, V)
-    tokens = torch.argmax(logits, dim=-1)                               # (B,)
-    bad = (logits.isnan() | (logits == math.inf)).any(-1) | (logits == -math.inf).all(-1)  # (B,)
+    # one pass for both: max propagates NaN, and is +inf if any is, -inf only if all are
+    top, tokens = logits.max(dim=-1)                                    # (B,), first maximum
+    bad = ~top.isfinite()                                               # (B,)
     errors: dict[int, SamplingError] = {}
     for row in bad.nonzero()[:, 0].tolist():
         errors[row] = SamplingError(f"the model's logits are not finite (row {row})")
