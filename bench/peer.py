@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import logging
 import os
@@ -49,17 +50,18 @@ def _prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
 
 def _measure(generate, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
     """generate(prompts, max_tokens) -> token id lists; per batch: ttft s, decode tok/s, ids."""
-    generate(_prompts(2, prompt_len, seed=99), 4)                         # warm-up
+    seeds = itertools.count()                # every call gets prompts no earlier call saw:
+    generate(_prompts(2, prompt_len, seed=next(seeds)), 4)                # warm-up
     out = {}
     for batch in batches:
-        # every call gets prompts no earlier call saw: vLLM's prefix cache (on by default)
-        # would otherwise skip their prefill, shrinking its TTFT and, as the TTFT is
-        # subtracted from the full generate's time, inflating its decode rate
+        # vLLM's prefix cache (on by default) would otherwise skip their prefill, shrinking its
+        # TTFT and, as the TTFT is subtracted from the full generate's time, inflating its
+        # decode rate
         start = time.perf_counter()
-        generate(_prompts(batch, prompt_len, seed=1000 + batch), 1)
+        generate(_prompts(batch, prompt_len, seed=next(seeds)), 1)
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        ids = generate(_prompts(batch, prompt_len, seed=batch), new_tokens)
+        ids = generate(_prompts(batch, prompt_len, seed=next(seeds)), new_tokens)
         total = time.perf_counter() - start
         decode_tps = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
         out[str(batch)] = {"ttft": ttft, "decode_tps": decode_tps, "ids": ids}

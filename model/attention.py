@@ -142,11 +142,15 @@ class _SdpaGroup:
     _bias: dict = dataclasses.field(default_factory=dict)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """`mask` as SDPA's additive mask (0 where True, -inf where False) in `dtype`, made once
-        per step: given the bool mask, SDPA makes this same tensor again in every layer."""
+        """Decode groups: `mask` as SDPA's additive mask (0 where True, -inf where False) in
+        `dtype`, made once per step; given the bool mask, SDPA would make this same tensor again
+        in every layer. Prefill groups keep the bool mask: their conversion is small next to
+        their attention, and a kept (Q, L) float mask would hold 4x its memory all step."""
+        if self.q_index.shape[1] > 1:
+            return self.mask
         if dtype not in self._bias:
-            self._bias[dtype] = torch.zeros(self.mask.shape, dtype=dtype,
-                                            device=self.mask.device).masked_fill_(~self.mask, -math.inf)
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._bias[dtype] = bias.masked_fill_(~self.mask, -math.inf)
         return self._bias[dtype]
 
 

@@ -91,9 +91,8 @@ class Mixtral(nn.Module):
         if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         for i in range(cfg.num_hidden_layers):
-            p = f"model.layers.{i}.self_attn."
-            tensors[p + "qkv_proj.weight"] = torch.cat([tensors.pop(f"{p}{x}_proj.weight")
-                                                        for x in "qkv"])
+            fused = f"model.layers.{i}.self_attn.qkv_proj.weight"
+            tensors[fused] = torch.cat([tensors.pop(name) for name in qkv_names(fused)])
         module.load_state_dict(tensors, strict=True, assign=True)
         for m in module.modules():
             if isinstance(m, Linear):
@@ -101,13 +100,11 @@ class Mixtral(nn.Module):
         return module.requires_grad_(False).eval()
 
     def checkpoint_names(self) -> set[str]:
-        """Checkpoint tensor names this module holds (`qkv_proj` stands for q, k and v_proj)."""
+        """Names of the tensors this module holds, as the checkpoint names them (`qkv_proj`
+        stands for q, k and v_proj; `lm_head.weight` is listed even when tied to the embedding)."""
         names = set()
         for name in self.state_dict():
-            if name.endswith("self_attn.qkv_proj.weight"):
-                names.update(name.replace("qkv_proj", f"{x}_proj") for x in "qkv")
-            else:
-                names.add(name)
+            names.update(qkv_names(name) if name.endswith(".qkv_proj.weight") else (name,))
         return names
 
     @torch.inference_mode()
@@ -150,6 +147,11 @@ class Mixtral(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()                             # (n, V)
+
+
+def qkv_names(fused: str) -> list[str]:
+    """"...self_attn.qkv_proj.weight" -> the q, k and v_proj checkpoint names it concatenates."""
+    return [fused.replace("qkv_proj", f"{x}_proj") for x in "qkv"]
 
 
 def non_expert_names(cfg: MixtralConfig) -> list[str]:

@@ -54,11 +54,12 @@ class ExpertGroups:
 
     def combine(self, y: torch.Tensor, num_rows: int) -> torch.Tensor:
         """y (P, D), one output per pair in `rows` order -> sum of weight * y per row (N, D).
-        Undoes the sort with one index_copy and sums each row's A outputs: a few ops instead
-        of a scatter-add, and the same sum (weight * y over a row's slots, in slot order)."""
+        Undoes the sort with one index_copy and sums each row's A outputs in slot order: a few
+        ops instead of a scatter-add (which added them in expert order: the same bits for
+        A <= 2, a last-bit difference possible for more)."""
         unsorted = torch.empty_like(y).index_copy_(0, self.order, y)   # (P, D) pair order
         top_k = self.weights.shape[1]
-        return (unsorted.view(num_rows, top_k, -1) * self.weights[:, :, None]).sum(dim=1)
+        return (unsorted.view(num_rows, top_k, y.shape[1]) * self.weights[:, :, None]).sum(dim=1)
 
 
 def group_by_expert(weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> ExpertGroups:

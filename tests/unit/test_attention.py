@@ -26,8 +26,8 @@ def dense_reference(q, k, v, window):
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (8, 2)])
 @pytest.mark.parametrize("lengths", [[13, 1, 7, 20], [9]])   # mixed groups; one prefill alone
 def test_paged_attention_equals_dense(window, heads, kv_heads, lengths):
-    """Step 1 prefills (several groups, or one), step 2 decodes (one group); q is a strided
-    view, as the model's fused qkv projection gives it."""
+    """Step 1 prefills (several groups, or one), step 2 decodes (one group); q, k and v are
+    strided views, as the model's fused qkv projection gives them."""
     torch.manual_seed(0)
     block_size, dh, num_blocks = 4, 16, 64
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, dh)
@@ -55,9 +55,10 @@ def test_paged_attention_equals_dense(window, heads, kv_heads, lengths):
         meta = AttentionMetadata.build(q_lens, ctx, [tables[i] for i, _, _ in parts], block_size,
                                        window, "sdpa", "cpu")
         q = torch.cat([seqs[i][0][lo:hi] for i, lo, hi in parts])
-        q = torch.cat([q, torch.randn_like(q)], dim=1)[:, :heads]     # strided, like qkv
         k = torch.cat([seqs[i][1][lo:hi] for i, lo, hi in parts])
         v = torch.cat([seqs[i][2][lo:hi] for i, lo, hi in parts])
+        q, k, v = (torch.cat([x, torch.randn_like(x)], dim=1)[:, :x.shape[1]]
+                   for x in (q, k, v))                                 # strided, like qkv
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = attend(q, k_cache, v_cache, meta)
         start = 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from actors.dispatcher import Dispatcher, ExpertCallError
@@ -12,7 +14,7 @@ from actors.expert import ExpertWorker
 from model.checkpoint import WeightSource
 from model.config import PRESETS
 from model.mixtral import expert_names
-from model.moe import LocalExperts, route
+from model.moe import LocalExperts, group_by_expert, route
 
 CFG = PRESETS["tiny"]
 SOURCE = WeightSource(config=CFG, seed=3)
@@ -161,3 +163,25 @@ def test_time_is_bounded():
 def test_every_expert_needs_an_actor():
     with pytest.raises(ValueError, match=r"no actor holds expert\(s\) \[3\]"):
         Dispatcher([object()] * 2, [[0, 1, 2], [4, 5, 6, 7]], E)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 12), top_k=st.integers(1, 3), experts=st.integers(3, 8),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_combine_equals_a_weighted_scatter_add(rows, top_k, experts, bf16, seed):
+    """ExpertGroups.combine (un-sort, sum each row's slots) against index_add_ of weight * y,
+    with experts that get no rows; the same bits for top_k <= 2, rounding beyond."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(rows)])
+    weights = torch.rand(rows, top_k, generator=gen).to(dtype)
+    groups = group_by_expert(weights, ids, experts)
+    assert sum(groups.counts) == rows * top_k and len(groups.counts) == experts
+    y = torch.randn(rows * top_k, 16, generator=gen).to(dtype)       # one output per sorted pair
+    flat_weights = weights.flatten()[groups.order]
+    want = torch.zeros(rows, 16, dtype=dtype).index_add_(0, groups.rows, y * flat_weights[:, None])
+    got = groups.combine(y, rows)
+    if top_k <= 2:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want)

@@ -3,6 +3,7 @@ oneDNN has native bf16 kernels), for any row count, and gives a row the same bit
 two or more rows; the bf16 engine stays close to fp32 and, on `tiny`, batch-invariant."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -45,7 +46,10 @@ def test_bf16_engine_is_close_to_fp32(tiny_checkpoint, assert_bf16_close):
 def test_packed_linear_rows_do_not_depend_on_the_row_count_from_two(rows, shape, bf16, seed):
     """What batch invariance rests on: a row's output is the same bits in any GEMM of 2 or more
     rows. (oneDNN's 1-row path for long inputs, 1792 here, rounds differently: the reason a
-    greedy sequence on `small` can differ alone and batched; see the README.)"""
+    greedy sequence on `small` can differ alone and batched; see the README.) bf16 only where it
+    is packed for oneDNN: elsewhere it is plain `F.linear`, which promises nothing here."""
+    if bf16 and not BF16_NATIVE:
+        return
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.bfloat16 if bf16 else torch.float32
     w = pack((torch.randn(*shape, generator=gen) * 0.05).to(dtype))
@@ -53,6 +57,7 @@ def test_packed_linear_rows_do_not_depend_on_the_row_count_from_two(rows, shape,
     assert torch.equal(linear(x[:rows], w), linear(x, w)[:rows])
 
 
+@pytest.mark.skipif(not BF16_NATIVE, reason="bf16 is packed for oneDNN only with native kernels")
 def test_bf16_batched_and_chunked_equal_alone(tiny_checkpoint):
     """bf16 greedy ids are batch-invariant where every GEMM's inputs are short (`tiny`)."""
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
