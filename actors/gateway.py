@@ -1,14 +1,18 @@
-"""The gRPC gateway: a stateless Serve deployment behind Serve's gRPC proxy implementing
-`mixtral_ep.v1.Generator` (method names are the RPC names). It validates, tokenizes (prompt or
-chat template), and streams token ids from the engine deployment, detokenized there.
+"""The gateway: a stateless Serve deployment serving two APIs side by side. Behind Serve's gRPC
+proxy it implements `mixtral_ep.v1.Generator` (method names are the RPC names); behind Serve's
+HTTP proxy it is a FastAPI ingress with the OpenAI-compatible API (actors/openai_api.py):
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. Both validate in
+one place (actors/requests.py), tokenize (prompt or chat template), and stream token ids from
+the engine deployment, detokenized there.
 
-Errors reach the client as a gRPC status, never as a traceback (`status_of`):
-    InvalidRequest (and subclasses: ChatTemplateError...)   INVALID_ARGUMENT, its message
-    QueueFull (max_waiting), Serve's BackPressureError       RESOURCE_EXHAUSTED
+Errors reach the client as a gRPC status or an HTTP status with OpenAI's error body, never as
+a traceback (`status_of`):
+    InvalidRequest (and subclasses: ChatTemplateError...)   INVALID_ARGUMENT / 400, its message
+    QueueFull (max_waiting), Serve's BackPressureError       RESOURCE_EXHAUSTED / 429
     DeploymentUnavailableError, RayActorError (the engine
-    replica or one of its actors died or is restarting)      UNAVAILABLE
+    replica or one of its actors died or is restarting)      UNAVAILABLE / 503
     anything else (other ValueErrors too: config, checkpoint,
-    torch; ExpertCallError...)                               INTERNAL, no internal text
+    torch; ExpertCallError...)                               INTERNAL / 500, no internal text
 Ray wraps an exception raised in another actor in RayTaskError (nested once per hop), and
 `as_instanceof_cause()` makes it an instance of the cause's class as well: the cause is
 unwrapped first, so a wrapped torch ValueError is INTERNAL. Client errors are logged as one
@@ -18,13 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from actors import openai_api as oai
 from actors.info import EngineInfo
 from actors.requests import (model_info, prompt_ids, sampling_params,
                              stream_response, unary_response)
@@ -38,18 +48,124 @@ from protos import generator_pb2 as pb
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INTERNAL: 500}
+HEALTH_TIMEOUT_S = 5.0
+HEALTH_SERVICES = {"", "mixtral_ep.v1.Generator"}    # names grpc.health.v1.Health/Check knows
+
+openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mixtral MoE server")
+
+
+@openai_app.exception_handler(RequestValidationError)
+async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body that is not JSON or does not fit the request model: 400 naming the field."""
+    err = exc.errors()[0]
+    param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+    if err.get("type") == "extra_forbidden":
+        message = f"unknown field {param!r}"
+    else:
+        message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+    log.info("request answered 400: %s", message)
+    return JSONResponse(oai.error_body(400, message, param), status_code=400)
+
+
+async def _events(out: oai.Response, first, chunks, prompt_tokens: int, include_usage: bool):
+    """Server-sent events of one stream; an error after the first token ends it with an error
+    event (the status line has been sent)."""
+    produced = 0
+    try:
+        chunk, is_first = first, True
+        while True:
+            produced += len(chunk.token_ids)
+            yield out.chunk(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason,
+                            first=is_first)
+            if chunk.finish_reason:
+                break
+            chunk, is_first = await chunks.__anext__(), False
+        if include_usage:
+            yield out.usage_chunk(prompt_tokens, produced)
+    except Exception as e:  # noqa: BLE001
+        code, details = status_of(e)
+        _log_error(code, e)
+        yield oai.sse(oai.error_body(HTTP_STATUS[code], details))
+    yield oai.DONE
+
+
+def _http_error(error: Exception) -> JSONResponse:
+    code, details = status_of(error)
+    _log_error(code, error)
+    status = HTTP_STATUS[code]
+    return JSONResponse(oai.error_body(status, details), status_code=status)
+
+
+class _Aborted(Exception):
+    """Raised after the status is set, to end a stream with it."""
+
+
+def _set_status(grpc_context, error: Exception) -> None:
+    code, details = status_of(error)
+    _log_error(code, error)
+    grpc_context.set_code(code)
+    grpc_context.set_details(details)
+
+
+def _log_error(code: grpc.StatusCode, error: Exception) -> None:
+    """One line: INFO for a client's error, ERROR for INTERNAL (its traceback at DEBUG)."""
+    cause = unwrap(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("request failed: %s: %s", type(cause).__name__, _first_line(cause))
+        log.debug("request failed", exc_info=error)
+    else:
+        log.info("request answered %s: %s", code.name, _first_line(cause))
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The exception inside Ray's task-error wrappers, however deeply nested:
+    RayTaskError(cause=RayTaskError(cause=ValueError(...))) -> the ValueError."""
+    while isinstance(error, RayTaskError) and error.cause is not None and error.cause is not error:
+        error = error.cause
+    return error
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(gRPC status code, details for the client) of an error; see the module docstring.
+    Only request validation sends its own text."""
+    cause = unwrap(error)
+    if isinstance(cause, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
+    if isinstance(cause, (QueueFull, BackPressureError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are waiting; try again later"
+    if isinstance(cause, (DeploymentUnavailableError, RayActorError)):
+        return grpc.StatusCode.UNAVAILABLE, "the engine is starting or restarting; try again"
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+# Everything the Gateway's methods call is defined above it: `serve.ingress` copies the class
+# when it is defined, and the copy's methods see only the module names that exist by then.
+
+
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(openai_app)
 class Gateway:
     def __init__(self, engine, tokenizer_path: str | None, model_name: str):
         self.engine = engine                       # DeploymentHandle of actors.server.EngineServer
         self.tokenizer = Tokenizer.from_pretrained(tokenizer_path)
         self.model_name = model_name
         self._info: EngineInfo | None = None
+        self._created = int(time.time())
 
-    async def _prepare(self, request: pb.GenerateRequest):
+    async def _engine_info(self) -> EngineInfo:
         if self._info is None:                     # the context length never changes
             self._info = await self.engine.info.remote()
-        context = self._info.context_length
+        return self._info
+
+    async def _prepare(self, request: pb.GenerateRequest):
+        context = (await self._engine_info()).context_length
         ids = await asyncio.to_thread(prompt_ids, request, self.tokenizer, context)  # off the loop
         return ids, sampling_params(request, len(ids), context)
 
@@ -88,43 +204,76 @@ class Gateway:
             return pb.ModelInfoResponse()
 
 
-class _Aborted(Exception):
-    """Raised after the status is set, to end a stream with it."""
+    # ---- health: gRPC grpc.health.v1.Health/Check and HTTP GET /health ----------------------
+    async def _engine_unready(self) -> str | None:
+        """None once the engine answers within HEALTH_TIMEOUT_S, else why not."""
+        try:
+            await asyncio.wait_for(self.engine.info.remote(), HEALTH_TIMEOUT_S)
+            return None
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            return _first_line(unwrap(e)) or type(unwrap(e)).__name__
 
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context) -> health_pb2.HealthCheckResponse:
+        """SERVING once the engine answers, NOT_SERVING while it starts or restarts; for the
+        whole server ("") or the Generator service; NOT_FOUND for any other service name."""
+        if request.service not in HEALTH_SERVICES:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service!r}; known: "
+                                     f"{sorted(HEALTH_SERVICES)}")
+            return health_pb2.HealthCheckResponse()
+        status = (health_pb2.HealthCheckResponse.SERVING if await self._engine_unready() is None
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        return health_pb2.HealthCheckResponse(status=status)
 
-def _set_status(grpc_context, error: Exception) -> None:
-    code, details = status_of(error)
-    cause = unwrap(error)
-    if code == grpc.StatusCode.INTERNAL:
-        log.error("request failed: %s: %s", type(cause).__name__, _first_line(cause))
-        log.debug("request failed", exc_info=error)
-    else:
-        log.info("request answered %s: %s", code.name, _first_line(cause))
-    grpc_context.set_code(code)
-    grpc_context.set_details(details)
+    @openai_app.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 once the engine answers (within HEALTH_TIMEOUT_S), else 503."""
+        reason = await self._engine_unready()
+        if reason is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
+    # ---- OpenAI-compatible HTTP API (actors/openai_api.py) ----------------------------------
 
-def unwrap(error: BaseException) -> BaseException:
-    """The exception inside Ray's task-error wrappers, however deeply nested:
-    RayTaskError(cause=RayTaskError(cause=ValueError(...))) -> the ValueError."""
-    while isinstance(error, RayTaskError) and error.cause is not None and error.cause is not error:
-        error = error.cause
-    return error
+    @openai_app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        try:
+            return JSONResponse(oai.models_body(self.model_name, await self._engine_info(),
+                                                self._created))
+        except Exception as e:  # noqa: BLE001
+            return _http_error(e)
 
+    @openai_app.post("/v1/completions")
+    async def completions(self, request: oai.CompletionRequest):
+        return await self._openai(request, oai.completion_inputs, False,
+                                  request.logprobs is not None)
 
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(gRPC status code, details for the client) of an error; see the module docstring.
-    Only request validation sends its own text."""
-    cause = unwrap(error)
-    if isinstance(cause, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
-    if isinstance(cause, (QueueFull, BackPressureError)):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are waiting; try again later"
-    if isinstance(cause, (DeploymentUnavailableError, RayActorError)):
-        return grpc.StatusCode.UNAVAILABLE, "the engine is starting or restarting; try again"
-    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+    @openai_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: oai.ChatCompletionRequest):
+        return await self._openai(request, oai.chat_inputs, True, request.logprobs)
 
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
+    async def _openai(self, request, inputs, chat: bool, logprobs: bool):
+        try:
+            if request.model != self.model_name:
+                message = f"model {request.model!r} is not served here; this server serves " \
+                          f"{self.model_name!r} (GET /v1/models)"
+                log.info("request answered 404: %s", message)
+                return JSONResponse(oai.error_body(404, message, "model"), status_code=404)
+            info = await self._engine_info()
+            ids, params = await asyncio.to_thread(inputs, request, self.tokenizer, info)
+            out = oai.Response(chat, self.model_name, self.tokenizer, logprobs,
+                               request.return_token_ids)
+            chunks = self.engine.options(stream=True).stream.remote(ids, params)
+            if not request.stream:
+                text, tokens, lps, reason = "", [], [], ""
+                async for chunk in chunks:
+                    text, tokens, lps = text + chunk.text, tokens + chunk.token_ids, lps + chunk.logprobs
+                    reason = chunk.finish_reason or reason
+                return JSONResponse(out.whole(text, tokens, lps, reason, len(ids)))
+            first = await chunks.__anext__()    # an error before the first token: an HTTP status
+            usage = request.stream_options is not None and request.stream_options.include_usage
+            return StreamingResponse(_events(out, first, chunks, len(ids), usage),
+                                     media_type="text/event-stream")
+        except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
+            return _http_error(e)

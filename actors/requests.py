@@ -1,11 +1,14 @@
-"""gRPC messages <-> engine inputs and outputs: validation with messages that name the field and
-its limit, and response building. Pure functions; the gateway (actors/gateway.py) is the only
-caller, and these are the only functions that read or build protobuf messages.
+"""API requests <-> engine inputs and outputs: the one place where a request from a client (gRPC
+here, the OpenAI HTTP API in actors/openai_api.py) is validated, with messages that name the
+field and its limit, plus the gRPC response building. Pure functions; `prompt_ids_of` and
+`sampling_params_of` serve both protocols, the rest reads or builds protobuf messages.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from actors.info import EngineInfo
-from model.admission import check_text_size
+from model import admission
 from model.engine import Completion, SamplingParams, StreamChunk
 from model.errors import InvalidRequest
 from model.tokenizer import ChatTemplateError, Tokenizer
@@ -14,18 +17,21 @@ from protos import generator_pb2 as pb
 DEFAULT_MAX_TOKENS = 16
 
 
-def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer, context_length: int) -> list[int]:
-    """Token ids of the prompt or the chat messages (exactly one must be set)."""
-    if req.prompt and req.messages:
+def prompt_ids_of(tokenizer: Tokenizer, context_length: int, *,
+                  prompt: str | Sequence[int] | None = None, messages: list[dict] | None = None,
+                  vocab_size: int | None = None) -> list[int]:
+    """Token ids of a prompt (text, encoded with BOS; or token ids, checked against `vocab_size`)
+    or of chat messages ({"role", "content"} dicts, through the chat template): exactly one."""
+    if prompt and messages:
         raise InvalidRequest("set exactly one of prompt and messages, not both")
-    if not req.prompt and not req.messages:
+    if not prompt and not messages:
         raise InvalidRequest("set one of prompt (non-empty text) and messages")
-    chars = len(req.prompt) + sum(len(m.role) + len(m.content) for m in req.messages)
-    check_text_size("prompt" if req.prompt else "messages", chars, tokenizer, context_length)
-    if req.prompt:
-        ids = tokenizer.encode(req.prompt)
+    if prompt:
+        ids = admission.prompt_ids(prompt, tokenizer, vocab_size or tokenizer.vocab_size,
+                                   context_length)
     else:
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        chars = sum(len(m["role"]) + len(m["content"]) for m in messages)
+        admission.check_text_size("messages", chars, tokenizer, context_length)
         try:
             ids = tokenizer.apply_chat_template(messages)
         except ChatTemplateError as e:
@@ -36,22 +42,41 @@ def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer, context_length: in
     return ids
 
 
-def sampling_params(req: pb.GenerateRequest, prompt_len: int, context_length: int) -> SamplingParams:
-    max_tokens = req.max_tokens if req.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+def sampling_params_of(prompt_len: int, context_length: int, *, max_tokens: int | None = None,
+                       temperature: float | None = None, top_p: float | None = None,
+                       top_k: int | None = None, seed: int | None = None,
+                       stop: Sequence[str] = (), ignore_eos: bool = False,
+                       max_tokens_field: str = "max_tokens") -> SamplingParams:
+    """SamplingParams from a request's optional fields (None: the default); raises
+    InvalidRequest naming the field and its limit."""
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     room = context_length - prompt_len
-    if max_tokens <= 0 or max_tokens > room:
-        raise InvalidRequest(f"max_tokens must be in [1, {room}] (context length {context_length} "
-                             f"minus the prompt's {prompt_len} tokens), got {max_tokens}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 0 < max_tokens <= room:
+        raise InvalidRequest(f"{max_tokens_field} must be in [1, {room}] (context length "
+                             f"{context_length} minus the prompt's {prompt_len} tokens), got "
+                             f"{max_tokens}")
     try:
         return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=req.temperature if req.HasField("temperature") else 1.0,
-            top_p=req.top_p if req.HasField("top_p") else 1.0,
-            top_k=req.top_k if req.HasField("top_k") else 0,
-            seed=req.seed if req.HasField("seed") else None,
-            stop=tuple(req.stop))
+            max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else top_k,
+            seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
     except ValueError as e:       # SamplingParams names the field and its limit
         raise InvalidRequest(str(e)) from None
+
+
+def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer, context_length: int) -> list[int]:
+    """Token ids of a gRPC request's prompt or chat messages (exactly one must be set)."""
+    messages = [{"role": m.role, "content": m.content} for m in req.messages]
+    return prompt_ids_of(tokenizer, context_length, prompt=req.prompt or None,
+                         messages=messages or None)
+
+
+def sampling_params(req: pb.GenerateRequest, prompt_len: int, context_length: int) -> SamplingParams:
+    def optional(field: str):
+        return getattr(req, field) if req.HasField(field) else None
+    return sampling_params_of(prompt_len, context_length, max_tokens=optional("max_tokens"),
+                              temperature=optional("temperature"), top_p=optional("top_p"),
+                              top_k=optional("top_k"), seed=optional("seed"), stop=req.stop)
 
 
 def stream_response(chunk: StreamChunk, prompt_tokens: int, completion_tokens: int,

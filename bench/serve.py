@@ -5,8 +5,10 @@
 
 For 1, 8 and 32 concurrent clients, each sending requests back to back (GenerateStream, greedy,
 prompt ~100 tokens, 32 new tokens), prints requests/s, generated tokens/s, p50/p99 time to first
-token and p50/p99 inter-token latency, for the server and for the in-process Engine.stream with
-the same concurrency, and the server / in-process tokens/s ratio; then how many cores each
+token and p50/p99 inter-token latency, for the server over gRPC, the same over the
+OpenAI-compatible HTTP API (streaming chat completions; the prompt goes through the chat
+template, so it is a few tokens longer) and the in-process Engine.stream with the same
+concurrency, and the served / in-process tokens/s ratios; then how many cores each
 process of the server kept busy at each level (where the served path's time goes).
 """
 from __future__ import annotations
@@ -24,13 +26,14 @@ import time
 from pathlib import Path
 
 import grpc
+import openai
 import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.app import build_app  # noqa: E402
+from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
 from model.checkpoint import cached_random_checkpoint  # noqa: E402
 from model.engine import Engine, SamplingParams  # noqa: E402
 from protos import generator_pb2 as pb  # noqa: E402
@@ -65,6 +68,33 @@ def run_grpc(stub, texts: list[str], concurrency: int, max_tokens: int) -> dict:
             now = time.perf_counter()
             (ttfts.append(now - start) if first else gaps.append(now - last))
             first, last, n = False, now, n + len(part.token_ids)
+        return n
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        tokens[0] = sum(pool.map(one, texts))
+    return summarize(time.perf_counter() - start, ttfts, gaps, tokens[0], len(texts))
+
+
+def run_http(client, model: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """The same workload as streaming chat completions through the OpenAI-compatible API (the
+    official `openai` client; a chunk is one server-sent event)."""
+    ttfts, gaps, tokens = [], [], [0]
+
+    def one(text):
+        start = last = time.perf_counter()
+        first = True
+        n = 0
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
+            temperature=0, stream=True, stream_options={"include_usage": True},
+            extra_body={"return_token_ids": True})
+        for chunk in stream:
+            if not chunk.choices:                       # the usage chunk
+                continue
+            now = time.perf_counter()
+            (ttfts.append(now - start) if first else gaps.append(now - last))
+            first, last, n = False, now, n + len(chunk.choices[0].token_ids or [])
         return n
 
     start = time.perf_counter()
@@ -146,10 +176,10 @@ def main() -> None:
     per_level = {c: prompts(max(2 * c, 4) if not args.quick else c, seed=c) for c in levels}
 
     ray.init(address="local", logging_level=logging.WARNING)
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
-                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
-                    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"]))
+    port, http_port = free_port(), free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
+                grpc_options=gRPCOptions(port=port,
+                                         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
     serve.run(build_app({"model": str(path), "experts_per_actor": args.experts_per_actor,
                          "frontend_threads": args.frontend_threads}), name="bench", route_prefix="/")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -163,6 +193,13 @@ def main() -> None:
         wall = len(per_level[c]) / served[c]["req/s"]
         cores[c] = {role: (cpu_seconds(pids) - before[role]) / wall for role, pids in roles.items()}
         log.info("grpc x%d: %s", c, served[c])
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",
+                           max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    over_http = {}
+    for c in levels:
+        over_http[c] = run_http(client, model, per_level[c], c, args.max_tokens)
+        log.info("http x%d: %s", c, over_http[c])
     channel.close()
     serve.shutdown()
     ray.shutdown()
@@ -177,12 +214,15 @@ def main() -> None:
     lines = [f"{preset} checkpoint, fp32, greedy, {args.max_tokens} new tokens, ~100-token prompts; "
              f"server = Serve gRPC proxy -> gateway -> engine replica (the frontend, "
              f"{args.frontend_threads or 'all'} threads) -> {8 // args.experts_per_actor} expert "
-             "actors (1 thread each); in-process = Engine.stream (2 threads)", "",
+             "actors (1 thread each); OpenAI HTTP = Serve's HTTP proxy -> the same gateway "
+             "(streaming chat completions, the `openai` client); in-process = Engine.stream "
+             "(2 threads); the cores table covers the gRPC run", "",
              "| clients | path | req/s | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | served / in-process tok/s |",
              "|---|---|---|---|---|---|---|"]
     for c in levels:
-        for name, r in (("gRPC server", served[c]), ("in-process", local[c])):
-            ratio = f"{served[c]['tok/s'] / local[c]['tok/s']:.2f}" if name == "gRPC server" else ""
+        for name, r in (("gRPC server", served[c]), ("OpenAI HTTP, streaming chat", over_http[c]),
+                        ("in-process", local[c])):
+            ratio = f"{r['tok/s'] / local[c]['tok/s']:.2f}" if name != "in-process" else ""
             lines.append(f"| {c} | {name} | {r['req/s']:.2f} | {r['tok/s']:.1f} | "
                          f"{r['ttft p50'] * 1e3:.0f} / {r['ttft p99'] * 1e3:.0f} | "
                          f"{r['itl p50'] * 1e3:.0f} / {r['itl p99'] * 1e3:.0f} | {ratio} |")

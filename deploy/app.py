@@ -37,6 +37,10 @@ from model.checkpoint import WeightSource, cached_random_checkpoint
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 _ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineOptions))
+# what Serve's gRPC proxy serves (`grpc_options.grpc_servicer_functions`; the Serve configs in
+# deploy/ list the same, a test checks): our API and the standard health service
+GRPC_SERVICER_FUNCTIONS = ["protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
+                           "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
 
 
 def build_app(args: dict) -> Application:
@@ -45,7 +49,7 @@ def build_app(args: dict) -> Application:
         raise ValueError(f"unknown application args {sorted(unknown)}; expected model, "
                          f"{', '.join(_ENGINE_KEYS)}")
     path = args.get("model") or str(cached_random_checkpoint("tiny"))
-    name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny (random weights)"
+    name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny"
     options = EngineOptions(**{k: args[k] for k in _ENGINE_KEYS if k in args})
     WeightSource(path=path).resolve_dtype(options.dtype)      # "auto": reads its config.json
     log.info("serving %s with %s; call it with:  python -m protos.client \"Hello\" "

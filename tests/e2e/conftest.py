@@ -10,7 +10,7 @@ import pytest
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from deploy.app import build_app
+from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
 from protos import generator_pb2_grpc as pb_grpc
 
 
@@ -21,13 +21,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def grpc_port(ray_cluster) -> int:
-    port = free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"port": free_port()},
-                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[
-                    "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"]))
-    yield port
+def serve_ports(ray_cluster) -> tuple[int, int]:
+    """(gRPC port, HTTP port) of one Serve instance's proxies, both free ports."""
+    grpc_port, http_port = free_port(), free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port,
+                                         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    yield grpc_port, http_port
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def grpc_port(serve_ports) -> int:
+    return serve_ports[0]
+
+
+@pytest.fixture(scope="session")
+def http_port(serve_ports) -> int:
+    return serve_ports[1]
 
 
 @pytest.fixture(scope="module")

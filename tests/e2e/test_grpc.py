@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
@@ -170,3 +171,14 @@ def test_readme_client_code_runs(server, address, readme_code, monkeypatch, caps
     code = readme_code("Calling it from a Python service")
     exec(compile(code, "README.md (Calling it from a Python service)", "exec"), {})
     assert re.search(r" (length|stop) \d+\n", capsys.readouterr().out)   # the unary reply's line
+
+
+def test_grpc_health_check_through_the_proxy(server, address):
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "mixtral_ep.v1.Generator"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=30)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -30,13 +30,17 @@ def request(server, x: torch.Tensor, layer: int, password: bytes | None, timeout
     context = zmq.Context.instance()
     socket = context.socket(zmq.DEALER)
     socket.linger = 0
+    socket.sndtimeo = timeout_ms    # a refused handshake can leave no pipe: send would block
     if password is not None:
         socket.plain_username, socket.plain_password = USER, password
     socket.connect(server.endpoint)
     try:
         counts = [x.shape[0] - 1, 1]
         head = REQUEST.pack(7, layer, x.shape[0], 2, DTYPES.index(x.dtype)) + struct.pack("<2i", *counts)
-        socket.send_multipart([head, x.contiguous().view(torch.uint8).numpy()])
+        try:
+            socket.send_multipart([head, x.contiguous().view(torch.uint8).numpy()])
+        except zmq.Again:
+            return None
         if not socket.poll(timeout_ms):
             return None
         return socket.recv_multipart()

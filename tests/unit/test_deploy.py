@@ -87,3 +87,10 @@ def test_unknown_application_args_are_refused():
     from deploy.app import build_app
     with pytest.raises(ValueError, match=r"unknown application args \['frontend'\]"):
         build_app({"model": "/nowhere", "frontend": {"GPU": 1}})
+
+
+@pytest.mark.parametrize("name", ["deploy/serve.yaml", "deploy/serve-gpu.yaml"])
+def test_serve_configs_serve_the_api_and_the_health_service(name):
+    from deploy.app import GRPC_SERVICER_FUNCTIONS
+    raw = yaml.safe_load((ROOT / name).read_text())
+    assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS

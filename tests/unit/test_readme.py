@@ -11,6 +11,7 @@ TESTS = Path(__file__).resolve().parents[1]
 # README heading -> the test file that runs its Python code (calling `readme_code("<heading>"`)
 RUN_BY = {"Python API": "unit/test_readme.py",
           "Calling it from a Python service": "e2e/test_grpc.py",
+          "OpenAI-compatible HTTP API": "e2e/test_openai.py",
           "Expert parallelism on Ray": "integration/test_readme_ray.py"}
 
 

@@ -1,0 +1,243 @@
+"""The OpenAI-compatible HTTP API: request models, their translation to engine inputs (through the
+same validation as gRPC, actors/requests.py) and the response / stream chunk bodies. Pure; the
+routes live on the gateway (actors/gateway.py), which serves this API and gRPC side by side.
+
+Follows OpenAI's API reference for /v1/completions and /v1/chat/completions (and vLLM's
+extensions `top_k`, `ignore_eos`, `return_token_ids`): https://platform.openai.com/docs/api-reference
+- `n` must be 1; `logprobs` gives the chosen token's logprob only (completions: `logprobs: 0`;
+  chat: `logprobs: true` with `top_logprobs` 0 or unset); penalties must be 0; `echo`, `suffix`,
+  `best_of` > 1, `logit_bias`, `tools` and non-text `response_format` are refused.
+- Unknown fields are refused (HTTP 400 naming them), as OpenAI's server does.
+- Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+Streams are server-sent events, one `data: {chunk}` per engine chunk, then (with
+`stream_options.include_usage`) a chunk with empty `choices` and the usage, then `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.info import EngineInfo
+from actors.requests import prompt_ids_of, sampling_params_of
+from model.engine import SamplingParams
+from model.errors import InvalidRequest
+from model.tokenizer import Tokenizer
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               429: "rate_limit_error", 503: "service_unavailable", 500: "internal_server_error"}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: "StreamOptions | None" = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int | None = None               # vLLM's extension
+    ignore_eos: bool = False               # vLLM's extension
+    return_token_ids: bool = False         # vLLM's extension: choices carry `token_ids`
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str | list[ChatContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+
+
+_Request.model_rebuild()
+
+
+def _refuse(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequest(f"{field}: {message}")
+
+
+def _check_common(r: _Request) -> None:
+    _refuse(r.n == 1, "n", f"only 1 is supported, got {r.n}")
+    _refuse(r.presence_penalty == 0, "presence_penalty", "only 0 is supported")
+    _refuse(r.frequency_penalty == 0, "frequency_penalty", "only 0 is supported")
+    _refuse(not r.logit_bias, "logit_bias", "is not supported")
+    _refuse(r.stream_options is None or r.stream, "stream_options", "needs stream: true")
+
+
+def _params(r: _Request, max_tokens: int | None, field: str, prompt_len: int,
+            context_length: int) -> SamplingParams:
+    stop = [r.stop] if isinstance(r.stop, str) else (r.stop or [])
+    return sampling_params_of(prompt_len, context_length, max_tokens=max_tokens,
+                              temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              seed=r.seed, stop=stop, ignore_eos=r.ignore_eos,
+                              max_tokens_field=field)
+
+
+def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
+                      info: EngineInfo) -> tuple[list[int], SamplingParams]:
+    """(prompt ids, sampling params) of a /v1/completions request; InvalidRequest names the field."""
+    _check_common(r)
+    _refuse(not r.echo, "echo", "is not supported")
+    _refuse(r.suffix is None, "suffix", "is not supported")
+    _refuse(r.best_of in (None, 1), "best_of", f"only 1 is supported, got {r.best_of}")
+    _refuse(r.logprobs in (None, 0), "logprobs",
+            f"only 0 (the chosen token's logprob) is supported, got {r.logprobs}")
+    prompt = r.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        _refuse(len(prompt) == 1, "prompt", f"one prompt per request, got {len(prompt)}")
+        prompt = prompt[0]
+    ids = prompt_ids_of(tokenizer, info.context_length, prompt=prompt, vocab_size=info.vocab_size)
+    return ids, _params(r, r.max_tokens, "max_tokens", len(ids), info.context_length)
+
+
+def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
+                info: EngineInfo) -> tuple[list[int], SamplingParams]:
+    """(prompt ids, sampling params) of a /v1/chat/completions request."""
+    _check_common(r)
+    _refuse(r.top_logprobs in (None, 0), "top_logprobs",
+            f"only 0 is supported (the chosen token's logprob), got {r.top_logprobs}")
+    _refuse(not r.tools, "tools", "are not supported")
+    _refuse(r.response_format in (None, {"type": "text"}), "response_format",
+            "only {\"type\": \"text\"} is supported")
+    _refuse(r.max_tokens is None or r.max_completion_tokens is None, "max_completion_tokens",
+            "set it or max_tokens, not both")
+    messages = [{"role": m.role, "content": m.text()} for m in r.messages]
+    ids = prompt_ids_of(tokenizer, info.context_length, messages=messages)
+    field = "max_tokens" if r.max_tokens is not None else "max_completion_tokens"
+    max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
+    return ids, _params(r, max_tokens, field, len(ids), info.context_length)
+
+
+# ---- responses -------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[float]) -> list[dict]:
+    out = []
+    for t, lp in zip(token_ids, logprobs):
+        text = tokenizer.decode([t])
+        out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+    return out
+
+
+def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
+    """The legacy completions `logprobs` object, chosen tokens only (text_offset left empty)."""
+    return {"tokens": [tokenizer.decode([t]) for t in token_ids], "token_logprobs": list(logprobs),
+            "top_logprobs": None, "text_offset": []}
+
+
+class Response:
+    """Builds the bodies of one request's response: the whole one or its stream chunks."""
+
+    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, logprobs: bool,
+                 token_ids: bool = False):
+        self.chat, self.model, self.tokenizer, self.logprobs = chat, model, tokenizer, logprobs
+        self.token_ids = token_ids
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _choice(self, token_ids: list[int], logprobs: list[float], finish_reason) -> dict:
+        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        if self.logprobs:
+            choice["logprobs"] = ({"content": _token_logprobs(self.tokenizer, token_ids, logprobs)}
+                                  if self.chat else
+                                  completion_logprobs(self.tokenizer, token_ids, logprobs))
+        if self.token_ids:
+            choice["token_ids"] = list(token_ids)
+        return choice
+
+    def whole(self, text: str, token_ids: list[int], logprobs: list[float], finish_reason: str,
+              prompt_tokens: int) -> dict:
+        choice = self._choice(token_ids, logprobs, finish_reason)
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage(prompt_tokens, len(token_ids))}
+
+    def chunk(self, text: str, token_ids: list[int], logprobs: list[float],
+              finish_reason: str | None, first: bool = False) -> str:
+        """One server-sent event for a stream chunk."""
+        choice = self._choice(token_ids, logprobs, finish_reason)
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+        else:
+            choice["text"] = text
+        return self._event({"choices": [choice]})
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
+        return self._event({"choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+
+    def _event(self, body: dict) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return sse({"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                    **body})
+
+
+def sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+DONE = sse("[DONE]")
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
+                      "param": param, "code": None}}
+
+
+def models_body(model: str, info: EngineInfo, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                        "owned_by": "mixtral-ep",
+                                        "max_model_len": info.context_length}]}

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible HTTP API through Serve's real HTTP proxy (free port), called with the
+official `openai` client (sync, async, streaming) and raw HTTP; same tokens as gRPC and as the
+in-process engine."""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
+from model.engine import Engine, SamplingParams
+from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
+
+openai = pytest.importorskip("openai")
+
+MODEL = "tiny-openai"
+
+
+@pytest.fixture(scope="module")
+def server(deploy, tiny_checkpoint, tmp_path_factory):
+    # the model's name is its directory's name: give the checkpoint one we know
+    link = tmp_path_factory.mktemp("openai") / MODEL
+    link.symlink_to(tiny_checkpoint)
+    return deploy("mixtral-ep-openai", {"model": str(link), "expert_resources": EXPERT_SLOT,
+                                        "frontend_resources": FRONTEND_SLOT,
+                                        "frontend_threads": 1, "expert_threads": 1})
+
+
+@pytest.fixture(scope="module")
+def base_url(server, http_port) -> str:
+    return f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return Engine.from_pretrained(tiny_checkpoint)
+
+
+def http(base_url: str, method: str, path: str, body: dict | bytes | None = None):
+    """(status, parsed JSON body) of a raw HTTP call."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base_url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_models_and_health(base_url, client, reference):
+    [model] = client.models.list().data
+    assert model.id == MODEL and model.max_model_len == reference.max_model_len
+    assert http(base_url, "GET", "/health") == (200, {"status": "ok"})
+    status, body = http(base_url, "GET", "/no/such/path")
+    assert status == 404
+
+
+def test_completion_equals_grpc_and_the_in_process_engine(client, grpc_port, reference):
+    prompt = "The capital of France is"
+    want = reference.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0))[0]
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    [choice] = got.choices
+    assert choice.text == want.text and choice.finish_reason == want.finish_reason
+    assert choice.token_ids == want.token_ids
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(want.prompt_ids), 12)
+    assert got.id.startswith("cmpl-") and got.created > 0 and got.model == MODEL
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        over_grpc = pb_grpc.GeneratorStub(channel).Generate(
+            pb.GenerateRequest(prompt=prompt, max_tokens=12, temperature=0.0), timeout=60)
+    assert list(over_grpc.token_ids) == choice.token_ids
+
+
+def test_seeded_sampling_over_http_equals_grpc(client, grpc_port):
+    kwargs = dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
+    got = client.completions.create(model=MODEL, prompt="Once upon a time",
+                                    extra_body={"return_token_ids": True, "top_k": 50}, **kwargs)
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        over_grpc = pb_grpc.GeneratorStub(channel).Generate(
+            pb.GenerateRequest(prompt="Once upon a time", top_k=50, **kwargs), timeout=60)
+    assert got.choices[0].token_ids == list(over_grpc.token_ids)
+
+
+def test_token_id_prompt_and_logprobs(client, reference):
+    ids = reference.tokenizer.encode("Hello there")
+    want = reference.generate([ids], SamplingParams(max_tokens=5, temperature=0.0))[0]
+    got = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0,
+                                    logprobs=0)
+    lp = got.choices[0].logprobs
+    assert got.choices[0].text == want.text
+    assert lp.token_logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    assert len(lp.tokens) == 5
+
+
+def test_streaming_chat_with_usage_equals_unary(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    unary = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                           temperature=0, logprobs=True)
+    assert unary.choices[0].message.role == "assistant"
+    assert len(unary.choices[0].logprobs.content) == unary.usage.completion_tokens
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == unary.choices[0].message.content
+    finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finished == [unary.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == unary.usage.completion_tokens
+
+
+def test_async_client_concurrent_streams(base_url, client):
+    prompts = ["Hello, my name is", "def fib(n):", "Once upon a time"]
+    want = [client.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+            .choices[0].text for p in prompts]
+
+    async def one(aclient, prompt: str) -> str:
+        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                                  temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def main() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused",
+                                      max_retries=0, timeout=60) as aclient:
+            return await asyncio.gather(*(one(aclient, p) for p in prompts))
+    assert asyncio.run(main()) == want
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature must be a finite number >= 0"),
+    ({"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens must be in [1, "),
+    ({"prompt": "hi", "n": 2}, 400, "n: only 1 is supported"),
+    ({"prompt": "hi", "frobnicate": 1}, 400, "unknown field 'frobnicate'"),
+    ({"prompt": "hi", "logprobs": 3}, 400, "logprobs: only 0"),
+    ({"prompt": [1, 10**9]}, 400, "prompt token ids must be integers in [0, "),
+    ({"prompt": ["a", "b"]}, 400, "prompt: one prompt per request"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({}, 400, "prompt: Field required"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
+])
+def test_bad_completion_requests_name_the_field(base_url, body, status, needle):
+    got_status, got = http(base_url, "POST", "/v1/completions", {"model": MODEL} | body)
+    assert got_status == status, got
+    assert needle in got["error"]["message"] and got["error"]["type"]
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs: only 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+      "max_completion_tokens": 2}, "max_completion_tokens: set it or max_tokens"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "user"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
+     "stream_options: needs stream: true"),
+])
+def test_bad_chat_requests_name_the_field(base_url, body, needle):
+    status, got = http(base_url, "POST", "/v1/chat/completions", {"model": MODEL} | body)
+    assert status == 400, got
+    assert needle in got["error"]["message"]
+
+
+def test_malformed_json_is_a_400_and_the_server_answers_after(base_url, client):
+    status, got = http(base_url, "POST", "/v1/completions", b"{not json")
+    assert status == 400 and got["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="hi", temperature=-2)
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_readme_openai_code_runs(base_url, readme_code, monkeypatch, capsys):
+    monkeypatch.setenv("MIXTRAL_EP_URL", base_url)
+    code = readme_code("OpenAI-compatible HTTP API")
+    exec(compile(code, "README.md (OpenAI-compatible HTTP API)", "exec"), {})
+    assert capsys.readouterr().out.strip()
