@@ -108,6 +108,8 @@ class ExpertPool:
         p = plan(cluster_nodes(), source.model_config().num_local_experts, expert_replicas,
                  expert_resources or default_resources(device), frontend_resources,
                  experts_per_actor)
+        for why in p.shared:
+            log.warning("%s", why)
         pg = reserve(p, placement_timeout_s)
         first = 1 if p.frontend is not None else 0
         # threads: its channel's liveness task blocks one, calls (info, compute) use the others

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import ray
 from ray import serve
 
 from actors.frontend import Frontend
@@ -30,6 +31,22 @@ from model.engine import SamplingParams
 
 # a child of Serve's logger: its handlers and LoggingConfig apply in a replica
 log = logging.getLogger(f"ray.serve.{__name__}")
+
+
+def proxy_addresses() -> tuple[str, str]:
+    """host:port of Serve's gRPC and HTTP proxies as configured ("localhost" for a wildcard
+    host), asked of Serve's controller (`get_grpc_config` / `get_http_config`: Serve's own, not
+    public API; Ray is pinned); Serve's default ports if that fails."""
+    try:
+        from ray.serve.context import _get_global_client
+        controller = _get_global_client()._controller
+        http, grpc = ray.get([controller.get_http_config.remote(),
+                              controller.get_grpc_config.remote()], timeout=10)
+        host = "localhost" if http.host in ("0.0.0.0", "::", "127.0.0.1", "") else http.host
+        return f"{host}:{grpc.port}", f"{host}:{http.port}"
+    except Exception as e:  # noqa: BLE001 - only the ready line's text depends on it
+        log.debug("could not read the proxies' config: %r", e)
+        return "localhost:9000", "localhost:8000"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +96,12 @@ class EngineServer:
             pool.shutdown()
             raise
         self.pool, self.frontend = pool, frontend
-        log.info("engine replica ready: the frontend runs here, %d expert actors",
-                 len(pool.experts.actors))
+        grpc_address, http_address = proxy_addresses()
+        log.info("engine replica ready: the frontend runs here, %d expert actors. Call it over "
+                 "gRPC at %s:  python -m protos.client \"Hello\" --address %s   or the "
+                 "OpenAI-compatible API at http://%s/v1:  curl http://%s/v1/models",
+                 len(pool.experts.actors), grpc_address, grpc_address, http_address,
+                 http_address)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams):
         async for chunk in self.frontend.stream(prompt_ids, params):

@@ -9,9 +9,10 @@ the plan has one, goes first, on the node with the most room for it; `frontend_r
 plans none (the served path: the frontend is the Serve replica, placed by Serve, already
 running, and what it holds is no longer free). Then, replica by replica and group by group, each
 expert actor goes to the node with the most room left for `expert_resources` that does not yet
-hold a replica of the same group (any node with room if every node already holds one): actors
-spread evenly, and replicas of one group land on different nodes, so losing one node loses at
-most one replica of each expert.
+hold a replica of the same group (any node with room if every node already holds one, noted in
+`Plan.shared`, which the pool logs as a warning): actors spread evenly, and replicas of one group
+land on different nodes where the cluster allows, so losing one node loses at most one replica
+of each expert.
 A cluster that cannot hold the plan raises PlacementError saying what was needed and what
 each node offers.
 
@@ -46,6 +47,8 @@ class Slot:
 class Plan:
     frontend: Slot | None                       # None: the frontend is placed elsewhere
     groups: dict[tuple[int, ...], list[Slot]]   # expert ids of one actor -> a slot per replica
+    # groups whose replicas had to share a node, each with why (no other node had room)
+    shared: list[str] = dataclasses.field(default_factory=list)
 
     def actors(self) -> list[tuple[tuple[int, ...], Slot]]:
         """(expert ids, slot) of every expert actor, by group then replica: bundle order."""
@@ -86,11 +89,15 @@ def plan(nodes: list[Node], num_experts: int, replicas: int = 1,
         frontend = Slot(frontend_node, dict(frontend_resources))
     beside = f" (plus the frontend's {_fmt(frontend_resources)})" if frontend else ""
     placed: dict[tuple[int, ...], list[Slot]] = {ids: [] for ids in groups}
+    shared = []
     for replica in range(replicas):
         for ids in groups:
             holders = {s.node_id for s in placed[ids]}
-            node = (_roomiest(free, expert_resources, exclude=holders)
-                    or _roomiest(free, expert_resources, exclude=set()))
+            node = _roomiest(free, expert_resources, exclude=holders)
+            if node is None and (node := _roomiest(free, expert_resources, exclude=set())):
+                shared.append(f"experts {list(ids)} replica {replica} shares node {node[:12]} "
+                              f"with another replica: no other node has room for "
+                              f"{_fmt(expert_resources)} ({len(free)} node(s))")
             if node is None:
                 raise PlacementError(
                     f"cannot place {num_experts} experts x {replicas} replica(s) in actors of "
@@ -98,7 +105,7 @@ def plan(nodes: list[Node], num_experts: int, replicas: int = 1,
                     f"out at experts {list(ids)}, replica {replica}; {describe(nodes)}")
             _take(free, node, expert_resources)
             placed[ids].append(Slot(node, expert_resources))
-    return Plan(frontend, placed)
+    return Plan(frontend, placed, shared)
 
 
 def _fits(free: Mapping[str, float], need: Mapping[str, float]) -> bool:

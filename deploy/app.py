@@ -30,7 +30,7 @@ from ray.serve import Application
 
 from actors.gateway import Gateway
 from actors.server import EngineOptions, EngineServer
-from model.checkpoint import WeightSource, cached_random_checkpoint
+from model.checkpoint import WeightSource, cached_random_checkpoint, check_checkpoint_dir
 
 # a child of Serve's logger: its handlers (replica log files, the console of `serve run`) and
 # its LoggingConfig apply; a plain module logger has no handler in a Serve process
@@ -51,9 +51,11 @@ def build_app(args: dict) -> Application:
     path = args.get("model") or str(cached_random_checkpoint("tiny"))
     name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny"
     options = EngineOptions(**{k: args[k] for k in _ENGINE_KEYS if k in args})
+    if args.get("model"):
+        check_checkpoint_dir(path)             # now, not after replicas crash-loop on it
     WeightSource(path=path).resolve_dtype(options.dtype)      # "auto": reads its config.json
-    log.info("serving %s with %s; call it with:  python -m protos.client \"Hello\" "
-             "--address localhost:9000  (gRPC mixtral_ep.v1.Generator)", path, options)
+    log.info("serving %s with %s; the engine replica logs how to call it once it is ready",
+             path, options)
     engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
         WeightSource(path=path), options)
     return Gateway.bind(engine, path, name)

@@ -80,6 +80,33 @@ def weight_map(path: str | Path) -> dict[str, Path]:
     raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {path}")
 
 
+def check_checkpoint_dir(path: str | Path) -> None:
+    """Fail at once, naming what is missing, unless `path` is a servable checkpoint: a directory
+    with a readable config.json, a tokenizer (tokenizer.json or tokenizer.model), and shards
+    (an index or model.safetensors) that exist and hold every tensor the config needs.
+    Raises CheckpointError (a ValueError). Reads no tensor data."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"model path {path} has no config.json")
+    try:
+        cfg = MixtralConfig.from_json(path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'} is not a Mixtral config: {e}") from None
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(f"model path {path} has no tokenizer.json or tokenizer.model")
+    files = weight_map(path)
+    gone = sorted({f.name for f in files.values() if not f.is_file()})
+    if gone:
+        raise CheckpointError(f"model path {path} is missing {len(gone)} shard(s) its index "
+                              f"names: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}")
+    absent = [n for n in tensor_shapes(cfg) if n not in files]
+    if absent:
+        raise CheckpointError(f"checkpoint {path} has no tensor {absent[0]!r} "
+                              f"({len(absent)} of the config's tensors are missing)")
+
+
 def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Read exactly the tensors named in `shapes`, checking each shape, as `dtype` on `device`."""
@@ -203,6 +230,7 @@ def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch
             tensors[n] = random_tensor(n, shapes[n], seed, dtype)
             progress.advance(sizes[n])
         save_file(tensors, out / file, metadata={"format": "pt"})
+        os.chmod(out / file, _new_file_mode())      # safetensors creates it 0600
         names_to_file.update(dict.fromkeys(names, file))
     progress.done()
     index = {"metadata": {"total_size": total}, "weight_map": names_to_file}
@@ -213,6 +241,14 @@ def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     Tokenizer.from_pretrained().save(out)
     return out
+
+
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file (0644 under the usual umask 022): config.json's, so
+    other users (other nodes' Ray workers on a shared filesystem) can read the shards too."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def cached_random_checkpoint(preset: str = "tiny", seed: int = 0,

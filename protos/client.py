@@ -1,9 +1,13 @@
-"""Stream a completion from a running mixtral-ep server.
+"""Call a running mixtral-ep server over gRPC (also installed as `mixtral-ep-client`).
 
-    python -m protos.client "Tell me a story" --max-tokens 64 [--address localhost:9000] [--chat]
+    python -m protos.client "Tell me a story" --max-tokens 64        # stream a completion
+    python -m protos.client "Hi" --system "Be brief." --unary        # chat, one response
+    python -m protos.client info                                     # what is served (ModelInfo)
 
-Prints the text as it arrives, then a line with the finish reason and token counts. A refused
-request prints its gRPC status and details and exits 1.
+Streams the text as it arrives, then a line with the finish reason and token counts (and, with
+--logprobs, each token id with its logprob). `info` as the only argument asks for ModelInfo; to
+send the word "info" as a prompt, use --chat. A refused request prints its gRPC status and
+details and exits 1; Ctrl-C stops quietly (exit 130).
 """
 from __future__ import annotations
 
@@ -18,10 +22,13 @@ from protos import generator_pb2_grpc as pb_grpc
 
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     req = pb.GenerateRequest(max_tokens=args.max_tokens, temperature=args.temperature,
-                             top_p=args.top_p, stop=args.stop or [])
+                             top_p=args.top_p, top_k=args.top_k, stop=args.stop or [],
+                             logprobs=args.logprobs)
     if args.seed is not None:
         req.seed = args.seed
-    if args.chat:
+    if args.chat or args.system is not None:
+        if args.system is not None:
+            req.messages.append(pb.ChatMessage(role="system", content=args.system))
         req.messages.append(pb.ChatMessage(role="user", content=args.prompt))
     else:
         req.prompt = args.prompt
@@ -41,35 +48,86 @@ def _integer(bits: int):
     return parse
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default."""
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m protos.client", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("prompt")
-    ap.add_argument("--address", default="localhost:9000")
+                                 formatter_class=_Formatter)
+    ap.add_argument("prompt", help='the prompt text, or "info" alone for ModelInfo')
+    ap.add_argument("--address", default="localhost:9000", help="host:port of Serve's gRPC proxy")
     ap.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    ap.add_argument("--max-tokens", type=_integer(32), default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=_integer(64), default=None)
-    ap.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    ap.add_argument("--system", default=None,
+                    help="a system message before the prompt (implies --chat)")
+    ap.add_argument("--max-tokens", type=_integer(32), default=64, help="tokens to generate")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]")
+    ap.add_argument("--top-k", type=_integer(32), default=0, help="keep the k likeliest; 0 is off")
+    ap.add_argument("--seed", type=_integer(64), default=None, help="the request's sampler seed")
+    ap.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    ap.add_argument("--logprobs", action="store_true",
+                    help="print each generated token id with its logprob")
+    ap.add_argument("--unary", action="store_true",
+                    help="one Generate call (the whole completion at once) instead of a stream")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
-    args = ap.parse_args(argv)
-    with grpc.insecure_channel(args.address) as channel:
-        stub = pb_grpc.GeneratorStub(channel)
-        try:
-            last = None
-            for last in stub.GenerateStream(request_from_args(args), timeout=args.timeout):
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
-        except grpc.RpcError as e:
-            sys.stderr.write(f"\nerror: {e.code().name}: {e.details()}\n")
-            return 1
-    if last is not None:
-        sys.stdout.write(f"\n[finish_reason={last.finish_reason} prompt_tokens="
-                         f"{last.usage.prompt_tokens} completion_tokens="
-                         f"{last.usage.completion_tokens}]\n")
+    return ap
+
+
+def _info(stub: pb_grpc.GeneratorStub, timeout: float) -> None:
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+    print(f"model {info.model}: context {info.context_length} tokens, vocabulary "
+          f"{info.vocab_size}, {info.num_layers} layers, {info.num_experts} experts "
+          f"(top-{info.experts_per_token}); frontend on node {info.frontend_node_id}")
+    for e in info.experts:
+        print(f"  expert {e.expert_id}: {len(e.node_ids)} replica(s) on {', '.join(e.node_ids)}")
+
+
+def _generate(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
+    req = request_from_args(args)
+    if args.unary:
+        last = stub.Generate(req, timeout=args.timeout)
+        sys.stdout.write(last.text)
+        ids, logprobs = list(last.token_ids), list(last.logprobs)
+    else:
+        last, ids, logprobs = None, [], []
+        for last in stub.GenerateStream(req, timeout=args.timeout):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+            ids += last.token_ids
+            logprobs += last.logprobs
+    if last is None:
+        return
+    sys.stdout.write(f"\n[finish_reason={last.finish_reason} prompt_tokens="
+                     f"{last.usage.prompt_tokens} completion_tokens="
+                     f"{last.usage.completion_tokens}]\n")
+    if args.logprobs:
+        sys.stdout.write("[logprobs " + " ".join(f"{t}:{lp:.4f}" for t, lp in zip(ids, logprobs))
+                         + "]\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            if args.prompt == "info" and not (args.chat or args.system is not None):
+                _info(stub, args.timeout)
+            else:
+                _generate(stub, args)
+    except grpc.RpcError as e:
+        sys.stderr.write(f"\nerror: {e.code().name}: {e.details()}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `mixtral-ep-client` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -182,3 +185,29 @@ def test_grpc_health_check_through_the_proxy(server, address):
         with pytest.raises(grpc.RpcError) as err:
             stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_client_cli_streams_calls_unary_chat_and_info(server, address, reference, capsys):
+    from protos.client import main
+    want = reference.generate("Hello", SamplingParams(max_tokens=6, temperature=0.0))[0]
+    assert main(["Hello", "--address", address, "--max-tokens", "6", "--logprobs"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(want.text) and "completion_tokens=6]" in out
+    assert f"[logprobs {want.token_ids[0]}:" in out
+    assert main(["Hi", "--address", address, "--system", "Be brief.", "--unary", "--top-k", "5",
+                 "--max-tokens", "4", "--stop", "zzz"]) == 0
+    assert "completion_tokens=" in capsys.readouterr().out
+    assert main(["info", "--address", address]) == 0
+    assert "expert 7: 1 replica(s)" in capsys.readouterr().out
+    assert main(["Hello", "--address", address, "--top-p", "2"]) == 1
+    assert "INVALID_ARGUMENT: top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_client_cli_ctrl_c_ends_quietly(server, address):
+    proc = subprocess.Popen([sys.executable, "-m", "protos.client", "Once upon a time",
+                             "--address", address, "--max-tokens", "200", "--temperature", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(1)                       # the stream has started
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err

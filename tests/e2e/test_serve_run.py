@@ -1,10 +1,13 @@
-"""`serve run deploy/serve.yaml`, as the README says, answers Generate on port 9000."""
+"""`serve run deploy/serve.yaml`, as the README says, answers Generate on port 9000 and the
+OpenAI-compatible API on port 8000, and logs how to call it when it is ready."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -40,6 +43,13 @@ def test_serve_run_answers_generate(tmp_path):
             assert reply is not None, (tmp_path / "serve.log").read_text()[-3000:]
             assert reply.usage.completion_tokens == 5 and reply.finish_reason == "length"
             assert (tmp_path / "cache" / "checkpoints").is_dir()
+        log = (tmp_path / "serve.log").read_text()
+        assert ('engine replica ready' in log and 'python -m protos.client "Hello" --address '
+                'localhost:9000' in log and "curl http://localhost:8000/v1/models" in log), log[-3000:]
+        with urllib.request.urlopen("http://localhost:8000/v1/models", timeout=30) as resp:
+            assert json.loads(resp.read())["data"][0]["id"] == "mixtral-ep-demo-tiny"
+        with urllib.request.urlopen("http://localhost:8000/health", timeout=30) as resp:
+            assert resp.status == 200
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

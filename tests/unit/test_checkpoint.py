@@ -39,6 +39,14 @@ def test_transformers_loads_random_checkpoint_and_agrees(tiny_checkpoint):
     assert (engine.logits(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def test_shards_are_as_readable_as_config_json(tmp_path):
+    """Other nodes' users read them on a shared filesystem (safetensors creates files 0600)."""
+    out = ckpt.write_random(PRESETS["tiny"], tmp_path / "ckpt")
+    mode = (out / "config.json").stat().st_mode & 0o777
+    shards = sorted(out.glob("*.safetensors"))
+    assert shards and all(s.stat().st_mode & 0o777 == mode for s in shards)
+
+
 def test_random_tensors_are_seeded_per_name():
     a = random_tensor("model.layers.0.block_sparse_moe.experts.3.w1.weight", (4, 8), 7, torch.float32)
     b = random_tensor("model.layers.0.block_sparse_moe.experts.3.w1.weight", (4, 8), 7, torch.float32)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,36 @@ def test_serve_configs_serve_the_api_and_the_health_service(name):
     from deploy.app import GRPC_SERVICER_FUNCTIONS
     raw = yaml.safe_load((ROOT / name).read_text())
     assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+
+
+def _edit_config(path: Path, **fields) -> None:
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(raw | fields))
+
+
+def _drop_tensor_from_index(path: Path) -> None:
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["lm_head.weight"]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("breakage, says", [
+    (lambda p: shutil.rmtree(p), "is not a directory"),
+    (lambda p: (p / "config.json").unlink(), "has no config.json"),
+    (lambda p: _edit_config(p, hidden_size="big"), "hidden_size"),
+    (lambda p: [(p / f).unlink() for f in ("tokenizer.json", "tokenizer.model")],
+     "has no tokenizer.json or tokenizer.model"),
+    (lambda p: (p / "model.safetensors.index.json").unlink(), "no model.safetensors.index.json"),
+    (lambda p: next(p.glob("model-00002-*.safetensors")).unlink(), "missing 1 shard"),
+    (_drop_tensor_from_index, "has no tensor 'lm_head.weight'"),
+])
+def test_build_app_refuses_a_model_path_naming_what_is_missing(tiny_checkpoint, tmp_path,
+                                                               breakage, says):
+    """At once, before any replica starts (they used to crash-loop on it for minutes)."""
+    from deploy.app import build_app
+    from model.checkpoint import CheckpointError
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    breakage(path)
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        build_app({"model": str(path)})

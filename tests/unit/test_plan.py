@@ -28,11 +28,20 @@ def test_replicas_of_one_expert_land_on_different_nodes():
     for ids, slots in p.groups.items():
         assert len(slots) == 2 and slots[0].node_id != slots[1].node_id, ids
     assert len(p.slots()) == 17 and p.slots()[0] == p.frontend
+    assert p.shared == []                     # nothing to warn about
+
+
+def test_replicas_that_must_share_a_node_say_why():
+    p = plan([HEAD] + expert_nodes(2, slots=12), 8, 3, {"expert": 1}, {"frontend": 1})
+    assert len(p.shared) == 8                 # the third replica of each expert: 2 nodes only
+    assert "experts [0] replica 2 shares node" in p.shared[0]
+    assert "no other node has room for {expert: 1} (3 node(s))" in p.shared[0]
 
 
 def test_more_replicas_than_nodes_still_places_when_capacity_allows():
     p = plan([HEAD] + expert_nodes(1, slots=16), 8, 2, {"expert": 1}, {"frontend": 1})
     assert all(len(s) == 2 for s in p.groups.values())
+    assert len(p.shared) == 8 and all("shares node n0" in why for why in p.shared)
 
 
 def test_fractional_gpus_share_one_card():

@@ -39,3 +39,14 @@ def test_the_client_refuses_values_its_fields_cannot_hold(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "int" in capsys.readouterr().err
+
+
+def test_client_help_lists_every_option_with_its_default(capsys):
+    from protos.client import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())        # argparse wraps lines
+    for option in ("--address", "--chat", "--system", "--max-tokens", "--temperature", "--top-p",
+                   "--top-k", "--seed", "--stop", "--logprobs", "--unary", "--timeout"):
+        assert option in text
+    assert "(default: localhost:9000)" in text and "(default: 64)" in text
