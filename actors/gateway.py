@@ -16,7 +16,9 @@ a traceback (`status_of`):
 Ray wraps an exception raised in another actor in RayTaskError (nested once per hop), and
 `as_instanceof_cause()` makes it an instance of the cause's class as well: the cause is
 unwrapped first, so a wrapped torch ValueError is INTERNAL. Client errors are logged as one
-info line, INTERNAL as one error line (its traceback at debug level).
+info line, INTERNAL as one error line (its traceback at debug level); no method raises for a
+client's error, so neither Serve's replica nor its proxy logs a traceback for one (a failed
+stream ends with one empty message that carries its status).
 """
 from __future__ import annotations
 
@@ -96,10 +98,6 @@ def _http_error(error: Exception) -> JSONResponse:
     _log_error(code, error)
     status = HTTP_STATUS[code]
     return JSONResponse(oai.error_body(status, details), status_code=status)
-
-
-class _Aborted(Exception):
-    """Raised after the status is set, to end a stream with it."""
 
 
 def _set_status(grpc_context, error: Exception) -> None:
@@ -194,7 +192,10 @@ class Gateway:
                 yield stream_response(chunk, len(ids), produced, request.logprobs)
         except Exception as e:  # noqa: BLE001
             _set_status(grpc_context, e)
-            raise _Aborted() from None   # a streaming method must raise for the code to reach the client
+            # Serve's proxy passes the status on with the next message (the stream then ends
+            # with it), so one empty message carries it; raising instead would make Serve's
+            # replica and proxy each log the exception with its traceback
+            yield pb.GenerateResponse()
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         try:

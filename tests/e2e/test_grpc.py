@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
+import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
@@ -211,3 +216,25 @@ def test_client_cli_ctrl_c_ends_quietly(server, address):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
+
+
+def test_a_client_error_is_one_quiet_log_line(server, address, http_port):
+    """A bad request over a stream, a unary call and HTTP: one INFO line each in the gateway's
+    log, no traceback and no ERROR line from the gateway replica or Serve's proxy."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    sizes = {f: f.stat().st_size for f in logs.glob("*.log")}
+    bad = pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="x")])
+    for call in (server.Generate, lambda r, timeout: list(server.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(bad, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    body = json.dumps({"model": "x", "prompt": "hi", "n": 3}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(req, timeout=30)
+    time.sleep(2)                                     # Serve's log files are written async
+    new = "".join(f.read_bytes()[sizes.get(f, 0):].decode(errors="replace")
+                  for f in sorted(logs.glob("*.log")))
+    assert "Traceback" not in new and " ERROR " not in new, new[-3000:]
+    assert new.count("request answered INVALID_ARGUMENT: set exactly one of prompt") == 2
