@@ -129,3 +129,44 @@ def test_build_app_refuses_a_model_path_naming_what_is_missing(tiny_checkpoint, 
     breakage(path)
     with pytest.raises(CheckpointError, match=re.escape(says)):
         build_app({"model": str(path)})
+
+
+def _group_nodes(group: dict, count: int) -> list:
+    """Planner nodes for `count` pods of a KubeRay worker group (its rayStartParams' GPUs and
+    custom resources, its container's CPU limit)."""
+    from cluster.plan import Node
+    params = group["rayStartParams"]
+    resources = json.loads(json.loads(params.get("resources", '"{}"')))
+    cpu = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    return [Node(f"{group['groupName']}-{i}",
+                 {**resources, "GPU": float(params.get("num-gpus", 0)), "CPU": cpu})
+            for i in range(count)]
+
+
+def test_the_rayservice_manifest_holds_a_valid_serve_config_and_the_planned_actors():
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.plan import plan
+    from deploy.app import GRPC_SERVICER_FUNCTIONS
+    doc = yaml.safe_load((ROOT / "deploy/rayservice.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    assert config.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
+    http, grpc_port = config.http_options.port, config.grpc_options.port
+    service_ports = {p["name"]: p["port"] for p in doc["spec"]["serveService"]["spec"]["ports"]}
+    assert service_ports == {"serve": http, "grpc": grpc_port}
+    cluster = doc["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {http, grpc_port} <= {p["containerPort"] for p in head["ports"]}
+    assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": http}
+    [app] = config.applications
+    engine = next(d for d in app.deployments if d.name == "EngineServer")
+    options = engine.ray_actor_options
+    frontend = {"CPU": options.num_cpus, "GPU": options.num_gpus, **options.resources}
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    for size in ("replicas", "maxReplicas"):     # as deployed, and scaled out for 2 replicas
+        nodes = [n for g in groups.values() for n in _group_nodes(g, g[size])]
+        replicas = app.args["expert_replicas"] * (2 if size == "maxReplicas" else 1)
+        p = plan(nodes, 8, replicas, app.args["expert_resources"], frontend)
+        assert p.frontend.node_id.startswith("gpu-frontend") and not p.shared
+        assert all(s.node_id.startswith("gpu-experts") for _, s in p.actors())
