@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import logging
 import statistics
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -110,6 +111,11 @@ class Dispatcher:
         self._down_until = [0.0] * len(self.actors)
         self.timings: collections.deque[dict] = collections.deque(maxlen=4096)
         self.retries = 0
+        # for metrics (actors/metrics.py), drained by their reader: (layer, expert) -> pairs
+        # routed since the last take_routed(); (layer, round-trip seconds) of each layer call
+        self._routed: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._routed_lock = threading.Lock()
+        self.round_trips: collections.deque[tuple[int, float]] = collections.deque(maxlen=65536)
 
     # ---- the per-layer path -------------------------------------------------------------
     def moe(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
@@ -124,6 +130,10 @@ class Dispatcher:
         caller can do other work: the other micro-batch's attention."""
         t0 = time.perf_counter()
         groups = group_by_expert(weights, experts, self.num_experts)
+        with self._routed_lock:
+            for e, n in enumerate(groups.counts):
+                if n:
+                    self._routed[(layer, e)] += n
         xs = host_rows(x[groups.rows])                          # (P, D) by expert, on the host
         calls = self._calls(groups)
         send = getattr(self.transport, "send", None)
@@ -139,8 +149,15 @@ class Dispatcher:
             self.timings.append({"layer": layer, "rows": x.shape[0], "dispatch": t1 - t0,
                                  "transport": t3 - t2 - compute_s, "compute": compute_s,
                                  "combine": t4 - t3, "total": t1 - t0 + t4 - t2})
+            self.round_trips.append((layer, t1 - t0 + t4 - t2))
             return out
         return finish
+
+    def take_routed(self) -> dict[tuple[int, int], int]:
+        """(layer, expert id) -> (token, expert) pairs routed there since the last call."""
+        with self._routed_lock:
+            routed, self._routed = self._routed, collections.Counter()
+        return dict(routed)
 
     def _requests(self, xs: torch.Tensor, calls: list[Call]) -> list:
         """(actor handle, its rows compacted (n, D), rows per expert id) per call."""

@@ -24,6 +24,7 @@ from ray import serve
 
 from actors.frontend import Frontend
 from actors.info import EngineInfo
+from actors.metrics import EngineMetrics
 from actors.pool import ExpertPool, check_start_args, default_resources, frontend_runtime_env
 from cluster.placement import resource_options
 from model.checkpoint import WeightSource
@@ -96,6 +97,7 @@ class EngineServer:
             pool.shutdown()
             raise
         self.pool, self.frontend = pool, frontend
+        self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher)
         grpc_address, http_address = proxy_addresses()
         log.info("engine replica ready: the frontend runs here, %d expert actors. Call it over "
                  "gRPC at %s:  python -m protos.client \"Hello\" --address %s   or the "
@@ -104,12 +106,16 @@ class EngineServer:
                  http_address)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams):
+        request = self.metrics.request(len(prompt_ids))
         async for chunk in self.frontend.stream(prompt_ids, params):
+            request.chunk(chunk.token_ids, chunk.finish_reason)
             yield chunk
 
     async def info(self) -> EngineInfo:
         return await self.frontend.info()
 
     def __del__(self):
+        if hasattr(self, "metrics"):
+            self.metrics.close()
         if hasattr(self, "pool"):          # not if start-up failed (it cleaned up then)
             self.pool.shutdown()

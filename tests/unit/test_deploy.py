@@ -170,3 +170,15 @@ def test_the_rayservice_manifest_holds_a_valid_serve_config_and_the_planned_acto
         p = plan(nodes, 8, replicas, app.args["expert_resources"], frontend)
         assert p.frontend.node_id.startswith("gpu-frontend") and not p.shared
         assert all(s.node_id.startswith("gpu-experts") for _, s in p.actors())
+
+
+def test_the_grafana_dashboard_plots_every_engine_metric_and_only_those():
+    """deploy/grafana-dashboard.json queries Ray's exported names (`ray_` prefix; counters
+    `_total`, histograms `_bucket`) of exactly the metrics actors/metrics.py defines."""
+    source = (ROOT / "actors/metrics.py").read_text()
+    defined = set(re.findall(r'm\.\w+\("(mixtral_ep_\w+)"', source))
+    dashboard = json.loads((ROOT / "deploy/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queried = {re.sub(r"_(total|bucket)$", "", name)
+               for e in exprs for name in re.findall(r"ray_(mixtral_ep_\w+)", e)}
+    assert len(defined) == 12 and queried == defined

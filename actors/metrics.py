@@ -1,0 +1,124 @@
+"""Prometheus metrics of an engine replica, through Ray's metrics (`ray.serve.metrics`: Ray's
+`ray.util.metrics` plus the replica's deployment / replica / application tags). Every node's
+metrics agent exports them on the port given to `ray start --metrics-export-port`, with Ray's
+`ray_` prefix (a counter also gets `_total`): e.g. `ray_mixtral_ep_generation_tokens_total`.
+Names follow vLLM's (https://docs.vllm.ai/en/latest/design/metrics.html), plus what only an
+expert-parallel engine has: tokens routed to each expert, the per-layer dispatch round trip and
+expert call retries.
+
+Request metrics are recorded as each stream's chunks pass through the replica (`Request`);
+engine state (running / waiting requests, KV cache usage) and the dispatcher's counts are read
+once per `interval_s` by a daemon thread, so the per-layer path only appends to the dispatcher's
+queues (actors/dispatcher.py: `routed`, `round_trips`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+log = logging.getLogger(f"ray.serve.{__name__}")
+
+# seconds; the first three as vLLM's, the last for one layer's expert round trip
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0]
+E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0]
+ROUND_TRIP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                      0.25, 0.5, 1.0, 2.5]
+
+
+class EngineMetrics:
+    """The metrics of one engine replica; `engine` is its Engine, `dispatcher` its Dispatcher."""
+
+    def __init__(self, engine, dispatcher, interval_s: float = 1.0):
+        from ray.serve import metrics as m
+        self.engine, self.dispatcher, self.interval_s = engine, dispatcher, interval_s
+        self.ttft = m.Histogram("mixtral_ep_time_to_first_token_seconds",
+                                "Time from a request's arrival at the engine replica to its "
+                                "first token.", boundaries=TTFT_BUCKETS)
+        self.itl = m.Histogram("mixtral_ep_inter_token_latency_seconds",
+                               "Time between two tokens of a request's stream.",
+                               boundaries=ITL_BUCKETS)
+        self.e2e = m.Histogram("mixtral_ep_e2e_request_latency_seconds",
+                               "Time from a request's arrival to its last token.",
+                               boundaries=E2E_BUCKETS)
+        self.prompt_tokens = m.Counter("mixtral_ep_prompt_tokens", "Prompt tokens received.")
+        self.generation_tokens = m.Counter("mixtral_ep_generation_tokens", "Tokens generated.")
+        self.finished = m.Counter("mixtral_ep_request_success",
+                                  "Requests finished, by finish reason (stop, length).",
+                                  tag_keys=("finished_reason",))
+        self.running = m.Gauge("mixtral_ep_num_requests_running", "Requests being decoded.")
+        self.waiting = m.Gauge("mixtral_ep_num_requests_waiting", "Requests queued.")
+        self.kv_usage = m.Gauge("mixtral_ep_kv_cache_usage_perc",
+                                "Fraction of KV cache blocks in use (0 to 1).")
+        self.routed = m.Counter("mixtral_ep_expert_routed_tokens",
+                                "Tokens routed to an expert id in a layer (each token counts "
+                                "once per expert it picks).", tag_keys=("layer", "expert"))
+        self.round_trip = m.Histogram("mixtral_ep_dispatch_round_trip_seconds",
+                                      "One layer's expert round trip at the frontend (dispatch, "
+                                      "transport, expert compute, combine).",
+                                      boundaries=ROUND_TRIP_BUCKETS, tag_keys=("layer",))
+        self.retries = m.Counter("mixtral_ep_expert_call_retries",
+                                 "Expert calls sent again after their actor failed.")
+        self._retries_seen = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name="engine-metrics", daemon=True).start()
+
+    def request(self, prompt_tokens: int) -> "Request":
+        self.prompt_tokens.inc(prompt_tokens)
+        return Request(self)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                log.debug("metrics flush failed", exc_info=True)
+
+    def flush(self) -> None:
+        """Engine state now, and what the dispatcher counted since the last flush."""
+        scheduler, kv = self.engine.scheduler, self.engine.kv.allocator
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.kv_usage.set(1.0 - kv.num_free / kv.num_blocks)
+        d = self.dispatcher
+        for (layer, expert), rows in d.take_routed().items():
+            self.routed.inc(rows, tags={"layer": str(layer), "expert": str(expert)})
+        while d.round_trips:
+            layer, seconds = d.round_trips.popleft()
+            self.round_trip.observe(seconds, tags={"layer": str(layer)})
+        retries, self._retries_seen = d.retries - self._retries_seen, d.retries
+        if retries:
+            self.retries.inc(retries)
+
+
+class Request:
+    """One request's stream as it passes the replica: TTFT, inter-token gaps (a chunk of k
+    tokens counts as k gaps of equal length), and at its end the latency, tokens and reason."""
+
+    def __init__(self, metrics: EngineMetrics):
+        self.m = metrics
+        self.start = self.last = time.monotonic()
+        self.tokens = 0
+
+    def chunk(self, token_ids: list[int], finish_reason: str | None) -> None:
+        now = time.monotonic()
+        if token_ids:
+            if self.tokens == 0:
+                self.m.ttft.observe(now - self.start)
+            else:
+                gap = (now - self.last) / len(token_ids)
+                for _ in token_ids:
+                    self.m.itl.observe(gap)
+            self.tokens += len(token_ids)
+            self.last = now
+            self.m.generation_tokens.inc(len(token_ids))
+        if finish_reason:
+            self.m.e2e.observe(now - self.start)
+            self.m.finished.inc(tags={"finished_reason": finish_reason})

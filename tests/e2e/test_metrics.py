@@ -1,0 +1,94 @@
+"""Prometheus metrics end to end: a known workload over gRPC and HTTP, then every node's metrics
+endpoint (Ray's exporter, scraped over HTTP) must count exactly what was served."""
+from __future__ import annotations
+
+import collections
+import json
+import time
+import urllib.request
+
+import grpc
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
+from model.config import MixtralConfig
+from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
+
+APP = "mixtral-ep-metrics"
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
+MAX_TOKENS = 7
+
+
+@pytest.fixture(scope="module")
+def server(deploy, tiny_checkpoint):
+    return deploy(APP, {"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
+                        "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
+                        "expert_threads": 1})
+
+
+def scrape() -> dict[str, dict[tuple, float]]:
+    """Sample name -> {sorted labels of this app's samples: value}, summed over every node."""
+    out: dict[str, dict[tuple, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.startswith("ray_mixtral_ep_") and s.labels.get("application") == APP:
+                    labels = tuple(sorted((k, v) for k, v in s.labels.items()
+                                          if k in ("layer", "expert", "finished_reason", "le")))
+                    out[s.name][labels] += s.value
+    return out
+
+
+def total(metrics, name: str, **labels) -> float:
+    return sum(v for k, v in metrics.get(name, {}).items() if set(labels.items()) <= set(k))
+
+
+def test_counters_equal_what_was_served(server, grpc_port, http_port, tiny_checkpoint):
+    served = []                                        # (prompt tokens, completion tokens)
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        for prompt in PROMPTS:
+            parts = list(stub.GenerateStream(pb.GenerateRequest(
+                prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0), timeout=60))
+            served.append((parts[-1].usage.prompt_tokens, parts[-1].usage.completion_tokens))
+    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models").read())
+    body = json.dumps({"model": models["data"][0]["id"], "prompt": "Once upon a time",
+                       "max_tokens": MAX_TOKENS, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    usage = json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]
+    served.append((usage["prompt_tokens"], usage["completion_tokens"]))
+
+    generated = sum(c for _, c in served)
+    processed = sum(p + c - 1 for p, c in served)    # every prompt token, every generated one
+    cfg = MixtralConfig.from_json(tiny_checkpoint)     # but the last, went through each layer
+    want = {("ray_mixtral_ep_generation_tokens_total", ()): generated,
+            ("ray_mixtral_ep_prompt_tokens_total", ()): sum(p for p, _ in served),
+            ("ray_mixtral_ep_request_success_total", (("finished_reason", "length"),)): len(served),
+            ("ray_mixtral_ep_time_to_first_token_seconds_count", ()): len(served),
+            ("ray_mixtral_ep_e2e_request_latency_seconds_count", ()): len(served),
+            ("ray_mixtral_ep_inter_token_latency_seconds_count", ()): generated - len(served),
+            ("ray_mixtral_ep_num_requests_running", ()): 0,
+            ("ray_mixtral_ep_kv_cache_usage_perc", ()): 0}
+    for layer in range(cfg.num_hidden_layers):        # each token picks top-k experts
+        want[("ray_mixtral_ep_expert_routed_tokens_total", (("layer", str(layer)),))] = \
+            cfg.num_experts_per_tok * processed
+    deadline = time.monotonic() + 60
+    while True:                                        # the exporters lag by a report interval
+        m = scrape()
+        got = {key: total(m, key[0], **dict(key[1])) for key in want}
+        if got == want or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert got == want
+    assert total(m, "ray_mixtral_ep_dispatch_round_trip_seconds_count") > 0
+    experts = {dict(k)["expert"] for k in m["ray_mixtral_ep_expert_routed_tokens_total"]}
+    assert experts <= {str(e) for e in range(cfg.num_local_experts)} and len(experts) > 1
