@@ -5,9 +5,12 @@ deploys its own."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -63,6 +66,33 @@ def test_requests_beyond_max_waiting_are_resource_exhausted(server):
             assert codes.count(grpc.StatusCode.OK) == 1 and codes.count(RESOURCE_EXHAUSTED) == 3
     finally:
         hog.cancel()
+
+
+def test_http_beyond_max_waiting_is_429_in_openais_shape(server, http_port, tiny_checkpoint):
+    hog = server.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=4000,
+                                                   temperature=0.0), timeout=120)
+    next(hog)                                   # it runs, and holds the only sequence slot
+    waiter = server.GenerateStream(short("waits"), timeout=120)   # takes the one waiting place
+    try:
+        deadline = time.monotonic() + 60
+        for stream in (False, True):
+            while True:
+                body = json.dumps({"model": tiny_checkpoint.name, "prompt": "hi", "max_tokens": 2,
+                                   "stream": stream}).encode()
+                req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions",
+                                             data=body, headers={"Content-Type": "application/json"})
+                try:
+                    urllib.request.urlopen(req, timeout=60).read()
+                except urllib.error.HTTPError as e:
+                    assert e.code == 429, e.read()
+                    error = json.loads(e.read())["error"]
+                    assert error["type"] == "rate_limit_error" and "try again" in error["message"]
+                    break
+                assert time.monotonic() < deadline, "the waiting place never filled"
+                time.sleep(0.2)                 # the waiter had not queued yet: ours ran
+    finally:
+        hog.cancel()
+        waiter.cancel()
 
 
 def free_expert_slots() -> float:

@@ -164,3 +164,11 @@ def test_each_failed_request_logs_one_line_without_traceback(caplog, error, leve
     [record] = caplog.records
     assert record.levelno == level and record.exc_info is None
     assert "\n" not in record.getMessage()
+
+
+@pytest.mark.parametrize("error", [InvalidRequest("x"), QueueFull("x"), BackPressureError(
+    num_queued_requests=1, max_queued_requests=1), ValueError("x"), RuntimeError("x")])
+def test_every_status_has_an_http_status(error):
+    from actors.gateway import HTTP_STATUS
+    code, _ = status_of(error)
+    assert HTTP_STATUS[code] in (400, 429, 503, 500)
