@@ -146,10 +146,11 @@ class Dispatcher:
             t3 = time.perf_counter()
             out = groups.combine(device_rows(ys, x.device), x.shape[0])  # (N, D)
             t4 = time.perf_counter()
+            total = t1 - t0 + t4 - t2
             self.timings.append({"layer": layer, "rows": x.shape[0], "dispatch": t1 - t0,
                                  "transport": t3 - t2 - compute_s, "compute": compute_s,
-                                 "combine": t4 - t3, "total": t1 - t0 + t4 - t2})
-            self.round_trips.append((layer, t1 - t0 + t4 - t2))
+                                 "combine": t4 - t3, "total": total})
+            self.round_trips.append((layer, total))
             return out
         return finish
 

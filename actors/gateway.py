@@ -30,6 +30,7 @@ from typing import AsyncIterator
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2
 from ray import serve
@@ -61,19 +62,33 @@ openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mix
 @openai_app.exception_handler(RequestValidationError)
 async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
     """A body that is not JSON or does not fit the request model: 400 naming the field."""
-    err = exc.errors()[0]
-    param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
-    if err.get("type") == "extra_forbidden":
-        message = f"unknown field {param!r}"
+    errors = exc.errors()
+    err = errors[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = loc[0] if loc else None
+    if err.get("type") == "json_invalid":
+        param, message = None, f"the body is not valid JSON: {err.get('msg')}"
+    elif err.get("type") == "extra_forbidden":
+        message = f"unknown field {'.'.join(loc)!r}"
+    elif param in oai.FIELD_FORMS and len(errors) > 1:    # a union: say what is accepted
+        message = f"{param} must be {oai.FIELD_FORMS[param]}"
     else:
-        message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+        message = f"{'.'.join(loc)}: {err.get('msg')}" if loc else str(err.get("msg"))
     log.info("request answered 400: %s", message)
     return JSONResponse(oai.error_body(400, message, param), status_code=400)
 
 
+@openai_app.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths (404), wrong methods (405), unreadable bodies: OpenAI's error shape too."""
+    return JSONResponse(oai.error_body(exc.status_code, str(exc.detail)),
+                        status_code=exc.status_code)
+
+
 async def _events(out: oai.Response, first, chunks, prompt_tokens: int, include_usage: bool):
     """Server-sent events of one stream; an error after the first token ends it with an error
-    event (the status line has been sent)."""
+    event (the status line has been sent). A client that goes away cancels the engine stream,
+    which frees the request's KV blocks."""
     produced = 0
     try:
         chunk, is_first = first, True
@@ -90,14 +105,28 @@ async def _events(out: oai.Response, first, chunks, prompt_tokens: int, include_
         code, details = status_of(e)
         _log_error(code, e)
         yield oai.sse(oai.error_body(HTTP_STATUS[code], details))
+    finally:
+        chunks.cancel()
     yield oai.DONE
 
 
 def _http_error(error: Exception) -> JSONResponse:
     code, details = status_of(error)
     _log_error(code, error)
-    status = HTTP_STATUS[code]
-    return JSONResponse(oai.error_body(status, details), status_code=status)
+    status = 404 if isinstance(unwrap(error), oai.ModelNotFound) else HTTP_STATUS[code]
+    return JSONResponse(oai.error_body(status, details, "model" if status == 404 else None),
+                        status_code=status)
+
+
+async def collect(chunks) -> tuple[str, list[int], list[float], str]:
+    """A whole completion from an engine stream: (text, token ids, logprobs, finish reason)."""
+    text, tokens, logprobs, reason = "", [], [], ""
+    async for chunk in chunks:
+        text += chunk.text
+        tokens += chunk.token_ids
+        logprobs += chunk.logprobs
+        reason = chunk.finish_reason or reason
+    return text, tokens, logprobs, reason
 
 
 def _set_status(grpc_context, error: Exception) -> None:
@@ -170,12 +199,8 @@ class Gateway:
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
             ids, params = await self._prepare(request)
-            text, tokens, logprobs, reason = "", [], [], ""
-            async for chunk in self.engine.options(stream=True).stream.remote(ids, params):
-                text += chunk.text
-                tokens += chunk.token_ids
-                logprobs += chunk.logprobs
-                reason = chunk.finish_reason or reason
+            text, tokens, logprobs, reason = await collect(
+                self.engine.options(stream=True).stream.remote(ids, params))
             return unary_response(Completion("", ids, tokens, text, reason, logprobs),
                                   request.logprobs)
         except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
@@ -256,22 +281,14 @@ class Gateway:
 
     async def _openai(self, request, inputs, chat: bool, logprobs: bool):
         try:
-            if request.model != self.model_name:
-                message = f"model {request.model!r} is not served here; this server serves " \
-                          f"{self.model_name!r} (GET /v1/models)"
-                log.info("request answered 404: %s", message)
-                return JSONResponse(oai.error_body(404, message, "model"), status_code=404)
+            oai.check_model(request, self.model_name)
             info = await self._engine_info()
             ids, params = await asyncio.to_thread(inputs, request, self.tokenizer, info)
             out = oai.Response(chat, self.model_name, self.tokenizer, logprobs,
                                request.return_token_ids)
             chunks = self.engine.options(stream=True).stream.remote(ids, params)
             if not request.stream:
-                text, tokens, lps, reason = "", [], [], ""
-                async for chunk in chunks:
-                    text, tokens, lps = text + chunk.text, tokens + chunk.token_ids, lps + chunk.logprobs
-                    reason = chunk.finish_reason or reason
-                return JSONResponse(out.whole(text, tokens, lps, reason, len(ids)))
+                return JSONResponse(out.whole(*await collect(chunks), len(ids)))
             first = await chunks.__anext__()    # an error before the first token: an HTTP status
             usage = request.stream_options is not None and request.stream_options.include_usage
             return StreamingResponse(_events(out, first, chunks, len(ids), usage),

@@ -93,9 +93,10 @@ class EngineMetrics:
         while d.round_trips:
             layer, seconds = d.round_trips.popleft()
             self.round_trip.observe(seconds, tags={"layer": str(layer)})
-        retries, self._retries_seen = d.retries - self._retries_seen, d.retries
-        if retries:
-            self.retries.inc(retries)
+        now = d.retries                                  # read once: it keeps counting
+        if now > self._retries_seen:
+            self.retries.inc(now - self._retries_seen)
+        self._retries_seen = now
 
 
 class Request:

@@ -7,7 +7,9 @@ extensions `top_k`, `ignore_eos`, `return_token_ids`): https://platform.openai.c
 - `n` must be 1; `logprobs` gives the chosen token's logprob only (completions: `logprobs: 0`;
   chat: `logprobs: true` with `top_logprobs` 0 or unset); penalties must be 0; `echo`, `suffix`,
   `best_of` > 1, `logit_bias`, `tools` and non-text `response_format` are refused.
-- Unknown fields are refused (HTTP 400 naming them), as OpenAI's server does.
+- Unknown fields are refused (HTTP 400 naming them), as OpenAI's server does; types are strict
+  (no `true` for 1, no "0.5" for 0.5). `max_tokens` defaults to 16 for completions (as OpenAI)
+  and to the rest of the context for chat; vLLM's `top_k: -1` means no cut.
 - Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 Streams are server-sent events, one `data: {chunk}` per engine chunk, then (with
 `stream_options.include_usage`) a chunk with empty `choices` and the usage, then `data: [DONE]`.
@@ -27,12 +29,17 @@ from model.engine import SamplingParams
 from model.errors import InvalidRequest
 from model.tokenizer import Tokenizer
 
+# what a union-typed field accepts, for its 400 message
+FIELD_FORMS = {"prompt": "a string, a list of token ids, or a list holding one of those",
+               "stop": "a string or a list of strings",
+               "messages": "a list of {role, content} messages, content a string or text parts"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                429: "rate_limit_error", 503: "service_unavailable", 500: "internal_server_error"}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no lax coercion (true -> 1, "0.5" -> 0.5, ["1"] -> [1]); ints still pass as floats
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = None
@@ -53,7 +60,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -66,13 +73,13 @@ class CompletionRequest(_Request):
 
 
 class ChatContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: str
     content: str | list[ChatContentPart]
     name: str | None = None
@@ -106,11 +113,24 @@ def _check_common(r: _Request) -> None:
     _refuse(r.stream_options is None or r.stream, "stream_options", "needs stream: true")
 
 
+def check_model(r: _Request, served: str) -> None:
+    """ModelNotFound unless the request names the served model."""
+    if r.model != served:
+        raise ModelNotFound(f"model {r.model!r} is not served here; this server serves "
+                            f"{served!r} (GET /v1/models)")
+
+
+class ModelNotFound(InvalidRequest):
+    """The request names another model: HTTP 404, as OpenAI's `model_not_found`."""
+
+
 def _params(r: _Request, max_tokens: int | None, field: str, prompt_len: int,
-            context_length: int) -> SamplingParams:
+            context_length: int, default: int) -> SamplingParams:
     stop = [r.stop] if isinstance(r.stop, str) else (r.stop or [])
-    return sampling_params_of(prompt_len, context_length, max_tokens=max_tokens,
-                              temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+    top_k = 0 if r.top_k == -1 else r.top_k                  # vLLM's -1: no top-k cut
+    return sampling_params_of(prompt_len, context_length,
+                              max_tokens=default if max_tokens is None else max_tokens,
+                              temperature=r.temperature, top_p=r.top_p, top_k=top_k,
                               seed=r.seed, stop=stop, ignore_eos=r.ignore_eos,
                               max_tokens_field=field)
 
@@ -129,7 +149,9 @@ def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
         _refuse(len(prompt) == 1, "prompt", f"one prompt per request, got {len(prompt)}")
         prompt = prompt[0]
     ids = prompt_ids_of(tokenizer, info.context_length, prompt=prompt, vocab_size=info.vocab_size)
-    return ids, _params(r, r.max_tokens, "max_tokens", len(ids), info.context_length)
+    room = info.context_length - len(ids)
+    return ids, _params(r, r.max_tokens, "max_tokens", len(ids), info.context_length,
+                        default=min(16, room))                 # OpenAI's completions default
 
 
 def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
@@ -138,6 +160,7 @@ def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
     _check_common(r)
     _refuse(r.top_logprobs in (None, 0), "top_logprobs",
             f"only 0 is supported (the chosen token's logprob), got {r.top_logprobs}")
+    _refuse(r.top_logprobs is None or r.logprobs, "top_logprobs", "needs logprobs: true")
     _refuse(not r.tools, "tools", "are not supported")
     _refuse(r.response_format in (None, {"type": "text"}), "response_format",
             "only {\"type\": \"text\"} is supported")
@@ -147,7 +170,8 @@ def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
     ids = prompt_ids_of(tokenizer, info.context_length, messages=messages)
     field = "max_tokens" if r.max_tokens is not None else "max_completion_tokens"
     max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
-    return ids, _params(r, max_tokens, field, len(ids), info.context_length)
+    return ids, _params(r, max_tokens, field, len(ids), info.context_length,
+                        default=info.context_length - len(ids))  # chat: up to the context
 
 
 # ---- responses -------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import torch
 from model.errors import InvalidRequest
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1     # the seed's range: the gRPC field's int64
+# each generated token is checked against every stop string under the engine's step lock
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 _MASK64 = 2**64 - 1
 
 
@@ -51,7 +53,12 @@ class SamplingParams:
         _check(self.seed is None or (_is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX),
                f"seed must be an integer in [{INT64_MIN}, {INT64_MAX}] or None, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop),
-               f"stop must hold non-empty strings, got {self.stop!r}")
+               f"stop must hold non-empty strings, got {self.stop!r}"[:300])
+        _check(len(self.stop) <= MAX_STOP_STRINGS and
+               all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+               f"stop must hold at most {MAX_STOP_STRINGS} strings of at most "
+               f"{MAX_STOP_CHARS} characters each, got {len(self.stop)} of up to "
+               f"{max(map(len, self.stop), default=0)}")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must hold token ids >= 0, got {self.stop_token_ids!r}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")

@@ -228,7 +228,9 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port):
         with pytest.raises(grpc.RpcError) as err:
             call(bad, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    body = json.dumps({"model": "x", "prompt": "hi", "n": 3}).encode()
+    model = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models",
+                                              timeout=30).read())["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": "hi", "n": 3}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError):
@@ -238,3 +240,4 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port):
                   for f in sorted(logs.glob("*.log")))
     assert "Traceback" not in new and " ERROR " not in new, new[-3000:]
     assert new.count("request answered INVALID_ARGUMENT: set exactly one of prompt") == 2
+    assert new.count("request answered INVALID_ARGUMENT: n: only 1 is supported") == 1

@@ -89,6 +89,9 @@ def test_counters_equal_what_was_served(server, grpc_port, http_port, tiny_check
             break
         time.sleep(1)
     assert got == want
+    for gauge in ("running", "waiting"):               # exported, not just absent (= 0)
+        assert f"ray_mixtral_ep_num_requests_{gauge}" in m
+    assert "ray_mixtral_ep_kv_cache_usage_perc" in m
     assert total(m, "ray_mixtral_ep_dispatch_round_trip_seconds_count") > 0
     experts = {dict(k)["expert"] for k in m["ray_mixtral_ep_expert_routed_tokens_total"]}
     assert experts <= {str(e) for e in range(cfg.num_local_experts)} and len(experts) > 1

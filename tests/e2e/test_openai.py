@@ -63,7 +63,7 @@ def test_models_and_health(base_url, client, reference):
     assert model.id == MODEL and model.max_model_len == reference.max_model_len
     assert http(base_url, "GET", "/health") == (200, {"status": "ok"})
     status, body = http(base_url, "GET", "/no/such/path")
-    assert status == 404
+    assert status == 404 and body["error"]["type"] == "not_found_error"
 
 
 def test_completion_equals_grpc_and_the_in_process_engine(client, grpc_port, reference):
@@ -145,7 +145,9 @@ def test_async_client_concurrent_streams(base_url, client):
     ({"prompt": "hi", "logprobs": 3}, 400, "logprobs: only 0"),
     ({"prompt": [1, 10**9]}, 400, "prompt token ids must be integers in [0, "),
     ({"prompt": ["a", "b"]}, 400, "prompt: one prompt per request"),
-    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": ""}, 400, "set one of prompt (non-empty text) and messages"),
+    ({"prompt": ["a", 1]}, 400, "prompt must be a string, a list of token ids, or a list"),
+    ({"prompt": "hi", "temperature": "0.5"}, 400, "temperature: Input should be a valid number"),
     ({}, 400, "prompt: Field required"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
 ])
@@ -159,8 +161,8 @@ def test_bad_completion_requests_name_the_field(base_url, body, status, needle):
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs: only 0"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
       "max_completion_tokens": 2}, "max_completion_tokens: set it or max_tokens"),
-    ({"messages": [{"role": "assistant", "content": "hi"}]}, "user"),
-    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0].role: expected 'user'"),
+    ({"messages": []}, "messages: List should have at least 1 item"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
      "stream_options: needs stream: true"),
 ])

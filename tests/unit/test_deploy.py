@@ -160,6 +160,14 @@ def test_the_rayservice_manifest_holds_a_valid_serve_config_and_the_planned_acto
     assert {http, grpc_port} <= {p["containerPort"] for p in head["ports"]}
     assert head["readinessProbe"]["httpGet"] == {"path": "/health", "port": http}
     [app] = config.applications
+    gpu = yaml.safe_load((ROOT / "deploy/serve-gpu.yaml").read_text())["applications"][0]["args"]
+    assert {k: v for k, v in app.args.items() if k != "model"} == \
+        {k: v for k, v in gpu.items() if k != "model"}
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:                            # build_app runs on the head; replicas anywhere
+        mounts = [m["mountPath"] for c in pod["template"]["spec"]["containers"]
+                  for m in c.get("volumeMounts", [])]
+        assert any(app.args["model"].startswith(m + "/") for m in mounts), pod.get("groupName")
     engine = next(d for d in app.deployments if d.name == "EngineServer")
     options = engine.ray_actor_options
     frontend = {"CPU": options.num_cpus, "GPU": options.num_gpus, **options.resources}

@@ -166,9 +166,11 @@ def test_each_failed_request_logs_one_line_without_traceback(caplog, error, leve
     assert "\n" not in record.getMessage()
 
 
-@pytest.mark.parametrize("error", [InvalidRequest("x"), QueueFull("x"), BackPressureError(
-    num_queued_requests=1, max_queued_requests=1), ValueError("x"), RuntimeError("x")])
-def test_every_status_has_an_http_status(error):
+@pytest.mark.parametrize("error, http", [
+    (InvalidRequest("x"), 400), (QueueFull("x"), 429),
+    (BackPressureError(num_queued_requests=1, max_queued_requests=1), 429),
+    (DeploymentUnavailableError(DeploymentID("d", "app")), 503), (ValueError("x"), 500),
+    (RuntimeError("x"), 500)])
+def test_every_status_has_its_http_status(error, http):
     from actors.gateway import HTTP_STATUS
-    code, _ = status_of(error)
-    assert HTTP_STATUS[code] in (400, 429, 503, 500)
+    assert HTTP_STATUS[status_of(error)[0]] == http
