@@ -93,6 +93,11 @@ def test_http_beyond_max_waiting_is_429_in_openais_shape(server, http_port, tiny
     finally:
         hog.cancel()
         waiter.cancel()
+    # the cancels reach the engine asynchronously: leave it idle for the next test
+    deadline = time.monotonic() + 60
+    while status(lambda: server.Generate(short("idle?"), timeout=60)) != grpc.StatusCode.OK:
+        assert time.monotonic() < deadline, "the engine never became idle"
+        time.sleep(0.2)
 
 
 def free_expert_slots() -> float:
