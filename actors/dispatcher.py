@@ -23,7 +23,6 @@ import collections
 import dataclasses
 import logging
 import statistics
-import threading
 import time
 from typing import Callable, Sequence
 
@@ -111,10 +110,9 @@ class Dispatcher:
         self._down_until = [0.0] * len(self.actors)
         self.timings: collections.deque[dict] = collections.deque(maxlen=4096)
         self.retries = 0
-        # for metrics (actors/metrics.py), drained by their reader: (layer, expert) -> pairs
-        # routed since the last take_routed(); (layer, round-trip seconds) of each layer call
-        self._routed: collections.Counter[tuple[int, int]] = collections.Counter()
-        self._routed_lock = threading.Lock()
+        # for metrics (actors/metrics.py), drained by their reader: (layer, pairs per expert id)
+        # and (layer, round-trip seconds) of each layer call; appends only on the per-layer path
+        self.routed: collections.deque[tuple[int, list[int]]] = collections.deque(maxlen=65536)
         self.round_trips: collections.deque[tuple[int, float]] = collections.deque(maxlen=65536)
 
     # ---- the per-layer path -------------------------------------------------------------
@@ -130,10 +128,7 @@ class Dispatcher:
         caller can do other work: the other micro-batch's attention."""
         t0 = time.perf_counter()
         groups = group_by_expert(weights, experts, self.num_experts)
-        with self._routed_lock:
-            for e, n in enumerate(groups.counts):
-                if n:
-                    self._routed[(layer, e)] += n
+        self.routed.append((layer, groups.counts))
         xs = host_rows(x[groups.rows])                          # (P, D) by expert, on the host
         calls = self._calls(groups)
         send = getattr(self.transport, "send", None)
@@ -153,12 +148,6 @@ class Dispatcher:
             self.round_trips.append((layer, total))
             return out
         return finish
-
-    def take_routed(self) -> dict[tuple[int, int], int]:
-        """(layer, expert id) -> (token, expert) pairs routed there since the last call."""
-        with self._routed_lock:
-            routed, self._routed = self._routed, collections.Counter()
-        return dict(routed)
 
     def _requests(self, xs: torch.Tensor, calls: list[Call]) -> list:
         """(actor handle, its rows compacted (n, D), rows per expert id) per call."""

@@ -13,6 +13,7 @@ queues (actors/dispatcher.py: `routed`, `round_trips`).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -88,8 +89,14 @@ class EngineMetrics:
         self.waiting.set(len(scheduler.waiting))
         self.kv_usage.set(1.0 - kv.num_free / kv.num_blocks)
         d = self.dispatcher
-        for (layer, expert), rows in d.take_routed().items():
-            self.routed.inc(rows, tags={"layer": str(layer), "expert": str(expert)})
+        routed: collections.Counter[tuple[int, int]] = collections.Counter()
+        while d.routed:
+            layer, counts = d.routed.popleft()
+            for expert, n in enumerate(counts):
+                routed[(layer, expert)] += n
+        for (layer, expert), n in routed.items():
+            if n:
+                self.routed.inc(n, tags={"layer": str(layer), "expert": str(expert)})
         while d.round_trips:
             layer, seconds = d.round_trips.popleft()
             self.round_trip.observe(seconds, tags={"layer": str(layer)})
