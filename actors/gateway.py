@@ -285,7 +285,7 @@ class Gateway:
             info = await self._engine_info()
             ids, params = await asyncio.to_thread(inputs, request, self.tokenizer, info)
             out = oai.Response(chat, self.model_name, self.tokenizer, logprobs,
-                               request.return_token_ids)
+                               request.return_token_ids, ids)
             chunks = self.engine.options(stream=True).stream.remote(ids, params)
             if not request.stream:
                 return JSONResponse(out.whole(*await collect(chunks), len(ids)))

@@ -5,8 +5,10 @@ routes live on the gateway (actors/gateway.py), which serves this API and gRPC s
 Follows OpenAI's API reference for /v1/completions and /v1/chat/completions (and vLLM's
 extensions `top_k`, `ignore_eos`, `return_token_ids`): https://platform.openai.com/docs/api-reference
 - `n` must be 1; `logprobs` gives the chosen token's logprob only (completions: `logprobs: 0`;
-  chat: `logprobs: true` with `top_logprobs` 0 or unset); penalties must be 0; `echo`, `suffix`,
-  `best_of` > 1, `logit_bias`, `tools` and non-text `response_format` are refused.
+  chat: `logprobs: true` with `top_logprobs` 0 or unset), each token's string as it reads in the
+  completion (a leading space kept; see `token_text`); penalties must be 0; `echo`, `suffix`,
+  `best_of` > 1, `logit_bias`, `tools` (and a `tool_choice` other than "none") and non-text
+  `response_format` are refused; `parallel_tool_calls` is accepted (with no tools, no calls).
 - Unknown fields are refused (HTTP 400 naming them), as OpenAI's server does; types are strict
   (no `true` for 1, no "0.5" for 0.5). `max_tokens` defaults to 16 for completions (as OpenAI)
   and to the rest of the context for chat; vLLM's `top_k: -1` means no cut.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,6 +98,8 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = None
     response_format: dict | None = None
     tools: list | None = None
+    tool_choice: str | dict | None = None        # "none" (or unset) only: no tools here
+    parallel_tool_calls: bool | None = None      # accepted; without tools there are none
 
 
 _Request.model_rebuild()
@@ -162,6 +167,8 @@ def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
             f"only 0 is supported (the chosen token's logprob), got {r.top_logprobs}")
     _refuse(r.top_logprobs is None or r.logprobs, "top_logprobs", "needs logprobs: true")
     _refuse(not r.tools, "tools", "are not supported")
+    _refuse(r.tool_choice in (None, "none"), "tool_choice",
+            f"only \"none\" is supported (this server has no tools), got {r.tool_choice!r}")
     _refuse(r.response_format in (None, {"type": "text"}), "response_format",
             "only {\"type\": \"text\"} is supported")
     _refuse(r.max_tokens is None or r.max_completion_tokens is None, "max_completion_tokens",
@@ -184,37 +191,51 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _token_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[float]) -> list[dict]:
-    out = []
-    for t, lp in zip(token_ids, logprobs):
-        text = tokenizer.decode([t])
-        out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
-    return out
-
-
-def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
-    """The legacy completions `logprobs` object, chosen tokens only (text_offset left empty)."""
-    return {"tokens": [tokenizer.decode([t]) for t in token_ids], "token_logprobs": list(logprobs),
-            "top_logprobs": None, "text_offset": []}
+def token_text(data: bytes) -> str:
+    """A token's string in logprobs: its text, or, for a token that is part of a UTF-8
+    character (a byte token), "bytes:" and its bytes escaped, as OpenAI's API writes it
+    ("bytes:\\xe2\\x80"); the exact bytes go in `bytes` (chat)."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 class Response:
     """Builds the bodies of one request's response: the whole one or its stream chunks."""
 
     def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, logprobs: bool,
-                 token_ids: bool = False):
+                 token_ids: bool = False, prompt_ids: Sequence[int] = ()):
         self.chat, self.model, self.tokenizer, self.logprobs = chat, model, tokenizer, logprobs
         self.token_ids = token_ids
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self._text_offset = 0
+        self._text = tokenizer.detokenizer(prompt_ids)
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict:
+        """Chat's {"content": [{token, logprob, bytes, top_logprobs}]} or the legacy completions
+        object {tokens, token_logprobs, top_logprobs, text_offset}, chosen tokens only.
+        `text_offset`: each token's character offset in the completion's text, counted across
+        a stream's chunks: the length of the text the tokens before it spelled after the prompt
+        (a character spelled by byte tokens counts once its last byte is there)."""
+        data = [self.tokenizer.token_bytes(t) for t in token_ids]
+        tokens = [token_text(d) for d in data]
+        if self.chat:
+            return {"content": [{"token": tok, "logprob": lp, "bytes": list(d), "top_logprobs": []}
+                                for tok, lp, d in zip(tokens, logprobs, data)]}
+        offsets = []
+        for t in token_ids:
+            offsets.append(self._text_offset)
+            self._text_offset += len(self._text.push(t))   # the engine's detokenizer, replayed
+        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None,
+                "text_offset": offsets}
 
     def _choice(self, token_ids: list[int], logprobs: list[float], finish_reason) -> dict:
         choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
         if self.logprobs:
-            choice["logprobs"] = ({"content": _token_logprobs(self.tokenizer, token_ids, logprobs)}
-                                  if self.chat else
-                                  completion_logprobs(self.tokenizer, token_ids, logprobs))
+            choice["logprobs"] = self._logprobs(token_ids, logprobs)
         if self.token_ids:
             choice["token_ids"] = list(token_ids)
         return choice

@@ -111,6 +111,19 @@ class Tokenizer:
         stream = self.detokenizer()
         return "".join([stream.push(int(i)) for i in ids]) + stream.flush()
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token adds to a text it continues (after a prompt): its piece with
+        "▁" as a space, a byte token's byte ("<0x0A>" -> b"\\n"), b"" for a control token, unk's
+        " ⁇ ". Joined over a completion they equal the completion's text when every character is
+        whole (sentencepiece's decode; the dummy prefix's space is dropped only at a sequence's
+        start). ValueError for an id outside [0, vocab_size)."""
+        table = self._decode_table
+        if not 0 <= token_id < len(table.surfaces):
+            raise ValueError(f"token id {token_id} out of range [0, {len(table.surfaces)})")
+        if table.byte_values[token_id] >= 0:
+            return bytes([table.byte_values[token_id]])
+        return b"" if token_id in table.controls else table.surfaces[token_id].encode()
+
     def detokenizer(self, prefix_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
         """A stream of the text that ids add after `prefix_ids` (e.g. the prompt's ids):
         `decode(prefix_ids + out)` minus `decode(prefix_ids)`; see model/detokenizer.py."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import signal
 import time
@@ -15,10 +16,13 @@ import urllib.request
 import grpc
 import pytest
 import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
 from cluster.local import EXPERT_RESOURCE, EXPERT_SLOT
 from protos import generator_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 APP = "mixtral-ep-one-slot"
 ONE_SLOT = {"max_num_seqs": 1, "max_waiting": 1}
@@ -112,11 +116,12 @@ def wait_for(condition, what: str, timeout_s: float = 120) -> None:
         time.sleep(0.5)
 
 
-def test_a_dead_engine_replica_is_unavailable_and_takes_its_experts_along(server, engine_actors,
-                                                                         alive_actors):
-    """SIGKILL the replica in the middle of a stream: the client gets UNAVAILABLE; the replica's
-    expert actors and placement group go with it (Ray's ownership), and Serve's new replica
-    starts an engine of its own that serves again."""
+def test_a_dead_engine_replica_is_unavailable_and_takes_its_experts_along(
+        server, engine_actors, alive_actors, grpc_port, http_port):
+    """SIGKILL the replica in the middle of a stream: the client gets UNAVAILABLE, the health
+    checks (gRPC and HTTP) say NOT_SERVING / 503 until Serve's new replica has started its
+    engine, then SERVING / 200; the replica's expert actors and placement group go with it
+    (Ray's ownership), and the new replica's engine serves again."""
     replica, owned = engine_actors(APP)
     assert len(owned) == 8
     slots_in_use = len(owned)                   # EXPERT_SLOT: one `expert` per actor
@@ -126,6 +131,28 @@ def test_a_dead_engine_replica_is_unavailable_and_takes_its_experts_along(server
     next(call)                                  # streaming from the replica's engine
     os.kill(replica["Pid"], signal.SIGKILL)
     assert status(lambda: list(call)) == grpc.StatusCode.UNAVAILABLE
+
+    # while Serve restarts the replica (its engine starting: 8 expert actors, weights), both
+    # health checks say not ready, then ready once it answers, and never go back
+    grpc_seen, http_seen = [], []               # each check's answers, in order
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def ready() -> bool:
+            if grpc_seen[-1:] != ["SERVING"]:
+                serving = health.Check(health_pb2.HealthCheckRequest(), timeout=30).status
+                grpc_seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(serving))
+            if http_seen[-1:] != [200]:
+                try:
+                    http_seen.append(urllib.request.urlopen(
+                        f"http://127.0.0.1:{http_port}/health", timeout=30).status)
+                except urllib.error.HTTPError as e:
+                    http_seen.append(e.code)
+            return grpc_seen[-1] == "SERVING" and http_seen[-1] == 200
+        wait_for(ready, "the health checks never said ready again")
+    log.info("health while the replica restarted: gRPC %s, HTTP %s", grpc_seen, http_seen)
+    assert set(grpc_seen[:-1]) == {"NOT_SERVING"}, grpc_seen   # not ready, then ready
+    assert set(http_seen[:-1]) == {503}, http_seen
 
     def serves() -> bool:
         return status(lambda: server.Generate(short("hello"), timeout=60)) == grpc.StatusCode.OK

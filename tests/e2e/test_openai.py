@@ -101,6 +101,10 @@ def test_token_id_prompt_and_logprobs(client, reference):
     assert got.choices[0].text == want.text
     assert lp.token_logprobs == pytest.approx(want.logprobs, abs=1e-5)
     assert len(lp.tokens) == 5
+    if "\ufffd" not in want.text and not any(t.startswith("bytes:") for t in lp.tokens):
+        assert "".join(lp.tokens) == want.text                  # leading spaces kept
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(5)] or \
+        any(t.startswith("bytes:") for t in lp.tokens)
 
 
 def test_streaming_chat_with_usage_equals_unary(client):

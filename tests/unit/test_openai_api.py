@@ -3,8 +3,12 @@ translation to engine inputs (defaults, limits), and response bodies. tests/e2e/
 has the same through Serve's HTTP proxy with the official client."""
 from __future__ import annotations
 
+import json
+
 import pydantic
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors import openai_api as oai
 from actors.info import EngineInfo
@@ -84,3 +88,60 @@ def test_whole_and_chunk_bodies(tokenizer):
     event = out.chunk("Hi", [1], [-0.5], None, first=True)
     assert event.startswith('data: {"id": "chatcmpl-') and '"role": "assistant"' in event
     assert oai.DONE == "data: [DONE]\n\n"
+
+
+def test_tool_fields_without_tools_are_accepted_and_tools_refused(tokenizer):
+    def chat(**kw):
+        return oai.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                         **kw)
+    for ok in (dict(tool_choice="none"), dict(parallel_tool_calls=True), dict(tools=[])):
+        oai.chat_inputs(chat(**ok), tokenizer, INFO)
+    with pytest.raises(InvalidRequest, match='tool_choice: only "none"'):
+        oai.chat_inputs(chat(tool_choice="auto"), tokenizer, INFO)
+    with pytest.raises(InvalidRequest, match="tools: are not supported"):
+        oai.chat_inputs(chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+                        tokenizer, INFO)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), chunk=st.integers(1, 5))
+def test_logprob_tokens_spell_the_completion(tokenizer, data, chunk):
+    """Joined, the logprob tokens' bytes are the completion's text (the detokenizer's, after a
+    prompt: leading spaces kept); text_offset counts its characters, across stream chunks."""
+    prompt = tokenizer.encode("Once upon")
+    # as a model might generate: any token but the controls (0-2), byte tokens (3-258) likelier
+    ids = data.draw(st.lists(st.one_of(st.integers(3, 258), st.integers(3, tokenizer.vocab_size - 1)),
+                             max_size=24))
+    stream = tokenizer.detokenizer(prompt)
+    deltas = [stream.push(t) for t in ids]
+    text = "".join(deltas) + stream.flush()
+    chat = oai.Response(True, "m", tokenizer, logprobs=True)
+    content = chat.whole(text, ids, [-1.0] * len(ids), "length", 3)["choices"][0]["logprobs"]["content"]
+    if "\ufffd" not in text:                 # (invalid bytes: one U+FFFD each in the text)
+        assert bytes(b for e in content for b in e["bytes"]).decode() == text
+    whole_chars = [not e["token"].startswith("bytes:") for e in content]
+    assert all(e["token"] == bytes(e["bytes"]).decode() for e, ok in zip(content, whole_chars) if ok)
+
+    out = oai.Response(False, "m", tokenizer, logprobs=True, prompt_ids=prompt)
+    offsets, tokens = [], []
+    for i in range(0, len(ids), chunk):                          # a stream, `chunk` ids a time
+        event = json.loads(out.chunk("", ids[i:i + chunk], [-1.0] * len(ids[i:i + chunk]),
+                                     None)[len("data: "):])
+        offsets += event["choices"][0]["logprobs"]["text_offset"]
+        tokens += event["choices"][0]["logprobs"]["tokens"]
+    # the offset of token i is where its text starts: the text before it is what its
+    # predecessors' deltas (the detokenizer's) spelled
+    assert offsets == [len("".join(deltas[:i])) for i in range(len(ids))]
+    assert tokens == [e["token"] for e in content]
+
+
+def test_logprob_tokens_of_a_byte_spelled_character(tokenizer):
+    """A character spelled with byte tokens: each byte's token is "bytes:\\x..", as OpenAI
+    writes it, and the character's offset comes after its last byte."""
+    ids = tokenizer.encode("𝄞")[2:]                  # "▁", then 4 byte tokens
+    data = [tokenizer.token_bytes(t) for t in ids]
+    assert len(ids) == 4 and b"".join(data).decode() == "𝄞"
+    out = oai.Response(False, "m", tokenizer, logprobs=True, prompt_ids=tokenizer.encode("a"))
+    lp = out.whole("x", ids + ids, [0.0] * 2 * len(ids), "length", 1)["choices"][0]["logprobs"]
+    assert lp["tokens"][:4] == ["bytes:\\xf0", "bytes:\\x9d", "bytes:\\x84", "bytes:\\x9e"]
+    assert lp["text_offset"] == [0, 0, 0, 0, 1, 1, 1, 1]
