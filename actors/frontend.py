@@ -22,7 +22,7 @@ from actors.dispatcher import Dispatcher, make_transport
 from actors.info import EngineInfo, WorkerInfo
 from actors.pool import Experts
 from model.checkpoint import WeightSource
-from model.engine import Engine, SamplingParams
+from model.engine import Engine, Resume, SamplingParams
 from model.linear import nbytes
 from model.mixtral import Mixtral, non_expert_names
 from model.moe import route
@@ -58,9 +58,10 @@ class Frontend:
     async def logits(self, prompts):
         return await asyncio.to_thread(self.engine.logits, prompts)
 
-    async def stream(self, prompt, params: SamplingParams):
-        """StreamChunks; leaving early (or being cancelled) aborts the request, freeing its KV."""
-        async for chunk in self.engine.stream(prompt, params):
+    async def stream(self, prompt, params: SamplingParams, resume: Resume | None = None):
+        """StreamChunks; leaving early (or being cancelled) aborts the request, freeing its KV.
+        `resume`: continue a request whose engine died (actors/failover.py)."""
+        async for chunk in self.engine.stream(prompt, params, resume):
             yield chunk
 
     async def info(self) -> EngineInfo:

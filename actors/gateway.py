@@ -3,14 +3,17 @@ proxy it implements `mixtral_ep.v1.Generator` (method names are the RPC names); 
 HTTP proxy it is a FastAPI ingress with the OpenAI-compatible API (actors/openai_api.py):
 POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. Both validate in
 one place (actors/requests.py), tokenize (prompt or chat template), and stream token ids from
-the engine deployment, detokenized there.
+the engine deployment, detokenized there. Every engine stream is a ResumableStream
+(actors/failover.py): when the engine replica serving a request dies, the request continues on
+another (or the restarted) one, and the client's stream goes on unbroken.
 
 Errors reach the client as a gRPC status or an HTTP status with OpenAI's error body, never as
 a traceback (`status_of`):
     InvalidRequest (and subclasses: ChatTemplateError...)   INVALID_ARGUMENT / 400, its message
     QueueFull (max_waiting), Serve's BackPressureError       RESOURCE_EXHAUSTED / 429
-    DeploymentUnavailableError, RayActorError (the engine
-    replica or one of its actors died or is restarting)      UNAVAILABLE / 503
+    EngineUnavailable (no engine took a request back
+    within the failover bound: actors/failover.py),
+    DeploymentUnavailableError, RayActorError                UNAVAILABLE / 503
     anything else (other ValueErrors too: config, checkpoint,
     torch; ExpertCallError...)                               INTERNAL / 500, no internal text
 Ray wraps an exception raised in another actor in RayTaskError (nested once per hop), and
@@ -34,10 +37,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors import openai_api as oai
+from actors.failover import EngineUnavailable, ResumableStream, unwrap
 from actors.info import EngineInfo
 from actors.requests import (model_info, prompt_ids, sampling_params,
                              stream_response, unary_response)
@@ -146,14 +150,6 @@ def _log_error(code: grpc.StatusCode, error: Exception) -> None:
         log.info("request answered %s: %s", code.name, _first_line(cause))
 
 
-def unwrap(error: BaseException) -> BaseException:
-    """The exception inside Ray's task-error wrappers, however deeply nested:
-    RayTaskError(cause=RayTaskError(cause=ValueError(...))) -> the ValueError."""
-    while isinstance(error, RayTaskError) and error.cause is not None and error.cause is not error:
-        error = error.cause
-    return error
-
-
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """(gRPC status code, details for the client) of an error; see the module docstring.
     Only request validation sends its own text."""
@@ -162,7 +158,7 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
     if isinstance(cause, (QueueFull, BackPressureError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are waiting; try again later"
-    if isinstance(cause, (DeploymentUnavailableError, RayActorError)):
+    if isinstance(cause, (DeploymentUnavailableError, RayActorError, EngineUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, "the engine is starting or restarting; try again"
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
@@ -179,8 +175,10 @@ def _first_line(error: BaseException) -> str:
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(openai_app)
 class Gateway:
-    def __init__(self, engine, tokenizer_path: str | None, model_name: str):
+    def __init__(self, engine, tokenizer_path: str | None, model_name: str,
+                 failover_timeout_s: float = 60.0):
         self.engine = engine                       # DeploymentHandle of actors.server.EngineServer
+        self.failover_timeout_s = failover_timeout_s
         self.tokenizer = Tokenizer.from_pretrained(tokenizer_path)
         self.model_name = model_name
         self._info: EngineInfo | None = None
@@ -196,11 +194,13 @@ class Gateway:
         ids = await asyncio.to_thread(prompt_ids, request, self.tokenizer, context)  # off the loop
         return ids, sampling_params(request, len(ids), context)
 
+    def _stream(self, ids: list[int], params) -> ResumableStream:
+        return ResumableStream(self.engine, ids, params, self.failover_timeout_s)
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
             ids, params = await self._prepare(request)
-            text, tokens, logprobs, reason = await collect(
-                self.engine.options(stream=True).stream.remote(ids, params))
+            text, tokens, logprobs, reason = await collect(self._stream(ids, params))
             return unary_response(Completion("", ids, tokens, text, reason, logprobs),
                                   request.logprobs)
         except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
@@ -212,7 +212,7 @@ class Gateway:
         try:
             ids, params = await self._prepare(request)
             produced = 0
-            async for chunk in self.engine.options(stream=True).stream.remote(ids, params):
+            async for chunk in self._stream(ids, params):
                 produced += len(chunk.token_ids)
                 yield stream_response(chunk, len(ids), produced, request.logprobs)
         except Exception as e:  # noqa: BLE001
@@ -286,7 +286,7 @@ class Gateway:
             ids, params = await asyncio.to_thread(inputs, request, self.tokenizer, info)
             out = oai.Response(chat, self.model_name, self.tokenizer, logprobs,
                                request.return_token_ids, ids)
-            chunks = self.engine.options(stream=True).stream.remote(ids, params)
+            chunks = self._stream(ids, params)
             if not request.stream:
                 return JSONResponse(out.whole(*await collect(chunks), len(ids)))
             first = await chunks.__anext__()    # an error before the first token: an HTTP status

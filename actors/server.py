@@ -12,7 +12,8 @@ a GPU on cuda) are its `ray_actor_options` (deploy/app.py sets them from `fronte
 a Serve config may override them); the placement group reserves the experts' only.
 Shutdown (Serve calls `__del__`) kills the expert actors and releases the group; a replica
 that dies without it takes them along anyway (Ray's ownership). Its requests in flight then
-fail with a RayActorError at the gateway (UNAVAILABLE), and Serve starts a new replica.
+fail with a RayActorError at the gateway, which re-sends each to a live replica, or to the one
+Serve starts, as prompt + tokens so far (actors/failover.py).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from actors.metrics import EngineMetrics
 from actors.pool import ExpertPool, check_start_args, default_resources, frontend_runtime_env
 from cluster.placement import resource_options
 from model.checkpoint import WeightSource
-from model.engine import SamplingParams
+from model.engine import Resume, SamplingParams
 
 # a child of Serve's logger: its handlers and LoggingConfig apply in a replica
 log = logging.getLogger(f"ray.serve.{__name__}")
@@ -105,9 +106,12 @@ class EngineServer:
                  len(pool.experts.actors), grpc_address, grpc_address, http_address,
                  http_address)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams):
+    async def stream(self, prompt_ids: list[int], params: SamplingParams,
+                     resume: Resume | None = None):
+        """StreamChunks of one request; `resume`: where a dead replica's stream of it stopped
+        (actors/failover.py)."""
         request = self.metrics.request(len(prompt_ids))
-        async for chunk in self.frontend.stream(prompt_ids, params):
+        async for chunk in self.frontend.stream(prompt_ids, params, resume):
             request.chunk(chunk.token_ids, chunk.finish_reason)
             yield chunk
 

@@ -19,6 +19,8 @@ deploy/serve.yaml` calls `build_app(args)`:
                       short OpenMP spin there, actors/pool.py: FRONTEND_CPU_ENV)
     expert_threads:   torch threads per expert actor (default: Ray's for its CPUs, 1 for a share)
     engine_args:      Engine options (max_num_seqs, max_num_batched_tokens, max_waiting, ...)
+    failover_timeout_s: how long a request whose engine replica died waits for another (or the
+                      restarted one) to take it back, per failover (default 60; then UNAVAILABLE)
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from model.checkpoint import WeightSource, cached_random_checkpoint, check_check
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 _ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineOptions))
+_GATEWAY_KEYS = ("failover_timeout_s",)
 # what Serve's gRPC proxy serves (`grpc_options.grpc_servicer_functions`; the Serve configs in
 # deploy/ list the same, a test checks): our API and the standard health service
 GRPC_SERVICER_FUNCTIONS = ["protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
@@ -44,10 +47,15 @@ GRPC_SERVICER_FUNCTIONS = ["protos.generator_pb2_grpc.add_GeneratorServicer_to_s
 
 
 def build_app(args: dict) -> Application:
-    unknown = set(args) - {"model", *_ENGINE_KEYS}
+    unknown = set(args) - {"model", *_GATEWAY_KEYS, *_ENGINE_KEYS}
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; expected model, "
-                         f"{', '.join(_ENGINE_KEYS)}")
+                         f"{', '.join(_GATEWAY_KEYS + _ENGINE_KEYS)}")
+    failover_timeout_s = args.get("failover_timeout_s", 60.0)
+    if isinstance(failover_timeout_s, bool) or not isinstance(failover_timeout_s, (int, float)) \
+            or not 0 < failover_timeout_s < float("inf"):
+        raise ValueError(f"failover_timeout_s must be a positive number of seconds, got "
+                         f"{failover_timeout_s!r}")
     path = args.get("model") or str(cached_random_checkpoint("tiny"))
     name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny"
     options = EngineOptions(**{k: args[k] for k in _ENGINE_KEYS if k in args})
@@ -58,4 +66,4 @@ def build_app(args: dict) -> Application:
              path, options)
     engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
         WeightSource(path=path), options)
-    return Gateway.bind(engine, path, name)
+    return Gateway.bind(engine, path, name, float(failover_timeout_s))

@@ -38,15 +38,16 @@ from model.errors import InvalidRequest, QueueFull
 from model.kv_sizing import size_kv_cache
 from model.mixtral import Mixtral, MoeBeginFn, MoeFn, tensor_shapes
 from model.moe import LocalExperts
-from model.output import Completion, RequestOutput, StreamChunk
-from model.sampling import Sampled, SamplingParams, make_generator, sample
+from model.output import Completion, RequestOutput, Resume, StreamChunk
+from model.sampling import Sampled, SamplingParams, request_seed, sample, token_seed
 from model.scheduler import Request, Scheduler
 from model.streaming import Streams
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "QueueFull", "InvalidRequest"]
+__all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "Resume", "QueueFull",
+           "InvalidRequest"]
 
 @dataclasses.dataclass(eq=False)
 class _Tracked:
@@ -88,6 +89,7 @@ class Engine:
         self._pending_lock = threading.Lock()     # held for microseconds: adds and aborts
         self._pending: list[_Tracked | str] = []  # admitted requests, and ids to abort, in order
         self._streams = Streams(self.step, self.has_unfinished)
+        self._generator = torch.Generator(device=self.device)   # reseeded for every draw
         log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens, max_model_len %d",
                  self.device, self.dtype, self.backend, size.num_blocks, self.block_size,
                  self.max_model_len)
@@ -125,16 +127,19 @@ class Engine:
         self._admit([tracked])
         return tracked.req.request_id
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams | None) -> _Tracked:
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None,
+                 resume: Resume | None = None) -> _Tracked:
         """Everything that can reject a request (model/admission.py), with no side effect."""
         vocab, limit = self.cfg.vocab_size, self.max_model_len
         ids = prompt_ids(prompt, self.tokenizer, vocab, limit)
         check_request(ids, params, limit, vocab)
         req = Request(str(next(self._ids)), ids, params,
-                      make_generator(params, self.device) if params is not None else None)
+                      request_seed(params) if params is not None else None)
         if params is None:
             return _Tracked(req, None)
         output = RequestOutput(req, self.tokenizer.detokenizer(ids), self.cfg.eos_token_id, limit)
+        if resume is not None:
+            output.resume(resume)
         return _Tracked(req, output)
 
     def _admit(self, batch: list[_Tracked]) -> None:
@@ -248,7 +253,9 @@ class Engine:
             return []
         try:
             logits = self.model.compute_logits(hidden[rows])                  # (B, V)
-            sampled = sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+            draw_seeds = [None if r.seed is None else token_seed(r.seed, r.num_tokens)
+                          for r in sampling]                # the sampled token's position
+            sampled = sample(logits, [r.params for r in sampling], draw_seeds, self._generator)
         except Exception as e:
             for req in sampling:
                 self._fail(req, e)
@@ -323,11 +330,12 @@ class Engine:
         return batch
 
     # ---- asynchronous API ---------------------------------------------------------------
-    async def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams()
-                     ) -> AsyncIterator[StreamChunk]:
+    async def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
+                     resume: Resume | None = None) -> AsyncIterator[StreamChunk]:
         """Yield a chunk per generated token; the last one carries finish_reason.
-        Leaving the iterator early aborts the request and frees its KV blocks."""
-        tracked = self._prepare(prompt, params)
+        Leaving the iterator early aborts the request and frees its KV blocks. `resume`: go on
+        from where a dead engine's stream of the same request left off (model/output.py)."""
+        tracked = self._prepare(prompt, params, resume)
         async for chunk in self._streams.follow(tracked.req.request_id,
                                                 lambda: self._admit([tracked]), self.abort):
             yield chunk

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from model.errors import InvalidRequest
 from model.scheduler import Request
 
 if TYPE_CHECKING:
@@ -43,6 +44,18 @@ class StreamChunk:
     finish_reason: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where a request resumes after the engine that ran it died: the completion tokens (and
+    their logprobs) its client already received, and how many characters of the completion's
+    text it received (text can lag its tokens: held back for stop strings or an unfinished
+    character). The new engine prefills prompt + these tokens and goes on from there; with
+    token_seed's position-derived draws, the rest equals an undisturbed run."""
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    text_chars: int
+
+
 class RequestOutput:
     """The text side of one sampling request: detokenizes its tokens, applies its stop
     conditions and cuts its stream into chunks. Owned by the engine, touched under its lock."""
@@ -54,6 +67,34 @@ class RequestOutput:
         self.text = ""
         self.emitted_text = self.emitted_tokens = 0
         self.longest_stop = max((len(s) for s in req.params.stop), default=0)
+
+    def resume(self, state: Resume) -> None:
+        """Replay the tokens a client already has, as if this engine had generated them: same
+        text, same stop-string state, nothing of them emitted again. InvalidRequest if they
+        could not have been received from an unfinished request (ended by a stop token, EOS,
+        max_tokens or the context; text that could not have been sent)."""
+        req, p = self.req, self.req.params
+        if len(state.token_ids) != len(state.logprobs):
+            raise InvalidRequest(f"resume: {len(state.token_ids)} token ids but "
+                                 f"{len(state.logprobs)} logprobs")
+        for token, logprob in zip(state.token_ids, state.logprobs):
+            if req.finished:
+                break
+            if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
+                req.finish_reason = "stop"
+                break
+            try:
+                self.text += self.detok.push(token)
+            except ValueError as e:                     # out of the vocabulary
+                raise InvalidRequest(f"resume: {e}") from None
+            req.output_ids.append(token)
+            req.logprobs.append(logprob)
+            if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                req.finish_reason = "length"
+        if req.finished or not 0 <= state.text_chars <= len(self.text):
+            raise InvalidRequest(f"resume: {len(state.token_ids)} tokens and {state.text_chars} "
+                                 "characters are not the state of an unfinished request")
+        self.emitted_text, self.emitted_tokens = state.text_chars, len(req.output_ids)
 
     def append(self, token: int, logprob: float) -> StreamChunk:
         """Record one sampled token; return the chunk it releases (finish_reason set if done)."""

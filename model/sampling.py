@@ -1,7 +1,8 @@
 """Per-request sampling inside a batched step.
 
-Each request has its own `torch.Generator` (seeded when `seed` is given), so a seeded request
-samples the same tokens whatever else shares its batch. Greedy rows (temperature 0) take the
+Each token's draw is seeded by its request's seed and its position alone (`token_seed`), so a
+seeded request samples the same tokens whatever else shares its batch, and the same again when
+it is re-run from any point (preempted, or resumed elsewhere after its engine died). Greedy rows (temperature 0) take the
 argmax together; sampled rows apply temperature, then top-k, then top-p, then draw.
 Temperature divides the logits *after* subtracting the row's maximum, in float64, so any
 temperature small enough that sampling is numerically greedy gives the argmax (never inf - inf
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 
 import torch
 
@@ -89,15 +91,21 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidRequest(message)
 
 
-def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
+def request_seed(params: SamplingParams) -> int | None:
+    """A sampling request's seed: its own, else a random one drawn now; None when greedy."""
     if params.greedy:
         return None
-    gen = torch.Generator(device=device)
-    if params.seed is not None:
-        gen.manual_seed(mix_seed(params.seed))
-    else:
-        gen.seed()
-    return gen
+    return params.seed if params.seed is not None else secrets.randbits(63)
+
+
+def token_seed(seed: int, position: int) -> int:
+    """The 64-bit seed of the draw of the token at `position` (its index in prompt + output) of
+    a request seeded `seed`: a function of the two alone, not of a generator's history, so a
+    request re-run from any point (preempted, or resumed on another engine as prompt + tokens
+    so far) draws the same tokens. SplitMix64's step (Steele, Lea and Flood, "Fast splittable
+    pseudorandom number generators", OOPSLA 2014): the mixed seed advanced `position` times by
+    the golden-ratio increment, then mixed again."""
+    return mix_seed((mix_seed(seed) + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64)
 
 
 def mix_seed(seed: int) -> int:
@@ -118,11 +126,13 @@ class SamplingError(RuntimeError):
 Sampled = tuple[int, float] | SamplingError        # (token id, its logprob) or this row's error
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[Sampled]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], draw_seeds: list[int | None],
+           generator: torch.Generator | None) -> list[Sampled]:
     """logits (B, V) fp32 -> per row (token id, logprob) or a SamplingError for that row alone.
-    Host syncs are per step, not per greedy row: the non-finite rows, the tokens, their logprobs
-    (a sampled row adds its own draw)."""
+    A sampled row draws with `generator` (on the logits' device) seeded by its `draw_seeds`
+    entry (`token_seed`); greedy rows' entries are unused (None). Host syncs are per step, not
+    per greedy row: the non-finite rows, the tokens, their logprobs (a sampled row adds its
+    own draw)."""
     logprobs = torch.log_softmax(logits, dim=-1)                        # (B, V)
     # one pass for both: max propagates NaN, and is +inf if any is, -inf only if all are
     top, tokens = logits.max(dim=-1)                                    # (B,), first maximum
@@ -130,11 +140,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     errors: dict[int, SamplingError] = {}
     for row in bad.nonzero()[:, 0].tolist():
         errors[row] = SamplingError(f"the model's logits are not finite (row {row})")
-    for row, (p, gen) in enumerate(zip(params, generators)):
+    for row, (p, draw_seed) in enumerate(zip(params, draw_seeds)):
         if p.greedy or row in errors:
             continue
         try:
-            tokens[row] = _sample_row(logits[row], p, gen)
+            tokens[row] = _sample_row(logits[row], p, generator.manual_seed(draw_seed))
         except RuntimeError as e:
             errors[row] = SamplingError(f"sampling failed: {e}")
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]                  # (B,)

@@ -29,7 +29,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams | None               # None: a logits request (no sampling)
-    generator: object = None
+    seed: int | None = None                     # sampling.request_seed; None: greedy
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     block_table: list[int] = dataclasses.field(default_factory=list)

@@ -5,9 +5,11 @@ import asyncio
 import dataclasses
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model.config import PRESETS
-from model.engine import Engine, SamplingParams
+from model.engine import Engine, InvalidRequest, Resume, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = ["Hello, my name is", "The capital of France", "def fib(n):\n    return",
@@ -130,6 +132,47 @@ def test_stream_concatenates_to_generate(tiny_engine):
         assert [t for c in chunks for t in c.token_ids] == want.token_ids
         assert chunks[-1].finish_reason == want.finish_reason
         assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+async def _chunks(engine, prompt, params, resume=None) -> list:
+    return [c async for c in engine.stream(prompt, params, resume)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.sampled_from(PROMPTS), seed=st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)),
+       stop=st.sampled_from([(), ("zz",), ("e",), (" t", "a ")]), cut=st.integers(0, 30))
+def test_a_resumed_stream_continues_exactly_where_the_client_left_off(tiny_engine, prompt, seed,
+                                                                      stop, cut):
+    """The client got the first `cut` chunks, then the engine 'died': resumed with what it got
+    (tokens, logprobs, characters of text), the rest equals the undisturbed stream, greedy or
+    seeded (draws depend on seed and position only), stop strings and held-back text alike."""
+    params = SamplingParams(max_tokens=20, temperature=0.0 if seed is None else 1.0, seed=seed,
+                            stop=stop)
+    whole = asyncio.run(_chunks(tiny_engine, prompt, params))
+    if cut >= len(whole):
+        return                                     # finished before the cut: nothing to resume
+    got = whole[:cut]
+    resume = Resume(tuple(t for c in got for t in c.token_ids),
+                    tuple(lp for c in got for lp in c.logprobs), sum(len(c.text) for c in got))
+    rest = asyncio.run(_chunks(tiny_engine, prompt, params, resume))
+    assert [t for c in got + rest for t in c.token_ids] == [t for c in whole for t in c.token_ids]
+    assert "".join(c.text for c in got + rest) == "".join(c.text for c in whole)
+    assert [lp for c in rest for lp in c.logprobs] == \
+        pytest.approx([lp for c in whole[cut:] for lp in c.logprobs], abs=1e-5)
+    assert rest[-1].finish_reason == whole[-1].finish_reason
+
+
+@pytest.mark.parametrize("resume, needle", [
+    (Resume((5, 6), (0.0,), 0), "2 token ids but 1 logprobs"),
+    (Resume((5,) * 20, (0.0,) * 20, 0), "not the state of an unfinished request"),   # max_tokens
+    (Resume((2,), (0.0,), 0), "not the state of an unfinished request"),             # EOS
+    (Resume((5,), (0.0,), 99), "not the state of an unfinished request"),            # text
+    (Resume((10**6,), (0.0,), 0), "resume: token id 1000000 out of range"),
+])
+def test_an_impossible_resume_state_is_refused(tiny_engine, resume, needle):
+    with pytest.raises(InvalidRequest, match=needle):
+        asyncio.run(_chunks(tiny_engine, "Hello", SamplingParams(max_tokens=20), resume))
+    assert not tiny_engine.has_unfinished()
 
 
 def test_leaving_a_stream_frees_its_blocks(tiny_engine):

@@ -2,7 +2,6 @@
 top-k ties, the nucleus boundary, and temperature scaling (chi-square over seeded draws)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -11,15 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.errors import InvalidRequest
-from model.sampling import INT64_MAX, INT64_MIN, SamplingError, SamplingParams, make_generator, sample
+from model.sampling import (INT64_MAX, INT64_MIN, SamplingError, SamplingParams, sample,
+                            token_seed)
 
 CHI2_DF3_P001 = 16.266      # chi-square critical value, 3 degrees of freedom, p = 0.001
 
 
+GEN = torch.Generator()
+
+
 def draws(logits: list[float], params: SamplingParams, n: int, seed: int = 0) -> list[int]:
+    """The tokens drawn at positions 0..n-1 of a request seeded `seed`."""
     row = torch.tensor([logits])
-    gen = make_generator(dataclasses.replace(params, seed=seed), "cpu")
-    return [sample(row, [params], [gen])[0][0] for _ in range(n)]
+    return [sample(row, [params], [token_seed(seed, pos)], GEN)[0][0] for pos in range(n)]
 
 
 # ---- validation ---------------------------------------------------------------------------
@@ -73,7 +76,7 @@ def test_a_tiny_temperature_gives_the_greedy_token(temperature, logits):
     if (top2[0] - top2[1]).item() < 1e-3:
         return                              # near-ties are genuinely random at this temperature
     params = SamplingParams(temperature=temperature, seed=1)
-    [result] = sample(row, [params], [make_generator(params, "cpu")])
+    [result] = sample(row, [params], [token_seed(1, 0)], GEN)
     assert not isinstance(result, SamplingError)
     assert result[0] == int(row.argmax()) and math.isfinite(result[1])
 
@@ -87,10 +90,10 @@ def test_non_finite_logits_fail_only_their_row(bad):
         logits[1, 4] = bad
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=3),
               SamplingParams(temperature=0.7, seed=3)]
-    results = sample(logits, params, [make_generator(p, "cpu") for p in params])
+    results = sample(logits, params, [None, token_seed(3, 5), token_seed(3, 5)], GEN)
     assert isinstance(results[1], SamplingError)
     assert results[0][0] == int(logits[0].argmax())
-    again = sample(logits[2:], params[2:], [make_generator(params[2], "cpu")])
+    again = sample(logits[2:], params[2:], [token_seed(3, 5)], GEN)
     assert results[2] == again[0]           # the neighbour drew what it draws alone
 
 
@@ -100,7 +103,7 @@ def test_non_finite_logits_fail_only_their_row(bad):
              min_size=width, max_size=width), min_size=1, max_size=4)))
 def test_greedy_takes_the_first_maximum_and_fails_exactly_the_non_finite_rows(rows):
     logits = torch.tensor(rows, dtype=torch.float32)
-    results = sample(logits, [SamplingParams(temperature=0.0)] * len(rows), [None] * len(rows))
+    results = sample(logits, [SamplingParams(temperature=0.0)] * len(rows), [None] * len(rows), None)
     for row, result in zip(rows, results):
         bad = any(math.isnan(v) or v == math.inf for v in row) or all(v == -math.inf for v in row)
         assert isinstance(result, SamplingError) == bad
@@ -137,5 +140,5 @@ def test_temperature_scales_the_distribution(temperature):
 def test_logprob_is_of_the_raw_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     params = SamplingParams(temperature=0.3, top_k=1)
-    [(token, logprob)] = sample(logits, [params], [make_generator(params, "cpu")])
+    [(token, logprob)] = sample(logits, [params], [token_seed(0, 0)], GEN)
     assert token == 0 and logprob == pytest.approx(torch.log_softmax(logits, -1)[0, 0].item())

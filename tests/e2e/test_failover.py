@@ -1,0 +1,159 @@
+"""No request lost when the engine replica (the frontend: it holds the KV cache) dies: the gateway
+re-sends each request in flight as prompt + tokens so far (actors/failover.py), and every
+client's stream, over gRPC and over the OpenAI HTTP API, streaming and unary, greedy and seeded,
+ends exactly as an undisturbed run. Past the failover bound, the client gets UNAVAILABLE."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import grpc
+import openai
+import pytest
+
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
+from deploy.app import build_app
+from protos import generator_pb2 as pb
+
+APP = "mixtral-ep-failover"
+MAX_TOKENS = 120
+ARGS = {"expert_resources": EXPERT_SLOT, "frontend_resources": FRONTEND_SLOT,
+        "frontend_threads": 1, "expert_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def server(deploy, tiny_checkpoint):
+    return deploy(APP, {"model": str(tiny_checkpoint), **ARGS})
+
+
+@pytest.fixture(scope="module")
+def client(server, http_port):
+    models = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",
+                           max_retries=0, timeout=300)
+    return models
+
+
+def jobs(stub, client) -> dict:
+    """name -> job(started) -> (token ids, text); `started` is set once a stream has 3 chunks
+    (unary calls set it when sent)."""
+    model = client.models.list().data[0].id
+
+    def grpc_stream(prompt, **sampling):
+        def run(started):
+            ids, text, n = [], "", 0
+            for part in stub.GenerateStream(pb.GenerateRequest(
+                    prompt=prompt, max_tokens=MAX_TOKENS, **sampling), timeout=300):
+                ids += part.token_ids
+                text += part.text
+                n += 1
+                if n == 3:
+                    started.set()
+            return ids, text
+        return run
+
+    def grpc_unary(prompt, **sampling):
+        def run(started):
+            started.set()
+            reply = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS,
+                                                     **sampling), timeout=300)
+            return list(reply.token_ids), reply.text
+        return run
+
+    def http_stream(chat: bool, prompt, **sampling):
+        def run(started):
+            kw = dict(model=model, max_tokens=MAX_TOKENS, stream=True,
+                      extra_body={"return_token_ids": True}, **sampling)
+            if chat:
+                chunks = client.chat.completions.create(
+                    messages=[{"role": "user", "content": prompt}], **kw)
+            else:
+                chunks = client.completions.create(prompt=prompt, **kw)
+            ids, text, n = [], "", 0
+            for chunk in chunks:
+                choice = chunk.choices[0]
+                ids += choice.token_ids
+                text += (choice.delta.content or "") if chat else choice.text
+                n += 1
+                if n == 3:
+                    started.set()
+            return ids, text
+        return run
+
+    def http_unary(prompt, **sampling):
+        def run(started):
+            started.set()
+            got = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                            extra_body={"return_token_ids": True}, **sampling)
+            return got.choices[0].token_ids, got.choices[0].text
+        return run
+
+    seeded = dict(temperature=0.9, top_p=0.95)
+    return {
+        "grpc greedy": grpc_stream("Hello, my name is", temperature=0.0),
+        "grpc greedy 2": grpc_stream("def fib(n):", temperature=0.0, stop=["zzz"]),
+        "grpc seeded": grpc_stream("Once upon a time", seed=7, **seeded),
+        "grpc seeded 2": grpc_stream("The capital of France", seed=-3, top_k=40, temperature=1.0),
+        "grpc unary seeded": grpc_unary("A long time ago", seed=11, **seeded),
+        "http greedy": http_stream(False, "In the beginning", temperature=0),
+        "http chat seeded": http_stream(True, "Tell me a story", seed=5, **seeded),
+        "http unary seeded": http_unary("It was a dark night", seed=13, **seeded),
+    }
+
+
+def run_all(todo: dict, kill=None) -> dict:
+    """Run every job at once; `kill()` once every job has started (streams: 3 chunks in)."""
+    started = {name: threading.Event() for name in todo}
+    with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
+        futures = {name: pool.submit(job, started[name]) for name, job in todo.items()}
+        if kill is not None:
+            for name, event in started.items():
+                assert event.wait(120), f"{name} never started"
+            kill()
+        return {name: f.result(timeout=300) for name, f in futures.items()}
+
+
+def test_killing_the_engine_replica_loses_no_request(server, client, engine_actors):
+    """SIGKILL the replica (its frontend, KV cache and expert actors go with it) while 8
+    requests stream: each continues on the replica Serve starts, and ends as undisturbed."""
+    todo = jobs(server, client)
+    undisturbed = run_all(todo)
+    assert all(len(ids) > 3 for ids, _ in undisturbed.values())
+    replica, _ = engine_actors(APP)
+    killed = run_all(todo, kill=lambda: os.kill(replica["Pid"], signal.SIGKILL))
+    new_replica, _ = engine_actors(APP)
+    assert new_replica["Pid"] != replica["Pid"]            # the requests did move
+    for name in todo:
+        assert killed[name] == undisturbed[name], name
+
+
+def test_past_the_failover_bound_the_client_gets_unavailable(deploy, tiny_checkpoint,
+                                                             engine_actors):
+    """With a failover bound shorter than a replica's restart, a stream whose engine died ends
+    with UNAVAILABLE (retryable) instead of waiting; the restarted engine then serves."""
+    stub = deploy(APP, {"model": str(tiny_checkpoint), **ARGS, "failover_timeout_s": 0.5})
+    replica, _ = engine_actors(APP)
+    call = stub.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=4000,
+                                                  temperature=0.0), timeout=300)
+    next(call)
+    os.kill(replica["Pid"], signal.SIGKILL)
+    began = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failed:
+        list(call)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    assert time.monotonic() - began < 30
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            stub.Generate(pb.GenerateRequest(prompt="hi", max_tokens=3), timeout=60)
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
+            time.sleep(1)
+
+
+def test_a_bad_failover_bound_is_refused_at_build_time(tiny_checkpoint):
+    with pytest.raises(ValueError, match="failover_timeout_s must be a positive number"):
+        build_app({"model": str(tiny_checkpoint), "failover_timeout_s": 0})
