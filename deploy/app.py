@@ -41,9 +41,11 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 _ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineOptions))
 _GATEWAY_KEYS = ("failover_timeout_s",)
 # what Serve's gRPC proxy serves (`grpc_options.grpc_servicer_functions`; the Serve configs in
-# deploy/ list the same, a test checks): our API and the standard health service
+# deploy/ list the same, a test checks): our API, the standard health service, and the hook
+# that answers a call whose gateway replica died with UNAVAILABLE (actors/grpc_proxy.py)
 GRPC_SERVICER_FUNCTIONS = ["protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
-                           "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+                           "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+                           "actors.grpc_proxy.add_retryable_status_to_server"]
 
 
 def build_app(args: dict) -> Application:
