@@ -10,6 +10,7 @@ another (or the restarted) one, and the client's stream goes on unbroken.
 Errors reach the client as a gRPC status or an HTTP status with OpenAI's error body, never as
 a traceback (`status_of`):
     InvalidRequest (and subclasses: ChatTemplateError...)   INVALID_ARGUMENT / 400, its message
+    Unauthenticated (an API key is set: actors/auth.py)      UNAUTHENTICATED / 401
     QueueFull (max_waiting), Serve's BackPressureError       RESOURCE_EXHAUSTED / 429
     EngineUnavailable (no engine took a request back
     within the failover bound: actors/failover.py),
@@ -41,6 +42,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors import openai_api as oai
+from actors import auth
+from actors.auth import Unauthenticated, authorized, grpc_authorization
 from actors.failover import EngineUnavailable, ResumableStream, unwrap
 from actors.info import EngineInfo
 from actors.requests import (model_info, prompt_ids, sampling_params,
@@ -55,12 +58,24 @@ from protos import generator_pb2 as pb
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 
-HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INTERNAL: 500}
+HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+               grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
+               grpc.StatusCode.INTERNAL: 500}
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_SERVICES = {"", "mixtral_ep.v1.Generator"}    # names grpc.health.v1.Health/Check knows
 
 openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mixtral MoE server")
+
+
+@openai_app.middleware("http")
+async def _api_key(request: Request, call_next):
+    """With an API key set (Gateway's `api_key_digest`: actors/auth.py), every /v1 path needs
+    it, before its body is read: 401 in OpenAI's shape otherwise."""
+    if request.url.path.startswith("/v1") and not authorized(
+            auth.required_digest(), request.headers.get("authorization")):
+        log.info("request answered 401: missing or wrong API key")
+        return JSONResponse(oai.error_body(401, str(Unauthenticated())), status_code=401)
+    return await call_next(request)
 
 
 @openai_app.exception_handler(RequestValidationError)
@@ -156,6 +171,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     cause = unwrap(error)
     if isinstance(cause, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(cause)
+    if isinstance(cause, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(cause)
     if isinstance(cause, (QueueFull, BackPressureError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are waiting; try again later"
     if isinstance(cause, (DeploymentUnavailableError, RayActorError, EngineUnavailable)):
@@ -176,9 +193,13 @@ def _first_line(error: BaseException) -> str:
 @serve.ingress(openai_app)
 class Gateway:
     def __init__(self, engine, tokenizer_path: str | None, model_name: str,
-                 failover_timeout_s: float = 60.0):
+                 failover_timeout_s: float = 60.0, api_key_digest: str | None = None):
+        """`api_key_digest`: SHA-256 hex digest of the API key every call must carry
+        (actors/auth.py), None for none."""
         self.engine = engine                       # DeploymentHandle of actors.server.EngineServer
         self.failover_timeout_s = failover_timeout_s
+        self.api_key_digest = api_key_digest
+        auth.require(api_key_digest)                        # for the HTTP middleware
         self.tokenizer = Tokenizer.from_pretrained(tokenizer_path)
         self.model_name = model_name
         self._info: EngineInfo | None = None
@@ -189,7 +210,14 @@ class Gateway:
             self._info = await self.engine.info.remote()
         return self._info
 
-    async def _prepare(self, request: pb.GenerateRequest):
+    def _check_key(self, grpc_context) -> None:
+        """Unauthenticated unless the call's metadata carries the API key (if one is set)."""
+        if not authorized(self.api_key_digest,
+                          grpc_authorization(grpc_context.invocation_metadata())):
+            raise Unauthenticated()
+
+    async def _prepare(self, request: pb.GenerateRequest, grpc_context):
+        self._check_key(grpc_context)
         context = (await self._engine_info()).context_length
         ids = await asyncio.to_thread(prompt_ids, request, self.tokenizer, context)  # off the loop
         return ids, sampling_params(request, len(ids), context)
@@ -199,7 +227,7 @@ class Gateway:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            ids, params = await self._prepare(request)
+            ids, params = await self._prepare(request, grpc_context)
             text, tokens, logprobs, reason = await collect(self._stream(ids, params))
             return unary_response(Completion("", ids, tokens, text, reason, logprobs),
                                   request.logprobs)
@@ -210,7 +238,7 @@ class Gateway:
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            ids, params = await self._prepare(request)
+            ids, params = await self._prepare(request, grpc_context)
             produced = 0
             async for chunk in self._stream(ids, params):
                 produced += len(chunk.token_ids)
@@ -224,6 +252,7 @@ class Gateway:
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         try:
+            self._check_key(grpc_context)
             return model_info(self.model_name, await self.engine.info.remote())
         except Exception as e:  # noqa: BLE001
             _set_status(grpc_context, e)

@@ -20,7 +20,6 @@ import concurrent.futures
 import logging
 import os
 import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from ray.serve.config import gRPCOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.local import free_port  # noqa: E402
 from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
 from model.checkpoint import cached_random_checkpoint  # noqa: E402
 from model.engine import Engine, SamplingParams  # noqa: E402
@@ -152,12 +152,6 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

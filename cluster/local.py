@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import tempfile
 from typing import Iterator
 
@@ -26,6 +27,13 @@ EXPERT_RESOURCE = "expert"
 # per-actor resources that put the frontend on the head and experts on the expert nodes
 FRONTEND_SLOT = {"CPU": 0.01, FRONTEND_RESOURCE: 1}
 EXPERT_SLOT = {"CPU": 0.01, EXPERT_RESOURCE: 1}
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a test's or benchmark's proxies)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -19,6 +19,9 @@ deploy/serve.yaml` calls `build_app(args)`:
                       short OpenMP spin there, actors/pool.py: FRONTEND_CPU_ENV)
     expert_threads:   torch threads per expert actor (default: Ray's for its CPUs, 1 for a share)
     engine_args:      Engine options (max_num_seqs, max_num_batched_tokens, max_waiting, ...)
+    api_key_env / api_key_file: the name of an environment variable, or a file, holding the API
+                      key every gRPC and /v1 call must carry (`authorization: Bearer <key>`);
+                      read here, only its digest reaches the gateways (actors/auth.py)
     failover_timeout_s: how long a request whose engine replica died waits for another (or the
                       restarted one) to take it back, per failover (default 60; then UNAVAILABLE)
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from ray.serve import Application
 
+from actors.auth import key_digest
 from actors.gateway import Gateway
 from actors.server import EngineOptions, EngineServer
 from model.checkpoint import WeightSource, cached_random_checkpoint, check_checkpoint_dir
@@ -39,7 +43,7 @@ from model.checkpoint import WeightSource, cached_random_checkpoint, check_check
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 _ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineOptions))
-_GATEWAY_KEYS = ("failover_timeout_s",)
+_GATEWAY_KEYS = ("failover_timeout_s", "api_key_env", "api_key_file")
 # what Serve's gRPC proxy serves (`grpc_options.grpc_servicer_functions`; the Serve configs in
 # deploy/ list the same, a test checks): our API, the standard health service, and the hook
 # that answers a call whose gateway replica died with UNAVAILABLE (actors/grpc_proxy.py)
@@ -58,6 +62,7 @@ def build_app(args: dict) -> Application:
             or not 0 < failover_timeout_s < float("inf"):
         raise ValueError(f"failover_timeout_s must be a positive number of seconds, got "
                          f"{failover_timeout_s!r}")
+    api_key_digest = key_digest(args)          # now: a missing key fails the deploy at once
     path = args.get("model") or str(cached_random_checkpoint("tiny"))
     name = Path(path).name if args.get("model") else "mixtral-ep-demo-tiny"
     options = EngineOptions(**{k: args[k] for k in _ENGINE_KEYS if k in args})
@@ -68,4 +73,4 @@ def build_app(args: dict) -> Application:
              path, options)
     engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
         WeightSource(path=path), options)
-    return Gateway.bind(engine, path, name, float(failover_timeout_s))
+    return Gateway.bind(engine, path, name, float(failover_timeout_s), api_key_digest)

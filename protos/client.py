@@ -3,6 +3,7 @@
     python -m protos.client "Tell me a story" --max-tokens 64        # stream a completion
     python -m protos.client "Hi" --system "Be brief." --unary        # chat, one response
     python -m protos.client info                                     # what is served (ModelInfo)
+    MIXTRAL_EP_API_KEY=... python -m protos.client "Hi" --address host:443 --tls --ca-cert ca.pem
 
 Streams the text as it arrives, then a line with the finish reason and token counts (and, with
 --logprobs, each token id with its logprob). `info` as the only argument asks for ModelInfo; to
@@ -12,6 +13,7 @@ details and exits 1; Ctrl-C stops quietly (exit 130).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -71,11 +73,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--unary", action="store_true",
                     help="one Generate call (the whole completion at once) instead of a stream")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    ap.add_argument("--api-key", default=argparse.SUPPRESS,    # never print a key in --help
+                    help="the server's API key, sent as `authorization: Bearer <key>` "
+                         "(default: $MIXTRAL_EP_API_KEY, else none)")
+    ap.add_argument("--tls", action="store_true",
+                    help="connect over TLS (a TLS-terminating front: deploy/nginx/)")
+    ap.add_argument("--ca-cert", default=argparse.SUPPRESS,
+                    help="PEM file of the CA that signed the server's certificate, with --tls "
+                         "(default: the system's roots)")
     return ap
 
 
-def _info(stub: pb_grpc.GeneratorStub, timeout: float) -> None:
-    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout)
+def _info(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=args.timeout, metadata=_metadata(args))
     print(f"model {info.model}: context {info.context_length} tokens, vocabulary "
           f"{info.vocab_size}, {info.num_layers} layers, {info.num_experts} experts "
           f"(top-{info.experts_per_token}); frontend on node {info.frontend_node_id}")
@@ -86,12 +96,12 @@ def _info(stub: pb_grpc.GeneratorStub, timeout: float) -> None:
 def _generate(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
     req = request_from_args(args)
     if args.unary:
-        last = stub.Generate(req, timeout=args.timeout)
+        last = stub.Generate(req, timeout=args.timeout, metadata=_metadata(args))
         sys.stdout.write(last.text)
         ids, logprobs = list(last.token_ids), list(last.logprobs)
     else:
         last, ids, logprobs = None, [], []
-        for last in stub.GenerateStream(req, timeout=args.timeout):
+        for last in stub.GenerateStream(req, timeout=args.timeout, metadata=_metadata(args)):
             sys.stdout.write(last.text)
             sys.stdout.flush()
             ids += last.token_ids
@@ -106,13 +116,28 @@ def _generate(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
                          + "]\n")
 
 
+def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+
+
+def channel_of(args: argparse.Namespace) -> grpc.Channel:
+    if not args.tls:
+        return grpc.insecure_channel(args.address)
+    roots = open(args.ca_cert, "rb").read() if args.ca_cert else None
+    return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(roots))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.api_key = getattr(args, "api_key", None) or os.environ.get("MIXTRAL_EP_API_KEY")
+    args.ca_cert = getattr(args, "ca_cert", None)
+    if args.ca_cert and not args.tls:
+        parser().error("--ca-cert needs --tls")
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        with channel_of(args) as channel:
             stub = pb_grpc.GeneratorStub(channel)
             if args.prompt == "info" and not (args.chat or args.system is not None):
-                _info(stub, args.timeout)
+                _info(stub, args)
             else:
                 _generate(stub, args)
     except grpc.RpcError as e:

@@ -3,21 +3,14 @@ deploys its own application and deletes it when done (one application at a time,
 need no `application` metadata)."""
 from __future__ import annotations
 
-import socket
-
 import grpc
 import pytest
 from ray import serve
 from ray.serve.config import gRPCOptions
 
+from cluster.local import free_port
 from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
 from protos import generator_pb2_grpc as pb_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

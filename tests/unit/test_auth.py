@@ -1,0 +1,48 @@
+"""actors/auth.py: where the API key comes from, and which authorization headers carry it."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actors.auth import authorized, digest, grpc_authorization, key_digest
+
+
+def test_the_key_comes_from_an_env_var_or_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "s3cret")
+    assert key_digest({"api_key_env": "MY_KEY"}) == digest("s3cret")
+    (tmp_path / "key").write_text("fromfile\n")
+    assert key_digest({"api_key_file": str(tmp_path / "key")}) == digest("fromfile")
+    assert key_digest({}) is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    ({"api_key_env": "NOT_SET_ANYWHERE"}, "api_key_env: the environment variable 'NOT_SET_ANYWHERE' is not set"),
+    ({"api_key_file": "/no/such/file"}, "api_key_file: cannot read '/no/such/file'"),
+    ({"api_key_env": "EMPTY_KEY"}, "api_key_env: the API key must be non-empty"),
+    ({"api_key_env": "SPACED_KEY"}, "hold no whitespace"),
+    ({"api_key_env": "X", "api_key_file": "y"}, "not both"),
+])
+def test_a_bad_key_source_names_the_arg_and_never_the_key(args, needle, monkeypatch):
+    monkeypatch.setenv("EMPTY_KEY", "")
+    monkeypatch.setenv("SPACED_KEY", "two words")
+    with pytest.raises(ValueError, match=needle) as e:
+        key_digest(args)
+    assert "two words" not in str(e.value)
+
+
+@given(key=st.text(st.characters(blacklist_categories=("Zs", "Cc")), min_size=1),
+       other=st.text())
+def test_only_the_bearer_key_is_authorized(key, other):
+    expected = digest(key)
+    assert authorized(expected, f"Bearer {key}")
+    assert authorized(expected, f"bearer  {key} ")                 # scheme: any case
+    assert not authorized(expected, None) and not authorized(expected, key)
+    assert not authorized(expected, f"Basic {key}")
+    assert authorized(expected, f"Bearer {other}") == (other.strip() == key)
+    assert authorized(None, None) and authorized(None, "anything")  # no key set: all pass
+
+
+def test_grpc_metadata_key_is_case_insensitive():
+    assert grpc_authorization([("x", "1"), ("Authorization", "Bearer k")]) == "Bearer k"
+    assert grpc_authorization([]) is None and grpc_authorization(None) is None
