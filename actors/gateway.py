@@ -87,12 +87,15 @@ async def _malformed(request: Request, exc: RequestValidationError) -> JSONRespo
     param = loc[0] if loc else None
     if err.get("type") == "json_invalid":
         param, message = None, f"the body is not valid JSON: {err.get('msg')}"
+    elif not loc:                                       # the body itself: missing, not an object
+        message = ("body: a JSON object is required" if err.get("type") == "missing"
+                   else f"body: {err.get('msg')}")
     elif err.get("type") == "extra_forbidden":
         message = f"unknown field {'.'.join(loc)!r}"
     elif param in oai.FIELD_FORMS and len(errors) > 1:    # a union: say what is accepted
         message = f"{param} must be {oai.FIELD_FORMS[param]}"
     else:
-        message = f"{'.'.join(loc)}: {err.get('msg')}" if loc else str(err.get("msg"))
+        message = f"{'.'.join(loc)}: {err.get('msg')}"
     log.info("request answered 400: %s", message)
     return JSONResponse(oai.error_body(400, message, param), status_code=400)
 

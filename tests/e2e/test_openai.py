@@ -179,6 +179,9 @@ def test_bad_chat_requests_name_the_field(base_url, body, needle):
 def test_malformed_json_is_a_400_and_the_server_answers_after(base_url, client):
     status, got = http(base_url, "POST", "/v1/completions", b"{not json")
     assert status == 400 and got["error"]["type"] == "invalid_request_error"
+    for body, needle in [(b"", "body: a JSON object is required"), (b"[1]", "body: ")]:
+        status, got = http(base_url, "POST", "/v1/completions", body)    # found by fuzzing
+        assert status == 400 and got["error"]["message"].startswith(needle), got
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL, prompt="hi", temperature=-2)
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
