@@ -78,7 +78,8 @@ class Frontend:
             experts_per_token=cfg.num_experts_per_tok,
             frontend_node_id=ray.get_runtime_context().get_node_id(),
             experts=dict(sorted(experts.items())), free_blocks=self.engine.num_free_blocks(),
-            total_blocks=self.engine.kv.allocator.num_blocks, retries=self.dispatcher.retries)
+            total_blocks=self.engine.kv.allocator.num_blocks, retries=self.dispatcher.retries,
+            tracked_requests=self.engine.num_tracked())
 
     def worker_info(self) -> WorkerInfo:
         state = self.engine.model.state_dict()

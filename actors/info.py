@@ -31,6 +31,7 @@ class EngineInfo:
     free_blocks: int                            # KV cache blocks free now
     total_blocks: int
     retries: int                                # expert calls re-sent by the dispatcher so far
+    tracked_requests: int = 0                   # requests the engine holds state for now
 
 
 @dataclasses.dataclass(frozen=True)

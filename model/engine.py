@@ -188,6 +188,10 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self.kv.allocator.num_free
 
+    def num_tracked(self) -> int:
+        """Requests the engine holds state for (admitted and not yet let go of)."""
+        return len(self._tracked)
+
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[StreamChunk]:
         """Run one scheduler step; return what each request produced in it, and hand each
