@@ -4,9 +4,12 @@ undisturbed run, and the longest stall a client saw.
 
     python bench/chaos.py                  # 2 rounds per target, 32 clients, tiny model
     python bench/chaos.py --rounds 5 --clients 64
+    python bench/chaos.py --engine-replicas 2      # a killed engine's requests move at once
 
 A local 4-node Ray cluster (cluster/local.py), the demo `tiny` checkpoint, one engine replica
-with 8 expert actors and two gateway replicas. Each round starts `--clients` streaming requests
+(`--engine-replicas`) with 8 expert actors each and two gateway replicas. With one engine
+replica, its clients wait for Serve to restart it (the longest stall); with two, the gateway
+resumes them on the other at once. Each round starts `--clients` streaming requests
 (protos/loadgen.py: half gRPC, half OpenAI HTTP, greedy and seeded, some with stop strings),
 kills the target once every client has its first tokens, and waits for all to end; clients
 retry a retryable end (UNAVAILABLE, HTTP 503, a cut stream) from the start, as a client
@@ -55,7 +58,7 @@ def victim(target: str, rng: random.Random) -> dict | None:
     return rng.choice(alive(names[target])) if target != "none" else None
 
 
-def wait_healthy(http_url: str, gateways: int, timeout_s: float = 180) -> None:
+def wait_healthy(http_url: str, gateways: int, experts: int, timeout_s: float = 180) -> None:
     """Until /health answers 200 and every gateway replica and expert actor is alive."""
     import urllib.request
     deadline = time.monotonic() + timeout_s
@@ -63,7 +66,7 @@ def wait_healthy(http_url: str, gateways: int, timeout_s: float = 180) -> None:
         try:
             with urllib.request.urlopen(f"{http_url}/health", timeout=10) as resp:
                 if (resp.status == 200 and len(alive(f"ServeReplica:{APP}:Gateway")) == gateways
-                        and len(alive("ExpertWorker")) == 8):
+                        and len(alive("ExpertWorker")) == experts):
                     return
         except OSError:
             pass
@@ -87,6 +90,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds per target")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine-replicas", type=int, default=1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rng = random.Random(args.seed)
@@ -97,9 +101,12 @@ def main() -> None:
         serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port,
                                              grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-        options = EngineOptions(expert_resources=EXPERT_SLOT, frontend_resources=FRONTEND_SLOT,
-                                frontend_threads=1, expert_threads=1)
-        engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
+        # the head offers one `frontend` slot: more replicas than that go anywhere
+        options = EngineOptions(expert_resources=EXPERT_SLOT, frontend_threads=1, expert_threads=1,
+                                frontend_resources=FRONTEND_SLOT if args.engine_replicas == 1
+                                else {"CPU": 0.01})
+        engine = EngineServer.options(num_replicas=args.engine_replicas,
+                                      ray_actor_options=options.ray_actor_options()).bind(
             WeightSource(path=str(path)), options)
         serve.run(Gateway.options(num_replicas=2).bind(engine, str(path), MODEL), name=APP,
                   route_prefix="/")
@@ -110,14 +117,15 @@ def main() -> None:
                 jobs = loadgen.make_jobs(args.clients, seed=rng.randrange(2**31), cancel_every=0,
                                          max_tokens=(24, 64))
                 want = loadgen.expected_outputs(reference, jobs)
-                wait_healthy(http_url, gateways=2)
+                wait_healthy(http_url, gateways=2, experts=8 * args.engine_replicas)
                 started = time.monotonic()
                 tally = asyncio.run(one_round(target, jobs, want, grpc_address, http_url, rng))
                 rows.append((target, tally, time.monotonic() - started))
                 log.info("round %d, %s: %s", rnd + 1, target, tally)
         serve.shutdown()
-    print(f"\nchaos: {args.clients} streaming clients a round (gRPC + HTTP, greedy + seeded), "
-          f"{args.rounds} round(s) per target; clients retry UNAVAILABLE / 503 / a cut stream")
+    print(f"\nchaos: {args.engine_replicas} engine replica(s), 2 gateways; {args.clients} "
+          f"streaming clients a round (gRPC + HTTP, greedy + seeded), {args.rounds} round(s) per "
+          "target; clients retry UNAVAILABLE / 503 / a cut stream")
     print("| killed | requests | exact | lost | wrong | retried by the client | longest stall s | round s |")
     print("|---|---|---|---|---|---|---|---|")
     for target in TARGETS:

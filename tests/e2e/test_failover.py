@@ -19,7 +19,7 @@ from deploy.app import build_app
 from protos import generator_pb2 as pb
 
 APP = "mixtral-ep-failover"
-MAX_TOKENS = 120
+MAX_TOKENS = 64
 ARGS = {"expert_resources": EXPERT_SLOT, "frontend_resources": FRONTEND_SLOT,
         "frontend_threads": 1, "expert_threads": 1}
 

@@ -3,8 +3,10 @@ requests from the server's own OpenAPI document (schemathesis), and raw malforme
 ports. Every answer is a success or a client error naming the field: never INTERNAL / 500, a
 crash or a hang; and the server answers normally afterwards.
 
-    make test                                          # MIXTRAL_EP_FUZZ_EXAMPLES=100 each
-    MIXTRAL_EP_FUZZ_EXAMPLES=10000 python -m pytest -q tests/e2e/test_fuzz.py    # the full run
+    make test                                          # MIXTRAL_EP_FUZZ_EXAMPLES=60 each
+    MIXTRAL_EP_FUZZ_EXAMPLES=10000 MIXTRAL_EP_FUZZ_HTTP_EXAMPLES=2500 \
+        python -m pytest -q tests/e2e/test_fuzz.py     # the full run: 10,000 gRPC requests,
+                                                       # 2,500 per OpenAI operation
 
 Valid requests generate few tokens (max_tokens 1-8, or unset: 16), so the run goes fast;
 max_tokens past the context is generated too (refused)."""
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 APP = "mixtral-ep-fuzz"
 MODEL = "tiny-fuzz"
-EXAMPLES = int(os.environ.get("MIXTRAL_EP_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("MIXTRAL_EP_FUZZ_EXAMPLES", "60"))
 INT32, INT64 = 2**31, 2**63
 # every INVALID_ARGUMENT / 400 message names one of these
 FIELDS = ("prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
@@ -35,8 +37,8 @@ FIELDS = ("prompt", "messages", "max_tokens", "max_completion_tokens", "temperat
           "field", "penalty", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
           "response_format", "stream_options", "user", "ignore_eos", "return_token_ids",
           "stream", "parallel_tool_calls")
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-                suppress_health_check=list(HealthCheck))
+HTTP_EXAMPLES = int(os.environ.get("MIXTRAL_EP_FUZZ_HTTP_EXAMPLES", str(EXAMPLES)))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,7 @@ schema = schemathesis.pytest.from_fixture("openapi")
 
 
 @schema.parametrize()
-@FUZZ
+@settings(FUZZ, max_examples=HTTP_EXAMPLES)
 def test_generated_openai_requests_get_success_or_a_named_client_error(case, server):
     if isinstance(case.body, dict):
         case.body["model"] = MODEL               # another name is a 404 before anything else
