@@ -1,7 +1,7 @@
 """Engine failover for one request: a stream from the engine deployment that survives the death
 of the engine replica serving it (the frontend, which holds the request's KV cache).
 
-    chunks = ResumableStream(engine_handle, prompt_ids, params, timeout_s=60)
+    chunks = ResumableStream(engine_handle, prompt_ids, params, timeout_s=120)
     async for chunk in chunks: ...          # StreamChunks, as from EngineServer.stream
     chunks.cancel()                         # when the client goes away
 
@@ -58,7 +58,7 @@ class ResumableStream:
     replica; see the module docstring. `engine`: a DeploymentHandle of EngineServer."""
 
     def __init__(self, engine, prompt_ids: list[int], params: SamplingParams,
-                 timeout_s: float = 60.0, max_failovers: int = 3):
+                 timeout_s: float = 120.0, max_failovers: int = 3):
         if not params.greedy and params.seed is None:      # so a failover draws the same
             params = dataclasses.replace(params, seed=secrets.randbits(63))
         self._engine, self._ids, self._params = engine, prompt_ids, params

@@ -61,7 +61,9 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
                grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
                grpc.StatusCode.INTERNAL: 500}
-HEALTH_TIMEOUT_S = 5.0
+# a readiness probe's own timeout should exceed this (the RayService sets 3 s; Kubernetes'
+# default is 1 s, grpc_health_probe's -rpc-timeout too)
+HEALTH_TIMEOUT_S = 2.0
 HEALTH_SERVICES = {"", "mixtral_ep.v1.Generator"}    # names grpc.health.v1.Health/Check knows
 
 openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mixtral MoE server")
@@ -90,6 +92,8 @@ async def _malformed(request: Request, exc: RequestValidationError) -> JSONRespo
     elif not loc:                                       # the body itself: missing, not an object
         message = ("body: a JSON object is required" if err.get("type") == "missing"
                    else f"body: {err.get('msg')}")
+        if "json" not in request.headers.get("content-type", ""):
+            message += " (send the header Content-Type: application/json)"
     elif err.get("type") == "extra_forbidden":
         message = f"unknown field {'.'.join(loc)!r}"
     elif param in oai.FIELD_FORMS and len(errors) > 1:    # a union: say what is accepted
@@ -134,10 +138,12 @@ async def _events(out: oai.Response, first, chunks, prompt_tokens: int, include_
 
 def _http_error(error: Exception) -> JSONResponse:
     code, details = status_of(error)
+    if isinstance(unwrap(error), oai.ModelNotFound):
+        log.info("request answered 404: %s", details)
+        return JSONResponse(oai.error_body(404, details, "model", "model_not_found"),
+                            status_code=404)
     _log_error(code, error)
-    status = 404 if isinstance(unwrap(error), oai.ModelNotFound) else HTTP_STATUS[code]
-    return JSONResponse(oai.error_body(status, details, "model" if status == 404 else None),
-                        status_code=status)
+    return JSONResponse(oai.error_body(HTTP_STATUS[code], details), status_code=HTTP_STATUS[code])
 
 
 async def collect(chunks) -> tuple[str, list[int], list[float], str]:
@@ -196,7 +202,7 @@ def _first_line(error: BaseException) -> str:
 @serve.ingress(openai_app)
 class Gateway:
     def __init__(self, engine, tokenizer_path: str | None, model_name: str,
-                 failover_timeout_s: float = 60.0, api_key_digest: str | None = None):
+                 failover_timeout_s: float = 120.0, api_key_digest: str | None = None):
         """`api_key_digest`: SHA-256 hex digest of the API key every call must carry
         (actors/auth.py), None for none."""
         self.engine = engine                       # DeploymentHandle of actors.server.EngineServer
@@ -266,7 +272,7 @@ class Gateway:
     async def _engine_unready(self) -> str | None:
         """None once the engine answers within HEALTH_TIMEOUT_S, else why not."""
         try:
-            await asyncio.wait_for(self.engine.info.remote(), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(self.engine.ping.remote(), HEALTH_TIMEOUT_S)
             return None
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             return _first_line(unwrap(e)) or type(unwrap(e)).__name__
@@ -284,7 +290,7 @@ class Gateway:
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         return health_pb2.HealthCheckResponse(status=status)
 
-    @openai_app.get("/health")
+    @openai_app.api_route("/health", methods=["GET", "HEAD"])
     async def health(self) -> JSONResponse:
         """200 once the engine answers (within HEALTH_TIMEOUT_S), else 503."""
         reason = await self._engine_unready()
@@ -302,6 +308,16 @@ class Gateway:
         except Exception as e:  # noqa: BLE001
             return _http_error(e)
 
+    @openai_app.get("/v1/models/{model:path}")
+    async def model(self, model: str) -> JSONResponse:
+        """One model's card (`client.models.retrieve`); 404 in OpenAI's shape for another."""
+        try:
+            oai.check_model(model, self.model_name)
+            return JSONResponse(oai.model_card(self.model_name, await self._engine_info(),
+                                               self._created))
+        except Exception as e:  # noqa: BLE001
+            return _http_error(e)
+
     @openai_app.post("/v1/completions")
     async def completions(self, request: oai.CompletionRequest):
         return await self._openai(request, oai.completion_inputs, False,
@@ -313,7 +329,7 @@ class Gateway:
 
     async def _openai(self, request, inputs, chat: bool, logprobs: bool):
         try:
-            oai.check_model(request, self.model_name)
+            oai.check_model(request.model, self.model_name)
             info = await self._engine_info()
             ids, params = await asyncio.to_thread(inputs, request, self.tokenizer, info)
             out = oai.Response(chat, self.model_name, self.tokenizer, logprobs,

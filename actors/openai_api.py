@@ -19,6 +19,7 @@ Streams are server-sent events, one `data: {chunk}` per engine chunk, then (with
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,7 +38,11 @@ FIELD_FORMS = {"prompt": "a string, a list of token ids, or a list holding one o
                "stop": "a string or a list of strings",
                "messages": "a list of {role, content} messages, content a string or text parts"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               429: "rate_limit_error", 503: "service_unavailable", 500: "internal_server_error"}
+               405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+               500: "internal_server_error"}
+# a message that starts with a request field ("max_tokens must be...", "messages[0].role: ...")
+# names it in the error's `param` too
+_LEADING_FIELD = re.compile(r"([a-z_]+)(\[\d+\](\.[a-z_]+)?)?(?=[ :])")
 
 
 class _Request(BaseModel):
@@ -93,6 +98,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    store: bool | None = None                    # false only: nothing is stored here
+    metadata: dict[str, str] | None = None       # accepted (it goes with `store`)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -103,6 +110,7 @@ class ChatCompletionRequest(_Request):
 
 
 _Request.model_rebuild()
+REQUEST_FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 
 
 def _refuse(ok: bool, field: str, message: str) -> None:
@@ -118,10 +126,10 @@ def _check_common(r: _Request) -> None:
     _refuse(r.stream_options is None or r.stream, "stream_options", "needs stream: true")
 
 
-def check_model(r: _Request, served: str) -> None:
-    """ModelNotFound unless the request names the served model."""
-    if r.model != served:
-        raise ModelNotFound(f"model {r.model!r} is not served here; this server serves "
+def check_model(model: str, served: str) -> None:
+    """ModelNotFound unless `model` (a request's, or a path's) is the served model's name."""
+    if model != served:
+        raise ModelNotFound(f"model {model!r} is not served here; this server serves "
                             f"{served!r} (GET /v1/models)")
 
 
@@ -153,6 +161,7 @@ def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         _refuse(len(prompt) == 1, "prompt", f"one prompt per request, got {len(prompt)}")
         prompt = prompt[0]
+    _refuse(len(prompt) > 0, "prompt", "must not be empty")
     ids = prompt_ids_of(tokenizer, info.context_length, prompt=prompt, vocab_size=info.vocab_size)
     room = info.context_length - len(ids)
     return ids, _params(r, r.max_tokens, "max_tokens", len(ids), info.context_length,
@@ -167,13 +176,16 @@ def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
             f"only 0 is supported (the chosen token's logprob), got {r.top_logprobs}")
     _refuse(r.top_logprobs is None or r.logprobs, "top_logprobs", "needs logprobs: true")
     _refuse(not r.tools, "tools", "are not supported")
+    _refuse(not r.store, "store", "is not supported (this server stores nothing)")
     _refuse(r.tool_choice in (None, "none"), "tool_choice",
             f"only \"none\" is supported (this server has no tools), got {r.tool_choice!r}")
     _refuse(r.response_format in (None, {"type": "text"}), "response_format",
             "only {\"type\": \"text\"} is supported")
     _refuse(r.max_tokens is None or r.max_completion_tokens is None, "max_completion_tokens",
             "set it or max_tokens, not both")
-    messages = [{"role": m.role, "content": m.text()} for m in r.messages]
+    # OpenAI's "developer" role is what older models (Mixtral's template too) call "system"
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in r.messages]
     ids = prompt_ids_of(tokenizer, info.context_length, messages=messages)
     field = "max_tokens" if r.max_tokens is not None else "max_completion_tokens"
     max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
@@ -276,13 +288,20 @@ def sse(body: dict | str) -> str:
 DONE = sse("[DONE]")
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    """OpenAI's error object."""
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object; a 400 whose message starts with a field names it in `param`."""
+    if param is None and status == 400 and (m := _LEADING_FIELD.match(message)) \
+            and m.group(1) in REQUEST_FIELDS:
+        param = m.group(0)
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
-                      "param": param, "code": None}}
+                      "param": param, "code": code}}
+
+
+def model_card(model: str, info: EngineInfo, created: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "mixtral-ep",
+            "max_model_len": info.context_length}
 
 
 def models_body(model: str, info: EngineInfo, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
-                                        "owned_by": "mixtral-ep",
-                                        "max_model_len": info.context_length}]}
+    return {"object": "list", "data": [model_card(model, info, created)]}

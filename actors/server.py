@@ -118,6 +118,10 @@ class EngineServer:
     async def info(self) -> EngineInfo:
         return await self.frontend.info()
 
+    async def ping(self) -> None:
+        """Answers as soon as this replica's event loop does: the health checks' call (info()
+        asks every expert actor)."""
+
     def __del__(self):
         if hasattr(self, "metrics"):
             self.metrics.close()

@@ -135,6 +135,7 @@ def main() -> None:
         serve.shutdown()
     warm = next((s for s in samples if s[0] >= 60), samples[0])      # after a minute of load
     end = [s for s in samples if s[1] == "idle"][-1]
+    steady_end = [s for s in samples if s[1] == "steady"][-1]
     print(f"\nsoak: {args.minutes:g} min steady at {args.clients} clients, 30 s at "
           f"{args.burst}, 60 s at {args.clients}; samples every {SAMPLE_S:g} s")
     print("| phase | requests | ok | cancelled | refused (RESOURCE_EXHAUSTED / 429) | other |")
@@ -143,12 +144,17 @@ def main() -> None:
         refused = c["RESOURCE_EXHAUSTED"] + c["HTTP 429"]
         other = sum(c.values()) - c["ok"] - c["cancelled"] - refused
         print(f"| {phase} | {sum(c.values())} | {c['ok']} | {c['cancelled']} | {refused} | {other} |")
-    print("\n| process | RSS after 1 min MiB | peak MiB | at the end MiB | end - after 1 min |")
-    print("|---|---|---|---|---|")
+    print("\n| process | RSS after 1 min MiB | end of steady | growth in steady | peak | at the end |")
+    print("|---|---|---|---|---|---|")
     for role in sorted(end[4]):
         peak = max(s[4].get(role, 0) for s in samples)
-        print(f"| {role} | {warm[4].get(role, 0):.0f} | {peak:.0f} | {end[4][role]:.0f} | "
-              f"{end[4][role] - warm[4].get(role, 0):+.0f} |")
+        first, last = warm[4].get(role, 0), steady_end[4].get(role, 0)
+        print(f"| {role} | {first:.0f} | {last:.0f} | {last - first:+.0f} | {peak:.0f} | "
+              f"{end[4][role]:.0f} |")
+    print("\nRSS (MiB) over time: " + ", ".join(sorted(end[4])))
+    for s in samples[::4] + [end]:
+        print(f"  {s[0]:6.0f} s {s[1]:>8}: " + " ".join(f"{s[4].get(r, 0):6.0f}" for r in sorted(end[4]))
+              + f"   KV blocks {s[2]}, tracked {s[3]}")
     steady_blocks = [s[2] for s in samples if s[1] == "steady"]
     print(f"\nKV blocks in use during steady load: max {max(steady_blocks)}, "
           f"at the end (idle): {end[2]}; tracked requests at the end: {end[3]}")

@@ -23,7 +23,9 @@ deploy/serve.yaml` calls `build_app(args)`:
                       key every gRPC and /v1 call must carry (`authorization: Bearer <key>`);
                       read here, only its digest reaches the gateways (actors/auth.py)
     failover_timeout_s: how long a request whose engine replica died waits for another (or the
-                      restarted one) to take it back, per failover (default 60; then UNAVAILABLE)
+                      restarted one) to take it back, per failover (default 120; then
+                      UNAVAILABLE). With one engine replica a request waits for Serve to
+                      restart it (weights and all): set this above that restart
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def build_app(args: dict) -> Application:
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; expected model, "
                          f"{', '.join(_GATEWAY_KEYS + _ENGINE_KEYS)}")
-    failover_timeout_s = args.get("failover_timeout_s", 60.0)
+    failover_timeout_s = args.get("failover_timeout_s", 120.0)
     if isinstance(failover_timeout_s, bool) or not isinstance(failover_timeout_s, (int, float)) \
             or not 0 < failover_timeout_s < float("inf"):
         raise ValueError(f"failover_timeout_s must be a positive number of seconds, got "

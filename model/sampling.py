@@ -59,8 +59,8 @@ class SamplingParams:
         _check(len(self.stop) <= MAX_STOP_STRINGS and
                all(len(s) <= MAX_STOP_CHARS for s in self.stop),
                f"stop must hold at most {MAX_STOP_STRINGS} strings of at most "
-               f"{MAX_STOP_CHARS} characters each, got {len(self.stop)} of up to "
-               f"{max(map(len, self.stop), default=0)}")
+               f"{MAX_STOP_CHARS} characters each, got {len(self.stop)} strings, the longest "
+               f"{max(map(len, self.stop), default=0)} characters")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must hold token ids >= 0, got {self.stop_token_ids!r}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")

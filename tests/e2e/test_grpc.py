@@ -218,9 +218,10 @@ def test_client_cli_ctrl_c_ends_quietly(server, address):
     assert proc.returncode == 130 and "Traceback" not in err
 
 
-def test_a_client_error_is_one_quiet_log_line(server, address, http_port):
-    """A bad request over a stream, a unary call and HTTP: one INFO line each in the gateway's
-    log, no traceback and no ERROR line from the gateway replica or Serve's proxy."""
+def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_actors):
+    """A bad request over a stream, a unary call and HTTP, a passed deadline and a cancelled
+    stream: one INFO line each in the gateway's log, no traceback and no ERROR line from the
+    gateway replica or Serve's proxy (its log and its stderr)."""
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
     sizes = {f: f.stat().st_size for f in logs.glob("*.log")}
     bad = pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="x")])
@@ -235,9 +236,22 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port):
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(req, timeout=30)
-    time.sleep(2)                                     # Serve's log files are written async
+    [proxy] = alive_actors("ProxyActor")             # its stderr: asyncio's reports
+    err_logs = list(logs.parent.glob(f"worker-*-{proxy['Pid']}.err"))
+    assert err_logs
+    err_sizes = {f: f.stat().st_size for f in err_logs}
+    long = pb.GenerateRequest(prompt="Once", max_tokens=500, temperature=0.0)
+    for deadline in (0.05, 0.3, 0.05, 0.3):           # deadlines that pass mid-request
+        with pytest.raises(grpc.RpcError) as err:
+            server.Generate(long, timeout=deadline)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stream = server.GenerateStream(long, timeout=60)  # a client that leaves mid-stream
+        next(stream)
+        stream.cancel()
+    time.sleep(5)              # Serve's log files are written async; asyncio reports at GC
     new = "".join(f.read_bytes()[sizes.get(f, 0):].decode(errors="replace")
                   for f in sorted(logs.glob("*.log")))
+    new += "".join(f.read_bytes()[err_sizes[f]:].decode(errors="replace") for f in err_logs)
     assert "Traceback" not in new and " ERROR " not in new, new[-3000:]
     assert new.count("request answered INVALID_ARGUMENT: set exactly one of prompt") == 2
     assert new.count("request answered INVALID_ARGUMENT: n: only 1 is supported") == 1

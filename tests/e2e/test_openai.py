@@ -149,7 +149,7 @@ def test_async_client_concurrent_streams(base_url, client):
     ({"prompt": "hi", "logprobs": 3}, 400, "logprobs: only 0"),
     ({"prompt": [1, 10**9]}, 400, "prompt token ids must be integers in [0, "),
     ({"prompt": ["a", "b"]}, 400, "prompt: one prompt per request"),
-    ({"prompt": ""}, 400, "set one of prompt (non-empty text) and messages"),
+    ({"prompt": ""}, 400, "prompt: must not be empty"),
     ({"prompt": ["a", 1]}, 400, "prompt must be a string, a list of token ids, or a list"),
     ({"prompt": "hi", "temperature": "0.5"}, 400, "temperature: Input should be a valid number"),
     ({}, 400, "prompt: Field required"),
@@ -174,6 +174,26 @@ def test_bad_chat_requests_name_the_field(base_url, body, needle):
     status, got = http(base_url, "POST", "/v1/chat/completions", {"model": MODEL} | body)
     assert status == 400, got
     assert needle in got["error"]["message"]
+
+
+def test_model_cards_head_health_and_error_codes(base_url, client):
+    assert client.models.retrieve(MODEL).id == MODEL                  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    status, got = http(base_url, "POST", "/v1/completions", {"model": "gpt-4", "prompt": "hi"})
+    assert status == 404 and got["error"]["code"] == "model_not_found"
+    status, got = http(base_url, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi",
+                                                             "max_tokens": 0})
+    assert status == 400 and got["error"]["param"] == "max_tokens"
+    status, got = http(base_url, "GET", "/v1/completions")
+    assert status == 405 and got["error"]["type"] == "invalid_request_error"
+    req = urllib.request.Request(base_url + "/health", method="HEAD")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200
+    req = urllib.request.Request(base_url + "/v1/completions", data=b"model=x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:                   # curl -d, no header
+        urllib.request.urlopen(req, timeout=30)
+    assert "Content-Type: application/json" in json.loads(e.value.read())["error"]["message"]
 
 
 def test_malformed_json_is_a_400_and_the_server_answers_after(base_url, client):

@@ -75,7 +75,7 @@ def test_top_logprobs_needs_logprobs(tokenizer):
 
 def test_another_models_name_is_model_not_found():
     with pytest.raises(oai.ModelNotFound, match="this server serves 'm'"):
-        oai.check_model(oai.CompletionRequest(model="gpt-4", prompt="hi"), "m")
+        oai.check_model(oai.CompletionRequest(model="gpt-4", prompt="hi").model, "m")
 
 
 def test_whole_and_chunk_bodies(tokenizer):
@@ -145,3 +145,27 @@ def test_logprob_tokens_of_a_byte_spelled_character(tokenizer):
     lp = out.whole("x", ids + ids, [0.0] * 2 * len(ids), "length", 1)["choices"][0]["logprobs"]
     assert lp["tokens"][:4] == ["bytes:\\xf0", "bytes:\\x9d", "bytes:\\x84", "bytes:\\x9e"]
     assert lp["text_offset"] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("message, param", [
+    ("max_tokens must be in [1, 200]", "max_tokens"), ("messages[0].role: expected 'user'", "messages[0].role"),
+    ("n: only 1 is supported", "n"), ("stop must hold at most 16 strings", "stop"),
+    ("set exactly one of prompt and messages", None), ("the body is not valid JSON", None),
+])
+def test_a_400_names_its_leading_field_in_param(message, param):
+    assert oai.error_body(400, message)["error"]["param"] == param
+
+
+def test_developer_role_store_and_empty_prompt(tokenizer):
+    def chat(**kw):
+        return oai.ChatCompletionRequest(model="m", **{"messages": [
+            {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]} | kw)
+    as_system = oai.chat_inputs(chat(metadata={"k": "v"}, store=False), tokenizer, INFO)[0]
+    system = oai.ChatCompletionRequest(model="m", messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert as_system == oai.chat_inputs(system, tokenizer, INFO)[0]
+    with pytest.raises(InvalidRequest, match="store: is not supported"):
+        oai.chat_inputs(chat(store=True), tokenizer, INFO)
+    for empty in ("", [], [""]):
+        with pytest.raises(InvalidRequest, match="^prompt: must not be empty"):
+            oai.completion_inputs(oai.CompletionRequest(model="m", prompt=empty), tokenizer, INFO)
