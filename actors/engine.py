@@ -11,34 +11,55 @@
 
 Start-up is ExpertPool's (actors/pool.py: plan, one placement group, the expert actors, the
 channel secret), with bundle 0 reserved for the frontend actor, started there with the pool's
-experts. Each actor loads only its own tensors. Expert actors are restarted by Ray when they
-die (their calls are re-sent by the dispatcher); the frontend is not (its KV cache is gone with
-it): its in-flight requests fail with a RayActorError. The served path does not use this class:
-its engine replica is the frontend itself (actors/server.py).
+experts. Each actor loads only its own tensors. Every actor is restarted by Ray when it dies, in
+its bundle: an expert actor's calls are re-sent by the dispatcher; the frontend's requests (its
+KV cache is gone with it) are re-sent once it is back: a stream resumes as prompt + tokens so
+far (actors/failover.py) and goes on with no token repeated or missing, a `generate` / `logits`
+call runs again (sampled requests are given seeds first, so the outputs are the same), each
+within `failover_timeout_s` per failover. The served path does not use this class: its engine
+replica is the frontend itself (actors/server.py).
 """
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
 import ray
 import torch
 
+from actors.failover import (RETRY_DELAY_S, EngineUnavailable, ResumableStream, engine_died,
+                             with_seed)
 from actors.frontend import Frontend
 from actors.info import EngineInfo, WorkerInfo
 from actors.pool import ExpertPool, check_start_args, default_resources
 from model.checkpoint import WeightSource
 from model.config import resolve_config
-from model.engine import Completion, SamplingParams, StreamChunk
+from model.engine import Completion, SamplingParams, StreamChunk, as_prompt_list
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
+class _ActorStream:
+    """A frontend actor's streaming call as a ChunkStream (actors/failover.py)."""
+
+    def __init__(self, generator):
+        self._generator = generator
+
+    async def __anext__(self) -> StreamChunk:
+        return await (await self._generator.__anext__())
+
+    def cancel(self) -> None:
+        ray.cancel(self._generator)
+
+
 class RayEngine:
-    def __init__(self, frontend, pool: ExpertPool, tokenizer: Tokenizer):
+    def __init__(self, frontend, pool: ExpertPool, tokenizer: Tokenizer,
+                 failover_timeout_s: float = 120.0):
         self.frontend, self._pool, self.tokenizer = frontend, pool, tokenizer
+        self.failover_timeout_s = failover_timeout_s
         self.experts = pool.experts.actors                  # ExpertWorker handles
         self.actor_experts = pool.experts.actor_experts     # expert ids of each
 
@@ -60,7 +81,7 @@ class RayEngine:
                     placement_timeout_s: float = 60.0, frontend_threads: int | None = None,
                     expert_threads: int | None = None,
                     engine_args: dict | None = None, dispatch_args: dict | None = None,
-                    transport: str = "channel") -> "RayEngine":
+                    transport: str = "channel", failover_timeout_s: float = 120.0) -> "RayEngine":
         """device "cuda": each actor asks for a GPU by default (pass fractional `GPU`
         resources to share one card); "cpu": a small CPU share. An expert actor holds
         `experts_per_actor` expert ids (must divide num_local_experts, else PlacementError) and
@@ -77,10 +98,11 @@ class RayEngine:
             frontend_resources=frontend_resources or default_resources(device),
             expert_threads=expert_threads,
             placement_timeout_s=placement_timeout_s)
-        frontend = ray.remote(max_restarts=0)(Frontend).options(**pool.frontend_options()).remote(
-            source, pool.experts, dtype, device, frontend_threads, engine_args, dispatch_args,
-            transport)
-        engine = cls(frontend, pool, Tokenizer.from_pretrained(source.path))
+        frontend = ray.remote(max_restarts=-1, max_task_retries=0)(Frontend).options(
+            **pool.frontend_options()).remote(source, pool.experts, dtype, device,
+                                              frontend_threads, engine_args, dispatch_args,
+                                              transport)
+        engine = cls(frontend, pool, Tokenizer.from_pretrained(source.path), failover_timeout_s)
         try:
             pool.ready()
             ray.get(frontend.info.remote())
@@ -92,24 +114,46 @@ class RayEngine:
 
     # ---- the Engine API, forwarded to the frontend ----------------------------------------
     def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[Completion]:
-        return ray.get(self.frontend.generate.remote(prompts, params))
+        if isinstance(params, (list, tuple)):
+            params = [with_seed(p) for p in params]
+        elif not params.greedy and params.seed is None:    # one seed per prompt, as in-process
+            params = [with_seed(params) for _ in as_prompt_list(prompts)]
+        return self._again_if_the_frontend_dies(self.frontend.generate, prompts, params)
 
     def logits(self, prompts) -> torch.Tensor | list[torch.Tensor]:
-        return ray.get(self.frontend.logits.remote(prompts))
+        return self._again_if_the_frontend_dies(self.frontend.logits, prompts)
+
+    def _again_if_the_frontend_dies(self, method, *args):
+        """method.remote(*args), sent again (up to 3 times) if the frontend dies meanwhile;
+        each wait for the restarted frontend is bounded by failover_timeout_s."""
+        for failover in range(4):
+            try:
+                if failover:                   # the restarted frontend answers (or time is up)
+                    ray.get(self.frontend.info.remote(), timeout=self.failover_timeout_s)
+                return ray.get(method.remote(*args))
+            except ray.exceptions.GetTimeoutError:
+                raise EngineUnavailable(f"the frontend did not come back within "
+                                        f"{self.failover_timeout_s:g} s") from None
+            except Exception as e:
+                if not engine_died(e) or failover == 3:
+                    raise
+                log.warning("the frontend died (%s); sending the call again", type(e).__name__)
+                time.sleep(RETRY_DELAY_S * 2 ** failover)
 
     async def stream(self, prompt, params: SamplingParams = SamplingParams()
                      ) -> AsyncIterator[StreamChunk]:
         """Leaving early cancels the frontend's stream, which aborts the request there."""
-        generator = self.frontend.stream.remote(prompt, params)
+        params = with_seed(params)
+        chunks = ResumableStream(lambda resume: _ActorStream(
+            self.frontend.stream.remote(prompt, params, resume)), self.failover_timeout_s)
         finished = False
         try:
-            async for ref in generator:
-                chunk = await ref
+            async for chunk in chunks:
                 finished = chunk.finish_reason is not None
                 yield chunk
         finally:
             if not finished:
-                ray.cancel(generator)
+                chunks.cancel()
 
     # ---- inspection ---------------------------------------------------------------------
     def info(self) -> EngineInfo:

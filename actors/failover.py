@@ -1,21 +1,25 @@
-"""Engine failover for one request: a stream from the engine deployment that survives the death
-of the engine replica serving it (the frontend, which holds the request's KV cache).
+"""Engine failover for one request: a stream of its chunks that survives the death of the
+frontend serving it (which holds the request's KV cache): the engine replica of the served path,
+or RayEngine's frontend actor.
 
-    chunks = ResumableStream(engine_handle, prompt_ids, params, timeout_s=120)
-    async for chunk in chunks: ...          # StreamChunks, as from EngineServer.stream
+    params = with_seed(params)              # before the first call, so a failover draws alike
+    chunks = ResumableStream(lambda resume: engine_handle.options(stream=True).stream.remote(
+        prompt_ids, params, resume), timeout_s=120)
+    async for chunk in chunks: ...          # StreamChunks, as from the frontend's stream
     chunks.cancel()                         # when the client goes away
 
-The gateway keeps what the client already has of the request: its prompt ids and, from the
-chunks passed on, the completion's token ids, their logprobs and how many characters of text
-were sent. When the stream fails because its engine died (RayActorError: the replica was killed,
-OOM, its node lost; DeploymentUnavailableError), the request is sent again with that state as a
-`Resume` (model/output.py): a live replica, or the one Serve restarts, prefills prompt + tokens so
-far and goes on, so the client's stream continues with no token repeated or missing. Greedy
-requests continue identically; so do sampled ones, since each draw is seeded by the request's
-seed and the token's position (model/sampling.py: token_seed) and a request without a seed is
-given one here. Each failover waits at most `timeout_s` for the new engine's first chunk (a
-replica being restarted loads its weights first); past it, or past `max_failovers` in a row
-without a new token, the stream raises EngineUnavailable (UNAVAILABLE / HTTP 503, retryable).
+The caller (the gateway, RayEngine) streams to the client; this keeps what the client already
+has of the request: from the chunks passed on, the completion's token ids, their logprobs and
+how many characters of text were sent. When the stream fails because its frontend died
+(RayActorError: killed, OOM, its node lost; DeploymentUnavailableError), the request is sent
+again with that state as a `Resume` (model/output.py): a live frontend, or the restarted one,
+prefills prompt + tokens so far and goes on, so the client's stream continues with no token
+repeated or missing. Greedy requests continue identically; so do sampled ones, since each draw is
+seeded by the request's seed and the token's position (model/sampling.py: token_seed) and a
+request without a seed is given one (`with_seed`). After a failure the request waits at most
+`timeout_s` for a frontend to send its next chunk (a restarting one loads its weights first);
+past it, or when `max_failovers` frontends in a row died with it before a chunk, the stream
+raises EngineUnavailable (UNAVAILABLE / HTTP 503, retryable).
 Any other error (a bad request, a full queue) passes through unchanged.
 """
 from __future__ import annotations
@@ -24,8 +28,10 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import time
+from typing import Awaitable, Callable, Protocol
 
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from model.engine import Resume, SamplingParams, StreamChunk
@@ -49,28 +55,41 @@ def unwrap(error: BaseException) -> BaseException:
 
 
 def engine_died(error: BaseException) -> bool:
-    """Whether a failed engine call means its replica (or an actor it needs) is gone."""
+    """Whether a failed call means the frontend it went to is gone (or restarting)."""
     return isinstance(unwrap(error), (RayActorError, DeploymentUnavailableError))
 
 
-class ResumableStream:
-    """An async iterator of one request's StreamChunks that fails over to another engine
-    replica; see the module docstring. `engine`: a DeploymentHandle of EngineServer."""
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """`params`, with a random seed if it samples without one (so a resumed or re-sent request
+    draws what the first run would have)."""
+    if params.greedy or params.seed is not None:
+        return params
+    return dataclasses.replace(params, seed=secrets.randbits(63))
 
-    def __init__(self, engine, prompt_ids: list[int], params: SamplingParams,
-                 timeout_s: float = 120.0, max_failovers: int = 3):
-        if not params.greedy and params.seed is None:      # so a failover draws the same
-            params = dataclasses.replace(params, seed=secrets.randbits(63))
-        self._engine, self._ids, self._params = engine, prompt_ids, params
+
+class ChunkStream(Protocol):
+    """What `call(resume)` returns: a Serve DeploymentResponseGenerator, or RayEngine's
+    wrapper of an actor's ObjectRefGenerator."""
+    def __anext__(self) -> Awaitable[StreamChunk]: ...
+    def cancel(self) -> None: ...
+
+
+class ResumableStream:
+    """An async iterator of one request's StreamChunks that fails over to another (or the
+    restarted) frontend; see the module docstring. `call(resume)` starts the request's stream
+    on a frontend: from the start (None) or from a Resume."""
+
+    def __init__(self, call: Callable[[Resume | None], ChunkStream], timeout_s: float = 120.0,
+                 max_failovers: int = 3):
+        self._call = call
         self._timeout_s, self._max_failovers = timeout_s, max_failovers
         self._tokens: list[int] = []
         self._logprobs: list[float] = []
         self._chars = 0
-        self._failovers = 0                  # in a row, without a new chunk since
+        self._deaths = 0                     # frontends that died with it, since the last chunk
+        self._attempts = 0                   # calls sent since the last chunk
+        self._deadline: float | None = None  # set by a failure, cleared by a chunk
         self._stream = self._call(None)
-
-    def _call(self, resume: Resume | None):
-        return self._engine.options(stream=True).stream.remote(self._ids, self._params, resume)
 
     def __aiter__(self) -> "ResumableStream":
         return self
@@ -78,36 +97,51 @@ class ResumableStream:
     async def __anext__(self) -> StreamChunk:
         while True:
             try:
-                if self._failovers:          # a restarting replica: bounded
-                    chunk = await asyncio.wait_for(self._stream.__anext__(), self._timeout_s)
-                else:
+                if self._deadline is None:
                     chunk = await self._stream.__anext__()
+                else:                        # waiting for a frontend to take it back: bounded
+                    chunk = await asyncio.wait_for(self._stream.__anext__(),
+                                                   max(0.0, self._deadline - time.monotonic()))
             except StopAsyncIteration:
                 raise
             except asyncio.TimeoutError:
-                raise EngineUnavailable(f"no engine took the request back within "
+                raise EngineUnavailable(f"no frontend took the request back within "
                                         f"{self._timeout_s:g} s") from None
-            except Exception as e:  # noqa: BLE001 - engine deaths are retried, the rest raised
+            except Exception as e:  # noqa: BLE001 - frontend deaths are retried, the rest raised
                 if not engine_died(e):
                     raise
                 await self._fail_over(e)
                 continue
-            self._failovers = 0
+            self._deaths = self._attempts = 0
+            self._deadline = None
             self._tokens += chunk.token_ids
             self._logprobs += chunk.logprobs
             self._chars += len(chunk.text)
             return chunk
 
     async def _fail_over(self, error: BaseException) -> None:
-        self._failovers += 1
-        if self._failovers > self._max_failovers:
-            raise EngineUnavailable(f"the engine died {self._max_failovers} times in a row "
+        """Send the request again after its frontend failed: at once to another, or, while the
+        only one restarts (ActorUnavailableError: Ray refuses calls until it is back), with a
+        backoff until the deadline. A frontend that died with the request counts: past
+        `max_failovers` in a row without a chunk, the request is given up (it may be what kills
+        them)."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._timeout_s
+        restarting = isinstance(unwrap(error), ActorUnavailableError)
+        self._deaths += not restarting
+        if self._deaths > self._max_failovers:
+            raise EngineUnavailable(f"its frontend died {self._max_failovers} times in a row "
                                     "without making progress") from error
-        log.warning("the engine serving a request died (%s); resuming it after %d tokens "
-                    "(failover %d)", type(unwrap(error)).__name__, len(self._tokens),
-                    self._failovers)
+        if now >= self._deadline:
+            raise EngineUnavailable(f"no frontend took the request back within "
+                                    f"{self._timeout_s:g} s") from error
+        if self._attempts == 0:
+            log.warning("the frontend serving a request died (%s); resuming it after %d tokens",
+                        type(unwrap(error)).__name__, len(self._tokens))
         self._stream.cancel()
-        await asyncio.sleep(min(RETRY_DELAY_S * 2 ** (self._failovers - 1), 2.0))
+        await asyncio.sleep(min(RETRY_DELAY_S * 2 ** self._attempts, 2.0, self._deadline - now))
+        self._attempts += 1
         self._stream = self._call(Resume(tuple(self._tokens), tuple(self._logprobs), self._chars))
 
     def cancel(self) -> None:

@@ -44,7 +44,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from actors import openai_api as oai
 from actors import auth
 from actors.auth import Unauthenticated, authorized, grpc_authorization
-from actors.failover import EngineUnavailable, ResumableStream, unwrap
+from actors.failover import EngineUnavailable, ResumableStream, unwrap, with_seed
 from actors.info import EngineInfo
 from actors.requests import (model_info, prompt_ids, sampling_params,
                              stream_response, unary_response)
@@ -232,7 +232,9 @@ class Gateway:
         return ids, sampling_params(request, len(ids), context)
 
     def _stream(self, ids: list[int], params) -> ResumableStream:
-        return ResumableStream(self.engine, ids, params, self.failover_timeout_s)
+        params = with_seed(params)
+        return ResumableStream(lambda resume: self.engine.options(stream=True).stream.remote(
+            ids, params, resume), self.failover_timeout_s)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:

@@ -304,7 +304,7 @@ class Engine:
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
         """Run prompts through the continuous-batching scheduler until all finish.
         Raises InvalidRequest before queueing any if one is invalid, or the first error."""
-        prompts = _as_prompt_list(prompts)
+        prompts = as_prompt_list(prompts)
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise InvalidRequest(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
@@ -313,7 +313,7 @@ class Engine:
 
     def logits(self, prompts: Prompt | Sequence[Prompt]) -> torch.Tensor | list[torch.Tensor]:
         """(T, V) float32 logits of every position of one prompt (a list of them for a list)."""
-        done = self._run_batch([self._prepare(p, None) for p in _as_prompt_list(prompts)])
+        done = self._run_batch([self._prepare(p, None) for p in as_prompt_list(prompts)])
         out = [torch.cat(t.logits) for t in done]
         return out if _is_prompt_list(prompts) else out[0]
 
@@ -360,5 +360,5 @@ def _is_prompt_list(prompts) -> bool:
     return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and not isinstance(prompts[0], int)
 
 
-def _as_prompt_list(prompts) -> list[Prompt]:
+def as_prompt_list(prompts) -> list[Prompt]:
     return list(prompts) if _is_prompt_list(prompts) else [prompts]

@@ -196,3 +196,43 @@ def test_from_config_builds_random_weights_inside_the_actors(ray_cluster):
         assert_same_as_in_process(engine, Engine.from_config("tiny", seed=5))
     finally:
         engine.shutdown()
+
+
+def test_killing_the_frontend_actor_loses_no_request(ray_engine, tiny_checkpoint):
+    """SIGKILL RayEngine's frontend actor (its KV cache and requests go with it) while 8 streams
+    (greedy and seeded) and a generate call run: Ray restarts it in its bundle, and every stream
+    resumes there as prompt + tokens so far and ends exactly as undisturbed; generate runs
+    again with the same outputs."""
+    engine = ray_engine(tiny_checkpoint)
+    params = [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=48, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True),
+              SamplingParams(max_tokens=48, temperature=1.0, top_k=40, seed=-3, stop=("zz",))]
+    jobs = [(PROMPTS[i % len(PROMPTS)], params[i % len(params)]) for i in range(8)]
+
+    async def run(kill: bool):
+        started = asyncio.Event()
+        counts = [0] * len(jobs)
+
+        async def one(i, prompt, p):
+            ids = []
+            async for chunk in engine.stream(prompt, p):
+                ids += chunk.token_ids
+                counts[i] += 1
+                if min(counts) >= 3:
+                    started.set()
+            return ids
+
+        batch = asyncio.to_thread(engine.generate, PROMPTS, params[1])
+        tasks = [asyncio.ensure_future(one(i, *job)) for i, job in enumerate(jobs)]
+        if kill:
+            await asyncio.wait_for(started.wait(), 120)
+            os.kill(engine.frontend_info().pid, signal.SIGKILL)
+        return await asyncio.gather(*tasks), [c.token_ids for c in await batch]
+
+    try:
+        before = engine.frontend_info().pid
+        undisturbed = asyncio.run(run(kill=False))
+        assert asyncio.run(run(kill=True)) == undisturbed
+        assert engine.frontend_info().pid != before          # it was restarted
+    finally:
+        engine.shutdown()
