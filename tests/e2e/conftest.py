@@ -8,7 +8,7 @@ import pytest
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from cluster.local import free_port
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port
 from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
 from protos import generator_pb2_grpc as pb_grpc
 
@@ -53,6 +53,20 @@ def deploy(grpc_port):
         channel.close()
     for name in names:
         serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def deploy_tiny(deploy, tiny_checkpoint, tmp_path_factory):
+    """deploy_tiny(app, model_name, **args) -> a GeneratorStub: the tiny checkpoint served under
+    `model_name` (a model's name is its directory's: a symlink gives it one), its frontend on
+    the head and its experts on the expert nodes, one thread each."""
+    def run(app: str, model_name: str, **args) -> pb_grpc.GeneratorStub:
+        link = tmp_path_factory.mktemp("named") / model_name
+        link.symlink_to(tiny_checkpoint)
+        return deploy(app, {"model": str(link), "expert_resources": EXPERT_SLOT,
+                            "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
+                            "expert_threads": 1, **args})
+    return run
 
 
 @pytest.fixture

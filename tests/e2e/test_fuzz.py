@@ -22,7 +22,6 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
 from protos import generator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -42,12 +41,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list
 
 
 @pytest.fixture(scope="module")
-def server(deploy, tiny_checkpoint, tmp_path_factory):
-    link = tmp_path_factory.mktemp("fuzz") / MODEL
-    link.symlink_to(tiny_checkpoint)
-    return deploy(APP, {"model": str(link), "expert_resources": EXPERT_SLOT,
-                        "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
-                        "expert_threads": 1})
+def server(deploy_tiny):
+    return deploy_tiny(APP, MODEL)
 
 
 def answers_normally(stub) -> None:

@@ -11,7 +11,6 @@ import time
 import pytest
 from ray import serve
 
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
 from model.engine import Engine
 from protos.loadgen import check, expected_outputs, make_jobs, run_jobs
 
@@ -21,12 +20,8 @@ CLIENTS = 256
 
 
 @pytest.fixture(scope="module")
-def server(deploy, tiny_checkpoint, tmp_path_factory):
-    link = tmp_path_factory.mktemp("load") / MODEL
-    link.symlink_to(tiny_checkpoint)
-    return deploy(APP, {"model": str(link), "expert_resources": EXPERT_SLOT,
-                        "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
-                        "expert_threads": 1})
+def server(deploy_tiny):
+    return deploy_tiny(APP, MODEL)
 
 
 def test_256_concurrent_mixed_clients_get_what_they_get_alone(server, tiny_checkpoint,

@@ -11,7 +11,6 @@ import urllib.request
 import grpc
 import pytest
 
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
 from model.engine import Engine, SamplingParams
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
@@ -22,13 +21,8 @@ MODEL = "tiny-openai"
 
 
 @pytest.fixture(scope="module")
-def server(deploy, tiny_checkpoint, tmp_path_factory):
-    # the model's name is its directory's name: give the checkpoint one we know
-    link = tmp_path_factory.mktemp("openai") / MODEL
-    link.symlink_to(tiny_checkpoint)
-    return deploy("mixtral-ep-openai", {"model": str(link), "expert_resources": EXPERT_SLOT,
-                                        "frontend_resources": FRONTEND_SLOT,
-                                        "frontend_threads": 1, "expert_threads": 1})
+def server(deploy_tiny):
+    return deploy_tiny("mixtral-ep-openai", MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,9 @@ def test_a_channel_call_that_kills_its_actor_every_time_fails_bounded(ray_cluste
     dispatcher = Dispatcher([actor], [[0, 1]], 2, ChannelTransport(secrets.token_hex(16)),
                             max_attempts=3, retry_timeout_s=60)
     start = time.monotonic()
-    with pytest.raises(ExpertCallError, match=r"still failing after 3 attempts \(PeerLost\)"):
+    # the last attempt finds the actor dead (PeerLost) or, on a loaded machine, still restarting
+    with pytest.raises(ExpertCallError,
+                       match=r"still failing after 3 attempts \((PeerLost|ActorUnavailableError)\)"):
         dispatcher.moe(0, torch.randn(4, 8), torch.ones(4, 1), torch.tensor([[0], [1], [0], [1]]))
     assert time.monotonic() - start < 60
     ray.kill(actor, no_restart=True)
