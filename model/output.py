@@ -73,24 +73,17 @@ class RequestOutput:
         text, same stop-string state, nothing of them emitted again. InvalidRequest if they
         could not have been received from an unfinished request (ended by a stop token, EOS,
         max_tokens or the context; text that could not have been sent)."""
-        req, p = self.req, self.req.params
+        req = self.req
         if len(state.token_ids) != len(state.logprobs):
             raise InvalidRequest(f"resume: {len(state.token_ids)} token ids but "
                                  f"{len(state.logprobs)} logprobs")
         for token, logprob in zip(state.token_ids, state.logprobs):
             if req.finished:
                 break
-            if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
-                req.finish_reason = "stop"
-                break
             try:
-                self.text += self.detok.push(token)
+                self.append(token, logprob)            # the stop conditions of a sampled token
             except ValueError as e:                     # out of the vocabulary
                 raise InvalidRequest(f"resume: {e}") from None
-            req.output_ids.append(token)
-            req.logprobs.append(logprob)
-            if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-                req.finish_reason = "length"
         if req.finished or not 0 <= state.text_chars <= len(self.text):
             raise InvalidRequest(f"resume: {len(state.token_ids)} tokens and {state.text_chars} "
                                  "characters are not the state of an unfinished request")
