@@ -262,6 +262,18 @@ class ChannelTransport:
                 del waiting[i]
                 self._drop(key)
 
+    def connect(self, actor) -> None:
+        """Open the channel to a new actor ahead of its first call (live scaling: before the
+        dispatcher sends it rows). Safe beside a running step: it touches only this actor's
+        entries."""
+        self._peer(actor._actor_id.hex(), actor)
+
+    def disconnect(self, actor) -> None:
+        """Close the channel to an actor the dispatcher no longer uses (between steps)."""
+        key = actor._actor_id.hex()
+        self._drop(key)
+        self._alive.pop(key, None)
+
     def _peer(self, key: str, actor) -> _Peer:
         if key not in self._peers:
             if key not in self._alive or self._dead(key):   # one liveness task per actor life

@@ -2,8 +2,9 @@
 
 It is the frontend engine's `moe` function (route happens in the model just before it):
 
-    dispatch: sort the step's (row, expert) pairs by expert; split each expert's rows evenly over
-              its healthy replicas; make ONE call per actor per layer with all its rows
+    dispatch: sort the step's (row, expert) pairs by expert; split each expert's rows over its
+              healthy replicas in proportion to their measured speed (evenly until measured);
+              make ONE call per actor per layer with all its rows
     compute:  each actor runs its experts on its rows (actors/expert.py)
     combine:  un-sort the outputs, sum weight * y over each row's A experts (ExpertGroups.combine)
 
@@ -14,6 +15,11 @@ again — to a replica if one is healthy, else to the restarted actor, backing o
 s — at most `max_attempts` times within `retry_timeout_s`; then the layer fails with ExpertCallError, which fails the
 step's requests (never a loop, never a hang). Experts hold no request state, so a re-sent
 call gives the same result.
+
+Load: every layer call records the rows routed to each expert id and each actor's rows and
+compute seconds in `load` (actors/load.py: a sliding window); replicas' speeds come from it.
+The set of actors changes only through `set_actors`, which the caller runs between two steps
+(actors/frontend.py: Engine.run_between_steps), never inside one.
 
 Shapes: N tokens in the step, D hidden, P = N * A (row, expert) pairs.
 """
@@ -31,11 +37,13 @@ import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.channel import ChannelTransport, PeerLost, device_rows, empty_host_like, host_rows
+from actors.load import LoadWindow
 from model.moe import ExpertGroups, group_by_expert
 
 log = logging.getLogger(__name__)
 
 RETRIABLE = (RayActorError, ActorUnavailableError, PeerLost)
+MAX_SPEED_RATIO = 4.0       # a replica's share of rows stays within 1/4x..4x of an even split
 TRANSPORTS = ("channel", "object_refs")
 
 
@@ -89,31 +97,48 @@ class Dispatcher:
     def __init__(self, actors: Sequence[object], actor_experts: Sequence[Sequence[int]],
                  num_experts: int, transport: Transport | None = None,
                  max_attempts: int = 8, retry_timeout_s: float = 60.0, cooldown_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic,
+                 load_window_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         """actor_experts[a]: the expert ids actor a holds, in the order its `compute` takes
-        them. A failed actor is avoided for `cooldown_s` seconds; `clock` (seconds) and
-        `sleep` are injectable for tests. ValueError if some expert id has no actor."""
-        self.actors = list(actors)
-        self.actor_experts = [list(ids) for ids in actor_experts]
+        them. A failed actor is avoided for `cooldown_s` seconds; load is measured over
+        `load_window_s` seconds; `clock` (seconds) and `sleep` are injectable for tests.
+        ValueError if some expert id has no actor."""
         self.num_experts = num_experts
-        self.holders: dict[int, list[int]] = collections.defaultdict(list)
-        for a, ids in enumerate(self.actor_experts):
-            for e in ids:
-                self.holders[e].append(a)
-        missing = [e for e in range(num_experts) if not self.holders[e]]
-        if missing:
-            raise ValueError(f"no actor holds expert(s) {missing}")
         self.transport = transport or ObjectRefTransport()
         self._clock, self._sleep = clock, sleep
         self.max_attempts, self.retry_timeout_s, self.cooldown_s = max_attempts, retry_timeout_s, cooldown_s
-        self._down_until = [0.0] * len(self.actors)
+        self.load = LoadWindow(num_experts, load_window_s, clock)
+        self._speeds: tuple[int, dict] = (-1, {})          # (second, actor -> s per row)
+        self.actors: list = []
+        self._down_until: list[float] = []
+        self.set_actors(actors, actor_experts)
         self.timings: collections.deque[dict] = collections.deque(maxlen=4096)
         self.retries = 0
         # for metrics (actors/metrics.py), drained by their reader: (layer, pairs per expert id)
         # and (layer, round-trip seconds) of each layer call; appends only on the per-layer path
         self.routed: collections.deque[tuple[int, list[int]]] = collections.deque(maxlen=65536)
         self.round_trips: collections.deque[tuple[int, float]] = collections.deque(maxlen=65536)
+
+    def set_actors(self, actors: Sequence[object], actor_experts: Sequence[Sequence[int]]) -> None:
+        """Replace the expert actors (live scaling): call it between two steps, never during
+        one. An actor kept keeps its cooldown; one dropped has its channel closed. ValueError
+        (nothing changed) if some expert id would have no actor."""
+        actor_experts = [list(ids) for ids in actor_experts]
+        holders: dict[int, list[int]] = collections.defaultdict(list)
+        for a, ids in enumerate(actor_experts):
+            for e in ids:
+                holders[e].append(a)
+        missing = [e for e in range(self.num_experts) if not holders[e]]
+        if missing:
+            raise ValueError(f"no actor holds expert(s) {missing}")
+        down = dict(zip(self.actors, self._down_until))
+        disconnect = getattr(self.transport, "disconnect", None)
+        for actor in self.actors:
+            if actor not in actors and disconnect is not None:
+                disconnect(actor)
+        self.actors, self.actor_experts, self.holders = list(actors), actor_experts, holders
+        self._down_until = [down.get(a, 0.0) for a in self.actors]
+        self._speeds = (-1, {})
 
     # ---- the per-layer path -------------------------------------------------------------
     def moe(self, layer: int, x: torch.Tensor, weights: torch.Tensor,
@@ -129,6 +154,7 @@ class Dispatcher:
         t0 = time.perf_counter()
         groups = group_by_expert(weights, experts, self.num_experts)
         self.routed.append((layer, groups.counts))
+        self.load.routed(layer, groups.counts)
         xs = host_rows(x[groups.rows])                          # (P, D) by expert, on the host
         calls = self._calls(groups)
         send = getattr(self.transport, "send", None)
@@ -159,9 +185,7 @@ class Dispatcher:
         per_actor: dict[int, dict[int, tuple[int, int]]] = collections.defaultdict(dict)
         for e, start, end in groups.segments():
             replicas = self._healthy(self.holders[e])
-            n, k = end - start, len(replicas)
-            for i, a in enumerate(replicas):
-                lo, hi = start + n * i // k, start + n * (i + 1) // k
+            for a, (lo, hi) in zip(replicas, self._split(start, end, replicas)):
                 if hi > lo:
                     per_actor[a][e] = (lo, hi)
         calls = []
@@ -171,6 +195,33 @@ class Dispatcher:
             counts = [by_expert[e][1] - by_expert[e][0] if e in by_expert else 0 for e in ids]
             calls.append(Call(a, segments, counts))
         return calls
+
+    def _split(self, start: int, end: int, replicas: list[int]) -> list[tuple[int, int]]:
+        """[start, end) cut into one range per replica: in proportion to each one's speed
+        (1 / measured seconds per row) once all are measured, else evenly."""
+        n, k = end - start, len(replicas)
+        speeds = self.speeds()
+        per_row = [speeds.get(self.actors[a]) for a in replicas]
+        if k == 1 or None in per_row:
+            return [(start + n * i // k, start + n * (i + 1) // k) for i in range(k)]
+        inverse = [1.0 / s for s in per_row]
+        mean = sum(inverse) / k          # a noisy fit never gives one replica nearly everything
+        inverse = [min(max(v, mean / MAX_SPEED_RATIO), mean * MAX_SPEED_RATIO) for v in inverse]
+        total, cuts, acc = sum(inverse), [start], 0.0
+        for v in inverse[:-1]:
+            acc += v
+            cuts.append(start + int(n * acc / total + 0.5))
+        cuts.append(end)
+        return list(zip(cuts, cuts[1:]))
+
+    def speeds(self) -> dict:
+        """actor -> measured compute seconds per row (measured actors only), refreshed at most
+        once a second."""
+        second = int(self._clock())
+        if self._speeds[0] != second:
+            measured = {a: self.load.seconds_per_row(a) for a in self.actors}
+            self._speeds = (second, {a: v for a, v in measured.items() if v is not None})
+        return self._speeds[1]
 
     def _healthy(self, actors: list[int]) -> list[int]:
         now = self._clock()
@@ -196,6 +247,7 @@ class Dispatcher:
                     continue
                 y, seconds = result
                 compute_s = max(compute_s, seconds)
+                self.load.called(self.actors[call.actor], y.shape[0], seconds)
                 begin = 0
                 for s, e in call.segments:
                     ys[s:e] = y[begin:begin + e - s]
@@ -235,7 +287,8 @@ class Dispatcher:
     # ---- measurements -------------------------------------------------------------------
     def timing_summary(self) -> dict[str, float]:
         """Median seconds per phase over the recorded layer calls."""
-        if not self.timings:
+        timings = list(self.timings)          # a copy: the step thread may be appending
+        if not timings:
             return {}
         keys = ("dispatch", "transport", "compute", "combine", "total")
-        return {k: statistics.median(t[k] for t in self.timings) for k in keys}
+        return {k: statistics.median(t[k] for t in timings) for k in keys}

@@ -7,17 +7,22 @@
     engine.generate([...], SamplingParams(...)); engine.logits([...])
     engine.placement()   # {"frontend": node_id, "experts": {expert_id: (node_id, ...)}}
     engine.info()        # EngineInfo (actors/info.py)
+    engine.expert_load() # ExpertLoad: rows per expert id / actor over the load window
+    engine.set_expert_replicas({0: 3})   # live scaling (actors/scaling.py)
     engine.shutdown()
 
-Start-up is ExpertPool's (actors/pool.py: plan, one placement group, the expert actors, the
-channel secret), with bundle 0 reserved for the frontend actor, started there with the pool's
+Start-up is ExpertPool's (actors/pool.py: plan, a placement group per actor, the expert actors, the
+channel secret), with a group reserved for the frontend actor, started there with the pool's
 experts. Each actor loads only its own tensors. Every actor is restarted by Ray when it dies, in
 its bundle: an expert actor's calls are re-sent by the dispatcher; the frontend's requests (its
 KV cache is gone with it) are re-sent once it is back: a stream resumes as prompt + tokens so
 far (actors/failover.py) and goes on with no token repeated or missing, a `generate` / `logits`
 call runs again (sampled requests are given seeds first, so the outputs are the same), each
-within `failover_timeout_s` per failover. The served path does not use this class: its engine
-replica is the frontend itself (actors/server.py).
+within `failover_timeout_s` per failover; the restarted frontend is told the current expert
+actors first (live scaling may have changed them since it started). Expert actors are added
+and removed live by `set_expert_replicas`, or by the autoscaler (`expert_autoscaling`, a thread
+of this process: the one that owns the actors). The served path does not use this class: its
+engine replica is the frontend itself (actors/server.py).
 """
 from __future__ import annotations
 
@@ -32,8 +37,9 @@ import torch
 from actors.failover import (RETRY_DELAY_S, EngineUnavailable, ResumableStream, engine_died,
                              with_seed)
 from actors.frontend import Frontend
-from actors.info import EngineInfo, WorkerInfo
+from actors.info import EngineInfo, ExpertLoad, WorkerInfo
 from actors.pool import ExpertPool, check_start_args, default_resources
+from actors.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler
 from model.checkpoint import WeightSource
 from model.config import resolve_config
 from model.engine import Completion, SamplingParams, StreamChunk, as_prompt_list
@@ -60,8 +66,20 @@ class RayEngine:
                  failover_timeout_s: float = 120.0):
         self.frontend, self._pool, self.tokenizer = frontend, pool, tokenizer
         self.failover_timeout_s = failover_timeout_s
-        self.experts = pool.experts.actors                  # ExpertWorker handles
-        self.actor_experts = pool.experts.actor_experts     # expert ids of each
+        num_experts = pool.source.model_config().num_local_experts
+        self.scaler = ExpertScaler(pool, lambda experts: ray.get(
+            self.frontend.set_experts.remote(experts)), num_experts)
+        self.autoscaler: Autoscaler | None = None
+
+    @property
+    def experts(self) -> list:
+        """ExpertWorker handles, in the dispatcher's order."""
+        return self._pool.experts.actors
+
+    @property
+    def actor_experts(self) -> list[list[int]]:
+        """Expert ids of each actor of `experts`."""
+        return self._pool.experts.actor_experts
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "auto", **kwargs) -> "RayEngine":
@@ -81,7 +99,8 @@ class RayEngine:
                     placement_timeout_s: float = 60.0, frontend_threads: int | None = None,
                     expert_threads: int | None = None,
                     engine_args: dict | None = None, dispatch_args: dict | None = None,
-                    transport: str = "channel", failover_timeout_s: float = 120.0) -> "RayEngine":
+                    transport: str = "channel", failover_timeout_s: float = 120.0,
+                    expert_autoscaling: dict | None = None) -> "RayEngine":
         """device "cuda": each actor asks for a GPU by default (pass fractional `GPU`
         resources to share one card); "cpu": a small CPU share. An expert actor holds
         `experts_per_actor` expert ids (must divide num_local_experts, else PlacementError) and
@@ -89,9 +108,13 @@ class RayEngine:
         expert actor, authenticated with a secret made here) or "object_refs" (a Ray task per
         actor per layer); see actors/dispatcher.py. `frontend_threads` / `expert_threads`:
         torch threads of the frontend (None: every core on CPU) / of each expert actor (None:
-        Ray's default for its CPUs, 1 for a fractional share)."""
+        Ray's default for its CPUs, 1 for a fractional share). `expert_autoscaling`: the
+        autoscaling policy's settings (actors/scaling.py: ExpertAutoscaling), None for off."""
         check_start_args(source, dtype, transport, frontend_threads=frontend_threads,
                          expert_threads=expert_threads)
+        policy = ExpertAutoscaling.from_args(expert_autoscaling)
+        if policy is not None:
+            dispatch_args = {"load_window_s": policy.window_s, **(dispatch_args or {})}
         pool = ExpertPool.start(
             source, dtype, device, expert_replicas=expert_replicas,
             experts_per_actor=experts_per_actor, expert_resources=expert_resources,
@@ -109,6 +132,9 @@ class RayEngine:
         except Exception:
             engine.shutdown()
             raise
+        if policy is not None:
+            engine.autoscaler = Autoscaler(policy, engine.scaler, engine.expert_load)
+            engine.autoscaler.start()
         log.info("RayEngine ready")
         return engine
 
@@ -130,6 +156,7 @@ class RayEngine:
             try:
                 if failover:                   # the restarted frontend answers (or time is up)
                     ray.get(self.frontend.info.remote(), timeout=self.failover_timeout_s)
+                    self._tell_experts()
                 return ray.get(method.remote(*args))
             except ray.exceptions.GetTimeoutError:
                 raise EngineUnavailable(f"the frontend did not come back within "
@@ -144,8 +171,12 @@ class RayEngine:
                      ) -> AsyncIterator[StreamChunk]:
         """Leaving early cancels the frontend's stream, which aborts the request there."""
         params = with_seed(params)
-        chunks = ResumableStream(lambda resume: _ActorStream(
-            self.frontend.stream.remote(prompt, params, resume)), self.failover_timeout_s)
+
+        def call(resume):
+            if resume is not None:
+                self._tell_experts()
+            return _ActorStream(self.frontend.stream.remote(prompt, params, resume))
+        chunks = ResumableStream(call, self.failover_timeout_s)
         finished = False
         try:
             async for chunk in chunks:
@@ -154,6 +185,21 @@ class RayEngine:
         finally:
             if not finished:
                 chunks.cancel()
+
+    def _tell_experts(self) -> None:
+        """Give a (restarted) frontend the current expert actors; its constructor's may be
+        stale after live scaling. Not waited for: it is ordered before the caller's next call."""
+        self.frontend.set_experts.remote(self._pool.experts)
+
+    # ---- elastic experts (actors/scaling.py) ------------------------------------------------
+    def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
+        """Scale expert ids to these replica counts, live; -> replicas per expert id.
+        ValueError / PlacementError change nothing (ExpertScaler.set_expert_replicas)."""
+        return self.scaler.set_expert_replicas(replicas)
+
+    def expert_load(self) -> ExpertLoad:
+        """Rows routed per expert id (per layer and in all) and per actor over the load window."""
+        return ray.get(self.frontend.expert_load.remote())
 
     # ---- inspection ---------------------------------------------------------------------
     def info(self) -> EngineInfo:
@@ -172,5 +218,7 @@ class RayEngine:
         return ray.get(self.frontend.worker_info.remote())
 
     def shutdown(self) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         ray.kill(self.frontend, no_restart=True)
         self._pool.shutdown()

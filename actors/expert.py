@@ -35,8 +35,8 @@ class ExpertWorker:
         self.expert_ids = list(expert_ids)
         self.device = torch.device(device)
         cfg = source.model_config()
-        tensors = source.load(expert_names(cfg, self.expert_ids), source.resolve_dtype(dtype),
-                              self.device)
+        self.dtype = source.resolve_dtype(dtype)
+        tensors = source.load(expert_names(cfg, self.expert_ids), self.dtype, self.device)
         self.experts = LocalExperts.from_tensors(cfg, tensors, self.expert_ids)
         self.hidden_size = cfg.hidden_size
         self._channel: ChannelServer | None = None
@@ -57,6 +57,17 @@ class ExpertWorker:
             begin += n
         y = host_rows(torch.cat(parts) if parts else x[:0])
         return y, time.perf_counter() - start
+
+    def warm(self, sizes: tuple[int, ...] = (1, 8)) -> float:
+        """Run every layer's experts once on `sizes` rows each (touches every weight, builds the
+        kernels for those shapes) before a live-added actor takes rows -> seconds it took."""
+        start = time.perf_counter()
+        for layer in sorted({layer for layer, _ in self.experts.weights}):
+            for n in sizes:
+                x = torch.zeros(n * len(self.expert_ids), self.hidden_size,
+                                dtype=self.dtype, device=self.device)
+                self.compute(layer, x, [n] * len(self.expert_ids))
+        return time.perf_counter() - start
 
     def open_channel(self, secret: str) -> str:
         """Start (once per process) this actor's data-plane channel on the node's address and

@@ -6,7 +6,8 @@ in the engine replica of the served path (actors/server.py), which then is the f
 Either way it must be called from one asyncio event loop: `generate`/`logits` run the engine
 in a worker thread, `stream` is an async generator (a Ray streaming call when it is an actor),
 and all share one engine, so their requests batch together. It neither starts nor stops its
-expert actors: their owner (actors/pool.py) does.
+expert actors: their owner (actors/pool.py, actors/scaling.py) does, and tells it of a new set
+through `set_experts`, which takes effect between two steps.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import ray
 import torch
 
 from actors.dispatcher import Dispatcher, make_transport
-from actors.info import EngineInfo, WorkerInfo
+from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo
 from actors.pool import Experts
 from model.checkpoint import WeightSource
 from model.engine import Engine, Resume, SamplingParams
@@ -48,6 +49,7 @@ class Frontend:
         self.dispatcher = Dispatcher(experts.actors, experts.actor_experts, cfg.num_local_experts,
                                      make_transport(transport, experts.secret),
                                      **(dispatch_args or {}))
+        self._node_of: dict = {}                       # expert actor -> its node id
         self.engine = Engine(model, self.dispatcher.moe, Tokenizer.from_pretrained(source.path),
                              device=device, moe_begin=self.dispatcher.moe_begin,
                              **(engine_args or {}))
@@ -64,13 +66,53 @@ class Frontend:
         async for chunk in self.engine.stream(prompt, params, resume):
             yield chunk
 
+    def set_experts_now(self, experts: Experts) -> None:
+        """Use these expert actors from the next step on (live scaling, actors/scaling.py):
+        channels to new ones are opened first, then the dispatcher switches between two steps;
+        a dropped actor gets no row after that, and its calls of earlier steps have all
+        returned. Blocks until switched (call it off the event loop); `set_experts` is the
+        async form."""
+        connect = getattr(self.dispatcher.transport, "connect", None)
+        for actor in experts.actors:
+            if connect is not None and actor not in self.dispatcher.actors:
+                connect(actor)
+        self.engine.run_between_steps(
+            lambda: self.dispatcher.set_actors(experts.actors, experts.actor_experts)).result()
+
+    async def set_experts(self, experts: Experts) -> None:
+        await asyncio.to_thread(self.set_experts_now, experts)
+
+    def expert_load_now(self) -> ExpertLoad:
+        """Routing load over the dispatcher's window, per expert id and per expert actor
+        (blocking: it asks an actor it has not met yet for its node); `expert_load` is the
+        async form."""
+        d = self.dispatcher
+        actors, actor_experts = d.actors, d.actor_experts
+        unknown = [a for a in actors if a not in self._node_of]
+        for a, worker in zip(unknown, ray.get([a.info.remote() for a in unknown])):
+            self._node_of[a] = worker.node_id
+        self._node_of = {a: self._node_of[a] for a in actors}      # forget removed actors
+        per_layer = d.load.rows_per_s(self.engine.cfg.num_hidden_layers)
+        speeds = d.speeds()
+        return ExpertLoad(
+            window_s=d.load.span_s(),
+            rows_per_s=tuple(sum(col) for col in zip(*per_layer)),
+            per_layer=tuple(tuple(row) for row in per_layer),
+            actors=tuple(ActorLoad(tuple(ids), self._node_of[a], d.load.actor_rows_per_s(a),
+                                   speeds.get(a))
+                         for a, ids in zip(actors, actor_experts)))
+
+    async def expert_load(self) -> ExpertLoad:
+        return await asyncio.to_thread(self.expert_load_now)
+
     async def info(self) -> EngineInfo:
-        """The engine's model limits, KV blocks and where each expert actor runs (it asks them)."""
-        workers = await asyncio.gather(*[a.info.remote() for a in self.dispatcher.actors])
+        """The engine's model limits, KV blocks, where each expert actor runs (it asks them)
+        and each expert id's recent load."""
+        load = await self.expert_load()
         experts: dict[int, tuple[str, ...]] = {}
-        for ids, worker in zip(self.dispatcher.actor_experts, workers):
-            for e in ids:
-                experts[e] = experts.get(e, ()) + (worker.node_id,)
+        for a in load.actors:
+            for e in a.expert_ids:
+                experts[e] = experts.get(e, ()) + (a.node_id,)
         cfg = self.engine.cfg
         return EngineInfo(
             context_length=self.engine.max_model_len, vocab_size=cfg.vocab_size,
@@ -79,12 +121,21 @@ class Frontend:
             frontend_node_id=ray.get_runtime_context().get_node_id(),
             experts=dict(sorted(experts.items())), free_blocks=self.engine.num_free_blocks(),
             total_blocks=self.engine.kv.allocator.num_blocks, retries=self.dispatcher.retries,
-            tracked_requests=self.engine.num_tracked())
+            tracked_requests=self.engine.num_tracked(),
+            expert_load=dict(enumerate(load.rows_per_s)))
 
     def worker_info(self) -> WorkerInfo:
         state = self.engine.model.state_dict()
         return WorkerInfo.of_this_process((), sum(nbytes(t) for t in state.values()),
                                           self.engine.model.checkpoint_names())
+
+    def dispatch_timings(self, clear: bool = True) -> dict[str, float]:
+        """Median seconds per phase of the layer calls since the last clear (Dispatcher.
+        timing_summary), then clear them: a benchmark's per-layer round trip under real load."""
+        summary = self.dispatcher.timing_summary()
+        if clear:
+            self.dispatcher.timings.clear()
+        return summary
 
     async def profile_dispatch(self, batch: int, repeats: int, layer: int = 0) -> dict[str, float]:
         return await asyncio.to_thread(self._profile_dispatch, batch, repeats, layer)

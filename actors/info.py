@@ -4,6 +4,9 @@ deployment and the gateway, as frozen dataclasses (picklable, so they cross Ray 
     EngineInfo   one engine (frontend + its expert actors): Frontend.info() builds it,
                  RayEngine.info() and EngineServer.info() pass it on, the gateway reads the
                  context length from it and actors/requests.py turns it into ModelInfoResponse.
+    ExpertLoad   the routing load over the dispatcher's window (actors/load.py), per expert id
+                 and per expert actor: RayEngine.expert_load(), EngineServer.expert_load(),
+                 ModelInfo, the autoscaler (actors/scaling.py).
     WorkerInfo   one actor's process and memory (frontend or expert): which tensors it read from
                  the checkpoint (or built), which it keeps, and their bytes.
 """
@@ -32,6 +35,39 @@ class EngineInfo:
     total_blocks: int
     retries: int                                # expert calls re-sent by the dispatcher so far
     tracked_requests: int = 0                   # requests the engine holds state for now
+    expert_load: Mapping[int, float] = dataclasses.field(default_factory=dict)
+                                                # expert id -> rows per second, all layers
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorLoad:
+    expert_ids: tuple[int, ...]
+    node_id: str                                # Ray node id (hex)
+    rows_per_s: float                           # rows it computed per second, all layers
+    seconds_per_row: float | None               # measured marginal compute time per row
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLoad:
+    window_s: float                             # seconds the window covers
+    rows_per_s: tuple[float, ...]               # (E,) per expert id, all layers summed
+    per_layer: tuple[tuple[float, ...], ...]    # (L, E) per layer and expert id
+    actors: tuple[ActorLoad, ...]               # every expert actor, the dispatcher's order
+
+    def replicas(self) -> dict[int, int]:
+        """expert id -> actors holding it."""
+        out = {e: 0 for e in range(len(self.rows_per_s))}
+        for a in self.actors:
+            for e in a.expert_ids:
+                out[e] += 1
+        return out
+
+    def imbalance(self) -> float:
+        """max / mean rows per second over the expert actors (1.0 is perfect balance; 1.0 when
+        idle)."""
+        rates = [a.rows_per_s for a in self.actors]
+        mean = sum(rates) / len(rates) if rates else 0.0
+        return max(rates) / mean if mean > 0 else 1.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,9 @@
 metrics agent exports them on the port given to `ray start --metrics-export-port`, with Ray's
 `ray_` prefix (a counter also gets `_total`): e.g. `ray_mixtral_ep_generation_tokens_total`.
 Names follow vLLM's (https://docs.vllm.ai/en/latest/design/metrics.html), plus what only an
-expert-parallel engine has: tokens routed to each expert, the per-layer dispatch round trip and
-expert call retries.
+expert-parallel engine has: tokens routed to each expert, the per-layer dispatch round trip,
+expert call retries, and for elastic experts each expert id's load over the dispatcher's window,
+its replicas, and the imbalance of rows over the expert actors.
 
 Request metrics are recorded as each stream's chunks pass through the replica (`Request`);
 engine state (running / waiting requests, KV cache usage) and the dispatcher's counts are read
@@ -34,9 +35,10 @@ ROUND_TRIP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 class EngineMetrics:
     """The metrics of one engine replica; `engine` is its Engine, `dispatcher` its Dispatcher."""
 
-    def __init__(self, engine, dispatcher, interval_s: float = 1.0):
+    def __init__(self, engine, dispatcher, scaler, interval_s: float = 1.0):
+        """`scaler`: the replica's ExpertScaler (actors/scaling.py), for replica counts."""
         from ray.serve import metrics as m
-        self.engine, self.dispatcher, self.interval_s = engine, dispatcher, interval_s
+        self.engine, self.dispatcher, self.scaler, self.interval_s = engine, dispatcher, scaler, interval_s
         self.ttft = m.Histogram("mixtral_ep_time_to_first_token_seconds",
                                 "Time from a request's arrival at the engine replica to its "
                                 "first token.", boundaries=TTFT_BUCKETS)
@@ -64,6 +66,13 @@ class EngineMetrics:
                                       boundaries=ROUND_TRIP_BUCKETS, tag_keys=("layer",))
         self.retries = m.Counter("mixtral_ep_expert_call_retries",
                                  "Expert calls sent again after their actor failed.")
+        self.load = m.Gauge("mixtral_ep_expert_load_rows_per_second",
+                            "Rows (token, expert pairs) routed to an expert id per second, all "
+                            "layers, over the dispatcher's load window.", tag_keys=("expert",))
+        self.replicas = m.Gauge("mixtral_ep_expert_replicas",
+                                "Expert actors holding an expert id.", tag_keys=("expert",))
+        self.imbalance = m.Gauge("mixtral_ep_expert_actor_imbalance",
+                                 "Max / mean rows per second over the expert actors (1 is even).")
         self._retries_seen = 0
         self._stop = threading.Event()
         threading.Thread(target=self._loop, name="engine-metrics", daemon=True).start()
@@ -100,6 +109,14 @@ class EngineMetrics:
         while d.round_trips:
             layer, seconds = d.round_trips.popleft()
             self.round_trip.observe(seconds, tags={"layer": str(layer)})
+        rates = d.load.rows_per_s(self.engine.cfg.num_hidden_layers)
+        for expert, rate in enumerate(map(sum, zip(*rates))):
+            self.load.set(rate, tags={"expert": str(expert)})
+        for expert, n in self.scaler.replicas().items():
+            self.replicas.set(n, tags={"expert": str(expert)})
+        actor_rates = [d.load.actor_rows_per_s(a) for a in list(d.actors)]
+        mean = sum(actor_rates) / len(actor_rates)
+        self.imbalance.set(max(actor_rates) / mean if mean > 0 else 1.0)
         now = d.retries                                  # read once: it keeps counting
         if now > self._retries_seen:
             self.retries.inc(now - self._retries_seen)

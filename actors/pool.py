@@ -6,16 +6,18 @@ its own process).
                             expert_resources=None, frontend_resources=None)
     Frontend(source, pool.experts, ...)    # the handles, expert ids and channel secret
     pool.ready()                           # waits until every expert actor has its weights
-    pool.frontend_options()                # RayEngine only: its frontend actor's bundle
-    pool.shutdown()                        # kills the expert actors, releases the group
+    pool.frontend_options()                # RayEngine only: its frontend actor's group
+    new = pool.grow({(0,): 1}); ...; pool.commit(new, removed); pool.stop(removed)   # scaling
+    pool.shutdown()                        # kills the expert actors, releases their groups
 
-Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve one placement group
-pinned to the plan's nodes (cluster/placement.py), start one expert actor per (group of
-`experts_per_actor` expert ids, replica) in its bundle and make the channel secret; the actors
-load their weights while the caller builds its frontend, and `ready()` waits for them.
-Bundle 0 is the frontend's only when `frontend_resources` is given (RayEngine); the engine
-replica passes None: Serve placed it already, with its `ray_actor_options`, so nothing is
-reserved twice.
+Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve a placement group per
+actor pinned to the plan's node (cluster/placement.py; all or nothing), start one expert actor
+per (group of `experts_per_actor` expert ids, replica) in its group and make the channel secret;
+the actors load their weights while the caller builds its frontend, and `ready()` waits for
+them. A group of its own for every actor lets live scaling (actors/scaling.py) add and remove
+one actor's resources at a time. The frontend gets a group only when `frontend_resources` is
+given (RayEngine); the engine replica passes None: Serve placed it already, with its
+`ray_actor_options`, so nothing is reserved twice.
 Expert actors are restarted by Ray when they die (the dispatcher re-sends their calls). The
 actors and the group belong to the process that started them and go when it dies (Ray's
 ownership), so a killed engine replica leaks neither.
@@ -33,7 +35,7 @@ from ray.util.placement_group import PlacementGroup
 from actors.dispatcher import TRANSPORTS
 from actors.expert import ExpertWorker
 from cluster.placement import actor_options, cluster_nodes, release, reserve
-from cluster.plan import Plan, plan
+from cluster.plan import Slot, plan, plan_added
 from model.checkpoint import WeightSource, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -90,9 +92,28 @@ class Experts:
     secret: str                         # the channel secret (actors/channel.py)
 
 
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One expert actor of the pool: its handle, expert ids, slot and placement group."""
+    actor: object
+    expert_ids: tuple[int, ...]
+    slot: Slot
+    pg: PlacementGroup
+
+
+WARM_ATTEMPTS = 3       # a live-added actor that dies while warming is restarted by Ray: retry
+
+
 class ExpertPool:
-    def __init__(self, experts: Experts, pg: PlacementGroup, plan_: Plan, device: str):
-        self.experts, self._pg, self._plan, self._device = experts, pg, plan_, device
+    def __init__(self, source: WeightSource, dtype: str, device: str, members: list[Member],
+                 frontend: tuple[Slot, PlacementGroup] | None, expert_resources: dict,
+                 expert_threads: int | None, placement_timeout_s: float):
+        self.source, self.dtype, self.device = source, dtype, device
+        self.members, self._frontend = members, frontend
+        self.expert_resources, self.expert_threads = expert_resources, expert_threads
+        self.placement_timeout_s = placement_timeout_s
+        self.secret = secrets.token_hex(32)
+        self.closed = False
 
     @classmethod
     def start(cls, source: WeightSource, dtype: str = "auto", device: str = "cpu", *,
@@ -105,42 +126,96 @@ class ExpertPool:
         `frontend_resources`: a bundle for a frontend actor, or None for none.
         `expert_threads`: torch threads per expert actor (None: the process default, which Ray
         sets from the actor's CPUs: 1 for a fractional share)."""
+        expert_resources = expert_resources or default_resources(device)
         p = plan(cluster_nodes(), source.model_config().num_local_experts, expert_replicas,
-                 expert_resources or default_resources(device), frontend_resources,
-                 experts_per_actor)
+                 expert_resources, frontend_resources, experts_per_actor)
         for why in p.shared:
             log.warning("%s", why)
-        pg = reserve(p, placement_timeout_s)
-        first = 1 if p.frontend is not None else 0
+        pgs = reserve(p.slots(), placement_timeout_s)
+        frontend = (p.frontend, pgs.pop(0)) if p.frontend is not None else None
+        pool = cls(source, dtype, device, [], frontend, dict(expert_resources), expert_threads,
+                   placement_timeout_s)
+        pool.members = [pool._start(ids, slot, pg) for (ids, slot), pg in zip(p.actors(), pgs)]
+        log.info("expert pool: %d actors of %d expert(s), %d replica(s) each, starting",
+                 len(pool.members), experts_per_actor, expert_replicas)
+        return pool
+
+    def _start(self, ids: tuple[int, ...], slot: Slot, pg: PlacementGroup) -> Member:
         # threads: its channel's liveness task blocks one, calls (info, compute) use the others
         remote = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(ExpertWorker)
-        actors = [remote.options(**actor_options(pg, bundle, slot)).remote(
-                      source, list(ids), dtype, device, expert_threads)
-                  for bundle, (ids, slot) in enumerate(p.actors(), start=first)]
-        experts = Experts(actors, [list(ids) for ids, _ in p.actors()], secrets.token_hex(32))
-        log.info("expert pool: %d actors of %d expert(s), %d replica(s) each, starting",
-                 len(actors), experts_per_actor, expert_replicas)
-        return cls(experts, pg, p, device)
+        actor = remote.options(**actor_options(pg, slot)).remote(
+            self.source, list(ids), self.dtype, self.device, self.expert_threads)
+        return Member(actor, tuple(ids), slot, pg)
+
+    @property
+    def experts(self) -> Experts:
+        return Experts([m.actor for m in self.members], [list(m.expert_ids) for m in self.members],
+                       self.secret)
+
+    def groups(self) -> dict[tuple[int, ...], list[Member]]:
+        """Expert ids of one actor -> its replicas, oldest first."""
+        out: dict[tuple[int, ...], list[Member]] = {}
+        for m in self.members:
+            out.setdefault(m.expert_ids, []).append(m)
+        return out
 
     def ready(self) -> None:
         """Wait until every expert actor has loaded its weights; raise an actor's start-up
         error (the caller then shuts the pool down)."""
-        ray.get([a.info.remote() for a in self.experts.actors])
+        ray.get([m.actor.info.remote() for m in self.members])
 
     def frontend_options(self) -> dict:
-        """`.options(...)` that put a frontend actor into the bundle reserved for it, with
-        `frontend_runtime_env`; ValueError if the pool was started without
+        """`.options(...)` that put a frontend actor into the placement group reserved for it,
+        with `frontend_runtime_env`; ValueError if the pool was started without
         `frontend_resources` (or is shut down)."""
-        if self._plan.frontend is None or self._pg is None:
+        if self._frontend is None or self.closed:
             raise ValueError("this pool reserved no frontend bundle (frontend_resources=None)")
-        return {**actor_options(self._pg, 0, self._plan.frontend),
-                **frontend_runtime_env(self._device)}
+        slot, pg = self._frontend
+        return {**actor_options(pg, slot), **frontend_runtime_env(self.device)}
+
+    # ---- live scaling (actors/scaling.py) ---------------------------------------------------
+    def grow(self, added: dict[tuple[int, ...], int]) -> list[Member]:
+        """Start `added[ids]` more replicas of each group: plan nodes with room (cluster/plan.py:
+        plan_added), reserve a placement group per actor, start them, wait until each has
+        loaded its tensors and warmed up (ExpertWorker.warm). They are not members yet: the
+        caller hands them to the frontend, then `commit`s. PlacementError (nothing reserved)
+        when the cluster has no room; on any other failure the new actors are stopped."""
+        holders = {ids: [m.slot.node_id for m in ms] for ids, ms in self.groups().items()}
+        planned = plan_added(cluster_nodes(), holders, added, self.expert_resources)
+        flat = [(ids, slot) for ids, slots in planned.items() for slot in slots]
+        pgs = reserve([slot for _, slot in flat], self.placement_timeout_s)
+        new = [self._start(ids, slot, pg) for (ids, slot), pg in zip(flat, pgs)]
+        try:
+            for attempt in range(WARM_ATTEMPTS):
+                try:
+                    ray.get([m.actor.warm.remote() for m in new])
+                    break
+                except ray.exceptions.RayActorError as e:
+                    if attempt == WARM_ATTEMPTS - 1:
+                        raise
+                    log.warning("a new expert actor died while warming up (%s); waiting for "
+                                "its restart", type(e).__name__)
+        except BaseException:
+            self.stop(new)
+            raise
+        return new
+
+    def commit(self, added: list[Member], removed: list[Member]) -> None:
+        """The frontend now uses `added` and no longer `removed`: record it."""
+        self.members = [m for m in self.members if m not in removed] + added
+
+    def stop(self, members: list[Member]) -> None:
+        """Kill these actors (no restart) and give their resources back."""
+        for m in members:
+            ray.kill(m.actor, no_restart=True)
+        release([m.pg for m in members])
 
     def shutdown(self) -> None:
-        """Kill the expert actors (no restart) and release the placement group; idempotent."""
-        if self._pg is None:
+        """Kill the expert actors (no restart) and release every placement group; idempotent."""
+        if self.closed:
             return
-        for actor in self.experts.actors:
-            ray.kill(actor, no_restart=True)
-        pg, self._pg = self._pg, None
-        release(pg)
+        self.closed = True
+        members, self.members = self.members, []
+        self.stop(members)
+        if self._frontend is not None:
+            release([self._frontend[1]])

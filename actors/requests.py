@@ -105,5 +105,6 @@ def model_info(name: str, info: EngineInfo) -> pb.ModelInfoResponse:
         model=name, context_length=info.context_length, vocab_size=info.vocab_size,
         num_layers=info.num_layers, num_experts=info.num_experts,
         experts_per_token=info.experts_per_token, frontend_node_id=info.frontend_node_id,
-        experts=[pb.ExpertPlacement(expert_id=e, node_ids=nodes)
+        experts=[pb.ExpertPlacement(expert_id=e, node_ids=nodes,
+                                    rows_per_second=info.expert_load.get(e, 0.0))
                  for e, nodes in sorted(info.experts.items())])

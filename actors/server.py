@@ -1,6 +1,6 @@
 """The engine deployment: each replica *is* one engine's frontend. Its Engine and Dispatcher run
 in the replica's own process (actors/frontend.py, used in-process), and it starts and owns its
-expert actors and their placement group (actors/pool.py); the gateway reaches it through a
+expert actors and their placement groups (actors/pool.py); the gateway reaches it through a
 streaming DeploymentHandle, so a stream crosses no Ray hop between the replica and its engine.
 
     Serve proxy -> Gateway -> EngineServer (frontend: scheduler, KV cache, dispatcher)
@@ -9,14 +9,15 @@ streaming DeploymentHandle, so a stream crosses no Ray hop between the replica a
 Token ids and SamplingParams in, StreamChunks out; the client going away cancels the stream,
 which aborts the request and frees its KV blocks. The replica's own resources (the frontend's:
 a GPU on cuda) are its `ray_actor_options` (deploy/app.py sets them from `frontend_resources`;
-a Serve config may override them); the placement group reserves the experts' only.
-Shutdown (Serve calls `__del__`) kills the expert actors and releases the group; a replica
+a Serve config may override them); the placement groups reserve the experts' only.
+Shutdown (Serve calls `__del__`) kills the expert actors and releases their groups; a replica
 that dies without it takes them along anyway (Ray's ownership). Its requests in flight then
 fail with a RayActorError at the gateway, which re-sends each to a live replica, or to the one
 Serve starts, as prompt + tokens so far (actors/failover.py).
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 
@@ -24,9 +25,10 @@ import ray
 from ray import serve
 
 from actors.frontend import Frontend
-from actors.info import EngineInfo
+from actors.info import EngineInfo, ExpertLoad
 from actors.metrics import EngineMetrics
 from actors.pool import ExpertPool, check_start_args, default_resources, frontend_runtime_env
+from actors.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler
 from cluster.placement import resource_options
 from model.checkpoint import WeightSource
 from model.engine import Resume, SamplingParams
@@ -66,10 +68,12 @@ class EngineOptions:
     placement_timeout_s: float = 60.0
     transport: str = "channel"
     engine_args: dict | None = None
+    expert_autoscaling: dict | None = None      # actors/scaling.py: ExpertAutoscaling; None: off
 
     def __post_init__(self):
         check_start_args(None, self.dtype, self.transport, frontend_threads=self.frontend_threads,
                          expert_threads=self.expert_threads)
+        ExpertAutoscaling.from_args(self.expert_autoscaling)
 
     def ray_actor_options(self) -> dict:
         """The replica's resources, i.e. the frontend's: `frontend_resources`, by default
@@ -85,6 +89,7 @@ class EngineServer:
         """Starts the expert actors (no frontend bundle: this replica is the frontend), loads
         the frontend's weights meanwhile, and waits for both; on an error nothing is left."""
         o = options
+        policy = ExpertAutoscaling.from_args(o.expert_autoscaling)
         pool = ExpertPool.start(source, o.dtype, o.device, expert_replicas=o.expert_replicas,
                                 experts_per_actor=o.experts_per_actor,
                                 expert_resources=o.expert_resources,
@@ -92,13 +97,19 @@ class EngineServer:
                                 placement_timeout_s=o.placement_timeout_s)
         try:
             frontend = Frontend(source, pool.experts, o.dtype, o.device, o.frontend_threads,
-                                o.engine_args, transport=o.transport)
+                                o.engine_args, transport=o.transport,
+                                dispatch_args={"load_window_s": policy.window_s} if policy else None)
             pool.ready()
         except BaseException:
             pool.shutdown()
             raise
         self.pool, self.frontend = pool, frontend
-        self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher)
+        self.scaler = ExpertScaler(pool, frontend.set_experts_now,
+                                   frontend.engine.cfg.num_local_experts)
+        self.autoscaler = Autoscaler(policy, self.scaler, frontend.expert_load_now) if policy else None
+        if self.autoscaler is not None:
+            self.autoscaler.start()
+        self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, self.scaler)
         grpc_address, http_address = proxy_addresses()
         log.info("engine replica ready: the frontend runs here, %d expert actors. Call it over "
                  "gRPC at %s:  python -m protos.client \"Hello\" --address %s   or the "
@@ -118,11 +129,21 @@ class EngineServer:
     async def info(self) -> EngineInfo:
         return await self.frontend.info()
 
+    async def expert_load(self) -> ExpertLoad:
+        return await self.frontend.expert_load()
+
+    async def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
+        """Live scaling of this engine's expert actors (actors/scaling.py); -> replicas per
+        expert id. ValueError / PlacementError change nothing."""
+        return await asyncio.to_thread(self.scaler.set_expert_replicas, replicas)
+
     async def ping(self) -> None:
         """Answers as soon as this replica's event loop does: the health checks' call (info()
         asks every expert actor)."""
 
     def __del__(self):
+        if getattr(self, "autoscaler", None) is not None:
+            self.autoscaler.stop()
         if hasattr(self, "metrics"):
             self.metrics.close()
         if hasattr(self, "pool"):          # not if start-up failed (it cleaned up then)

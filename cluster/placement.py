@@ -1,7 +1,8 @@
-"""From a Plan to reserved resources: one placement group whose bundle i is pinned (by the
-`ray.io/node-id` label) to the node the plan chose for slot i, and the actor options that
-schedule an actor into its bundle. Reservation is all-or-nothing and bounded in time: a
-cluster that cannot hold the plan fails with PlacementError instead of hanging.
+"""From a Plan to reserved resources: one placement group per slot, its one bundle pinned (by
+the `ray.io/node-id` label) to the node the plan chose, and the actor options that schedule an
+actor into it; one group per actor, so that live scaling can give one actor's resources back.
+Reservation is all-or-nothing and bounded in time: a cluster that cannot hold the plan fails
+with PlacementError instead of hanging.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.plan import Node, PlacementError, Plan, Slot, describe
+from cluster.plan import Node, PlacementError, Slot, describe
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,20 @@ def _internal(resource: str) -> bool:
     return resource.startswith("node:") or resource in _IGNORED or _PG_RESOURCE.search(resource) is not None
 
 
-def reserve(plan: Plan, timeout_s: float = 60.0) -> PlacementGroup:
-    """Create the plan's placement group and wait for it; PlacementError after timeout_s."""
-    slots = plan.slots()
-    pg = placement_group([dict(s.resources) for s in slots], strategy="PACK",
-                         bundle_label_selector=[{NODE_ID_LABEL: s.node_id} for s in slots])
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(pg)
-        raise PlacementError(f"the placement group for {len(slots)} actors was not ready after "
+def reserve(slots: list[Slot], timeout_s: float = 60.0) -> list[PlacementGroup]:
+    """A placement group of one bundle per slot, pinned to the slot's node, so that each actor's
+    resources can be given back on their own (live scaling). All or nothing: PlacementError,
+    with nothing left reserved, if they are not all ready after timeout_s."""
+    pgs = [placement_group([dict(s.resources)], bundle_label_selector=[{NODE_ID_LABEL: s.node_id}])
+           for s in slots]
+    ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=timeout_s)
+    if len(ready) < len(pgs):
+        release(pgs)
+        raise PlacementError(f"the placement groups for {len(slots)} actors were not ready after "
                              f"{timeout_s:g} s (resources taken meanwhile?); "
                              f"{describe(cluster_nodes())}")
     log.info("reserved %d bundles on %d node(s)", len(slots), len({s.node_id for s in slots}))
-    return pg
+    return pgs
 
 
 def resource_options(resources: Mapping[str, float]) -> dict:
@@ -58,21 +60,22 @@ def resource_options(resources: Mapping[str, float]) -> dict:
     return {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0), "resources": res}
 
 
-def actor_options(pg: PlacementGroup, bundle: int, slot: Slot) -> dict:
-    """`.options(...)` that put an actor into bundle `bundle` with the slot's resources."""
+def actor_options(pg: PlacementGroup, slot: Slot) -> dict:
+    """`.options(...)` that put an actor into `pg` (reserved for `slot`) with its resources."""
     return {**resource_options(slot.resources), "scheduling_strategy":
-            PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)}
+            PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}
 
 
-def release(pg: PlacementGroup, timeout_s: float = 30.0) -> None:
-    """Remove the placement group and wait until every node reports its resources free again,
-    so that the next plan sees them."""
-    remove_placement_group(pg)
-    pg_id = pg.id.hex()
+def release(pgs: list[PlacementGroup], timeout_s: float = 30.0) -> None:
+    """Remove the placement groups and wait until every node reports their resources free
+    again, so that the next plan sees them."""
+    for pg in pgs:
+        remove_placement_group(pg)
+    ids = [pg.id.hex() for pg in pgs]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         free = ray._private.state.available_resources_per_node()
-        if not any(pg_id in name for res in free.values() for name in res):
+        if not any(i in name for res in free.values() for name in res for i in ids):
             return
         time.sleep(0.1)
-    log.warning("placement group %s still holds resources after %g s", pg_id, timeout_s)
+    log.warning("placement groups %s still hold resources after %g s", ids, timeout_s)

@@ -19,6 +19,11 @@ each node offers.
 Example: 3 nodes with {"expert": 4} each, 8 experts, 1 replica -> experts 0..7 on nodes
 a b c a b c a b (3, 3 and 2 per node); with experts_per_actor=2, groups (0, 1) .. (6, 7) on
 a b c a.
+
+    plan_added(nodes, {(0,): ["a"]}, {(0,): 2}, {"expert": 1}) -> {(0,): [Slot(b), Slot(c)]}
+
+plans replicas added to a running engine (live scaling, actors/scaling.py) the same way, from
+the nodes' free resources and the nodes that already hold each group: all of them or none.
 """
 from __future__ import annotations
 
@@ -106,6 +111,32 @@ def plan(nodes: list[Node], num_experts: int, replicas: int = 1,
             _take(free, node, expert_resources)
             placed[ids].append(Slot(node, expert_resources))
     return Plan(frontend, placed, shared)
+
+
+def plan_added(nodes: list[Node], holders: Mapping[tuple[int, ...], list[str]],
+               added: Mapping[tuple[int, ...], int],
+               expert_resources: Mapping[str, float]) -> dict[tuple[int, ...], list[Slot]]:
+    """Slots for `added[ids]` more actors of each group, given the node of each actor that
+    already holds it (`holders[ids]`, may repeat): each on the node with the most room that
+    holds no replica of the group yet, else any node with room. PlacementError naming what was
+    asked and what each node offers if any one of them does not fit."""
+    free = {n.node_id: dict(n.resources) for n in nodes}
+    out: dict[tuple[int, ...], list[Slot]] = {}
+    for ids, count in sorted(added.items()):
+        taken = set(holders.get(ids, ()))
+        for i in range(count):
+            node = (_roomiest(free, expert_resources, exclude=taken)
+                    or _roomiest(free, expert_resources, exclude=set()))
+            if node is None:
+                asked = ", ".join(f"experts {list(g)}: +{n}" for g, n in sorted(added.items()))
+                raise PlacementError(
+                    f"cannot add expert replicas ({asked}), each needing "
+                    f"{_fmt(expert_resources)}: no room for replica {i + 1} of experts "
+                    f"{list(ids)}; {describe(nodes)}")
+            _take(free, node, expert_resources)
+            taken.add(node)
+            out.setdefault(ids, []).append(Slot(node, dict(expert_resources)))
+    return out
 
 
 def _fits(free: Mapping[str, float], need: Mapping[str, float]) -> bool:

@@ -19,6 +19,11 @@ deploy/serve.yaml` calls `build_app(args)`:
                       short OpenMP spin there, actors/pool.py: FRONTEND_CPU_ENV)
     expert_threads:   torch threads per expert actor (default: Ray's for its CPUs, 1 for a share)
     engine_args:      Engine options (max_num_seqs, max_num_batched_tokens, max_waiting, ...)
+    expert_autoscaling: replicas of each expert id follow its measured routing load (default
+                      off): {min_replicas, max_replicas, target_rows_per_s or
+                      target_load_ratio, window_s, cooldown_s, interval_s, downscale_headroom}
+                      (actors/scaling.py: ExpertAutoscaling); each added replica asks for
+                      expert_resources on a node with room
     api_key_env / api_key_file: the name of an environment variable, or a file, holding the API
                       key every gRPC and /v1 call must carry (`authorization: Bearer <key>`);
                       read here, only its digest reaches the gateways (actors/auth.py)

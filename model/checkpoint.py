@@ -210,9 +210,31 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
     return t.to(dtype)
 
 
+# A biased router (`hot_expert`): every token embedding gets HOT_OFFSET added on hidden dim 0, so
+# the residual stream carries it into every layer (after RMSNorm it dominates dim 0: about 7 on
+# `tiny`, against ~0.3 on the others), and each layer's gate row of the hot expert reads it with
+# weight HOT_GATE (the other experts' rows ignore dim 0): its logit (~2) beats the others' (~0.2),
+# so nearly every token picks it as one of its two experts: half of all (token, expert) rows.
+HOT_OFFSET, HOT_GATE = 0.5, 0.3
+
+
+def _bias_router(name: str, t: torch.Tensor, hot_expert: int) -> torch.Tensor:
+    if name == "model.embed_tokens.weight":
+        t[:, 0] += HOT_OFFSET
+    elif name.endswith("block_sparse_moe.gate.weight"):
+        t[:, 0] = 0.0                                   # the others ignore dim 0
+        t[hot_expert, 0] = HOT_GATE
+    return t
+
+
 def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch.float32,
-                 seed: int = 0, shard_bytes: int | None = None) -> Path:
-    """Write a random-weight checkpoint in the exact Hugging Face Mixtral layout to `out`."""
+                 seed: int = 0, shard_bytes: int | None = None,
+                 hot_expert: int | None = None) -> Path:
+    """Write a random-weight checkpoint in the exact Hugging Face Mixtral layout to `out`.
+    `hot_expert`: bias every layer's router towards that expert id (HOT_OFFSET, HOT_GATE), so
+    that routing load is uneven, as in real traffic (elastic experts' tests and benchmark)."""
+    if hot_expert is not None and not 0 <= hot_expert < cfg.num_local_experts:
+        raise ValueError(f"hot_expert must be in [0, {cfg.num_local_experts}), got {hot_expert}")
     from model.tokenizer import Tokenizer
 
     out = Path(out)
@@ -228,6 +250,8 @@ def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch
         tensors = {}
         for n in names:
             tensors[n] = random_tensor(n, shapes[n], seed, dtype)
+            if hot_expert is not None:
+                tensors[n] = _bias_router(n, tensors[n], hot_expert)
             progress.advance(sizes[n])
         save_file(tensors, out / file, metadata={"format": "pt"})
         os.chmod(out / file, _new_file_mode())      # safetensors creates it 0600
@@ -252,15 +276,18 @@ def _new_file_mode() -> int:
 
 
 def cached_random_checkpoint(preset: str = "tiny", seed: int = 0,
-                             dtype: torch.dtype = torch.float32) -> Path:
+                             dtype: torch.dtype = torch.float32,
+                             hot_expert: int | None = None) -> Path:
     """A random checkpoint under the cache dir, written once (atomically) and reused."""
     name = f"{preset}-seed{seed}-{str(dtype).removeprefix('torch.')}-v{RANDOM_INIT_VERSION}"
+    if hot_expert is not None:
+        name += f"-hot{hot_expert}"
     path = cache_dir() / "checkpoints" / name
     if (path / "config.json").exists():
         return path
     log.info("creating the %s random checkpoint at %s (once)", preset, path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    write_random(resolve_config(preset), partial, dtype, seed)
+    write_random(resolve_config(preset), partial, dtype, seed, hot_expert=hot_expert)
     try:
         os.replace(partial, path)
     except OSError:             # another process finished first
@@ -290,11 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     rnd.add_argument("--seed", type=int, default=0)
     rnd.add_argument("--shard-size-mb", type=int, default=None,
                      help="largest shard in MB (default: a quarter of the model, at most 5000)")
+    rnd.add_argument("--hot-expert", type=int, default=None,
+                     help="bias every router towards this expert id (uneven load)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     shard = args.shard_size_mb * 10**6 if args.shard_size_mb else None
     path = write_random(resolve_config(args.preset), args.out, torch_dtype(args.dtype),
-                        args.seed, shard)
+                        args.seed, shard, args.hot_expert)
     log.info("wrote %s checkpoint to %s", args.preset, path)
 
 

@@ -14,13 +14,14 @@ Text prompts are encoded with BOS. Admission is atomic: every request of a call 
 (InvalidRequest naming the field and its limit) before any is queued, so after an error nothing
 of that call is tracked, waiting or running. Adds and aborts never wait for a running step:
 they are queued and applied at the next step boundary (at once when no step runs), so a new
-stream or a client going away never stalls the others. One request's failure (its logits not
+stream or a client going away never stalls the others; so is `run_between_steps(fn)`. One request's failure (its logits not
 finite, its sampling or detokenization failing) fails that request only; a failed forward pass
 fails the requests of that step and is raised. KV sizing: model/kv_sizing.py.
 Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sample.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -87,7 +88,8 @@ class Engine:
         self._ids = itertools.count()
         self.step_lock = threading.RLock()  # held for a whole step; other users of the model too
         self._pending_lock = threading.Lock()     # held for microseconds: adds and aborts
-        self._pending: list[_Tracked | str] = []  # admitted requests, and ids to abort, in order
+        # admitted requests, ids to abort and (fn, future) to run between steps, in order
+        self._pending: list[_Tracked | str | tuple] = []
         self._streams = Streams(self.step, self.has_unfinished)
         self._generator = torch.Generator(device=self.device)   # reseeded for every draw
         log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -161,6 +163,16 @@ class Engine:
             self._pending.append(request_id)
         self._apply_pending_if_idle()
 
+    def run_between_steps(self, fn) -> concurrent.futures.Future:
+        """Run `fn()` at the next step boundary (at once when no step runs), never inside a
+        step, without waiting for one here: the future gets its result or exception. The
+        distributed frontend swaps its expert actors this way (actors/frontend.py)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._pending_lock:
+            self._pending.append((fn, future))
+        self._apply_pending_if_idle()
+        return future
+
     def _apply_pending_if_idle(self) -> None:
         if self.step_lock.acquire(blocking=False):
             try:
@@ -175,6 +187,13 @@ class Engine:
         for item in pending:
             if isinstance(item, _Tracked):
                 self.scheduler.add(item.req)
+                continue
+            if isinstance(item, tuple):                        # run_between_steps
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - the caller's, through its future
+                    future.set_exception(e)
                 continue
             tracked = self._tracked.pop(item, None)
             if tracked is not None and not tracked.req.finished:

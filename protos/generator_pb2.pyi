@@ -63,12 +63,14 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertPlacement(_message.Message):
-    __slots__ = ("expert_id", "node_ids")
+    __slots__ = ("expert_id", "node_ids", "rows_per_second")
     EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     expert_id: int
     node_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, expert_id: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    rows_per_second: float
+    def __init__(self, expert_id: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., rows_per_second: _Optional[float] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("model", "context_length", "vocab_size", "num_layers", "num_experts", "experts_per_token", "frontend_node_id", "experts")

@@ -129,6 +129,30 @@ def test_model_info(server, ray_cluster):
     assert info.frontend_node_id == ray_cluster.head_node.node_id   # frontend_resources: the head
 
 
+def test_model_info_shows_live_scaled_replicas_and_load(server, engine_actors):
+    """The served engine scales an expert live (EngineServer.set_expert_replicas, through its
+    deployment handle) while a stream runs; ModelInfo shows the replicas on distinct nodes and
+    each expert's recent load; the stream's output is unchanged; scaling back frees the actor."""
+    request = pb.GenerateRequest(prompt="Once upon a time", max_tokens=24, temperature=0.0)
+    want = list(server.Generate(request, timeout=120).token_ids)
+    engine = serve.get_deployment_handle("EngineServer", app_name="mixtral-ep")
+    call = server.GenerateStream(request, timeout=120)
+    got = list(next(call).token_ids)
+    assert engine.set_expert_replicas.remote({5: 2}).result(timeout_s=120)[5] == 2
+    got += [t for part in call for t in part.token_ids]
+    assert got == want
+    info = server.ModelInfo(pb.ModelInfoRequest(), timeout=60)
+    [five] = [e for e in info.experts if e.expert_id == 5]
+    assert len(five.node_ids) == 2 and len(set(five.node_ids)) == 2
+    assert sum(e.rows_per_second for e in info.experts) > 0
+    assert len(engine_actors("mixtral-ep")[1]) == 9
+    assert engine.set_expert_replicas.remote({5: 1}).result(timeout_s=120)[5] == 1
+    deadline = time.monotonic() + 30
+    while len(engine_actors("mixtral-ep")[1]) != 8:
+        assert time.monotonic() < deadline, "the removed replica is still alive"
+        time.sleep(0.5)
+
+
 def test_the_engine_replica_is_the_frontend_and_owns_its_experts(server, alive_actors,
                                                                   engine_actors):
     """No frontend actor between the replica and its engine: the replica runs the engine and

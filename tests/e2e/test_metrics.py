@@ -95,3 +95,9 @@ def test_counters_equal_what_was_served(server, grpc_port, http_port, tiny_check
     assert total(m, "ray_mixtral_ep_dispatch_round_trip_seconds_count") > 0
     experts = {dict(k)["expert"] for k in m["ray_mixtral_ep_expert_routed_tokens_total"]}
     assert experts <= {str(e) for e in range(cfg.num_local_experts)} and len(experts) > 1
+    # elastic experts: one replica each, and the load over the window is what was just served
+    replicas = m["ray_mixtral_ep_expert_replicas"]
+    assert {dict(k)["expert"]: v for k, v in replicas.items()} == \
+        {str(e): 1 for e in range(cfg.num_local_experts)}
+    assert total(m, "ray_mixtral_ep_expert_load_rows_per_second") > 0
+    assert total(m, "ray_mixtral_ep_expert_actor_imbalance") >= 1

@@ -43,9 +43,11 @@ def test_a_pool_without_a_frontend_reserves_the_experts_only_and_frees_them(ray_
             pool.frontend_options()
         workers = ray.get([a.info.remote() for a in pool.experts.actors])
         assert [list(w.expert_ids) for w in workers] == pool.experts.actor_experts
+        first = pool.experts.actors[0]
     finally:
         pool.shutdown()
     pool.shutdown()                                           # idempotent
     assert (free(EXPERT_RESOURCE), free(FRONTEND_RESOURCE)) == before
+    assert pool.experts.actors == []
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(pool.experts.actors[0].info.remote(), timeout=30)
+        ray.get(first.info.remote(), timeout=30)

@@ -77,6 +77,17 @@ def test_engine_args_are_checked_before_anything_starts(field, value, says):
         build_app({"model": "unused", field: value})
 
 
+@pytest.mark.parametrize("value, says", [
+    ({"max_replicas": 3}, "exactly one of target_rows_per_s and target_load_ratio"),
+    ({"target_load_ratio": 1.5, "window": 60}, r"unknown expert_autoscaling keys \['window'\]"),
+    ({"target_load_ratio": 1.5, "min_replicas": 0}, "expert_autoscaling.min_replicas must be"),
+    ([1, 2], "expert_autoscaling must be a mapping")])
+def test_expert_autoscaling_is_checked_before_anything_starts(value, says):
+    from deploy.app import build_app
+    with pytest.raises(ValueError, match=says):
+        build_app({"model": "unused", "expert_autoscaling": value})
+
+
 def test_the_gpu_config_gives_the_engine_replica_its_gpu():
     app = yaml.safe_load((ROOT / "deploy/serve-gpu.yaml").read_text())["applications"][0]
     [engine] = [d for d in app["deployments"] if d["name"] == "EngineServer"]
@@ -189,4 +200,4 @@ def test_the_grafana_dashboard_plots_every_engine_metric_and_only_those():
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     queried = {re.sub(r"_(total|bucket)$", "", name)
                for e in exprs for name in re.findall(r"ray_(mixtral_ep_\w+)", e)}
-    assert len(defined) == 12 and queried == defined
+    assert len(defined) == 15 and queried == defined
