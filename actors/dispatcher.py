@@ -43,7 +43,9 @@ from model.moe import ExpertGroups, group_by_expert
 log = logging.getLogger(__name__)
 
 RETRIABLE = (RayActorError, ActorUnavailableError, PeerLost)
-MAX_SPEED_RATIO = 4.0       # a replica's share of rows stays within 1/4x..4x of an even split
+# replicas' speeds within SPEED_DEADBAND of each other are split evenly (measurement noise on a
+# shared node is that large); otherwise a replica's share stays within 1/2x..2x of an even one
+SPEED_DEADBAND, MAX_SPEED_RATIO = 1.25, 2.0
 TRANSPORTS = ("channel", "object_refs")
 
 
@@ -198,14 +200,15 @@ class Dispatcher:
 
     def _split(self, start: int, end: int, replicas: list[int]) -> list[tuple[int, int]]:
         """[start, end) cut into one range per replica: in proportion to each one's speed
-        (1 / measured seconds per row) once all are measured, else evenly."""
+        (1 / measured seconds per row) once all are measured and they differ by more than
+        SPEED_DEADBAND, else evenly."""
         n, k = end - start, len(replicas)
         speeds = self.speeds()
         per_row = [speeds.get(self.actors[a]) for a in replicas]
-        if k == 1 or None in per_row:
+        if k == 1 or None in per_row or max(per_row) <= SPEED_DEADBAND * min(per_row):
             return [(start + n * i // k, start + n * (i + 1) // k) for i in range(k)]
         inverse = [1.0 / s for s in per_row]
-        mean = sum(inverse) / k          # a noisy fit never gives one replica nearly everything
+        mean = sum(inverse) / k
         inverse = [min(max(v, mean / MAX_SPEED_RATIO), mean * MAX_SPEED_RATIO) for v in inverse]
         total, cuts, acc = sum(inverse), [start], 0.0
         for v in inverse[:-1]:

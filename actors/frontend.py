@@ -49,7 +49,7 @@ class Frontend:
         self.dispatcher = Dispatcher(experts.actors, experts.actor_experts, cfg.num_local_experts,
                                      make_transport(transport, experts.secret),
                                      **(dispatch_args or {}))
-        self._node_of: dict = {}                       # expert actor -> its node id
+        self._node_of = dict(zip(experts.actors, experts.nodes))    # expert actor -> node id
         self.engine = Engine(model, self.dispatcher.moe, Tokenizer.from_pretrained(source.path),
                              device=device, moe_begin=self.dispatcher.moe_begin,
                              **(engine_args or {}))
@@ -76,39 +76,35 @@ class Frontend:
         for actor in experts.actors:
             if connect is not None and actor not in self.dispatcher.actors:
                 connect(actor)
-        self.engine.run_between_steps(
-            lambda: self.dispatcher.set_actors(experts.actors, experts.actor_experts)).result()
+
+        def switch():
+            self.dispatcher.set_actors(experts.actors, experts.actor_experts)
+            self._node_of = dict(zip(experts.actors, experts.nodes))
+        self.engine.run_between_steps(switch).result()
 
     async def set_experts(self, experts: Experts) -> None:
         await asyncio.to_thread(self.set_experts_now, experts)
 
-    def expert_load_now(self) -> ExpertLoad:
-        """Routing load over the dispatcher's window, per expert id and per expert actor
-        (blocking: it asks an actor it has not met yet for its node); `expert_load` is the
-        async form."""
+    def expert_load(self) -> ExpertLoad:
+        """Routing load over the dispatcher's window, per expert id and per expert actor, with
+        the node each actor is pinned to (no call to the actors: a restarting one does not
+        hold it up)."""
         d = self.dispatcher
-        actors, actor_experts = d.actors, d.actor_experts
-        unknown = [a for a in actors if a not in self._node_of]
-        for a, worker in zip(unknown, ray.get([a.info.remote() for a in unknown])):
-            self._node_of[a] = worker.node_id
-        self._node_of = {a: self._node_of[a] for a in actors}      # forget removed actors
+        actors, actor_experts, node_of = d.actors, d.actor_experts, self._node_of
         per_layer = d.load.rows_per_s(self.engine.cfg.num_hidden_layers)
         speeds = d.speeds()
         return ExpertLoad(
             window_s=d.load.span_s(),
             rows_per_s=tuple(sum(col) for col in zip(*per_layer)),
             per_layer=tuple(tuple(row) for row in per_layer),
-            actors=tuple(ActorLoad(tuple(ids), self._node_of[a], d.load.actor_rows_per_s(a),
+            actors=tuple(ActorLoad(tuple(ids), node_of.get(a, ""), d.load.actor_rows_per_s(a),
                                    speeds.get(a))
                          for a, ids in zip(actors, actor_experts)))
 
-    async def expert_load(self) -> ExpertLoad:
-        return await asyncio.to_thread(self.expert_load_now)
-
     async def info(self) -> EngineInfo:
-        """The engine's model limits, KV blocks, where each expert actor runs (it asks them)
-        and each expert id's recent load."""
-        load = await self.expert_load()
+        """The engine's model limits, KV blocks, where each expert actor runs and each expert
+        id's recent load."""
+        load = self.expert_load()
         experts: dict[int, tuple[str, ...]] = {}
         for a in load.actors:
             for e in a.expert_ids:

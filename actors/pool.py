@@ -90,6 +90,12 @@ class Experts:
     actors: list                        # ExpertWorker handles
     actor_experts: list[list[int]]      # the expert ids each actor holds, in its order
     secret: str                         # the channel secret (actors/channel.py)
+    nodes: list[str]                    # the node each actor is pinned to (its placement group)
+
+    @classmethod
+    def of(cls, members: list["Member"], secret: str) -> "Experts":
+        return cls([m.actor for m in members], [list(m.expert_ids) for m in members], secret,
+                   [m.slot.node_id for m in members])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +155,7 @@ class ExpertPool:
 
     @property
     def experts(self) -> Experts:
-        return Experts([m.actor for m in self.members], [list(m.expert_ids) for m in self.members],
-                       self.secret)
+        return Experts.of(self.members, self.secret)
 
     def groups(self) -> dict[tuple[int, ...], list[Member]]:
         """Expert ids of one actor -> its replicas, oldest first."""

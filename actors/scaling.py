@@ -75,8 +75,7 @@ class ExpertScaler:
             new = self.pool.grow(added) if added else []
             kept = [m for m in self.pool.members if m not in removed] + new
             try:
-                self._apply(Experts([m.actor for m in kept], [list(m.expert_ids) for m in kept],
-                                    self.pool.secret))
+                self._apply(Experts.of(kept, self.pool.secret))
             except BaseException:
                 self.pool.stop(new)
                 raise

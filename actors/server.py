@@ -106,7 +106,7 @@ class EngineServer:
         self.pool, self.frontend = pool, frontend
         self.scaler = ExpertScaler(pool, frontend.set_experts_now,
                                    frontend.engine.cfg.num_local_experts)
-        self.autoscaler = Autoscaler(policy, self.scaler, frontend.expert_load_now) if policy else None
+        self.autoscaler = Autoscaler(policy, self.scaler, frontend.expert_load) if policy else None
         if self.autoscaler is not None:
             self.autoscaler.start()
         self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, self.scaler)
@@ -130,7 +130,7 @@ class EngineServer:
         return await self.frontend.info()
 
     async def expert_load(self) -> ExpertLoad:
-        return await self.frontend.expert_load()
+        return self.frontend.expert_load()
 
     async def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
         """Live scaling of this engine's expert actors (actors/scaling.py); -> replicas per

@@ -92,6 +92,10 @@ def measure(engine: RayEngine, load: Load, name: str, seconds: float, during=Non
     if during is not None:
         thread.join()
     end = time.monotonic()
+    if "switched_s" in took:             # the switch is the last thing set_expert_replicas does
+        switch = start + took["switched_s"]
+        took["gap_starting_ms"] = 1e3 * max(load.gaps(start, switch - 1.0), default=float("nan"))
+        took["gap_switch_ms"] = 1e3 * max(load.gaps(switch - 1.0, switch + 1.0), default=float("nan"))
     info = engine.expert_load()
     timings = ray_get(engine.frontend.dispatch_timings.remote())
     gaps = load.gaps(start, end)
@@ -112,7 +116,7 @@ def first_rows_after(engine: RayEngine, start: float, new_count: int) -> float:
         actors = [a for a in engine.expert_load().actors if HOT in a.expert_ids]
         if len(actors) == new_count and all(a.rows_per_s > 0 for a in actors):
             return time.monotonic() - start
-        time.sleep(0.05)
+        time.sleep(0.2)
 
 
 HOT = 0
@@ -166,6 +170,10 @@ def main() -> None:
     print(f"\nlongest gap during scale-up / scale-down: {rows[1]['gap_max_ms'] / steady:.2f}x / "
           f"{rows[3]['gap_max_ms'] / steady:.2f}x the steady median gap ({steady:.0f} ms); "
           f"longest gap in the steady phases: {max(rows[0]['gap_max_ms'], rows[2]['gap_max_ms']):.0f} ms")
+    for r in (rows[1], rows[3]):
+        print(f"{r['phase']}: longest gap while the new actors started {r['gap_starting_ms']:.0f} ms, "
+              f"within 1 s of the switch {r['gap_switch_ms']:.0f} ms "
+              f"({r['gap_switch_ms'] / steady:.2f}x the steady median gap)")
     print(f"measured expert compute per row (median over actors, this CPU): "
           f"{rows[0]['us_per_row']:.1f} us")
 

@@ -36,7 +36,7 @@ from model.checkpoint import cached_random_checkpoint  # noqa: E402
 from protos import loadgen  # noqa: E402
 
 log = logging.getLogger("bench.soak")
-APP, MODEL = "soak", "tiny"
+APP = "soak"
 SAMPLE_S = 15.0
 ROLES = {"ExpertWorker": "expert actors (sum)", f"ServeReplica:{APP}:EngineServer": "engine replica",
          f"ServeReplica:{APP}:Gateway": "gateway", "ProxyActor": "Serve proxy",
@@ -59,21 +59,22 @@ def rss_by_role() -> dict[str, float]:
     return dict(out)
 
 
-async def steady(seconds: float, clients: int, grpc_address: str, http_url: str,
+async def steady(seconds: float, clients: int, grpc_address: str, http_url: str, model: str,
                  outcomes: collections.Counter, seed: int) -> None:
-    """`clients` loops, each sending one job after another (one in 8 leaving after two
-    chunks) until `seconds` pass."""
+    """`clients` loops, each sending one job after another, gRPC and OpenAI HTTP in turn (one
+    in 8 leaving after two chunks), until `seconds` pass."""
     deadline = time.monotonic() + seconds
 
     async def loop(i: int, pool: loadgen.Clients):
         n = 0
         while time.monotonic() < deadline:
-            [job] = loadgen.make_jobs(1, seed=seed * 100_000 + i * 1000 + n, cancel_every=0)
+            pair = loadgen.make_jobs(2, seed=seed * 100_000 + i * 1000 + n, cancel_every=0)
+            job = pair[(i + n) % 2]                        # make_jobs alternates gRPC and HTTP
             if n % 8 == 7:
                 job = dataclasses.replace(job, cancel_after=2)
             outcomes[(await pool.run(job)).status] += 1
             n += 1
-    async with loadgen.Clients(grpc_address, http_url, MODEL, connections=clients + 8) as pool:
+    async with loadgen.Clients(grpc_address, http_url, model, connections=clients + 8) as pool:
         await asyncio.gather(*(loop(i, pool) for i in range(clients)))
 
 
@@ -89,19 +90,20 @@ async def sampler(engine, samples: list, stop: asyncio.Event, phase: list[str]) 
             pass
 
 
-async def run(args, grpc_address: str, http_url: str) -> tuple[list, dict]:
+async def run(args, grpc_address: str, http_url: str, model: str) -> tuple[list, dict]:
     engine = serve.get_deployment_handle("EngineServer", APP)
     samples, stop, phase = [], asyncio.Event(), ["steady"]
     outcomes = {p: collections.Counter() for p in ("steady", "overload", "recovery")}
     sampling = asyncio.ensure_future(sampler(engine, samples, stop, phase))
     log.info("steady: %d clients for %g min", args.clients, args.minutes)
-    await steady(args.minutes * 60, args.clients, grpc_address, http_url, outcomes["steady"], 1)
+    await steady(args.minutes * 60, args.clients, grpc_address, http_url, model,
+                 outcomes["steady"], 1)
     phase[0] = "overload"
     log.info("overload: %d clients for 30 s", args.burst)
-    await steady(30, args.burst, grpc_address, http_url, outcomes["overload"], 2)
+    await steady(30, args.burst, grpc_address, http_url, model, outcomes["overload"], 2)
     phase[0] = "recovery"
     log.info("recovery: %d clients for 60 s", args.clients)
-    await steady(60, args.clients, grpc_address, http_url, outcomes["recovery"], 3)
+    await steady(60, args.clients, grpc_address, http_url, model, outcomes["recovery"], 3)
     await asyncio.sleep(3)                      # cancels land asynchronously
     phase[0] = "idle"
     info = await engine.info.remote()
@@ -131,7 +133,7 @@ def main() -> None:
                              "engine_args": {"max_num_seqs": 32, "max_waiting": 64}}),
                   name=APP, route_prefix="/")
         samples, outcomes = asyncio.run(run(args, f"127.0.0.1:{grpc_port}",
-                                            f"http://127.0.0.1:{http_port}"))
+                                            f"http://127.0.0.1:{http_port}", path.name))
         serve.shutdown()
     warm = next((s for s in samples if s[0] >= 60), samples[0])      # after a minute of load
     end = [s for s in samples if s[1] == "idle"][-1]

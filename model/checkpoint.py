@@ -210,17 +210,17 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
     return t.to(dtype)
 
 
-# A biased router (`hot_expert`): every token embedding gets HOT_OFFSET added on hidden dim 0, so
-# the residual stream carries it into every layer (after RMSNorm it dominates dim 0: about 7 on
-# `tiny`, against ~0.3 on the others), and each layer's gate row of the hot expert reads it with
-# weight HOT_GATE (the other experts' rows ignore dim 0): its logit (~2) beats the others' (~0.2),
-# so nearly every token picks it as one of its two experts: half of all (token, expert) rows.
-HOT_OFFSET, HOT_GATE = 0.5, 0.3
+# A biased router (`hot_expert`): every token embedding gets HOT_OFFSET * sqrt(hidden_size / 64)
+# added on hidden dim 0, so the residual stream carries it into every layer (after RMSNorm it
+# dominates dim 0), and each layer's gate row of the hot expert reads it with weight HOT_GATE (the
+# other experts' rows ignore dim 0): its logit beats the others', so nearly every token picks it
+# as one of its two experts: about half of all (token, expert) rows on `tiny` and `small`.
+HOT_OFFSET, HOT_GATE = 0.5, 0.5
 
 
 def _bias_router(name: str, t: torch.Tensor, hot_expert: int) -> torch.Tensor:
     if name == "model.embed_tokens.weight":
-        t[:, 0] += HOT_OFFSET
+        t[:, 0] += HOT_OFFSET * math.sqrt(t.shape[1] / 64)
     elif name.endswith("block_sparse_moe.gate.weight"):
         t[:, 0] = 0.0                                   # the others ignore dim 0
         t[hot_expert, 0] = HOT_GATE
