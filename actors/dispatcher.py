@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 RETRIABLE = (RayActorError, ActorUnavailableError, PeerLost)
 # replicas' speeds within SPEED_DEADBAND of each other are split evenly (measurement noise on a
-# shared node is that large); otherwise a replica's share stays within 1/2x..2x of an even one
+# shared node is that large); otherwise a replica's share stays within about 1/2x..2x of an even one
 SPEED_DEADBAND, MAX_SPEED_RATIO = 1.25, 2.0
 TRANSPORTS = ("channel", "object_refs")
 
@@ -208,12 +208,14 @@ class Dispatcher:
         if k == 1 or None in per_row or max(per_row) <= SPEED_DEADBAND * min(per_row):
             return [(start + n * i // k, start + n * (i + 1) // k) for i in range(k)]
         inverse = [1.0 / s for s in per_row]
-        mean = sum(inverse) / k
-        inverse = [min(max(v, mean / MAX_SPEED_RATIO), mean * MAX_SPEED_RATIO) for v in inverse]
-        total, cuts, acc = sum(inverse), [start], 0.0
-        for v in inverse[:-1]:
+        shares = [v / sum(inverse) for v in inverse]
+        for _ in range(4):                 # clamp to [1/(2k), 2/k] and renormalise (converges)
+            shares = [min(max(v, 1 / (MAX_SPEED_RATIO * k)), MAX_SPEED_RATIO / k) for v in shares]
+            shares = [v / sum(shares) for v in shares]
+        cuts, acc = [start], 0.0
+        for v in shares[:-1]:
             acc += v
-            cuts.append(start + int(n * acc / total + 0.5))
+            cuts.append(start + int(n * acc + 0.5))
         cuts.append(end)
         return list(zip(cuts, cuts[1:]))
 

@@ -18,8 +18,9 @@ its bundle: an expert actor's calls are re-sent by the dispatcher; the frontend'
 KV cache is gone with it) are re-sent once it is back: a stream resumes as prompt + tokens so
 far (actors/failover.py) and goes on with no token repeated or missing, a `generate` / `logits`
 call runs again (sampled requests are given seeds first, so the outputs are the same), each
-within `failover_timeout_s` per failover; the restarted frontend is told the current expert
-actors first (live scaling may have changed them since it started). Expert actors are added
+within `failover_timeout_s` per failover. Every call carries the current expert actors, so a
+frontend that Ray restarted with its constructor's (stale after live scaling) switches to them
+before it serves anything. Expert actors are added
 and removed live by `set_expert_replicas`, or by the autoscaler (`expert_autoscaling`, a thread
 of this process: the one that owns the actors). The served path does not use this class: its
 engine replica is the frontend itself (actors/server.py).
@@ -149,6 +150,10 @@ class RayEngine:
     def logits(self, prompts) -> torch.Tensor | list[torch.Tensor]:
         return self._again_if_the_frontend_dies(self.frontend.logits, prompts)
 
+    def _current(self):
+        """The expert actors now, passed with every frontend call (Frontend.use_experts)."""
+        return self._pool.experts
+
     def _again_if_the_frontend_dies(self, method, *args):
         """method.remote(*args), sent again (up to 3 times) if the frontend dies meanwhile;
         each wait for the restarted frontend is bounded by failover_timeout_s."""
@@ -156,8 +161,7 @@ class RayEngine:
             try:
                 if failover:                   # the restarted frontend answers (or time is up)
                     ray.get(self.frontend.info.remote(), timeout=self.failover_timeout_s)
-                    self._tell_experts()
-                return ray.get(method.remote(*args))
+                return ray.get(method.remote(*args, experts=self._current()))
             except ray.exceptions.GetTimeoutError:
                 raise EngineUnavailable(f"the frontend did not come back within "
                                         f"{self.failover_timeout_s:g} s") from None
@@ -172,11 +176,8 @@ class RayEngine:
         """Leaving early cancels the frontend's stream, which aborts the request there."""
         params = with_seed(params)
 
-        def call(resume):
-            if resume is not None:
-                self._tell_experts()
-            return _ActorStream(self.frontend.stream.remote(prompt, params, resume))
-        chunks = ResumableStream(call, self.failover_timeout_s)
+        chunks = ResumableStream(lambda resume: _ActorStream(self.frontend.stream.remote(
+            prompt, params, resume, self._current())), self.failover_timeout_s)
         finished = False
         try:
             async for chunk in chunks:
@@ -186,11 +187,6 @@ class RayEngine:
             if not finished:
                 chunks.cancel()
 
-    def _tell_experts(self) -> None:
-        """Give a (restarted) frontend the current expert actors; its constructor's may be
-        stale after live scaling. Not waited for: it is ordered before the caller's next call."""
-        self.frontend.set_experts.remote(self._pool.experts)
-
     # ---- elastic experts (actors/scaling.py) ------------------------------------------------
     def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
         """Scale expert ids to these replica counts, live; -> replicas per expert id.
@@ -199,10 +195,12 @@ class RayEngine:
 
     def expert_load(self) -> ExpertLoad:
         """Rows routed per expert id (per layer and in all) and per actor over the load window."""
+        ray.get(self.frontend.use_experts.remote(self._current()))
         return ray.get(self.frontend.expert_load.remote())
 
     # ---- inspection ---------------------------------------------------------------------
     def info(self) -> EngineInfo:
+        ray.get(self.frontend.use_experts.remote(self._current()))
         return ray.get(self.frontend.info.remote())
 
     def placement(self) -> dict:
@@ -218,7 +216,10 @@ class RayEngine:
         return ray.get(self.frontend.worker_info.remote())
 
     def shutdown(self) -> None:
+        """Stop the autoscaler, wait for a scaling change in progress, then kill the frontend
+        and the expert actors and release their placement groups."""
         if self.autoscaler is not None:
             self.autoscaler.stop()
-        ray.kill(self.frontend, no_restart=True)
-        self._pool.shutdown()
+        with self.scaler.lock:
+            ray.kill(self.frontend, no_restart=True)
+            self._pool.shutdown()

@@ -54,17 +54,28 @@ class Frontend:
                              device=device, moe_begin=self.dispatcher.moe_begin,
                              **(engine_args or {}))
 
-    async def generate(self, prompts, params):
+    async def generate(self, prompts, params, experts: Experts | None = None):
+        await self.use_experts(experts)
         return await asyncio.to_thread(self.engine.generate, prompts, params)
 
-    async def logits(self, prompts):
+    async def logits(self, prompts, experts: Experts | None = None):
+        await self.use_experts(experts)
         return await asyncio.to_thread(self.engine.logits, prompts)
 
-    async def stream(self, prompt, params: SamplingParams, resume: Resume | None = None):
+    async def stream(self, prompt, params: SamplingParams, resume: Resume | None = None,
+                     experts: Experts | None = None):
         """StreamChunks; leaving early (or being cancelled) aborts the request, freeing its KV.
-        `resume`: continue a request whose engine died (actors/failover.py)."""
+        `resume`: continue a request whose engine died (actors/failover.py). `experts`
+        (RayEngine's calls): the expert actors its owner holds now; a frontend that Ray
+        restarted with its constructor's (stale after live scaling) switches first."""
+        await self.use_experts(experts)
         async for chunk in self.engine.stream(prompt, params, resume):
             yield chunk
+
+    async def use_experts(self, experts: Experts | None) -> None:
+        """`set_experts(experts)` unless these are the actors in use already (or None)."""
+        if experts is not None and list(experts.actors) != list(self.dispatcher.actors):
+            await self.set_experts(experts)
 
     def set_experts_now(self, experts: Experts) -> None:
         """Use these expert actors from the next step on (live scaling, actors/scaling.py):

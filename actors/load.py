@@ -14,7 +14,9 @@ An actor's speed is its marginal compute time per row, `b` in `seconds = a + b *
 least squares over its calls in the window: the fixed cost `a` of a call (launch, the
 Python around it) is paid by every replica alike, so splitting rows by plain rows / seconds
 would starve whichever replica got fewer rows (fewer rows, more overhead per row, fewer rows
-next time). With too little spread in the calls' sizes to fit a line, seconds / rows is used.
+next time). A fit whose slope is not clearly measured (standard error above MAX_SLOPE_ERROR of
+it: calls all of one size, or a fixed cost so large that rows hardly matter, as at a GPU's
+weight-reading floor) counts as unmeasured, and the dispatcher splits evenly.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import time
 from typing import Callable, Hashable
 
 MIN_CALLS = 8           # calls of an actor in the window before its speed counts
+MAX_SLOPE_ERROR = 0.2   # a slope's standard error, relative to it, above which it does not count
 
 
 @dataclasses.dataclass
@@ -36,6 +39,7 @@ class _Fit:
     y: float = 0.0
     xx: float = 0.0
     xy: float = 0.0
+    yy: float = 0.0
 
     def add(self, rows: float, seconds: float) -> None:
         self.n += 1
@@ -43,24 +47,26 @@ class _Fit:
         self.y += seconds
         self.xx += rows * rows
         self.xy += rows * seconds
+        self.yy += seconds * seconds
 
     def merge(self, other: "_Fit") -> None:
-        self.n += other.n
-        self.x += other.x
-        self.y += other.y
-        self.xx += other.xx
-        self.xy += other.xy
+        for f in ("n", "x", "y", "xx", "xy", "yy"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
 
     def slope(self) -> float | None:
-        """Seconds per row, or None without enough calls."""
-        if self.n < MIN_CALLS or self.x <= 0:
+        """Seconds per row, or None unless enough calls measure it clearly."""
+        if self.n < MIN_CALLS:
             return None
-        spread = self.n * self.xx - self.x * self.x
-        if spread > 1e-9 * self.n * self.xx:
-            b = (self.n * self.xy - self.x * self.y) / spread
-            if b > 0:
-                return b
-        return self.y / self.x
+        sxx = self.xx - self.x * self.x / self.n
+        if sxx <= 1e-12 * max(self.xx, 1.0):
+            return None                               # every call the same size
+        sxy = self.xy - self.x * self.y / self.n
+        syy = self.yy - self.y * self.y / self.n
+        b = sxy / sxx
+        residual = max(syy - b * sxy, 0.0) / (self.n - 2)
+        if b <= 0 or math.sqrt(residual / sxx) > MAX_SLOPE_ERROR * b:
+            return None
+        return b
 
 
 @dataclasses.dataclass

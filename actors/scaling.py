@@ -29,6 +29,7 @@ same knobs under other names: look_back_period_s, upscale/downscale_delay_s.)
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -48,7 +49,11 @@ class ExpertScaler:
         """`apply(experts)`: make the frontend use exactly these actors, returning once it
         does (between two steps)."""
         self.pool, self._apply, self.num_experts = pool, apply, num_experts
-        self._lock = threading.Lock()           # one change at a time (user and autoscaler)
+        self.lock = threading.Lock()            # one change at a time (user, autoscaler, shutdown)
+
+    def groups(self) -> list[tuple[int, ...]]:
+        """The expert ids of each actor group: the unit of scaling."""
+        return sorted(self.pool.groups())
 
     def replicas(self) -> dict[int, int]:
         """expert id -> actors holding it now."""
@@ -62,7 +67,9 @@ class ExpertScaler:
         """Scale the named expert ids to these replica counts (others unchanged); returns
         replicas per expert id afterwards. ValueError naming a bad id or count, PlacementError
         when the cluster cannot hold the additions: nothing changed in either case."""
-        with self._lock:
+        with self.lock:
+            if self.pool.closed:
+                raise RuntimeError("the engine is shut down: no expert replicas to set")
             groups = self._by_group(targets)
             current = self.pool.groups()
             added = {ids: n - len(current[ids]) for ids, n in groups.items()
@@ -181,51 +188,50 @@ class Autoscaler:
     def __init__(self, policy: ExpertAutoscaling, scaler: ExpertScaler,
                  load: Callable[[], ExpertLoad], clock: Callable[[], float] = time.monotonic):
         self.policy, self.scaler, self._load, self._clock = policy, scaler, load, clock
-        self._changed: dict[int, float] = {}      # expert id -> when it last changed
+        self._changed: dict[tuple[int, ...], float] = {}    # actor group -> its last change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.decisions: list[dict] = []           # what each tick changed, for tests and logs
+        # the latest changes made, for tests and operators: {"at", "replicas", "load"}
+        self.decisions: collections.deque[dict] = collections.deque(maxlen=1000)
 
     def tick(self) -> dict[int, int]:
-        """One decision: read the load, scale what should change (downs first, then each up as
-        far as the cluster has room); -> the new replica counts of the experts changed."""
+        """One decision: read the load, scale what should change (each down, then each up as
+        far as the cluster has room); -> the new replica counts of the expert ids changed.
+        The unit is an actor's group of expert ids (one id with experts_per_actor=1), its
+        load that of its busiest id."""
         load, now = self._load(), self._clock()
         replicas = self.scaler.replicas()
         mean = sum(load.rows_per_s) / len(load.rows_per_s)
-        wanted = {e: self.policy.wanted(rate, mean, replicas[e])
-                  for e, rate in enumerate(load.rows_per_s)
-                  if now - self._changed.get(e, -math.inf) >= self.policy.cooldown_s}
-        changes = {e: n for e, n in wanted.items() if n != replicas[e]}
-        done: dict[int, int] = {}
-        downs = {e: n for e, n in changes.items() if n < replicas[e]}
-        if downs:
-            self._change(downs, replicas, load, now, done)
-        for e, n in sorted(changes.items(), key=lambda kv: -load.rows_per_s[kv[0]]):
-            if n < replicas[e]:
+        changes = {}
+        for ids in self.scaler.groups():
+            if now - self._changed.get(ids, -math.inf) < self.policy.cooldown_s:
                 continue
-            for m in range(n, replicas[e], -1):           # as many as the cluster has room for
+            rate, n = max(load.rows_per_s[e] for e in ids), replicas[ids[0]]
+            wanted = self.policy.wanted(rate, mean, n)
+            if wanted != n:
+                changes[ids] = (wanted, n, rate)
+        done: dict[int, int] = {}
+        for ids, (wanted, n, rate) in sorted(changes.items(), key=lambda kv: -kv[1][2]):
+            for m in (range(wanted, n, -1) if wanted > n else [wanted]):   # up: as far as room
                 try:
-                    self._change({e: m}, replicas, load, now, done)
-                    break
+                    self.scaler.set_expert_replicas(dict.fromkeys(ids, m))
                 except PlacementError as err:
-                    log.info("autoscaler: no room for %d replicas of expert %d: %s", m, e, err)
+                    log.info("autoscaler: no room for %d replicas of experts %s: %s",
+                             m, list(ids), err)
+                    continue
+                except Exception as err:  # noqa: BLE001 - the others still get their turn
+                    log.warning("autoscaler: scaling experts %s to %d failed: %s: %s",
+                                list(ids), m, type(err).__name__, err)
+                    break
+                log.info("autoscaler: experts %s %d -> %d replicas: %.1f rows/s over the last "
+                         "%.0f s (mean expert %.1f rows/s)", list(ids), n, m, rate,
+                         load.window_s, mean)
+                done.update(dict.fromkeys(ids, m))
+                self._changed[ids] = now
+                self.decisions.append({"at": now, "replicas": dict.fromkeys(ids, m),
+                                       "load": [round(r, 1) for r in load.rows_per_s]})
+                break
         return done
-
-    def _change(self, changes: dict[int, int], replicas: dict[int, int], load: ExpertLoad,
-                now: float, done: dict[int, int]) -> None:
-        self._log(changes, replicas, load)
-        self.scaler.set_expert_replicas(changes)
-        done.update(changes)
-        self._changed.update(dict.fromkeys(changes, now))
-        self.decisions.append({"at": now, "replicas": dict(changes),
-                               "load": [round(r, 1) for r in load.rows_per_s]})
-
-    def _log(self, changes: dict[int, int], replicas: dict[int, int], load: ExpertLoad) -> None:
-        mean = sum(load.rows_per_s) / len(load.rows_per_s)
-        for e, n in changes.items():
-            log.info("autoscaler: expert %d %d -> %d replicas: %.1f rows/s over the last %.0f s "
-                     "(mean expert %.1f rows/s)", e, replicas[e], n, load.rows_per_s[e],
-                     load.window_s, mean)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="expert-autoscaler", daemon=True)

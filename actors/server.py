@@ -138,13 +138,13 @@ class EngineServer:
         return await asyncio.to_thread(self.scaler.set_expert_replicas, replicas)
 
     async def ping(self) -> None:
-        """Answers as soon as this replica's event loop does: the health checks' call (info()
-        asks every expert actor)."""
+        """Answers as soon as this replica's event loop does: the health checks' call."""
 
     def __del__(self):
         if getattr(self, "autoscaler", None) is not None:
             self.autoscaler.stop()
         if hasattr(self, "metrics"):
             self.metrics.close()
-        if hasattr(self, "pool"):          # not if start-up failed (it cleaned up then)
-            self.pool.shutdown()
+        if hasattr(self, "scaler"):        # not if start-up failed (it cleaned up then)
+            with self.scaler.lock:         # a scaling change in progress finishes first
+                self.pool.shutdown()

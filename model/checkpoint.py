@@ -216,6 +216,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
 # other experts' rows ignore dim 0): its logit beats the others', so nearly every token picks it
 # as one of its two experts: about half of all (token, expert) rows on `tiny` and `small`.
 HOT_OFFSET, HOT_GATE = 0.5, 0.5
+HOT_BIAS_VERSION = 2        # bump when the bias changes: names the cached biased checkpoints
 
 
 def _bias_router(name: str, t: torch.Tensor, hot_expert: int) -> torch.Tensor:
@@ -281,7 +282,7 @@ def cached_random_checkpoint(preset: str = "tiny", seed: int = 0,
     """A random checkpoint under the cache dir, written once (atomically) and reused."""
     name = f"{preset}-seed{seed}-{str(dtype).removeprefix('torch.')}-v{RANDOM_INIT_VERSION}"
     if hot_expert is not None:
-        name += f"-hot{hot_expert}"
+        name += f"-hot{hot_expert}-b{HOT_BIAS_VERSION}"
     path = cache_dir() / "checkpoints" / name
     if (path / "config.json").exists():
         return path

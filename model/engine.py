@@ -174,11 +174,17 @@ class Engine:
         return future
 
     def _apply_pending_if_idle(self) -> None:
-        if self.step_lock.acquire(blocking=False):
+        """Apply what is queued if no step runs; again after releasing the lock if something
+        was queued meanwhile by a thread that found the lock taken (nothing waits for a step
+        that may never come)."""
+        while self.step_lock.acquire(blocking=False):
             try:
                 self._apply_pending()
             finally:
                 self.step_lock.release()
+            with self._pending_lock:
+                if not self._pending:
+                    return
 
     def _apply_pending(self) -> None:
         """Apply queued adds and aborts in their order (caller holds the step lock)."""

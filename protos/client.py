@@ -90,7 +90,8 @@ def _info(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
           f"{info.vocab_size}, {info.num_layers} layers, {info.num_experts} experts "
           f"(top-{info.experts_per_token}); frontend on node {info.frontend_node_id}")
     for e in info.experts:
-        print(f"  expert {e.expert_id}: {len(e.node_ids)} replica(s) on {', '.join(e.node_ids)}")
+        print(f"  expert {e.expert_id}: {len(e.node_ids)} replica(s) on {', '.join(e.node_ids)}; "
+              f"{e.rows_per_second:.1f} rows/s recently")
 
 
 def _generate(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:

@@ -166,3 +166,33 @@ def test_killing_a_replica_while_adding_another_loses_nothing(ray_engine, hot_ch
         assert asyncio.run(stream_all(engine, jobs)) == want        # consistent afterwards
     finally:
         engine.shutdown()
+
+
+def test_a_frontend_restarted_while_idle_after_scaling_uses_the_current_actors(ray_engine,
+                                                                             hot_checkpoint):
+    """Ray restarts RayEngine's frontend with its constructor's expert actors; after live
+    scaling those are stale (here: without the added replica). Every call carries the current
+    ones, so the next request runs on them, the added replica takes rows, same output."""
+    jobs = [(PROMPTS[i], PARAMS[0]) for i in range(4)]
+    want = expected(hot_checkpoint, jobs)
+    engine = ray_engine(hot_checkpoint)
+    try:
+        engine.set_expert_replicas({0: 2})
+        added = engine.experts[-1]
+        pid = ray.get(engine.frontend.worker_info.remote()).pid
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: _restarted(engine, pid), "the frontend did not come back", 120)
+        assert [o.token_ids for o in engine.generate([p for p, _ in jobs], PARAMS[0])] == want
+        load = engine.expert_load()
+        assert load.replicas()[0] == 2 and len(set(engine.info().experts[0])) == 2
+        [new] = [a for a, handle in zip(load.actors, engine.experts) if handle == added]
+        assert new.rows_per_s > 0                     # the restarted frontend sends it rows
+    finally:
+        engine.shutdown()
+
+
+def _restarted(engine, old_pid: int) -> bool:
+    try:
+        return ray.get(engine.frontend.worker_info.remote(), timeout=5).pid != old_pid
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False

@@ -69,8 +69,20 @@ def test_the_speed_fit_recovers_seconds_per_row(a, b, sizes):
     got = w.seconds_per_row("x")
     if len(set(sizes)) > 1:
         assert got == pytest.approx(b, rel=1e-4, abs=1e-12)
-    else:                                        # no spread: seconds / rows
-        assert got == pytest.approx(a / sizes[0] + b)
+    else:                                        # no spread: no slope, the split stays even
+        assert got is None
+
+
+def test_a_slope_lost_in_noise_counts_as_unmeasured():
+    """A fixed cost that dwarfs the per-row one (a GPU's weight-reading floor) with a few %
+    of timing noise: no speed, so replicas split evenly instead of by noise."""
+    import random
+    rng = random.Random(0)
+    w = LoadWindow(8, clock=FakeClock())
+    for _ in range(40):
+        n = rng.randint(1, 64)
+        w.called("x", n, (88e-6 + 1e-9 * n) * rng.uniform(0.97, 1.03))
+    assert w.seconds_per_row("x") is None
 
 
 def test_an_actor_is_unmeasured_until_it_made_enough_calls():
@@ -225,6 +237,9 @@ class FakeScaler:
     def replicas(self):
         return dict(self.counts)
 
+    def groups(self):
+        return [(e,) for e in sorted(self.counts)]
+
     def set_expert_replicas(self, targets):
         self.calls.append(dict(targets))
         extra = sum(n - self.counts[e] for e, n in targets.items() if n > self.counts[e])
@@ -270,6 +285,7 @@ def _member(i):
 
 def test_set_expert_replicas_checks_its_arguments_before_anything():
     class Pool:
+        closed = False
         members = [_member(e) for e in range(E)]
         members = [dataclasses.replace(m, expert_ids=(e,)) for e, m in enumerate(members)]
 
@@ -282,6 +298,25 @@ def test_set_expert_replicas_checks_its_arguments_before_anything():
         with pytest.raises(ValueError, match=match):
             scaler.set_expert_replicas(bad)
     assert scaler.set_expert_replicas({0: 1}) == {e: 1 for e in range(E)}    # no change
+    Pool.closed = True
+    with pytest.raises(RuntimeError, match="the engine is shut down"):
+        scaler.set_expert_replicas({0: 2})
+
+
+def test_the_autoscaler_scales_a_group_of_experts_as_one():
+    """experts_per_actor=2: the group follows its busiest id; one change per group, with a
+    cooldown per group (scaling by id would flap: 0 hot asks up, 1 cold asks down)."""
+    class GroupScaler(FakeScaler):
+        def groups(self):
+            return [(e, e + 1) for e in range(0, E, 2)]
+    clock = FakeClock()
+    scaler = GroupScaler({e: 1 for e in range(E)}, room=8)
+    rates = [800.0, 0.0] + [100.0] * 6
+    auto = Autoscaler(ExpertAutoscaling(max_replicas=4, target_load_ratio=1.5, cooldown_s=30),
+                      scaler, lambda: load_of(rates), clock)
+    assert auto.tick() == {0: 4, 1: 4} and scaler.calls == [{0: 4, 1: 4}]
+    clock.now += 31
+    assert auto.tick() == {} and scaler.counts[1] == 4     # no flapping back down
 
 
 # ---- the biased router -----------------------------------------------------------------------
