@@ -94,8 +94,7 @@ class ExpertScaler:
             return self.replicas()
 
     def _by_group(self, targets: Mapping[int, int]) -> dict[tuple[int, ...], int]:
-        by_id = {ids: ids for ids in self.pool.groups()}
-        group_of = {e: ids for ids in by_id for e in ids}
+        group_of = {e: ids for ids in self.pool.groups() for e in ids}
         out: dict[tuple[int, ...], int] = {}
         for e, n in targets.items():
             if isinstance(e, bool) or not isinstance(e, int) or e not in group_of:
