@@ -35,10 +35,11 @@ ROUND_TRIP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
 class EngineMetrics:
     """The metrics of one engine replica; `engine` is its Engine, `dispatcher` its Dispatcher."""
 
-    def __init__(self, engine, dispatcher, scaler, interval_s: float = 1.0):
-        """`scaler`: the replica's ExpertScaler (actors/scaling.py), for replica counts."""
+    def __init__(self, engine, dispatcher, expert_load, interval_s: float = 1.0):
+        """`expert_load()`: the replica's ExpertLoad now (Frontend.expert_load)."""
         from ray.serve import metrics as m
-        self.engine, self.dispatcher, self.scaler, self.interval_s = engine, dispatcher, scaler, interval_s
+        self.engine, self.dispatcher, self.interval_s = engine, dispatcher, interval_s
+        self.expert_load = expert_load
         self.ttft = m.Histogram("mixtral_ep_time_to_first_token_seconds",
                                 "Time from a request's arrival at the engine replica to its "
                                 "first token.", boundaries=TTFT_BUCKETS)
@@ -109,14 +110,12 @@ class EngineMetrics:
         while d.round_trips:
             layer, seconds = d.round_trips.popleft()
             self.round_trip.observe(seconds, tags={"layer": str(layer)})
-        rates = d.load.rows_per_s(self.engine.cfg.num_hidden_layers)
-        for expert, rate in enumerate(map(sum, zip(*rates))):
+        load = self.expert_load()
+        for expert, rate in enumerate(load.rows_per_s):
             self.load.set(rate, tags={"expert": str(expert)})
-        for expert, n in self.scaler.replicas().items():
+        for expert, n in load.replicas().items():
             self.replicas.set(n, tags={"expert": str(expert)})
-        actor_rates = [d.load.actor_rows_per_s(a) for a in list(d.actors)]
-        mean = sum(actor_rates) / len(actor_rates)
-        self.imbalance.set(max(actor_rates) / mean if mean > 0 else 1.0)
+        self.imbalance.set(load.imbalance())
         now = d.retries                                  # read once: it keeps counting
         if now > self._retries_seen:
             self.retries.inc(now - self._retries_seen)

@@ -109,7 +109,7 @@ class EngineServer:
         self.autoscaler = Autoscaler(policy, self.scaler, frontend.expert_load) if policy else None
         if self.autoscaler is not None:
             self.autoscaler.start()
-        self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, self.scaler)
+        self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, frontend.expert_load)
         grpc_address, http_address = proxy_addresses()
         log.info("engine replica ready: the frontend runs here, %d expert actors. Call it over "
                  "gRPC at %s:  python -m protos.client \"Hello\" --address %s   or the "
