@@ -15,7 +15,7 @@ demo: install
 	serve run deploy/serve.yaml
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 bench: install
 	$(PYTHON) bench/engine.py

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 FRONTEND_RESOURCE = "frontend"
 EXPERT_RESOURCE = "expert"
+# on the head only, plenty of it: pins a Serve replica next to the HeadOnly proxy, which routes
+# only to replicas on its own node while there are any (Serve's prefer-local-node routing)
+HEAD_RESOURCE = "head"
 # per-actor resources that put the frontend on the head and experts on the expert nodes
 FRONTEND_SLOT = {"CPU": 0.01, FRONTEND_RESOURCE: 1}
 EXPERT_SLOT = {"CPU": 0.01, EXPERT_RESOURCE: 1}
@@ -42,7 +45,7 @@ def local_cluster(expert_nodes: int = 3, expert_slots: int = 4, cpus_per_node: i
     """Start a head plus `expert_nodes` nodes, connect this process to it, tear it down after."""
     os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": cpus_per_node, "resources": {FRONTEND_RESOURCE: 1},
+        "num_cpus": cpus_per_node, "resources": {FRONTEND_RESOURCE: 1, HEAD_RESOURCE: 1000},
         "object_store_memory": object_store_memory,
         # metrics reach each node's exporter within 1 s (Ray's default is 10 s)
         "_system_config": {"metrics_report_interval_ms": 1000}})
