@@ -233,8 +233,9 @@ def test_client_cli_streams_calls_unary_chat_and_info(server, address, reference
 
 
 def test_client_cli_ctrl_c_ends_quietly(server, address):
+    # greedy and long: an unseeded sample could end early (EOS) before the signal lands
     proc = subprocess.Popen([sys.executable, "-m", "protos.client", "Once upon a time",
-                             "--address", address, "--max-tokens", "200", "--temperature", "1"],
+                             "--address", address, "--max-tokens", "2000", "--temperature", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.read(1)                       # the stream has started
     proc.send_signal(signal.SIGINT)

@@ -73,30 +73,41 @@ def test_requests_beyond_max_waiting_are_resource_exhausted(server):
 
 
 def test_http_beyond_max_waiting_is_429_in_openais_shape(server, http_port, tiny_checkpoint):
+    """Six HTTP requests (three streaming) behind a running one: one takes the waiting place
+    and runs once the slot frees, the other five get 429 in OpenAI's error shape, streaming or
+    not. (Which one waits is a race, so all are sent at once and none is singled out.)"""
+    def post(stream: bool) -> tuple[bool, int, dict | None]:
+        body = json.dumps({"model": tiny_checkpoint.name, "prompt": "hi", "max_tokens": 2,
+                           "stream": stream}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions",
+                                     data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                resp.read()
+                return stream, resp.status, None
+        except urllib.error.HTTPError as e:
+            return stream, e.code, json.loads(e.read())["error"]
+
     hog = server.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=4000,
                                                    temperature=0.0), timeout=120)
     next(hog)                                   # it runs, and holds the only sequence slot
-    waiter = server.GenerateStream(short("waits"), timeout=120)   # takes the one waiting place
     try:
-        deadline = time.monotonic() + 60
-        for stream in (False, True):
-            while True:
-                body = json.dumps({"model": tiny_checkpoint.name, "prompt": "hi", "max_tokens": 2,
-                                   "stream": stream}).encode()
-                req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions",
-                                             data=body, headers={"Content-Type": "application/json"})
-                try:
-                    urllib.request.urlopen(req, timeout=60).read()
-                except urllib.error.HTTPError as e:
-                    assert e.code == 429, e.read()
-                    error = json.loads(e.read())["error"]
-                    assert error["type"] == "rate_limit_error" and "try again" in error["message"]
-                    break
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            calls = [pool.submit(post, stream) for stream in (False, True) * 3]
+            deadline = time.monotonic() + 60
+            while sum(f.done() for f in calls) < 5:     # one waits behind the hog
                 assert time.monotonic() < deadline, "the waiting place never filled"
-                time.sleep(0.2)                 # the waiter had not queued yet: ours ran
+                time.sleep(0.05)
+            refused = [f.result() for f in calls if f.done()]
+            assert {stream for stream, _, _ in refused} == {False, True}
+            for _, code, error in refused:
+                assert code == 429, error
+                assert error["type"] == "rate_limit_error" and "try again" in error["message"]
+            hog.cancel()                        # frees the slot: the waiting one runs
+            codes = sorted(f.result(timeout=60)[1] for f in calls)
+            assert codes == [200] + [429] * 5, codes
     finally:
         hog.cancel()
-        waiter.cancel()
     # the cancels reach the engine asynchronously: leave it idle for the next test
     deadline = time.monotonic() + 60
     while status(lambda: server.Generate(short("idle?"), timeout=60)) != grpc.StatusCode.OK:

@@ -168,6 +168,69 @@ def test_killing_a_replica_while_adding_another_loses_nothing(ray_engine, hot_ch
         engine.shutdown()
 
 
+def test_a_replica_killed_while_being_added_or_removed_leaves_a_consistent_engine(
+        ray_engine, hot_checkpoint, alive_actors):
+    """During streams: the replica being added is SIGKILLed as soon as it is up (while it
+    warms or just after; Ray restarts it and the addition goes on), then the replica being
+    removed is SIGKILLed as its removal starts (the dispatcher re-sends its calls, and it is
+    not restarted). Same outputs throughout; counts, actors and free slots consistent."""
+    jobs = [(PROMPTS[i % 5], PARAMS[i % 2]) for i in range(5)]
+    want = expected(hot_checkpoint, jobs)
+    wait_for(lambda: free_expert_slots() == 18, "earlier tests' slots never came back")
+    engine = ray_engine(hot_checkpoint)
+    try:
+        start_free = free_expert_slots()
+        ones = {e: 1 for e in range(8)}
+
+        def workers() -> dict[str, dict]:
+            return {a["ActorID"]: a for a in alive_actors("ExpertWorker")}
+        before = workers()
+
+        def kill_while_adding(started, results, killed):
+            started.wait(60)
+            adder = threading.Thread(target=lambda: results.append(
+                engine.set_expert_replicas({0: 2})))
+            adder.start()
+            deadline = time.monotonic() + 60
+            while not killed and time.monotonic() < deadline:
+                for actor_id, a in workers().items():
+                    if actor_id not in before:              # the new replica, up
+                        os.kill(a["Pid"], signal.SIGKILL)
+                        killed.append(actor_id)
+                        break
+                time.sleep(0.02)
+            adder.join(120)
+
+        def kill_while_removing(started, results, killed):
+            started.wait(60)
+            wait_for(lambda: len(workers()) == len(before) + 1, "the added replica's restart")
+            [victim] = [a for actor_id, a in workers().items() if actor_id not in before]
+            remover = threading.Thread(target=lambda: results.append(
+                engine.set_expert_replicas({0: 1})))
+            remover.start()
+            os.kill(victim["Pid"], signal.SIGKILL)
+            killed.append(victim["ActorID"])
+            remover.join(120)
+
+        for scale, replicas in ((kill_while_adding, {**ones, 0: 2}), (kill_while_removing, ones)):
+            started, results, killed = threading.Event(), [], []
+            thread = threading.Thread(target=scale, args=(started, results, killed))
+            thread.start()
+            got = asyncio.run(stream_all(engine, jobs, started))
+            thread.join(150)
+            assert got == want, scale.__name__
+            assert len(killed) == 1 and results == [replicas], (scale.__name__, results)
+            assert engine.expert_load().replicas() == replicas
+            assert len(engine.experts) == 7 + replicas[0]
+            assert asyncio.run(stream_all(engine, jobs)) == want       # consistent afterwards
+        # the removed replica stays dead, its slot is back, and only the engine's 8 remain
+        wait_for(lambda: killed[0] not in workers(), "the removed replica came back")
+        wait_for(lambda: free_expert_slots() == start_free, "the removed replica's slot")
+        assert set(workers()) == set(before)
+    finally:
+        engine.shutdown()
+
+
 def test_a_frontend_restarted_while_idle_after_scaling_uses_the_current_actors(ray_engine,
                                                                              hot_checkpoint):
     """Ray restarts RayEngine's frontend with its constructor's expert actors; after live
