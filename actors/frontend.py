@@ -83,15 +83,23 @@ class Frontend:
         a dropped actor gets no row after that, and its calls of earlier steps have all
         returned. Blocks until switched (call it off the event loop); `set_experts` is the
         async form."""
-        connect = getattr(self.dispatcher.transport, "connect", None)
-        for actor in experts.actors:
-            if connect is not None and actor not in self.dispatcher.actors:
-                connect(actor)
+        transport = self.dispatcher.transport
+        new = [a for a in experts.actors if a not in self.dispatcher.actors]
+        opened = []
+        try:
+            for actor in new if hasattr(transport, "connect") else []:
+                transport.connect(actor)
+                opened.append(actor)
 
-        def switch():
-            self.dispatcher.set_actors(experts.actors, experts.actor_experts)
-            self._node_of = dict(zip(experts.actors, experts.nodes))
-        self.engine.run_between_steps(switch).result()
+            def switch():
+                self.dispatcher.set_actors(experts.actors, experts.actor_experts)
+                self._node_of = dict(zip(experts.actors, experts.nodes))
+            self.engine.run_between_steps(switch).result()
+        except BaseException:               # not switched: close what was opened for it
+            for actor in opened:
+                if actor not in self.dispatcher.actors:
+                    transport.disconnect(actor)
+            raise
 
     async def set_experts(self, experts: Experts) -> None:
         await asyncio.to_thread(self.set_experts_now, experts)

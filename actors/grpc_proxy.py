@@ -1,5 +1,6 @@
-"""Two fixes to Serve's gRPC proxy (Ray 2.60), installed in its process: a gateway replica's
-death as UNAVAILABLE, and no traceback for a client that went away.
+"""Three fixes to Serve's gRPC proxy (Ray 2.60), installed in its process: a gateway replica's
+death as UNAVAILABLE, no traceback for a client that went away, and a client that went away
+always cancels its call.
 
 Serve's proxy answers a call whose replica died (RayActorError: killed, OOM, node lost) with
 INTERNAL (ray/serve/_private/grpc_util.py, `get_grpc_response_status`, Ray 2.60), which clients
@@ -19,7 +20,15 @@ ignored GeneratorExit", never retrieved either). A client going away is not a se
 most one quiet line, issue 10): GeneratorExit maps to CANCELLED without a log line, and those two
 unretrieved-task reports go to DEBUG; every other report goes on as before.
 
-Serve has no hook for either, but it imports and calls each `grpc_servicer_functions` entry in
+A third fault, of the same kind (the client went away, the proxy mishandles it): the proxy
+cancels the replica's call only when the cancellation lands while it awaits the replica's next
+message (ProxyResponseGenerator.__anext__). When it lands while the proxy is writing a message
+to the client (a slow reader, HTTP/2 flow control), the proxy's generator is closed at its
+`yield` instead and the replica's call runs on: the engine generates up to `max_tokens` for
+nobody and holds its sequence slot and KV blocks meanwhile. `send_request_to_replica` is
+wrapped so that a stream ended before its last message cancels the replica's call.
+
+Serve has no hook for any of these, but it imports and calls each `grpc_servicer_functions` entry in
 the proxy process when it starts its gRPC server (on the proxy's event loop, after it set its
 loop exception handler): `add_retryable_status_to_server` is listed there (deploy/app.py:
 GRPC_SERVICER_FUNCTIONS), wraps the proxy's status mapping and the loop's exception handler. It
@@ -45,7 +54,8 @@ CLOSED_GENERATOR = "async generator ignored GeneratorExit"   # CPython's message
 
 def add_retryable_status_to_server(servicer, server) -> None:
     """A `grpc_servicer_functions` entry: adds no service; makes the proxy answer a call whose
-    replica died with UNAVAILABLE instead of INTERNAL (idempotent)."""
+    replica died with UNAVAILABLE instead of INTERNAL, quiets cancellations and cancels the
+    replica call of a stream closed early (idempotent)."""
     from ray.serve._private import proxy
     from ray.serve._private.proxy_request_response import ResponseStatus
 
@@ -67,6 +77,53 @@ def add_retryable_status_to_server(servicer, server) -> None:
     get_grpc_response_status.replica_death_is_unavailable = True
     proxy.get_grpc_response_status = get_grpc_response_status
     _quiet_cancellations(asyncio.get_event_loop())
+    _cancel_replica_calls_of_closed_streams(proxy.gRPCProxy)
+
+
+class _RecordingHandle:
+    """A DeploymentHandle that remembers the responses of its `.remote` calls."""
+
+    def __init__(self, handle):
+        self._handle, self.responses = handle, []
+
+    def remote(self, *args, **kwargs):
+        response = self._handle.remote(*args, **kwargs)
+        self.responses.append(response)
+        return response
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+def _cancel_replica_calls_of_closed_streams(proxy_cls) -> None:
+    """Wrap `proxy_cls.send_request_to_replica` (an async generator): when it is closed before
+    its end, the replica calls it made are cancelled (DeploymentResponseGenerator.cancel)."""
+    original = proxy_cls.send_request_to_replica
+
+    async def send_request_to_replica(self, request_id, internal_request_id, handle,
+                                      proxy_request, app_is_cross_language=False):
+        calls = _RecordingHandle(handle)
+        stream = original(self, request_id=request_id, internal_request_id=internal_request_id,
+                          handle=calls, proxy_request=proxy_request,
+                          app_is_cross_language=app_is_cross_language)
+        ended = False
+        try:
+            async for message in stream:
+                yield message
+            ended = True
+        finally:
+            if not ended:
+                for response in calls.responses:
+                    response.cancel()
+                log.debug("request %s: stream closed early; its replica call is cancelled",
+                          request_id)
+                try:
+                    await stream.aclose()
+                except RuntimeError as e:   # it yields its status after GeneratorExit
+                    if str(e) != CLOSED_GENERATOR:
+                        raise
+
+    proxy_cls.send_request_to_replica = send_request_to_replica
 
 
 def _quiet_cancellations(loop: asyncio.AbstractEventLoop) -> None:

@@ -189,8 +189,10 @@ class ExpertPool:
         planned = plan_added(cluster_nodes(), holders, added, self.expert_resources)
         flat = [(ids, slot) for ids, slots in planned.items() for slot in slots]
         pgs = reserve([slot for _, slot in flat], self.placement_timeout_s)
-        new = [self._start(ids, slot, pg) for (ids, slot), pg in zip(flat, pgs)]
+        new: list[Member] = []
         try:
+            for (ids, slot), pg in zip(flat, pgs):
+                new.append(self._start(ids, slot, pg))
             for attempt in range(WARM_ATTEMPTS):
                 try:
                     ray.get([m.actor.warm.remote() for m in new])
@@ -202,6 +204,7 @@ class ExpertPool:
                                 "its restart", type(e).__name__)
         except BaseException:
             self.stop(new)
+            release(pgs[len(new):])         # reserved, but their actors never started
             raise
         return new
 

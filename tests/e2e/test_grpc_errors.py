@@ -21,6 +21,7 @@ from ray import serve
 
 from cluster.local import EXPERT_RESOURCE, EXPERT_SLOT
 from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def test_requests_beyond_max_waiting_are_resource_exhausted(server):
             assert codes.count(grpc.StatusCode.OK) == 1 and codes.count(RESOURCE_EXHAUSTED) == 3
     finally:
         hog.cancel()
+    wait_until_idle(server)
 
 
 def test_http_beyond_max_waiting_is_429_in_openais_shape(server, http_port, tiny_checkpoint):
@@ -108,11 +110,32 @@ def test_http_beyond_max_waiting_is_429_in_openais_shape(server, http_port, tiny
             assert codes == [200] + [429] * 5, codes
     finally:
         hog.cancel()
-    # the cancels reach the engine asynchronously: leave it idle for the next test
-    deadline = time.monotonic() + 60
+    wait_until_idle(server)
+
+
+def wait_until_idle(server, timeout_s: float = 90) -> None:
+    """Cancels reach the engine asynchronously: leave it idle for the next test."""
+    deadline = time.monotonic() + timeout_s
     while status(lambda: server.Generate(short("idle?"), timeout=60)) != grpc.StatusCode.OK:
         assert time.monotonic() < deadline, "the engine never became idle"
         time.sleep(0.2)
+
+
+def test_a_slow_readers_cancelled_stream_frees_its_slot(server, grpc_port):
+    """A client that stops reading makes Serve's proxy block writing to it (HTTP/2 flow
+    control, here a 1 KiB window); when that client cancels, the engine's stream must end too
+    (actors/grpc_proxy.py), so the next request runs at once, not after the 4,000 tokens."""
+    window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=window) as channel:
+            hog = pb_grpc.GeneratorStub(channel).GenerateStream(
+                pb.GenerateRequest(prompt="Once", max_tokens=4000, temperature=0.0), timeout=120)
+            next(hog)
+            time.sleep(3)                       # the window fills: the proxy waits to write
+            hog.cancel()
+        assert status(lambda: server.Generate(short("next"), timeout=30)) == grpc.StatusCode.OK
+    finally:
+        wait_until_idle(server)
 
 
 def free_expert_slots() -> float:

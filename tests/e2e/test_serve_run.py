@@ -23,7 +23,9 @@ def test_serve_run_answers_generate(tmp_path):
     serve_bin = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_bin), "run", "deploy/serve.yaml"], cwd=ROOT, env=env,
                             stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,    # Ctrl-C below works even where this
+                            # runs with SIGINT ignored (a background job: CI under nohup)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         with grpc.insecure_channel("localhost:9000") as channel:
             stub = pb_grpc.GeneratorStub(channel)
