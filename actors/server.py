@@ -32,6 +32,7 @@ from actors.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler
 from cluster.placement import resource_options
 from model.checkpoint import WeightSource
 from model.engine import Resume, SamplingParams
+from model.errors import InvalidRequest, QueueFull
 
 # a child of Serve's logger: its handlers and LoggingConfig apply in a replica
 log = logging.getLogger(f"ray.serve.{__name__}")
@@ -120,11 +121,16 @@ class EngineServer:
     async def stream(self, prompt_ids: list[int], params: SamplingParams,
                      resume: Resume | None = None):
         """StreamChunks of one request; `resume`: where a dead replica's stream of it stopped
-        (actors/failover.py)."""
+        (actors/failover.py). A client's error (InvalidRequest, QueueFull) is yielded as the
+        last item instead of raised: raised, Serve's replica would log it at ERROR with a
+        traceback ("Request failed."); ResumableStream raises it in the caller."""
         request = self.metrics.request(len(prompt_ids))
-        async for chunk in self.frontend.stream(prompt_ids, params, resume):
-            request.chunk(chunk.token_ids, chunk.finish_reason)
-            yield chunk
+        try:
+            async for chunk in self.frontend.stream(prompt_ids, params, resume):
+                request.chunk(chunk.token_ids, chunk.finish_reason)
+                yield chunk
+        except (InvalidRequest, QueueFull) as e:
+            yield e
 
     async def info(self) -> EngineInfo:
         return await self.frontend.info()

@@ -12,6 +12,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -51,7 +52,20 @@ def status(call) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def serve_logs_since(sizes: dict | None = None) -> tuple[dict, str]:
+    """(sizes of Serve's log files now, what was written to them since `sizes`)."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    now = {f: f.stat().st_size for f in logs.glob("*.log")}
+    new = "".join(f.read_bytes()[(sizes or {}).get(f, 0):].decode(errors="replace")
+                  for f in sorted(now)) if sizes is not None else ""
+    return now, new
+
+
 def test_requests_beyond_max_waiting_are_resource_exhausted(server):
+    """Three of four requests behind a running one are refused; each refusal is one INFO line
+    in the logs, with no traceback or ERROR line from any replica (the engine replica's
+    included) or the proxy."""
+    sizes, _ = serve_logs_since()
     hog = server.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=4000,
                                                    temperature=0.0), timeout=120)
     next(hog)                                   # it runs, and holds the only sequence slot
@@ -72,6 +86,10 @@ def test_requests_beyond_max_waiting_are_resource_exhausted(server):
     finally:
         hog.cancel()
     wait_until_idle(server)
+    time.sleep(3)                               # Serve writes its log files asynchronously
+    _, new = serve_logs_since(sizes)
+    assert "Traceback" not in new and " ERROR " not in new, new[-3000:]
+    assert new.count("request answered RESOURCE_EXHAUSTED") >= 3, new[-3000:]
 
 
 def test_http_beyond_max_waiting_is_429_in_openais_shape(server, http_port, tiny_checkpoint):
