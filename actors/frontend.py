@@ -88,8 +88,8 @@ class Frontend:
         opened = []
         try:
             for actor in new if hasattr(transport, "connect") else []:
+                opened.append(actor)            # first: a failed connect may leave a part
                 transport.connect(actor)
-                opened.append(actor)
 
             def switch():
                 self.dispatcher.set_actors(experts.actors, experts.actor_experts)

@@ -203,8 +203,10 @@ class ExpertPool:
                     log.warning("a new expert actor died while warming up (%s); waiting for "
                                 "its restart", type(e).__name__)
         except BaseException:
-            self.stop(new)
-            release(pgs[len(new):])         # reserved, but their actors never started
+            try:
+                self.stop(new)
+            finally:
+                release(pgs[len(new):])     # reserved, but their actors never started
             raise
         return new
 

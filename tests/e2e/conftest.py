@@ -3,6 +3,8 @@ deploys its own application and deletes it when done (one application at a time,
 need no `application` metadata)."""
 from __future__ import annotations
 
+import signal
+
 import grpc
 import pytest
 from ray import serve
@@ -80,3 +82,13 @@ def engine_actors(alive_actors):
                  if (a["OwnerAddress"]["IPAddress"], a["OwnerAddress"]["Port"]) == where]
         return replica, owned
     return find
+
+
+@pytest.fixture
+def sigint_reaches_children():
+    """SIGINT acts as a terminal's Ctrl-C in the processes this test starts, even where pytest
+    runs with SIGINT ignored (a background job of a non-interactive shell, e.g. CI under
+    nohup): an ignored signal stays ignored across exec, a handler does not."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

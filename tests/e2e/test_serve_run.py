@@ -18,14 +18,12 @@ from protos import generator_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_serve_run_answers_generate(tmp_path):
+def test_serve_run_answers_generate(tmp_path, sigint_reaches_children):
     env = {**os.environ, "MIXTRAL_EP_CACHE": str(tmp_path / "cache"), "RAY_ADDRESS": "local"}
     serve_bin = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_bin), "run", "deploy/serve.yaml"], cwd=ROOT, env=env,
                             stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True,    # Ctrl-C below works even where this
-                            # runs with SIGINT ignored (a background job: CI under nohup)
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            start_new_session=True)
     try:
         with grpc.insecure_channel("localhost:9000") as channel:
             stub = pb_grpc.GeneratorStub(channel)

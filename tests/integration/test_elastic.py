@@ -4,6 +4,7 @@ another is added. Outputs always equal the in-process engine's; resources come b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
@@ -173,8 +174,10 @@ def test_a_replica_killed_while_being_added_or_removed_leaves_a_consistent_engin
     """During streams: the replica being added is SIGKILLed as soon as it is up (while it
     warms or just after; Ray restarts it and the addition goes on), then the replica being
     removed is SIGKILLed as its removal starts (the dispatcher re-sends its calls, and it is
-    not restarted). Same outputs throughout; counts, actors and free slots consistent."""
-    jobs = [(PROMPTS[i % 5], PARAMS[i % 2]) for i in range(5)]
+    not restarted). Same outputs throughout; counts, actors and free slots consistent. The
+    streams are long enough to outlast a new actor's start."""
+    jobs = [(PROMPTS[i % 5], dataclasses.replace(PARAMS[i % 2], max_tokens=200))
+            for i in range(5)]
     want = expected(hot_checkpoint, jobs)
     wait_for(lambda: free_expert_slots() == 18, "earlier tests' slots never came back")
     engine = ray_engine(hot_checkpoint)
