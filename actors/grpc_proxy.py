@@ -28,12 +28,13 @@ to the client (a slow reader, HTTP/2 flow control), the proxy's generator is clo
 nobody and holds its sequence slot and KV blocks meanwhile. `send_request_to_replica` is
 wrapped so that a stream ended before its last message cancels the replica's call.
 
-Serve has no hook for any of these, but it imports and calls each `grpc_servicer_functions` entry in
-the proxy process when it starts its gRPC server (on the proxy's event loop, after it set its
-loop exception handler): `add_retryable_status_to_server` is listed there (deploy/app.py:
-GRPC_SERVICER_FUNCTIONS), wraps the proxy's status mapping and the loop's exception handler. It
-relies on a private name of the pinned Ray; tests/e2e/test_gateway_death.py and
-tests/e2e/test_grpc.py fail if that changes.
+Serve has no hook for any of these, but it imports and calls each `grpc_servicer_functions`
+entry in the proxy process when it starts its gRPC server (on the proxy's event loop, after it
+set its loop exception handler): `add_retryable_status_to_server` is listed there
+(deploy/app.py: GRPC_SERVICER_FUNCTIONS), wraps the proxy's status mapping, the loop's exception
+handler and `gRPCProxy.send_request_to_replica`. It relies on private names of the pinned Ray;
+tests/e2e/test_gateway_death.py, tests/e2e/test_grpc.py and tests/e2e/test_grpc_errors.py fail
+if they change.
 """
 from __future__ import annotations
 
