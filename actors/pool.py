@@ -28,17 +28,22 @@ import dataclasses
 import logging
 import os
 import secrets
+import time
+from typing import Callable, TypeVar
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup
 
 from actors.dispatcher import TRANSPORTS
 from actors.expert import ExpertWorker
+from actors.failover import unwrap
 from cluster.placement import actor_options, cluster_nodes, release, reserve
 from cluster.plan import Slot, plan, plan_added
 from model.checkpoint import WeightSource, torch_dtype
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CPU_ACTOR = {"CPU": 0.01}   # a small CPU share: label/PG scheduling misplaces 0-CPU actors
 
@@ -107,7 +112,38 @@ class Member:
     pg: PlacementGroup
 
 
-WARM_ATTEMPTS = 3       # a live-added actor that dies while warming is restarted by Ray: retry
+RESTART_DEATHS = 3          # deaths of a live-added actor outlived before an addition fails
+RESTART_TIMEOUT_S = 180.0   # how long one restart may take (start, load, warm on loaded cores)
+RESTART_POLL_S = 0.5
+
+
+def through_restarts(call: Callable[[], T], what: str) -> T:
+    """`call()`, called again while it fails because an expert actor it uses died and Ray is
+    restarting it (live-added actors have max_restarts=-1). ActorUnavailableError (the actor is
+    restarting) is waited out, up to RESTART_TIMEOUT_S from the first failure; an ActorDiedError (a death
+    in flight) is outlived up to RESTART_DEATHS times. Any other error, a failed constructor, or
+    a bound passed is raised. Ray's errors may arrive wrapped in a RayTaskError (from the
+    frontend actor): `actors.failover.unwrap` finds them. `what` names the call in the log."""
+    deaths, since = 0, None
+    while True:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - only an actor's death or restart is retried
+            cause = unwrap(e)
+            if not isinstance(cause, RayActorError) or cause.actor_init_failed:
+                raise
+            now = time.monotonic()
+            restarting = isinstance(cause, ActorUnavailableError) and since is not None
+            if not restarting:
+                deaths += 1
+                since = now
+                if deaths > RESTART_DEATHS:
+                    raise
+                log.warning("an expert actor died while %s (%s); waiting for its restart",
+                            what, type(cause).__name__)
+            elif now - since > RESTART_TIMEOUT_S:
+                raise
+            time.sleep(RESTART_POLL_S)
 
 
 class ExpertPool:
@@ -193,15 +229,8 @@ class ExpertPool:
         try:
             for (ids, slot), pg in zip(flat, pgs):
                 new.append(self._start(ids, slot, pg))
-            for attempt in range(WARM_ATTEMPTS):
-                try:
-                    ray.get([m.actor.warm.remote() for m in new])
-                    break
-                except ray.exceptions.RayActorError as e:
-                    if attempt == WARM_ATTEMPTS - 1:
-                        raise
-                    log.warning("a new expert actor died while warming up (%s); waiting for "
-                                "its restart", type(e).__name__)
+            through_restarts(lambda: ray.get([m.actor.warm.remote() for m in new]),
+                             "warming up")
         except BaseException:
             try:
                 self.stop(new)

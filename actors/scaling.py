@@ -38,10 +38,7 @@ import time
 from typing import Callable, Mapping
 
 from actors.info import ExpertLoad
-from ray.exceptions import RayActorError
-
-from actors.failover import unwrap
-from actors.pool import WARM_ATTEMPTS, Experts, ExpertPool, Member
+from actors.pool import Experts, ExpertPool, Member, through_restarts
 from cluster.plan import PlacementError
 
 log = logging.getLogger(f"ray.serve.{__name__}")
@@ -85,16 +82,9 @@ class ExpertScaler:
             new = self.pool.grow(added) if added else []
             kept = [m for m in self.pool.members if m not in removed] + new
             try:
-                for attempt in range(WARM_ATTEMPTS):    # a new actor that died after warming
-                    try:                                # fails its channel's opening: retry
-                        self._apply(Experts.of(kept, self.pool.secret))
-                        break
-                    except Exception as e:  # noqa: BLE001 - only an actor's death is retried
-                        if (not isinstance(unwrap(e), RayActorError)
-                                or attempt == WARM_ATTEMPTS - 1):
-                            raise
-                        log.warning("an expert actor died while it was switched in (%s); "
-                                    "retrying", type(unwrap(e)).__name__)
+                # a new actor that died after warming fails its channel's opening
+                through_restarts(lambda: self._apply(Experts.of(kept, self.pool.secret)),
+                                 "being switched in")
             except BaseException:
                 self.pool.stop(new)
                 raise

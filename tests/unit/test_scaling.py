@@ -303,6 +303,46 @@ def test_set_expert_replicas_checks_its_arguments_before_anything():
         scaler.set_expert_replicas({0: 2})
 
 
+def test_a_call_through_an_actors_restart_waits_it_out_within_bounds(monkeypatch):
+    """A live-added actor killed mid-call fails once (it died), then fails at once with
+    ActorUnavailableError for as long as Ray restarts it: the restart is waited out, not counted
+    as deaths (a clean-clone run failed an addition: three quick retries all hit 'restarting').
+    A permanent death, a failed constructor and other errors still surface."""
+    import actors.pool as pool
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+    monkeypatch.setattr(pool, "RESTART_POLL_S", 0.0)
+    restarting = ActorUnavailableError("The actor is restarting", None)
+
+    def failing(errors, result="warm"):
+        errors = list(errors)
+        calls = []
+        def call():
+            calls.append(1)
+            if errors:
+                raise errors.pop(0)
+            return result
+        return call, calls
+    call, calls = failing([restarting] * 50)                 # a slow restart, then up
+    assert pool.through_restarts(call, "warming up") == "warm" and len(calls) == 51
+    wrapped = RayTaskError("set_experts", "tb", restarting, ActorUnavailableError)
+    call, calls = failing([wrapped, ActorDiedError(), restarting])   # through the frontend
+    assert pool.through_restarts(call, "being switched in") == "warm"
+    call, calls = failing([ActorDiedError()] * 10)           # dead for good: bounded
+    with pytest.raises(ActorDiedError):
+        pool.through_restarts(call, "warming up")
+    assert len(calls) == pool.RESTART_DEATHS + 1
+    init_failed = ActorDiedError(RayTaskError("__init__", "tb", ValueError("bad weights")))
+    for error in (init_failed, ValueError("not an actor's death")):
+        call, calls = failing([error])
+        with pytest.raises(type(error)):
+            pool.through_restarts(call, "warming up")
+        assert len(calls) == 1
+    monkeypatch.setattr(pool, "RESTART_TIMEOUT_S", -1.0)    # a restart that never ends
+    call, calls = failing([restarting] * 10**6)
+    with pytest.raises(ActorUnavailableError):
+        pool.through_restarts(call, "warming up")
+
+
 def test_the_autoscaler_scales_a_group_of_experts_as_one():
     """experts_per_actor=2: the group follows its busiest id; one change per group, with a
     cooldown per group (scaling by id would flap: 0 hot asks up, 1 cold asks down)."""
