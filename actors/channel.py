@@ -17,8 +17,8 @@ missing one is refused before any message is read, and logged. PLAIN does not en
 secret and rows travel in the clear on the cluster network, like Ray's own traffic.
 Waits block (zmq poll with a timeout): an idle channel uses no CPU.
 Faults: while waiting for a reply, every `poll_s` the transport asks Ray whether the actor is
-still alive (`ray.wait` on a never-ending `until_stopped` task of the actor, which fails when
-the actor dies). A dead actor, a passed `timeout_s` or a failed (re)connect returns `PeerLost`
+still alive (`ray.wait` on an `until_stopped` task of the actor, which fails when the actor
+dies, and returns only when a newer one supersedes it). A dead actor, a passed `timeout_s` or a failed (re)connect returns `PeerLost`
 (retriable: the dispatcher re-sends to a replica or, after the restart, to the same actor, and
 the transport reconnects to the restarted actor's new endpoint). An error raised inside the
 expert returns `ExpertError` (not retriable).
@@ -276,14 +276,22 @@ class ChannelTransport:
 
     def _peer(self, key: str, actor) -> _Peer:
         if key not in self._peers:
-            if key not in self._alive or self._dead(key):   # one liveness task per actor life
-                self._alive[key] = actor.until_stopped.remote()
+            if key not in self._alive or ray.wait([self._alive[key]], timeout=0)[0]:
+                self._alive[key] = actor.until_stopped.remote()   # one per actor life
             self._peers[key] = _Peer(self._context, actor, self._secret)
         return self._peers[key]
 
     def _dead(self, key: str) -> bool:
+        """Whether the actor's until_stopped task failed (it died). One that returned was
+        superseded by another client's: not a death, and the reply timeout still holds."""
         ready, _ = ray.wait([self._alive[key]], timeout=0)
-        return bool(ready)
+        if not ready:
+            return False
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayError:
+            return True
+        return False
 
     def _drop(self, key: str) -> None:
         peer = self._peers.pop(key, None)

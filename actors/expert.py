@@ -41,6 +41,8 @@ class ExpertWorker:
         self.hidden_size = cfg.hidden_size
         self._channel: ChannelServer | None = None
         self._secret = ""
+        self._watch: threading.Event | None = None     # the newest until_stopped call's
+        self._watch_lock = threading.Lock()
         log.info("expert actor %s ready: %.1f MB on %s", self.expert_ids,
                  self.experts.nbytes() / 1e6, self.device)
 
@@ -80,9 +82,16 @@ class ExpertWorker:
         return self._channel.endpoint
 
     def until_stopped(self) -> None:
-        """Never returns: its ObjectRef fails when this actor dies, which is how a channel's
-        client tells a dead actor from a slow one (one blocked thread; no CPU)."""
-        threading.Event().wait()
+        """Returns only once a newer call of it is made; otherwise its ObjectRef fails when this
+        actor dies, which is how a channel's client tells a dead actor from a slow one (one
+        blocked thread, no CPU). Ending the older call keeps a client that reconnects (a
+        retried switch-in, a restarted frontend) from blocking every thread of the actor
+        (max_concurrency) with calls nobody waits for."""
+        with self._watch_lock:
+            if self._watch is not None:
+                self._watch.set()
+            self._watch = watch = threading.Event()
+        watch.wait()
 
     def info(self) -> WorkerInfo:
         kept = [expert_name(layer, e, w) for layer, e in self.experts.weights

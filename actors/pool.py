@@ -32,7 +32,7 @@ import time
 from typing import Callable, TypeVar
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 from ray.util.placement_group import PlacementGroup
 
 from actors.dispatcher import TRANSPORTS
@@ -112,19 +112,21 @@ class Member:
     pg: PlacementGroup
 
 
-RESTART_DEATHS = 3          # deaths of a live-added actor outlived before an addition fails
-RESTART_TIMEOUT_S = 180.0   # how long one restart may take (start, load, warm on loaded cores)
+RESTART_TIMEOUT_S = 180.0   # from a call's first failure: a restart (start, load) on loaded cores
+RESTART_DEATHS = 3          # ActorDiedErrors (a death Ray does not restart from) outlived
 RESTART_POLL_S = 0.5
 
 
 def through_restarts(call: Callable[[], T], what: str) -> T:
-    """`call()`, called again while it fails because an expert actor it uses died and Ray is
-    restarting it (live-added actors have max_restarts=-1). ActorUnavailableError (the actor is
-    restarting) is waited out, up to RESTART_TIMEOUT_S from the first failure; an ActorDiedError (a death
-    in flight) is outlived up to RESTART_DEATHS times. Any other error, a failed constructor, or
-    a bound passed is raised. Ray's errors may arrive wrapped in a RayTaskError (from the
-    frontend actor): `actors.failover.unwrap` finds them. `what` names the call in the log."""
-    deaths, since = 0, None
+    """`call()`, called again while it fails because an expert actor it uses died and Ray
+    restarts it (live-added actors have max_restarts=-1), until RESTART_TIMEOUT_S after its
+    first failure. In Ray 2.60 a call in flight when such an actor dies, and every call made
+    while it restarts (each failing after about 1 s), raise ActorUnavailableError; an
+    ActorDiedError means an actor that will not come back (killed without restart; preempted),
+    so only RESTART_DEATHS of them are outlived. A failed constructor, any other error, or the
+    deadline passed is raised. Errors may arrive wrapped in RayTaskErrors (through the frontend
+    actor): `actors.failover.unwrap` finds them. `what` names the call in the log."""
+    deaths, deadline = 0, None
     while True:
         try:
             return call()
@@ -132,18 +134,36 @@ def through_restarts(call: Callable[[], T], what: str) -> T:
             cause = unwrap(e)
             if not isinstance(cause, RayActorError) or cause.actor_init_failed:
                 raise
-            now = time.monotonic()
-            restarting = isinstance(cause, ActorUnavailableError) and since is not None
-            if not restarting:
-                deaths += 1
-                since = now
-                if deaths > RESTART_DEATHS:
-                    raise
+            deaths += isinstance(cause, ActorDiedError)
+            if deadline is None:
+                deadline = time.monotonic() + RESTART_TIMEOUT_S
                 log.warning("an expert actor died while %s (%s); waiting for its restart",
                             what, type(cause).__name__)
-            elif now - since > RESTART_TIMEOUT_S:
+            if deaths > RESTART_DEATHS or time.monotonic() > deadline:
                 raise
             time.sleep(RESTART_POLL_S)
+
+
+def _warm(members: list[Member]) -> None:
+    """ExpertWorker.warm on each of these actors, through their restarts (through_restarts);
+    a retry warms only those not warm yet."""
+    cold = list(members)
+
+    def warm_cold():
+        if not cold:
+            return
+        refs = [m.actor.warm.remote() for m in cold]
+        ray.wait(refs, num_returns=len(refs))
+        failed = []
+        for m, ref in zip(list(cold), refs):
+            try:
+                ray.get(ref)
+                cold.remove(m)
+            except Exception as e:  # noqa: BLE001 - raised below, after the others are read
+                failed.append(e)
+        if failed:
+            raise failed[0]
+    through_restarts(warm_cold, "warming up")
 
 
 class ExpertPool:
@@ -229,8 +249,7 @@ class ExpertPool:
         try:
             for (ids, slot), pg in zip(flat, pgs):
                 new.append(self._start(ids, slot, pg))
-            through_restarts(lambda: ray.get([m.actor.warm.remote() for m in new]),
-                             "warming up")
+            _warm(new)
         except BaseException:
             try:
                 self.stop(new)

@@ -6,6 +6,7 @@ import gc
 import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,6 +130,45 @@ def test_replies_read_ahead_wait_for_their_call_and_go_with_an_abandoned_one(ray
         assert transport._early == {} and transport._awaited == set()
     finally:
         transport.close()
+        ray.kill(actor, no_restart=True)
+
+
+def test_reconnecting_clients_never_tie_up_an_actors_threads(ray_cluster, tiny_checkpoint):
+    """A client that closes an actor's channel and opens it again (a retried switch-in:
+    Frontend.set_experts_now) or a new client (a restarted frontend) starts a new until_stopped
+    call, which ends the older one: more reconnects than the actor has threads
+    (max_concurrency=4) leave it answering. A superseded client does not take the live actor
+    for dead; the newest sees it die."""
+    source = WeightSource(path=str(tiny_checkpoint))
+    actor = ray.remote(max_restarts=0, max_concurrency=4)(ExpertWorker).options(
+        resources={"expert": 1}, num_cpus=0.01).remote(source, [0])
+    key, secret = actor._actor_id.hex(), secrets.token_hex(16)
+    first, later = ChannelTransport(secret), ChannelTransport(secret)
+    x = torch.randn(3, MixtralConfig.from_json(tiny_checkpoint).hidden_size)
+
+    def reconnect():
+        first.connect(actor)
+        for _ in range(6):
+            later.connect(actor)
+            later.disconnect(actor)
+        later.connect(actor)
+    try:
+        thread = threading.Thread(target=reconnect, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "reconnecting hung: the actor's threads are all taken"
+        assert list(ray.get(actor.info.remote(), timeout=30).expert_ids) == [0]
+        for transport in (first, later):
+            (y, _), = transport.receive(transport.send(0, [(actor, x, [3])]))
+            assert y.shape == x.shape and not transport._dead(key)
+        ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 30
+        while not later._dead(key):
+            assert time.monotonic() < deadline, "the newest client never saw the actor die"
+            time.sleep(0.1)
+    finally:
+        first.close()
+        later.close()
         ray.kill(actor, no_restart=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import types
 
 import pytest
 import torch
@@ -304,43 +305,45 @@ def test_set_expert_replicas_checks_its_arguments_before_anything():
 
 
 def test_a_call_through_an_actors_restart_waits_it_out_within_bounds(monkeypatch):
-    """A live-added actor killed mid-call fails once (it died), then fails at once with
-    ActorUnavailableError for as long as Ray restarts it: the restart is waited out, not counted
-    as deaths (a clean-clone run failed an addition: three quick retries all hit 'restarting').
-    A permanent death, a failed constructor and other errors still surface."""
+    """In Ray 2.60 a live-added actor killed mid-call fails that call, and every call while Ray
+    restarts it, with ActorUnavailableError (each after ~1 s): the restart is waited out until
+    RESTART_TIMEOUT_S after the first failure (a clean-clone run failed an addition: three
+    quick retries all hit 'the actor is restarting'). An actor dead for good (ActorDiedError),
+    a failed constructor and other errors surface at once or after RESTART_DEATHS."""
     import actors.pool as pool
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-    monkeypatch.setattr(pool, "RESTART_POLL_S", 0.0)
+    clock = FakeClock()
+    monkeypatch.setattr(pool, "time", types.SimpleNamespace(monotonic=clock, sleep=clock.sleep))
     restarting = ActorUnavailableError("The actor is restarting", None)
 
-    def failing(errors, result="warm"):
-        errors = list(errors)
-        calls = []
+    def failing(errors, seconds_each=1.0):
+        errors, calls = list(errors), []
         def call():
-            calls.append(1)
+            calls.append(clock.now)
+            clock.now += seconds_each
             if errors:
                 raise errors.pop(0)
-            return result
+            return "warm"
         return call, calls
-    call, calls = failing([restarting] * 50)                 # a slow restart, then up
-    assert pool.through_restarts(call, "warming up") == "warm" and len(calls) == 51
-    wrapped = RayTaskError("set_experts", "tb", restarting, ActorUnavailableError)
-    call, calls = failing([wrapped, ActorDiedError(), restarting])   # through the frontend
+    call, calls = failing([restarting] * 100)                # a 150 s restart, then up
+    assert pool.through_restarts(call, "warming up") == "warm" and len(calls) == 101
+    wrapped = RayTaskError("set_experts", "traceback", restarting)   # through the frontend
+    call, calls = failing([wrapped] * 5)
     assert pool.through_restarts(call, "being switched in") == "warm"
-    call, calls = failing([ActorDiedError()] * 10)           # dead for good: bounded
+    call, calls = failing([restarting] * 10**6)              # a restart that never ends
+    with pytest.raises(ActorUnavailableError):
+        pool.through_restarts(call, "warming up")
+    assert pool.RESTART_TIMEOUT_S <= calls[-1] - calls[0] <= pool.RESTART_TIMEOUT_S + 2
+    call, calls = failing([ActorDiedError()] * 10)           # dead for good: soon
     with pytest.raises(ActorDiedError):
         pool.through_restarts(call, "warming up")
     assert len(calls) == pool.RESTART_DEATHS + 1
-    init_failed = ActorDiedError(RayTaskError("__init__", "tb", ValueError("bad weights")))
+    init_failed = ActorDiedError(RayTaskError("__init__", "traceback", ValueError("bad weights")))
     for error in (init_failed, ValueError("not an actor's death")):
         call, calls = failing([error])
         with pytest.raises(type(error)):
             pool.through_restarts(call, "warming up")
         assert len(calls) == 1
-    monkeypatch.setattr(pool, "RESTART_TIMEOUT_S", -1.0)    # a restart that never ends
-    call, calls = failing([restarting] * 10**6)
-    with pytest.raises(ActorUnavailableError):
-        pool.through_restarts(call, "warming up")
 
 
 def test_the_autoscaler_scales_a_group_of_experts_as_one():
