@@ -18,7 +18,7 @@ secret and rows travel in the clear on the cluster network, like Ray's own traff
 Waits block (zmq poll with a timeout): an idle channel uses no CPU.
 Faults: while waiting for a reply, every `poll_s` the transport asks Ray whether the actor is
 still alive (`ray.wait` on an `until_stopped` task of the actor, which fails when the actor
-dies, and returns only when a newer one supersedes it). A dead actor, a passed `timeout_s` or a failed (re)connect returns `PeerLost`
+dies and returns only when a newer one supersedes it). A dead actor, a passed `timeout_s` or a failed (re)connect returns `PeerLost`
 (retriable: the dispatcher re-sends to a replica or, after the restart, to the same actor, and
 the transport reconnects to the restarted actor's new endpoint). An error raised inside the
 expert returns `ExpertError` (not retriable).
@@ -277,7 +277,7 @@ class ChannelTransport:
     def _peer(self, key: str, actor) -> _Peer:
         if key not in self._peers:
             if key not in self._alive or ray.wait([self._alive[key]], timeout=0)[0]:
-                self._alive[key] = actor.until_stopped.remote()   # one per actor life
+                self._alive[key] = actor.until_stopped.remote()   # none, died or superseded
             self._peers[key] = _Peer(self._context, actor, self._secret)
         return self._peers[key]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 
 import ray
@@ -50,6 +51,8 @@ class Frontend:
                                      make_transport(transport, experts.secret),
                                      **(dispatch_args or {}))
         self._node_of = dict(zip(experts.actors, experts.nodes))    # expert actor -> node id
+        self._generation = experts.generation
+        self._switching = threading.Lock()      # one set_experts_now at a time
         self.engine = Engine(model, self.dispatcher.moe, Tokenizer.from_pretrained(source.path),
                              device=device, moe_begin=self.dispatcher.moe_begin,
                              **(engine_args or {}))
@@ -73,8 +76,10 @@ class Frontend:
             yield chunk
 
     async def use_experts(self, experts: Experts | None) -> None:
-        """`set_experts(experts)` unless these are the actors in use already (or None)."""
-        if experts is not None and list(experts.actors) != list(self.dispatcher.actors):
+        """`set_experts(experts)` if they are newer than the actors in use (a later
+        `Experts.generation`): a call that carries the set from before a change (it started
+        while the change was switched in) never switches back."""
+        if experts is not None and experts.generation > self._generation:
             await self.set_experts(experts)
 
     def set_experts_now(self, experts: Experts) -> None:
@@ -82,24 +87,29 @@ class Frontend:
         channels to new ones are opened first, then the dispatcher switches between two steps;
         a dropped actor gets no row after that, and its calls of earlier steps have all
         returned. Blocks until switched (call it off the event loop); `set_experts` is the
-        async form."""
-        transport = self.dispatcher.transport
-        new = [a for a in experts.actors if a not in self.dispatcher.actors]
-        opened = []
-        try:
-            for actor in new if hasattr(transport, "connect") else []:
-                opened.append(actor)            # first: a failed connect may leave a part
-                transport.connect(actor)
+        async form. A set no newer than the one in use (`Experts.generation`) changes nothing:
+        concurrent calls of a restarted RayEngine frontend carry the same set."""
+        with self._switching:
+            if experts.generation <= self._generation:
+                return
+            transport = self.dispatcher.transport
+            new = [a for a in experts.actors if a not in self.dispatcher.actors]
+            opened = []
+            try:
+                for actor in new if hasattr(transport, "connect") else []:
+                    opened.append(actor)            # first: a failed connect may leave a part
+                    transport.connect(actor)
 
-            def switch():
-                self.dispatcher.set_actors(experts.actors, experts.actor_experts)
-                self._node_of = dict(zip(experts.actors, experts.nodes))
-            self.engine.run_between_steps(switch).result()
-        except BaseException:               # not switched: close what was opened for it
-            for actor in opened:
-                if actor not in self.dispatcher.actors:
-                    transport.disconnect(actor)
-            raise
+                def switch():
+                    self.dispatcher.set_actors(experts.actors, experts.actor_experts)
+                    self._node_of = dict(zip(experts.actors, experts.nodes))
+                    self._generation = experts.generation
+                self.engine.run_between_steps(switch).result()
+            except BaseException:               # not switched: close what was opened for it
+                for actor in opened:
+                    if actor not in self.dispatcher.actors:
+                        transport.disconnect(actor)
+                raise
 
     async def set_experts(self, experts: Experts) -> None:
         await asyncio.to_thread(self.set_experts_now, experts)

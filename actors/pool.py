@@ -96,11 +96,12 @@ class Experts:
     actor_experts: list[list[int]]      # the expert ids each actor holds, in its order
     secret: str                         # the channel secret (actors/channel.py)
     nodes: list[str]                    # the node each actor is pinned to (its placement group)
+    generation: int = 0                 # +1 a live scaling change: a frontend never goes back
 
     @classmethod
-    def of(cls, members: list["Member"], secret: str) -> "Experts":
+    def of(cls, members: list["Member"], secret: str, generation: int) -> "Experts":
         return cls([m.actor for m in members], [list(m.expert_ids) for m in members], secret,
-                   [m.slot.node_id for m in members])
+                   [m.slot.node_id for m in members], generation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +162,8 @@ def _warm(members: list[Member]) -> None:
                 cold.remove(m)
             except Exception as e:  # noqa: BLE001 - raised below, after the others are read
                 failed.append(e)
-        if failed:
-            raise failed[0]
+        if failed:      # an error not retried first (through_restarts retries the others)
+            raise min(failed, key=lambda e: isinstance(unwrap(e), RayActorError))
     through_restarts(warm_cold, "warming up")
 
 
@@ -175,6 +176,7 @@ class ExpertPool:
         self.expert_resources, self.expert_threads = expert_resources, expert_threads
         self.placement_timeout_s = placement_timeout_s
         self.secret = secrets.token_hex(32)
+        self.generation = 0     # of `members`: Experts.generation
         self.closed = False
 
     @classmethod
@@ -211,7 +213,7 @@ class ExpertPool:
 
     @property
     def experts(self) -> Experts:
-        return Experts.of(self.members, self.secret)
+        return Experts.of(self.members, self.secret, self.generation)
 
     def groups(self) -> dict[tuple[int, ...], list[Member]]:
         """Expert ids of one actor -> its replicas, oldest first."""
@@ -261,6 +263,7 @@ class ExpertPool:
     def commit(self, added: list[Member], removed: list[Member]) -> None:
         """The frontend now uses `added` and no longer `removed`: record it."""
         self.members = [m for m in self.members if m not in removed] + added
+        self.generation += 1
 
     def stop(self, members: list[Member]) -> None:
         """Kill these actors (no restart) and give their resources back."""

@@ -81,10 +81,10 @@ class ExpertScaler:
             start = time.monotonic()
             new = self.pool.grow(added) if added else []
             kept = [m for m in self.pool.members if m not in removed] + new
+            switched = Experts.of(kept, self.pool.secret, self.pool.generation + 1)
             try:
                 # a new actor that died after warming fails its channel's opening
-                through_restarts(lambda: self._apply(Experts.of(kept, self.pool.secret)),
-                                 "being switched in")
+                through_restarts(lambda: self._apply(switched), "being switched in")
             except BaseException:
                 self.pool.stop(new)
                 raise

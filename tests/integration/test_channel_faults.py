@@ -153,6 +153,7 @@ def test_reconnecting_clients_never_tie_up_an_actors_threads(ray_cluster, tiny_c
             later.disconnect(actor)
         later.connect(actor)
     try:
+        ray.get(actor.info.remote(), timeout=120)       # started (slow on loaded cores)
         thread = threading.Thread(target=reconnect, daemon=True)
         thread.start()
         thread.join(60)

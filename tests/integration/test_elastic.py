@@ -239,13 +239,18 @@ def test_a_frontend_restarted_while_idle_after_scaling_uses_the_current_actors(r
                                                                              hot_checkpoint):
     """Ray restarts RayEngine's frontend with its constructor's expert actors; after live
     scaling those are stale (here: without the added replica). Every call carries the current
-    ones, so the next request runs on them, the added replica takes rows, same output."""
+    ones, so the next request runs on them, the added replica takes rows, same output. A call
+    that carries the set from before the change (it started while the change was switched in)
+    does not switch the frontend back."""
     jobs = [(PROMPTS[i], PARAMS[0]) for i in range(4)]
     want = expected(hot_checkpoint, jobs)
     engine = ray_engine(hot_checkpoint)
     try:
+        stale = engine._current()
         engine.set_expert_replicas({0: 2})
         added = engine.experts[-1]
+        ray.get(engine.frontend.use_experts.remote(stale))
+        assert len(ray.get(engine.frontend.expert_load.remote()).actors) == 9, "switched back"
         pid = ray.get(engine.frontend.worker_info.remote()).pid
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: _restarted(engine, pid), "the frontend did not come back", 120)
