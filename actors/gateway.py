@@ -34,11 +34,12 @@ from typing import AsyncIterator
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors import openai_api as oai
@@ -69,15 +70,35 @@ HEALTH_SERVICES = {"", "mixtral_ep.v1.Generator"}    # names grpc.health.v1.Heal
 openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mixtral MoE server")
 
 
-@openai_app.middleware("http")
-async def _api_key(request: Request, call_next):
+class _ApiKey:
     """With an API key set (Gateway's `api_key_digest`: actors/auth.py), every /v1 path needs
-    it, before its body is read: 401 in OpenAI's shape otherwise."""
-    if request.url.path.startswith("/v1") and not authorized(
-            auth.required_digest(), request.headers.get("authorization")):
-        log.info("request answered 401: missing or wrong API key")
-        return JSONResponse(oai.error_body(401, str(Unauthenticated())), status_code=401)
-    return await call_next(request)
+    it, before its body is read: 401 in OpenAI's shape otherwise. Plain ASGI, not
+    `@app.middleware("http")` (Starlette's BaseHTTPMiddleware runs every response in a task
+    group of its own). A client that leaves is a disconnect message here: Serve's `receive`
+    raises TaskCancelledError instead once it has cancelled the request, and the streaming
+    response's disconnect listener would end with it, printed as a traceback ("Task exception
+    was never retrieved")."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = Headers(scope=scope).get("authorization")
+            if not authorized(auth.required_digest(), header):
+                log.info("request answered 401: missing or wrong API key")
+                response = JSONResponse(oai.error_body(401, str(Unauthenticated())), 401)
+                return await response(scope, receive, send)
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+        await self.app(scope, receive_or_disconnect, send)
+
+
+openai_app.add_middleware(_ApiKey)
 
 
 @openai_app.exception_handler(RequestValidationError)

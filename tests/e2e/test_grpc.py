@@ -244,9 +244,10 @@ def test_client_cli_ctrl_c_ends_quietly(server, address, sigint_reaches_children
 
 
 def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_actors):
-    """A bad request over a stream, a unary call and HTTP, a passed deadline and a cancelled
-    stream: one INFO line each in the gateway's log, no traceback and no ERROR line from the
-    gateway replica or Serve's proxy (its log and its stderr)."""
+    """A bad request over a stream, a unary call and HTTP, a passed deadline, a cancelled
+    stream and HTTP SSE clients that leave mid-stream: one INFO line each in the gateway's log,
+    no traceback and no ERROR line from the gateway replicas or Serve's proxy (their logs and
+    their stderr, where asyncio reports an exception nobody retrieved)."""
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
     sizes = {f: f.stat().st_size for f in logs.glob("*.log")}
     bad = pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="x")])
@@ -261,9 +262,10 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(req, timeout=30)
-    [proxy] = alive_actors("ProxyActor")             # its stderr: asyncio's reports
-    err_logs = list(logs.parent.glob(f"worker-*-{proxy['Pid']}.err"))
-    assert err_logs
+    pids = [a["Pid"] for a in alive_actors("ProxyActor")
+            + alive_actors("ServeReplica:mixtral-ep:Gateway")]
+    err_logs = [f for pid in pids for f in logs.parent.glob(f"worker-*-{pid}.err")]
+    assert len(err_logs) >= 2
     err_sizes = {f: f.stat().st_size for f in err_logs}
     long = pb.GenerateRequest(prompt="Once", max_tokens=500, temperature=0.0)
     for deadline in (0.05, 0.3, 0.05, 0.3):           # deadlines that pass mid-request
@@ -273,6 +275,13 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_
         stream = server.GenerateStream(long, timeout=60)  # a client that leaves mid-stream
         next(stream)
         stream.cancel()
+    sse = json.dumps({"model": model, "prompt": "Once", "max_tokens": 500, "temperature": 0,
+                      "stream": True}).encode()
+    for _ in range(12):                               # SSE clients that leave mid-stream
+        with urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/v1/completions", data=sse,
+                headers={"Content-Type": "application/json"}), timeout=30) as response:
+            response.readline()
     time.sleep(5)              # Serve's log files are written async; asyncio reports at GC
     new = "".join(f.read_bytes()[sizes.get(f, 0):].decode(errors="replace")
                   for f in sorted(logs.glob("*.log")))
