@@ -18,9 +18,10 @@ secret and rows travel in the clear on the cluster network, like Ray's own traff
 Waits block (zmq poll with a timeout): an idle channel uses no CPU.
 Faults: while waiting for a reply, every `poll_s` the transport asks Ray whether the actor is
 still alive (`ray.wait` on an `until_stopped` task of the actor, which fails when the actor
-dies and returns only when a newer one supersedes it). A dead actor, a passed `timeout_s` or a failed (re)connect returns `PeerLost`
-(retriable: the dispatcher re-sends to a replica or, after the restart, to the same actor, and
-the transport reconnects to the restarted actor's new endpoint). An error raised inside the
+dies and returns only when a newer one supersedes it). A dead actor, a passed `timeout_s` or a
+failed (re)connect returns `PeerLost` (retriable: the dispatcher re-sends to a replica or,
+after the restart, to the same actor, and the transport reconnects to the restarted actor's new
+endpoint). An error raised inside the
 expert returns `ExpertError` (not retriable).
 GPU: rows cross every transport as host tensors. On CUDA they are copied into page-locked
 (pinned) memory from torch's caching host allocator (`host_rows`, `device_rows`), so copies use
