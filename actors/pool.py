@@ -154,7 +154,6 @@ def _warm(members: list[Member]) -> None:
         if not cold:
             return
         refs = [m.actor.warm.remote() for m in cold]
-        ray.wait(refs, num_returns=len(refs))
         failed = []
         for m, ref in zip(list(cold), refs):
             try:

@@ -13,7 +13,8 @@ decoding never waits for a load. Removing one: `apply` first (no row goes to it 
 switch, and the step before it has returned all its calls), then the actor is killed and its
 placement group removed. All or nothing: a request for more than the cluster holds raises
 PlacementError and changes nothing; a replica that dies while added is restarted by Ray and
-waited for (bounded: actors/pool.py through_restarts), else the addition fails and changes nothing.
+waited for (bounded: actors/pool.py through_restarts), else the addition fails and changes
+nothing.
 
 With `experts_per_actor` > 1 the unit of scaling is an actor's group of expert ids: every id of
 a group must be asked the same count.
