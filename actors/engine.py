@@ -8,10 +8,10 @@
     engine.placement()   # {"frontend": node_id, "experts": {expert_id: (node_id, ...)}}
     engine.info()        # EngineInfo (actors/info.py)
     engine.expert_load() # ExpertLoad: rows per expert id / actor over the load window
-    engine.set_expert_replicas({0: 3})   # live scaling (actors/scaling.py)
+    engine.set_expert_replicas({0: 3})   # live scaling (actors/experts/scaling.py)
     engine.shutdown()
 
-Start-up is ExpertPool's (actors/pool.py: plan, a placement group per actor, the expert actors, the
+Start-up is ExpertPool's (actors/experts/pool.py: plan, a placement group per actor, the expert actors, the
 channel secret), with a group reserved for the frontend actor, started there with the pool's
 experts. Each actor loads only its own tensors. Every actor is restarted by Ray when it dies, in
 its bundle: an expert actor's calls are re-sent by the dispatcher; the frontend's requests (its
@@ -23,7 +23,7 @@ frontend that Ray restarted with its constructor's (stale after live scaling) sw
 before it serves anything. Expert actors are added
 and removed live by `set_expert_replicas`, or by the autoscaler (`expert_autoscaling`, a thread
 of this process: the one that owns the actors). The served path does not use this class: its
-engine replica is the frontend itself (actors/server.py).
+engine replica is the frontend itself (actors/serving/engine_server.py).
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from actors.failover import (RETRY_DELAY_S, EngineUnavailable, ResumableStream, 
                              with_seed)
 from actors.frontend import Frontend
 from actors.info import EngineInfo, ExpertLoad, WorkerInfo
-from actors.pool import ExpertPool, check_start_args, default_resources
-from actors.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler
+from actors.experts.pool import ExpertPool, check_start_args, default_resources
+from actors.experts.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler
 from model.checkpoint import WeightSource
 from model.config import resolve_config
 from model.engine import Completion, SamplingParams, StreamChunk, as_prompt_list
@@ -107,10 +107,10 @@ class RayEngine:
         `experts_per_actor` expert ids (must divide num_local_experts, else PlacementError) and
         asks for `expert_resources` as a whole. `transport`: "channel" (a ZeroMQ channel per
         expert actor, authenticated with a secret made here) or "object_refs" (a Ray task per
-        actor per layer); see actors/dispatcher.py. `frontend_threads` / `expert_threads`:
+        actor per layer); see actors/experts/dispatcher.py. `frontend_threads` / `expert_threads`:
         torch threads of the frontend (None: every core on CPU) / of each expert actor (None:
         Ray's default for its CPUs, 1 for a fractional share). `expert_autoscaling`: the
-        autoscaling policy's settings (actors/scaling.py: ExpertAutoscaling), None for off."""
+        autoscaling policy's settings (actors/experts/scaling.py: ExpertAutoscaling), None for off."""
         check_start_args(source, dtype, transport, frontend_threads=frontend_threads,
                          expert_threads=expert_threads)
         policy = ExpertAutoscaling.from_args(expert_autoscaling)
@@ -187,7 +187,7 @@ class RayEngine:
             if not finished:
                 chunks.cancel()
 
-    # ---- elastic experts (actors/scaling.py) ------------------------------------------------
+    # ---- elastic experts (actors/experts/scaling.py) ------------------------------------------------
     def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
         """Scale expert ids to these replica counts, live; -> replicas per expert id.
         ValueError / PlacementError change nothing (ExpertScaler.set_expert_replicas)."""

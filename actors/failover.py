@@ -113,7 +113,7 @@ class ResumableStream:
                 await self._fail_over(e)
                 continue
             if isinstance(chunk, Exception):     # a client's error, sent as a value
-                raise chunk                      # (actors/server.py: EngineServer.stream)
+                raise chunk                      # (actors/serving/engine_server.py: EngineServer.stream)
             self._deaths = self._attempts = 0
             self._deadline = None
             self._tokens += chunk.token_ids

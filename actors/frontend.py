@@ -2,11 +2,11 @@
 weights only, with the Dispatcher over its expert actors as its `moe` function.
 
 One class, used two ways: as RayEngine's async actor (`ray.remote(Frontend)`), and in-process
-in the engine replica of the served path (actors/server.py), which then is the frontend.
+in the engine replica of the served path (actors/serving/engine_server.py), which then is the frontend.
 Either way it must be called from one asyncio event loop: `generate`/`logits` run the engine
 in a worker thread, `stream` is an async generator (a Ray streaming call when it is an actor),
 and all share one engine, so their requests batch together. It neither starts nor stops its
-expert actors: their owner (actors/pool.py, actors/scaling.py) does, and tells it of a new set
+expert actors: their owner (actors/experts/pool.py, actors/experts/scaling.py) does, and tells it of a new set
 through `set_experts`, which takes effect between two steps.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 import ray
 import torch
 
-from actors.dispatcher import Dispatcher, make_transport
+from actors.experts.dispatcher import Dispatcher, make_transport
 from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo
-from actors.pool import Experts
+from actors.experts.pool import Experts
 from model.checkpoint import WeightSource
 from model.engine import Engine, Resume, SamplingParams
 from model.linear import nbytes
@@ -41,7 +41,7 @@ class Frontend:
         """Loads the non-expert weights (blocking). `threads`: torch threads of this process
         (None: on CPU every core it may use, since the frontend and the experts take turns
         within a layer; Ray would give a fractional-CPU actor one); `transport`: "channel" (with
-        `experts.secret`) or "object_refs" (actors/dispatcher.py)."""
+        `experts.secret`) or "object_refs" (actors/experts/dispatcher.py)."""
         if threads or device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         cfg = source.model_config()
@@ -83,7 +83,7 @@ class Frontend:
             await self.set_experts(experts)
 
     def set_experts_now(self, experts: Experts) -> None:
-        """Use these expert actors from the next step on (live scaling, actors/scaling.py):
+        """Use these expert actors from the next step on (live scaling, actors/experts/scaling.py):
         channels to new ones are opened first, then the dispatcher switches between two steps;
         a dropped actor gets no row after that, and its calls of earlier steps have all
         returned. Blocks until switched (call it off the event loop); `set_experts` is the

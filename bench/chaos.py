@@ -34,8 +34,8 @@ from ray.serve.config import gRPCOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.gateway import Gateway  # noqa: E402
-from actors.server import EngineOptions, EngineServer  # noqa: E402
+from actors.serving.gateway import Gateway  # noqa: E402
+from actors.serving.engine_server import EngineOptions, EngineServer  # noqa: E402
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster  # noqa: E402
 from deploy.app import GRPC_SERVICER_FUNCTIONS  # noqa: E402
 from model.checkpoint import WeightSource, cached_random_checkpoint  # noqa: E402

@@ -22,7 +22,7 @@ a b c a.
 
     plan_added(nodes, {(0,): ["a"]}, {(0,): 2}, {"expert": 1}) -> {(0,): [Slot(b), Slot(c)]}
 
-plans replicas added to a running engine (live scaling, actors/scaling.py) the same way, from
+plans replicas added to a running engine (live scaling, actors/experts/scaling.py) the same way, from
 the nodes' free resources and the nodes that already hold each group: all of them or none.
 """
 from __future__ import annotations

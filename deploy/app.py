@@ -1,5 +1,5 @@
 """The Serve application: gateway (gRPC, CPU, stateless) -> engine deployment (each replica is
-one engine's frontend and owns its expert actors: actors/server.py). `serve run
+one engine's frontend and owns its expert actors: actors/serving/engine_server.py). `serve run
 deploy/serve.yaml` calls `build_app(args)`:
 
     model:            checkpoint directory; omitted: a `tiny` random checkpoint with the real
@@ -16,17 +16,17 @@ deploy/serve.yaml` calls `build_app(args)`:
                       defaults); they become EngineServer's `ray_actor_options`, which a
                       `deployments:` entry of a Serve config replaces if it sets them
     frontend_threads: torch threads of the engine replica (default: every core on cpu; it gets a
-                      short OpenMP spin there, actors/pool.py: FRONTEND_CPU_ENV)
+                      short OpenMP spin there, actors/experts/pool.py: FRONTEND_CPU_ENV)
     expert_threads:   torch threads per expert actor (default: Ray's for its CPUs, 1 for a share)
     engine_args:      Engine options (max_num_seqs, max_num_batched_tokens, max_waiting, ...)
     expert_autoscaling: replicas of each expert id follow its measured routing load (default
                       off): {min_replicas, max_replicas, target_rows_per_s or
                       target_load_ratio, window_s, cooldown_s, interval_s, downscale_headroom}
-                      (actors/scaling.py: ExpertAutoscaling); each added replica asks for
+                      (actors/experts/scaling.py: ExpertAutoscaling); each added replica asks for
                       expert_resources on a node with room
     api_key_env / api_key_file: the name of an environment variable, or a file, holding the API
                       key every gRPC and /v1 call must carry (`authorization: Bearer <key>`);
-                      read here, only its digest reaches the gateways (actors/auth.py)
+                      read here, only its digest reaches the gateways (actors/serving/auth.py)
     failover_timeout_s: how long a request whose engine replica died waits for another (or the
                       restarted one) to take it back, per failover (default 120; then
                       UNAVAILABLE). With one engine replica a request waits for Serve to
@@ -40,9 +40,9 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from actors.auth import key_digest
-from actors.gateway import Gateway
-from actors.server import EngineOptions, EngineServer
+from actors.serving.auth import key_digest
+from actors.serving.gateway import Gateway
+from actors.serving.engine_server import EngineOptions, EngineServer
 from model.checkpoint import WeightSource, cached_random_checkpoint, check_checkpoint_dir
 
 # a child of Serve's logger: its handlers (replica log files, the console of `serve run`) and
@@ -53,10 +53,10 @@ _ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineOptions))
 _GATEWAY_KEYS = ("failover_timeout_s", "api_key_env", "api_key_file")
 # what Serve's gRPC proxy serves (`grpc_options.grpc_servicer_functions`; the Serve configs in
 # deploy/ list the same, a test checks): our API, the standard health service, and the hook
-# that answers a call whose gateway replica died with UNAVAILABLE (actors/grpc_proxy.py)
+# that answers a call whose gateway replica died with UNAVAILABLE (actors/serving/grpc_proxy.py)
 GRPC_SERVICER_FUNCTIONS = ["protos.generator_pb2_grpc.add_GeneratorServicer_to_server",
                            "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-                           "actors.grpc_proxy.add_retryable_status_to_server"]
+                           "actors.serving.grpc_proxy.add_retryable_status_to_server"]
 
 
 def build_app(args: dict) -> Application:

@@ -25,7 +25,7 @@ from model.moe import expert_name, route
 
 MoeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # moe_begin(layer, x, weights, experts) dispatches now and returns a function that waits for
-# and returns the (N, D) result (actors/dispatcher.py; LocalExperts computes at once)
+# and returns the (N, D) result (actors/experts/dispatcher.py; LocalExperts computes at once)
 MoeBeginFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]
 
 

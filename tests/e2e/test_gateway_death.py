@@ -1,5 +1,5 @@
 """A gateway replica that dies (SIGKILL) ends only its own streams, with a retryable status
-(gRPC UNAVAILABLE, through actors/grpc_proxy.py; an HTTP stream is cut before its
+(gRPC UNAVAILABLE, through actors/serving/grpc_proxy.py; an HTTP stream is cut before its
 `data: [DONE]`); the other replica's streams complete undisturbed, and a retried request
 succeeds.
 
@@ -20,8 +20,8 @@ import pytest
 import ray
 from ray import serve
 
-from actors.gateway import Gateway
-from actors.server import EngineOptions, EngineServer
+from actors.serving.gateway import Gateway
+from actors.serving.engine_server import EngineOptions, EngineServer
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, HEAD_RESOURCE
 from model.checkpoint import WeightSource
 from protos import generator_pb2 as pb

@@ -142,7 +142,7 @@ def wait_until_idle(server, timeout_s: float = 90) -> None:
 def test_a_slow_readers_cancelled_stream_frees_its_slot(server, grpc_port):
     """A client that stops reading makes Serve's proxy block writing to it (HTTP/2 flow
     control, here a 1 KiB window); when that client cancels, the engine's stream must end too
-    (actors/grpc_proxy.py), so the next request runs at once, not after the 4,000 tokens."""
+    (actors/serving/grpc_proxy.py), so the next request runs at once, not after the 4,000 tokens."""
     window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=window) as channel:

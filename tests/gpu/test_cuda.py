@@ -62,8 +62,8 @@ def test_bf16_cuda_close_to_fp32(tiny_checkpoint, cpu_engine, assert_bf16_close)
 
 
 def test_rows_cross_the_channel_as_pinned_host_copies():
-    """actors/channel.py: CUDA rows go to page-locked host memory and back, unchanged."""
-    from actors.channel import device_rows, empty_host_like, host_rows
+    """actors/experts/channel.py: CUDA rows go to page-locked host memory and back, unchanged."""
+    from actors.experts.channel import device_rows, empty_host_like, host_rows
     x = torch.randn(5, 8, device="cuda")
     host = host_rows(x)
     assert host.device.type == "cpu" and host.is_pinned() and torch.equal(host, x.cpu())

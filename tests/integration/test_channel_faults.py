@@ -14,9 +14,9 @@ import pytest
 import ray
 import torch
 
-from actors.channel import ChannelServer, ChannelTransport
-from actors.dispatcher import Dispatcher, ExpertCallError
-from actors.expert import ExpertWorker
+from actors.experts.channel import ChannelServer, ChannelTransport
+from actors.experts.dispatcher import Dispatcher, ExpertCallError
+from actors.experts.worker import ExpertWorker
 from model.checkpoint import WeightSource
 from model.config import MixtralConfig
 from model.engine import SamplingParams

@@ -7,7 +7,7 @@ import time
 import pytest
 import ray
 
-from actors.pool import ExpertPool
+from actors.experts.pool import ExpertPool
 from cluster.local import EXPERT_RESOURCE, EXPERT_SLOT, FRONTEND_RESOURCE
 from model.checkpoint import WeightSource
 

@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from actors.dispatcher import Dispatcher, ExpertCallError
+from actors.experts.dispatcher import Dispatcher, ExpertCallError
 from cluster.plan import PlacementError
 from model.config import MixtralConfig
 from model.engine import Engine, SamplingParams
@@ -89,7 +89,7 @@ def test_each_actor_holds_only_its_own_bytes(ray_engine, tiny_checkpoint):
 
 
 def test_threads_and_openmp_spin_are_set_per_process(ray_cluster, tiny_checkpoint, monkeypatch):
-    """The frontend gets every core and a short OpenMP spin (actors/pool.py: FRONTEND_CPU_ENV),
+    """The frontend gets every core and a short OpenMP spin (actors/experts/pool.py: FRONTEND_CPU_ENV),
     so its idle threads leave the cores to its experts; the experts get what they are told."""
     from actors import RayEngine
     from cluster.local import EXPERT_SLOT, FRONTEND_SLOT

@@ -1,11 +1,11 @@
-"""actors/auth.py: where the API key comes from, and which authorization headers carry it."""
+"""actors/serving/auth.py: where the API key comes from, and which authorization headers carry it."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.auth import authorized, digest, grpc_authorization, key_digest
+from actors.serving.auth import authorized, digest, grpc_authorization, key_digest
 
 
 def test_the_key_comes_from_an_env_var_or_a_file(tmp_path, monkeypatch):

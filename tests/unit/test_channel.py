@@ -1,4 +1,4 @@
-"""actors/channel.py's server on loopback, without Ray: the wire format, zero-copy rows in and
+"""actors/experts/channel.py's server on loopback, without Ray: the wire format, zero-copy rows in and
 out, errors inside the expert, and the secret (a wrong or missing one is refused and logged)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import zmq
 
-from actors.channel import DTYPES, REPLY, REQUEST, USER, ChannelServer
+from actors.experts.channel import DTYPES, REPLY, REQUEST, USER, ChannelServer
 
 SECRET = "s3cret-" + "x" * 57
 
@@ -70,7 +70,7 @@ def test_an_error_in_the_expert_is_returned_not_raised(server):
 
 @pytest.mark.parametrize("password", [b"wrong", None])
 def test_a_wrong_or_missing_secret_is_refused_and_logged(server, caplog, password):
-    with caplog.at_level(logging.DEBUG, logger="actors.channel"):
+    with caplog.at_level(logging.DEBUG, logger="actors.experts.channel"):
         assert request(server, torch.randn(2, 4), 1, password, timeout_ms=1500) is None
     if password is not None:       # a NULL-mechanism peer fails the handshake before ZAP runs
         assert any("refused a peer" in r.getMessage() for r in caplog.records

@@ -51,8 +51,8 @@ def test_serve_config_matches_serves_schema_and_imports(name):
 
 def test_the_engine_replica_asks_for_the_frontends_resources(monkeypatch):
     """The replica is the frontend: its ray_actor_options are what the frontend needs, with
-    the short OpenMP spin on CPU (actors/pool.py), unless the user set their own."""
-    from actors.server import EngineOptions
+    the short OpenMP spin on CPU (actors/experts/pool.py), unless the user set their own."""
+    from actors.serving.engine_server import EngineOptions
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     cpu_env = {"runtime_env": {"env_vars": {"GOMP_SPINCOUNT": "30000"}}}
     assert EngineOptions(device="cuda").ray_actor_options() == {
@@ -193,8 +193,8 @@ def test_the_rayservice_manifest_holds_a_valid_serve_config_and_the_planned_acto
 
 def test_the_grafana_dashboard_plots_every_engine_metric_and_only_those():
     """deploy/grafana-dashboard.json queries Ray's exported names (`ray_` prefix; counters
-    `_total`, histograms `_bucket`) of exactly the metrics actors/metrics.py defines."""
-    source = (ROOT / "actors/metrics.py").read_text()
+    `_total`, histograms `_bucket`) of exactly the metrics actors/serving/metrics.py defines."""
+    source = (ROOT / "actors/serving/metrics.py").read_text()
     defined = set(re.findall(r'm\.\w+\("(mixtral_ep_\w+)"', source))
     dashboard = json.loads((ROOT / "deploy/grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

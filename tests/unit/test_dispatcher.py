@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from actors.dispatcher import Dispatcher, ExpertCallError
-from actors.expert import ExpertWorker
+from actors.experts.dispatcher import Dispatcher, ExpertCallError
+from actors.experts.worker import ExpertWorker
 from model.checkpoint import WeightSource
 from model.config import PRESETS
 from model.mixtral import expert_names

@@ -1,4 +1,4 @@
-"""actors/openai_api.py without a server: request models (strict types, unknown fields), their
+"""actors/serving/openai_api.py without a server: request models (strict types, unknown fields), their
 translation to engine inputs (defaults, limits), and response bodies. tests/e2e/test_openai.py
 has the same through Serve's HTTP proxy with the official client."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import openai_api as oai
+from actors.serving import openai_api as oai
 from actors.info import EngineInfo
 from model.errors import InvalidRequest
 from model.tokenizer import Tokenizer

@@ -11,10 +11,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from actors.dispatcher import ExpertCallError
-from actors.gateway import _set_status, status_of, unwrap
+from actors.experts.dispatcher import ExpertCallError
+from actors.serving.gateway import _set_status, status_of, unwrap
 from actors.info import EngineInfo
-from actors.requests import InvalidRequest, model_info, prompt_ids, sampling_params
+from actors.serving.requests import InvalidRequest, model_info, prompt_ids, sampling_params
 from model.checkpoint import CheckpointError
 from model.errors import QueueFull
 from model.tokenizer import ChatTemplateError, Tokenizer
@@ -153,7 +153,7 @@ class _Context:
                                           (ValueError("secret\nsecond line"), logging.ERROR)])
 def test_each_failed_request_logs_one_line_without_traceback(caplog, error, level):
     context = _Context()
-    logger = logging.getLogger("ray.serve.actors.gateway")   # Serve's loggers do not propagate
+    logger = logging.getLogger("ray.serve.actors.serving.gateway")   # Serve's loggers do not propagate
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger=logger.name):
@@ -172,5 +172,5 @@ def test_each_failed_request_logs_one_line_without_traceback(caplog, error, leve
     (DeploymentUnavailableError(DeploymentID("d", "app")), 503), (ValueError("x"), 500),
     (RuntimeError("x"), 500)])
 def test_every_status_has_its_http_status(error, http):
-    from actors.gateway import HTTP_STATUS
+    from actors.serving.gateway import HTTP_STATUS
     assert HTTP_STATUS[status_of(error)[0]] == http

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.dispatcher import Dispatcher
+from actors.experts.dispatcher import Dispatcher
 from actors.info import ActorLoad, ExpertLoad
-from actors.load import MIN_CALLS, LoadWindow
-from actors.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler, _victims
+from actors.experts.load import MIN_CALLS, LoadWindow
+from actors.experts.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler, _victims
 from cluster.plan import Node, PlacementError, Slot, plan_added
 from model.config import PRESETS
 from model.engine import Engine, SamplingParams
@@ -280,7 +280,7 @@ def test_victims_are_replicas_sharing_a_node_then_the_newest():
 
 
 def _member(i):
-    from actors.pool import Member
+    from actors.experts.pool import Member
     return Member(i, (0,), Slot("a", {}), None)
 
 
@@ -310,7 +310,7 @@ def test_a_call_through_an_actors_restart_waits_it_out_within_bounds(monkeypatch
     RESTART_TIMEOUT_S after the first failure (a clean-clone run failed an addition: three
     quick retries all hit 'the actor is restarting'). An actor dead for good (ActorDiedError),
     a failed constructor and other errors surface at once or after RESTART_DEATHS."""
-    import actors.pool as pool
+    import actors.experts.pool as pool
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
     clock = FakeClock()
     monkeypatch.setattr(pool, "time", types.SimpleNamespace(monotonic=clock, sleep=clock.sleep))

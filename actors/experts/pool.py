@@ -1,5 +1,5 @@
 """An engine's expert actors and the placement group that holds them: the start-up shared by
-RayEngine (its frontend an actor) and the engine replica (actors/server.py: the frontend in
+RayEngine (its frontend an actor) and the engine replica (actors/serving/engine_server.py: the frontend in
 its own process).
 
     pool = ExpertPool.start(source, dtype, device, expert_replicas=1, experts_per_actor=1,
@@ -14,7 +14,7 @@ Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve a place
 actor pinned to the plan's node (cluster/placement.py; all or nothing), start one expert actor
 per (group of `experts_per_actor` expert ids, replica) in its group and make the channel secret;
 the actors load their weights while the caller builds its frontend, and `ready()` waits for
-them. A group of its own for every actor lets live scaling (actors/scaling.py) add and remove
+them. A group of its own for every actor lets live scaling (actors/experts/scaling.py) add and remove
 one actor's resources at a time. The frontend gets a group only when `frontend_resources` is
 given (RayEngine); the engine replica passes None: Serve placed it already, with its
 `ray_actor_options`, so nothing is reserved twice.
@@ -35,8 +35,8 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 from ray.util.placement_group import PlacementGroup
 
-from actors.dispatcher import TRANSPORTS
-from actors.expert import ExpertWorker
+from actors.experts.dispatcher import TRANSPORTS
+from actors.experts.worker import ExpertWorker
 from actors.failover import unwrap
 from cluster.placement import actor_options, cluster_nodes, release, reserve
 from cluster.plan import Slot, plan, plan_added
@@ -94,7 +94,7 @@ class Experts:
     """What a frontend needs to reach its expert actors (picklable: it crosses Ray calls)."""
     actors: list                        # ExpertWorker handles
     actor_experts: list[list[int]]      # the expert ids each actor holds, in its order
-    secret: str                         # the channel secret (actors/channel.py)
+    secret: str                         # the channel secret (actors/experts/channel.py)
     nodes: list[str]                    # the node each actor is pinned to (its placement group)
     generation: int = 0                 # +1 a live scaling change: a frontend never goes back
 
@@ -235,7 +235,7 @@ class ExpertPool:
         slot, pg = self._frontend
         return {**actor_options(pg, slot), **frontend_runtime_env(self.device)}
 
-    # ---- live scaling (actors/scaling.py) ---------------------------------------------------
+    # ---- live scaling (actors/experts/scaling.py) ---------------------------------------------------
     def grow(self, added: dict[tuple[int, ...], int]) -> list[Member]:
         """Start `added[ids]` more replicas of each group: plan nodes with room (cluster/plan.py:
         plan_added), reserve a placement group per actor, start them, wait until each has

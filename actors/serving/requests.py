@@ -1,5 +1,5 @@
 """API requests <-> engine inputs and outputs: the one place where a request from a client (gRPC
-here, the OpenAI HTTP API in actors/openai_api.py) is validated, with messages that name the
+here, the OpenAI HTTP API in actors/serving/openai_api.py) is validated, with messages that name the
 field and its limit, plus the gRPC response building. Pure functions; `prompt_ids_of` and
 `sampling_params_of` serve both protocols, the rest reads or builds protobuf messages.
 """

@@ -5,11 +5,11 @@ It is the frontend engine's `moe` function (route happens in the model just befo
     dispatch: sort the step's (row, expert) pairs by expert; split each expert's rows over its
               healthy replicas in proportion to their measured speed (evenly until measured);
               make ONE call per actor per layer with all its rows
-    compute:  each actor runs its experts on its rows (actors/expert.py)
+    compute:  each actor runs its experts on its rows (actors/experts/worker.py)
     combine:  un-sort the outputs, sum weight * y over each row's A experts (ExpertGroups.combine)
 
 All data movement sits behind one function, `transport(layer, calls)`: a persistent ZeroMQ
-channel per actor (actors/channel.py, the default) or Ray object refs (`actor.compute.remote` +
+channel per actor (actors/experts/channel.py, the default) or Ray object refs (`actor.compute.remote` +
 `ray.get`, the equality oracle); GPU-direct transport can replace them without touching the rest. A call that fails because its actor died or is restarting is sent
 again — to a replica if one is healthy, else to the restarted actor, backing off 0.5, 1, 2, ...
 s — at most `max_attempts` times within `retry_timeout_s`; then the layer fails with ExpertCallError, which fails the
@@ -17,7 +17,7 @@ step's requests (never a loop, never a hang). Experts hold no request state, so 
 call gives the same result.
 
 Load: every layer call records the rows routed to each expert id and each actor's rows and
-compute seconds in `load` (actors/load.py: a sliding window); replicas' speeds come from it.
+compute seconds in `load` (actors/experts/load.py: a sliding window); replicas' speeds come from it.
 The set of actors changes only through `set_actors`, which the caller runs between two steps
 (actors/frontend.py: Engine.run_between_steps), never inside one.
 
@@ -36,8 +36,8 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.channel import ChannelTransport, PeerLost, device_rows, empty_host_like, host_rows
-from actors.load import LoadWindow
+from actors.experts.channel import ChannelTransport, PeerLost, device_rows, empty_host_like, host_rows
+from actors.experts.load import LoadWindow
 from model.moe import ExpertGroups, group_by_expert
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class Dispatcher:
         self.set_actors(actors, actor_experts)
         self.timings: collections.deque[dict] = collections.deque(maxlen=4096)
         self.retries = 0
-        # for metrics (actors/metrics.py), drained by their reader: (layer, pairs per expert id)
+        # for metrics (actors/serving/metrics.py), drained by their reader: (layer, pairs per expert id)
         # and (layer, round-trip seconds) of each layer call; appends only on the per-layer path
         self.routed: collections.deque[tuple[int, list[int]]] = collections.deque(maxlen=65536)
         self.round_trips: collections.deque[tuple[int, float]] = collections.deque(maxlen=65536)

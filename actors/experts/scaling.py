@@ -1,6 +1,6 @@
 """Elastic experts: replicas of each expert id added and removed live, by hand or by measured load.
 
-    scaler = ExpertScaler(pool, apply=frontend_set_experts)     # actors/pool.py, a frontend's
+    scaler = ExpertScaler(pool, apply=frontend_set_experts)     # actors/experts/pool.py, a frontend's
     scaler.set_expert_replicas({0: 3, 5: 1})                   # -> replicas per expert id now
     autoscaler = Autoscaler(ExpertAutoscaling.from_args({...}), scaler, load=frontend_load)
     autoscaler.start() ... autoscaler.stop()
@@ -13,14 +13,14 @@ decoding never waits for a load. Removing one: `apply` first (no row goes to it 
 switch, and the step before it has returned all its calls), then the actor is killed and its
 placement group removed. All or nothing: a request for more than the cluster holds raises
 PlacementError and changes nothing; a replica that dies while added is restarted by Ray and
-waited for (bounded: actors/pool.py through_restarts), else the addition fails and changes
+waited for (bounded: actors/experts/pool.py through_restarts), else the addition fails and changes
 nothing.
 
 With `experts_per_actor` > 1 the unit of scaling is an actor's group of expert ids: every id of
 a group must be asked the same count.
 
 The policy (Autoscaler, off unless configured): every `interval_s` it reads the load over the
-dispatcher's window (`window_s`, actors/load.py). An expert's wanted replicas are
+dispatcher's window (`window_s`, actors/experts/load.py). An expert's wanted replicas are
 `ceil(load / target)`, where target is `target_rows_per_s` per replica, or `target_load_ratio`
 times the mean expert's load; it scales up to that at once (as far as nodes have room), and down
 only once the load fits in fewer replicas at `downscale_headroom` of the target (hysteresis),
@@ -39,7 +39,7 @@ import time
 from typing import Callable, Mapping
 
 from actors.info import ExpertLoad
-from actors.pool import Experts, ExpertPool, Member, through_restarts
+from actors.experts.pool import Experts, ExpertPool, Member, through_restarts
 from cluster.plan import PlacementError
 
 log = logging.getLogger(f"ray.serve.{__name__}")

@@ -1,6 +1,6 @@
 """The engine deployment: each replica *is* one engine's frontend. Its Engine and Dispatcher run
 in the replica's own process (actors/frontend.py, used in-process), and it starts and owns its
-expert actors and their placement groups (actors/pool.py); the gateway reaches it through a
+expert actors and their placement groups (actors/experts/pool.py); the gateway reaches it through a
 streaming DeploymentHandle, so a stream crosses no Ray hop between the replica and its engine.
 
     Serve proxy -> Gateway -> EngineServer (frontend: scheduler, KV cache, dispatcher)
@@ -26,9 +26,9 @@ from ray import serve
 
 from actors.frontend import Frontend
 from actors.info import EngineInfo, ExpertLoad
-from actors.metrics import EngineMetrics
-from actors.pool import ExpertPool, check_start_args, default_resources, frontend_runtime_env
-from actors.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler
+from actors.serving.metrics import EngineMetrics
+from actors.experts.pool import ExpertPool, check_start_args, default_resources, frontend_runtime_env
+from actors.experts.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler
 from cluster.placement import resource_options
 from model.checkpoint import WeightSource
 from model.engine import Resume, SamplingParams
@@ -69,7 +69,7 @@ class EngineOptions:
     placement_timeout_s: float = 60.0
     transport: str = "channel"
     engine_args: dict | None = None
-    expert_autoscaling: dict | None = None      # actors/scaling.py: ExpertAutoscaling; None: off
+    expert_autoscaling: dict | None = None      # actors/experts/scaling.py: ExpertAutoscaling; None: off
 
     def __post_init__(self):
         check_start_args(None, self.dtype, self.transport, frontend_threads=self.frontend_threads,
@@ -79,7 +79,7 @@ class EngineOptions:
     def ray_actor_options(self) -> dict:
         """The replica's resources, i.e. the frontend's: `frontend_resources`, by default
         a GPU and a CPU on cuda, a small CPU share on cpu; and the frontend's runtime_env
-        (actors/pool.py: frontend_runtime_env)."""
+        (actors/experts/pool.py: frontend_runtime_env)."""
         return {**resource_options(self.frontend_resources or default_resources(self.device)),
                 **frontend_runtime_env(self.device)}
 
@@ -139,7 +139,7 @@ class EngineServer:
         return self.frontend.expert_load()
 
     async def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
-        """Live scaling of this engine's expert actors (actors/scaling.py); -> replicas per
+        """Live scaling of this engine's expert actors (actors/experts/scaling.py); -> replicas per
         expert id. ValueError / PlacementError change nothing."""
         return await asyncio.to_thread(self.scaler.set_expert_replicas, replicas)
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API: request models, their translation to engine inputs (through the
-same validation as gRPC, actors/requests.py) and the response / stream chunk bodies. Pure; the
-routes live on the gateway (actors/gateway.py), which serves this API and gRPC side by side.
+same validation as gRPC, actors/serving/requests.py) and the response / stream chunk bodies. Pure; the
+routes live on the gateway (actors/serving/gateway.py), which serves this API and gRPC side by side.
 
 Follows OpenAI's API reference for /v1/completions and /v1/chat/completions (and vLLM's
 extensions `top_k`, `ignore_eos`, `return_token_ids`): https://platform.openai.com/docs/api-reference
@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.info import EngineInfo
-from actors.requests import prompt_ids_of, sampling_params_of
+from actors.serving.requests import prompt_ids_of, sampling_params_of
 from model.engine import SamplingParams
 from model.errors import InvalidRequest
 from model.tokenizer import Tokenizer

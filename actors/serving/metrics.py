@@ -10,7 +10,7 @@ its replicas, and the imbalance of rows over the expert actors.
 Request metrics are recorded as each stream's chunks pass through the replica (`Request`);
 engine state (running / waiting requests, KV cache usage) and the dispatcher's counts are read
 once per `interval_s` by a daemon thread, so the per-layer path only appends to the dispatcher's
-queues (actors/dispatcher.py: `routed`, `round_trips`).
+queues (actors/experts/dispatcher.py: `routed`, `round_trips`).
 """
 from __future__ import annotations
 

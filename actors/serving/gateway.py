@@ -1,8 +1,8 @@
 """The gateway: a stateless Serve deployment serving two APIs side by side. Behind Serve's gRPC
 proxy it implements `mixtral_ep.v1.Generator` (method names are the RPC names); behind Serve's
-HTTP proxy it is a FastAPI ingress with the OpenAI-compatible API (actors/openai_api.py):
+HTTP proxy it is a FastAPI ingress with the OpenAI-compatible API (actors/serving/openai_api.py):
 POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. Both validate in
-one place (actors/requests.py), tokenize (prompt or chat template), and stream token ids from
+one place (actors/serving/requests.py), tokenize (prompt or chat template), and stream token ids from
 the engine deployment, detokenized there. Every engine stream is a ResumableStream
 (actors/failover.py): when the engine replica serving a request dies, the request continues on
 another (or the restarted) one, and the client's stream goes on unbroken.
@@ -10,7 +10,7 @@ another (or the restarted) one, and the client's stream goes on unbroken.
 Errors reach the client as a gRPC status or an HTTP status with OpenAI's error body, never as
 a traceback (`status_of`):
     InvalidRequest (and subclasses: ChatTemplateError...)   INVALID_ARGUMENT / 400, its message
-    Unauthenticated (an API key is set: actors/auth.py)      UNAUTHENTICATED / 401
+    Unauthenticated (an API key is set: actors/serving/auth.py)      UNAUTHENTICATED / 401
     QueueFull (max_waiting), Serve's BackPressureError       RESOURCE_EXHAUSTED / 429
     EngineUnavailable (no engine took a request back
     within the failover bound: actors/failover.py),
@@ -42,12 +42,12 @@ from ray import serve
 from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from actors import openai_api as oai
-from actors import auth
-from actors.auth import Unauthenticated, authorized, grpc_authorization
+from actors.serving import openai_api as oai
+from actors.serving import auth
+from actors.serving.auth import Unauthenticated, authorized, grpc_authorization
 from actors.failover import EngineUnavailable, ResumableStream, unwrap, with_seed
 from actors.info import EngineInfo
-from actors.requests import (model_info, prompt_ids, sampling_params,
+from actors.serving.requests import (model_info, prompt_ids, sampling_params,
                              stream_response, unary_response)
 from model.engine import Completion
 from model.errors import InvalidRequest, QueueFull
@@ -71,7 +71,7 @@ openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mix
 
 
 class _ApiKey:
-    """With an API key set (Gateway's `api_key_digest`: actors/auth.py), every /v1 path needs
+    """With an API key set (Gateway's `api_key_digest`: actors/serving/auth.py), every /v1 path needs
     it, before its body is read: 401 in OpenAI's shape otherwise. Plain ASGI, not
     `@app.middleware("http")` (Starlette's BaseHTTPMiddleware runs every response in a task
     group of its own). A client that leaves is a disconnect message here: Serve's `receive`
@@ -225,8 +225,8 @@ class Gateway:
     def __init__(self, engine, tokenizer_path: str | None, model_name: str,
                  failover_timeout_s: float = 120.0, api_key_digest: str | None = None):
         """`api_key_digest`: SHA-256 hex digest of the API key every call must carry
-        (actors/auth.py), None for none."""
-        self.engine = engine                       # DeploymentHandle of actors.server.EngineServer
+        (actors/serving/auth.py), None for none."""
+        self.engine = engine                       # DeploymentHandle of actors.serving.engine_server.EngineServer
         self.failover_timeout_s = failover_timeout_s
         self.api_key_digest = api_key_digest
         auth.require(api_key_digest)                        # for the HTTP middleware
@@ -321,7 +321,7 @@ class Gateway:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
-    # ---- OpenAI-compatible HTTP API (actors/openai_api.py) ----------------------------------
+    # ---- OpenAI-compatible HTTP API (actors/serving/openai_api.py) ----------------------------------
 
     @openai_app.get("/v1/models")
     async def models(self) -> JSONResponse:
