@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import cached_random_checkpoint  # noqa: E402
+from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
 from model.engine import Engine, SamplingParams  # noqa: E402
 
 log = logging.getLogger("bench.admission")

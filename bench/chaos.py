@@ -38,8 +38,9 @@ from actors.serving.gateway import Gateway  # noqa: E402
 from actors.serving.engine_server import EngineOptions, EngineServer  # noqa: E402
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster  # noqa: E402
 from deploy.app import GRPC_SERVICER_FUNCTIONS  # noqa: E402
-from model.checkpoint import WeightSource, cached_random_checkpoint  # noqa: E402
+from model.checkpoint import WeightSource  # noqa: E402
 from model.engine import Engine  # noqa: E402
+from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
 from protos import loadgen  # noqa: E402
 
 log = logging.getLogger("bench.chaos")

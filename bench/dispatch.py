@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors import RayEngine  # noqa: E402
-from model.checkpoint import cached_random_checkpoint  # noqa: E402
 from model.engine import Engine, SamplingParams  # noqa: E402
+from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
 
 log = logging.getLogger("bench.dispatch")
 PHASES = ("routing", "dispatch", "transport", "compute", "combine", "total")

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors import RayEngine  # noqa: E402
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, local_cluster  # noqa: E402
-from model.checkpoint import cached_random_checkpoint  # noqa: E402
 from model.engine import SamplingParams  # noqa: E402
+from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
 
 log = logging.getLogger("bench.elastic")
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):\n    return",

@@ -27,9 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import cached_random_checkpoint, torch_dtype  # noqa: E402
+from model.checkpoint import torch_dtype  # noqa: E402
 from model.config import PRESETS, MixtralConfig  # noqa: E402
 from model.engine import Engine, SamplingParams  # noqa: E402
+from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
 
 log = logging.getLogger("bench.engine")
 

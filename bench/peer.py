@@ -157,7 +157,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.path.insert(0, str(ROOT))
-    from model.checkpoint import cached_random_checkpoint
+    from model.random_checkpoint import cached_random_checkpoint
     path = str(cached_random_checkpoint("small"))
     runs = 1 if args.quick else args.runs
     have_vllm = Path(args.vllm_python).exists() and subprocess.run(

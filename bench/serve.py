@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.local import free_port  # noqa: E402
 from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
-from model.checkpoint import cached_random_checkpoint  # noqa: E402
 from model.engine import Engine, SamplingParams  # noqa: E402
+from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
 from protos import generator_pb2 as pb  # noqa: E402
 from protos import generator_pb2_grpc as pb_grpc  # noqa: E402
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster  # noqa: E402
 from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
-from model.checkpoint import cached_random_checkpoint  # noqa: E402
+from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
 from protos import loadgen  # noqa: E402
 
 log = logging.getLogger("bench.soak")

@@ -43,7 +43,8 @@ from ray.serve import Application
 from actors.serving.auth import key_digest
 from actors.serving.gateway import Gateway
 from actors.serving.engine_server import EngineOptions, EngineServer
-from model.checkpoint import WeightSource, cached_random_checkpoint, check_checkpoint_dir
+from model.checkpoint import WeightSource, check_checkpoint_dir
+from model.random_checkpoint import cached_random_checkpoint
 
 # a child of Serve's logger: its handlers (replica log files, the console of `serve run`) and
 # its LoggingConfig apply; a plain module logger has no handler in a Serve process

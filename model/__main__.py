@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from model.checkpoint import DTYPES, cached_random_checkpoint
+from model.checkpoint import DTYPES
 from model.config import PRESETS
 from model.engine import Engine, SamplingParams
+from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("model")
 

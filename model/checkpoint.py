@@ -1,28 +1,20 @@
-"""Hugging Face Mixtral checkpoints: read only the tensors asked for; write random ones.
+"""Hugging Face Mixtral checkpoints, read side: only the tensors asked for, as the dtype asked for.
 
 Reading goes through `model.safetensors.index.json` (or one `model.safetensors`), opens only the
 shards that hold the requested names and copies only those tensors, converting dtype on the way.
-Writing produces the exact layout of the real checkpoints (config.json, sharded
-`model-0000i-of-0000n.safetensors` + index, generation_config.json, tokenizer files) with
-seeded random weights, which transformers' MixtralForCausalLM loads:
-
-    python -m model.checkpoint random --preset small --out /tmp/small [--dtype float32] [--seed 0]
-
-`random_tensor(name, ...)` seeds each tensor from (seed, name), so any subset of a checkpoint
-(one expert, the non-expert part) can be rebuilt anywhere without the others.
+`WeightSource` names where weights come from: a checkpoint directory, or seeded random weights
+of a config built in memory. `random_tensor(name, ...)` seeds each tensor from (seed, name), so
+any subset of a checkpoint (one expert, the non-expert part) can be rebuilt anywhere without the
+others; `model/random_checkpoint.py` writes the same values to files.
 
 `materialised_names()` says which tensors this process has read from a checkpoint (or built
 for a WeightSource) so far: an expert actor must read its own experts' tensors and no others.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import math
-import os
-import shutil
 import time
 import zlib
 from collections import defaultdict
@@ -30,9 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from model.config import PRESETS, MixtralConfig, cache_dir, resolve_config
+from model.config import MixtralConfig
 from model.mixtral import tensor_shapes
 
 log = logging.getLogger(__name__)
@@ -50,6 +41,8 @@ class CheckpointError(ValueError):
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name in DTYPES (a torch dtype passes through); ValueError naming
+    the allowed names otherwise."""
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
@@ -116,7 +109,7 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
         if name not in files:
             raise CheckpointError(f"checkpoint {path} has no tensor {name!r}")
         by_file[files[name]].append(name)
-    progress = _Progress(len(shapes), f"loading {len(shapes)} tensors from {path}")
+    progress = Progress(len(shapes), f"loading {len(shapes)} tensors from {path}")
     out = {}
     for file, names in sorted(by_file.items()):
         if not file.exists():
@@ -135,7 +128,7 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
     return out
 
 
-class _Progress:
+class Progress:
     """Logs a progress line at most every 2 s, then a summary."""
 
     def __init__(self, total: int, what: str):
@@ -208,125 +201,3 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
     else:
         t = 0.02 * t * (QK_INIT_GAIN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1)
     return t.to(dtype)
-
-
-# A biased router (`hot_expert`): every token embedding gets HOT_OFFSET * sqrt(hidden_size / 64)
-# added on hidden dim 0, so the residual stream carries it into every layer (after RMSNorm it
-# dominates dim 0), and each layer's gate row of the hot expert reads it with weight HOT_GATE (the
-# other experts' rows ignore dim 0): its logit beats the others', so nearly every token picks it
-# as one of its two experts: about half of all (token, expert) rows on `tiny` and `small`.
-HOT_OFFSET, HOT_GATE = 0.5, 0.5
-HOT_BIAS_VERSION = 2        # bump when the bias changes: names the cached biased checkpoints
-
-
-def _bias_router(name: str, t: torch.Tensor, hot_expert: int) -> torch.Tensor:
-    if name == "model.embed_tokens.weight":
-        t[:, 0] += HOT_OFFSET * math.sqrt(t.shape[1] / 64)
-    elif name.endswith("block_sparse_moe.gate.weight"):
-        t[:, 0] = 0.0                                   # the others ignore dim 0
-        t[hot_expert, 0] = HOT_GATE
-    return t
-
-
-def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch.float32,
-                 seed: int = 0, shard_bytes: int | None = None,
-                 hot_expert: int | None = None) -> Path:
-    """Write a random-weight checkpoint in the exact Hugging Face Mixtral layout to `out`.
-    `hot_expert`: bias every layer's router towards that expert id (HOT_OFFSET, HOT_GATE), so
-    that routing load is uneven, as in real traffic (elastic experts' tests and benchmark)."""
-    if hot_expert is not None and not 0 <= hot_expert < cfg.num_local_experts:
-        raise ValueError(f"hot_expert must be in [0, {cfg.num_local_experts}), got {hot_expert}")
-    from model.tokenizer import Tokenizer
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shapes = tensor_shapes(cfg)
-    sizes = {n: math.prod(s) * dtype.itemsize for n, s in shapes.items()}
-    total = sum(sizes.values())
-    shards = _plan_shards(sizes, shard_bytes or min(5 * 10**9, math.ceil(total / 4)))
-    progress = _Progress(len(shapes), f"writing {len(shards)} shards to {out}")
-    names_to_file = {}
-    for i, names in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for n in names:
-            tensors[n] = random_tensor(n, shapes[n], seed, dtype)
-            if hot_expert is not None:
-                tensors[n] = _bias_router(n, tensors[n], hot_expert)
-            progress.advance(sizes[n])
-        save_file(tensors, out / file, metadata={"format": "pt"})
-        os.chmod(out / file, _new_file_mode())      # safetensors creates it 0600
-        names_to_file.update(dict.fromkeys(names, file))
-    progress.done()
-    index = {"metadata": {"total_size": total}, "weight_map": names_to_file}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    hf = cfg.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    Tokenizer.from_pretrained().save(out)
-    return out
-
-
-def _new_file_mode() -> int:
-    """The mode `open()` gives a new file (0644 under the usual umask 022): config.json's, so
-    other users (other nodes' Ray workers on a shared filesystem) can read the shards too."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def cached_random_checkpoint(preset: str = "tiny", seed: int = 0,
-                             dtype: torch.dtype = torch.float32,
-                             hot_expert: int | None = None) -> Path:
-    """A random checkpoint under the cache dir, written once (atomically) and reused."""
-    name = f"{preset}-seed{seed}-{str(dtype).removeprefix('torch.')}-v{RANDOM_INIT_VERSION}"
-    if hot_expert is not None:
-        name += f"-hot{hot_expert}-b{HOT_BIAS_VERSION}"
-    path = cache_dir() / "checkpoints" / name
-    if (path / "config.json").exists():
-        return path
-    log.info("creating the %s random checkpoint at %s (once)", preset, path)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    write_random(resolve_config(preset), partial, dtype, seed, hot_expert=hot_expert)
-    try:
-        os.replace(partial, path)
-    except OSError:             # another process finished first
-        shutil.rmtree(partial, ignore_errors=True)
-    return path
-
-
-def _plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    filled = 0
-    for name, size in sizes.items():
-        if shards[-1] and filled + size > shard_bytes:
-            shards.append([])
-            filled = 0
-        shards[-1].append(name)
-        filled += size
-    return shards
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.checkpoint")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rnd = sub.add_parser("random", help="write a random-weight checkpoint in the HF Mixtral layout")
-    rnd.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    rnd.add_argument("--out", required=True, help="output directory")
-    rnd.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    rnd.add_argument("--seed", type=int, default=0)
-    rnd.add_argument("--shard-size-mb", type=int, default=None,
-                     help="largest shard in MB (default: a quarter of the model, at most 5000)")
-    rnd.add_argument("--hot-expert", type=int, default=None,
-                     help="bias every router towards this expert id (uneven load)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    shard = args.shard_size_mb * 10**6 if args.shard_size_mb else None
-    path = write_random(resolve_config(args.preset), args.out, torch_dtype(args.dtype),
-                        args.seed, shard, args.hot_expert)
-    log.info("wrote %s checkpoint to %s", args.preset, path)
-
-
-if __name__ == "__main__":
-    main()

@@ -106,7 +106,7 @@ class Engine:
     def from_config(cls, preset_or_config, dtype: str | torch.dtype = "auto",
                     device: str | torch.device = "cpu", seed: int = 0, **engine_args) -> "Engine":
         """Random weights built in memory on `device` (no files): the same values as
-        `python -m model.checkpoint random --seed` writes when built on the CPU."""
+        `python -m model.random_checkpoint --seed` writes when built on the CPU."""
         source = WeightSource(config=resolve_config(preset_or_config), seed=seed)
         return cls.from_source(source, dtype, device, **engine_args)
 

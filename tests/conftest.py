@@ -48,8 +48,8 @@ def hf_checkpoint(tmp_path_factory):
 
 
 def _random_checkpoint(tmp_path_factory, preset: str):
-    from model.checkpoint import write_random
     from model.config import PRESETS
+    from model.random_checkpoint import write_random
     return write_random(PRESETS[preset], tmp_path_factory.mktemp(preset), seed=0)
 
 

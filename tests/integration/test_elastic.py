@@ -26,8 +26,8 @@ PARAMS = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
 @pytest.fixture(scope="module")
 def hot_checkpoint(tmp_path_factory):
     """`tiny` with every router biased to expert 0: about half of all rows go to it."""
-    from model.checkpoint import write_random
     from model.config import PRESETS
+    from model.random_checkpoint import write_random
     return write_random(PRESETS["tiny"], tmp_path_factory.mktemp("hot"), seed=0, hot_expert=0)
 
 

@@ -1,11 +1,9 @@
-"""Reading only the tensors asked for, clear errors on broken checkpoints, random checkpoints
-that transformers loads."""
+"""Reading only the tensors asked for, clear errors on broken checkpoints, dtype resolution;
+writing random checkpoints is tests/unit/test_random_checkpoint.py."""
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,36 +13,8 @@ import model.checkpoint as ckpt
 from model.checkpoint import CheckpointError, load_tensors, random_tensor
 from model.config import PRESETS, ConfigError, MixtralConfig
 from model.engine import Engine
-from model.linear import dense
 from model.mixtral import expert_names, non_expert_names, tensor_shapes
-
-
-def test_random_checkpoint_has_hf_layout(tiny_checkpoint):
-    index = json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())
-    files = sorted(set(index["weight_map"].values()))
-    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    assert set(index["weight_map"]) == set(tensor_shapes(PRESETS["tiny"]))
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        assert (tiny_checkpoint / name).exists(), name
-    assert "[INST]" in json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())["chat_template"]
-
-
-def test_transformers_loads_random_checkpoint_and_agrees(tiny_checkpoint):
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.MixtralForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    engine = Engine.from_pretrained(tiny_checkpoint)
-    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0]
-    assert (engine.logits(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
-
-
-def test_shards_are_as_readable_as_config_json(tmp_path):
-    """Other nodes' users read them on a shared filesystem (safetensors creates files 0600)."""
-    out = ckpt.write_random(PRESETS["tiny"], tmp_path / "ckpt")
-    mode = (out / "config.json").stat().st_mode & 0o777
-    shards = sorted(out.glob("*.safetensors"))
-    assert shards and all(s.stat().st_mode & 0o777 == mode for s in shards)
+from model.random_checkpoint import write_random
 
 
 def test_random_tensors_are_seeded_per_name():
@@ -176,24 +146,10 @@ def test_config_accepts_both_rope_spellings_and_null_fields():
     assert MixtralConfig.from_dict(base | {"sliding_window": 4096}).sliding_window == 4096
 
 
-def test_cli_writes_a_loadable_checkpoint(tmp_path):
-    out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "model.checkpoint", "random", "--preset", "tiny",
-                           "--out", str(out), "--dtype", "bfloat16", "--seed", "3"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "wrote tiny checkpoint" in proc.stderr
-    engine = Engine.from_pretrained(out, dtype="float32")
-    name = "model.layers.1.self_attn.q_proj.weight"
-    expected = random_tensor(name, (64, 64), 3, torch.bfloat16).float()
-    qkv = dense(engine.model.get_buffer("model.layers.1.self_attn.qkv_proj.weight"))
-    assert torch.equal(qkv[:64], expected)                       # q rows come first
-
-
 def test_dtype_auto_takes_the_checkpoints_torch_dtype(tmp_path, tiny_checkpoint, hf_checkpoint):
     """"auto" (the default) is config.json's `torch_dtype` (or transformers 5's `dtype`), as HF
     and vLLM take it; float32 for random weights or when none is named; an explicit dtype wins."""
-    bf16 = ckpt.write_random(PRESETS["tiny"], tmp_path / "bf16", torch.bfloat16, seed=0)
+    bf16 = write_random(PRESETS["tiny"], tmp_path / "bf16", torch.bfloat16, seed=0)
     assert Engine.from_pretrained(bf16).dtype == torch.bfloat16
     assert Engine.from_pretrained(bf16, dtype="float32").dtype == torch.float32
     assert ckpt.WeightSource(path=str(tiny_checkpoint)).resolve_dtype("auto") == torch.float32

@@ -364,7 +364,7 @@ def test_the_autoscaler_scales_a_group_of_experts_as_one():
 
 # ---- the biased router -----------------------------------------------------------------------
 def test_a_hot_expert_checkpoint_routes_about_half_of_all_rows_to_it(tmp_path):
-    from model.checkpoint import write_random
+    from model.random_checkpoint import write_random
     path = write_random(PRESETS["tiny"], tmp_path, hot_expert=5)
     engine = Engine.from_pretrained(path)
     counts = collections.Counter()

@@ -1,0 +1,172 @@
+"""Write random-weight Mixtral checkpoints in the exact Hugging Face layout, and its CLI.
+
+The output is what the real checkpoints hold (config.json, sharded
+`model-0000i-of-0000n.safetensors` + index, generation_config.json, the real Mixtral tokenizer
+files) with seeded random weights (`model.checkpoint.random_tensor`, seeded from (seed, name)),
+which transformers' MixtralForCausalLM loads:
+
+    python -m model.random_checkpoint --preset small --out /tmp/small [--dtype float32] [--seed 0]
+
+`cached_random_checkpoint(preset)` writes one once under the cache dir and reuses it (the demo,
+the tests and the benchmarks). Reading checkpoints is model/checkpoint.py's job.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from model.checkpoint import (DTYPES, INDEX_FILE, RANDOM_INIT_VERSION, Progress, random_tensor,
+                              torch_dtype)
+from model.config import PRESETS, MixtralConfig, cache_dir, resolve_config
+from model.mixtral import tensor_shapes
+from model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+# A biased router (`hot_expert`): every token embedding gets HOT_OFFSET * sqrt(hidden_size / 64)
+# added on hidden dim 0, so the residual stream carries it into every layer (after RMSNorm it
+# dominates dim 0), and each layer's gate row of the hot expert reads it with weight HOT_GATE (the
+# other experts' rows ignore dim 0): its logit beats the others', so nearly every token picks it
+# as one of its two experts: about half of all (token, expert) rows on `tiny` and `small`.
+HOT_OFFSET, HOT_GATE = 0.5, 0.5
+HOT_BIAS_VERSION = 2        # bump when the bias changes: names the cached biased checkpoints
+
+
+def _bias_router(name: str, t: torch.Tensor, hot_expert: int) -> torch.Tensor:
+    if name == "model.embed_tokens.weight":
+        t[:, 0] += HOT_OFFSET * math.sqrt(t.shape[1] / 64)
+    elif name.endswith("block_sparse_moe.gate.weight"):
+        t[:, 0] = 0.0                                   # the others ignore dim 0
+        t[hot_expert, 0] = HOT_GATE
+    return t
+
+
+def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch.float32,
+                 seed: int = 0, shard_bytes: int | None = None,
+                 hot_expert: int | None = None) -> Path:
+    """Write a random-weight checkpoint in the exact Hugging Face Mixtral layout to `out`.
+    `hot_expert`: bias every layer's router towards that expert id (HOT_OFFSET, HOT_GATE), so
+    that routing load is uneven, as in real traffic (elastic experts' tests and benchmark)."""
+    if hot_expert is not None and not 0 <= hot_expert < cfg.num_local_experts:
+        raise ValueError(f"hot_expert must be in [0, {cfg.num_local_experts}), got {hot_expert}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = tensor_shapes(cfg)
+    sizes = {n: math.prod(s) * dtype.itemsize for n, s in shapes.items()}
+    total = sum(sizes.values())
+    shards = _plan_shards(sizes, shard_bytes or min(5 * 10**9, math.ceil(total / 4)))
+    progress = Progress(len(shapes), f"writing {len(shards)} shards to {out}")
+    names_to_file = {}
+    for i, names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for n in names:
+            tensors[n] = random_tensor(n, shapes[n], seed, dtype)
+            if hot_expert is not None:
+                tensors[n] = _bias_router(n, tensors[n], hot_expert)
+            progress.advance(sizes[n])
+        save_file(tensors, out / file, metadata={"format": "pt"})
+        os.chmod(out / file, _new_file_mode())      # safetensors creates it 0600
+        names_to_file.update(dict.fromkeys(names, file))
+    progress.done()
+    index = {"metadata": {"total_size": total}, "weight_map": names_to_file}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    hf = cfg.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    Tokenizer.from_pretrained().save(out)
+    return out
+
+
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file (0644 under the usual umask 022): config.json's, so
+    other users (other nodes' Ray workers on a shared filesystem) can read the shards too."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def cached_random_checkpoint(preset: str = "tiny", seed: int = 0,
+                             dtype: torch.dtype = torch.float32,
+                             hot_expert: int | None = None) -> Path:
+    """A random checkpoint under the cache dir, written once (atomically) and reused."""
+    name = f"{preset}-seed{seed}-{str(dtype).removeprefix('torch.')}-v{RANDOM_INIT_VERSION}"
+    if hot_expert is not None:
+        name += f"-hot{hot_expert}-b{HOT_BIAS_VERSION}"
+    path = cache_dir() / "checkpoints" / name
+    if (path / "config.json").exists():
+        return path
+    log.info("creating the %s random checkpoint at %s (once)", preset, path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    write_random(resolve_config(preset), partial, dtype, seed, hot_expert=hot_expert)
+    try:
+        os.replace(partial, path)
+    except OSError:             # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+def _plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, size in sizes.items():
+        if shards[-1] and filled + size > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += size
+    return shards
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.random_checkpoint",
+        description="Write a random-weight checkpoint in the Hugging Face Mixtral layout "
+                    "(config.json, sharded safetensors + index, tokenizer files).")
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True,
+                        help="model shape (model/config.py PRESETS): tiny and small for tests "
+                             "and benchmarks, 8x7b for Mixtral-8x7B's real sizes")
+    parser.add_argument("--out", required=True,
+                        help="output directory (created; existing files are overwritten)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the stored tensors, also written as config.json's "
+                             "torch_dtype (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of every tensor, combined with its name (default: %(default)s)")
+    parser.add_argument("--shard-size-mb", type=int, default=None,
+                        help="largest shard in MB, > 0 (default: a quarter of the model, at "
+                             "most 5000)")
+    parser.add_argument("--hot-expert", type=int, default=None,
+                        help="bias every layer's router towards this expert id, in "
+                             "[0, num_local_experts), for uneven routing load (default: none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The CLI: parse `argv`, write the checkpoint, log where. Exits 2 naming a bad option."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.shard_size_mb is not None and args.shard_size_mb <= 0:
+        parser.error(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    shard = args.shard_size_mb * 10**6 if args.shard_size_mb is not None else None
+    try:
+        path = write_random(resolve_config(args.preset), args.out, torch_dtype(args.dtype),
+                            args.seed, shard, args.hot_expert)
+    except ValueError as e:     # hot_expert out of range, named with its limit
+        parser.error(str(e))
+    log.info("wrote %s checkpoint to %s", args.preset, path)
+
+
+if __name__ == "__main__":
+    main()
