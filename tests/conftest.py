@@ -1,5 +1,5 @@
-"""Shared fixtures: random checkpoints written by transformers (the oracle) and by us; the README's
-Python code, found by heading, for the tests that run it."""
+"""Shared fixtures: random checkpoints written by transformers (the oracle) and by us; the Python
+code of README.md and docs/**/*.md, found by document and heading, for the tests that run it."""
 from __future__ import annotations
 
 import logging
@@ -124,8 +124,10 @@ def ray_cluster():
         yield cluster
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-NEEDS_CUDA = "# needs CUDA"     # a README code line carrying this comment runs only with CUDA
+ROOT = Path(__file__).resolve().parents[1]
+# the documents whose ```python blocks the tests run, as paths relative to ROOT
+DOCS = ("README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")))
+NEEDS_CUDA = "# needs CUDA"     # a doc's code line carrying this comment runs only with CUDA
 _FENCE = re.compile(r"^```\s*(\S*)")
 _HEADING = re.compile(r"^#+\s+(.*\S)")
 
@@ -148,25 +150,39 @@ def _python_sections(text: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def python_sections():
-    """Markdown text -> {heading: its Python code}: how the README's code is found."""
+    """Markdown text -> {heading: its Python code}: how a document's code is found."""
     return _python_sections
 
 
 @pytest.fixture(scope="session")
-def readme_python(python_sections) -> dict[str, str]:
+def docs_python(python_sections) -> dict[str, dict[str, str]]:
+    """{document (DOCS, e.g. "docs/api.md"): {heading: its Python code}}, documents with none
+    included (an empty dict)."""
+    return {doc: python_sections((ROOT / doc).read_text(encoding="utf-8")) for doc in DOCS}
+
+
+@pytest.fixture(scope="session")
+def readme_python(docs_python) -> dict[str, str]:
     """The README's Python code by the heading it is under."""
-    return python_sections(README.read_text(encoding="utf-8"))
+    return docs_python["README.md"]
 
 
 @pytest.fixture
-def readme_code(readme_python, tmp_path, monkeypatch):
-    """(heading, cuda=False) -> that heading's README code as it is run here, lines marked
-    NEEDS_CUDA dropped unless `cuda`; MIXTRAL_EP_CACHE (the demo checkpoint) goes to tmp_path."""
+def doc_code(docs_python, tmp_path, monkeypatch):
+    """(doc, heading, cuda=False) -> that heading's code in `doc` (a DOCS path) as it is run
+    here, lines marked NEEDS_CUDA dropped unless `cuda`; MIXTRAL_EP_CACHE (the demo checkpoint)
+    goes to tmp_path. KeyError for a document or heading with no Python code."""
     monkeypatch.setenv("MIXTRAL_EP_CACHE", str(tmp_path / "cache"))
 
-    def code(heading: str, cuda: bool = False) -> str:
-        full = readme_python[heading]
-        compile(full, f"README.md ({heading})", "exec")     # CUDA lines must parse everywhere
+    def code(doc: str, heading: str, cuda: bool = False) -> str:
+        full = docs_python[doc][heading]
+        compile(full, f"{doc} ({heading})", "exec")     # CUDA lines must parse everywhere
         return "".join(line for line in full.splitlines(keepends=True)
                        if cuda or NEEDS_CUDA not in line)
     return code
+
+
+@pytest.fixture
+def readme_code(doc_code):
+    """(heading, cuda=False) -> that heading's README code as it is run here (doc_code)."""
+    return lambda heading, cuda=False: doc_code("README.md", heading, cuda)
