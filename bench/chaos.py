@@ -2,15 +2,15 @@
 replica (the frontend), and a gateway replica; tally requests lost, outputs that differ from an
 undisturbed run, and the longest stall a client saw.
 
-    python bench/chaos.py                  # 2 rounds per target, 32 clients, tiny model
-    python bench/chaos.py --rounds 5 --clients 64
-    python bench/chaos.py --engine-replicas 2      # a killed engine's requests move at once
+    python -m bench.chaos                  # 2 rounds per target, 32 clients, tiny model
+    python -m bench.chaos --rounds 5 --clients 64
+    python -m bench.chaos --engine-replicas 2      # a killed engine's requests move at once
 
 A local 4-node Ray cluster (cluster/local.py), the demo `tiny` checkpoint, one engine replica
 (`--engine-replicas`) with 8 expert actors each and two gateway replicas. With one engine
 replica, its clients wait for Serve to restart it (the longest stall); with two, the gateway
 resumes them on the other at once. Each round starts `--clients` streaming requests
-(protos/loadgen.py: half gRPC, half OpenAI HTTP, greedy and seeded, some with stop strings),
+(bench/loadgen.py: half gRPC, half OpenAI HTTP, greedy and seeded, some with stop strings),
 kills the target once every client has its first tokens, and waits for all to end; clients
 retry a retryable end (UNAVAILABLE, HTTP 503, a cut stream) from the start, as a client
 should. The expected output of each request is the in-process engine's, run alone. Goal: 0
@@ -26,22 +26,19 @@ import random
 import signal
 import sys
 import time
-from pathlib import Path
 
 import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from actors.serving.gateway import Gateway  # noqa: E402
-from actors.serving.engine_server import EngineOptions, EngineServer  # noqa: E402
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster  # noqa: E402
-from deploy.app import GRPC_SERVICER_FUNCTIONS  # noqa: E402
-from model.checkpoint import WeightSource  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
-from protos import loadgen  # noqa: E402
+from actors.serving.engine_server import EngineOptions, EngineServer
+from actors.serving.gateway import Gateway
+from bench import loadgen
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster
+from deploy.app import GRPC_SERVICER_FUNCTIONS
+from model.checkpoint import WeightSource
+from model.engine import Engine
+from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.chaos")
 APP, MODEL = "chaos", "tiny"

@@ -1,9 +1,9 @@
 """A picture of deploy/grafana-dashboard.json with live data, without Grafana or Prometheus.
 
-    python bench/dashboard.py                   # 3-min workload, ~4 min in all: writes
+    python -m bench.dashboard                   # 3-min workload, ~4 min in all: writes
                                                 # deploy/grafana-dashboard.png
-    python bench/dashboard.py --minutes 1 --out /tmp/dashboard.png --save /tmp/samples.json
-    python bench/dashboard.py --replay /tmp/samples.json     # redraw (after a dashboard edit)
+    python -m bench.dashboard --minutes 1 --out /tmp/dashboard.png --save /tmp/samples.json
+    python -m bench.dashboard --replay /tmp/samples.json     # redraw (after a dashboard edit)
 
 Starts a local Ray cluster (cluster/local.py: a head and 2 expert nodes) and Serve on free
 ports, and deploys the demo `tiny` random checkpoint (fp32, CPU; `max_num_seqs` 12 and a 2 MiB
@@ -29,7 +29,6 @@ import os
 import random
 import re
 import signal
-import sys
 import textwrap
 import threading
 import time
@@ -38,26 +37,24 @@ from pathlib import Path
 
 import grpc
 import matplotlib
+import matplotlib.dates as mdates
+import matplotlib.pyplot as plt
 import numpy as np
 import openai
 import ray
+from matplotlib.ticker import EngFormatter, FuncFormatter, PercentFormatter
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-matplotlib.use("Agg")
-import matplotlib.dates as mdates  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import EngFormatter, FuncFormatter, PercentFormatter  # noqa: E402
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster
+from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
+from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
 
+matplotlib.use("Agg")               # draws to files only (switches pyplot's backend)
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster  # noqa: E402
-from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
-from protos import generator_pb2 as pb  # noqa: E402
-from protos import generator_pb2_grpc as pb_grpc  # noqa: E402
 
 log = logging.getLogger("bench.dashboard")
 APP = "mixtral-ep"

@@ -1,8 +1,8 @@
 """Expert-parallel dispatch on Ray vs the in-process engine, side by side in one run.
 
-    python bench/dispatch.py            # CPU, fp32, `small` random checkpoint, local Ray
-    python bench/dispatch.py --quick
-    python bench/dispatch.py --device cuda --gpu-share 0.1   # frontend + 8 experts on one GPU
+    python -m bench.dispatch            # CPU, fp32, `small` random checkpoint, local Ray
+    python -m bench.dispatch --quick
+    python -m bench.dispatch --device cuda --gpu-share 0.1   # frontend + 8 experts on one GPU
 
 Prints medians of --runs runs, for each configuration (--configs TRANSPORT:MICRO_BATCHES,...;
 default the ZeroMQ channel with 1 and 2 micro-batches, and Ray object refs):
@@ -19,18 +19,14 @@ import argparse
 import logging
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import ray
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from actors import RayEngine  # noqa: E402
-from model.engine import Engine, SamplingParams  # noqa: E402
-from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
+from actors import RayEngine
+from model.engine import Engine, SamplingParams
+from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.dispatch")
 PHASES = ("routing", "dispatch", "transport", "compute", "combine", "total")

@@ -2,18 +2,18 @@
 hot expert out, how long a scale decision takes to reach the dispatcher, and the longest gap
 between two tokens of running streams while it happens.
 
-    python bench/elastic.py                       # `small` preset, hot expert 0 -> 3 replicas
-    python bench/elastic.py --preset tiny --replicas 4 --clients 16
+    python -m bench.elastic                       # `small` preset, hot expert 0 -> 3 replicas
+    python -m bench.elastic --preset tiny --replicas 4 --clients 16
 
 A local 4-node Ray cluster (a head for the frontend + 3 expert nodes, cluster/local.py), a
-random checkpoint whose routers send about half of all rows to expert 0 (model/checkpoint.py:
-`hot_expert`), a RayEngine with one actor per expert id. `--clients` streams loop greedy
-requests all along. Phases, each `--seconds` long: before (1 replica each); scale-up
-(`set_expert_replicas({hot: --replicas})`, timed from the call to the new replicas' first rows);
-after; scale-down (back to 1). Per phase: rows per expert actor (max / mean, from
-RayEngine.expert_load over a window of the phase's length), the median per-layer round trip
-under this load (the dispatcher's own timings), decode tokens per second, and inter-token gaps
-(median, and the longest of any stream during the phase).
+random checkpoint whose routers send about half of all rows to expert 0
+(model/random_checkpoint.py: `hot_expert`), a RayEngine with one actor per expert id.
+`--clients` streams loop greedy requests all along. Phases, each `--seconds` long: before (1
+replica each); scale-up (`set_expert_replicas({hot: --replicas})`, timed from the call to the
+new replicas' first rows); after; scale-down (back to 1). Per phase: rows per expert actor (max
+/ mean, from RayEngine.expert_load over a window of the phase's length), the median per-layer
+round trip under this load (the dispatcher's own timings), decode tokens per second, and
+inter-token gaps (median, and the longest of any stream during the phase).
 
 On this 2-core machine every actor shares the same cores, so a replica adds no compute: the
 balance (max / mean rows) is the measured gain; what it buys on GPUs, where each actor has its
@@ -25,17 +25,13 @@ import argparse
 import asyncio
 import logging
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from actors import RayEngine  # noqa: E402
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, local_cluster  # noqa: E402
-from model.engine import SamplingParams  # noqa: E402
-from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
+from actors import RayEngine
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, local_cluster
+from model.engine import SamplingParams
+from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.elastic")
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):\n    return",

@@ -1,8 +1,8 @@
 """In-process engine vs transformers' `generate`, side by side in one run.
 
-    python bench/engine.py                      # CPU, fp32, `small` random checkpoint, 2 threads
-    python bench/engine.py --quick              # fewer runs, smaller mixed workload
-    python bench/engine.py --device cuda        # GPU, bf16, the 8x7b shape (--layers N to fit)
+    python -m bench.engine                      # CPU, fp32, `small` random checkpoint, 2 threads
+    python -m bench.engine --quick              # fewer runs, smaller mixed workload
+    python -m bench.engine --device cuda        # GPU, bf16, the 8x7b shape (--layers N to fit)
 
 Prints medians over --runs runs and our/transformers ratios for
   * static batches (prompt 128, 64 new tokens): decode tokens/s and time to first token,
@@ -19,18 +19,14 @@ import gc
 import logging
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.checkpoint import torch_dtype  # noqa: E402
-from model.config import PRESETS, MixtralConfig  # noqa: E402
-from model.engine import Engine, SamplingParams  # noqa: E402
-from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
+from model.checkpoint import torch_dtype
+from model.config import PRESETS, MixtralConfig
+from model.engine import Engine, SamplingParams
+from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.engine")
 

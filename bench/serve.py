@@ -1,7 +1,7 @@
 """The gRPC server under concurrent clients vs the same workload in the in-process engine.
 
-    python bench/serve.py            # small random checkpoint, fp32, local Ray + Serve
-    python bench/serve.py --quick
+    python -m bench.serve            # small random checkpoint, fp32, local Ray + Serve
+    python -m bench.serve --quick
 
 For 1, 8 and 32 concurrent clients, each sending requests back to back (GenerateStream, greedy,
 prompt ~100 tokens, 32 new tokens), prints requests/s, generated tokens/s, p50/p99 time to first
@@ -20,7 +20,6 @@ import concurrent.futures
 import logging
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -30,14 +29,12 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cluster.local import free_port  # noqa: E402
-from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
-from model.engine import Engine, SamplingParams  # noqa: E402
-from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
-from protos import generator_pb2 as pb  # noqa: E402
-from protos import generator_pb2_grpc as pb_grpc  # noqa: E402
+from cluster.local import free_port
+from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
+from model.engine import Engine, SamplingParams
+from model.random_checkpoint import cached_random_checkpoint
+from protos import generator_pb2 as pb
+from protos import generator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("bench.serve")
 WORDS = "the of and to in is was for on that with as by at from his her it an be this are".split()

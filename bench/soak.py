@@ -2,11 +2,11 @@
 queue's bound, then steady load again. Tracks what must not grow: the engine's KV blocks in use
 and tracked requests (0 whenever the server is idle) and each process's resident memory.
 
-    python bench/soak.py                   # 10 minutes steady, 32 clients, tiny model
-    python bench/soak.py --minutes 2 --clients 16
+    python -m bench.soak                   # 10 minutes steady, 32 clients, tiny model
+    python -m bench.soak --minutes 2 --clients 16
 
 A local 4-node Ray cluster, the demo `tiny` checkpoint, an engine with max_num_seqs 32 and
-max_waiting 64. Phases: steady (`--clients` looping streaming requests from protos/loadgen.py,
+max_waiting 64. Phases: steady (`--clients` looping streaming requests from bench/loadgen.py,
 gRPC and HTTP, some cancelling); overload (`--burst` requests at once for 30 s, looping: most
 must be refused with RESOURCE_EXHAUSTED / HTTP 429, none may fail otherwise); steady again for a
 minute (the server recovers). Every 15 s it samples the engine (ModelInfo's KV blocks, tracked
@@ -28,12 +28,10 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster  # noqa: E402
-from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app  # noqa: E402
-from model.random_checkpoint import cached_random_checkpoint  # noqa: E402
-from protos import loadgen  # noqa: E402
+from bench import loadgen
+from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster
+from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
+from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.soak")
 APP = "soak"

@@ -11,8 +11,8 @@ import time
 import pytest
 from ray import serve
 
+from bench.loadgen import check, expected_outputs, make_jobs, run_jobs
 from model.engine import Engine
-from protos.loadgen import check, expected_outputs, make_jobs, run_jobs
 
 APP = "mixtral-ep-load"
 MODEL = "tiny-load"
