@@ -4,6 +4,7 @@ test runs each other one: blocks that need Ray run in tests/integration, those t
 server in tests/e2e."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,10 @@ def test_python_api_block_runs_with_its_cuda_lines(readme_code):
 @pytest.mark.parametrize("doc, heading", [b for b in IN_PROCESS if b[0] != "README.md"])
 def test_docs_blocks_run_with_their_cuda_lines(doc_code, doc, heading):
     exec(compile(doc_code(doc, heading, cuda=True), f"{doc} ({heading})", "exec"), {})
+
+
+def test_readme_fits_a_first_hour_and_names_no_project_history():
+    text = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250, "the README is for a user's first hour: move the rest to docs/"
+    history = re.findall(r"(?i)\bissue[- ]\d+|before this release|\bstop \d+", text)
+    assert not history, f"the README names the project's history (git log's job): {history}"
