@@ -3,11 +3,29 @@ PYTHON ?= python3
 # torch 2.13.0 is pinned for the install so CPU machines get the CPU build (an unpinned torch
 # pulls a multi-GB CUDA build); on GPU machines install your CUDA torch first and set TORCH=.
 TORCH ?= torch==2.13.0
+# pip constraints: the versions the suite was last proven with (constraints.txt, written by
+# `make pins`). `make install PIN=` takes the newest releases that pyproject.toml allows instead
+# (e.g. a GPU machine whose CUDA torch is another version than the pin).
+PIN ?= -c constraints.txt
+PINS_VENV ?= /tmp/mixtral-ep-pins
 
-.PHONY: install demo test bench peer-venv protos
+.PHONY: install pins lint demo test bench peer-venv protos
 
 install:
-	$(PYTHON) -m pip install -q $(TORCH) -e ".[dev]"
+	$(PYTHON) -m pip install -q $(PIN) $(TORCH) -e ".[dev]"
+
+# refreshes constraints.txt: the newest releases that pyproject.toml's ranges allow, resolved in
+# a fresh virtualenv. Its comment lines are kept; a local version tag (torch's +cpu) is dropped so
+# a CUDA build of the same torch satisfies the pin too. Then `make install test` and commit it.
+pins:
+	rm -rf $(PINS_VENV) && $(PYTHON) -m venv $(PINS_VENV)
+	$(PINS_VENV)/bin/python -m pip install -q $(TORCH) -e ".[dev]"
+	{ grep '^#' constraints.txt; $(PINS_VENV)/bin/python -m pip freeze --exclude-editable | \
+	  sed -E 's/^([^=]+==[^+]+)\+.*$$/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+lint: install
+	$(PYTHON) -m ruff check .
 
 # starts the gRPC server on port 9000 with the embedded demo model (Ctrl-C stops it);
 # call it from another shell:  python -m protos.client "Tell me a story" --max-tokens 64
