@@ -3,7 +3,7 @@ deployment and the gateway, as frozen dataclasses (picklable, so they cross Ray 
 
     EngineInfo   one engine (frontend + its expert actors): Frontend.info() builds it,
                  RayEngine.info() and EngineServer.info() pass it on, the gateway reads the
-                 context length from it and actors/serving/requests.py turns it into ModelInfoResponse.
+                 context length from it and actors/serving/grpc_messages.py turns it into ModelInfoResponse.
     ExpertLoad   the routing load over the dispatcher's window (actors/experts/load.py), per expert id
                  and per expert actor: RayEngine.expert_load(), EngineServer.expert_load(),
                  ModelInfo, the autoscaler (actors/experts/scaling.py).

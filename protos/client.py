@@ -3,18 +3,23 @@
     python -m protos.client "Tell me a story" --max-tokens 64        # stream a completion
     python -m protos.client "Hi" --system "Be brief." --unary        # chat, one response
     python -m protos.client info                                     # what is served (ModelInfo)
+    python -m protos.client --prompt-file long.txt --max-tokens 64   # the prompt from a file
+    cat question.txt | python -m protos.client - --chat              # ... or from stdin
     MIXTRAL_EP_API_KEY=... python -m protos.client "Hi" --address host:443 --tls --ca-cert ca.pem
 
 Streams the text as it arrives, then a line with the finish reason and token counts (and, with
 --logprobs, each token id with its logprob). `info` as the only argument asks for ModelInfo; to
-send the word "info" as a prompt, use --chat. A refused request prints its gRPC status and
-details and exits 1; Ctrl-C stops quietly (exit 130).
+send the word "info" as a prompt, use --chat. A prompt too long for an argument (a shell
+allows ~128 KB per argument) is read from a file (--prompt-file) or from stdin (`-`), as UTF-8,
+with --chat and --system too. A refused request prints its gRPC status and details and exits 1;
+Ctrl-C stops quietly (exit 130); so does a reader that closes the pipe early (`| head -1`).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -57,7 +62,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m protos.client", description=__doc__,
                                  formatter_class=_Formatter)
-    ap.add_argument("prompt", help='the prompt text, or "info" alone for ModelInfo')
+    ap.add_argument("prompt", nargs="?", default=None,
+                    help='the prompt text, "-" to read it from stdin, or "info" alone for '
+                         'ModelInfo')
+    ap.add_argument("--prompt-file", default=None, metavar="PATH",
+                    help="read the prompt from this UTF-8 file instead")
     ap.add_argument("--address", default="localhost:9000", help="host:port of Serve's gRPC proxy")
     ap.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     ap.add_argument("--system", default=None,
@@ -124,29 +133,64 @@ def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 def channel_of(args: argparse.Namespace) -> grpc.Channel:
     if not args.tls:
         return grpc.insecure_channel(args.address)
-    roots = open(args.ca_cert, "rb").read() if args.ca_cert else None
+    roots = Path(args.ca_cert).read_bytes() if args.ca_cert else None
     return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(roots))
 
 
+def read_prompt(args: argparse.Namespace, ap: argparse.ArgumentParser) -> str | None:
+    """The prompt: the argument, stdin for "-", or --prompt-file's text (exactly one); None
+    for `info`. Exits with a usage error naming the option otherwise."""
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            ap.error(f"give the prompt as an argument or --prompt-file, not both "
+                     f"(got {args.prompt!r} and --prompt-file {args.prompt_file!r})")
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            ap.error(f"--prompt-file: cannot read {args.prompt_file!r}: {e}")
+    if args.prompt is None:
+        ap.error("a prompt is required: an argument, - for stdin, or --prompt-file PATH")
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt
+
+
+def _stdout_closed() -> int:
+    """After a BrokenPipeError: the reader closed stdout early (`| head -1`). Point stdout at
+    devnull so the flush at exit raises nothing, as Python's documentation recommends
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe), and exit 1, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     args.api_key = getattr(args, "api_key", None) or os.environ.get("MIXTRAL_EP_API_KEY")
     args.ca_cert = getattr(args, "ca_cert", None)
     if args.ca_cert and not args.tls:
-        parser().error("--ca-cert needs --tls")
+        ap.error("--ca-cert needs --tls")
+    info = (args.prompt == "info" and args.prompt_file is None
+            and not (args.chat or args.system is not None))
+    if not info:
+        args.prompt = read_prompt(args, ap)
     try:
         with channel_of(args) as channel:
             stub = pb_grpc.GeneratorStub(channel)
-            if args.prompt == "info" and not (args.chat or args.system is not None):
+            if info:
                 _info(stub, args)
             else:
                 _generate(stub, args)
+        sys.stdout.flush()                     # a closed pipe shows here, not at exit
     except grpc.RpcError as e:
         sys.stderr.write(f"\nerror: {e.code().name}: {e.details()}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
     return 0
 
 

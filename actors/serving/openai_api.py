@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: request models, their translation to engine inputs (through the
-same validation as gRPC, actors/serving/requests.py) and the response / stream chunk bodies. Pure; the
+same checks as gRPC, actors/serving/validation.py) and the response / stream chunk bodies. Pure; the
 routes live on the gateway (actors/serving/gateway.py), which serves this API and gRPC side by side.
 
 Follows OpenAI's API reference for /v1/completions and /v1/chat/completions (and vLLM's
@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.info import EngineInfo
-from actors.serving.requests import prompt_ids_of, sampling_params_of
+from actors.serving.validation import prompt_ids_of, sampling_params_of
 from model.engine import SamplingParams
 from model.errors import InvalidRequest
 from model.tokenizer import Tokenizer
@@ -55,7 +55,7 @@ class _Request(BaseModel):
     top_p: float | None = None
     n: int = 1
     stream: bool = False
-    stream_options: "StreamOptions | None" = None
+    stream_options: StreamOptions | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     presence_penalty: float = 0.0
@@ -93,7 +93,9 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Request):
@@ -150,7 +152,8 @@ def _params(r: _Request, max_tokens: int | None, field: str, prompt_len: int,
 
 def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
                       info: EngineInfo) -> tuple[list[int], SamplingParams]:
-    """(prompt ids, sampling params) of a /v1/completions request; InvalidRequest names the field."""
+    """(prompt ids, sampling params) of a /v1/completions request; InvalidRequest names the
+    field."""
     _check_common(r)
     _refuse(not r.echo, "echo", "is not supported")
     _refuse(r.suffix is None, "suffix", "is not supported")

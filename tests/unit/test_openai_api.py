@@ -1,6 +1,7 @@
-"""actors/serving/openai_api.py without a server: request models (strict types, unknown fields), their
-translation to engine inputs (defaults, limits), and response bodies. tests/e2e/test_openai.py
-has the same through Serve's HTTP proxy with the official client."""
+"""actors/serving/openai_api.py without a server: request models (strict types, unknown
+fields), their translation to engine inputs (defaults, limits), and response bodies; the HTTP
+app's OpenAPI schema. tests/e2e/test_openai.py has the same through Serve's HTTP proxy with the
+official client."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.serving import openai_api as oai
 from actors.info import EngineInfo
+from actors.serving import openai_api as oai
 from model.errors import InvalidRequest
 from model.tokenizer import Tokenizer
 
@@ -41,7 +42,8 @@ def test_ints_still_pass_as_floats():
 
 
 def test_default_max_tokens_16_for_completions_the_rest_of_the_context_for_chat(tokenizer):
-    ids, params = oai.completion_inputs(oai.CompletionRequest(model="m", prompt="hi"), tokenizer, INFO)
+    ids, params = oai.completion_inputs(oai.CompletionRequest(model="m", prompt="hi"), tokenizer,
+                                        INFO)
     assert params.max_tokens == 16
     long = oai.CompletionRequest(model="m", prompt=list(range(3, 3 + 250)))
     assert oai.completion_inputs(long, tokenizer, INFO)[1].max_tokens == 256 - 250
@@ -58,7 +60,8 @@ def test_default_max_tokens_16_for_completions_the_rest_of_the_context_for_chat(
 ])
 def test_limits_name_the_field(tokenizer, kwargs, needle):
     with pytest.raises(InvalidRequest, match=needle):
-        oai.completion_inputs(oai.CompletionRequest(model="m", prompt="hi", **kwargs), tokenizer, INFO)
+        oai.completion_inputs(oai.CompletionRequest(model="m", prompt="hi", **kwargs), tokenizer,
+                              INFO)
 
 
 def test_vllms_top_k_minus_one_is_no_cut(tokenizer):
@@ -110,17 +113,19 @@ def test_logprob_tokens_spell_the_completion(tokenizer, data, chunk):
     prompt: leading spaces kept); text_offset counts its characters, across stream chunks."""
     prompt = tokenizer.encode("Once upon")
     # as a model might generate: any token but the controls (0-2), byte tokens (3-258) likelier
-    ids = data.draw(st.lists(st.one_of(st.integers(3, 258), st.integers(3, tokenizer.vocab_size - 1)),
-                             max_size=24))
+    token = st.one_of(st.integers(3, 258), st.integers(3, tokenizer.vocab_size - 1))
+    ids = data.draw(st.lists(token, max_size=24))
     stream = tokenizer.detokenizer(prompt)
     deltas = [stream.push(t) for t in ids]
     text = "".join(deltas) + stream.flush()
     chat = oai.Response(True, "m", tokenizer, logprobs=True)
-    content = chat.whole(text, ids, [-1.0] * len(ids), "length", 3)["choices"][0]["logprobs"]["content"]
+    whole = chat.whole(text, ids, [-1.0] * len(ids), "length", 3)
+    content = whole["choices"][0]["logprobs"]["content"]
     if "\ufffd" not in text:                 # (invalid bytes: one U+FFFD each in the text)
         assert bytes(b for e in content for b in e["bytes"]).decode() == text
     whole_chars = [not e["token"].startswith("bytes:") for e in content]
-    assert all(e["token"] == bytes(e["bytes"]).decode() for e, ok in zip(content, whole_chars) if ok)
+    assert all(e["token"] == bytes(e["bytes"]).decode()
+               for e, ok in zip(content, whole_chars) if ok)
 
     out = oai.Response(False, "m", tokenizer, logprobs=True, prompt_ids=prompt)
     offsets, tokens = [], []
@@ -148,7 +153,8 @@ def test_logprob_tokens_of_a_byte_spelled_character(tokenizer):
 
 
 @pytest.mark.parametrize("message, param", [
-    ("max_tokens must be in [1, 200]", "max_tokens"), ("messages[0].role: expected 'user'", "messages[0].role"),
+    ("max_tokens must be in [1, 200]", "max_tokens"),
+    ("messages[0].role: expected 'user'", "messages[0].role"),
     ("n: only 1 is supported", "n"), ("stop must hold at most 16 strings", "stop"),
     ("set exactly one of prompt and messages", None), ("the body is not valid JSON", None),
 ])
@@ -169,3 +175,49 @@ def test_developer_role_store_and_empty_prompt(tokenizer):
     for empty in ("", [], [""]):
         with pytest.raises(InvalidRequest, match="^prompt: must not be empty"):
             oai.completion_inputs(oai.CompletionRequest(model="m", prompt=empty), tokenizer, INFO)
+
+
+def test_the_openapi_schema_builds_without_a_warning():
+    """GET and HEAD /health on one route gave both operations one operation id, and FastAPI
+    warned of the duplicate when it built the schema (/docs, /openapi.json)."""
+    import warnings
+
+    from actors.serving.gateway import Gateway  # noqa: F401 - serve.ingress binds the routes
+    from actors.serving.http_app import openai_app
+    openai_app.openapi_schema = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = openai_app.openapi()["paths"]
+    assert set(paths["/health"]) == {"get", "head"}
+    operation_ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
+    assert len(operation_ids) == len(set(operation_ids))
+
+
+def test_a_streams_last_event_ends_its_body():
+    """`data: [DONE]` goes out with more_body False: a client that closes once it has read it
+    (the OpenAI SDK's sync client) is not reported by Serve's proxy as a disconnect."""
+    import asyncio
+
+    from actors.serving.http_app import EventStream
+
+    async def events():
+        yield oai.sse({"choices": []})
+        yield oai.DONE
+
+    async def run() -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            await asyncio.sleep(3600)
+        scope = {"type": "http", "asgi": {"spec_version": "2.0"}}
+        await EventStream(events())(scope, receive, send)
+        return sent
+
+    start, *bodies = asyncio.run(run())
+    assert start["type"] == "http.response.start" and start["status"] == 200
+    assert [(m["body"], m["more_body"]) for m in bodies] == [
+        (oai.sse({"choices": []}).encode(), True), (oai.DONE.encode(), False)]
+    assert dict(start["headers"])[b"content-type"].startswith(b"text/event-stream")

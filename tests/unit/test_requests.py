@@ -1,5 +1,5 @@
-"""gRPC request validation, ModelInfo building and the error-to-status mapping (no server;
-tests/e2e/ has the same over a real channel)."""
+"""gRPC request validation, ModelInfo building, the error-to-status mapping and each failed
+request's one log line (no server; tests/e2e/ has the same over a real channel)."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +12,15 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors.experts.dispatcher import ExpertCallError
-from actors.serving.gateway import _set_status, status_of, unwrap
+from actors.failover import unwrap
 from actors.info import EngineInfo
-from actors.serving.requests import InvalidRequest, model_info, prompt_ids, sampling_params
+from actors.serving import status
+from actors.serving.grpc_messages import model_info, prompt_ids, sampling_params
+from actors.serving.grpc_servicer import set_status
+from actors.serving.http_app import http_error
+from actors.serving.status import HTTP_STATUS, status_of
 from model.checkpoint import CheckpointError
-from model.errors import QueueFull
+from model.errors import InvalidRequest, QueueFull
 from model.tokenizer import ChatTemplateError, Tokenizer
 from protos import generator_pb2 as pb
 
@@ -35,7 +39,8 @@ def test_defaults_and_explicit_values(tokenizer):
     req = pb.GenerateRequest(prompt="x", max_tokens=5, temperature=0, top_p=0.5, top_k=3, seed=7,
                              stop=["\n"])
     p = sampling_params(req, 2, 100)
-    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (5, 0, 0.5, 3, 7, ("\n",))
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (
+        5, 0, 0.5, 3, 7, ("\n",))
 
 
 @pytest.mark.parametrize("req, match", [
@@ -51,7 +56,8 @@ def test_limits_are_named(tokenizer, req, match):
 
 @pytest.mark.parametrize("req, field", [
     (pb.GenerateRequest(prompt="x" * 1_000_001), "prompt"),
-    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="y " * 500_000)]), "messages"),
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="y " * 500_000)]),
+     "messages"),
 ])
 def test_a_text_too_long_for_the_context_is_refused_before_encoding(tokenizer, req, field,
                                                                     monkeypatch):
@@ -97,7 +103,8 @@ ERRORS = [    # (error, code, whether the client may see its text)
     (InvalidRequest("top_p must be in (0, 1], got 2"), CODE.INVALID_ARGUMENT, True),
     (ChatTemplateError("messages[1].content must not be empty"), CODE.INVALID_ARGUMENT, True),
     (QueueFull("9 requests are waiting (max_waiting=8)"), CODE.RESOURCE_EXHAUSTED, False),
-    (BackPressureError(num_queued_requests=9, max_queued_requests=8), CODE.RESOURCE_EXHAUSTED, False),
+    (BackPressureError(num_queued_requests=9, max_queued_requests=8), CODE.RESOURCE_EXHAUSTED,
+     False),
     (DeploymentUnavailableError(DeploymentID("EngineServer", "app")), CODE.UNAVAILABLE, False),
     (ActorDiedError(), CODE.UNAVAILABLE, False),
     (ActorUnavailableError("restarting secret", None), CODE.UNAVAILABLE, False),
@@ -148,22 +155,56 @@ class _Context:
         self.details = details
 
 
+class _Records(logging.Handler):
+    """Keeps the records a logger handles (its own handler, not caplog's: pytest >= 9.1 also
+    attaches caplog's handler to every non-propagating logger, Serve's among them, so a test
+    that adds caplog.handler itself sees each record twice)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def status_log():
+    """The records of the failure log (Serve's loggers do not propagate), from INFO up."""
+    handler, logger = _Records(), status.log
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
 @pytest.mark.parametrize("error, level", [(InvalidRequest("top_k must be >= 0"), logging.INFO),
                                           (QueueFull("full"), logging.INFO),
                                           (ValueError("secret\nsecond line"), logging.ERROR)])
-def test_each_failed_request_logs_one_line_without_traceback(caplog, error, level):
+def test_each_failed_request_logs_one_line_without_traceback(status_log, error, level):
     context = _Context()
-    logger = logging.getLogger("ray.serve.actors.serving.gateway")   # Serve's loggers do not propagate
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger=logger.name):
-            _set_status(context, ray_wrapped(error, 1))
-    finally:
-        logger.removeHandler(caplog.handler)
+    set_status(context, ray_wrapped(error, 1))
     assert (context.code, context.details) == status_of(error)
-    [record] = caplog.records
+    [record] = status_log
     assert record.levelno == level and record.exc_info is None
     assert "\n" not in record.getMessage()
+
+
+@pytest.mark.parametrize("error, grpc_words, http_words", [
+    (InvalidRequest("top_k must be >= 0"), "INVALID_ARGUMENT", "400"),
+    (QueueFull("full"), "RESOURCE_EXHAUSTED", "429"),
+    (ValueError("secret"), "INTERNAL", "500")])
+def test_a_failure_is_logged_in_its_protocols_words(status_log, error, grpc_words, http_words):
+    """gRPC calls are logged with gRPC codes, HTTP requests with HTTP statuses."""
+    set_status(_Context(), ray_wrapped(error, 1))
+    response = http_error(ray_wrapped(error, 1))
+    assert response.status_code == int(http_words)
+    grpc_line, http_line = (r.getMessage() for r in status_log)
+    assert grpc_words in grpc_line and http_words not in grpc_line
+    assert f"({http_words})" in http_line or f"answered {http_words}:" in http_line
+    assert grpc_words not in http_line
 
 
 @pytest.mark.parametrize("error, http", [
@@ -172,5 +213,4 @@ def test_each_failed_request_logs_one_line_without_traceback(caplog, error, leve
     (DeploymentUnavailableError(DeploymentID("d", "app")), 503), (ValueError("x"), 500),
     (RuntimeError("x"), 500)])
 def test_every_status_has_its_http_status(error, http):
-    from actors.serving.gateway import HTTP_STATUS
     assert HTTP_STATUS[status_of(error)[0]] == http

@@ -1,0 +1,70 @@
+"""A gateway replica's side of the engine deployment: what both front-door protocols (gRPC,
+actors/serving/grpc_servicer.py; HTTP, actors/serving/http_app.py) need from the engine. It
+holds the engine deployment's handle, the tokenizer and the served model's name; reads the
+engine's info once (it never changes), opens a request's token stream with failover (a
+ResumableStream, actors/failover.py: when the engine replica serving it dies, the request goes
+on on another one) and answers readiness. No protobuf, no HTTP.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from actors.failover import ResumableStream, unwrap, with_seed
+from actors.info import EngineInfo
+from actors.serving.status import first_line
+from model.engine import SamplingParams
+from model.tokenizer import Tokenizer
+
+# a readiness probe's own timeout should exceed this (the RayService sets 3 s; Kubernetes'
+# default is 1 s, grpc_health_probe's -rpc-timeout too)
+HEALTH_TIMEOUT_S = 2.0
+
+
+class EngineClient:
+    def __init__(self, engine, tokenizer: Tokenizer, model_name: str,
+                 failover_timeout_s: float = 120.0):
+        """`engine`: a DeploymentHandle of actors.serving.engine_server.EngineServer;
+        `failover_timeout_s`: how long a request waits for an engine to take it back."""
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.failover_timeout_s = failover_timeout_s
+        self.created = int(time.time())            # the model card's `created` (Unix seconds)
+        self._info: EngineInfo | None = None
+
+    async def info(self) -> EngineInfo:
+        """The engine's info, asked once (the context length never changes)."""
+        if self._info is None:
+            self._info = await self.engine.info.remote()
+        return self._info
+
+    async def live_info(self) -> EngineInfo:
+        """The engine's info now (expert placement and load change)."""
+        return await self.engine.info.remote()
+
+    def stream(self, ids: list[int], params: SamplingParams) -> ResumableStream:
+        """The engine's stream of chunks for prompt `ids`; seeded here, so a resumed request
+        samples as it would have (actors/failover.py)."""
+        params = with_seed(params)
+        return ResumableStream(lambda resume: self.engine.options(stream=True).stream.remote(
+            ids, params, resume), self.failover_timeout_s)
+
+    async def unready(self) -> str | None:
+        """None once the engine answers within HEALTH_TIMEOUT_S, else why not."""
+        try:
+            await asyncio.wait_for(self.engine.ping.remote(), HEALTH_TIMEOUT_S)
+            return None
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            return first_line(unwrap(e)) or type(unwrap(e)).__name__
+
+
+async def collect(chunks) -> tuple[str, list[int], list[float], str]:
+    """A whole completion from an engine stream: (text, token ids, logprobs, finish reason)."""
+    text, tokens, logprobs, reason = "", [], [], ""
+    async for chunk in chunks:
+        text += chunk.text
+        tokens += chunk.token_ids
+        logprobs += chunk.logprobs
+        reason = chunk.finish_reason or reason
+    return text, tokens, logprobs, reason

@@ -1,0 +1,209 @@
+"""The HTTP side of the gateway: a FastAPI app behind Serve's HTTP proxy serving the
+OpenAI-compatible API (actors/serving/openai_api.py): POST /v1/completions, POST
+/v1/chat/completions, GET /v1/models, GET /v1/models/{model}, and GET or HEAD /health.
+
+Errors are an HTTP status with OpenAI's error body, never a traceback (actors/serving/status.py
+maps an exception to its status), and are logged as one line in HTTP's words ("request answered
+400: ..."). The routes are methods of `OpenAIRoutes`, which the Serve deployment
+(actors/serving/gateway.py) inherits: `serve.ingress(openai_app)` binds them to the replica.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray.exceptions import TaskCancelledError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from actors.failover import unwrap
+from actors.serving import auth
+from actors.serving import openai_api as oai
+from actors.serving.auth import Unauthenticated, authorized
+from actors.serving.engine_client import EngineClient, collect
+from actors.serving.status import http_status_of, log_failure, log_refusal
+
+openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mixtral MoE server")
+
+
+class _ApiKey:
+    """With an API key set (Gateway's `api_key_digest`: actors/serving/auth.py), every /v1 path
+    needs it, before its body is read: 401 in OpenAI's shape otherwise. Plain ASGI, not
+    `@app.middleware("http")` (Starlette's BaseHTTPMiddleware runs every response in a task
+    group of its own). A client that leaves is a disconnect message here: Serve's `receive`
+    raises TaskCancelledError instead once it has cancelled the request, and the streaming
+    response's disconnect listener would end with it, printed as a traceback ("Task exception
+    was never retrieved")."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = Headers(scope=scope).get("authorization")
+            if not authorized(auth.required_digest(), header):
+                log_failure(Unauthenticated(), 401)
+                response = JSONResponse(oai.error_body(401, str(Unauthenticated())), 401)
+                return await response(scope, receive, send)
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+        await self.app(scope, receive_or_disconnect, send)
+
+
+openai_app.add_middleware(_ApiKey)
+
+
+@openai_app.exception_handler(RequestValidationError)
+async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body that is not JSON or does not fit the request model: 400 naming the field."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = loc[0] if loc else None
+    if err.get("type") == "json_invalid":
+        param, message = None, f"the body is not valid JSON: {err.get('msg')}"
+    elif not loc:                                       # the body itself: missing, not an object
+        message = ("body: a JSON object is required" if err.get("type") == "missing"
+                   else f"body: {err.get('msg')}")
+        if "json" not in request.headers.get("content-type", ""):
+            message += " (send the header Content-Type: application/json)"
+    elif err.get("type") == "extra_forbidden":
+        message = f"unknown field {'.'.join(loc)!r}"
+    elif param in oai.FIELD_FORMS and len(errors) > 1:    # a union: say what is accepted
+        message = f"{param} must be {oai.FIELD_FORMS[param]}"
+    else:
+        message = f"{'.'.join(loc)}: {err.get('msg')}"
+    log_refusal(400, message)
+    return JSONResponse(oai.error_body(400, message, param), status_code=400)
+
+
+@openai_app.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths (404), wrong methods (405), unreadable bodies: OpenAI's error shape too."""
+    return JSONResponse(oai.error_body(exc.status_code, str(exc.detail)),
+                        status_code=exc.status_code)
+
+
+def http_error(error: Exception) -> JSONResponse:
+    """The response to a failed request (OpenAI's error body), its one log line written."""
+    status, details = http_status_of(error)
+    if isinstance(unwrap(error), oai.ModelNotFound):
+        log_refusal(404, details)
+        return JSONResponse(oai.error_body(404, details, "model", "model_not_found"),
+                            status_code=404)
+    log_failure(error, status)
+    return JSONResponse(oai.error_body(status, details), status_code=status)
+
+
+async def _events(out: oai.Response, first, chunks, prompt_tokens: int, include_usage: bool):
+    """Server-sent events of one stream; an error after the first token ends it with an error
+    event (the status line has been sent). A client that goes away cancels the engine stream,
+    which frees the request's KV blocks."""
+    produced = 0
+    try:
+        chunk, is_first = first, True
+        while True:
+            produced += len(chunk.token_ids)
+            yield out.chunk(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason,
+                            first=is_first)
+            if chunk.finish_reason:
+                break
+            chunk, is_first = await chunks.__anext__(), False
+        if include_usage:
+            yield out.usage_chunk(prompt_tokens, produced)
+    except Exception as e:  # noqa: BLE001 - an error event, never a traceback
+        status, details = http_status_of(e)
+        log_failure(e, status)
+        yield oai.sse(oai.error_body(status, details))
+    finally:
+        chunks.cancel()
+    yield oai.DONE
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose last one, `data: [DONE]`, ends the body in the same ASGI
+    message. Starlette's StreamingResponse ends a body with an empty message of its own after
+    the last event, and a client that closes once it has read `data: [DONE]` (the OpenAI SDK's
+    sync client does) was gone before that message reached Serve's proxy, which then logged a
+    normally finished stream as "Client ... disconnected, cancelling request": the proxy stops
+    watching for a disconnect once it sees a body's last message."""
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        more = True
+        async for event in self.body_iterator:                # each event as soon as it is there
+            more = event != oai.DONE
+            await send({"type": "http.response.body", "body": event.encode(self.charset),
+                        "more_body": more})
+        if more:                                              # no [DONE]: end the body anyway
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class OpenAIRoutes:
+    """The routes. Reads `self.engine` (an EngineClient), which the Serve deployment
+    (actors/serving/gateway.py) sets."""
+
+    engine: EngineClient
+
+    # GET and HEAD as two routes: one route with both methods gives both operations one
+    # OpenAPI operation id, and FastAPI warns of the duplicate
+    @openai_app.get("/health")
+    @openai_app.head("/health")
+    async def health(self) -> JSONResponse:
+        """200 once the engine answers (within HEALTH_TIMEOUT_S), else 503."""
+        reason = await self.engine.unready()
+        if reason is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+    @openai_app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        try:
+            return JSONResponse(oai.models_body(self.engine.model_name, await self.engine.info(),
+                                                self.engine.created))
+        except Exception as e:  # noqa: BLE001 - every error becomes a status
+            return http_error(e)
+
+    @openai_app.get("/v1/models/{model:path}")
+    async def model(self, model: str) -> JSONResponse:
+        """One model's card (`client.models.retrieve`); 404 in OpenAI's shape for another."""
+        try:
+            oai.check_model(model, self.engine.model_name)
+            return JSONResponse(oai.model_card(self.engine.model_name, await self.engine.info(),
+                                               self.engine.created))
+        except Exception as e:  # noqa: BLE001 - every error becomes a status
+            return http_error(e)
+
+    @openai_app.post("/v1/completions")
+    async def completions(self, request: oai.CompletionRequest):
+        return await self._openai(request, oai.completion_inputs, False,
+                                  request.logprobs is not None)
+
+    @openai_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: oai.ChatCompletionRequest):
+        return await self._openai(request, oai.chat_inputs, True, request.logprobs)
+
+    async def _openai(self, request, inputs, chat: bool, logprobs: bool):
+        try:
+            oai.check_model(request.model, self.engine.model_name)
+            info = await self.engine.info()
+            ids, params = await asyncio.to_thread(inputs, request, self.engine.tokenizer, info)
+            out = oai.Response(chat, self.engine.model_name, self.engine.tokenizer, logprobs,
+                               request.return_token_ids, ids)
+            chunks = self.engine.stream(ids, params)
+            if not request.stream:
+                return JSONResponse(out.whole(*await collect(chunks), len(ids)))
+            first = await chunks.__anext__()    # an error before the first token: an HTTP status
+            usage = request.stream_options is not None and request.stream_options.include_usage
+            return EventStream(_events(out, first, chunks, len(ids), usage))
+        except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
+            return http_error(e)
