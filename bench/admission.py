@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from model.random_checkpoint import cached_random_checkpoint
 from model.engine import Engine, SamplingParams
+from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.admission")
 

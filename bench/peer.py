@@ -70,7 +70,9 @@ def _measure(generate, batches: list[int], prompt_len: int, new_tokens: int) -> 
 
 def worker_ours(path: str, dtype: str, batches, prompt_len, new_tokens, step_tokens) -> dict:
     import torch
+
     from model.engine import Engine, SamplingParams
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     engine = Engine.from_pretrained(path, dtype=dtype, max_num_batched_tokens=step_tokens)
 

@@ -129,7 +129,8 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
 
 
 class Progress:
-    """Logs a progress line at most every 2 s, then a summary."""
+    """Logs a progress line at most every 2 s over `total` tensors read or written (sizes in
+    bytes, logged in GB), then a summary; model/random_checkpoint.py writes with it too."""
 
     def __init__(self, total: int, what: str):
         self.total, self.what, self.count, self.bytes = total, what, 0, 0

@@ -23,8 +23,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import (DTYPES, INDEX_FILE, RANDOM_INIT_VERSION, Progress, random_tensor,
-                              torch_dtype)
+from model.checkpoint import (
+    DTYPES,
+    INDEX_FILE,
+    RANDOM_INIT_VERSION,
+    Progress,
+    random_tensor,
+    torch_dtype,
+)
 from model.config import PRESETS, MixtralConfig, cache_dir, resolve_config
 from model.mixtral import tensor_shapes
 from model.tokenizer import Tokenizer

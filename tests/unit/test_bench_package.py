@@ -5,10 +5,14 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:    # Python 3.10: pytest's own dependency
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHES = ("admission", "chaos", "dashboard", "dispatch", "elastic", "engine", "peer", "serve",
