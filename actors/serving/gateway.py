@@ -2,7 +2,7 @@
   - actors/serving/grpc_servicer.py: `mixtral_ep.v1.Generator` and `grpc.health.v1.Health`
     behind Serve's gRPC proxy (method names are the RPC names);
   - actors/serving/http_app.py: the OpenAI-compatible API and /health, a FastAPI ingress
-    behind Serve's HTTP proxy;
+    behind Serve's HTTP proxy (the routes are declared below, their bodies are there);
   - actors/serving/engine_client.py: the engine deployment's handle, the tokenizer and the
     model's name, which both use: requests are validated in one place
     (actors/serving/validation.py), tokenized here (prompt or chat template), and their token
@@ -21,17 +21,18 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.schema import LoggingConfig
 
-from actors.serving import auth
+from actors.serving import auth, http_app
+from actors.serving import openai_api as oai
 from actors.serving.engine_client import EngineClient
 from actors.serving.grpc_servicer import GeneratorServicer
-from actors.serving.http_app import OpenAIRoutes, openai_app
+from actors.serving.http_app import openai_app
 from model.tokenizer import Tokenizer
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1},
                   logging_config=LoggingConfig(enable_access_log=False))
 @serve.ingress(openai_app)
-class Gateway(GeneratorServicer, OpenAIRoutes):
+class Gateway(GeneratorServicer):
     def __init__(self, engine, tokenizer_path: str | None, model_name: str,
                  failover_timeout_s: float = 120.0, api_key_digest: str | None = None):
         """`engine`: DeploymentHandle of actors.serving.engine_server.EngineServer;
@@ -43,3 +44,27 @@ class Gateway(GeneratorServicer, OpenAIRoutes):
                                    failover_timeout_s)
         self.api_key_digest = api_key_digest
         auth.require(api_key_digest)                        # for the HTTP middleware
+
+    # ---- HTTP routes (actors/serving/http_app.py): declared on this class, see its docstring --
+    # GET and HEAD as two routes: one route with both methods gives both one OpenAPI operation
+    # id, and FastAPI warns of the duplicate
+    @openai_app.get("/health")
+    @openai_app.head("/health")
+    async def health(self):
+        return await http_app.health(self.engine)
+
+    @openai_app.get("/v1/models")
+    async def models(self):
+        return await http_app.models(self.engine)
+
+    @openai_app.get("/v1/models/{model:path}")
+    async def model(self, model: str):
+        return await http_app.model(self.engine, model)
+
+    @openai_app.post("/v1/completions")
+    async def completions(self, request: oai.CompletionRequest):
+        return await http_app.completion(self.engine, request, chat=False)
+
+    @openai_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: oai.ChatCompletionRequest):
+        return await http_app.completion(self.engine, request, chat=True)

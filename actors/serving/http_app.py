@@ -4,8 +4,11 @@ OpenAI-compatible API (actors/serving/openai_api.py): POST /v1/completions, POST
 
 Errors are an HTTP status with OpenAI's error body, never a traceback (actors/serving/status.py
 maps an exception to its status), and are logged as one line in HTTP's words ("request answered
-400: ..."). The routes are methods of `OpenAIRoutes`, which the Serve deployment
-(actors/serving/gateway.py) inherits: `serve.ingress(openai_app)` binds them to the replica.
+400: ..."). The routes themselves are the Serve deployment's methods (actors/serving/gateway.py),
+each a line calling its body here: `serve.ingress(openai_app)` rewrites a route method's
+signature to inject the replica, and only a method of the deployment's own class (pickled by
+value) keeps that rewrite in the replica; an inherited one is pickled by reference and loses it
+(every call then answers 400 "query.self: Field required").
 """
 from __future__ import annotations
 
@@ -148,62 +151,49 @@ class EventStream(StreamingResponse):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-class OpenAIRoutes:
-    """The routes. Reads `self.engine` (an EngineClient), which the Serve deployment
-    (actors/serving/gateway.py) sets."""
+# ---- the routes' bodies: Gateway (actors/serving/gateway.py) declares the routes ------------
+async def health(engine: EngineClient) -> JSONResponse:
+    """200 once the engine answers (within HEALTH_TIMEOUT_S), else 503."""
+    reason = await engine.unready()
+    if reason is None:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
-    engine: EngineClient
 
-    # GET and HEAD as two routes: one route with both methods gives both operations one
-    # OpenAPI operation id, and FastAPI warns of the duplicate
-    @openai_app.get("/health")
-    @openai_app.head("/health")
-    async def health(self) -> JSONResponse:
-        """200 once the engine answers (within HEALTH_TIMEOUT_S), else 503."""
-        reason = await self.engine.unready()
-        if reason is None:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+async def models(engine: EngineClient) -> JSONResponse:
+    try:
+        return JSONResponse(oai.models_body(engine.model_name, await engine.info(),
+                                            engine.created))
+    except Exception as e:  # noqa: BLE001 - every error becomes a status
+        return http_error(e)
 
-    @openai_app.get("/v1/models")
-    async def models(self) -> JSONResponse:
-        try:
-            return JSONResponse(oai.models_body(self.engine.model_name, await self.engine.info(),
-                                                self.engine.created))
-        except Exception as e:  # noqa: BLE001 - every error becomes a status
-            return http_error(e)
 
-    @openai_app.get("/v1/models/{model:path}")
-    async def model(self, model: str) -> JSONResponse:
-        """One model's card (`client.models.retrieve`); 404 in OpenAI's shape for another."""
-        try:
-            oai.check_model(model, self.engine.model_name)
-            return JSONResponse(oai.model_card(self.engine.model_name, await self.engine.info(),
-                                               self.engine.created))
-        except Exception as e:  # noqa: BLE001 - every error becomes a status
-            return http_error(e)
+async def model(engine: EngineClient, name: str) -> JSONResponse:
+    """One model's card (`client.models.retrieve`); 404 in OpenAI's shape for another."""
+    try:
+        oai.check_model(name, engine.model_name)
+        return JSONResponse(oai.model_card(engine.model_name, await engine.info(),
+                                           engine.created))
+    except Exception as e:  # noqa: BLE001 - every error becomes a status
+        return http_error(e)
 
-    @openai_app.post("/v1/completions")
-    async def completions(self, request: oai.CompletionRequest):
-        return await self._openai(request, oai.completion_inputs, False,
-                                  request.logprobs is not None)
 
-    @openai_app.post("/v1/chat/completions")
-    async def chat_completions(self, request: oai.ChatCompletionRequest):
-        return await self._openai(request, oai.chat_inputs, True, request.logprobs)
-
-    async def _openai(self, request, inputs, chat: bool, logprobs: bool):
-        try:
-            oai.check_model(request.model, self.engine.model_name)
-            info = await self.engine.info()
-            ids, params = await asyncio.to_thread(inputs, request, self.engine.tokenizer, info)
-            out = oai.Response(chat, self.engine.model_name, self.engine.tokenizer, logprobs,
-                               request.return_token_ids, ids)
-            chunks = self.engine.stream(ids, params)
-            if not request.stream:
-                return JSONResponse(out.whole(*await collect(chunks), len(ids)))
-            first = await chunks.__anext__()    # an error before the first token: an HTTP status
-            usage = request.stream_options is not None and request.stream_options.include_usage
-            return EventStream(_events(out, first, chunks, len(ids), usage))
-        except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
-            return http_error(e)
+async def completion(engine: EngineClient, request, chat: bool):
+    """A /v1/completions (`chat` False) or /v1/chat/completions request's response: the whole
+    completion, or its server-sent events; an error before the first token is an HTTP status."""
+    inputs = oai.chat_inputs if chat else oai.completion_inputs
+    logprobs = request.logprobs if chat else request.logprobs is not None
+    try:
+        oai.check_model(request.model, engine.model_name)
+        info = await engine.info()
+        ids, params = await asyncio.to_thread(inputs, request, engine.tokenizer, info)
+        out = oai.Response(chat, engine.model_name, engine.tokenizer, logprobs,
+                           request.return_token_ids, ids)
+        chunks = engine.stream(ids, params)
+        if not request.stream:
+            return JSONResponse(out.whole(*await collect(chunks), len(ids)))
+        first = await chunks.__anext__()
+        usage = request.stream_options is not None and request.stream_options.include_usage
+        return EventStream(_events(out, first, chunks, len(ids), usage))
+    except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
+        return http_error(e)

@@ -221,3 +221,19 @@ def test_a_streams_last_event_ends_its_body():
     assert [(m["body"], m["more_body"]) for m in bodies] == [
         (oai.sse({"choices": []}).encode(), True), (oai.DONE.encode(), False)]
     assert dict(start["headers"])[b"content-type"].startswith(b"text/event-stream")
+
+
+def test_every_route_is_a_method_of_the_deployment_class():
+    """serve.ingress rewrites a route method's signature to inject the replica; only the
+    deployment's own class travels by value with that rewrite. A route inherited from an
+    importable class is pickled by reference, and the replica answered every call with 400
+    "query.self: Field required"."""
+    from ray.serve._private.http_util import _walk_fastapi_routes  # as serve.ingress walks
+
+    from actors.serving.gateway import Gateway  # noqa: F401 - serve.ingress binds the routes
+    from actors.serving.http_app import openai_app
+    routes = [route for route, _, _ in _walk_fastapi_routes(openai_app)]
+    assert {r.path for r in routes} >= {"/health", "/v1/models", "/v1/completions",
+                                        "/v1/chat/completions"}
+    assert all(r.endpoint.__qualname__.startswith("Gateway.") for r in routes), [
+        r.endpoint.__qualname__ for r in routes]
