@@ -1,6 +1,6 @@
-"""An engine's expert actors and the placement group that holds them: the start-up shared by
-RayEngine (its frontend an actor) and the engine replica (actors/serving/engine_server.py: the frontend in
-its own process).
+"""An engine's expert actors and the placement groups that hold them. Their owner,
+actors/experts/fleet.py (ExpertFleet), drives this class for RayEngine (its frontend an actor)
+and for the engine replica (actors/serving/engine_server.py: the frontend in its own process).
 
     pool = ExpertPool.start(source, dtype, device, expert_replicas=1, experts_per_actor=1,
                             expert_resources=None, frontend_resources=None)
@@ -14,8 +14,8 @@ Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve a place
 actor pinned to the plan's node (cluster/placement.py; all or nothing), start one expert actor
 per (group of `experts_per_actor` expert ids, replica) in its group and make the channel secret;
 the actors load their weights while the caller builds its frontend, and `ready()` waits for
-them. A group of its own for every actor lets live scaling (actors/experts/scaling.py) add and remove
-one actor's resources at a time. The frontend gets a group only when `frontend_resources` is
+them. A group of its own for every actor lets live scaling (actors/experts/scaling.py) add and
+remove one actor's resources at a time. The frontend gets a group only when `frontend_resources` is
 given (RayEngine); the engine replica passes None: Serve placed it already, with its
 `ray_actor_options`, so nothing is reserved twice.
 Expert actors are restarted by Ray when they die (the dispatcher re-sends their calls). The
@@ -29,18 +29,18 @@ import logging
 import os
 import secrets
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 from ray.util.placement_group import PlacementGroup
 
-from actors.experts.dispatcher import TRANSPORTS
 from actors.experts.worker import ExpertWorker
 from actors.failover import unwrap
 from cluster.placement import actor_options, cluster_nodes, release, reserve
 from cluster.plan import Slot, plan, plan_added
-from model.checkpoint import WeightSource, torch_dtype
+from model.checkpoint import WeightSource
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,22 +56,6 @@ CPU_ACTOR = {"CPU": 0.01}   # a small CPU share: label/PG scheduling misplaces 0
 # process start, so it goes into the frontend process's runtime_env; a value set by the user
 # wins. https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html
 FRONTEND_CPU_ENV = {"GOMP_SPINCOUNT": "30000"}
-
-
-def check_start_args(source: WeightSource | None, dtype: str, transport: str,
-                     **threads: int | None) -> None:
-    """What would otherwise fail only inside a started actor, checked before anything starts:
-    ValueError naming the field. `threads`: each None or a positive int; `source` None skips
-    the dtype check against the checkpoint (its name is still checked)."""
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    for name, value in threads.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None (default), got {value!r}")
-    if source is not None:
-        source.resolve_dtype(dtype)
-    elif dtype != "auto":
-        torch_dtype(dtype)
 
 
 def frontend_runtime_env(device: str) -> dict:
@@ -99,7 +83,7 @@ class Experts:
     generation: int = 0                 # +1 a live scaling change: a frontend never goes back
 
     @classmethod
-    def of(cls, members: list["Member"], secret: str, generation: int) -> "Experts":
+    def of(cls, members: list[Member], secret: str, generation: int) -> Experts:
         return cls([m.actor for m in members], [list(m.expert_ids) for m in members], secret,
                    [m.slot.node_id for m in members], generation)
 
@@ -131,7 +115,7 @@ def through_restarts(call: Callable[[], T], what: str) -> T:
     while True:
         try:
             return call()
-        except Exception as e:  # noqa: BLE001 - only an actor's death or restart is retried
+        except Exception as e:  # only an actor's death or restart is retried (below)
             cause = unwrap(e)
             if not isinstance(cause, RayActorError) or cause.actor_init_failed:
                 raise
@@ -182,7 +166,7 @@ class ExpertPool:
     def start(cls, source: WeightSource, dtype: str = "auto", device: str = "cpu", *,
               expert_replicas: int = 1, experts_per_actor: int = 1,
               expert_resources: dict | None = None, frontend_resources: dict | None = None,
-              expert_threads: int | None = None, placement_timeout_s: float = 60.0) -> "ExpertPool":
+              expert_threads: int | None = None, placement_timeout_s: float = 60.0) -> ExpertPool:
         """Plan, reserve and start the expert actors (without waiting for them: `ready()`).
         PlacementError when the cluster cannot hold the plan (nothing left reserved).
         `expert_resources` per actor (default `default_resources(device)`);
@@ -235,7 +219,7 @@ class ExpertPool:
         slot, pg = self._frontend
         return {**actor_options(pg, slot), **frontend_runtime_env(self.device)}
 
-    # ---- live scaling (actors/experts/scaling.py) ---------------------------------------------------
+    # ---- live scaling (actors/experts/scaling.py) -----------------------------------------
     def grow(self, added: dict[tuple[int, ...], int]) -> list[Member]:
         """Start `added[ids]` more replicas of each group: plan nodes with room (cluster/plan.py:
         plan_added), reserve a placement group per actor, start them, wait until each has

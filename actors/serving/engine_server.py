@@ -1,7 +1,8 @@
 """The engine deployment: each replica *is* one engine's frontend. Its Engine and Dispatcher run
-in the replica's own process (actors/frontend.py, used in-process), and it starts and owns its
-expert actors and their placement groups (actors/experts/pool.py); the gateway reaches it through a
-streaming DeploymentHandle, so a stream crosses no Ray hop between the replica and its engine.
+in the replica's own process (actors/frontend.py, used in-process), and its ExpertFleet
+(actors/experts/fleet.py) starts and owns its expert actors and their placement groups; the
+gateway reaches it through a streaming DeploymentHandle, so a stream crosses no Ray hop between
+the replica and its engine. Its options are actors/options.py's EngineOptions.
 
     Serve proxy -> Gateway -> EngineServer (frontend: scheduler, KV cache, dispatcher)
                                             -> expert actors (one channel each, per layer)
@@ -18,18 +19,19 @@ Serve starts, as prompt + tokens so far (actors/failover.py).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import json
 import logging
+import shlex
+from pathlib import Path
 
 import ray
 from ray import serve
 
+from actors.experts.fleet import ExpertFleet
 from actors.frontend import Frontend
 from actors.info import EngineInfo, ExpertLoad
+from actors.options import EngineOptions
 from actors.serving.metrics import EngineMetrics
-from actors.experts.pool import ExpertPool, check_start_args, default_resources, frontend_runtime_env
-from actors.experts.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler
-from cluster.placement import resource_options
 from model.checkpoint import WeightSource
 from model.engine import Resume, SamplingParams
 from model.errors import InvalidRequest, QueueFull
@@ -38,85 +40,72 @@ from model.errors import InvalidRequest, QueueFull
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 
-def proxy_addresses() -> tuple[str, str]:
+GENERATOR_SERVICER = "protos.generator_pb2_grpc.add_GeneratorServicer_to_server"
+
+
+def proxy_addresses() -> tuple[str | None, str]:
     """host:port of Serve's gRPC and HTTP proxies as configured ("localhost" for a wildcard
-    host), asked of Serve's controller (`get_grpc_config` / `get_http_config`: Serve's own, not
-    public API; Ray is pinned); Serve's default ports if that fails."""
+    host; gRPC None when its proxy does not serve our Generator: `serve run IMPORT_PATH`
+    configures no servicer functions), asked of Serve's controller (`get_grpc_config` /
+    `get_http_config`: Serve's own, not public API; Ray is pinned); Serve's default ports if
+    that fails."""
     try:
         from ray.serve.context import _get_global_client
         controller = _get_global_client()._controller
         http, grpc = ray.get([controller.get_http_config.remote(),
                               controller.get_grpc_config.remote()], timeout=10)
         host = "localhost" if http.host in ("0.0.0.0", "::", "127.0.0.1", "") else http.host
-        return f"{host}:{grpc.port}", f"{host}:{http.port}"
+        served = GENERATOR_SERVICER in grpc.grpc_servicer_functions
+        return (f"{host}:{grpc.port}" if served else None), f"{host}:{http.port}"
     except Exception as e:  # noqa: BLE001 - only the ready line's text depends on it
         log.debug("could not read the proxies' config: %r", e)
         return "localhost:9000", "localhost:8000"
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineOptions:
-    """One engine replica's options, built once from the Serve application's args (the field
-    names are the args' names; deploy/app.py)."""
-    dtype: str = "auto"                         # "auto": the checkpoint's torch_dtype
-    device: str = "cpu"
-    expert_replicas: int = 1
-    experts_per_actor: int = 1
-    expert_resources: dict | None = None        # per expert actor
-    frontend_resources: dict | None = None      # the replica's own: ray_actor_options()
-    frontend_threads: int | None = None         # torch threads of the replica (None: all cores)
-    expert_threads: int | None = None           # per expert actor (None: Ray's, 1 if fractional)
-    placement_timeout_s: float = 60.0
-    transport: str = "channel"
-    engine_args: dict | None = None
-    expert_autoscaling: dict | None = None      # actors/experts/scaling.py: ExpertAutoscaling; None: off
-
-    def __post_init__(self):
-        check_start_args(None, self.dtype, self.transport, frontend_threads=self.frontend_threads,
-                         expert_threads=self.expert_threads)
-        ExpertAutoscaling.from_args(self.expert_autoscaling)
-
-    def ray_actor_options(self) -> dict:
-        """The replica's resources, i.e. the frontend's: `frontend_resources`, by default
-        a GPU and a CPU on cuda, a small CPU share on cpu; and the frontend's runtime_env
-        (actors/experts/pool.py: frontend_runtime_env)."""
-        return {**resource_options(self.frontend_resources or default_resources(self.device)),
-                **frontend_runtime_env(self.device)}
+def ready_banner(model_id: str, actors: int, grpc_address: str | None, http_address: str,
+                 api_key: bool = False) -> str:
+    """What the engine replica logs once it serves: the model id that requests name, and the
+    commands that call it (gRPC only where Serve's gRPC proxy serves our API), framed so that
+    it stands out among Serve's lines on the `serve run` console."""
+    chat = shlex.quote(json.dumps({"model": model_id, "max_tokens": 32,
+                                   "messages": [{"role": "user", "content": "Hello"}]}))
+    key = ' -H "Authorization: Bearer $MIXTRAL_EP_API_KEY"' if api_key else ""
+    grpc_line = (f'python -m protos.client "Hello" --address {grpc_address}' if grpc_address
+                 else "not served here: Serve's grpc_options name no servicer functions "
+                      "(serve run deploy/serve.yaml sets them)")
+    lines = [f"engine replica ready: model {model_id!r} (the frontend runs here, {actors} "
+             f"expert actors). Call it:",
+             f"  gRPC:    {grpc_line}",
+             f"  OpenAI:  curl http://{http_address}/v1/chat/completions -H "
+             f"'Content-Type: application/json'{key} -d {chat}",
+             f"  models:  curl http://{http_address}/v1/models{key}"]
+    if api_key:
+        lines.append("  (this application requires its API key: export MIXTRAL_EP_API_KEY=...)")
+    rule = "=" * 78
+    return "\n".join(["", rule, *lines, rule.replace("=", "-")])
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.01})
 class EngineServer:
-    def __init__(self, source: WeightSource, options: EngineOptions):
+    def __init__(self, source: WeightSource, options: EngineOptions,
+                 model_id: str | None = None, api_key: bool = False):
         """Starts the expert actors (no frontend bundle: this replica is the frontend), loads
-        the frontend's weights meanwhile, and waits for both; on an error nothing is left."""
+        the frontend's weights meanwhile, and waits for both; on an error nothing is left.
+        `model_id`: the name requests give the model (default: the checkpoint dir's name);
+        `api_key`: whether the application requires one (only the ready line says so)."""
         o = options
-        policy = ExpertAutoscaling.from_args(o.expert_autoscaling)
-        pool = ExpertPool.start(source, o.dtype, o.device, expert_replicas=o.expert_replicas,
-                                experts_per_actor=o.experts_per_actor,
-                                expert_resources=o.expert_resources,
-                                expert_threads=o.expert_threads,
-                                placement_timeout_s=o.placement_timeout_s)
+        fleet = ExpertFleet.start(source, o)
         try:
-            frontend = Frontend(source, pool.experts, o.dtype, o.device, o.frontend_threads,
-                                o.engine_args, transport=o.transport,
-                                dispatch_args={"load_window_s": policy.window_s} if policy else None)
-            pool.ready()
+            frontend = Frontend(source, fleet.experts, o.dtype, o.device, o.frontend_threads,
+                                o.engine_args, o.frontend_dispatch_args(), o.transport)
         except BaseException:
-            pool.shutdown()
+            fleet.shutdown()
             raise
-        self.pool, self.frontend = pool, frontend
-        self.scaler = ExpertScaler(pool, frontend.set_experts_now,
-                                   frontend.engine.cfg.num_local_experts)
-        self.autoscaler = Autoscaler(policy, self.scaler, frontend.expert_load) if policy else None
-        if self.autoscaler is not None:
-            self.autoscaler.start()
+        fleet.attach(frontend.set_experts_now, frontend.expert_load)
+        self.fleet, self.frontend = fleet, frontend
         self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, frontend.expert_load)
-        grpc_address, http_address = proxy_addresses()
-        log.info("engine replica ready: the frontend runs here, %d expert actors. Call it over "
-                 "gRPC at %s:  python -m protos.client \"Hello\" --address %s   or the "
-                 "OpenAI-compatible API at http://%s/v1:  curl http://%s/v1/models",
-                 len(pool.experts.actors), grpc_address, grpc_address, http_address,
-                 http_address)
+        log.info("%s", ready_banner(model_id or Path(source.path).name,
+                                    len(fleet.experts.actors), *proxy_addresses(), api_key))
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams,
                      resume: Resume | None = None):
@@ -141,16 +130,13 @@ class EngineServer:
     async def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
         """Live scaling of this engine's expert actors (actors/experts/scaling.py); -> replicas per
         expert id. ValueError / PlacementError change nothing."""
-        return await asyncio.to_thread(self.scaler.set_expert_replicas, replicas)
+        return await asyncio.to_thread(self.fleet.set_expert_replicas, replicas)
 
     async def ping(self) -> None:
         """Answers as soon as this replica's event loop does: the health checks' call."""
 
     def __del__(self):
-        if getattr(self, "autoscaler", None) is not None:
-            self.autoscaler.stop()
         if hasattr(self, "metrics"):
             self.metrics.close()
-        if hasattr(self, "scaler"):        # not if start-up failed (it cleaned up then)
-            with self.scaler.lock:         # a scaling change in progress finishes first
-                self.pool.shutdown()
+        if hasattr(self, "fleet"):          # not if start-up failed (the fleet is stopped then)
+            self.fleet.shutdown()

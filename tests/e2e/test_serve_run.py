@@ -46,6 +46,9 @@ def test_serve_run_answers_generate(tmp_path, sigint_reaches_children):
         log = (tmp_path / "serve.log").read_text()
         assert ('engine replica ready' in log and 'python -m protos.client "Hello" --address '
                 'localhost:9000' in log and "curl http://localhost:8000/v1/models" in log), log[-3000:]
+        assert ("engine replica ready: model 'mixtral-ep-demo-tiny'" in log and
+                "curl http://localhost:8000/v1/chat/completions" in log and
+                '"model": "mixtral-ep-demo-tiny"' in log), log[-3000:]
         with urllib.request.urlopen("http://localhost:8000/v1/models", timeout=30) as resp:
             assert json.loads(resp.read())["data"][0]["id"] == "mixtral-ep-demo-tiny"
         with urllib.request.urlopen("http://localhost:8000/health", timeout=30) as resp:

@@ -52,7 +52,7 @@ def test_serve_config_matches_serves_schema_and_imports(name):
 def test_the_engine_replica_asks_for_the_frontends_resources(monkeypatch):
     """The replica is the frontend: its ray_actor_options are what the frontend needs, with
     the short OpenMP spin on CPU (actors/experts/pool.py), unless the user set their own."""
-    from actors.serving.engine_server import EngineOptions
+    from actors.options import EngineOptions
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     cpu_env = {"runtime_env": {"env_vars": {"GOMP_SPINCOUNT": "30000"}}}
     assert EngineOptions(device="cuda").ray_actor_options() == {
@@ -94,6 +94,66 @@ def test_the_gpu_config_gives_the_engine_replica_its_gpu():
     assert engine["ray_actor_options"]["num_gpus"] == 1
     assert engine["ray_actor_options"]["resources"] == {"frontend": 1}
     assert "frontend_resources" not in app["args"]      # one place says it: the deployment's
+
+
+class _Bound:
+    """Stands in for a deployment: records `.options(...)` and `.bind(...)`."""
+    def __init__(self, calls: dict, name: str):
+        self.calls, self.name = calls, name
+
+    def options(self, **options):
+        self.calls[f"{self.name}.options"] = options
+        return self
+
+    def bind(self, *args):
+        self.calls[f"{self.name}.bind"] = args
+        return self.name
+
+
+def test_one_command_serve_parses_its_string_args_by_each_options_type(tiny_checkpoint,
+                                                                       monkeypatch):
+    """`serve run deploy.app:build_app model=DIR key=value ...` passes every value as a string."""
+    import deploy.app as app
+    calls = {}
+    monkeypatch.setattr(app, "EngineServer", _Bound(calls, "engine"))
+    monkeypatch.setattr(app, "Gateway", _Bound(calls, "gateway"))
+    args = {"model": str(tiny_checkpoint), "dtype": "bfloat16", "expert_replicas": "2",
+            "expert_resources": '{"CPU": 1, "expert": 1}', "frontend_threads": "none",
+            "engine_args": '{"max_num_seqs": 8}', "failover_timeout_s": "30"}
+    assert app.build_app(args) == "gateway"
+    source, options, model_id, api_key = calls["engine.bind"]
+    assert (options.dtype, options.expert_replicas, options.frontend_threads) == ("bfloat16", 2,
+                                                                                  None)
+    assert options.expert_resources == {"CPU": 1, "expert": 1}
+    assert options.engine_args == {"max_num_seqs": 8}
+    assert (source.path, model_id, api_key) == (str(tiny_checkpoint), tiny_checkpoint.name, False)
+    assert calls["gateway.bind"] == ("engine", str(tiny_checkpoint), tiny_checkpoint.name, 30.0,
+                                     None)
+
+
+@pytest.mark.parametrize("arg, text, says", [
+    ("expert_replicas", "two", "expert_replicas expects an integer, got 'two'"),
+    ("expert_resources", "GPU:1", "expert_resources expects a JSON object"),
+    ("failover_timeout_s", "-1", "failover_timeout_s must be a positive number of seconds")])
+def test_a_bad_string_arg_names_itself_before_anything_starts(arg, text, says):
+    from deploy.app import build_app
+    with pytest.raises(ValueError, match=re.escape(says)):
+        build_app({"model": "unused", arg: text})
+
+
+def test_the_ready_line_names_the_model_and_the_commands_to_call_it():
+    from actors.serving.engine_server import ready_banner
+    text = ready_banner("my-model", 8, "localhost:9000", "localhost:8000")
+    assert "engine replica ready: model 'my-model'" in text
+    assert 'python -m protos.client "Hello" --address localhost:9000' in text
+    assert "curl http://localhost:8000/v1/models" in text
+    chat = next(line for line in text.splitlines() if "/v1/chat/completions" in line)
+    body = json.loads(chat.split(" -d ", 1)[1].strip("'"))
+    assert body["model"] == "my-model" and body["messages"][0]["role"] == "user"
+    assert text.splitlines()[1] == "=" * 78                 # framed: it stands out
+    without_grpc = ready_banner("m", 2, None, "localhost:8000", api_key=True)
+    assert "protos.client" not in without_grpc and "not served here" in without_grpc
+    assert without_grpc.count("Authorization: Bearer $MIXTRAL_EP_API_KEY") == 2
 
 
 def test_unknown_application_args_are_refused():
