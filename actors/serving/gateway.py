@@ -16,8 +16,10 @@ one INFO line, as a production server's access log (vLLM's one line per request 
 INFO only behind a flag). A failed request adds one line in its protocol's words: INFO for a
 client's error, ERROR for an internal one (actors/serving/status.py).
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: a route's annotations must be objects, not strings.
+# Serve pickles this class by value, and a copied method's globals hold only the names its code
+# uses, so the replica could not resolve "oai.CompletionRequest" (the body became a query
+# parameter: every POST answered 400 "query.request: Field required").
 from ray import serve
 from ray.serve.schema import LoggingConfig
 

@@ -288,4 +288,31 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_
     new += "".join(f.read_bytes()[err_sizes[f]:].decode(errors="replace") for f in err_logs)
     assert "Traceback" not in new and " ERROR " not in new, new[-3000:]
     assert new.count("request answered INVALID_ARGUMENT: set exactly one of prompt") == 2
-    assert new.count("request answered INVALID_ARGUMENT: n: only 1 is supported") == 1
+    assert new.count("request answered 400: n: only 1 is supported") == 1   # HTTP, in its words
+
+
+def test_a_finished_request_writes_one_access_line_and_no_disconnect(server, http_port):
+    """Serve's proxy writes a request's one access line and the gateway none of its own; a
+    stream read to its end ([DONE], after which the OpenAI SDK's sync client closes) is not
+    reported as a disconnect ("Client for request ... disconnected, cancelling request")."""
+    openai = pytest.importorskip("openai")
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    sizes = {f: f.stat().st_size for f in logs.glob("*.log")}
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",
+                           max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    for _ in range(5):
+        assert list(client.completions.create(model=model, prompt="Hi", max_tokens=4,
+                                              stream=True))
+    client.completions.create(model=model, prompt="Hi", max_tokens=4)
+    list(server.GenerateStream(greedy("Hi", 4), timeout=60))
+    server.Generate(greedy("Hi", 4), timeout=60)
+    time.sleep(5)                                  # Serve's log files are written async
+    new = "".join(f.read_bytes()[sizes.get(f, 0):].decode(errors="replace")
+                  for f in sorted(logs.glob("*.log")))
+    assert "disconnected" not in new, new[-3000:]
+    assert new.count("POST /v1/completions 200") == 6, new[-3000:]       # the proxy's lines
+    assert new.count("Generator/GenerateStream") == new.count("Generator/Generate ") == 1
+    gateway = [line for line in new.splitlines()
+               if "_Gateway " in line and ("/v1/" in line or "Generate" in line)]
+    assert not gateway, gateway
