@@ -9,12 +9,14 @@
     ids streamed from the engine deployment (detokenized there), with failover;
   - actors/serving/status.py: an exception's gRPC status, HTTP status and log line.
 
-What it logs: a request that succeeds writes no line of its own; Serve's proxy writes its one
-access line ("POST /v1/completions 200 41.2ms", "/mixtral_ep.v1.Generator/GenerateStream OK
-...") and the replicas' own access lines are off (`enable_access_log=False`), so one request is
-one INFO line, as a production server's access log (vLLM's one line per request also stays at
-INFO only behind a flag). A failed request adds one line in its protocol's words: INFO for a
-client's error, ERROR for an internal one (actors/serving/status.py).
+What it logs: a request that succeeds writes no line of its own. Serve's proxy writes its one
+access line ("POST /v1/completions 200 41.2ms", "/mixtral_ep.v1.Generator/GenerateStream
+mixtral-ep OK 138.5ms"): that is the request's line at INFO, as in a production server's access
+log (vLLM's own per-request line is INFO only behind a flag). The replica access log, a second
+line per request, is off here (`enable_access_log=False`); the engine deployment's, a line per
+handle call ("CALL stream OK"), is that deployment's to turn off. A failed request adds one
+line in its protocol's words: INFO for a client's error, ERROR for an internal one
+(actors/serving/status.py).
 """
 # no `from __future__ import annotations`: a route's annotations must be objects, not strings.
 # Serve pickles this class by value, and a copied method's globals hold only the names its code

@@ -7,8 +7,9 @@ INTERNAL (ray/serve/_private/grpc_util.py, `get_grpc_response_status`, Ray 2.60)
 and load balancers treat as a server bug and do not retry. A replica gone is what UNAVAILABLE
 means ("most likely a transient condition, which can be corrected by retrying with a backoff":
 https://grpc.github.io/grpc/core/md_doc_statuscodes.html), and a retried call reaches a live
-replica. Our gateway never lets an error of its own reach the proxy (actors/serving/gateway.py sets
-every status itself), so a RayActorError there is the gateway replica itself.
+replica. Our gateway never lets an error of its own reach the proxy (its gRPC servicer,
+actors/serving/grpc_servicer.py, sets every status itself), so a RayActorError there is the
+gateway replica itself.
 
 When a client cancels a call or its deadline passes, the proxy cancels the request, and Serve
 reports it as a server error in two ways: a task of its own later ends with

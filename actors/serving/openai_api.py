@@ -1,6 +1,6 @@
-"""The OpenAI-compatible HTTP API: request models, their translation to engine inputs (through the
-same checks as gRPC, actors/serving/validation.py) and the response / stream chunk bodies. Pure; the
-routes live on the gateway (actors/serving/gateway.py), which serves this API and gRPC side by side.
+"""The OpenAI-compatible HTTP API's wire format: request models, their translation to engine
+inputs (through the same checks as gRPC, actors/serving/validation.py) and the response / stream
+chunk bodies. Pure; the HTTP app (actors/serving/http_app.py) serves it on the gateway.
 
 Follows OpenAI's API reference for /v1/completions and /v1/chat/completions (and vLLM's
 extensions `top_k`, `ignore_eos`, `return_token_ids`): https://platform.openai.com/docs/api-reference
