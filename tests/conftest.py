@@ -12,6 +12,28 @@ import torch
 torch.set_num_threads(2)
 logging.getLogger("model").setLevel(logging.WARNING)
 
+TESTS = Path(__file__).resolve().parent
+# the lanes, cheapest first: a broken unit test is reported in seconds (Makefile: make test-*)
+LANES = ("unit", "integration", "e2e", "gpu")
+# fixtures that hand consecutive tests one engine or Serve application (tests/integration and
+# tests/e2e conftest.py): their tests run first in their lane, next to each other, so it starts once
+SHARED_FIXTURES = {"tiny_ray_engine", "tiny_app"}
+
+
+def _lane_order(item: pytest.Item) -> tuple[int, bool]:
+    """(the item's lane in LANES, False if it uses a shared engine or app); unknown paths last."""
+    path = item.path.resolve()
+    parts = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
+    lane = LANES.index(parts[0]) if parts and parts[0] in LANES else len(LANES)
+    return lane, not SHARED_FIXTURES & set(item.fixturenames)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Lanes in LANES order and, within a lane, the users of a shared fixture first; otherwise
+    the order stays as collected (a stable sort)."""
+    items.sort(key=_lane_order)
+
+
 TINY_HF = dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                num_experts_per_tok=2, max_position_embeddings=1024, sliding_window=None)

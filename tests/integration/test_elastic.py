@@ -94,17 +94,14 @@ def test_set_expert_replicas_up_and_down_during_streams(ray_engine, hot_checkpoi
         engine.shutdown()
 
 
-def test_more_than_the_cluster_holds_fails_and_changes_nothing(ray_engine, tiny_checkpoint):
-    engine = ray_engine(tiny_checkpoint)
-    try:
-        actors, free = list(engine.experts), free_expert_slots()
-        with pytest.raises(PlacementError, match=r"cannot add expert replicas \(experts \[2\]: \+"):
-            engine.set_expert_replicas({2: 30})
-        with pytest.raises(ValueError, match="expert id must be an int in"):
-            engine.set_expert_replicas({9: 2})
-        assert engine.experts == actors and free_expert_slots() == free
-    finally:
-        engine.shutdown()
+def test_more_than_the_cluster_holds_fails_and_changes_nothing(tiny_ray_engine):
+    engine = tiny_ray_engine
+    actors, free = list(engine.experts), free_expert_slots()
+    with pytest.raises(PlacementError, match=r"cannot add expert replicas \(experts \[2\]: \+"):
+        engine.set_expert_replicas({2: 30})
+    with pytest.raises(ValueError, match="expert id must be an int in"):
+        engine.set_expert_replicas({9: 2})
+    assert engine.experts == actors and free_expert_slots() == free
 
 
 def test_autoscaling_follows_a_hot_expert_and_sheds_replicas_when_load_stops(ray_engine,

@@ -31,8 +31,13 @@ def assert_same_as_in_process(engine, reference: Engine) -> None:
             == [o.token_ids for o in reference.generate(PROMPTS, GREEDY)])
 
 
+def test_default_engine_equals_in_process_engine(tiny_ray_engine, tiny_checkpoint):
+    """The defaults: tiny, 1 replica, channel transport, 1 expert per actor, 1 micro-batch."""
+    assert_same_as_in_process(tiny_ray_engine, Engine.from_pretrained(tiny_checkpoint))
+
+
 @pytest.mark.parametrize("which, replicas, transport, experts_per_actor, micro_batches", [
-    ("tiny", 1, "channel", 1, 1), ("tiny", 2, "channel", 1, 1), ("tiny", 1, "channel", 4, 1),
+    ("tiny", 2, "channel", 1, 1), ("tiny", 1, "channel", 4, 1),
     ("tiny", 2, "channel", 4, 2), ("small", 1, "channel", 1, 1), ("small", 2, "channel", 1, 2),
     ("tiny", 1, "object_refs", 1, 1), ("small", 1, "object_refs", 1, 2)])
 def test_equals_in_process_engine(ray_engine, tiny_checkpoint, small_checkpoint, which, replicas,
@@ -49,19 +54,15 @@ def test_equals_in_process_engine(ray_engine, tiny_checkpoint, small_checkpoint,
         engine.shutdown()
 
 
-def test_experts_spread_over_the_expert_nodes(ray_cluster, ray_engine, tiny_checkpoint):
+def test_experts_spread_over_the_expert_nodes(ray_cluster, tiny_ray_engine, tiny_checkpoint):
     head = ray_cluster.head_node.node_id
     expert_nodes = {n.node_id for n in ray_cluster.worker_nodes}
-    engine = ray_engine(tiny_checkpoint)
-    try:
-        placement = engine.placement()
-        assert placement["frontend"] == head
-        per_node = collections.Counter(nodes[0] for nodes in placement["experts"].values())
-        assert set(per_node) == expert_nodes and sorted(per_node.values()) == [2, 3, 3]
-        assert sorted(placement["experts"]) == list(range(8))
-        assert_same_as_in_process(engine, Engine.from_pretrained(tiny_checkpoint))
-    finally:
-        engine.shutdown()
+    placement = tiny_ray_engine.placement()
+    assert placement["frontend"] == head
+    per_node = collections.Counter(nodes[0] for nodes in placement["experts"].values())
+    assert set(per_node) == expert_nodes and sorted(per_node.values()) == [2, 3, 3]
+    assert sorted(placement["experts"]) == list(range(8))
+    assert_same_as_in_process(tiny_ray_engine, Engine.from_pretrained(tiny_checkpoint))
 
 
 def assert_each_actor_reads_and_holds_only_its_own(engine, cfg: MixtralConfig) -> None:
@@ -80,12 +81,9 @@ def assert_each_actor_reads_and_holds_only_its_own(engine, cfg: MixtralConfig) -
     assert front.nbytes == sum(torch.Size(shapes[n]).numel() * 4 for n in non_expert_names(cfg))
 
 
-def test_each_actor_holds_only_its_own_bytes(ray_engine, tiny_checkpoint):
-    engine = ray_engine(tiny_checkpoint)
-    try:
-        assert_each_actor_reads_and_holds_only_its_own(engine, MixtralConfig.from_json(tiny_checkpoint))
-    finally:
-        engine.shutdown()
+def test_each_actor_holds_only_its_own_bytes(tiny_ray_engine, tiny_checkpoint):
+    assert_each_actor_reads_and_holds_only_its_own(tiny_ray_engine,
+                                                   MixtralConfig.from_json(tiny_checkpoint))
 
 
 def test_threads_and_openmp_spin_are_set_per_process(ray_cluster, tiny_checkpoint, monkeypatch):
