@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ["deploy/cluster.yaml", "deploy/cluster-onprem.yaml"]
@@ -261,3 +263,26 @@ def test_the_grafana_dashboard_plots_every_engine_metric_and_only_those():
     queried = {re.sub(r"_(total|bucket)$", "", name)
                for e in exprs for name in re.findall(r"ray_(mixtral_ep_\w+)", e)}
     assert len(defined) == 15 and queried == defined
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True),
+                       st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20),
+                       max_size=5))
+def test_the_one_command_serve_sets_each_key_value_in_the_configs_args(given_args):
+    """mixtral-ep-serve (deploy/__main__.py): serve.yaml with each KEY=VALUE, as a string, in
+    its application's args (over the file's own), everything else of the config unchanged."""
+    from deploy.__main__ import DEFAULT_CONFIG, config_with_args
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    merged = config_with_args(config, [f"{k}={v}" for k, v in given_args.items()])
+    assert merged["applications"][0]["args"] == {**config["applications"][0]["args"], **given_args}
+    assert {k: v for k, v in merged.items() if k != "applications"} == \
+        {k: v for k, v in config.items() if k != "applications"}
+    assert yaml.safe_load(yaml.safe_dump(merged)) == merged     # strings stay strings
+
+
+@pytest.mark.parametrize("bad,expected", [(["model"], "KEY=VALUE"), (["=x"], "KEY=VALUE")])
+def test_the_one_command_serve_names_a_malformed_argument(bad, expected, capsys):
+    from deploy.__main__ import main
+    with pytest.raises(SystemExit) as exit_:
+        main(bad)
+    assert exit_.value.code == 2 and expected in capsys.readouterr().err
