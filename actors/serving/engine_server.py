@@ -26,6 +26,7 @@ from pathlib import Path
 
 import ray
 from ray import serve
+from ray.serve.schema import LoggingConfig
 
 from actors.experts.fleet import ExpertFleet
 from actors.frontend import Frontend
@@ -85,7 +86,10 @@ def ready_banner(model_id: str, actors: int, grpc_address: str | None, http_addr
     return "\n".join(["", rule, *lines, rule.replace("=", "-")])
 
 
-@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.01})
+# no access line per handle call ("CALL stream OK"): a request's one line is the proxy's
+# (actors/serving/gateway.py says what is logged)
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.01},
+                  logging_config=LoggingConfig(enable_access_log=False))
 class EngineServer:
     def __init__(self, source: WeightSource, options: EngineOptions,
                  model_id: str | None = None, api_key: bool = False):

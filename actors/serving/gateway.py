@@ -13,8 +13,8 @@ What it logs: a request that succeeds writes no line of its own. Serve's proxy w
 access line ("POST /v1/completions 200 41.2ms", "/mixtral_ep.v1.Generator/GenerateStream
 mixtral-ep OK 138.5ms"): that is the request's line at INFO, as in a production server's access
 log (vLLM's own per-request line is INFO only behind a flag). The replica access log, a second
-line per request, is off here (`enable_access_log=False`); the engine deployment's, a line per
-handle call ("CALL stream OK"), is that deployment's to turn off. A failed request adds one
+line per request, is off here (`enable_access_log=False`), and so is the engine deployment's,
+a line per handle call ("CALL stream OK"). A failed request adds one
 line in its protocol's words: INFO for a client's error, ERROR for an internal one
 (actors/serving/status.py).
 """
