@@ -1,8 +1,15 @@
-"""One Serve instance with its gRPC proxy on a free port, shared by the e2e modules; each module
-deploys its own application and deletes it when done (one application at a time, so clients
-need no `application` metadata)."""
+"""One Serve instance with its gRPC proxy on a free port for the session, and the applications on
+it, one at a time (each routes "/", so clients need no `application` metadata):
+
+- `tiny_app`: the tiny checkpoint with the tests' defaults, shared by the modules that only call
+  it: it stays up from one such module to the next (tests/conftest.py runs them first in the lane);
+- `deploy(name, args)`: a module's own application, for tests that kill, reconfigure or delete
+  it, or need other args; deleted after the module.
+
+Starting an application deletes the one running before (serve_apps)."""
 from __future__ import annotations
 
+import dataclasses
 import signal
 
 import grpc
@@ -13,6 +20,9 @@ from ray.serve.config import gRPCOptions
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port
 from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
 from protos import generator_pb2_grpc as pb_grpc
+
+TINY_APP = "mixtral-ep"         # tiny_app's Serve application name
+TINY_MODEL = "tiny"             # and the model id its clients send
 
 
 @pytest.fixture(scope="session")
@@ -36,39 +46,91 @@ def http_port(serve_ports) -> int:
     return serve_ports[1]
 
 
-@pytest.fixture(scope="module")
-def deploy(grpc_port):
-    """deploy(name, app_args) -> a GeneratorStub on the proxy once the app runs; deleted after
-    the module."""
-    names, channels = [], []
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """An application running on the session's Serve instance."""
+    name: str                           # its Serve application name
+    model: str                          # the model id HTTP clients send
+    stub: pb_grpc.GeneratorStub         # a gRPC client of it through the proxy
 
-    def run(name: str, args: dict) -> pb_grpc.GeneratorStub:
-        serve.run(build_app(args), name=name, route_prefix="/")
-        names.append(name)
-        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-        channels.append(channel)
+
+class ServeApps:
+    """The session's applications, one running at a time, and the gRPC channels to them."""
+
+    def __init__(self, grpc_port: int):
+        self.grpc_port = grpc_port
+        self.running: str | None = None            # the running application's name
+        self.shared: Served | None = None          # tiny_app, while it runs
+        self.channels: dict[str, list[grpc.Channel]] = {}
+
+    def run(self, name: str, app) -> pb_grpc.GeneratorStub:
+        """Deploy `app` (a Serve Application) as `name`, after deleting a running application
+        of another name (the same name is updated in place); a stub once the proxy answers."""
+        if self.running not in (None, name):
+            self.delete(self.running)
+        serve.run(app, name=name, route_prefix="/")
+        self.running = name
+        channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        self.channels.setdefault(name, []).append(channel)
         grpc.channel_ready_future(channel).result(timeout=60)
         return pb_grpc.GeneratorStub(channel)
 
-    yield run
-    for channel in channels:
-        channel.close()
-    for name in names:
+    def delete(self, name: str) -> None:
+        """Delete application `name` (gone already is fine) and close its channels."""
+        for channel in self.channels.pop(name, []):
+            channel.close()
+        if self.running == name:
+            self.running = None
+        if self.shared is not None and self.shared.name == name:
+            self.shared = None
         serve.delete(name)
 
 
+@pytest.fixture(scope="session")
+def serve_apps(grpc_port):
+    apps = ServeApps(grpc_port)
+    yield apps
+    if apps.running is not None:
+        apps.delete(apps.running)
+
+
+@pytest.fixture(scope="session")
+def tiny_args(tiny_checkpoint):
+    """tiny_args(**args) -> build_app args: the tiny checkpoint, its frontend on the head and its
+    experts on the expert nodes, one thread each, then `args`."""
+    def args(**overrides) -> dict:
+        return {"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
+                "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1, "expert_threads": 1,
+                **overrides}
+    return args
+
+
 @pytest.fixture(scope="module")
-def deploy_tiny(deploy, tiny_checkpoint, tmp_path_factory):
-    """deploy_tiny(app, model_name, **args) -> a GeneratorStub: the tiny checkpoint served under
-    `model_name` (a model's name is its directory's: a symlink gives it one), its frontend on
-    the head and its experts on the expert nodes, one thread each."""
-    def run(app: str, model_name: str, **args) -> pb_grpc.GeneratorStub:
-        link = tmp_path_factory.mktemp("named") / model_name
-        link.symlink_to(tiny_checkpoint)
-        return deploy(app, {"model": str(link), "expert_resources": EXPERT_SLOT,
-                            "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
-                            "expert_threads": 1, **args})
-    return run
+def tiny_app(serve_apps, tiny_args, tmp_path_factory) -> Served:
+    """TINY_APP: tiny_args() served as model TINY_MODEL (a model's name is its directory's: a
+    symlink gives it one), shared by every module that asks while it runs. Its users must leave
+    it as they found it: idle, one replica per expert, no key."""
+    if serve_apps.shared is None:
+        link = tmp_path_factory.mktemp("named") / TINY_MODEL
+        link.symlink_to(tiny_args()["model"])
+        stub = serve_apps.run(TINY_APP, build_app(tiny_args(model=str(link))))
+        serve_apps.shared = Served(TINY_APP, TINY_MODEL, stub)
+    return serve_apps.shared
+
+
+@pytest.fixture(scope="module")
+def deploy(serve_apps):
+    """deploy(name, app_args) -> a GeneratorStub on the proxy once the app runs; deleted after
+    the module."""
+    names = []
+
+    def run(name: str, args: dict) -> pb_grpc.GeneratorStub:
+        names.append(name)
+        return serve_apps.run(name, build_app(args))
+
+    yield run
+    for name in dict.fromkeys(names):
+        serve_apps.delete(name)
 
 
 @pytest.fixture

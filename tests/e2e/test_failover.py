@@ -21,7 +21,8 @@ from protos import generator_pb2 as pb
 APP = "mixtral-ep-failover"
 MAX_TOKENS = 64
 ARGS = {"expert_resources": EXPERT_SLOT, "frontend_resources": FRONTEND_SLOT,
-        "frontend_threads": 1, "expert_threads": 1}
+        "frontend_threads": 1, "expert_threads": 1,
+        "experts_per_actor": 4}     # 2 expert actors: the failover is the gateway's, and quicker
 
 
 @pytest.fixture(scope="module")

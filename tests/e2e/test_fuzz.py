@@ -26,8 +26,7 @@ from protos import generator_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-APP = "mixtral-ep-fuzz"
-MODEL = "tiny-fuzz"
+MODEL = "tiny"                  # the shared app's (tests/e2e/conftest.py: TINY_MODEL)
 EXAMPLES = int(os.environ.get("MIXTRAL_EP_FUZZ_EXAMPLES", "60"))
 INT32, INT64 = 2**31, 2**63
 # every INVALID_ARGUMENT / 400 message names one of these
@@ -41,8 +40,9 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list
 
 
 @pytest.fixture(scope="module")
-def server(deploy_tiny):
-    return deploy_tiny(APP, MODEL)
+def server(tiny_app):
+    assert tiny_app.model == MODEL
+    return tiny_app.stub
 
 
 def answers_normally(stub) -> None:

@@ -18,14 +18,12 @@ import threading
 import grpc
 import pytest
 import ray
-from ray import serve
 
 from actors.serving.gateway import Gateway
 from actors.serving.engine_server import EngineOptions, EngineServer
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, HEAD_RESOURCE
 from model.checkpoint import WeightSource
 from protos import generator_pb2 as pb
-from protos import generator_pb2_grpc as pb_grpc
 
 APP = "mixtral-ep-gateways"
 STREAMS = 8
@@ -33,19 +31,17 @@ MAX_TOKENS = 400    # streams outlast the wait for all 16 to start, on loaded co
 
 
 @pytest.fixture(scope="module")
-def stub(tiny_checkpoint, grpc_port):
+def stub(tiny_checkpoint, serve_apps):
     """The application with two gateway replicas (as a Serve config's `num_replicas: 2` for
-    Gateway would give)."""
+    Gateway would give); one expert actor is enough for what the gateways do."""
     options = EngineOptions(expert_resources=EXPERT_SLOT, frontend_resources=FRONTEND_SLOT,
-                            frontend_threads=1, expert_threads=1)
+                            frontend_threads=1, expert_threads=1, experts_per_actor=8)
     engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
         WeightSource(path=str(tiny_checkpoint)), options)
     on_head = {"num_cpus": 0.1, "resources": {HEAD_RESOURCE: 1}}
-    serve.run(Gateway.options(num_replicas=2, ray_actor_options=on_head).bind(
-        engine, str(tiny_checkpoint), "tiny"), name=APP, route_prefix="/")
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        yield pb_grpc.GeneratorStub(channel)
-    serve.delete(APP)
+    yield serve_apps.run(APP, Gateway.options(num_replicas=2, ray_actor_options=on_head).bind(
+        engine, str(tiny_checkpoint), "tiny"))
+    serve_apps.delete(APP)
 
 
 def sse_stream(http_port: int, started) -> tuple[bool, list[int]]:

@@ -18,7 +18,6 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
 from model.engine import Engine, SamplingParams
 from protos import generator_pb2 as pb
 
@@ -26,11 +25,9 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
 
 
 @pytest.fixture(scope="module")
-def server(deploy, tiny_checkpoint):
-    return deploy("mixtral-ep", {"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
-                                 "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
-                                 "expert_threads": 1,
-                                 "engine_args": {"max_waiting": 64}})
+def server(tiny_app):
+    assert tiny_app.name == "mixtral-ep"    # the app the tests below name (conftest: TINY_APP)
+    return tiny_app.stub
 
 
 @pytest.fixture(scope="module")

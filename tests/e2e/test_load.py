@@ -14,14 +14,15 @@ from ray import serve
 from bench.loadgen import check, expected_outputs, make_jobs, run_jobs
 from model.engine import Engine
 
-APP = "mixtral-ep-load"
-MODEL = "tiny-load"
+APP = "mixtral-ep"              # the shared app's (tests/e2e/conftest.py: TINY_APP)
+MODEL = "tiny"                  # and its model id (TINY_MODEL)
 CLIENTS = 256
 
 
 @pytest.fixture(scope="module")
-def server(deploy_tiny):
-    return deploy_tiny(APP, MODEL)
+def server(tiny_app):
+    assert (tiny_app.name, tiny_app.model) == (APP, MODEL)
+    return tiny_app.stub
 
 
 def test_256_concurrent_mixed_clients_get_what_they_get_alone(server, tiny_checkpoint,

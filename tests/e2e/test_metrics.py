@@ -1,5 +1,6 @@
 """Prometheus metrics end to end: a known workload over gRPC and HTTP, then every node's metrics
-endpoint (Ray's exporter, scraped over HTTP) must count exactly what was served."""
+endpoint (Ray's exporter, scraped over HTTP) must count exactly what was served (on the shared
+app: what it adds to the counts that earlier tests left)."""
 from __future__ import annotations
 
 import collections
@@ -12,21 +13,20 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
 from model.config import MixtralConfig
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
-APP = "mixtral-ep-metrics"
+APP = "mixtral-ep"              # the shared app's (tests/e2e/conftest.py: TINY_APP)
+COUNTERS = ("_total", "_count")  # samples that only grow, with each request
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
 MAX_TOKENS = 7
 
 
 @pytest.fixture(scope="module")
-def server(deploy, tiny_checkpoint):
-    return deploy(APP, {"model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
-                        "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
-                        "expert_threads": 1})
+def server(tiny_app):
+    assert tiny_app.name == APP
+    return tiny_app.stub
 
 
 def scrape() -> dict[str, dict[tuple, float]]:
@@ -51,7 +51,23 @@ def total(metrics, name: str, **labels) -> float:
     return sum(v for k, v in metrics.get(name, {}).items() if set(labels.items()) <= set(k))
 
 
+def settled() -> dict[str, dict[tuple, float]]:
+    """scrape() once its counters stand still (two scrapes a report interval apart agree)."""
+    def counters(m):
+        return {name: dict(series) for name, series in m.items() if name.endswith(COUNTERS)}
+    deadline = time.monotonic() + 60
+    last = scrape()
+    while True:
+        time.sleep(2)                   # the exporters' report interval: 1 s (cluster/local.py)
+        now = scrape()
+        if counters(now) == counters(last):
+            return now
+        assert time.monotonic() < deadline, "the counters never stood still"
+        last = now
+
+
 def test_counters_equal_what_was_served(server, grpc_port, http_port, tiny_checkpoint):
+    before = settled()                                 # what earlier tests served
     served = []                                        # (prompt tokens, completion tokens)
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = pb_grpc.GeneratorStub(channel)
@@ -81,6 +97,9 @@ def test_counters_equal_what_was_served(server, grpc_port, http_port, tiny_check
     for layer in range(cfg.num_hidden_layers):        # each token picks top-k experts
         want[("ray_mixtral_ep_expert_routed_tokens_total", (("layer", str(layer)),))] = \
             cfg.num_experts_per_tok * processed
+    for name, labels in want:                         # counters: added to what was there
+        if name.endswith(COUNTERS):
+            want[name, labels] += total(before, name, **dict(labels))
     deadline = time.monotonic() + 60
     while True:                                        # the exporters lag by a report interval
         m = scrape()

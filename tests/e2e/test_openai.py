@@ -17,12 +17,13 @@ from protos import generator_pb2_grpc as pb_grpc
 
 openai = pytest.importorskip("openai")
 
-MODEL = "tiny-openai"
+MODEL = "tiny"                  # the shared app's (tests/e2e/conftest.py: TINY_MODEL)
 
 
 @pytest.fixture(scope="module")
-def server(deploy_tiny):
-    return deploy_tiny("mixtral-ep-openai", MODEL)
+def server(tiny_app):
+    assert tiny_app.model == MODEL
+    return tiny_app.stub
 
 
 @pytest.fixture(scope="module")

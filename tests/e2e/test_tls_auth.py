@@ -35,7 +35,8 @@ def server(deploy, tiny_checkpoint, tmp_path_factory):
     key_file.write_text(KEY + "\n")
     return deploy(APP, {"model": str(tiny_checkpoint), "api_key_file": str(key_file),
                         "expert_resources": EXPERT_SLOT, "frontend_resources": FRONTEND_SLOT,
-                        "frontend_threads": 1, "expert_threads": 1})
+                        "frontend_threads": 1, "expert_threads": 1,
+                        "experts_per_actor": 8})    # one expert actor: the key is the gateway's
 
 
 @pytest.fixture(scope="module")
