@@ -32,8 +32,31 @@ lint: install
 demo: install
 	serve run deploy/serve.yaml
 
-test: install
-	$(PYTHON) -m pytest -q --durations=25
+# The suite in lanes, cheapest first; `make test` runs them in this order and stops at the first
+# that fails: unit (no Ray, about a minute), integration (a simulated 4-node Ray cluster), e2e
+# (Serve and real clients), gpu (skipped without CUDA; its own process: it starts its own Ray).
+# PYTEST_ARGS go to every lane, e.g. make test-e2e PYTEST_ARGS="-x -k openai". A lane that
+# selects no test (pytest's exit code 5) passes.
+PYTEST_ARGS ?=
+LANE = sh -c '$(PYTHON) -m pytest -q --durations=25 $(PYTEST_ARGS) "$$@"; rc=$$?; \
+	[ $$rc -eq 5 ] && echo "(no tests selected in $$*)" && exit 0; exit $$rc' lane
+
+.PHONY: test-unit test-integration test-e2e test-gpu
+.NOTPARALLEL:           # one lane at a time, even under make -j: they share the machine's cores
+
+test: test-unit test-integration test-e2e test-gpu
+
+test-unit: install
+	$(LANE) tests/unit
+
+test-integration: install
+	$(LANE) tests/integration
+
+test-e2e: install
+	$(LANE) tests/e2e
+
+test-gpu: install
+	$(LANE) tests/gpu
 
 bench: install
 	$(PYTHON) -m bench.engine
