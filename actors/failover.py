@@ -29,7 +29,8 @@ import dataclasses
 import logging
 import secrets
 import time
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError
@@ -91,7 +92,7 @@ class ResumableStream:
         self._deadline: float | None = None  # set by a failure, cleared by a chunk
         self._stream = self._call(None)
 
-    def __aiter__(self) -> "ResumableStream":
+    def __aiter__(self) -> ResumableStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
@@ -107,7 +108,7 @@ class ResumableStream:
             except asyncio.TimeoutError:
                 raise EngineUnavailable(f"no frontend took the request back within "
                                         f"{self._timeout_s:g} s") from None
-            except Exception as e:  # noqa: BLE001 - frontend deaths are retried, the rest raised
+            except Exception as e:
                 if not engine_died(e):
                     raise
                 await self._fail_over(e)

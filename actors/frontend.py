@@ -20,9 +20,10 @@ import time
 import ray
 import torch
 
-from actors.experts.dispatcher import Dispatcher, make_transport
-from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo
+from actors.experts.dispatcher import Dispatcher
 from actors.experts.pool import Experts
+from actors.experts.transport import make_transport
+from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo
 from model.checkpoint import WeightSource
 from model.engine import Engine, Resume, SamplingParams
 from model.linear import nbytes

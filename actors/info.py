@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import ray
 import torch
@@ -84,7 +84,7 @@ class WorkerInfo:
 
     @classmethod
     def of_this_process(cls, expert_ids: Iterable[int], nbytes: int,
-                        kept: Iterable[str]) -> "WorkerInfo":
+                        kept: Iterable[str]) -> WorkerInfo:
         """Filled in inside the actor: its node, pid and what its process materialised."""
         return cls(ray.get_runtime_context().get_node_id(), os.getpid(), tuple(expert_ids),
                    nbytes, frozenset(kept), materialised_names(), torch.get_num_threads(),

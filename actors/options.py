@@ -21,9 +21,10 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from actors.experts.dispatcher import TRANSPORTS, Dispatcher
+from actors.experts.dispatcher import Dispatcher
 from actors.experts.pool import default_resources, frontend_runtime_env
 from actors.experts.scaling import ExpertAutoscaling
+from actors.experts.transport import TRANSPORTS
 from cluster.placement import resource_options
 from model.checkpoint import torch_dtype
 from model.engine import Engine

@@ -61,7 +61,7 @@ APP = "mixtral-ep"
 # (share of the run, gRPC streaming clients, OpenAI streaming chat clients)
 PHASES = [(0.15, 1, 0), (0.2, 8, 0), (0.3, 16, 4), (0.2, 0, 4), (0.15, 0, 0)]
 KILL_AT = 0.5                                    # share of the run: one expert actor killed
-WORDS = "the of and to in is was for on that with as by at from his her it an be this are".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "be", "this", "are"]
 STOP = ["on"]                                    # in about one in 30 tokens of the tiny model
 Samples = dict[tuple[str, frozenset], float]     # (sample name, labels) -> value, one scrape
 Series = dict[frozenset, np.ndarray]             # labels -> a value per scrape (nan: absent)

@@ -26,8 +26,7 @@ import httpx2
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
-WORDS = ("the of and to in is was for on that with as by at from his her it an be this are "
-         "once upon a time there lived king who had three daughters").split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "be", "this", "are", "once", "upon", "a", "time", "there", "lived", "king", "who", "had", "three", "daughters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +145,7 @@ class Clients:
                                         limits=httpx2.Limits(max_connections=connections))
         self._model = model
 
-    async def __aenter__(self) -> "Clients":
+    async def __aenter__(self) -> Clients:
         return self
 
     async def __aexit__(self, *exc) -> None:

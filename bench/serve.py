@@ -37,7 +37,7 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("bench.serve")
-WORDS = "the of and to in is was for on that with as by at from his her it an be this are".split()
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "be", "this", "are"]
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import ray
 from ray.cluster_utils import Cluster

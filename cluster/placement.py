@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group

@@ -28,7 +28,7 @@ the nodes' free resources and the nodes that already hold each group: all of the
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class PlacementError(RuntimeError):

@@ -8,7 +8,7 @@ call with several prompts be admitted whole or not at all.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from model.errors import InvalidRequest
 from model.sampling import SamplingParams

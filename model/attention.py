@@ -86,13 +86,13 @@ class AttentionMetadata:
     ctx_lens: list[int]              # keys per sequence after this step (cached + new)
     block_tables: list[list[int]]
     backend: str
-    groups: list["_SdpaGroup"] = dataclasses.field(default_factory=list)   # sdpa
+    groups: list[_SdpaGroup] = dataclasses.field(default_factory=list)   # sdpa
     flash: dict = dataclasses.field(default_factory=dict)                  # flash-attn args
 
     @classmethod
     def build(cls, q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
               block_size: int, sliding_window: int | None, backend: str,
-              device: torch.device | str) -> "AttentionMetadata":
+              device: torch.device | str) -> AttentionMetadata:
         positions, slots = [], []
         for q, c, table in zip(q_lens, ctx_lens, block_tables):
             for p in range(c - q, c):

@@ -72,7 +72,7 @@ class MixtralConfig:
                 raise ConfigError(f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}")
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "MixtralConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> MixtralConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in fields}
         if "rope_theta" not in raw and isinstance(raw.get("rope_parameters"), dict):
@@ -88,7 +88,7 @@ class MixtralConfig:
         return cls(**values)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "MixtralConfig":
+    def from_json(cls, path: str | Path) -> MixtralConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"

@@ -26,8 +26,8 @@ import dataclasses
 import itertools
 import logging
 import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import AsyncIterator, Sequence
 
 import torch
 
@@ -99,12 +99,12 @@ class Engine:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto",
-                        device: str | torch.device = "cpu", **engine_args) -> "Engine":
+                        device: str | torch.device = "cpu", **engine_args) -> Engine:
         return cls.from_source(WeightSource(path=str(path)), dtype, device, **engine_args)
 
     @classmethod
     def from_config(cls, preset_or_config, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", seed: int = 0, **engine_args) -> "Engine":
+                    device: str | torch.device = "cpu", seed: int = 0, **engine_args) -> Engine:
         """Random weights built in memory on `device` (no files): the same values as
         `python -m model.random_checkpoint --seed` writes when built on the CPU."""
         source = WeightSource(config=resolve_config(preset_or_config), seed=seed)
@@ -112,7 +112,7 @@ class Engine:
 
     @classmethod
     def from_source(cls, source: WeightSource, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", **engine_args) -> "Engine":
+                    device: str | torch.device = "cpu", **engine_args) -> Engine:
         cfg = source.model_config()
         tensors = source.load(list(tensor_shapes(cfg)), source.resolve_dtype(dtype), device)
         experts = LocalExperts.from_tensors(cfg, tensors)          # pops the expert tensors

@@ -12,7 +12,7 @@ E experts, A experts per token, V vocab.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ class Mixtral(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
     @classmethod
-    def from_tensors(cls, cfg: MixtralConfig, tensors: dict[str, torch.Tensor]) -> "Mixtral":
+    def from_tensors(cls, cfg: MixtralConfig, tensors: dict[str, torch.Tensor]) -> Mixtral:
         """Build from checkpoint tensors (every non-expert name; `tensors` is not changed);
         q/k/v fused, linear weights packed."""
         with torch.device("meta"):

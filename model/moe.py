@@ -95,7 +95,7 @@ class LocalExperts:
         self.num_experts = num_experts
 
     @classmethod
-    def from_tensors(cls, cfg, tensors: dict[str, torch.Tensor], expert_ids=None) -> "LocalExperts":
+    def from_tensors(cls, cfg, tensors: dict[str, torch.Tensor], expert_ids=None) -> LocalExperts:
         """Take (pop) the expert tensors of `expert_ids` (default: all) out of `tensors`, packed."""
         ids = range(cfg.num_local_experts) if expert_ids is None else expert_ids
         weights = {}

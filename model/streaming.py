@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 log = logging.getLogger(__name__)
 
@@ -64,5 +64,5 @@ class Streams:
         while self._sinks and self._has_work():
             try:
                 await loop.run_in_executor(self._stepper, self._step)
-            except Exception:  # noqa: BLE001 - reported to the failed step's requests
+            except Exception:
                 log.exception("engine step failed")

@@ -25,8 +25,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
 
-from model.chat import (DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, Control,
-                        template_from)
+from model.chat import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplate,
+    ChatTemplateError,
+    Control,
+    template_from,
+)
 from model.detokenizer import IncrementalDetokenizer, decode_table
 from model.spm import LEGACY_NORMALIZER, cached_conversion, mistral_common_model
 
@@ -93,7 +98,7 @@ class Tokenizer:
         return self._chat.source
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None) -> "Tokenizer":
+    def from_pretrained(cls, path: str | os.PathLike | None = None) -> Tokenizer:
         """From a checkpoint dir (tokenizer.json, else tokenizer.model), else mistral-common's v1."""
         directory = Path(path) if path is not None else None
         if directory is not None and not directory.is_dir():

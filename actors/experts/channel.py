@@ -38,7 +38,7 @@ import struct
 import threading
 import time
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 import torch
@@ -178,7 +178,7 @@ class ChannelTransport:
     def __call__(self, layer: int, requests) -> list:
         return self.receive(self.send(layer, requests))
 
-    def send(self, layer: int, requests) -> "_Sent":
+    def send(self, layer: int, requests) -> _Sent:
         """Send every request now; `receive` waits for the replies (so a caller can overlap
         other work with the round trip, e.g. the other micro-batch's attention)."""
         sent = _Sent(requests, [None] * len(requests), {})
@@ -199,7 +199,7 @@ class ChannelTransport:
         weakref.finalize(sent, self._forget, [seq for _, _, seq in sent.waiting.values()])
         return sent
 
-    def receive(self, sent: "_Sent") -> list:
+    def receive(self, sent: _Sent) -> list:
         """The replies of `send`, in request order: (y, compute seconds) or an exception."""
         waiting, poller = dict(sent.waiting), zmq.Poller()
         for i, (peer, key, seq) in list(waiting.items()):
@@ -221,7 +221,7 @@ class ChannelTransport:
                 self._check_lost(waiting, sent, poller, deadline)
         return sent.results
 
-    def _read(self, socket: zmq.Socket, sent: "_Sent", i: int, seq: int) -> bool:
+    def _read(self, socket: zmq.Socket, sent: _Sent, i: int, seq: int) -> bool:
         """Read one reply; True if it is the awaited one (another is kept for its caller)."""
         head, body = socket.recv_multipart(copy=False)
         got = REPLY.unpack_from(head.buffer)[0]
@@ -233,7 +233,7 @@ class ChannelTransport:
         self._awaited.discard(seq)
         return True
 
-    def _take_early(self, sent: "_Sent", i: int, seq: int) -> bool:
+    def _take_early(self, sent: _Sent, i: int, seq: int) -> bool:
         frames = self._early.pop(seq, None)
         if frames is not None:
             self._store(sent, i, *frames)
@@ -247,13 +247,13 @@ class ChannelTransport:
             self._early.pop(seq, None)
 
     @staticmethod
-    def _store(sent: "_Sent", i: int, head: zmq.Frame, body: zmq.Frame) -> None:
+    def _store(sent: _Sent, i: int, head: zmq.Frame, body: zmq.Frame) -> None:
         _, seconds, ok = REPLY.unpack_from(head.buffer)
         x = sent.requests[i][1]
         sent.results[i] = ((_as_rows(body, x.dtype, x.shape[0]), seconds) if ok
                            else ExpertError(bytes(body.buffer).decode()))
 
-    def _check_lost(self, waiting: dict, sent: "_Sent", poller: zmq.Poller, deadline: float) -> None:
+    def _check_lost(self, waiting: dict, sent: _Sent, poller: zmq.Poller, deadline: float) -> None:
         for i, (peer, key, _) in list(waiting.items()):
             lost = self._dead(key)
             if lost or time.monotonic() > deadline:

@@ -8,9 +8,10 @@ It is the frontend engine's `moe` function (route happens in the model just befo
     compute:  each actor runs its experts on its rows (actors/experts/worker.py)
     combine:  un-sort the outputs, sum weight * y over each row's A experts (ExpertGroups.combine)
 
-All data movement sits behind one function, `transport(layer, calls)`: a persistent ZeroMQ
-channel per actor (actors/experts/channel.py, the default) or Ray object refs (`actor.compute.remote` +
-`ray.get`, the equality oracle); GPU-direct transport can replace them without touching the rest. A call that fails because its actor died or is restarting is sent
+All data movement sits behind one function, `transport(layer, calls)` (actors/experts/transport.py:
+a ZeroMQ channel per actor, the default, or Ray object refs, the equality oracle); GPU-direct
+transport can replace them without touching the rest. A call that fails because its actor died
+or is restarting is sent
 again — to a replica if one is healthy, else to the restarted actor, backing off 0.5, 1, 2, ...
 s — at most `max_attempts` times within `retry_timeout_s`; then the layer fails with ExpertCallError, which fails the
 step's requests (never a loop, never a hang). Experts hold no request state, so a re-sent
@@ -30,14 +31,14 @@ import dataclasses
 import logging
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.experts.channel import ChannelTransport, PeerLost, device_rows, empty_host_like, host_rows
+from actors.experts.channel import PeerLost, device_rows, empty_host_like, host_rows
 from actors.experts.load import LoadWindow
+from actors.experts.transport import ObjectRefTransport, Transport
 from model.moe import ExpertGroups, group_by_expert
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ RETRIABLE = (RayActorError, ActorUnavailableError, PeerLost)
 # replicas' speeds within SPEED_DEADBAND of each other are split evenly (measurement noise on a
 # shared node is that large); otherwise a replica's share stays within about 1/2x..2x of an even one
 SPEED_DEADBAND, MAX_SPEED_RATIO = 1.25, 2.0
-TRANSPORTS = ("channel", "object_refs")
 
 
 class ExpertCallError(RuntimeError):
@@ -58,41 +58,6 @@ class Call:
     actor: int                          # index into Dispatcher.actors
     segments: list[tuple[int, int]]     # [start, end) slices of the sorted pairs, actor's order
     counts: list[int]                   # rows per expert id the actor holds
-
-
-Result = tuple[torch.Tensor, float]    # (y rows, seconds the actor spent computing)
-Transport = Callable[[int, list[tuple[object, torch.Tensor, list[int]]]], list["Result | Exception"]]
-
-
-class ObjectRefTransport:
-    """One `compute.remote` per actor (`send`), then wait for all (`receive`); a failure is
-    returned, not raised. A Ray task per actor per layer: the equality oracle."""
-
-    def __call__(self, layer: int, requests) -> list[Result | Exception]:
-        return self.receive(self.send(layer, requests))
-
-    @staticmethod
-    def send(layer: int, requests) -> list:
-        return [actor.compute.remote(layer, x, counts) for actor, x, counts in requests]
-
-    @staticmethod
-    def receive(refs: list) -> list[Result | Exception]:
-        results: list[Result | Exception] = []
-        for ref in refs:
-            try:
-                results.append(ray.get(ref))
-            except Exception as e:  # noqa: BLE001 - classified by the caller
-                results.append(e)
-        return results
-
-
-def make_transport(name: str, secret: str | None = None) -> Transport:
-    """"channel" (needs the engine's secret) or "object_refs"; ValueError naming the field."""
-    if name == "object_refs":
-        return ObjectRefTransport()
-    if name == "channel" and secret:
-        return ChannelTransport(secret)
-    raise ValueError(f"transport must be one of {TRANSPORTS} (channel with a secret), got {name!r}")
 
 
 class Dispatcher:

@@ -25,7 +25,7 @@ import dataclasses
 import math
 import threading
 import time
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 MIN_CALLS = 8           # calls of an actor in the window before its speed counts
 MAX_SLOPE_ERROR = 0.2   # a slope's standard error, relative to it, above which it does not count
@@ -49,7 +49,7 @@ class _Fit:
         self.xy += rows * seconds
         self.yy += seconds * seconds
 
-    def merge(self, other: "_Fit") -> None:
+    def merge(self, other: _Fit) -> None:
         for f in ("n", "x", "y", "xx", "xy", "yy"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 

@@ -36,10 +36,10 @@ import logging
 import math
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
+from actors.experts.pool import ExpertPool, Experts, Member, through_restarts
 from actors.info import ExpertLoad
-from actors.experts.pool import Experts, ExpertPool, Member, through_restarts
 from cluster.plan import PlacementError
 
 log = logging.getLogger(f"ray.serve.{__name__}")
@@ -161,7 +161,7 @@ class ExpertAutoscaling:
                              f"{self.downscale_headroom!r}")
 
     @classmethod
-    def from_args(cls, args: Mapping | None) -> "ExpertAutoscaling | None":
+    def from_args(cls, args: Mapping | None) -> ExpertAutoscaling | None:
         """None for None (autoscaling off); ValueError naming an unknown key."""
         if args is None:
             return None
@@ -180,8 +180,8 @@ class ExpertAutoscaling:
         if target <= 0:
             return self.min_replicas
         up = math.ceil(load / target - 1e-9)
-        if up > replicas:
-            return min(up, self.max_replicas)
+        if up > replicas:                    # never below min_replicas, even when fewer run now
+            return max(min(up, self.max_replicas), self.min_replicas)
         down = math.ceil(load / (target * self.downscale_headroom) - 1e-9)
         return max(min(down, replicas, self.max_replicas), self.min_replicas)
 

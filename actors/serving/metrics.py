@@ -78,7 +78,7 @@ class EngineMetrics:
         self._stop = threading.Event()
         threading.Thread(target=self._loop, name="engine-metrics", daemon=True).start()
 
-    def request(self, prompt_tokens: int) -> "Request":
+    def request(self, prompt_tokens: int) -> Request:
         self.prompt_tokens.inc(prompt_tokens)
         return Request(self)
 
@@ -89,7 +89,7 @@ class EngineMetrics:
         while not self._stop.wait(self.interval_s):
             try:
                 self.flush()
-            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+            except Exception:
                 log.debug("metrics flush failed", exc_info=True)
 
     def flush(self) -> None:

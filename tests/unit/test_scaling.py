@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from actors.experts.dispatcher import Dispatcher
@@ -220,6 +220,7 @@ def test_autoscaling_settings_are_checked_and_named():
 
 @given(load=st.floats(0, 1e4), replicas=st.integers(1, 8), lo=st.integers(1, 3),
        span=st.integers(0, 5), target=st.floats(1, 1e3))
+@example(load=3.0, replicas=1, lo=3, span=0, target=2.0)    # fewer running than min_replicas
 def test_wanted_replicas_stay_in_bounds_and_never_flap(load, replicas, lo, span, target):
     policy = ExpertAutoscaling(min_replicas=lo, max_replicas=lo + span, target_rows_per_s=target)
     n = policy.wanted(load, 0.0, replicas)
