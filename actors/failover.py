@@ -113,8 +113,10 @@ class ResumableStream:
                     raise
                 await self._fail_over(e)
                 continue
-            if isinstance(chunk, Exception):     # a client's error, sent as a value
-                raise chunk                      # (actors/serving/engine_server.py: EngineServer.stream)
+            # a client's error, sent as a value (actors/serving/engine_server.py:
+            # EngineServer.stream)
+            if isinstance(chunk, Exception):
+                raise chunk
             self._deaths = self._attempts = 0
             self._deadline = None
             self._tokens += chunk.token_ids

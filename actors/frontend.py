@@ -2,12 +2,12 @@
 weights only, with the Dispatcher over its expert actors as its `moe` function.
 
 One class, used two ways: as RayEngine's async actor (`ray.remote(Frontend)`), and in-process
-in the engine replica of the served path (actors/serving/engine_server.py), which then is the frontend.
-Either way it must be called from one asyncio event loop: `generate`/`logits` run the engine
-in a worker thread, `stream` is an async generator (a Ray streaming call when it is an actor),
-and all share one engine, so their requests batch together. It neither starts nor stops its
-expert actors: their owner (actors/experts/pool.py, actors/experts/scaling.py) does, and tells it of a new set
-through `set_experts`, which takes effect between two steps.
+in the engine replica of the served path (actors/serving/engine_server.py), which then is the
+frontend. Either way it must be called from one asyncio event loop: `generate`/`logits` run the
+engine in a worker thread, `stream` is an async generator (a Ray streaming call when it is an
+actor), and all share one engine, so their requests batch together. It neither starts nor stops
+its expert actors: their owner (actors/experts/pool.py, actors/experts/scaling.py) does, and
+tells it of a new set through `set_experts`, which takes effect between two steps.
 """
 from __future__ import annotations
 

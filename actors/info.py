@@ -3,10 +3,11 @@ deployment and the gateway, as frozen dataclasses (picklable, so they cross Ray 
 
     EngineInfo   one engine (frontend + its expert actors): Frontend.info() builds it,
                  RayEngine.info() and EngineServer.info() pass it on, the gateway reads the
-                 context length from it and actors/serving/grpc_messages.py turns it into ModelInfoResponse.
-    ExpertLoad   the routing load over the dispatcher's window (actors/experts/load.py), per expert id
-                 and per expert actor: RayEngine.expert_load(), EngineServer.expert_load(),
-                 ModelInfo, the autoscaler (actors/experts/scaling.py).
+                 context length from it and actors/serving/grpc_messages.py turns it into
+                 ModelInfoResponse.
+    ExpertLoad   the routing load over the dispatcher's window (actors/experts/load.py), per
+                 expert id and per expert actor: RayEngine.expert_load(),
+                 EngineServer.expert_load(), ModelInfo, the autoscaler (actors/experts/scaling.py).
     WorkerInfo   one actor's process and memory (frontend or expert): which tensors it read from
                  the checkpoint (or built), which it keeps, and their bytes.
 """

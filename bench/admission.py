@@ -13,6 +13,7 @@ the engine did before. Prints medians and p99s against the median step time.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import random
 import statistics
@@ -34,15 +35,17 @@ def keep_stepping(engine: Engine, stop: threading.Event, step_times: list[float]
         step_times.append(time.perf_counter() - start)
 
 
-def time_calls(engine: Engine, calls: int, locked: bool, spacing_s: float) -> dict[str, list[float]]:
+def time_calls(engine: Engine, calls: int, locked: bool,
+               spacing_s: float) -> dict[str, list[float]]:
     rng, params = random.Random(0), SamplingParams(max_tokens=8)
     prompt = [1] + [1000 + i for i in range(31)]
     times: dict[str, list[float]] = {"add_request": [], "abort": []}
     for _ in range(calls):
         time.sleep(rng.uniform(0, spacing_s))
-        rid = timed(times["add_request"], lambda: engine.add_request(prompt, params), engine, locked)
+        rid = timed(times["add_request"], functools.partial(engine.add_request, prompt, params),
+                    engine, locked)
         time.sleep(rng.uniform(0, spacing_s))
-        timed(times["abort"], lambda: engine.abort(rid), engine, locked)
+        timed(times["abort"], functools.partial(engine.abort, rid), engine, locked)
     return times
 
 
@@ -62,7 +65,8 @@ def p99(values: list[float]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--calls", type=int, default=30)
@@ -75,8 +79,10 @@ def main() -> None:
     for _ in range(args.batch):
         engine.add_request([1] + [rng.randrange(259, 32000) for _ in range(127)],
                            SamplingParams(max_tokens=engine.max_model_len - 128, ignore_eos=True))
-    while any(r.num_computed < len(r.prompt_ids) for r in [*engine.scheduler.waiting, *engine.scheduler.running]):
-        engine.step()                                   # prefill first: time decode steps only
+    # prefill first: time decode steps only
+    while any(r.num_computed < len(r.prompt_ids)
+              for r in [*engine.scheduler.waiting, *engine.scheduler.running]):
+        engine.step()
     stop, step_times = threading.Event(), []
     stepper = threading.Thread(target=keep_stepping, args=(engine, stop, step_times))
     stepper.start()

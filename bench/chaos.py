@@ -84,7 +84,8 @@ async def one_round(target: str, jobs, want, grpc_address: str, http_url: str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2, help="rounds per target")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
@@ -124,13 +125,15 @@ def main() -> None:
     print(f"\nchaos: {args.engine_replicas} engine replica(s), 2 gateways; {args.clients} "
           f"streaming clients a round (gRPC + HTTP, greedy + seeded), {args.rounds} round(s) per "
           "target; clients retry UNAVAILABLE / 503 / a cut stream")
-    print("| killed | requests | exact | lost | wrong | retried by the client | longest stall s | round s |")
+    print("| killed | requests | exact | lost | wrong | retried by the client | longest stall s "
+          "| round s |")
     print("|---|---|---|---|---|---|---|---|")
     for target in TARGETS:
         mine = [(t, s) for name, t, s in rows if name == target]
-        total = lambda f: sum(getattr(t, f) for t, _ in mine)  # noqa: E731
-        print(f"| {target} | {total('jobs')} | {total('completed')} | {total('lost')} | "
-              f"{total('wrong')} | {total('retried')} | {max(t.max_gap_s for t, _ in mine):.1f} | "
+        total = {f: sum(getattr(t, f) for t, _ in mine)
+                 for f in ("jobs", "completed", "lost", "wrong", "retried")}
+        print(f"| {target} | {total['jobs']} | {total['completed']} | {total['lost']} | "
+              f"{total['wrong']} | {total['retried']} | {max(t.max_gap_s for t, _ in mine):.1f} | "
               f"{max(s for _, s in mine):.1f} |")
     errors = {k: v for _, t, _ in rows for k, v in t.errors.items()}
     if errors:

@@ -61,7 +61,8 @@ APP = "mixtral-ep"
 # (share of the run, gRPC streaming clients, OpenAI streaming chat clients)
 PHASES = [(0.15, 1, 0), (0.2, 8, 0), (0.3, 16, 4), (0.2, 0, 4), (0.15, 0, 0)]
 KILL_AT = 0.5                                    # share of the run: one expert actor killed
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "be", "this", "are"]
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by",
+         "at", "from", "his", "her", "it", "an", "be", "this", "are"]
 STOP = ["on"]                                    # in about one in 30 tokens of the tiny model
 Samples = dict[tuple[str, frozenset], float]     # (sample name, labels) -> value, one scrape
 Series = dict[frozenset, np.ndarray]             # labels -> a value per scrape (nan: absent)
@@ -260,7 +261,8 @@ def run_workload(stub, http, model: str, seconds: float, kill: bool) -> list[tup
         marks.append((time.time() + KILL_AT * seconds, "expert actor killed"))
     for share, n_grpc, n_http in PHASES:
         until = time.monotonic() + share * seconds
-        label = " + ".join([f"{n_grpc} gRPC"] * bool(n_grpc) + [f"{n_http} HTTP"] * bool(n_http)) or "idle"
+        label = " + ".join([f"{n_grpc} gRPC"] * bool(n_grpc)
+                           + [f"{n_http} HTTP"] * bool(n_http)) or "idle"
         log.info("%s for %.0f s (done so far: %s)", label, share * seconds, dict(done))
         marks.append((time.time(), label))
         for i in range(n_grpc + n_http):
@@ -280,7 +282,8 @@ def run_workload(stub, http, model: str, seconds: float, kill: bool) -> list[tup
 BG, PANEL, BORDER, TEXT, GRID = "#111217", "#181b1f", "#2c3235", "#ccccdc", "#2c3235"
 COLORS = ["#7eb26d", "#eab839", "#6ed0e0", "#ef843c", "#e24d42", "#1f78c1", "#ba43a9", "#705da0"]
 UNITS = {"s": EngFormatter(unit="s", sep=" "), "percentunit": PercentFormatter(1.0, decimals=0),
-         "reqps": FuncFormatter(lambda v, _: f"{v:g} req/s"), "short": FuncFormatter(lambda v, _: f"{v:g}")}
+         "reqps": FuncFormatter(lambda v, _: f"{v:g} req/s"),
+         "short": FuncFormatter(lambda v, _: f"{v:g}")}
 GRID_W, UNIT_H = 24, 0.3                         # Grafana's columns; inches per grid row
 
 
@@ -299,15 +302,18 @@ def draw(dashboard: dict, results: dict, times: np.ndarray, marks: list, out: Pa
     head = 0.8                                   # inches above the grid for the caption
     fig = plt.figure(figsize=(width_in, rows * UNIT_H + head), facecolor=BG)
     fw, fh = fig.get_size_inches()
-    fig.text(0.008, 1 - 0.2 / fh, dashboard["title"], color=TEXT, fontsize=14, weight="bold", va="top")
-    fig.text(0.008, 1 - 0.45 / fh, "\n".join(textwrap.fill(line, 230) for line in caption.split("\n")),
-             color="#8e8e8e", fontsize=8.5, va="top", linespacing=1.4)
+    fig.text(0.008, 1 - 0.2 / fh, dashboard["title"], color=TEXT, fontsize=14, weight="bold",
+             va="top")
+    wrapped = "\n".join(textwrap.fill(line, 230) for line in caption.split("\n"))
+    fig.text(0.008, 1 - 0.45 / fh, wrapped, color="#8e8e8e", fontsize=8.5, va="top",
+             linespacing=1.4)
     for panel in dashboard["panels"]:
         ax, legend_at = panel_axes(fig, panel, head)
         targets = results[panel["id"]]
         if not any(np.isfinite(v).any() for _, series in targets for v in series.values()):
             ax.set_xticks([]), ax.set_yticks([])
-            ax.text(0.5, 0.5, "No data", color=TEXT, ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "No data", color=TEXT, ha="center", va="center",
+                    transform=ax.transAxes)
         elif panel["type"] == "timeseries":
             timeseries(ax, panel, targets, times, marks)
             fig.legend(*ax.get_legend_handles_labels(), loc="lower left", bbox_to_anchor=legend_at,
@@ -335,8 +341,8 @@ def panel_axes(fig, panel: dict, head: float) -> tuple:
     fig.text((x0 + 0.12) / fw, (y0 + h - 0.1) / fh, panel["title"], color=TEXT, fontsize=10,
              weight="bold", va="top")
     bottom = 0.62 if panel["type"] == "timeseries" else 0.45           # x ticks (+ legend)
-    ax = fig.add_axes(((x0 + 0.8) / fw, (y0 + bottom) / fh, (w - 1.0) / fw, (h - bottom - 0.4) / fh),
-                      facecolor=PANEL)
+    ax = fig.add_axes(((x0 + 0.8) / fw, (y0 + bottom) / fh, (w - 1.0) / fw,
+                       (h - bottom - 0.4) / fh), facecolor=PANEL)
     ax.tick_params(colors=TEXT, labelsize=8, length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -349,7 +355,8 @@ def timeseries(ax, panel: dict, targets: list, times: np.ndarray, marks: list) -
     when = [datetime.datetime.fromtimestamp(t) for t in times]
     lines = []
     for target, series in targets:
-        named = [(legend(target.get("legendFormat", ""), labels), v) for labels, v in series.items()]
+        named = [(legend(target.get("legendFormat", ""), labels), v)
+                 for labels, v in series.items()]
         lines += sorted(named, key=lambda nv: natural(nv[0]))
     for i, (name, values) in enumerate(lines):
         ax.plot(when, values, color=COLORS[i % len(COLORS)], lw=1.4, label=name)
@@ -396,22 +403,28 @@ def collect(args) -> tuple[list[float], list[Samples], list[tuple[float, str]]]:
     with local_cluster(expert_nodes=2, expert_slots=4):
         grpc_port, http_port = free_port(), free_port()
         quiet = {"enable_access_log": False}                  # no log line per request
-        serve.start(proxy_location="HeadOnly", http_options={"port": http_port}, logging_config=quiet,
-                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+        serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
+                    logging_config=quiet,
+                    grpc_options=gRPCOptions(port=grpc_port,
+                                             grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
         try:
-            serve.run(build_app({"expert_resources": EXPERT_SLOT, "frontend_resources": FRONTEND_SLOT,
+            serve.run(build_app({"expert_resources": EXPERT_SLOT,
+                                 "frontend_resources": FRONTEND_SLOT,
                                  "frontend_threads": 1, "expert_threads": 1,
-                                 "engine_args": {"max_num_seqs": 12, "kv_cache_memory": 2 * 2**20}}),
+                                 "engine_args": {"max_num_seqs": 12,
+                                                 "kv_cache_memory": 2 * 2**20}}),
                       name=APP, route_prefix="/", logging_config=quiet)
             with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
                 stub = pb_grpc.GeneratorStub(channel)
-                list(stub.GenerateStream(pb.GenerateRequest(prompt="warm up", max_tokens=2), timeout=300))
+                list(stub.GenerateStream(pb.GenerateRequest(prompt="warm up", max_tokens=2),
+                                         timeout=300))
                 http = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused",
                                      max_retries=0, timeout=300)
                 model = http.models.list().data[0].id
                 log.info("serving %s: gRPC on %d, HTTP on %d; scraping every %g s",
                          model, grpc_port, http_port, args.interval)
-                sampler = threading.Thread(target=scraper, args=(args.interval, stop, times, scrapes))
+                sampler = threading.Thread(target=scraper,
+                                           args=(args.interval, stop, times, scrapes))
                 sampler.start()
                 marks = run_workload(stub, http, model, args.minutes * 60, args.kill)
                 stop.set()
@@ -423,7 +436,8 @@ def collect(args) -> tuple[list[float], list[Samples], list[tuple[float, str]]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=3.0, help="length of the workload")
     ap.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
     ap.add_argument("--kill", action=argparse.BooleanOptionalAction, default=True,
@@ -437,8 +451,10 @@ def main() -> None:
     for name in ("httpx", "httpx2"):                          # the openai client's, per request
         logging.getLogger(name).setLevel(logging.WARNING)
     dashboard = json.loads((ROOT / "deploy/grafana-dashboard.json").read_text())
-    queries = {p["id"]: [{**t, "query": parse(t["expr"], {"application": APP})} for t in p["targets"]]
-               for p in dashboard["panels"]}                 # a form we cannot draw fails now
+    # a form we cannot draw fails now
+    queries = {p["id"]: [{**t, "query": parse(t["expr"], {"application": APP})}
+                         for t in p["targets"]]
+               for p in dashboard["panels"]}
     if args.replay:
         run = json.loads(args.replay.read_text())
         times, marks, args.minutes, args.interval, args.kill = (
@@ -450,8 +466,9 @@ def main() -> None:
     if args.save:
         args.save.write_text(json.dumps({
             "times": times, "marks": marks, "minutes": args.minutes, "interval": args.interval,
-            "kill": args.kill, "scrapes": [[[name, sorted(labels), v] for (name, labels), v in s.items()]
-                                           for s in scrapes]}))
+            "kill": args.kill,
+            "scrapes": [[[name, sorted(labels), v] for (name, labels), v in s.items()]
+                        for s in scrapes]}))
     log.info("%d scrapes; evaluating %d panels", len(scrapes), len(queries))
     t = np.array(times)
     results = {pid: [(target, evaluate(target["query"], t, scrapes)) for target in targets]
@@ -460,12 +477,13 @@ def main() -> None:
         log.info("%-45s %s", panel["title"],
                  ", ".join(f"{len(s)} series" for _, s in results[panel["id"]]))
     phases = " → ".join(label for _, label in marks if "killed" not in label)
-    caption = (f"Rendered by bench/dashboard.py, not a Grafana screenshot: every panel's PromQL from "
-               f"deploy/grafana-dashboard.json, evaluated over Ray metrics scraped every {args.interval:g} s "
-               f"from all nodes of a local 3-node Ray cluster.\nThe demo tiny random checkpoint on "
-               f"{os.cpu_count()} CPU cores. Workload ({args.minutes:g} min; dashed lines): streaming clients "
-               f"{phases}" + ("; red: one expert actor killed (Ray restarts it; its calls are re-sent)."
-                              if args.kill else "."))
+    caption = ("Rendered by bench/dashboard.py, not a Grafana screenshot: every panel's PromQL "
+               "from deploy/grafana-dashboard.json, evaluated over Ray metrics scraped every "
+               f"{args.interval:g} s from all nodes of a local 3-node Ray cluster.\nThe demo tiny "
+               f"random checkpoint on {os.cpu_count()} CPU cores. Workload ({args.minutes:g} min; "
+               f"dashed lines): streaming clients {phases}"
+               + ("; red: one expert actor killed (Ray restarts it; its calls are re-sent)."
+                  if args.kill else "."))
     draw(dashboard, results, t, marks, args.out, caption)
     log.info("wrote %s (%d KB)", args.out, args.out.stat().st_size // 1024)
 

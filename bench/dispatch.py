@@ -32,7 +32,8 @@ log = logging.getLogger("bench.dispatch")
 PHASES = ("routing", "dispatch", "transport", "compute", "combine", "total")
 
 
-def decode_tps(engine, batch: int, prompt_len: int, new_tokens: int, runs: int, seed: int = 0) -> float:
+def decode_tps(engine, batch: int, prompt_len: int, new_tokens: int, runs: int,
+               seed: int = 0) -> float:
     """Median decode tokens/s: (batch * (new - 1)) / (time(full) - time(first token))."""
     rng = random.Random(seed)
     prompts = [[1] + [rng.randrange(3, 32000) for _ in range(prompt_len - 1)] for _ in range(batch)]
@@ -52,7 +53,8 @@ def decode_tps(engine, batch: int, prompt_len: int, new_tokens: int, runs: int, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-share", type=float, default=0.1, help="GPU fraction per actor on CUDA")
     ap.add_argument("--runs", type=int, default=3)
@@ -77,15 +79,18 @@ def main() -> None:
     for config in args.configs.split(","):
         transport, micro_batches = config.split(":")
         dist = RayEngine.from_pretrained(path, device=args.device, expert_resources=resources,
-                                         frontend_resources=resources, frontend_threads=args.threads,
+                                         frontend_resources=resources,
+                                         frontend_threads=args.threads,
                                          expert_threads=args.actor_threads,
-                                         transport=transport, experts_per_actor=args.experts_per_actor,
+                                         transport=transport,
+                                         experts_per_actor=args.experts_per_actor,
                                          engine_args={"micro_batches": int(micro_batches)})
         transport = f"{transport}, {micro_batches} micro-batch(es)"
         for batch in (1, 8, 32, 64, 128) if micro_batches == "1" else ():
             samples = [ray.get(dist.frontend.profile_dispatch.remote(batch, args.repeats))
                        for _ in range(runs)]
-            dispatch[transport, batch] = {k: statistics.median(s[k] for s in samples) for k in PHASES}
+            dispatch[transport, batch] = {k: statistics.median(s[k] for s in samples)
+                                          for k in PHASES}
             log.info("%s dispatch batch %d: %.0f us", transport, batch,
                      dispatch[transport, batch]["total"] * 1e6)
         ours.update({(transport, b): decode_tps(dist, b, 128, 64, runs) for b in batches})
@@ -97,8 +102,9 @@ def main() -> None:
     lines = [f"device {args.device}, small checkpoint fp32, in-process {args.threads} threads, "
              f"actors {args.actor_threads} thread(s) each, {8 // args.experts_per_actor} expert "
              f"actors + frontend on one node; medians of {runs} runs",
-             "", "| transport | batch | routing us | dispatch us | transport us | expert compute us "
-             "| combine us | total us per layer |", "|---|---|---|---|---|---|---|---|"]
+             "", "| transport | batch | routing us | dispatch us | transport us "
+             "| expert compute us | combine us | total us per layer |",
+             "|---|---|---|---|---|---|---|---|"]
     for (transport, b), d in dispatch.items():
         lines.append(f"| {transport} | {b} | " + " | ".join(
             f"{(d[k] + (d['routing'] if k == 'total' else 0)) * 1e6:.0f}" for k in PHASES) + " |")

@@ -72,7 +72,8 @@ class Load:
         return out
 
     def tokens(self, start: float, end: float) -> int:
-        return sum(1 for times in self.arrivals for t in times if t is not None and start <= t < end)
+        return sum(1 for times in self.arrivals for t in times
+                   if t is not None and start <= t < end)
 
 
 def measure(engine: RayEngine, load: Load, name: str, seconds: float, during=None) -> dict:
@@ -90,8 +91,9 @@ def measure(engine: RayEngine, load: Load, name: str, seconds: float, during=Non
     end = time.monotonic()
     if "switched_s" in took:             # the switch is the last thing set_expert_replicas does
         switch = start + took["switched_s"]
-        took["gap_starting_ms"] = 1e3 * max(load.gaps(start, switch - 1.0), default=float("nan"))
-        took["gap_switch_ms"] = 1e3 * max(load.gaps(switch - 1.0, switch + 1.0), default=float("nan"))
+        nan = float("nan")
+        took["gap_starting_ms"] = 1e3 * max(load.gaps(start, switch - 1.0), default=nan)
+        took["gap_switch_ms"] = 1e3 * max(load.gaps(switch - 1.0, switch + 1.0), default=nan)
     info = engine.expert_load()
     timings = ray_get(engine.frontend.dispatch_timings.remote())
     gaps = load.gaps(start, end)
@@ -102,7 +104,8 @@ def measure(engine: RayEngine, load: Load, name: str, seconds: float, during=Non
            "gap_median_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"),
            "gap_max_ms": 1e3 * max(gaps) if gaps else float("nan"),
            "us_per_row": 1e6 * statistics.median(measured) if measured else float("nan"), **took}
-    log.info("%s: %s", name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    log.info("%s: %s", name,
+             {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     return row
 
 
@@ -119,7 +122,8 @@ HOT = 0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", choices=["tiny", "small"])
     ap.add_argument("--replicas", type=int, default=3, help="replicas of the hot expert")
     ap.add_argument("--clients", type=int, default=8)
@@ -144,7 +148,8 @@ def main() -> None:
                 return {"switched_s": applied, "first_rows_s": first_rows_after(engine, start, n)}
             return run
         rows = [measure(engine, load, "before", args.seconds),
-                measure(engine, load, f"scale-up to {args.replicas}", args.seconds, scale(args.replicas)),
+                measure(engine, load, f"scale-up to {args.replicas}", args.seconds,
+                        scale(args.replicas)),
                 measure(engine, load, "after", args.seconds),
                 measure(engine, load, "scale-down to 1", args.seconds, scale(1))]
         load.stop.set()
@@ -165,9 +170,11 @@ def main() -> None:
     steady = statistics.median([rows[0]["gap_median_ms"], rows[2]["gap_median_ms"]])
     print(f"\nlongest gap during scale-up / scale-down: {rows[1]['gap_max_ms'] / steady:.2f}x / "
           f"{rows[3]['gap_max_ms'] / steady:.2f}x the steady median gap ({steady:.0f} ms); "
-          f"longest gap in the steady phases: {max(rows[0]['gap_max_ms'], rows[2]['gap_max_ms']):.0f} ms")
+          "longest gap in the steady phases: "
+          f"{max(rows[0]['gap_max_ms'], rows[2]['gap_max_ms']):.0f} ms")
     for r in (rows[1], rows[3]):
-        print(f"{r['phase']}: longest gap while the new actors started {r['gap_starting_ms']:.0f} ms, "
+        print(f"{r['phase']}: longest gap while the new actors started "
+              f"{r['gap_starting_ms']:.0f} ms, "
               f"within 1 s of the switch {r['gap_switch_ms']:.0f} ms "
               f"({r['gap_switch_ms'] / steady:.2f}x the steady median gap)")
     print(f"measured expert compute per row (median over actors, this CPU): "

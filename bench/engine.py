@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import logging
 import random
@@ -89,8 +90,9 @@ def run_hf(model, prompts: list[list[int]], max_tokens: list[int], batch: int) -
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
         streamer = _FirstToken()
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs),
-                           do_sample=False, streamer=streamer, pad_token_id=0)
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(outs),
+                           min_new_tokens=max(outs), do_sample=False, streamer=streamer,
+                           pad_token_id=0)
         _sync(device)
         now = time.perf_counter()
         first_times += [streamer.first] * len(group)
@@ -189,15 +191,20 @@ def mixed_workload(n: int, seed: int, vocab: int) -> tuple[list[list[int]], list
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default=None, help="default: small on CPU, 8x7b on CUDA")
-    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (GPU memory)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override num_hidden_layers (GPU memory)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--batches", default=None, help="static batch sizes, default 1,8,32 (CPU) / 1,32,256 (GPU)")
+    ap.add_argument("--batches", default=None,
+                    help="static batch sizes, default 1,8,32 (CPU) / 1,32,256 (GPU)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--mixed", type=int, default=64, help="requests in the mixed workload (0: skip)")
-    ap.add_argument("--hf-batch", type=int, default=16, help="transformers' static batch for the mixed workload")
+    ap.add_argument("--mixed", type=int, default=64,
+                    help="requests in the mixed workload (0: skip)")
+    ap.add_argument("--hf-batch", type=int, default=16,
+                    help="transformers' static batch for the mixed workload")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1 run, mixed workload of 16")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -239,13 +246,14 @@ def main() -> None:
     engine = (Engine.from_config(cfg, dtype=dtype, device=args.device) if gpu or args.layers
               else Engine.from_pretrained(cached_random_checkpoint(preset), dtype=dtype,
                                           device=args.device))
-    measure("ours", lambda ps, outs: run_ours(engine, ps, outs))
+    measure("ours", functools.partial(run_ours, engine))
     gemm_ms = {b: gemm_only_step_ms(engine, b) for b in batches}
     del engine
     gc.collect()
     if not args.no_hf:
         hf = load_hf(cfg, preset, dtype, args.device, gpu or bool(args.layers))
-        measure("hf", lambda ps, outs: run_hf(hf, ps, outs, args.hf_batch if len(ps) > max(batches) else len(ps)))
+        measure("hf", lambda ps, outs, hf=hf: run_hf(
+            hf, ps, outs, args.hf_batch if len(ps) > max(batches) else len(ps)))
         del hf
         gc.collect()
     bandwidth = max(bandwidth, measure_read_bandwidth(args.device))   # again, after the runs
@@ -263,21 +271,33 @@ def load_hf(cfg: MixtralConfig, preset: str, dtype, device: str, in_memory: bool
         return transformers.MixtralForCausalLM(hf_cfg).to(dtype).eval()
 
 
-def report(results, workloads, cfg, dtype, bandwidth, gemm_ms, prompt_len, new_tokens, args) -> None:
+def ttft_cell(results: list[Result]) -> str:
+    """'p50 / p99' time to first token in s, each the median over the runs."""
+    p50 = median(results, lambda r: p(r.ttft, .5))
+    p99 = median(results, lambda r: p(r.ttft, .99))
+    return f"{p50:.2f} / {p99:.2f}"
+
+
+def report(results, workloads, cfg, dtype, bandwidth, gemm_ms, prompt_len, new_tokens,
+           args) -> None:
     lines = [f"device {args.device}, {dtype}, {args.threads} threads, "
              f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}; read bandwidth "
-             f"{bandwidth / 1e9:.1f} GB/s; medians of {args.runs if not args.quick else 1} runs", ""]
+             f"{bandwidth / 1e9:.1f} GB/s; medians of {args.runs if not args.quick else 1} runs",
+             ""]
     lines.append("| workload | ours decode tok/s | hf decode tok/s | ratio | ours TTFT p50 / p99 s "
                  "| hf TTFT p50 / p99 s | ours total tok/s | hf total tok/s | ratio |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for label in workloads:
         o = results[("ours", label)]
         h = results.get(("hf", label))
-        row = [label, f"{median(o, lambda r: r.decode_tps):.1f}"]
-        row += [f"{median(h, lambda r: r.decode_tps):.1f}",
-                f"{median(o, lambda r: r.decode_tps) / median(h, lambda r: r.decode_tps):.2f}x"] if h else ["-", "-"]
-        row += [f"{median(o, lambda r: p(r.ttft, .5)):.2f} / {median(o, lambda r: p(r.ttft, .99)):.2f}"]
-        row += [f"{median(h, lambda r: p(r.ttft, .5)):.2f} / {median(h, lambda r: p(r.ttft, .99)):.2f}"] if h else ["-"]
+        ours_decode = median(o, lambda r: r.decode_tps)
+        row = [label, f"{ours_decode:.1f}"]
+        if h:
+            hf_decode = median(h, lambda r: r.decode_tps)
+            row += [f"{hf_decode:.1f}", f"{ours_decode / hf_decode:.2f}x"]
+        else:
+            row += ["-", "-"]
+        row += [ttft_cell(o), ttft_cell(h) if h else "-"]
         ours_total = median(o, lambda r: r.tokens / r.seconds)
         row += [f"{ours_total:.1f}"]
         if h:

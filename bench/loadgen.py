@@ -26,7 +26,9 @@ import httpx2
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "be", "this", "are", "once", "upon", "a", "time", "there", "lived", "king", "who", "had", "three", "daughters"]
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by",
+         "at", "from", "his", "her", "it", "an", "be", "this", "are", "once", "upon", "a", "time",
+         "there", "lived", "king", "who", "had", "three", "daughters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,8 @@ class Result:
     attempts: int = 1
 
 
-def make_jobs(n: int, seed: int = 0, cancel_every: int = 8, max_tokens: tuple = (4, 24)) -> list[Job]:
+def make_jobs(n: int, seed: int = 0, cancel_every: int = 8,
+              max_tokens: tuple = (4, 24)) -> list[Job]:
     """n jobs alternating gRPC and HTTP: greedy, seeded sampling (temperature, top_p, top_k),
     some with stop strings; every `cancel_every`-th leaves early (0: none)."""
     rng = random.Random(seed)
@@ -65,7 +68,8 @@ def make_jobs(n: int, seed: int = 0, cancel_every: int = 8, max_tokens: tuple = 
         kind = rng.choice(["greedy", "seeded", "seeded-top-k", "stop"])
         kw = {"greedy": {}, "stop": {"stop": ("e t", "s a")},
               "seeded": {"temperature": 0.9, "top_p": 0.95, "seed": rng.randrange(2**31)},
-              "seeded-top-k": {"temperature": 1.0, "top_k": 40, "seed": -rng.randrange(2**31)}}[kind]
+              "seeded-top-k": {"temperature": 1.0, "top_k": 40,
+                               "seed": -rng.randrange(2**31)}}[kind]
         jobs.append(Job(api="grpc" if i % 2 == 0 else "http",
                         prompt=" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))),
                         max_tokens=rng.randint(*max_tokens),
@@ -191,7 +195,7 @@ class Tally:
 
 def check(jobs: list[Job], results: list[Result], expected: list[list[int]]) -> Tally:
     tally = Tally(len(jobs))
-    for job, result, want in zip(jobs, results, expected):
+    for _job, result, want in zip(jobs, results, expected):
         tally.max_gap_s = max(tally.max_gap_s, result.max_gap_s)
         tally.retried += result.attempts > 1
         if result.status == "cancelled":

@@ -184,8 +184,8 @@ def main() -> None:
              f"{runs} run(s), alternating processes; {args.max_num_batched_tokens} tokens per "
              f"step; vLLM preloads: "
              f"{', '.join(Path(p).name for p in preload) or 'none found'}", "",
-             "| dtype | batch | ours decode tok/s | vLLM decode tok/s | ours / vLLM | TTFT ours / vLLM s "
-             "| fp32 greedy ids equal |", "|---|---|---|---|---|---|---|"]
+             "| dtype | batch | ours decode tok/s | vLLM decode tok/s | ours / vLLM "
+             "| TTFT ours / vLLM s | fp32 greedy ids equal |", "|---|---|---|---|---|---|---|"]
     for dtype in args.dtypes.split(","):
         for b in map(str, args.batches):
             ours = [r[b] for r in results[("ours", dtype)]]

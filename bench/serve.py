@@ -37,7 +37,8 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("bench.serve")
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "be", "this", "are"]
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by",
+         "at", "from", "his", "her", "it", "an", "be", "this", "are"]
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
@@ -45,7 +46,8 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(90)) for _ in range(n)]
 
 
-def summarize(wall: float, ttfts: list[float], gaps: list[float], tokens: int, requests: int) -> dict:
+def summarize(wall: float, ttfts: list[float], gaps: list[float], tokens: int,
+              requests: int) -> dict:
     def q(xs, p):
         xs = sorted(xs)
         return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))] if xs else float("nan")
@@ -152,7 +154,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="tiny model, fewer requests")
@@ -172,7 +175,8 @@ def main() -> None:
                 grpc_options=gRPCOptions(port=port,
                                          grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
     serve.run(build_app({"model": str(path), "experts_per_actor": args.experts_per_actor,
-                         "frontend_threads": args.frontend_threads}), name="bench", route_prefix="/")
+                         "frontend_threads": args.frontend_threads}),
+              name="bench", route_prefix="/")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.GeneratorStub(channel)
     list(stub.GenerateStream(pb.GenerateRequest(prompt="warm up", max_tokens=2), timeout=300))
@@ -202,13 +206,14 @@ def main() -> None:
         local[c] = run_local(engine, per_level[c], c, args.max_tokens)
         log.info("in-process x%d: %s", c, local[c])
 
-    lines = [f"{preset} checkpoint, fp32, greedy, {args.max_tokens} new tokens, ~100-token prompts; "
-             f"server = Serve gRPC proxy -> gateway -> engine replica (the frontend, "
+    lines = [f"{preset} checkpoint, fp32, greedy, {args.max_tokens} new tokens, ~100-token "
+             f"prompts; server = Serve gRPC proxy -> gateway -> engine replica (the frontend, "
              f"{args.frontend_threads or 'all'} threads) -> {8 // args.experts_per_actor} expert "
              "actors (1 thread each); OpenAI HTTP = Serve's HTTP proxy -> the same gateway "
              "(streaming chat completions, the `openai` client); in-process = Engine.stream "
              "(2 threads); the cores table covers the gRPC run", "",
-             "| clients | path | req/s | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | served / in-process tok/s |",
+             "| clients | path | req/s | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+             "| served / in-process tok/s |",
              "|---|---|---|---|---|---|---|"]
     for c in levels:
         for name, r in (("gRPC server", served[c]), ("OpenAI HTTP, streaming chat", over_http[c]),
@@ -217,13 +222,16 @@ def main() -> None:
             lines.append(f"| {c} | {name} | {r['req/s']:.2f} | {r['tok/s']:.1f} | "
                          f"{r['ttft p50'] * 1e3:.0f} / {r['ttft p99'] * 1e3:.0f} | "
                          f"{r['itl p50'] * 1e3:.0f} / {r['itl p99'] * 1e3:.0f} | {ratio} |")
-    lines += ["", "Cores busy per process while serving (CPU seconds / wall seconds, from /proc):", "",
+    lines += ["",
+              "Cores busy per process while serving (CPU seconds / wall seconds, from /proc):",
+              "",
               "| process | " + " | ".join(f"{c} clients" for c in levels) + " |",
               "|---|" + "---|" * len(levels)]
     for role in sorted(roles, key=lambda r: -cores[levels[-1]][r]):
         lines.append(f"| {role} ({len(roles[role])}) | "
                      + " | ".join(f"{cores[c][role]:.2f}" for c in levels) + " |")
-    lines.append("| all of the above | " + " | ".join(f"{sum(cores[c].values()):.2f}" for c in levels) + " |")
+    lines.append("| all of the above | "
+                 + " | ".join(f"{sum(cores[c].values()):.2f}" for c in levels) + " |")
     print("\n".join(lines))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -36,7 +37,8 @@ from model.random_checkpoint import cached_random_checkpoint
 log = logging.getLogger("bench.soak")
 APP = "soak"
 SAMPLE_S = 15.0
-ROLES = {"ExpertWorker": "expert actors (sum)", f"ServeReplica:{APP}:EngineServer": "engine replica",
+ROLES = {"ExpertWorker": "expert actors (sum)",
+         f"ServeReplica:{APP}:EngineServer": "engine replica",
          f"ServeReplica:{APP}:Gateway": "gateway", "ProxyActor": "Serve proxy",
          "ServeController": "Serve controller"}
 
@@ -82,10 +84,8 @@ async def sampler(engine, samples: list, stop: asyncio.Event, phase: list[str]) 
         info = await engine.info.remote()
         samples.append((time.monotonic() - started, phase[0], info.total_blocks - info.free_blocks,
                         info.tracked_requests, rss_by_role()))
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), SAMPLE_S)
-        except asyncio.TimeoutError:
-            pass
 
 
 async def run(args, grpc_address: str, http_url: str, model: str) -> tuple[list, dict]:
@@ -113,7 +113,8 @@ async def run(args, grpc_address: str, http_url: str, model: str) -> tuple[list,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0, help="steady phase")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--burst", type=int, default=400, help="clients during the overload")
@@ -143,8 +144,10 @@ def main() -> None:
     for phase, c in outcomes.items():
         refused = c["RESOURCE_EXHAUSTED"] + c["HTTP 429"]
         other = sum(c.values()) - c["ok"] - c["cancelled"] - refused
-        print(f"| {phase} | {sum(c.values())} | {c['ok']} | {c['cancelled']} | {refused} | {other} |")
-    print("\n| process | RSS after 1 min MiB | end of steady | growth in steady | peak | at the end |")
+        print(f"| {phase} | {sum(c.values())} | {c['ok']} | {c['cancelled']} | {refused} "
+              f"| {other} |")
+    print("\n| process | RSS after 1 min MiB | end of steady | growth in steady | peak "
+          "| at the end |")
     print("|---|---|---|---|---|---|")
     for role in sorted(end[4]):
         peak = max(s[4].get(role, 0) for s in samples)
@@ -153,8 +156,8 @@ def main() -> None:
               f"{end[4][role]:.0f} |")
     print("\nRSS (MiB) over time: " + ", ".join(sorted(end[4])))
     for s in samples[::4] + [end]:
-        print(f"  {s[0]:6.0f} s {s[1]:>8}: " + " ".join(f"{s[4].get(r, 0):6.0f}" for r in sorted(end[4]))
-              + f"   KV blocks {s[2]}, tracked {s[3]}")
+        rss = " ".join(f"{s[4].get(r, 0):6.0f}" for r in sorted(end[4]))
+        print(f"  {s[0]:6.0f} s {s[1]:>8}: {rss}   KV blocks {s[2]}, tracked {s[3]}")
     steady_blocks = [s[2] for s in samples if s[1] == "steady"]
     print(f"\nKV blocks in use during steady load: max {max(steady_blocks)}, "
           f"at the end (idle): {end[2]}; tracked requests at the end: {end[3]}")

@@ -33,7 +33,8 @@ def cluster_nodes() -> list[Node]:
 
 def _internal(resource: str) -> bool:
     """Node-id and memory entries, and the per-bundle resources placement groups add."""
-    return resource.startswith("node:") or resource in _IGNORED or _PG_RESOURCE.search(resource) is not None
+    return (resource.startswith("node:") or resource in _IGNORED
+            or _PG_RESOURCE.search(resource) is not None)
 
 
 def reserve(slots: list[Slot], timeout_s: float = 60.0) -> list[PlacementGroup]:

@@ -22,8 +22,8 @@ a b c a.
 
     plan_added(nodes, {(0,): ["a"]}, {(0,): 2}, {"expert": 1}) -> {(0,): [Slot(b), Slot(c)]}
 
-plans replicas added to a running engine (live scaling, actors/experts/scaling.py) the same way, from
-the nodes' free resources and the nodes that already hold each group: all of them or none.
+plans replicas added to a running engine (live scaling, actors/experts/scaling.py) the same way,
+from the nodes' free resources and the nodes that already hold each group: all of them or none.
 """
 from __future__ import annotations
 
@@ -167,6 +167,6 @@ def _fmt(resources: Mapping[str, float]) -> str:
 def describe(nodes: list[Node]) -> str:
     if not nodes:
         return "the cluster has no alive nodes"
-    return "the cluster offers " + "; ".join(
-        f"node {n.node_id[:12]}: {_fmt({k: v for k, v in n.resources.items() if not k.startswith('node:')})}"
-        for n in nodes)
+    shown = [(n.node_id[:12], {k: v for k, v in n.resources.items() if not k.startswith("node:")})
+             for n in nodes]
+    return "the cluster offers " + "; ".join(f"node {node}: {_fmt(res)}" for node, res in shown)

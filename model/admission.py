@@ -17,7 +17,8 @@ from model.tokenizer import Tokenizer
 Prompt = str | Sequence[int]
 
 
-def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int,
+               max_model_len: int) -> list[int]:
     """Token ids of a text (encoded with BOS) or of a list of ids (checked against the vocab)."""
     if isinstance(prompt, str):
         if not prompt:
@@ -25,13 +26,16 @@ def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int, max_model_
         check_text_size("prompt", len(prompt), tokenizer, max_model_len)
         return tokenizer.encode(prompt)
     if not isinstance(prompt, Sequence):
-        raise InvalidRequest(f"prompt must be text or a list of token ids, got {type(prompt).__name__}")
+        raise InvalidRequest("prompt must be text or a list of token ids, got "
+                             f"{type(prompt).__name__}")
     ids = list(prompt)
     if not ids:
         raise InvalidRequest("prompt must not be empty")
-    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    bad = [t for t in ids
+           if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
     if bad:
-        raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+        raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab_size}), "
+                             f"got {bad[:5]}")
     return ids
 
 
@@ -50,7 +54,8 @@ def check_request(ids: list[int], params: SamplingParams | None, max_model_len: 
     logits request (every position's logits, nothing sampled)."""
     if params is None:
         if len(ids) > max_model_len:
-            raise InvalidRequest(f"prompt ({len(ids)} tokens) exceeds max_model_len ({max_model_len})")
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) exceeds max_model_len "
+                                 f"({max_model_len})")
         return
     if not isinstance(params, SamplingParams):
         raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")

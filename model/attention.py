@@ -30,7 +30,8 @@ FLASH_BLOCK_SIZE = 256
 def select_backend(device: torch.device | str, requested: str | None = None) -> str:
     """'flash' on CUDA with flash-attn installed, else 'sdpa' (or `requested`, if it can run).
     The only place the choice is made."""
-    flash = torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    flash = (torch.device(device).type == "cuda"
+             and importlib.util.find_spec("flash_attn") is not None)
     if requested is None:
         return "flash" if flash else "sdpa"
     if requested not in ("flash", "sdpa"):

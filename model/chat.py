@@ -67,7 +67,8 @@ def template_from(config: dict) -> str:
     """The chat template of a tokenizer_config.json (a string or a list of named ones)."""
     template = config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
     if isinstance(template, list):  # [{"name": ..., "template": ...}]
-        template = {t["name"]: t["template"] for t in template}.get("default", DEFAULT_CHAT_TEMPLATE)
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default", DEFAULT_CHAT_TEMPLATE)
     return template
 
 
@@ -106,7 +107,8 @@ def validate_messages(messages) -> None:
         _validate_shape(i, message)
         _validate_role(i, message["role"], first_turn)
         if message["role"] == "assistant" and not message["content"]:
-            raise ChatTemplateError(f"messages[{i}].content: an assistant message must not be empty")
+            raise ChatTemplateError(f"messages[{i}].content: an assistant message must not "
+                                    "be empty")
     if messages[-1]["role"] != "user":
         raise ChatTemplateError(f"messages[{len(messages) - 1}].role: the last message must be "
                                 f"from 'user', got {messages[-1]['role']!r}")

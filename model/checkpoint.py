@@ -69,7 +69,7 @@ def weight_map(path: str | Path) -> dict[str, Path]:
     single = path / SINGLE_FILE
     if single.exists():
         with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
+            return {name: single for name in f.keys()}  # noqa: SIM118 - handle is not iterable
     raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {path}")
 
 

@@ -68,16 +68,18 @@ class MixtralConfig:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ConfigError(f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, int)
+                    or not 0 <= value < self.vocab_size):
+                raise ConfigError(f"{name} must be an int in [0, vocab_size={self.vocab_size}), "
+                                  f"got {value!r}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> MixtralConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in fields}
-        if "rope_theta" not in raw and isinstance(raw.get("rope_parameters"), dict):
-            if "rope_theta" in raw["rope_parameters"]:
-                values["rope_theta"] = raw["rope_parameters"]["rope_theta"]
+        rope = raw.get("rope_parameters")
+        if "rope_theta" not in raw and isinstance(rope, dict) and "rope_theta" in rope:
+            values["rope_theta"] = rope["rope_theta"]
         eos = values.get("eos_token_id")
         if isinstance(eos, list) and eos:  # some checkpoints list several; the first is EOS
             values["eos_token_id"] = eos[0]

@@ -51,7 +51,11 @@ def _utf8_length(lead: int) -> int:
     """Length of the UTF-8 sequence a lead byte announces; 0 for a byte that cannot lead."""
     if lead < 0x80:
         return 1
-    return 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF8 else 0
+    if 0xC0 <= lead < 0xE0:
+        return 2
+    if 0xE0 <= lead < 0xF0:
+        return 3
+    return 4 if 0xF0 <= lead < 0xF8 else 0
 
 
 def _is_valid_prefix(head: bytes, length: int) -> bool:

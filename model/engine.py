@@ -6,7 +6,8 @@ tokens; text goes through `Tokenizer` at the edges and `model/output.py` (comple
 conditions, chunks); asyncio streams through `model/streaming.py`.
 
     engine = Engine.from_pretrained(path, dtype="float32")
-    outs = engine.generate(["a prompt", [1, 733, 16289]], SamplingParams(max_tokens=20, temperature=0))
+    outs = engine.generate(["a prompt", [1, 733, 16289]],
+                           SamplingParams(max_tokens=20, temperature=0))
     logits = engine.logits([1, 733, 16289])                  # (T, V) float32, every position
     async for chunk in engine.stream("a prompt", params): ...
 
@@ -14,8 +15,9 @@ Text prompts are encoded with BOS. Admission is atomic: every request of a call 
 (InvalidRequest naming the field and its limit) before any is queued, so after an error nothing
 of that call is tracked, waiting or running. Adds and aborts never wait for a running step:
 they are queued and applied at the next step boundary (at once when no step runs), so a new
-stream or a client going away never stalls the others; so is `run_between_steps(fn)`. One request's failure (its logits not
-finite, its sampling or detokenization failing) fails that request only; a failed forward pass
+stream or a client going away never stalls the others; so is `run_between_steps(fn)`. One
+request's failure (its logits not finite, its sampling or detokenization failing) fails that
+request only; a failed forward pass
 fails the requests of that step and is raised. KV sizing: model/kv_sizing.py.
 Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sample.
 """
@@ -147,7 +149,8 @@ class Engine:
     def _admit(self, batch: list[_Tracked]) -> None:
         """Queue a validated batch whole, or raise QueueFull and queue none of it."""
         with self._pending_lock:
-            waiting = len(self.scheduler.waiting) + sum(isinstance(p, _Tracked) for p in self._pending)
+            waiting = len(self.scheduler.waiting) + sum(isinstance(p, _Tracked)
+                                                        for p in self._pending)
             if waiting >= self.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting (max_waiting={self.max_waiting}); "
                                 "try again later")
@@ -208,7 +211,8 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         """Whether any request is queued, waiting or running (pending aborts do not count)."""
-        return self.scheduler.has_unfinished() or any(isinstance(p, _Tracked) for p in self._pending)
+        return (self.scheduler.has_unfinished()
+                or any(isinstance(p, _Tracked) for p in self._pending))
 
     def num_free_blocks(self) -> int:
         return self.kv.allocator.num_free
@@ -256,7 +260,8 @@ class Engine:
         return torch.cat(self.model.forward_micro_batches(
             [ids for ids, _ in inputs], [meta for _, meta in inputs], self.kv, self.moe_begin))
 
-    def _inputs(self, scheduled: list[tuple[Request, int]]) -> tuple[torch.Tensor, AttentionMetadata]:
+    def _inputs(self, scheduled: list[tuple[Request, int]]
+                ) -> tuple[torch.Tensor, AttentionMetadata]:
         ids, q_lens, ctx_lens, tables = [], [], [], []
         for req, n in scheduled:
             ids += req.all_ids[req.num_computed:req.num_computed + n]
@@ -326,7 +331,8 @@ class Engine:
 
     # ---- synchronous API ----------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+                 ) -> list[Completion]:
         """Run prompts through the continuous-batching scheduler until all finish.
         Raises InvalidRequest before queueing any if one is invalid, or the first error."""
         prompts = as_prompt_list(prompts)
@@ -382,7 +388,8 @@ def _halves(scheduled: list[tuple[Request, int]]) -> list[list[tuple[Request, in
 
 def _is_prompt_list(prompts) -> bool:
     """A list of prompts (texts or id lists), as opposed to one prompt (a text or an id list)."""
-    return isinstance(prompts, (list, tuple)) and len(prompts) > 0 and not isinstance(prompts[0], int)
+    return (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+            and not isinstance(prompts[0], int))
 
 
 def as_prompt_list(prompts) -> list[Prompt]:

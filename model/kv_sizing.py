@@ -84,7 +84,8 @@ def size_kv_cache(cfg: MixtralConfig, block_size: int, dtype: torch.dtype, devic
                              f"block ({per_block} bytes); raise kv_cache_memory")
         log.warning("the KV cache (kv_cache_memory=%d bytes) holds %d tokens, fewer than the "
                     "checkpoint's max_position_embeddings (%d): serving max_model_len=%d; "
-                    "raise kv_cache_memory, or set max_model_len to choose", memory, fits, limit, fits)
+                    "raise kv_cache_memory, or set max_model_len to choose",
+                    memory, fits, limit, fits)
     length = max_model_len or min(limit, fits)
     useful = max_num_seqs * -(-length // block_size)
     return KVSize(min(memory // per_block, useful), length)

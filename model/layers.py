@@ -1,6 +1,7 @@
 """RMSNorm and rotary position embeddings, numerically as Hugging Face's Mixtral computes them.
 
-Shapes: N tokens in this step (packed, no padding), D hidden, H query heads, K kv heads, Dh head dim.
+Shapes: N tokens in this step (packed, no padding), D hidden, H query heads, K kv heads,
+Dh head dim.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (N, heads, Dh) by the (N, Dh) tables (the 'rotate half' layout of HF Llama/Mixtral)."""
+    """Rotate (N, heads, Dh) by the (N, Dh) tables (the 'rotate half' layout of HF
+    Llama/Mixtral)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)         # (N, heads, Dh)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

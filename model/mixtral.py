@@ -38,7 +38,8 @@ class Attention(nn.Module):
                                (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+                rope: tuple[torch.Tensor, torch.Tensor],
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         n, h, kv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(n, h + 2 * kv, self.head_dim)      # (N, H+2K, Dh)

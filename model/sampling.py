@@ -2,8 +2,9 @@
 
 Each token's draw is seeded by its request's seed and its position alone (`token_seed`), so a
 seeded request samples the same tokens whatever else shares its batch, and the same again when
-it is re-run from any point (preempted, or resumed elsewhere after its engine died). Greedy rows (temperature 0) take the
-argmax together; sampled rows apply temperature, then top-k, then top-p, then draw.
+it is re-run from any point (preempted, or resumed elsewhere after its engine died). Greedy
+rows (temperature 0) take the argmax together; sampled rows apply temperature, then top-k, then
+top-p, then draw.
 Temperature divides the logits *after* subtracting the row's maximum, in float64, so any
 temperature small enough that sampling is numerically greedy gives the argmax (never inf - inf
 or 0 / 0 = NaN), down to the smallest positive double.
@@ -63,7 +64,8 @@ class SamplingParams:
                f"{max(map(len, self.stop), default=0)} characters")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must hold token ids >= 0, got {self.stop_token_ids!r}")
-        _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        _check(isinstance(self.ignore_eos, bool),
+               f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

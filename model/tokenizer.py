@@ -48,12 +48,14 @@ def _token_name(config: dict, key: str, default: str) -> str:
 
 
 def _metaspace_prepends(pre_tokenizer: dict | None) -> bool:
-    """Whether a (non-legacy) tokenizer.json adds the dummy prefix with a Metaspace pre-tokenizer."""
+    """Whether a (non-legacy) tokenizer.json adds the dummy prefix with a Metaspace
+    pre-tokenizer."""
     if not pre_tokenizer:
         return False
     if pre_tokenizer.get("type") == "Sequence":
         return any(_metaspace_prepends(p) for p in pre_tokenizer["pretokenizers"])
-    return pre_tokenizer.get("type") == "Metaspace" and pre_tokenizer.get("prepend_scheme") != "never"
+    return (pre_tokenizer.get("type") == "Metaspace"
+            and pre_tokenizer.get("prepend_scheme") != "never")
 
 
 def _no_word_cache(backend: Backend) -> None:
@@ -99,18 +101,21 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> Tokenizer:
-        """From a checkpoint dir (tokenizer.json, else tokenizer.model), else mistral-common's v1."""
+        """From a checkpoint dir (tokenizer.json, else tokenizer.model), else mistral-common's
+        v1."""
         directory = Path(path) if path is not None else None
         if directory is not None and not directory.is_dir():
             raise FileNotFoundError(f"tokenizer: {directory} is not a directory")
         if directory is not None and (directory / "tokenizer.json").is_file():
             config_file = directory / "tokenizer_config.json"
-            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+            config = (json.loads(config_file.read_text(encoding="utf-8"))
+                      if config_file.is_file() else {})
             return cls((directory / "tokenizer.json").read_text(encoding="utf-8"), config)
         model_file = directory / "tokenizer.model" if directory is not None else None
         if model_file is None or not model_file.is_file():
             if directory is not None:
-                logger.warning("tokenizer: %s has no tokenizer files; using mistral-common's", directory)
+                logger.warning("tokenizer: %s has no tokenizer files; using mistral-common's",
+                               directory)
             model_file = mistral_common_model()
         return cls(cached_conversion(model_file), {}, model_file)
 

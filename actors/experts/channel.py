@@ -213,7 +213,7 @@ class ChannelTransport:
         deadline = time.monotonic() + self._timeout_s
         while waiting:
             ready = dict(poller.poll(self._poll_s * 1000))          # blocks: no busy polling
-            for i, (peer, key, seq) in list(waiting.items()):
+            for i, (peer, _key, seq) in list(waiting.items()):
                 if peer.socket in ready and self._read(peer.socket, sent, i, seq):
                     del waiting[i]
                     poller.unregister(peer.socket)
@@ -257,8 +257,8 @@ class ChannelTransport:
         for i, (peer, key, _) in list(waiting.items()):
             lost = self._dead(key)
             if lost or time.monotonic() > deadline:
-                sent.results[i] = PeerLost(f"expert actor {key[:8]} "
-                                           f"{'died' if lost else f'did not answer in {self._timeout_s} s'}")
+                why = "died" if lost else f"did not answer in {self._timeout_s} s"
+                sent.results[i] = PeerLost(f"expert actor {key[:8]} {why}")
                 poller.unregister(peer.socket)
                 del waiting[i]
                 self._drop(key)

@@ -11,11 +11,10 @@ It is the frontend engine's `moe` function (route happens in the model just befo
 All data movement sits behind one function, `transport(layer, calls)` (actors/experts/transport.py:
 a ZeroMQ channel per actor, the default, or Ray object refs, the equality oracle); GPU-direct
 transport can replace them without touching the rest. A call that fails because its actor died
-or is restarting is sent
-again — to a replica if one is healthy, else to the restarted actor, backing off 0.5, 1, 2, ...
-s — at most `max_attempts` times within `retry_timeout_s`; then the layer fails with ExpertCallError, which fails the
-step's requests (never a loop, never a hang). Experts hold no request state, so a re-sent
-call gives the same result.
+or is restarting is sent again — to a replica if one is healthy, else to the restarted actor,
+backing off 0.5, 1, 2, ... s — at most `max_attempts` times within `retry_timeout_s`; then the
+layer fails with ExpertCallError, which fails the step's requests (never a loop, never a hang).
+Experts hold no request state, so a re-sent call gives the same result.
 
 Load: every layer call records the rows routed to each expert id and each actor's rows and
 compute seconds in `load` (actors/experts/load.py: a sliding window); replicas' speeds come from it.
@@ -73,7 +72,8 @@ class Dispatcher:
         self.num_experts = num_experts
         self.transport = transport or ObjectRefTransport()
         self._clock, self._sleep = clock, sleep
-        self.max_attempts, self.retry_timeout_s, self.cooldown_s = max_attempts, retry_timeout_s, cooldown_s
+        self.max_attempts, self.retry_timeout_s = max_attempts, retry_timeout_s
+        self.cooldown_s = cooldown_s
         self.load = LoadWindow(num_experts, load_window_s, clock)
         self._speeds: tuple[int, dict] = (-1, {})          # (second, actor -> s per row)
         self.actors: list = []
@@ -81,8 +81,9 @@ class Dispatcher:
         self.set_actors(actors, actor_experts)
         self.timings: collections.deque[dict] = collections.deque(maxlen=4096)
         self.retries = 0
-        # for metrics (actors/serving/metrics.py), drained by their reader: (layer, pairs per expert id)
-        # and (layer, round-trip seconds) of each layer call; appends only on the per-layer path
+        # for metrics (actors/serving/metrics.py), drained by their reader: (layer, pairs per
+        # expert id) and (layer, round-trip seconds) of each layer call; appends only on the
+        # per-layer path
         self.routed: collections.deque[tuple[int, list[int]]] = collections.deque(maxlen=65536)
         self.round_trips: collections.deque[tuple[int, float]] = collections.deque(maxlen=65536)
 

@@ -1,6 +1,6 @@
 """Elastic experts: replicas of each expert id added and removed live, by hand or by measured load.
 
-    scaler = ExpertScaler(pool, apply=frontend_set_experts)     # actors/experts/pool.py, a frontend's
+    scaler = ExpertScaler(pool, apply=frontend_set_experts)  # actors/experts/pool.py, a frontend's
     scaler.set_expert_replicas({0: 3, 5: 1})                   # -> replicas per expert id now
     autoscaler = Autoscaler(ExpertAutoscaling.from_args({...}), scaler, load=frontend_load)
     autoscaler.start() ... autoscaler.stop()

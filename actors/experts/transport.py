@@ -23,7 +23,8 @@ from actors.experts.channel import ChannelTransport
 TRANSPORTS = ("channel", "object_refs")
 
 Result = tuple[torch.Tensor, float]    # (y rows, seconds the actor spent computing)
-Transport = Callable[[int, list[tuple[object, torch.Tensor, list[int]]]], list["Result | Exception"]]
+Transport = Callable[[int, list[tuple[object, torch.Tensor, list[int]]]],
+                     list["Result | Exception"]]
 
 
 class ObjectRefTransport:

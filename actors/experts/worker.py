@@ -73,7 +73,8 @@ class ExpertWorker:
 
     def open_channel(self, secret: str) -> str:
         """Start (once per process) this actor's data-plane channel on the node's address and
-        return its endpoint (actors/experts/channel.py); later calls must present the same secret."""
+        return its endpoint (actors/experts/channel.py); later calls must present the same
+        secret."""
         if self._channel is None:
             self._channel = ChannelServer(self.compute, ray.util.get_node_ip_address(), secret)
             self._secret = secret

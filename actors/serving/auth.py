@@ -51,7 +51,8 @@ def key_digest(args: dict) -> str | None:
 
 # The digest this process's HTTP API requires: set by the Gateway replica (one per process) and
 # read by its FastAPI middleware. Serve pickles the ingress class and its app by value, so a
-# name in actors/serving/gateway.py seen from the replica's methods is a copy; this module is imported.
+# name in actors/serving/gateway.py seen from the replica's methods is a copy; this module is
+# imported.
 _required: dict[str, str | None] = {"digest": None}
 
 
