@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.config import gRPCOptions
 
+from bench.loadgen import COMMON_WORDS as WORDS
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster
 from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
 from protos import generator_pb2 as pb
@@ -61,8 +62,6 @@ APP = "mixtral-ep"
 # (share of the run, gRPC streaming clients, OpenAI streaming chat clients)
 PHASES = [(0.15, 1, 0), (0.2, 8, 0), (0.3, 16, 4), (0.2, 0, 4), (0.15, 0, 0)]
 KILL_AT = 0.5                                    # share of the run: one expert actor killed
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by",
-         "at", "from", "his", "her", "it", "an", "be", "this", "are"]
 STOP = ["on"]                                    # in about one in 30 tokens of the tiny model
 Samples = dict[tuple[str, frozenset], float]     # (sample name, labels) -> value, one scrape
 Series = dict[frozenset, np.ndarray]             # labels -> a value per scrape (nan: absent)

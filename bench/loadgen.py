@@ -26,9 +26,11 @@ import httpx2
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by",
-         "at", "from", "his", "her", "it", "an", "be", "this", "are", "once", "upon", "a", "time",
-         "there", "lived", "king", "who", "had", "three", "daughters"]
+# frequent English words: the benchmarks' prompts are drawn from them
+COMMON_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as",
+                "by", "at", "from", "his", "her", "it", "an", "be", "this", "are"]
+WORDS = COMMON_WORDS + ["once", "upon", "a", "time", "there", "lived", "king", "who", "had",
+                        "three", "daughters"]
 
 
 @dataclasses.dataclass(frozen=True)

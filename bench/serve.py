@@ -29,6 +29,7 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
+from bench.loadgen import COMMON_WORDS as WORDS
 from cluster.local import free_port
 from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
 from model.engine import Engine, SamplingParams
@@ -37,8 +38,6 @@ from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("bench.serve")
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by",
-         "at", "from", "his", "her", "it", "an", "be", "this", "are"]
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
