@@ -289,9 +289,9 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_
 
 
 def test_a_finished_request_writes_one_access_line_and_no_disconnect(server, http_port):
-    """Serve's proxy writes a request's one access line and the gateway none of its own; a
-    stream read to its end ([DONE], after which the OpenAI SDK's sync client closes) is not
-    reported as a disconnect ("Client for request ... disconnected, cancelling request")."""
+    """Serve's proxy writes a request's one access line, the gateway and the engine replica
+    none of their own; a stream read to its end ([DONE], after which the OpenAI SDK's sync
+    client closes) is not reported as a disconnect ("Client for request ... disconnected, cancelling request")."""
     openai = pytest.importorskip("openai")
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
     sizes = {f: f.stat().st_size for f in logs.glob("*.log")}
@@ -313,3 +313,5 @@ def test_a_finished_request_writes_one_access_line_and_no_disconnect(server, htt
     gateway = [line for line in new.splitlines()
                if "_Gateway " in line and ("/v1/" in line or "Generate" in line)]
     assert not gateway, gateway
+    engine = [line for line in new.splitlines() if "_EngineServer " in line and "CALL " in line]
+    assert not engine, engine
