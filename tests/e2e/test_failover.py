@@ -44,12 +44,11 @@ def jobs(stub, client) -> dict:
 
     def grpc_stream(prompt, **sampling):
         def run(started):
-            ids, text, n = [], "", 0
-            for part in stub.GenerateStream(pb.GenerateRequest(
-                    prompt=prompt, max_tokens=MAX_TOKENS, **sampling), timeout=300):
+            ids, text = [], ""
+            for n, part in enumerate(stub.GenerateStream(pb.GenerateRequest(
+                    prompt=prompt, max_tokens=MAX_TOKENS, **sampling), timeout=300), start=1):
                 ids += part.token_ids
                 text += part.text
-                n += 1
                 if n == 3:
                     started.set()
             return ids, text
@@ -72,12 +71,11 @@ def jobs(stub, client) -> dict:
                     messages=[{"role": "user", "content": prompt}], **kw)
             else:
                 chunks = client.completions.create(prompt=prompt, **kw)
-            ids, text, n = [], "", 0
-            for chunk in chunks:
+            ids, text = [], ""
+            for n, chunk in enumerate(chunks, start=1):
                 choice = chunk.choices[0]
                 ids += choice.token_ids
                 text += (choice.delta.content or "") if chat else choice.text
-                n += 1
                 if n == 3:
                     started.set()
             return ids, text

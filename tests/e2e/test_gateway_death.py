@@ -19,8 +19,8 @@ import grpc
 import pytest
 import ray
 
-from actors.serving.gateway import Gateway
 from actors.serving.engine_server import EngineOptions, EngineServer
+from actors.serving.gateway import Gateway
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, HEAD_RESOURCE
 from model.checkpoint import WeightSource
 from protos import generator_pb2 as pb
@@ -47,8 +47,8 @@ def stub(tiny_checkpoint, serve_apps):
 def sse_stream(http_port: int, started) -> tuple[bool, list[int]]:
     """(whether `data: [DONE]` came, token ids) of a streaming /v1/completions call."""
     conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=300)
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "temperature": 0,
-            "stream": True, "return_token_ids": True}
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": MAX_TOKENS,
+            "temperature": 0, "stream": True, "return_token_ids": True}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200

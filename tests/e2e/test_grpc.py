@@ -56,7 +56,8 @@ def test_unary_and_stream_equal_the_in_process_engine(server, reference):
         parts = list(server.GenerateStream(greedy(prompt), timeout=60))
         assert "".join(p.text for p in parts) == unary.text
         assert [t for p in parts for t in p.token_ids] == list(unary.token_ids)
-        assert parts[-1].finish_reason == unary.finish_reason and parts[-1].usage.completion_tokens == 20
+        assert (parts[-1].finish_reason == unary.finish_reason
+                and parts[-1].usage.completion_tokens == 20)
 
 
 def test_chat_messages_use_the_chat_template(server, reference):
@@ -82,7 +83,8 @@ def test_chat_messages_use_the_chat_template(server, reference):
     (pb.GenerateRequest(prompt="hi", top_k=-3), "top_k"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_requests_get_invalid_argument_naming_the_field(server, request_, field):
-    for call in (server.Generate, lambda r, timeout: list(server.GenerateStream(r, timeout=timeout))):
+    for call in (server.Generate,
+                 lambda r, timeout: list(server.GenerateStream(r, timeout=timeout))):
         with pytest.raises(grpc.RpcError) as err:
             call(request_, timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
@@ -248,7 +250,8 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
     sizes = {f: f.stat().st_size for f in logs.glob("*.log")}
     bad = pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="x")])
-    for call in (server.Generate, lambda r, timeout: list(server.GenerateStream(r, timeout=timeout))):
+    for call in (server.Generate,
+                 lambda r, timeout: list(server.GenerateStream(r, timeout=timeout))):
         with pytest.raises(grpc.RpcError) as err:
             call(bad, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -291,7 +294,8 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_
 def test_a_finished_request_writes_one_access_line_and_no_disconnect(server, http_port):
     """Serve's proxy writes a request's one access line, the gateway and the engine replica
     none of their own; a stream read to its end ([DONE], after which the OpenAI SDK's sync
-    client closes) is not reported as a disconnect ("Client for request ... disconnected, cancelling request")."""
+    client closes) is not reported as a disconnect ("Client for request ... disconnected,
+    cancelling request")."""
     openai = pytest.importorskip("openai")
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
     sizes = {f: f.stat().st_size for f in logs.glob("*.log")}

@@ -31,7 +31,8 @@ def server(tiny_app):
 
 def scrape() -> dict[str, dict[tuple, float]]:
     """Sample name -> {sorted labels of this app's samples: value}, summed over every node."""
-    out: dict[str, dict[tuple, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+    out: dict[str, dict[tuple, float]] = collections.defaultdict(
+        lambda: collections.defaultdict(float))
     for node in ray.nodes():
         if not node["Alive"]:
             continue

@@ -114,9 +114,11 @@ def test_streaming_chat_with_usage_equals_unary(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == unary.choices[0].message.content
-    finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finished = [c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].finish_reason]
     assert finished == [unary.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == unary.usage.completion_tokens
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == unary.usage.completion_tokens
 
 
 def test_async_client_concurrent_streams(base_url, client):
@@ -199,7 +201,8 @@ def test_malformed_json_is_a_400_and_the_server_answers_after(base_url, client):
         assert status == 400 and got["error"]["message"].startswith(needle), got
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL, prompt="hi", temperature=-2)
-    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
+    ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert ok.choices[0].text is not None
 
 
 def test_readme_openai_code_runs(base_url, readme_code, monkeypatch, capsys):

@@ -43,7 +43,8 @@ def server(deploy, tiny_checkpoint, tmp_path_factory):
 def tls_front(server, grpc_port, http_port, tmp_path_factory):
     """nginx with deploy/nginx/nginx.conf, its ports and paths pointed at this test's: yields
     (its port, the certificate clients trust)."""
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light); .ci/run installs it")
     work = tmp_path_factory.mktemp("nginx")
@@ -51,9 +52,11 @@ def tls_front(server, grpc_port, http_port, tmp_path_factory):
                    capture_output=True)
     port = free_port()
     conf = (ROOT / "deploy/nginx/nginx.conf").read_text()
-    for old, new in [("listen 443 ", f"listen {port} "), ("127.0.0.1:9000", f"127.0.0.1:{grpc_port}"),
+    for old, new in [("listen 443 ", f"listen {port} "),
+                     ("127.0.0.1:9000", f"127.0.0.1:{grpc_port}"),
                      ("127.0.0.1:8000", f"127.0.0.1:{http_port}"),
-                     ("/etc/mixtral-ep/tls", str(work)), ("/tmp/mixtral-ep-nginx", str(work / "nginx"))]:
+                     ("/etc/mixtral-ep/tls", str(work)),
+                     ("/tmp/mixtral-ep-nginx", str(work / "nginx"))]:
         assert old in conf, old
         conf = conf.replace(old, new)
     (work / "nginx.conf").write_text(conf)
@@ -122,7 +125,8 @@ def test_http_needs_the_key_before_reading_the_body(server, http_port):
         assert resp.status == 200
     good = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
     model = good.models.list().data[0].id
-    assert good.completions.create(model=model, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    reply = good.completions.create(model=model, prompt="Hi", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
 
@@ -138,7 +142,8 @@ def test_through_the_tls_front(tls_front, capsys, monkeypatch):
     client = openai.OpenAI(base_url=f"https://localhost:{port}/v1", api_key=KEY, max_retries=0,
                            http_client=openai.DefaultHttpxClient(verify=_tls(cert)))
     model = client.models.list().data[0].id
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+    stream = client.chat.completions.create(model=model,
+                                            messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=4, stream=True)
     assert sum(1 for _ in stream) >= 2
     with pytest.raises(openai.AuthenticationError):

@@ -46,6 +46,7 @@ def test_fp32_cuda_equals_cpu(tiny_checkpoint, cpu_engine, backend):
 @needs_flash
 def test_flash_equals_sdpa_bf16_with_window(tiny_checkpoint):
     import dataclasses
+
     from model.config import PRESETS
     cfg = dataclasses.replace(PRESETS["tiny"], sliding_window=5)
     engines = [Engine.from_config(cfg, dtype="bfloat16", device="cuda", attention_backend=b)
@@ -79,6 +80,7 @@ def test_ray_engine_on_cuda_equals_the_cuda_engine(tiny_checkpoint, transport):
     """Frontend and 8 expert actors sharing the GPU (0.1 each): the rows cross as pinned host
     copies, and logits and greedy tokens equal the in-process CUDA engine's."""
     import ray
+
     from actors import RayEngine
     started = not ray.is_initialized()
     if started:

@@ -21,10 +21,10 @@ from model.checkpoint import WeightSource
 from model.config import MixtralConfig
 from model.engine import SamplingParams
 from model.mixtral import expert_names
+from model.moe import LocalExperts, route
 
 # the test actors below are defined here: ship them by value (workers cannot import this file)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-from model.moe import LocalExperts, route
 
 
 class _DiesOnceMidCall(ExpertWorker):
@@ -54,7 +54,8 @@ def test_an_actor_dying_mid_layer_call_is_resent_with_the_same_result(ray_cluste
     local = LocalExperts.from_tensors(cfg, source.load(
         expert_names(cfg, list(range(cfg.num_local_experts))), torch.float32, "cpu"))
     actors = _actors(_DiesOnceMidCall, tiny_checkpoint, str(tmp_path / "died"))
-    dispatcher = Dispatcher(actors, [[e] for e in range(8)], 8, ChannelTransport(secrets.token_hex(16)))
+    dispatcher = Dispatcher(actors, [[e] for e in range(8)], 8,
+                            ChannelTransport(secrets.token_hex(16)))
     x = torch.randn(32, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     gate = torch.randn(8, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     weights, experts = route(x, gate, 2)
@@ -86,9 +87,10 @@ def test_a_channel_call_that_kills_its_actor_every_time_fails_bounded(ray_cluste
                             max_attempts=3, retry_timeout_s=60)
     start = time.monotonic()
     # the last attempt finds the actor dead (PeerLost) or, on a loaded machine, still restarting
-    with pytest.raises(ExpertCallError,
-                       match=r"still failing after 3 attempts \((PeerLost|ActorUnavailableError)\)"):
-        dispatcher.moe(0, torch.randn(4, 8), torch.ones(4, 1), torch.tensor([[0], [1], [0], [1]]))
+    with pytest.raises(ExpertCallError, match=r"still failing after 3 attempts "
+                                              r"\((PeerLost|ActorUnavailableError)\)"):
+        dispatcher.moe(0, torch.randn(4, 8), torch.ones(4, 1),
+                       torch.tensor([[0], [1], [0], [1]]))
     assert time.monotonic() - start < 60
     ray.kill(actor, no_restart=True)
 
@@ -200,7 +202,8 @@ def test_an_idle_engine_burns_no_cpu(tiny_ray_engine):
     plain Ray actors, plus 5% of one core (measured side by side)."""
     engine = tiny_ray_engine
     free = ray.available_resources().get("expert", 0)
-    plain = [_Idle.options(resources={"expert": 1}).remote() for _ in range(len(engine.experts) + 1)]
+    plain = [_Idle.options(resources={"expert": 1}).remote()
+             for _ in range(len(engine.experts) + 1)]
     try:
         engine.generate("hello", SamplingParams(max_tokens=4))        # channels open, then idle
         ours = [w.pid for w in engine.expert_info()] + [engine.frontend_info().pid]

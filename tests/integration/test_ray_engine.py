@@ -87,8 +87,9 @@ def test_each_actor_holds_only_its_own_bytes(tiny_ray_engine, tiny_checkpoint):
 
 
 def test_threads_and_openmp_spin_are_set_per_process(ray_cluster, tiny_checkpoint, monkeypatch):
-    """The frontend gets every core and a short OpenMP spin (actors/experts/pool.py: FRONTEND_CPU_ENV),
-    so its idle threads leave the cores to its experts; the experts get what they are told."""
+    """The frontend gets every core and a short OpenMP spin (actors/experts/pool.py:
+    FRONTEND_CPU_ENV), so its idle threads leave the cores to its experts; the experts get what
+    they are told."""
     from actors import RayEngine
     from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
@@ -119,7 +120,8 @@ def test_actors_of_two_experts_equal_the_in_process_engine(ray_engine, tiny_chec
     try:
         assert engine.actor_experts == [[0, 1], [2, 3], [4, 5], [6, 7]]
         assert_same_as_in_process(engine, Engine.from_pretrained(tiny_checkpoint))
-        assert_each_actor_reads_and_holds_only_its_own(engine, MixtralConfig.from_json(tiny_checkpoint))
+        assert_each_actor_reads_and_holds_only_its_own(
+            engine, MixtralConfig.from_json(tiny_checkpoint))
         placement = engine.placement()["experts"]
         assert all(placement[e] == placement[e + 1] for e in range(0, 8, 2)), placement
     finally:
@@ -128,10 +130,11 @@ def test_actors_of_two_experts_equal_the_in_process_engine(ray_engine, tiny_chec
 
 @pytest.mark.parametrize("transport, micro_batches", [("channel", 1), ("channel", 2),
                                                        ("object_refs", 1)])
-def test_killing_an_expert_actor_mid_generation_loses_nothing(ray_engine, tiny_checkpoint, transport,
-                                                              micro_batches):
+def test_killing_an_expert_actor_mid_generation_loses_nothing(ray_engine, tiny_checkpoint,
+                                                              transport, micro_batches):
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-    expected = [o.token_ids for o in Engine.from_pretrained(tiny_checkpoint).generate(PROMPTS, params)]
+    expected = [o.token_ids
+                for o in Engine.from_pretrained(tiny_checkpoint).generate(PROMPTS, params)]
     engine = ray_engine(tiny_checkpoint, transport=transport,
                         engine_args={"micro_batches": micro_batches})
     victim = engine.expert_info()[3].pid
@@ -179,7 +182,8 @@ def test_a_call_that_kills_its_actor_every_time_fails_bounded(ray_cluster):
     weights = torch.full((4, 1), 1.0)
     experts = torch.tensor([[0], [1], [0], [1]])
     start = time.monotonic()
-    with pytest.raises(ExpertCallError, match=r"layer 0: experts \[0, 1\] still failing after 3 attempts"):
+    with pytest.raises(ExpertCallError,
+                       match=r"layer 0: experts \[0, 1\] still failing after 3 attempts"):
         dispatcher.moe(0, x, weights, experts)
     assert time.monotonic() - start < 30
     ray.kill(actor, no_restart=True)

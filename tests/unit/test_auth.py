@@ -1,4 +1,5 @@
-"""actors/serving/auth.py: where the API key comes from, and which authorization headers carry it."""
+"""actors/serving/auth.py: where the API key comes from, and which authorization headers carry
+it."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,8 @@ def test_the_key_comes_from_an_env_var_or_a_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, needle", [
-    ({"api_key_env": "NOT_SET_ANYWHERE"}, "api_key_env: the environment variable 'NOT_SET_ANYWHERE' is not set"),
+    ({"api_key_env": "NOT_SET_ANYWHERE"},
+     "api_key_env: the environment variable 'NOT_SET_ANYWHERE' is not set"),
     ({"api_key_file": "/no/such/file"}, "api_key_file: cannot read '/no/such/file'"),
     ({"api_key_env": "EMPTY_KEY"}, "api_key_env: the API key must be non-empty"),
     ({"api_key_env": "SPACED_KEY"}, "hold no whitespace"),

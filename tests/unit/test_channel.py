@@ -1,5 +1,6 @@
-"""actors/experts/channel.py's server on loopback, without Ray: the wire format, zero-copy rows in and
-out, errors inside the expert, and the secret (a wrong or missing one is refused and logged)."""
+"""actors/experts/channel.py's server on loopback, without Ray: the wire format, zero-copy rows in
+and out, errors inside the expert, and the secret (a wrong or missing one is refused and
+logged)."""
 from __future__ import annotations
 
 import logging
@@ -36,7 +37,8 @@ def request(server, x: torch.Tensor, layer: int, password: bytes | None, timeout
     socket.connect(server.endpoint)
     try:
         counts = [x.shape[0] - 1, 1]
-        head = REQUEST.pack(7, layer, x.shape[0], 2, DTYPES.index(x.dtype)) + struct.pack("<2i", *counts)
+        head = (REQUEST.pack(7, layer, x.shape[0], 2, DTYPES.index(x.dtype))
+                + struct.pack("<2i", *counts))
         try:
             socket.send_multipart([head, x.contiguous().view(torch.uint8).numpy()])
         except zmq.Again:

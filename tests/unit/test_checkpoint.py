@@ -18,10 +18,11 @@ from model.random_checkpoint import write_random
 
 
 def test_random_tensors_are_seeded_per_name():
-    a = random_tensor("model.layers.0.block_sparse_moe.experts.3.w1.weight", (4, 8), 7, torch.float32)
-    b = random_tensor("model.layers.0.block_sparse_moe.experts.3.w1.weight", (4, 8), 7, torch.float32)
-    c = random_tensor("model.layers.0.block_sparse_moe.experts.4.w1.weight", (4, 8), 7, torch.float32)
-    d = random_tensor("model.layers.0.block_sparse_moe.experts.3.w1.weight", (4, 8), 8, torch.float32)
+    w1 = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"
+    a = random_tensor(w1.format(3), (4, 8), 7, torch.float32)
+    b = random_tensor(w1.format(3), (4, 8), 7, torch.float32)
+    c = random_tensor(w1.format(4), (4, 8), 7, torch.float32)
+    d = random_tensor(w1.format(3), (4, 8), 8, torch.float32)
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
 
 
@@ -88,7 +89,8 @@ def broken(tiny_checkpoint, tmp_path):
 
 
 def _shard_of(path, name):
-    return path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    return path / index["weight_map"][name]
 
 
 def test_missing_tensor_is_named(broken):

@@ -25,7 +25,7 @@ def test_cluster_config_passes_rays_validator(name):
     validate_config(prepare_config(copy.deepcopy(raw)))
     broken = copy.deepcopy(raw)
     broken["provider"]["type"] = 42
-    with pytest.raises(Exception):
+    with pytest.raises(NotImplementedError, match="Unsupported node provider: 42"):
         validate_config(prepare_config(broken))
 
 

@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("actors", "model", "cluster", "protos", "deploy", "bench")
 _OURS = "|".join(PACKAGES)
-# `module.attr`, `module:attr`: not preceded by a word, dot, slash or dash (`a.model.x`, `x/model.y`)
+# `module.attr`, `module:attr`: not preceded by a word, dot, slash or dash
+# (`a.model.x`, `x/model.y`)
 _DOTTED = re.compile(rf"(?<![\w./-])((?:{_OURS})(?:\.\w+)+(?::\w+(?:\.\w+)*)?)")
 # `actors/experts/pool.py`, `deploy/nginx/`, `tests/unit/test_linear.py`; a `: name` after a .py
 _FILE = re.compile(rf"(?<![\w./-])((?:{_OURS}|tests)/[\w./-]*\w)(?:`?:\s*`?(\w+))?")

@@ -112,7 +112,8 @@ def test_eos_stops_unless_ignored(reference):
     forced = reference[0][2]
     engine = Engine.from_config(dataclasses.replace(PRESETS["tiny"], eos_token_id=forced))
     out = engine.generate(PROMPTS[0], SamplingParams(max_tokens=24, temperature=0.0))[0]
-    assert out.finish_reason == "stop" and out.token_ids == reference[0][:reference[0].index(forced) + 1]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == reference[0][:reference[0].index(forced) + 1]
     assert engine.generate(PROMPTS[0], GREEDY)[0].token_ids == reference[0]
 
 
@@ -138,7 +139,8 @@ async def _chunks(engine, prompt, params, resume=None) -> list:
     return [c async for c in engine.stream(prompt, params, resume)]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=st.sampled_from(PROMPTS), seed=st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)),
        stop=st.sampled_from([(), ("zz",), ("e",), (" t", "a ")]), cut=st.integers(0, 30))
 def test_a_resumed_stream_continues_exactly_where_the_client_left_off(tiny_engine, prompt, seed,

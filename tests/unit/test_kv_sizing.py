@@ -33,7 +33,8 @@ def test_default_max_model_len_is_what_the_cache_holds_with_a_warning(caplog):
 
 
 def test_an_explicit_max_model_len_that_does_not_fit_is_the_error():
-    with pytest.raises(ValueError, match=r"max_model_len \(1700\) does not fit.* holds 1600 tokens"):
+    with pytest.raises(ValueError,
+                       match=r"max_model_len \(1700\) does not fit.* holds 1600 tokens"):
         size_kv_cache(MIXTRAL, 16, torch.bfloat16, CPU, kv_cache_memory=100 * BLOCK,
                       max_model_len=1700)
     with pytest.raises(ValueError, match=r"max_model_len \(40000\) exceeds .*\(32768\)"):
@@ -58,7 +59,7 @@ def test_the_cpu_budget_follows_available_memory(monkeypatch):
     assert kv_sizing.default_kv_cache_memory(CPU) == 4 * 2**30
     monkeypatch.setattr(kv_sizing, "available_memory", lambda: 2**20)
     assert kv_sizing.default_kv_cache_memory(CPU) == kv_sizing.CPU_KV_MIN_BYTES
-    assert 0 < kv_sizing.available_memory()
+    assert kv_sizing.available_memory() > 0
 
 
 def test_a_transformers_default_checkpoint_loads(hf_checkpoint):

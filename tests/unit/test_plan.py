@@ -95,12 +95,14 @@ def test_an_actor_of_k_experts_is_one_placement_unit():
 def test_a_replica_avoids_its_groups_node_even_when_that_node_has_the_most_room():
     nodes = [HEAD, Node("big", {"expert": 10}), Node("small", {"expert": 2})]
     p = plan(nodes, 8, 2, {"expert": 1}, {"frontend": 1}, experts_per_actor=2)
-    assert [{s.node_id for s in p.groups[ids]} for ids in [(0, 1), (2, 3)]] == [{"big", "small"}] * 2
+    assert ([{s.node_id for s in p.groups[ids]} for ids in [(0, 1), (2, 3)]]
+            == [{"big", "small"}] * 2)
     assert {s.node_id for s in p.groups[(4, 5)]} == {"big"}        # small is full: same node
 
 
 def test_k_experts_per_actor_need_8_over_k_slots():
-    with pytest.raises(PlacementError, match=r"in actors of 4, .* ran out at experts \[4, 5, 6, 7\]"):
+    with pytest.raises(PlacementError,
+                       match=r"in actors of 4, .* ran out at experts \[4, 5, 6, 7\]"):
         plan([HEAD] + expert_nodes(1, slots=1), 8, 1, {"expert": 1}, {"frontend": 1},
              experts_per_actor=4)
 

@@ -21,14 +21,16 @@ def test_generated_code_is_up_to_date(tmp_path):
                    cwd=tmp_path, check=True)
     for name in GENERATED:
         fresh = (tmp_path / "protos" / name).read_text()
-        assert fresh == (ROOT / "protos" / name).read_text(), f"protos/{name} is stale: regenerate it"
+        assert fresh == (ROOT / "protos" / name).read_text(), (
+            f"protos/{name} is stale: regenerate it")
 
 
 def test_every_message_field_is_commented():
     lines = (ROOT / "protos" / "generator.proto").read_text().splitlines()
     for i, line in enumerate(lines):
         stripped = line.strip()
-        if "=" in stripped and stripped.endswith(";") and not stripped.startswith(("//", "syntax", "package")):
+        if ("=" in stripped and stripped.endswith(";")
+                and not stripped.startswith(("//", "syntax", "package"))):
             assert lines[i - 1].strip().startswith("//"), f"line {i + 1} has no comment: {stripped}"
 
 

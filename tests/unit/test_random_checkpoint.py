@@ -27,14 +27,17 @@ def test_random_checkpoint_has_hf_layout(tiny_checkpoint):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     assert set(index["weight_map"]) == set(tensor_shapes(PRESETS["tiny"]))
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
         assert (tiny_checkpoint / name).exists(), name
-    assert "[INST]" in json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())["chat_template"]
+    tokenizer_config = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
+    assert "[INST]" in tokenizer_config["chat_template"]
 
 
 def test_transformers_loads_random_checkpoint_and_agrees(tiny_checkpoint):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.MixtralForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    hf = transformers.MixtralForCausalLM.from_pretrained(tiny_checkpoint,
+                                                         dtype=torch.float32).eval()
     engine = Engine.from_pretrained(tiny_checkpoint)
     ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
     with torch.no_grad():

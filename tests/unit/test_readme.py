@@ -70,6 +70,7 @@ def test_docs_blocks_run_with_their_cuda_lines(doc_code, doc, heading):
 
 def test_readme_fits_a_first_hour_and_names_no_project_history():
     text = (TESTS.parent / "README.md").read_text(encoding="utf-8")
-    assert len(text.splitlines()) <= 250, "the README is for a user's first hour: move the rest to docs/"
+    assert len(text.splitlines()) <= 250, (
+        "the README is for a user's first hour: move the rest to docs/")
     history = re.findall(r"(?i)\bissue[- ]\d+|before this release|\bstop \d+", text)
     assert not history, f"the README names the project's history (git log's job): {history}"

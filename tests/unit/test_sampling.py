@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.errors import InvalidRequest
-from model.sampling import (INT64_MAX, INT64_MIN, SamplingError, SamplingParams, sample,
-                            token_seed)
+from model.sampling import INT64_MAX, INT64_MIN, SamplingError, SamplingParams, sample, token_seed
 
 CHI2_DF3_P001 = 16.266      # chi-square critical value, 3 degrees of freedom, p = 0.001
 
@@ -103,7 +102,8 @@ def test_non_finite_logits_fail_only_their_row(bad):
              min_size=width, max_size=width), min_size=1, max_size=4)))
 def test_greedy_takes_the_first_maximum_and_fails_exactly_the_non_finite_rows(rows):
     logits = torch.tensor(rows, dtype=torch.float32)
-    results = sample(logits, [SamplingParams(temperature=0.0)] * len(rows), [None] * len(rows), None)
+    results = sample(logits, [SamplingParams(temperature=0.0)] * len(rows), [None] * len(rows),
+                     None)
     for row, result in zip(rows, results):
         bad = any(math.isnan(v) or v == math.inf for v in row) or all(v == -math.inf for v in row)
         assert isinstance(result, SamplingError) == bad

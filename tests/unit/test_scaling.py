@@ -13,14 +13,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from actors.experts.dispatcher import Dispatcher
-from actors.info import ActorLoad, ExpertLoad
 from actors.experts.load import MIN_CALLS, LoadWindow
 from actors.experts.scaling import Autoscaler, ExpertAutoscaling, ExpertScaler, _victims
+from actors.info import ActorLoad, ExpertLoad
 from cluster.plan import Node, PlacementError, Slot, plan_added
 from model.config import PRESETS
 from model.engine import Engine, SamplingParams
-from tests.unit.test_dispatcher import (CFG, E, FakeActor, FakeClock, in_process_transport,
-                                        routed)
+from tests.unit.test_dispatcher import CFG, E, FakeActor, FakeClock, in_process_transport, routed
 
 NODES = [Node(f"n{i}", {"CPU": 2, "expert": 2}) for i in range(3)]
 
@@ -105,7 +104,7 @@ class TimedTransport:
 
     def __call__(self, layer, requests):
         out = []
-        for (actor, x, counts), (y, _) in zip(requests, in_process_transport(layer, requests)):
+        for (actor, x, _counts), (y, _) in zip(requests, in_process_transport(layer, requests)):
             out.append((y, 0.001 + self.seconds_per_row[actor] * x.shape[0]))
         return out
 
@@ -311,8 +310,9 @@ def test_a_call_through_an_actors_restart_waits_it_out_within_bounds(monkeypatch
     RESTART_TIMEOUT_S after the first failure (a clean-clone run failed an addition: three
     quick retries all hit 'the actor is restarting'). An actor dead for good (ActorDiedError),
     a failed constructor and other errors surface at once or after RESTART_DEATHS."""
-    import actors.experts.pool as pool
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+    import actors.experts.pool as pool
     clock = FakeClock()
     monkeypatch.setattr(pool, "time", types.SimpleNamespace(monotonic=clock, sleep=clock.sleep))
     restarting = ActorUnavailableError("The actor is restarting", None)

@@ -138,7 +138,8 @@ def random_id_sequences(sp, count: int = 2000) -> list[list[int]]:
         for _ in range(rng.randrange(1, 10)):
             kind = rng.random()
             if kind < 0.35:
-                seq += [3 + b for b in _random_unicode(rng, 1).encode("utf-8")][: rng.randrange(1, 5)]
+                utf8 = _random_unicode(rng, 1).encode("utf-8")
+                seq += [3 + b for b in utf8][: rng.randrange(1, 5)]
             elif kind < 0.55:
                 seq.append(rng.randrange(3, 259))
             elif kind < 0.75:
@@ -183,7 +184,7 @@ def test_stream_equals_decode(tok, sp):
 
 
 def test_stream_holds_partial_characters(tok, sp):
-    byte_ids = [3 + b for b in "😀".encode("utf-8")]
+    byte_ids = [3 + b for b in "😀".encode()]
     assert _stream(tok, byte_ids) == ["", "", "", "😀", ""]
     truncated = _stream(tok, byte_ids[:3] + [sp.piece_to_id("▁Hello")])
     assert "".join(truncated) == sp.decode(byte_ids[:3] + [sp.piece_to_id("▁Hello")])
@@ -209,7 +210,8 @@ def _completable(prefix: bytes) -> bool:
 
 def test_stream_holds_exactly_the_completable_prefixes(tok):
     prefixes = [bytes([b]) for b in range(0x80, 0x100)]
-    prefixes += [bytes([lead, b]) for lead in (0xC2, 0xE0, 0xE1, 0xED, 0xF0, 0xF4) for b in range(256)]
+    prefixes += [bytes([lead, b])
+                 for lead in (0xC2, 0xE0, 0xE1, 0xED, 0xF0, 0xF4) for b in range(256)]
     for prefix in prefixes:
         stream = tok.detokenizer()
         deltas = [stream.push(3 + b) for b in prefix]
@@ -279,7 +281,7 @@ def test_completion_keeps_its_leading_space(tok, sp):
 
 
 def test_character_split_across_prompt_and_completion_comes_whole(tok, sp):
-    smile = [3 + b for b in "😀".encode("utf-8")]
+    smile = [3 + b for b in "😀".encode()]
     prefix = tok.encode("Hi") + smile[:2]
     assert sp.decode(prefix) == "Hi\ufffd\ufffd"
     assert _assert_continues(tok, sp, prefix, smile[2:] + sp.encode("x")) == ["", "😀", " x", ""]
@@ -303,7 +305,7 @@ class _CountingIds(Sequence):
 
 
 def test_starting_after_a_long_prefix_reads_only_its_ends(tok, sp):
-    smile = [3 + b for b in "😀".encode("utf-8")]
+    smile = [3 + b for b in "😀".encode()]
     ids = [sp.bos_id()] + sp.encode("Once upon a time") * 50_000 + smile * 50_000 + smile[:3]
     prefix = _CountingIds(ids)
     stream = tok.detokenizer(prefix)
@@ -315,12 +317,14 @@ def test_starting_after_a_long_prefix_reads_only_its_ends(tok, sp):
 
 def _reference(mistral, messages: list[dict]) -> list[int]:
     kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-    request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+    request = ChatCompletionRequest(
+        messages=[kinds[m["role"]](content=m["content"]) for m in messages])
     return mistral.encode_chat_completion(request).tokens
 
 
 def _turns(*contents: str) -> list[dict]:
-    return [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(contents)]
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": c}
+            for i, c in enumerate(contents)]
 
 
 CHATS = {
@@ -359,7 +363,8 @@ def test_chat_markers_in_content_are_plain_text(tok):
      "messages[1].role: a system message may only be the first message"),
     (_turns("a", "", "b"), "messages[1].content: an assistant message must not be empty"),
     ([{"role": "assistant", "content": "x"}] + _turns("a"), "messages[0].role: expected 'user'"),
-    ([{"role": "system", "content": "s"}], "messages[0].role: the last message must be from 'user'"),
+    ([{"role": "system", "content": "s"}],
+     "messages[0].role: the last message must be from 'user'"),
     ([], "messages"),
     (["hello"], "messages[0]"),
 ])
@@ -414,7 +419,8 @@ def _rule_stricter_than_reference(error: str, messages: list[dict]) -> bool:
     """The documented rules (model/chat.py) that reject what mistral-common accepts."""
     return ("a system message may only be the first message" in error
             or "roles alternate user/assistant starting with user" in error
-            or (len(messages) == 1 and "the last message must be from 'user', got 'system'" in error))
+            or (len(messages) == 1
+                and "the last message must be from 'user', got 'system'" in error))
 
 
 def _names_the_culprit(error: str, messages: list[dict]) -> bool:
