@@ -4,9 +4,10 @@ PYTHON ?= python3
 # pulls a multi-GB CUDA build); on GPU machines install your CUDA torch first and set TORCH=.
 TORCH ?= torch==2.13.0
 # pip constraints: the versions the suite was last proven with (constraints.txt, written by
-# `make pins`). `make install PIN=` takes the newest releases that pyproject.toml allows instead
-# (e.g. a GPU machine whose CUDA torch is another version than the pin).
-PIN ?= -c constraints.txt
+# `make pins` on Python 3.11, so used on 3.11 only: some pins have no wheels for 3.10).
+# `make install PIN=` takes the newest releases that pyproject.toml allows instead (e.g. a GPU
+# machine whose CUDA torch is another version than the pin).
+PIN ?= $(shell $(PYTHON) -c 'import sys; print("-c constraints.txt" if sys.version_info[:2] == (3, 11) else "")')
 PINS_VENV ?= /tmp/mixtral-ep-pins
 
 .PHONY: install pins lint demo test bench peer-venv protos
@@ -38,8 +39,8 @@ demo: install
 # PYTEST_ARGS go to every lane, e.g. make test-e2e PYTEST_ARGS="-x -k openai". A lane that
 # selects no test (pytest's exit code 5) passes.
 PYTEST_ARGS ?=
-LANE = sh -c '$(PYTHON) -m pytest -q --durations=25 $(PYTEST_ARGS) "$$@"; rc=$$?; \
-	[ $$rc -eq 5 ] && echo "(no tests selected in $$*)" && exit 0; exit $$rc' lane
+LANE = sh -c '$(PYTHON) -m pytest -q --durations=25 "$$@"; rc=$$?; \
+	[ $$rc -eq 5 ] && echo "(no tests selected)" && exit 0; exit $$rc' lane $(PYTEST_ARGS)
 
 .PHONY: test-unit test-integration test-e2e test-gpu
 .NOTPARALLEL:           # one lane at a time, even under make -j: they share the machine's cores

@@ -31,7 +31,8 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from actors.serving.engine_server import EngineOptions, EngineServer
+from actors.options import EngineOptions
+from actors.serving.engine_server import EngineServer
 from actors.serving.gateway import Gateway
 from bench import loadgen
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster

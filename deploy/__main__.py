@@ -7,8 +7,11 @@
 It is `serve run` of a Serve config: `deploy/serve.yaml` (proxies, gRPC servicers, logging,
 deployments) with each KEY=VALUE set in its application's `args` as a string, which `build_app`
 parses by its option's type (deploy/app.py, actors/options.py). `serve run IMPORT_PATH
-key=value` alone would start Serve without the gRPC servicers. Blocks until Ctrl-C, which
-shuts Serve down. Exit status 2 names a malformed argument.
+key=value` alone would start Serve without the gRPC servicers. A relative `model=DIR` is taken
+from the current directory. The args are checked here first, as `build_app` checks them
+(unless `--address` names another cluster, whose paths may differ): exit status 2 and a message
+naming a malformed, unknown or bad argument or what a `model` directory lacks, before Ray
+starts. Blocks until Ctrl-C, which shuts Serve down.
 """
 from __future__ import annotations
 
@@ -40,6 +43,15 @@ def config_with_args(config: dict, args: list[str]) -> dict:
     return {**config, "applications": [{**apps[0], "args": merged}]}
 
 
+def absolute_model(arg: str) -> str:
+    """"model=DIR" with DIR absolute (Serve builds the application in another process and
+    directory); any other argument unchanged."""
+    key, sep, value = arg.partition("=")
+    if key != "model" or not value:
+        return arg
+    return f"model={Path(value).expanduser().resolve()}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="mixtral-ep-serve",
@@ -55,8 +67,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="the Ray cluster to run on (default: RAY_ADDRESS, else a local one)")
     ns = parser.parse_args(argv)
     try:
-        config = config_with_args(yaml.safe_load(ns.config.read_text()), ns.args)
-    except (OSError, ValueError, yaml.YAMLError) as e:
+        config = config_with_args(yaml.safe_load(ns.config.read_text()),
+                                  [absolute_model(a) for a in ns.args])
+        if ns.address is None:
+            from deploy.app import build_app  # the checks Serve's build task would run
+            build_app(config["applications"][0]["args"])
+    except (OSError, ValueError, yaml.YAMLError) as e:     # CheckpointError is a ValueError
         parser.error(str(e))
     from ray.serve.scripts import cli  # Serve's own `serve run`: its Ctrl-C and log stream
     with tempfile.TemporaryDirectory(prefix="mixtral-ep-serve-") as tmp:

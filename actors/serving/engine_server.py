@@ -75,7 +75,7 @@ def ready_banner(model_id: str, actors: int, grpc_address: str | None, http_addr
                  else "not served here: Serve's grpc_options name no servicer functions "
                       "(serve run deploy/serve.yaml sets them)")
     lines = [f"engine replica ready: model {model_id!r} (the frontend runs here, {actors} "
-             f"expert actors). Call it:",
+             f"expert actor{'' if actors == 1 else 's'}). Call it:",
              f"  gRPC:    {grpc_line}",
              f"  OpenAI:  curl http://{http_address}/v1/chat/completions -H "
              f"'Content-Type: application/json'{key} -d {chat}",

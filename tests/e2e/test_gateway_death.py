@@ -19,7 +19,8 @@ import grpc
 import pytest
 import ray
 
-from actors.serving.engine_server import EngineOptions, EngineServer
+from actors.options import EngineOptions
+from actors.serving.engine_server import EngineServer
 from actors.serving.gateway import Gateway
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, HEAD_RESOURCE
 from model.checkpoint import WeightSource

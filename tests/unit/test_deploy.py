@@ -280,9 +280,26 @@ def test_the_one_command_serve_sets_each_key_value_in_the_configs_args(given_arg
     assert yaml.safe_load(yaml.safe_dump(merged)) == merged     # strings stay strings
 
 
-@pytest.mark.parametrize("bad,expected", [(["model"], "KEY=VALUE"), (["=x"], "KEY=VALUE")])
-def test_the_one_command_serve_names_a_malformed_argument(bad, expected, capsys):
+@pytest.mark.parametrize("bad,expected", [
+    (["model"], "KEY=VALUE"), (["=x"], "KEY=VALUE"),
+    (["expert_replica=2"], "unknown application args ['expert_replica']"),
+    (["expert_replicas=two"], "expert_replicas expects an integer, got 'two'"),
+    (["model=no/such/dir"], "no/such/dir")])
+def test_the_one_command_serve_names_a_bad_argument_before_starting(bad, expected, capsys,
+                                                                   monkeypatch, tmp_path):
+    """Exit 2 and the argument named, from the args alone: Serve's build task would only log
+    the failure while `serve run` waited on."""
     from deploy.__main__ import main
+    monkeypatch.setenv("MIXTRAL_EP_CACHE", str(tmp_path))       # the demo model, if built
     with pytest.raises(SystemExit) as exit_:
         main(bad)
     assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_the_one_command_serve_takes_a_relative_model_from_the_current_directory(
+        tmp_path, monkeypatch):
+    from deploy.__main__ import absolute_model
+    monkeypatch.chdir(tmp_path)
+    assert absolute_model("model=ckpt") == f"model={tmp_path / 'ckpt'}"
+    assert absolute_model("dtype=float32") == "dtype=float32"
+    assert absolute_model("model=") == "model="
