@@ -1,6 +1,7 @@
 """The HTTP side of the gateway: a FastAPI app behind Serve's HTTP proxy serving the
-OpenAI-compatible API (actors/serving/openai_api.py): POST /v1/completions, POST
-/v1/chat/completions, GET /v1/models, GET /v1/models/{model}, and GET or HEAD /health.
+OpenAI-compatible API (actors/serving/openai_api.py, openai_responses.py): POST
+/v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}, and GET or
+HEAD /health.
 
 Errors are an HTTP status with OpenAI's error body, never a traceback (actors/serving/status.py
 maps an exception to its status), and are logged as one line in HTTP's words ("request answered
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.failover import unwrap
 from actors.serving import auth
 from actors.serving import openai_api as oai
+from actors.serving import openai_responses as responses
 from actors.serving.auth import Unauthenticated, authorized
 from actors.serving.engine_client import EngineClient, collect
 from actors.serving.status import http_status_of, log_failure, log_refusal
@@ -48,7 +50,7 @@ class _ApiKey:
             header = Headers(scope=scope).get("authorization")
             if not authorized(auth.required_digest(), header):
                 log_failure(Unauthenticated(), 401)
-                response = JSONResponse(oai.error_body(401, str(Unauthenticated())), 401)
+                response = JSONResponse(responses.error_body(401, str(Unauthenticated())), 401)
                 return await response(scope, receive, send)
 
         async def receive_or_disconnect():
@@ -83,13 +85,13 @@ async def _malformed(request: Request, exc: RequestValidationError) -> JSONRespo
     else:
         message = f"{'.'.join(loc)}: {err.get('msg')}"
     log_refusal(400, message)
-    return JSONResponse(oai.error_body(400, message, param), status_code=400)
+    return JSONResponse(responses.error_body(400, message, param), status_code=400)
 
 
 @openai_app.exception_handler(StarletteHTTPException)
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown paths (404), wrong methods (405), unreadable bodies: OpenAI's error shape too."""
-    return JSONResponse(oai.error_body(exc.status_code, str(exc.detail)),
+    return JSONResponse(responses.error_body(exc.status_code, str(exc.detail)),
                         status_code=exc.status_code)
 
 
@@ -98,13 +100,13 @@ def http_error(error: Exception) -> JSONResponse:
     status, details = http_status_of(error)
     if isinstance(unwrap(error), oai.ModelNotFound):
         log_refusal(404, details)
-        return JSONResponse(oai.error_body(404, details, "model", "model_not_found"),
+        return JSONResponse(responses.error_body(404, details, "model", "model_not_found"),
                             status_code=404)
     log_failure(error, status)
-    return JSONResponse(oai.error_body(status, details), status_code=status)
+    return JSONResponse(responses.error_body(status, details), status_code=status)
 
 
-async def _events(out: oai.Response, first, chunks, prompt_tokens: int, include_usage: bool):
+async def _events(out: responses.Response, first, chunks, prompt_tokens: int, include_usage: bool):
     """Server-sent events of one stream; an error after the first token ends it with an error
     event (the status line has been sent). A client that goes away cancels the engine stream,
     which frees the request's KV blocks."""
@@ -123,10 +125,10 @@ async def _events(out: oai.Response, first, chunks, prompt_tokens: int, include_
     except Exception as e:  # noqa: BLE001 - an error event, never a traceback
         status, details = http_status_of(e)
         log_failure(e, status)
-        yield oai.sse(oai.error_body(status, details))
+        yield responses.sse(responses.error_body(status, details))
     finally:
         chunks.cancel()
-    yield oai.DONE
+    yield responses.DONE
 
 
 class EventStream(StreamingResponse):
@@ -144,7 +146,7 @@ class EventStream(StreamingResponse):
                     "headers": self.raw_headers})
         more = True
         async for event in self.body_iterator:                # each event as soon as it is there
-            more = event != oai.DONE
+            more = event != responses.DONE
             await send({"type": "http.response.body", "body": event.encode(self.charset),
                         "more_body": more})
         if more:                                              # no [DONE]: end the body anyway
@@ -162,7 +164,7 @@ async def health(engine: EngineClient) -> JSONResponse:
 
 async def models(engine: EngineClient) -> JSONResponse:
     try:
-        return JSONResponse(oai.models_body(engine.model_name, await engine.info(),
+        return JSONResponse(responses.models_body(engine.model_name, await engine.info(),
                                             engine.created))
     except Exception as e:  # noqa: BLE001 - every error becomes a status
         return http_error(e)
@@ -172,7 +174,7 @@ async def model(engine: EngineClient, name: str) -> JSONResponse:
     """One model's card (`client.models.retrieve`); 404 in OpenAI's shape for another."""
     try:
         oai.check_model(name, engine.model_name)
-        return JSONResponse(oai.model_card(engine.model_name, await engine.info(),
+        return JSONResponse(responses.model_card(engine.model_name, await engine.info(),
                                            engine.created))
     except Exception as e:  # noqa: BLE001 - every error becomes a status
         return http_error(e)
@@ -187,7 +189,7 @@ async def completion(engine: EngineClient, request, chat: bool):
         oai.check_model(request.model, engine.model_name)
         info = await engine.info()
         ids, params = await asyncio.to_thread(inputs, request, engine.tokenizer, info)
-        out = oai.Response(chat, engine.model_name, engine.tokenizer, logprobs,
+        out = responses.Response(chat, engine.model_name, engine.tokenizer, logprobs,
                            request.return_token_ids, ids)
         chunks = engine.stream(ids, params)
         if not request.stream:

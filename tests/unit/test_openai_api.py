@@ -1,7 +1,7 @@
-"""actors/serving/openai_api.py without a server: request models (strict types, unknown
-fields), their translation to engine inputs (defaults, limits), and response bodies; the HTTP
-app's OpenAPI schema. tests/e2e/test_openai.py has the same through Serve's HTTP proxy with the
-official client."""
+"""actors/serving/openai_api.py and openai_responses.py without a server: request models
+(strict types, unknown fields), their translation to engine inputs (defaults, limits), and
+response bodies; the HTTP app's OpenAPI schema. tests/e2e/test_openai.py has the same through
+Serve's HTTP proxy with the official client."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from actors.info import EngineInfo
 from actors.serving import openai_api as oai
+from actors.serving import openai_responses as responses
 from model.errors import InvalidRequest
 from model.tokenizer import Tokenizer
 
@@ -82,7 +83,7 @@ def test_another_models_name_is_model_not_found():
 
 
 def test_whole_and_chunk_bodies(tokenizer):
-    out = oai.Response(True, "m", tokenizer, logprobs=True, token_ids=True)
+    out = responses.Response(True, "m", tokenizer, logprobs=True, token_ids=True)
     body = out.whole("Hi", [1, 2], [-0.5, -1.0], "length", 3)
     [choice] = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": "Hi"}
@@ -90,7 +91,7 @@ def test_whole_and_chunk_bodies(tokenizer):
     assert choice["token_ids"] == [1, 2] and body["usage"]["total_tokens"] == 5
     event = out.chunk("Hi", [1], [-0.5], None, first=True)
     assert event.startswith('data: {"id": "chatcmpl-') and '"role": "assistant"' in event
-    assert oai.DONE == "data: [DONE]\n\n"
+    assert responses.DONE == "data: [DONE]\n\n"
 
 
 def test_tool_fields_without_tools_are_accepted_and_tools_refused(tokenizer):
@@ -118,7 +119,7 @@ def test_logprob_tokens_spell_the_completion(tokenizer, data, chunk):
     stream = tokenizer.detokenizer(prompt)
     deltas = [stream.push(t) for t in ids]
     text = "".join(deltas) + stream.flush()
-    chat = oai.Response(True, "m", tokenizer, logprobs=True)
+    chat = responses.Response(True, "m", tokenizer, logprobs=True)
     whole = chat.whole(text, ids, [-1.0] * len(ids), "length", 3)
     content = whole["choices"][0]["logprobs"]["content"]
     if "\ufffd" not in text:                 # (invalid bytes: one U+FFFD each in the text)
@@ -127,7 +128,7 @@ def test_logprob_tokens_spell_the_completion(tokenizer, data, chunk):
     assert all(e["token"] == bytes(e["bytes"]).decode()
                for e, ok in zip(content, whole_chars) if ok)
 
-    out = oai.Response(False, "m", tokenizer, logprobs=True, prompt_ids=prompt)
+    out = responses.Response(False, "m", tokenizer, logprobs=True, prompt_ids=prompt)
     offsets, tokens = [], []
     for i in range(0, len(ids), chunk):                          # a stream, `chunk` ids a time
         event = json.loads(out.chunk("", ids[i:i + chunk], [-1.0] * len(ids[i:i + chunk]),
@@ -146,7 +147,7 @@ def test_logprob_tokens_of_a_byte_spelled_character(tokenizer):
     ids = tokenizer.encode("𝄞")[2:]                  # "▁", then 4 byte tokens
     data = [tokenizer.token_bytes(t) for t in ids]
     assert len(ids) == 4 and b"".join(data).decode() == "𝄞"
-    out = oai.Response(False, "m", tokenizer, logprobs=True, prompt_ids=tokenizer.encode("a"))
+    out = responses.Response(False, "m", tokenizer, logprobs=True, prompt_ids=tokenizer.encode("a"))
     lp = out.whole("x", ids + ids, [0.0] * 2 * len(ids), "length", 1)["choices"][0]["logprobs"]
     assert lp["tokens"][:4] == ["bytes:\\xf0", "bytes:\\x9d", "bytes:\\x84", "bytes:\\x9e"]
     assert lp["text_offset"] == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -159,7 +160,7 @@ def test_logprob_tokens_of_a_byte_spelled_character(tokenizer):
     ("set exactly one of prompt and messages", None), ("the body is not valid JSON", None),
 ])
 def test_a_400_names_its_leading_field_in_param(message, param):
-    assert oai.error_body(400, message)["error"]["param"] == param
+    assert responses.error_body(400, message)["error"]["param"] == param
 
 
 def test_developer_role_store_and_empty_prompt(tokenizer):
@@ -201,8 +202,8 @@ def test_a_streams_last_event_ends_its_body():
     from actors.serving.http_app import EventStream
 
     async def events():
-        yield oai.sse({"choices": []})
-        yield oai.DONE
+        yield responses.sse({"choices": []})
+        yield responses.DONE
 
     async def run() -> list[dict]:
         sent = []
@@ -219,7 +220,7 @@ def test_a_streams_last_event_ends_its_body():
     start, *bodies = asyncio.run(run())
     assert start["type"] == "http.response.start" and start["status"] == 200
     assert [(m["body"], m["more_body"]) for m in bodies] == [
-        (oai.sse({"choices": []}).encode(), True), (oai.DONE.encode(), False)]
+        (responses.sse({"choices": []}).encode(), True), (responses.DONE.encode(), False)]
     assert dict(start["headers"])[b"content-type"].startswith(b"text/event-stream")
 
 
