@@ -12,7 +12,8 @@ Streams the text as it arrives, then a line with the finish reason and token cou
 send the word "info" as a prompt, use --chat. A prompt too long for an argument (a shell
 allows ~128 KB per argument) is read from a file (--prompt-file) or from stdin (`-`), as UTF-8,
 with --chat and --system too. A refused request prints its gRPC status and details and exits 1;
-Ctrl-C stops quietly (exit 130); so does a reader that closes the pipe early (`| head -1`).
+Ctrl-C stops quietly (exit 130); a reader that closes the pipe early (`| head -1`) ends it quietly
+(exit 1, as Python does on a broken pipe).
 """
 from __future__ import annotations
 
