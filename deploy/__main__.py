@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -45,11 +46,12 @@ def config_with_args(config: dict, args: list[str]) -> dict:
 
 def absolute_model(arg: str) -> str:
     """"model=DIR" with DIR absolute (Serve builds the application in another process and
-    directory); any other argument unchanged."""
+    directory) but links not followed (the served model's name is the directory's, as named);
+    any other argument unchanged."""
     key, sep, value = arg.partition("=")
     if key != "model" or not value:
         return arg
-    return f"model={Path(value).expanduser().resolve()}"
+    return f"model={os.path.abspath(os.path.expanduser(value))}"   # a link keeps its name
 
 
 def main(argv: list[str] | None = None) -> None:

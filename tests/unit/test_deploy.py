@@ -301,5 +301,8 @@ def test_the_one_command_serve_takes_a_relative_model_from_the_current_directory
     from deploy.__main__ import absolute_model
     monkeypatch.chdir(tmp_path)
     assert absolute_model("model=ckpt") == f"model={tmp_path / 'ckpt'}"
+    (tmp_path / "named").symlink_to(tmp_path)                 # a link's name is the model's
+    assert absolute_model("model=named/") == f"model={tmp_path / 'named'}"
+    assert absolute_model("model=./a/../named") == f"model={tmp_path / 'named'}"
     assert absolute_model("dtype=float32") == "dtype=float32"
     assert absolute_model("model=") == "model="
