@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, check_unicode
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
 
@@ -24,6 +24,7 @@ def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int,
         if not prompt:
             raise InvalidRequest("prompt must not be empty")
         check_text_size("prompt", len(prompt), tokenizer, max_model_len)
+        check_unicode("prompt", prompt)
         return tokenizer.encode(prompt)
     if not isinstance(prompt, Sequence):
         raise InvalidRequest("prompt must be text or a list of token ids, got "

@@ -13,7 +13,9 @@ raises `ChatTemplateError`.
 The role rules (each error is a `ChatTemplateError` whose message starts with the field it
 names, `messages[i].role` or `messages[i].content`):
 1. `messages` is a non-empty list of dicts, each with a `role` of "system", "user" or
-   "assistant" and a `content` that is a string.
+   "assistant" and a `content` that is a string holding no lone surrogate. "developer" is
+   OpenAI's newer name for "system" and is that role here (the template sees "system"; errors
+   name the role as sent).
 2. Only the first message may be a system message. An empty system message means no system
    prompt; any other is prepended to the first user message, followed by a blank line.
 3. After the optional system message, roles alternate user, assistant, user, ..., starting
@@ -33,7 +35,7 @@ import secrets
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, lone_surrogate_at, surrogate_message
 
 # A pure renderer: the rules are checked before it runs.
 DEFAULT_CHAT_TEMPLATE = (
@@ -51,7 +53,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor %}"
 )
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")
+SYSTEM_ROLES = ("system", "developer")          # OpenAI's "developer" is "system" here
 
 
 class ChatTemplateError(InvalidRequest):
@@ -90,6 +93,7 @@ class ChatTemplate:
 
         `[{"role": "user", "content": "Hi"}]` -> `[Control.BOS, " [INST] Hi [/INST]"]`."""
         validate_messages(messages)
+        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
         bos, eos = (f"\x00{name}-{secrets.token_hex(16)}\x00" for name in ("bos", "eos"))
         text = self._template.render(messages=messages, bos_token=bos, eos_token=eos,
                                      add_generation_prompt=True)
@@ -102,7 +106,8 @@ def validate_messages(messages) -> None:
     """Rules 1-4 of the module docstring, checked message by message in order."""
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("messages: expected a non-empty list of {'role', 'content'} dicts")
-    first_turn = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    first_turn = 1 if isinstance(messages[0], dict) and messages[0].get("role") in SYSTEM_ROLES \
+        else 0
     for i, message in enumerate(messages):
         _validate_shape(i, message)
         _validate_role(i, message["role"], first_turn)
@@ -121,20 +126,22 @@ def _validate_shape(i: int, message) -> None:
         raise ChatTemplateError(f"messages[{i}].role: missing")
     if message["role"] not in ROLES:
         raise ChatTemplateError(f"messages[{i}].role: unknown role {message['role']!r}; "
-                                "expected 'system', 'user' or 'assistant'")
+                                "expected 'system' (or 'developer'), 'user' or 'assistant'")
     if "content" not in message:
         raise ChatTemplateError(f"messages[{i}].content: missing")
     if not isinstance(message["content"], str):
         raise ChatTemplateError(
             f"messages[{i}].content: expected str, got {type(message['content']).__name__}")
+    if (at := lone_surrogate_at(message["content"])) is not None:
+        raise ChatTemplateError(surrogate_message(f"messages[{i}].content", message["content"], at))
 
 
 def _validate_role(i: int, role: str, first_turn: int) -> None:
     """Rules 2-3 for the role of message i; `first_turn` is 1 after a leading system message."""
-    if role == "system":
+    if role in SYSTEM_ROLES:
         if i > 0:
             raise ChatTemplateError(
-                f"messages[{i}].role: a system message may only be the first message")
+                f"messages[{i}].role: a {role} message may only be the first message")
         return
     expected = "user" if (i - first_turn) % 2 == 0 else "assistant"
     if role != expected:

@@ -12,5 +12,29 @@ class InvalidRequest(ValueError):
     """A request field is outside its limits; the message names the field and the limit."""
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """The index of the first lone surrogate (U+D800..U+DFFF) in `text`, None if there is none.
+    A JSON string may spell one (`"a\\ud800b"`), a Python str may hold one; neither is Unicode
+    text (no UTF-8 spells it) and the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
+
+
+def surrogate_message(field: str, text: str, at: int) -> str:
+    """The refusal of a text holding a lone surrogate at `at`; it never quotes the text."""
+    return (f"{field}: holds a lone surrogate (U+{ord(text[at]):04X} at character {at}), which "
+            "is not Unicode text: send each character whole (both halves of a surrogate pair)")
+
+
+def check_unicode(field: str, text: str) -> None:
+    """InvalidRequest naming `field` if `text` holds a lone surrogate."""
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise InvalidRequest(surrogate_message(field, text, at))
+
+
 class QueueFull(RuntimeError):
     """More requests are waiting than `max_waiting`: try again later (RESOURCE_EXHAUSTED)."""

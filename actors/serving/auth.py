@@ -6,7 +6,8 @@ of a file (`api_key_file`; its text, trailing newline stripped) read where `buil
 only its SHA-256 digest travels to the gateway replicas (in Serve's stored deployment args),
 and a presented key is compared by digest with `hmac.compare_digest` (constant time). Neither
 the key nor a presented one is ever logged. Health checks (`grpc.health.v1.Health/Check`,
-`GET /health`) stay open: probes send no credentials.
+`GET /health`) stay open: probes send no credentials. Every other HTTP path needs the key, the
+API's documentation too (`/docs`, `/redoc`, `/openapi.json`: every field and limit).
 """
 from __future__ import annotations
 

@@ -27,15 +27,21 @@ from actors.serving import auth
 from actors.serving import openai_api as oai
 from actors.serving import openai_responses as responses
 from actors.serving.auth import Unauthenticated, authorized
+from actors.serving.caller import CALLER_SCOPE_KEY, cancel_if_gone
 from actors.serving.engine_client import EngineClient, collect
 from actors.serving.status import http_status_of, log_failure, log_refusal
 
 openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mixtral MoE server")
 
 
+OPEN_PATHS = ("/health",)        # for probes, which send no credentials
+
+
 class _ApiKey:
-    """With an API key set (Gateway's `api_key_digest`: actors/serving/auth.py), every /v1 path
-    needs it, before its body is read: 401 in OpenAI's shape otherwise. Plain ASGI, not
+    """With an API key set (Gateway's `api_key_digest`: actors/serving/auth.py), every path but
+    /health needs it, before its body is read: the API, the docs (/docs, /redoc, the
+    /openapi.json that lists every field and limit) and unknown paths alike; 401 in OpenAI's
+    shape otherwise. Plain ASGI, not
     `@app.middleware("http")` (Starlette's BaseHTTPMiddleware runs every response in a task
     group of its own). A client that leaves is a disconnect message here: Serve's `receive`
     raises TaskCancelledError instead once it has cancelled the request, and the streaming
@@ -46,7 +52,7 @@ class _ApiKey:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             header = Headers(scope=scope).get("authorization")
             if not authorized(auth.required_digest(), header):
                 log_failure(Unauthenticated(), 401)
@@ -58,7 +64,8 @@ class _ApiKey:
                 return await receive()
             except TaskCancelledError:
                 return {"type": "http.disconnect"}
-        await self.app(scope, receive_or_disconnect, send)
+        async with cancel_if_gone(scope.get(CALLER_SCOPE_KEY)):     # the proxy died: cancelled
+            await self.app(scope, receive_or_disconnect, send)
 
 
 openai_app.add_middleware(_ApiKey)
@@ -73,6 +80,9 @@ async def _malformed(request: Request, exc: RequestValidationError) -> JSONRespo
     param = loc[0] if loc else None
     if err.get("type") == "json_invalid":
         param, message = None, f"the body is not valid JSON: {err.get('msg')}"
+    elif err.get("type") == oai.SURROGATE:              # its message names where it is
+        param, message = err["ctx"]["field"], err.get("msg")
+        param = None if param == "body" else param
     elif not loc:                                       # the body itself: missing, not an object
         message = ("body: a JSON object is required" if err.get("type") == "missing"
                    else f"body: {err.get('msg')}")

@@ -11,20 +11,29 @@ extensions `top_k`, `ignore_eos`, `return_token_ids`): https://platform.openai.c
   `best_of` > 1, `logit_bias`, `tools` (and a `tool_choice` other than "none") and non-text
   `response_format` are refused; `parallel_tool_calls` is accepted (with no tools, no calls).
 - Unknown fields are refused (HTTP 400 naming them), as OpenAI's server does; types are strict
-  (no `true` for 1, no "0.5" for 0.5). `max_tokens` defaults to 16 for completions (as OpenAI)
-  and to the rest of the context for chat; vLLM's `top_k: -1` means no cut.
+  (no `true` for 1, no "0.5" for 0.5). `null` for an optional field (and for an OpenAI field
+  this server does not implement: NULL_ONLY) is its default, as OpenAI's server reads it.
+- A string anywhere in the body holding a lone surrogate (JSON `"a\\ud800b"`) is refused
+  before anything else, naming where it is (`messages[1].content: holds a lone surrogate`);
+  no message ever quotes it.
+- Chat messages as the `openai` SDK replays them (`message.model_dump()`): null or empty
+  `refusal`, `tool_calls`, `function_call`, `audio` and any `annotations` are accepted and
+  ignored; text parts are joined with "\\n", as vLLM and llama.cpp join them.
+- `max_tokens` defaults to 16 for completions (as OpenAI) and to the rest of the context for
+  chat; vLLM's `top_k: -1` means no cut.
 - Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from actors.info import EngineInfo
 from actors.serving.validation import prompt_ids_of, sampling_params_of
 from model.engine import SamplingParams
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, lone_surrogate_at, surrogate_message
 from model.tokenizer import Tokenizer
 
 # what a union-typed field accepts, for its 400 message
@@ -33,9 +42,66 @@ FIELD_FORMS = {"prompt": "a string, a list of token ids, or a list holding one o
                "messages": "a list of {role, content} messages, content a string or text parts"}
 
 
-class _Request(BaseModel):
-    # strict: no lax coercion (true -> 1, "0.5" -> 0.5, ["1"] -> [1]); ints still pass as floats
+# OpenAI request fields this server does not implement, accepted as null (their default):
+# the `openai` SDK's nullable create() parameters (openai/types/chat/completion_create_params.py)
+NULL_ONLY = frozenset({"audio", "modalities", "prediction", "reasoning_effort", "service_tier",
+                       "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+                       "verbosity", "web_search_options", "moderation", "functions",
+                       "function_call"})
+SURROGATE = "lone_surrogate"            # the pydantic error type of a string holding one
+
+
+class _Body(BaseModel):
+    """A JSON object of a request: strict (no lax coercion: true -> 1, "0.5" -> 0.5, ["1"] ->
+    [1]; ints still pass as floats), unknown fields refused, null for an optional field its
+    default."""
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, f in cls.model_fields.items() if not f.is_required()}
+        return {k: v for k, v in data.items()
+                if v is not None or (k not in optional and k not in NULL_ONLY)}
+
+
+def _find_surrogate(body) -> tuple[str, str] | None:
+    """(field, refusal) of the first string (a value or a key) of a JSON value that holds a
+    lone surrogate, the field its path (`messages[1].content`; `logit_bias` for a key; `body`
+    for the body's own keys); else None.
+    Iterative: a body as deep as the JSON parser allows is no recursion error here."""
+    stack = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if (at := lone_surrogate_at(value)) is not None:
+                return path or "body", surrogate_message(path or "body", value, at)
+        elif isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str) and (at := lone_surrogate_at(key)) is not None:
+                    return path or "body", surrogate_message(f"{path or 'body'} (a key)",
+                                                             key, at)
+            stack += reversed([(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+                               if isinstance(v, (str, dict, list))])
+        elif isinstance(value, list):
+            stack += reversed([(v, f"{path}[{i}]") for i, v in enumerate(value)
+                               if isinstance(v, (str, dict, list))])
+    return None
+
+
+class _Request(_Body):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data):
+        """Before anything else reads (or quotes) a string: the tokenizer cannot take one, nor
+        can a response echo one (no UTF-8 spells it)."""
+        if (found := _find_surrogate(data)) is not None:
+            field, message = found
+            # the context replaces "{key}"s in order, without escapes: the message goes last
+            raise PydanticCustomError(SURROGATE, "{message}", {"field": field, "message": message})
+        return data
 
     model: str
     max_tokens: int | None = None
@@ -55,8 +121,7 @@ class _Request(BaseModel):
     return_token_ids: bool = False         # vLLM's extension: choices carry `token_ids`
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
@@ -68,22 +133,28 @@ class CompletionRequest(_Request):
     best_of: int | None = None
 
 
-class ChatContentPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ChatContentPart(_Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ChatMessage(_Body):
     role: str
     content: str | list[ChatContentPart]
     name: str | None = None
+    # what an SDK's assistant message carries back (`message.model_dump()`): accepted null or
+    # empty and ignored (chat_inputs refuses the rest by name; annotations: any, ignored)
+    refusal: str | None = None
+    tool_calls: list | None = None
+    function_call: dict | None = None
+    audio: dict | None = None
+    annotations: list | None = None
 
     def text(self) -> str:
+        """The content; text parts joined with "\\n", as vLLM and llama.cpp join them."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Request):
@@ -174,9 +245,13 @@ def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
             "only {\"type\": \"text\"} is supported")
     _refuse(r.max_tokens is None or r.max_completion_tokens is None, "max_completion_tokens",
             "set it or max_tokens, not both")
-    # OpenAI's "developer" role is what older models (Mixtral's template too) call "system"
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in r.messages]
+    for i, m in enumerate(r.messages):
+        for field in ("tool_calls", "function_call", "audio", "refusal"):
+            _refuse(not getattr(m, field), f"messages[{i}].{field}",
+                    "only null or empty is accepted (this server has no tools, audio or "
+                    "refusals)")
+    # OpenAI's "developer" role is "system" to the chat template (model/chat.py)
+    messages = [{"role": m.role, "content": m.text()} for m in r.messages]
     ids = prompt_ids_of(tokenizer, info.context_length, messages=messages)
     field = "max_tokens" if r.max_tokens is not None else "max_completion_tokens"
     max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens

@@ -48,3 +48,37 @@ def test_only_the_bearer_key_is_authorized(key, other):
 def test_grpc_metadata_key_is_case_insensitive():
     assert grpc_authorization([("x", "1"), ("Authorization", "Bearer k")]) == "Bearer k"
     assert grpc_authorization([]) is None and grpc_authorization(None) is None
+
+
+def _get(app, path: str, headers: dict) -> int:
+    """The status of GET `path` on an ASGI app, called in-process."""
+    import asyncio
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "server": ("test", 80), "client": ("test", 1),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/v1/models", "/nope"])
+def test_with_a_key_set_every_http_path_but_health_needs_it(path, monkeypatch):
+    """/docs, /redoc and /openapi.json (every field and limit) answered without the key."""
+    from actors.serving import auth
+    from actors.serving.gateway import Gateway  # noqa: F401 - serve.ingress binds the routes
+    from actors.serving.http_app import OPEN_PATHS, openai_app
+    monkeypatch.setitem(auth._required, "digest", digest("k3y"))
+    assert _get(openai_app, path, {}) == 401
+    assert _get(openai_app, path, {"Authorization": "Bearer nope"}) == 401
+    if path in ("/docs", "/redoc", "/openapi.json"):
+        assert _get(openai_app, path, {"Authorization": "Bearer k3y"}) == 200
+    assert OPEN_PATHS == ("/health",)                      # probes send no credentials
+    monkeypatch.setitem(auth._required, "digest", None)
+    assert _get(openai_app, "/openapi.json", {}) == 200                  # no key set: open

@@ -5,6 +5,7 @@ Serve's HTTP proxy with the official client."""
 from __future__ import annotations
 
 import json
+import re
 
 import pydantic
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from actors.info import EngineInfo
 from actors.serving import openai_api as oai
 from actors.serving import openai_responses as responses
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, lone_surrogate_at
 from model.tokenizer import Tokenizer
 
 INFO = EngineInfo(context_length=256, vocab_size=32000, num_layers=2, num_experts=8,
@@ -254,3 +255,172 @@ def test_every_routes_annotations_are_objects():
     for route, _, _ in _walk_fastapi_routes(openai_app):
         hints = inspect.get_annotations(route.endpoint)
         assert not any(isinstance(h, str) for h in hints.values()), (route.path, hints)
+
+
+# ---- inputs as clients send them (issue 20, item 9) ---------------------------------------
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": "m", "prompt": "hi"}
+# every field a client may send as null, meaning its default (the OpenAI SDK's nullable ones)
+NULLABLE = sorted((oai.REQUEST_FIELDS | oai.NULL_ONLY) - {"model", "prompt", "messages"})
+
+
+@settings(max_examples=200, deadline=None)
+@given(chat=st.booleans(), nulls=st.sets(st.sampled_from(NULLABLE)))
+def test_null_is_the_default(tokenizer, chat, nulls):
+    """`"n": null`, `"stream": null`, `"echo": null`... read as the field unset: the same
+    request, the same engine inputs (they were 400 "Input should be a valid integer")."""
+    model, base = (oai.ChatCompletionRequest, CHAT) if chat else (oai.CompletionRequest,
+                                                                   COMPLETION)
+    fields = set(model.model_fields) | oai.NULL_ONLY
+    with_nulls = model.model_validate(base | {f: None for f in nulls & fields})
+    assert with_nulls == model.model_validate(base)
+    inputs = oai.chat_inputs if chat else oai.completion_inputs
+    assert inputs(with_nulls, tokenizer, INFO) == inputs(model.model_validate(base), tokenizer,
+                                                         INFO)
+
+
+def test_null_inside_nested_objects_is_the_default_and_a_required_null_is_refused():
+    r = oai.ChatCompletionRequest.model_validate(CHAT | {"stream": True, "stream_options": {
+        "include_usage": None}, "messages": [{"role": "user", "content": "hi", "name": None}]})
+    assert r.stream_options.include_usage is False and r.messages[0].name is None
+    for field in ("model", "prompt"):
+        with pytest.raises(pydantic.ValidationError) as e:
+            oai.CompletionRequest.model_validate(COMPLETION | {field: None})
+        assert e.value.errors()[0]["loc"][0] == field
+    with pytest.raises(pydantic.ValidationError, match="unknown_field|Extra inputs"):
+        oai.CompletionRequest.model_validate(COMPLETION | {"service_tier": "flex"})
+
+
+def _sdk_assistant_message(content: str) -> dict:
+    """An assistant reply as the `openai` SDK replays it: `message.model_dump()`."""
+    openai_types = pytest.importorskip("openai.types.chat")
+    return openai_types.ChatCompletionMessage(role="assistant", content=content).model_dump()
+
+
+def test_an_sdk_replayed_history_is_accepted_and_its_extras_ignored(tokenizer):
+    """`reply.choices[0].message.model_dump()` back in `messages` carries refusal, tool_calls,
+    function_call, audio and annotations as null: 400 "unknown field 'messages.1.refusal'"
+    before."""
+    replayed = _sdk_assistant_message("Hello!")
+    assert {"refusal", "tool_calls", "function_call", "audio", "annotations"} <= set(replayed)
+    turns = [{"role": "user", "content": "hi"}, replayed, {"role": "user", "content": "more"}]
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "more"}]
+    got = oai.chat_inputs(oai.ChatCompletionRequest(model="m", messages=turns), tokenizer, INFO)
+    assert got == oai.chat_inputs(oai.ChatCompletionRequest(model="m", messages=plain),
+                                  tokenizer, INFO)
+    empty = replayed | {"refusal": "", "tool_calls": [], "annotations": [{"type": "url"}]}
+    oai.chat_inputs(oai.ChatCompletionRequest(model="m", messages=[plain[0], empty, plain[2]]),
+                    tokenizer, INFO)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"tool_calls": [{"id": "c", "type": "function",
+                      "function": {"name": "f", "arguments": "{}"}}]}, "messages[1].tool_calls"),
+    ({"function_call": {"name": "f", "arguments": "{}"}}, "messages[1].function_call"),
+    ({"audio": {"id": "a"}}, "messages[1].audio"),
+    ({"refusal": "I can't."}, "messages[1].refusal"),
+])
+def test_a_non_empty_tool_call_audio_or_refusal_is_refused_by_name(tokenizer, extra, field):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"} | extra,
+             {"role": "user", "content": "ok"}]
+    with pytest.raises(InvalidRequest, match=f"^{re.escape(field)}: only null or empty"):
+        oai.chat_inputs(oai.ChatCompletionRequest(model="m", messages=turns), tokenizer, INFO)
+    assert responses.error_body(400, f"{field}: x")["error"]["param"] == field
+
+
+def test_text_parts_are_joined_with_a_newline_as_vllm_joins_them(tokenizer):
+    parts = [{"type": "text", "text": "Line one."}, {"type": "text", "text": "Line two."}]
+    as_parts = oai.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}])
+    as_text = oai.ChatCompletionRequest(model="m", messages=[
+        {"role": "user", "content": "Line one.\nLine two."}])
+    assert oai.chat_inputs(as_parts, tokenizer, INFO) == oai.chat_inputs(as_text, tokenizer, INFO)
+
+
+@pytest.mark.parametrize("messages, needle", [
+    ([{"role": "developer", "content": "Be brief."}],
+     "messages[0].role: the last message must be from 'user', got 'developer'"),
+    ([{"role": "user", "content": "a"}, {"role": "developer", "content": "b"}],
+     "messages[1].role: a developer message may only be the first message"),
+])
+def test_a_developer_message_is_named_as_sent(tokenizer, messages, needle):
+    with pytest.raises(InvalidRequest) as e:
+        oai.chat_inputs(oai.ChatCompletionRequest(model="m", messages=messages), tokenizer, INFO)
+    assert str(e.value).startswith(needle)
+
+
+# where a client's string goes: (body, the path of the string the surrogate goes into)
+STRING_FIELDS = [
+    (COMPLETION, "prompt"), (COMPLETION | {"prompt": ["hi"]}, "prompt[0]"),
+    (COMPLETION, "model"), (COMPLETION | {"stop": ["a", "b"]}, "stop[1]"),
+    (COMPLETION | {"stop": "a"}, "stop"), (COMPLETION | {"user": "u"}, "user"),
+    (COMPLETION | {"suffix": "s"}, "suffix"), (CHAT, "messages[0].content"),
+    (CHAT, "messages[0].role"),
+    (CHAT | {"messages": [{"role": "user", "content": [{"type": "text", "text": "t"}]}]},
+     "messages[0].content[0].text"),
+    (CHAT | {"messages": [{"role": "user", "content": "c", "name": "n"}]}, "messages[0].name"),
+    (CHAT | {"metadata": {"k": "v"}}, "metadata.k"),
+    (CHAT | {"tool_choice": "none"}, "tool_choice"),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=st.sampled_from(STRING_FIELDS), at=st.integers(0, 3),
+       surrogate=st.integers(0xD800, 0xDFFF).map(chr))
+def test_a_lone_surrogate_in_any_string_is_a_400_naming_where(case, at, surrogate):
+    """`"a\\ud800b"` in the JSON was a 500 and an ERROR line (the tokenizer's "TextInputSequence
+    must be str"), or a 500 when a message quoted it (no UTF-8 spells it)."""
+    body, path = case
+    body = json.loads(json.dumps(body))
+
+    def put(value, keys):
+        key, *rest = keys
+        if rest:
+            return put(value[key], rest)
+        text = value[key]
+        value[key] = text[:at] + surrogate + text[at:]
+    put(body, [int(k) if k.isdigit() else k for k in re.findall(r"[^.\[\]]+", path)])
+    model = oai.ChatCompletionRequest if "messages" in body else oai.CompletionRequest
+    with pytest.raises(pydantic.ValidationError) as e:
+        model.model_validate(body)
+    [error] = e.value.errors()
+    assert error["type"] == oai.SURROGATE and error["ctx"]["field"] == path
+    assert error["msg"].startswith(f"{path}: holds a lone surrogate (U+{ord(surrogate):04X}")
+    assert lone_surrogate_at(error["msg"]) is None          # it never quotes the string
+
+
+@pytest.mark.parametrize("body, field, message", [
+    (COMPLETION | {"logit_bias": {"\ud800": 1}}, "logit_bias", "logit_bias (a key): holds"),
+    (COMPLETION | {"fr\udc00b": 1}, "body", "body (a key): holds"),
+])
+def test_a_lone_surrogate_in_a_key_is_named_by_its_object(body, field, message):
+    with pytest.raises(pydantic.ValidationError) as e:
+        oai.CompletionRequest.model_validate(body)
+    assert e.value.errors()[0]["ctx"]["field"] == field
+    assert e.value.errors()[0]["msg"].startswith(message)
+
+
+def test_the_http_400_of_a_lone_surrogate_names_the_field():
+    import asyncio
+
+    from fastapi.exceptions import RequestValidationError
+
+    from actors.serving import http_app
+    with pytest.raises(pydantic.ValidationError) as e:
+        oai.ChatCompletionRequest.model_validate(
+            CHAT | {"messages": [{"role": "user", "content": "a\ud800b"}]})
+    errors = [err | {"loc": ("body", *err["loc"])} for err in e.value.errors()]
+    request = type("R", (), {"headers": {"content-type": "application/json"}})()
+    response = asyncio.run(http_app._malformed(request, RequestValidationError(errors)))
+    body = json.loads(response.body)
+    assert response.status_code == 400 and body["error"]["param"] == "messages[0].content"
+    assert body["error"]["message"].startswith("messages[0].content: holds a lone surrogate")
+
+
+def test_the_in_process_engines_checks_refuse_a_lone_surrogate_too(tokenizer):
+    """The siblings under HTTP: the admission check (Engine, RayEngine) and the chat rules."""
+    from model import admission
+    with pytest.raises(InvalidRequest, match="^prompt: holds a lone surrogate"):
+        admission.prompt_ids("a\ud800b", tokenizer, 32000, 256)
+    with pytest.raises(InvalidRequest, match=r"^messages\[0\]\.content: holds a lone surrogate"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "\udfff"}])
