@@ -119,6 +119,13 @@ class EngineOptions:
         """The autoscaling policy, None when off."""
         return ExpertAutoscaling.from_args(self.expert_autoscaling)
 
+    @property
+    def max_num_batched_tokens(self) -> int:
+        """Tokens of one engine step: `engine_args`' or Engine's default. It bounds the rows of
+        an expert call, and so the frames each expert's channel accepts."""
+        default = inspect.signature(Engine.__init__).parameters["max_num_batched_tokens"].default
+        return (self.engine_args or {}).get("max_num_batched_tokens", default)
+
     def frontend_dispatch_args(self) -> dict:
         """The Dispatcher's args: `dispatch_args`, its load window the autoscaler's unless set."""
         policy = self.autoscaling

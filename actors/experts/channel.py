@@ -1,8 +1,9 @@
 """The expert data plane: one persistent ZeroMQ channel per expert actor, opened once through Ray
 and then used with no Ray task per layer (Ray keeps placement, restarts and health).
 
-    server = ChannelServer(worker.compute, host=node_ip, secret=secret)   # in the expert actor
-    transport = ChannelTransport(secret)                                 # the dispatcher's seam
+    server = ChannelServer(worker.compute, node_ip, secret, bound)   # the expert actor's end:
+                                                   # actors/experts/channel_server.py
+    transport = ChannelTransport(secret)                             # the dispatcher's seam
     transport(layer, [(actor, x, counts), ...]) -> [(y, compute_seconds) | Exception, ...]
 
 Wire (ZeroMQ multipart; DEALER at the frontend, ROUTER at the expert; TCP on the node's
@@ -11,19 +12,22 @@ cluster address, never all interfaces):
     reply    [REPLY header] [y (n, D) raw bytes]  or  [REPLY header, ok=0] [error text, UTF-8]
 Row frames are sent and received without copies (`copy=False`): a received frame is viewed as
 a tensor in place.
-Security: ZeroMQ's PLAIN mechanism through its ZAP authenticator: a peer must present the
-engine's secret (made by the pool at start, actors/experts/pool.py, passed to both ends
-through Ray); a wrong or missing one is refused before any message is read, and logged. PLAIN
-does not encrypt: the secret and rows travel in the clear on the cluster network, like Ray's
-own traffic.
+Security: ZeroMQ's PLAIN mechanism, checked by the server's ZAP handler: a peer must present
+the engine's secret (made by the pool at start, actors/experts/pool.py, passed to both ends
+through Ray); a wrong or missing one is refused before any message is read, and logged. Every
+frame, from any peer, is bounded by the largest legitimate call (ZeroMQ's maxmsgsize: a peer
+announcing more is disconnected at the frame's header), and a malformed call gets an error
+reply while the server goes on serving (channel_server.py). PLAIN does not encrypt: the secret
+and rows travel in the clear on the cluster network, like Ray's own traffic.
 Waits block (zmq poll with a timeout): an idle channel uses no CPU.
 Faults: while waiting for a reply, every `poll_s` the transport asks Ray whether the actor is
 still alive (`ray.wait` on an `until_stopped` task of the actor, which fails when the actor
 dies and returns only when a newer one supersedes it). A dead actor, a passed `timeout_s` or a
 failed (re)connect returns `PeerLost` (retriable: the dispatcher re-sends to a replica or,
 after the restart, to the same actor, and the transport reconnects to the restarted actor's new
-endpoint). An error raised inside the
-expert returns `ExpertError` (not retriable).
+endpoint). An error raised inside the expert, or a call it finds malformed, returns
+`ExpertError` (not retriable). A server thread that dies ends its actor's process, so a dead
+channel is always a dead actor, which Ray restarts.
 GPU: rows cross every transport as host tensors. On CUDA they are copied into page-locked
 (pinned) memory from torch's caching host allocator (`host_rows`, `device_rows`), so copies use
 DMA and a buffer is reused once its last reference (a sent ZeroMQ frame included) is gone and its
@@ -36,7 +40,6 @@ import dataclasses
 import itertools
 import logging
 import struct
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -44,7 +47,6 @@ from collections.abc import Callable
 import ray
 import torch
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ class PeerLost(ConnectionError):
 
 
 class ExpertError(RuntimeError):
-    """The expert actor raised while computing: sending it again would fail again."""
+    """The expert actor raised while computing, or found the call malformed: sending it again
+    would fail again."""
 
 
 def pinned_copy(t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +91,7 @@ def device_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (t if t.is_pinned() else pinned_copy(t)).to(device, non_blocking=True)
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
+def as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
@@ -96,45 +99,6 @@ def _as_rows(frame: zmq.Frame, dtype: torch.dtype, n: int) -> torch.Tensor:
     if n == 0:
         return torch.empty(0, 0, dtype=dtype)
     return torch.frombuffer(frame.buffer, dtype=torch.uint8).view(dtype).view(n, -1)
-
-
-class _RefusalLog(logging.LoggerAdapter):
-    """The ZAP authenticator logs refusals at debug level: raise them to warnings."""
-
-    def debug(self, msg, *args, **kwargs):
-        if str(msg).startswith("DENIED"):
-            self.logger.warning("channel: refused a peer: " + str(msg), *args)
-
-
-class ChannelServer:
-    """Serves `compute` on a ROUTER socket from a daemon thread; one per expert actor process."""
-
-    def __init__(self, compute: Compute, host: str, secret: str):
-        self._compute = compute
-        self._context = zmq.Context.instance()   # process-wide, never terminated by GC
-        self._auth = ThreadAuthenticator(self._context, log=_RefusalLog(log, {}))
-        self._auth.start()
-        self._auth.configure_plain(domain="*", passwords={USER.decode(): secret})
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.plain_server = True
-        self._socket.linger = 0
-        port = self._socket.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = f"tcp://{host}:{port}"
-        threading.Thread(target=self._serve, name="expert-channel", daemon=True).start()
-        log.info("expert channel listening on %s", self.endpoint)
-
-    def _serve(self) -> None:
-        while True:
-            peer, head, rows = self._socket.recv_multipart(copy=False)
-            seq, layer, n, k, code = REQUEST.unpack_from(head.buffer)
-            counts = list(struct.unpack_from(f"<{k}i", head.buffer, REQUEST.size))
-            try:
-                y, seconds = self._compute(layer, _as_rows(rows, DTYPES[code], n), counts)
-                reply = [peer, REPLY.pack(seq, seconds, 1), _as_bytes(y)]
-            except Exception as e:  # noqa: BLE001 - reported to the caller, who fails the step
-                log.warning("expert compute failed (layer %d): %s: %s", layer, type(e).__name__, e)
-                reply = [peer, REPLY.pack(seq, 0.0, 0), f"{type(e).__name__}: {e}".encode()]
-            self._socket.send_multipart(reply, copy=False)
 
 
 class _Peer:
@@ -189,7 +153,7 @@ class ChannelTransport:
                 peer = self._peer(key, actor)
                 head = REQUEST.pack(seq, layer, x.shape[0], len(counts), DTYPES.index(x.dtype))
                 peer.socket.send_multipart([head + struct.pack(f"<{len(counts)}i", *counts),
-                                            _as_bytes(x)], copy=False)
+                                            as_bytes(x)], copy=False)
                 sent.waiting[i] = (peer, key, seq)
                 self._awaited.add(seq)
             except Exception as e:  # noqa: BLE001 - classified by the dispatcher

@@ -59,7 +59,8 @@ class ExpertFleet:
             expert_resources=options.expert_resources,
             frontend_resources=frontend if frontend_bundle else None,
             expert_threads=options.expert_threads,
-            placement_timeout_s=options.placement_timeout_s)
+            placement_timeout_s=options.placement_timeout_s,
+            max_num_batched_tokens=options.max_num_batched_tokens)
         return cls(pool, options.autoscaling)
 
     @property

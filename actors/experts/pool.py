@@ -3,7 +3,8 @@ actors/experts/fleet.py (ExpertFleet), drives this class for RayEngine (its fron
 and for the engine replica (actors/serving/engine_server.py: the frontend in its own process).
 
     pool = ExpertPool.start(source, dtype, device, expert_replicas=1, experts_per_actor=1,
-                            expert_resources=None, frontend_resources=None)
+                            expert_resources=None, frontend_resources=None,
+                            max_num_batched_tokens=2048)
     Frontend(source, pool.experts, ...)    # the handles, expert ids and channel secret
     pool.ready()                           # waits until every expert actor has its weights
     pool.frontend_options()                # RayEngine only: its frontend actor's group
@@ -36,7 +37,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 from ray.util.placement_group import PlacementGroup
 
-from actors.experts.worker import ExpertWorker
+from actors.experts.worker import ENGINE_MAX_TOKENS, ExpertWorker
 from actors.failover import unwrap
 from cluster.placement import actor_options, cluster_nodes, release, reserve
 from cluster.plan import Slot, plan, plan_added
@@ -153,8 +154,10 @@ def _warm(members: list[Member]) -> None:
 class ExpertPool:
     def __init__(self, source: WeightSource, dtype: str, device: str, members: list[Member],
                  frontend: tuple[Slot, PlacementGroup] | None, expert_resources: dict,
-                 expert_threads: int | None, placement_timeout_s: float):
+                 expert_threads: int | None, placement_timeout_s: float,
+                 max_num_batched_tokens: int = ENGINE_MAX_TOKENS):
         self.source, self.dtype, self.device = source, dtype, device
+        self.max_num_batched_tokens = max_num_batched_tokens    # bounds a channel call's rows
         self.members, self._frontend = members, frontend
         self.expert_resources, self.expert_threads = expert_resources, expert_threads
         self.placement_timeout_s = placement_timeout_s
@@ -166,13 +169,16 @@ class ExpertPool:
     def start(cls, source: WeightSource, dtype: str = "auto", device: str = "cpu", *,
               expert_replicas: int = 1, experts_per_actor: int = 1,
               expert_resources: dict | None = None, frontend_resources: dict | None = None,
-              expert_threads: int | None = None, placement_timeout_s: float = 60.0) -> ExpertPool:
+              expert_threads: int | None = None, placement_timeout_s: float = 60.0,
+              max_num_batched_tokens: int = ENGINE_MAX_TOKENS) -> ExpertPool:
         """Plan, reserve and start the expert actors (without waiting for them: `ready()`).
         PlacementError when the cluster cannot hold the plan (nothing left reserved).
         `expert_resources` per actor (default `default_resources(device)`);
         `frontend_resources`: a bundle for a frontend actor, or None for none.
         `expert_threads`: torch threads per expert actor (None: the process default, which Ray
-        sets from the actor's CPUs: 1 for a fractional share)."""
+        sets from the actor's CPUs: 1 for a fractional share). `max_num_batched_tokens`: the
+        frontend engine's tokens per step, which bound every channel call's rows
+        (actors/experts/channel_server.py: CallBound)."""
         expert_resources = expert_resources or default_resources(device)
         p = plan(cluster_nodes(), source.model_config().num_local_experts, expert_replicas,
                  expert_resources, frontend_resources, experts_per_actor)
@@ -181,7 +187,7 @@ class ExpertPool:
         pgs = reserve(p.slots(), placement_timeout_s)
         frontend = (p.frontend, pgs.pop(0)) if p.frontend is not None else None
         pool = cls(source, dtype, device, [], frontend, dict(expert_resources), expert_threads,
-                   placement_timeout_s)
+                   placement_timeout_s, max_num_batched_tokens)
         pool.members = [pool._start(ids, slot, pg) for (ids, slot), pg in zip(p.actors(), pgs)]
         log.info("expert pool: %d actors of %d expert(s), %d replica(s) each, starting",
                  len(pool.members), experts_per_actor, expert_replicas)
@@ -191,7 +197,8 @@ class ExpertPool:
         # threads: its channel's liveness task blocks one, calls (info, compute) use the others
         remote = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(ExpertWorker)
         actor = remote.options(**actor_options(pg, slot)).remote(
-            self.source, list(ids), self.dtype, self.device, self.expert_threads)
+            self.source, list(ids), self.dtype, self.device, self.expert_threads,
+            self.max_num_batched_tokens)
         return Member(actor, tuple(ids), slot, pg)
 
     @property

@@ -240,11 +240,18 @@ class Autoscaler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.policy.interval_s):
-            try:
-                self.tick()
-            except Exception as e:  # noqa: BLE001 - a failed decision is retried next interval
-                log.warning("autoscaler: decision failed: %s: %s", type(e).__name__, e)
+        """Decides every interval_s until stopped. A failed decision is logged and retried next
+        interval; anything else that ends the thread is logged as an ERROR with its traceback
+        (the engine serves on, its replica counts frozen: not a reason to fail its liveness)."""
+        try:
+            while not self._stop.wait(self.policy.interval_s):
+                try:
+                    self.tick()
+                except Exception as e:  # noqa: BLE001 - retried next interval
+                    log.warning("autoscaler: decision failed: %s: %s", type(e).__name__, e)
+        except BaseException:
+            log.error("autoscaler: stopped by an unexpected error; expert replicas stay as "
+                      "they are", exc_info=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -18,7 +18,8 @@ import time
 import ray
 import torch
 
-from actors.experts.channel import ChannelServer, device_rows, host_rows
+from actors.experts.channel import device_rows, host_rows
+from actors.experts.channel_server import CallBound, ChannelServer
 from actors.info import WorkerInfo
 from model.checkpoint import WeightSource
 from model.mixtral import expert_names
@@ -26,10 +27,17 @@ from model.moe import LocalExperts, expert_name
 
 log = logging.getLogger(__name__)
 
+# model/engine.py Engine's max_num_batched_tokens default (a unit test keeps them equal): the
+# tokens of one step, when the pool does not pass the engine's own
+ENGINE_MAX_TOKENS = 2048
+
 
 class ExpertWorker:
     def __init__(self, source: WeightSource, expert_ids: list[int], dtype: str = "auto",
-                 device: str = "cpu", threads: int | None = None):
+                 device: str = "cpu", threads: int | None = None,
+                 max_num_batched_tokens: int = ENGINE_MAX_TOKENS):
+        """`max_num_batched_tokens`: the tokens of one engine step, which bound the rows of
+        one call and so the frames its channel accepts (channel_server.py: CallBound)."""
         if threads:
             torch.set_num_threads(threads)
         self.expert_ids = list(expert_ids)
@@ -39,6 +47,8 @@ class ExpertWorker:
         tensors = source.load(expert_names(cfg, self.expert_ids), self.dtype, self.device)
         self.experts = LocalExperts.from_tensors(cfg, tensors, self.expert_ids)
         self.hidden_size = cfg.hidden_size
+        self.bound = CallBound.of(max_num_batched_tokens, cfg.num_experts_per_tok,
+                                  len(self.expert_ids), cfg.hidden_size, self.dtype)
         self._channel: ChannelServer | None = None
         self._secret = ""
         self._watch: threading.Event | None = None     # the newest until_stopped call's
@@ -73,10 +83,12 @@ class ExpertWorker:
 
     def open_channel(self, secret: str) -> str:
         """Start (once per process) this actor's data-plane channel on the node's address and
-        return its endpoint (actors/experts/channel.py); later calls must present the same
-        secret."""
+        return its endpoint (actors/experts/channel_server.py; frames bounded by `self.bound`);
+        later calls must present the same secret. If the channel's thread dies, it ends this
+        process: Ray restarts the actor."""
         if self._channel is None:
-            self._channel = ChannelServer(self.compute, ray.util.get_node_ip_address(), secret)
+            self._channel = ChannelServer(self.compute, ray.util.get_node_ip_address(), secret,
+                                          self.bound)
             self._secret = secret
         if not hmac.compare_digest(secret, self._secret):
             raise PermissionError("open_channel: wrong secret")

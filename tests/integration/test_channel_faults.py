@@ -1,5 +1,6 @@
 """The channel transport on the real local cluster: an expert actor that dies in the middle of a
-layer call, one that dies on every call, the secret, and an idle engine's CPU use."""
+layer call, one whose channel thread dies, one that dies on every call, the secret, and an idle
+engine's CPU use."""
 from __future__ import annotations
 
 import gc
@@ -14,7 +15,8 @@ import pytest
 import ray
 import torch
 
-from actors.experts.channel import ChannelServer, ChannelTransport
+from actors.experts.channel import ChannelTransport
+from actors.experts.channel_server import CallBound, ChannelServer
 from actors.experts.dispatcher import Dispatcher, ExpertCallError
 from actors.experts.worker import ExpertWorker
 from model.checkpoint import WeightSource
@@ -70,10 +72,60 @@ def test_an_actor_dying_mid_layer_call_is_resent_with_the_same_result(ray_cluste
             ray.kill(actor, no_restart=True)
 
 
+class _Fatal(BaseException):
+    """Not an Exception: it passes every handler on its way out of the channel's thread."""
+
+
+class _ThreadDiesOnce(ExpertWorker):
+    """An expert actor whose channel thread dies in its first call of layer 1 (an unexpected
+    error out of its serving loop) while the process lives on."""
+
+    def __init__(self, source, expert_ids, marker: str):
+        super().__init__(source, expert_ids, threads=1)
+        self._marker = marker
+
+    def compute(self, layer, x, counts):
+        if layer == 1 and not os.path.exists(self._marker):
+            Path(self._marker).touch()
+            raise _Fatal("the channel's serving loop cannot go on")
+        return super().compute(layer, x, counts)
+
+
+def test_an_actor_whose_channel_thread_dies_is_restarted_and_answers(ray_cluster, tiny_checkpoint,
+                                                                     tmp_path):
+    """The dead thread ends the process (the channel's on_death), so the actor fails its
+    liveness at once: the call is re-sent to the restarted actor (before: the actor lived on
+    deaf, each call waited out the reply timeout and the layer failed)."""
+    cfg = MixtralConfig.from_json(tiny_checkpoint)
+    source = WeightSource(path=str(tiny_checkpoint))
+    every = list(range(cfg.num_local_experts))
+    local = LocalExperts.from_tensors(cfg, source.load(expert_names(cfg, every), torch.float32,
+                                                       "cpu"))
+    actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(
+        _ThreadDiesOnce).options(resources={"expert": 1}, num_cpus=0.01).remote(
+        source, every, str(tmp_path / "died"))
+    dispatcher = Dispatcher([actor], [every], len(every),
+                            ChannelTransport(secrets.token_hex(16), timeout_s=30.0),
+                            retry_timeout_s=60)
+    x = torch.randn(16, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    gate = torch.randn(len(every), cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    weights, experts = route(x, gate, 2)
+    try:
+        pid = ray.get(actor.info.remote(), timeout=120).pid
+        for layer in range(cfg.num_hidden_layers):
+            got = dispatcher.moe(layer, x, weights, experts)
+            assert (got - local.moe(layer, x, weights, experts)).abs().max().item() < 1e-5
+        assert (tmp_path / "died").exists() and dispatcher.retries > 0
+        assert ray.get(actor.info.remote(), timeout=60).pid != pid          # restarted
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4, num_cpus=0.01)
 class _DiesOnEveryChannelCall:
     def open_channel(self, secret):
-        self.server = ChannelServer(lambda *_: os._exit(1), ray.util.get_node_ip_address(), secret)
+        self.server = ChannelServer(lambda *_: os._exit(1), ray.util.get_node_ip_address(), secret,
+                                    CallBound(4, 8, torch.float32, 2))
         return self.server.endpoint
 
     def until_stopped(self):

@@ -87,14 +87,15 @@ def test_start_passes_the_options_and_a_frontend_bundle_only_when_asked(monkeypa
     monkeypatch.setattr(fleet_module.ExpertPool, "start",
                         lambda *args, **kwargs: calls.append((args, kwargs)) or Pool([]))
     options = EngineOptions(expert_replicas=2, experts_per_actor=4, expert_threads=1,
-                            expert_autoscaling={"target_rows_per_s": 10.0})
+                            expert_autoscaling={"target_rows_per_s": 10.0},
+                            engine_args={"max_num_batched_tokens": 96})
     fleet = ExpertFleet.start(WeightSource(config=PRESETS["tiny"]), options,
                               frontend_bundle=frontend_bundle)
     [(args, kwargs)] = calls
     assert args[1:] == ("auto", "cpu")
     assert kwargs == {"expert_replicas": 2, "experts_per_actor": 4, "expert_resources": None,
                       "frontend_resources": frontend, "expert_threads": 1,
-                      "placement_timeout_s": 60.0}
+                      "placement_timeout_s": 60.0, "max_num_batched_tokens": 96}
     assert fleet.policy == ExpertAutoscaling(target_rows_per_s=10.0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import types
 
@@ -379,3 +380,26 @@ def test_a_hot_expert_checkpoint_routes_about_half_of_all_rows_to_it(tmp_path):
                     SamplingParams(max_tokens=8, temperature=0))
     total = sum(counts.values())
     assert counts[5] / total > 0.45 and max(n for e, n in counts.items() if e != 5) / total < 0.3
+
+
+class _Fatal(BaseException):
+    """Not an Exception: the autoscaler's per-decision handler lets it through."""
+
+
+def test_an_autoscaler_thread_that_dies_says_so_in_the_log():
+    """A handler of its own: Ray Serve's loggers may not propagate to caplog's."""
+    def load():
+        raise _Fatal("the policy thread cannot go on")
+    auto = Autoscaler(ExpertAutoscaling(target_load_ratio=1.5, interval_s=0.1),
+                      FakeScaler({e: 1 for e in range(E)}, room=0), load)
+    logger, records = logging.getLogger("ray.serve.actors.experts.scaling"), []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        auto.start()
+        auto._thread.join(10)
+    finally:
+        logger.removeHandler(handler)
+    assert not auto._thread.is_alive()
+    assert any("autoscaler: stopped" in r.getMessage() and r.exc_info for r in records)

@@ -1,0 +1,206 @@
+"""The expert's end of its channel (actors/experts/channel.py: the wire format and the frontend's
+end): a ROUTER socket served by one daemon thread, which also answers ZeroMQ's authentication
+(ZAP) requests and watches the socket's handshake failures.
+
+    bound = CallBound.of(max_num_batched_tokens, cfg.num_experts_per_tok, len(expert_ids),
+                         cfg.hidden_size, dtype)
+    server = ChannelServer(worker.compute, host=node_ip, secret=secret, bound=bound)
+    server.endpoint                      # "tcp://10.0.0.5:40123", given to the frontend
+
+Bounds: a call carries at most `bound.max_rows` rows: a step's tokens (the engine's
+max_num_batched_tokens) times the expert ids of this actor one token can pick (min(k, top-k)).
+ZeroMQ's maxmsgsize is set to the largest legitimate frame (max_rows x D x dtype bytes, or the
+header if larger): it holds per frame, for every peer, authenticated or not, and a peer whose
+frame header announces more is disconnected before the body is read.
+Refusals: a peer with a wrong secret (ZAP answers 400) or none (a mechanism mismatch, which
+never reaches ZAP) gets one WARNING line naming the reason (and the address ZAP saw); the
+secret, right or wrong, is never logged.
+Malformed calls from an authenticated peer (wrong frame count, short header, a dtype other than
+this actor's, k other than its expert ids, rows not n x D, n over the bound, bad counts) get an
+error reply (ExpertError at the frontend: not retriable) and one WARNING line; the thread goes on
+serving. Anything else that ends the thread (a BaseException from `compute`, a ZeroMQ error)
+calls `on_death`, by default logging and exiting the process: the actor then fails Ray's
+liveness (its until_stopped call fails), the dispatcher re-sends, Ray restarts the actor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable
+
+import torch
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from actors.experts.channel import DTYPES, REPLY, REQUEST, USER, Compute, as_bytes
+
+log = logging.getLogger(__name__)
+
+NO_SEQ = 2 ** 64 - 1            # the reply's sequence when the request had none: nobody waits on it
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"       # fixed by ZeroMQ's RFC 27 (ZAP), one per context
+# handshakes that fail before ZAP is asked, by monitor event (ZAP logs its own refusals)
+REFUSED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error in the handshake",
+           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
+MECHANISM_MISMATCH = "no secret (it offered another mechanism than PLAIN)"
+
+
+class MalformedCall(ValueError):
+    """A request's frames do not form a call this actor takes; `seq` is its sequence if read."""
+
+    def __init__(self, seq: int | None, why: str):
+        super().__init__(why)
+        self.seq = seq
+
+
+@dataclasses.dataclass(frozen=True)
+class CallBound:
+    """The largest legitimate call an expert actor takes, and the checks of a request."""
+    max_rows: int            # n of one call at most
+    hidden_size: int         # D
+    dtype: torch.dtype       # the actor's: rows in any other cannot be computed
+    num_experts: int         # k, the expert ids the actor holds (counts in the header)
+
+    @classmethod
+    def of(cls, max_tokens: int, top_k: int, num_experts: int, hidden_size: int,
+           dtype: torch.dtype) -> CallBound:
+        """A step's `max_tokens` routed to `top_k` distinct experts each: one actor holding
+        `num_experts` ids gets at most max_tokens x min(num_experts, top_k) rows."""
+        return cls(max_tokens * min(num_experts, top_k), hidden_size, dtype, num_experts)
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """ZeroMQ's maxmsgsize: the rows frame of max_rows, or the header if larger."""
+        return max(self.max_rows * self.hidden_size * self.dtype.itemsize,
+                   REQUEST.size + 4 * self.num_experts)
+
+    def parse(self, frames: list) -> tuple[int, int, torch.Tensor, list[int]]:
+        """A request's frames (header, rows: bytes or zmq.Frame) -> (sequence, layer,
+        x (n, D) viewing the rows frame, counts (k,)). MalformedCall naming what is wrong."""
+        head = memoryview(frames[0]) if frames else memoryview(b"")
+        seq = struct.unpack_from("<Q", head)[0] if len(head) >= 8 else None
+        if len(frames) != 2:
+            raise MalformedCall(seq, f"a request is 2 frames (header, rows), got {len(frames)}")
+        if len(head) < REQUEST.size:
+            raise MalformedCall(seq, f"header of {len(head)} bytes, under {REQUEST.size}")
+        seq, layer, n, k, code = REQUEST.unpack_from(head)
+        if k != self.num_experts or len(head) != REQUEST.size + 4 * k:
+            raise MalformedCall(seq, f"header of {len(head)} bytes with k={k}: this actor holds "
+                                     f"{self.num_experts} expert ids")
+        if code >= len(DTYPES) or DTYPES[code] != self.dtype:
+            raise MalformedCall(seq, f"dtype code {code}: this actor takes {self.dtype} "
+                                     f"(code {DTYPES.index(self.dtype)})")
+        if n > self.max_rows:
+            raise MalformedCall(seq, f"n={n} rows, over this actor's bound of {self.max_rows}")
+        row = self.hidden_size * self.dtype.itemsize
+        rows = memoryview(frames[1])
+        if rows.nbytes != n * row:
+            raise MalformedCall(seq, f"rows frame of {rows.nbytes} bytes, not n={n} x {row}")
+        counts = list(struct.unpack_from(f"<{k}i", head, REQUEST.size))
+        if min(counts, default=0) < 0 or sum(counts) != n:
+            raise MalformedCall(seq, f"counts {counts} must be >= 0 and sum to n={n}")
+        return seq, layer, self._rows(rows, n), counts
+
+    def _rows(self, rows: memoryview, n: int) -> torch.Tensor:
+        if n == 0:
+            return torch.empty(0, self.hidden_size, dtype=self.dtype)
+        return torch.frombuffer(rows, dtype=torch.uint8).view(self.dtype).view(n, -1)  # (n, D)
+
+
+def exit_process() -> None:
+    """The channel thread died: end the process, so Ray sees the actor die and restarts it."""
+    logging.shutdown()
+    os._exit(70)                # EX_SOFTWARE; sys.exit would end only this thread
+
+
+class ChannelServer:
+    """Serves `compute` on a ROUTER socket from a daemon thread; one per expert actor process.
+    `on_death()` runs if that thread ends (see the module doc); tests pass their own."""
+
+    def __init__(self, compute: Compute, host: str, secret: str, bound: CallBound,
+                 on_death: Callable[[], None] = exit_process):
+        self._compute, self._secret, self.bound = compute, secret.encode(), bound
+        self._on_death = on_death
+        # its own context, kept for the process's life (the thread holds this object): ZAP's
+        # endpoint is one per context, and the context is never terminated under the socket
+        self._context = zmq.Context()
+        self._zap = self._context.socket(zmq.REP)
+        self._zap.linger = 0
+        self._zap.bind(ZAP_ENDPOINT)                  # before any handshake asks it
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.plain_server = True
+        self._socket.linger = 0
+        self._socket.maxmsgsize = bound.max_frame_bytes
+        self._monitor = self._socket.get_monitor_socket(sum(REFUSED))
+        port = self._socket.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        self.thread = threading.Thread(target=self._run, name="expert-channel", daemon=True)
+        self.thread.start()
+        log.info("expert channel listening on %s (frames up to %d bytes)", self.endpoint,
+                 bound.max_frame_bytes)
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            log.critical("expert channel on %s died: this actor can serve no call",
+                         self.endpoint, exc_info=True)
+            self._on_death()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        handlers = {self._socket: self._call, self._zap: self._authenticate,
+                    self._monitor: self._refused}
+        for socket in handlers:
+            poller.register(socket, zmq.POLLIN)
+        while True:
+            for socket, _ in poller.poll():              # blocks: an idle channel uses no CPU
+                handlers[socket]()
+
+    def _call(self) -> None:
+        peer, *frames = self._socket.recv_multipart(copy=False)
+        try:
+            seq, layer, x, counts = self.bound.parse(frames)
+        except MalformedCall as e:
+            log.warning("channel %s: malformed call answered with an error: %s",
+                        self.endpoint, e)
+            self._reply(peer, e.seq, f"MalformedCall: {e}")
+            return
+        try:
+            y, seconds = self._compute(layer, x, counts)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, who fails the step
+            log.warning("expert compute failed (layer %d): %s: %s", layer, type(e).__name__, e)
+            self._reply(peer, seq, f"{type(e).__name__}: {e}")
+            return
+        self._socket.send_multipart([peer, REPLY.pack(seq, seconds, 1), as_bytes(y)],
+                                    copy=False)
+
+    def _reply(self, peer: zmq.Frame, seq: int | None, error: str) -> None:
+        head = REPLY.pack(NO_SEQ if seq is None else seq, 0.0, 0)
+        self._socket.send_multipart([peer, head, error.encode()], copy=False)
+
+    def _authenticate(self) -> None:
+        """One ZAP request (RFC 27: version, request id, domain, address, identity, mechanism,
+        credentials...) -> 200 for PLAIN with our user and secret, else 400, logged."""
+        request = self._zap.recv_multipart()
+        request += [b""] * (8 - len(request))
+        _, request_id, _, address, _, mechanism, user, password = request[:8]
+        ok = (mechanism == b"PLAIN" and user == USER
+              and hmac.compare_digest(password, self._secret))
+        if not ok:
+            log.warning("channel %s: refused a peer from %s: wrong user or secret (%s)",
+                        self.endpoint, address.decode(errors="replace") or "?",
+                        mechanism.decode(errors="replace"))
+        self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
+                                  b"OK" if ok else b"refused", USER if ok else b"", b""])
+
+    def _refused(self) -> None:
+        """A handshake that failed before ZAP (a peer without a secret offers NULL)."""
+        event = parse_monitor_message(self._monitor.recv_multipart())
+        code = int(event["value"])          # a ZMTP protocol error, or an errno
+        why = (MECHANISM_MISMATCH if code == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+               else f"{REFUSED[event['event']]} (code {code:#x})")
+        log.warning("channel %s: refused a peer: %s", self.endpoint, why)
