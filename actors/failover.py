@@ -81,8 +81,11 @@ class ResumableStream:
     on a frontend: from the start (None) or from a Resume."""
 
     def __init__(self, call: Callable[[Resume | None], ChunkStream], timeout_s: float = 120.0,
-                 max_failovers: int = 3):
+                 max_failovers: int = 3, observe: Callable[[StreamChunk], None] | None = None):
+        """`observe(chunk)`: called with each chunk as it is passed on, exactly once per chunk
+        whichever frontend sent it (the gateway's request metrics, actors/serving/metrics.py)."""
         self._call = call
+        self._observe = observe
         self._timeout_s, self._max_failovers = timeout_s, max_failovers
         self._tokens: list[int] = []
         self._logprobs: list[float] = []
@@ -122,6 +125,8 @@ class ResumableStream:
             self._tokens += chunk.token_ids
             self._logprobs += chunk.logprobs
             self._chars += len(chunk.text)
+            if self._observe is not None:
+                self._observe(chunk)
             return chunk
 
     async def _fail_over(self, error: BaseException) -> None:

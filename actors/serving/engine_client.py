@@ -12,6 +12,7 @@ import time
 
 from actors.failover import ResumableStream, unwrap, with_seed
 from actors.info import EngineInfo
+from actors.serving.metrics import RequestMetrics
 from actors.serving.status import first_line
 from model.engine import SamplingParams
 from model.tokenizer import Tokenizer
@@ -32,6 +33,7 @@ class EngineClient:
         self.failover_timeout_s = failover_timeout_s
         self.created = int(time.time())            # the model card's `created` (Unix seconds)
         self._info: EngineInfo | None = None
+        self.metrics = RequestMetrics()            # what this gateway's clients were delivered
 
     async def info(self) -> EngineInfo:
         """The engine's info, asked once (the context length never changes)."""
@@ -45,10 +47,12 @@ class EngineClient:
 
     def stream(self, ids: list[int], params: SamplingParams) -> ResumableStream:
         """The engine's stream of chunks for prompt `ids`; seeded here, so a resumed request
-        samples as it would have (actors/failover.py)."""
+        samples as it would have (actors/failover.py), and counted as its chunks reach the
+        client, so a resumed request counts once (actors/serving/metrics.py: RequestMetrics)."""
         params = with_seed(params)
         return ResumableStream(lambda resume: self.engine.options(stream=True).stream.remote(
-            ids, params, resume), self.failover_timeout_s)
+            ids, params, resume), self.failover_timeout_s,
+            observe=self.metrics.request(len(ids)).chunk)
 
     async def unready(self) -> str | None:
         """None once the engine answers within HEALTH_TIMEOUT_S, else why not."""

@@ -32,6 +32,7 @@ from actors.experts.fleet import ExpertFleet
 from actors.frontend import Frontend
 from actors.info import EngineInfo, ExpertLoad
 from actors.options import EngineOptions
+from actors.serving.expert_counts import ExpertCounts
 from actors.serving.metrics import EngineMetrics
 from model.checkpoint import WeightSource
 from model.engine import Resume, SamplingParams
@@ -107,6 +108,8 @@ class EngineServer:
             raise
         fleet.attach(frontend.set_experts_now, frontend.expert_load)
         self.fleet, self.frontend = fleet, frontend
+        self.counts = ExpertCounts.of_this_replica()       # set by hand: survives this replica
+        self.counts.restore(fleet)
         self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, frontend.expert_load)
         log.info("%s", ready_banner(model_id or Path(source.path).name,
                                     len(fleet.experts.actors), *proxy_addresses(), api_key))
@@ -117,10 +120,8 @@ class EngineServer:
         (actors/failover.py). A client's error (InvalidRequest, QueueFull) is yielded as the
         last item instead of raised: raised, Serve's replica would log it at ERROR with a
         traceback ("Request failed."); ResumableStream raises it in the caller."""
-        request = self.metrics.request(len(prompt_ids))
         try:
             async for chunk in self.frontend.stream(prompt_ids, params, resume):
-                request.chunk(chunk.token_ids, chunk.finish_reason)
                 yield chunk
         except (InvalidRequest, QueueFull) as e:
             yield e
@@ -133,11 +134,18 @@ class EngineServer:
 
     async def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
         """Live scaling of this engine's expert actors (actors/experts/scaling.py); -> replicas per
-        expert id. ValueError / PlacementError change nothing."""
-        return await asyncio.to_thread(self.fleet.set_expert_replicas, replicas)
+        expert id. ValueError / PlacementError change nothing. The result is the application's
+        until it is redeployed: a replica that starts in this one's place restores it
+        (actors/serving/expert_counts.py)."""
+        return await asyncio.to_thread(self.counts.set, self.fleet, replicas)
 
     async def ping(self) -> None:
         """Answers as soon as this replica's event loop does: the health checks' call."""
+
+    def check_health(self) -> None:
+        """Serve's periodic liveness check: RuntimeError once the metrics thread died (Serve
+        then replaces this replica; its requests fail over)."""
+        self.metrics.check()
 
     def __del__(self):
         if hasattr(self, "metrics"):

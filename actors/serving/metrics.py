@@ -1,16 +1,23 @@
-"""Prometheus metrics of an engine replica, through Ray's metrics (`ray.serve.metrics`: Ray's
-`ray.util.metrics` plus the replica's deployment / replica / application tags). Every node's
-metrics agent exports them on the port given to `ray start --metrics-export-port`, with Ray's
-`ray_` prefix (a counter also gets `_total`): e.g. `ray_mixtral_ep_generation_tokens_total`.
+"""Prometheus metrics of the served application, through Ray's metrics (`ray.serve.metrics`:
+Ray's `ray.util.metrics` plus the replica's deployment / replica / application tags). Every
+node's metrics agent exports them on the port given to `ray start --metrics-export-port`, with
+Ray's `ray_` prefix (a counter also gets `_total`): e.g. `ray_mixtral_ep_generation_tokens_total`.
 Names follow vLLM's (https://docs.vllm.ai/en/latest/design/metrics.html), plus what only an
 expert-parallel engine has: tokens routed to each expert, the per-layer dispatch round trip,
 expert call retries, and for elastic experts each expert id's load over the dispatcher's window,
 its replicas, and the imbalance of rows over the expert actors.
 
-Request metrics are recorded as each stream's chunks pass through the replica (`Request`);
-engine state (running / waiting requests, KV cache usage) and the dispatcher's counts are read
-once per `interval_s` by a daemon thread, so the per-layer path only appends to the dispatcher's
-queues (actors/experts/dispatcher.py: `routed`, `round_trips`).
+Each metric is owned by the process that a death loses least of:
+- `RequestMetrics`, a gateway replica's: what its clients were delivered (prompt and generated
+  tokens, TTFT, inter-token gaps, latency, finish reasons), recorded as each request's chunks
+  leave the ResumableStream (actors/failover.py). An engine replica's death is invisible here: a
+  resumed request's prompt and first token are counted once, and every delivered token once.
+- `EngineMetrics`, an engine replica's: its own state (running / waiting requests, KV cache
+  usage) and the dispatcher's counts, read once per `interval_s` by a daemon thread, so the
+  per-layer path only appends to the dispatcher's queues (actors/experts/dispatcher.py:
+  `routed`, `round_trips`). A flush that fails is logged (WARNING, once until one succeeds); a
+  thread that dies is logged (ERROR) and fails `check()`, the replica's health check, so Serve
+  replaces the replica rather than let its metrics stop silently.
 """
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ import collections
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.output import StreamChunk
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -32,6 +43,33 @@ ROUND_TRIP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025
                       0.25, 0.5, 1.0, 2.5]
 
 
+class RequestMetrics:
+    """The request metrics of one gateway replica: `request(n)` per request sent to the engine."""
+
+    def __init__(self):
+        from ray.serve import metrics as m
+        self.ttft = m.Histogram("mixtral_ep_time_to_first_token_seconds",
+                                "Time from a request's call to the engine (at the gateway) "
+                                "to its first token.", boundaries=TTFT_BUCKETS)
+        self.itl = m.Histogram("mixtral_ep_inter_token_latency_seconds",
+                               "Time between two tokens of a request's stream.",
+                               boundaries=ITL_BUCKETS)
+        self.e2e = m.Histogram("mixtral_ep_e2e_request_latency_seconds",
+                               "Time from a request's call to the engine to its last token.",
+                               boundaries=E2E_BUCKETS)
+        self.prompt_tokens = m.Counter("mixtral_ep_prompt_tokens",
+                                       "Prompt tokens of requests that got a first token.")
+        self.generation_tokens = m.Counter("mixtral_ep_generation_tokens",
+                                           "Tokens generated and delivered to the gateway.")
+        self.finished = m.Counter("mixtral_ep_request_success",
+                                  "Requests finished, by finish reason (stop, length).",
+                                  tag_keys=("finished_reason",))
+
+    def request(self, prompt_tokens: int) -> Request:
+        """A request of `prompt_tokens` prompt tokens, sent to the engine now."""
+        return Request(self, prompt_tokens)
+
+
 class EngineMetrics:
     """The metrics of one engine replica; `engine` is its Engine, `dispatcher` its Dispatcher."""
 
@@ -40,20 +78,6 @@ class EngineMetrics:
         from ray.serve import metrics as m
         self.engine, self.dispatcher, self.interval_s = engine, dispatcher, interval_s
         self.expert_load = expert_load
-        self.ttft = m.Histogram("mixtral_ep_time_to_first_token_seconds",
-                                "Time from a request's arrival at the engine replica to its "
-                                "first token.", boundaries=TTFT_BUCKETS)
-        self.itl = m.Histogram("mixtral_ep_inter_token_latency_seconds",
-                               "Time between two tokens of a request's stream.",
-                               boundaries=ITL_BUCKETS)
-        self.e2e = m.Histogram("mixtral_ep_e2e_request_latency_seconds",
-                               "Time from a request's arrival to its last token.",
-                               boundaries=E2E_BUCKETS)
-        self.prompt_tokens = m.Counter("mixtral_ep_prompt_tokens", "Prompt tokens received.")
-        self.generation_tokens = m.Counter("mixtral_ep_generation_tokens", "Tokens generated.")
-        self.finished = m.Counter("mixtral_ep_request_success",
-                                  "Requests finished, by finish reason (stop, length).",
-                                  tag_keys=("finished_reason",))
         self.running = m.Gauge("mixtral_ep_num_requests_running", "Requests being decoded.")
         self.waiting = m.Gauge("mixtral_ep_num_requests_waiting", "Requests queued.")
         self.kv_usage = m.Gauge("mixtral_ep_kv_cache_usage_perc",
@@ -76,21 +100,38 @@ class EngineMetrics:
                                  "Max / mean rows per second over the expert actors (1 is even).")
         self._retries_seen = 0
         self._stop = threading.Event()
-        threading.Thread(target=self._loop, name="engine-metrics", daemon=True).start()
-
-    def request(self, prompt_tokens: int) -> Request:
-        self.prompt_tokens.inc(prompt_tokens)
-        return Request(self)
+        self._died: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine-metrics", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
 
+    def check(self) -> None:
+        """RuntimeError if the flushing thread died (the replica's metrics stopped)."""
+        if not self._thread.is_alive() and not self._stop.is_set():
+            raise RuntimeError(f"the engine metrics thread died ({self._died!r}): this "
+                               "replica's metrics stopped")
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.flush()
-            except Exception:
-                log.debug("metrics flush failed", exc_info=True)
+        failing = False
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.flush()
+                except Exception:
+                    if not failing:
+                        log.warning("engine metrics flush failed (the metrics are stale until "
+                                    "one succeeds)", exc_info=True)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("engine metrics flush works again")
+                    failing = False
+        except BaseException as e:          # logged, and `check` fails from now on
+            self._died = e
+            log.error("the engine metrics thread died; the health check fails from now on",
+                      exc_info=True)
 
     def flush(self) -> None:
         """Engine state now, and what the dispatcher counted since the last flush."""
@@ -123,16 +164,22 @@ class EngineMetrics:
 
 
 class Request:
-    """One request's stream as it passes the replica: TTFT, inter-token gaps (a chunk of k
-    tokens counts as k gaps of equal length), and at its end the latency, tokens and reason."""
+    """One request's stream as it leaves the gateway's ResumableStream, however many engine
+    replicas served it: its prompt tokens and TTFT at its first chunk, inter-token gaps (a
+    chunk of k tokens counts as k gaps of equal length), and at its end the latency, tokens and
+    reason."""
 
-    def __init__(self, metrics: EngineMetrics):
-        self.m = metrics
+    def __init__(self, metrics: RequestMetrics, prompt_tokens: int):
+        self.m, self.prompt_tokens = metrics, prompt_tokens
         self.start = self.last = time.monotonic()
-        self.tokens = 0
+        self.chunks = self.tokens = 0
 
-    def chunk(self, token_ids: list[int], finish_reason: str | None) -> None:
-        now = time.monotonic()
+    def chunk(self, chunk: StreamChunk) -> None:
+        """Record one chunk passed on to the client (ResumableStream's `observe`)."""
+        now, token_ids = time.monotonic(), chunk.token_ids
+        if self.chunks == 0 and self.prompt_tokens:
+            self.m.prompt_tokens.inc(self.prompt_tokens)
+        self.chunks += 1
         if token_ids:
             if self.tokens == 0:
                 self.m.ttft.observe(now - self.start)
@@ -143,6 +190,6 @@ class Request:
             self.tokens += len(token_ids)
             self.last = now
             self.m.generation_tokens.inc(len(token_ids))
-        if finish_reason:
+        if chunk.finish_reason:
             self.m.e2e.observe(now - self.start)
-            self.m.finished.inc(tags={"finished_reason": finish_reason})
+            self.m.finished.inc(tags={"finished_reason": chunk.finish_reason})

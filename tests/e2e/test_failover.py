@@ -1,7 +1,9 @@
 """No request lost when the engine replica (the frontend: it holds the KV cache) dies: the gateway
 re-sends each request in flight as prompt + tokens so far (actors/failover.py), and every
 client's stream, over gRPC and over the OpenAI HTTP API, streaming and unary, greedy and seeded,
-ends exactly as an undisturbed run. Past the failover bound, the client gets UNAVAILABLE."""
+ends exactly as an undisturbed run. Past the failover bound, the client gets UNAVAILABLE. What
+the replica leaves behind survives it too: the request metrics count the disturbed run as the
+undisturbed one, and expert replicas set by hand are restored on the new replica."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -13,13 +15,21 @@ import time
 import grpc
 import openai
 import pytest
+from ray import serve
 
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
 from deploy.app import build_app
 from protos import generator_pb2 as pb
+from tests.e2e.prometheus import settled, total, until_equal
 
 APP = "mixtral-ep-failover"
 MAX_TOKENS = 64
+# what a request adds to the gateway's metrics, however many engine replicas served it
+REQUEST_COUNTERS = ("ray_mixtral_ep_prompt_tokens_total", "ray_mixtral_ep_generation_tokens_total",
+                    "ray_mixtral_ep_time_to_first_token_seconds_count",
+                    "ray_mixtral_ep_inter_token_latency_seconds_count",
+                    "ray_mixtral_ep_e2e_request_latency_seconds_count",
+                    "ray_mixtral_ep_request_success_total")
 ARGS = {"expert_resources": EXPERT_SLOT, "frontend_resources": FRONTEND_SLOT,
         "frontend_threads": 1, "expert_threads": 1,
         "experts_per_actor": 4}     # 2 expert actors: the failover is the gateway's, and quicker
@@ -114,18 +124,39 @@ def run_all(todo: dict, kill=None) -> dict:
         return {name: f.result(timeout=300) for name, f in futures.items()}
 
 
+def request_counts(metrics) -> dict[tuple[str, tuple], float]:
+    """The request counters of a scrape: {(sample name, labels): value}."""
+    return {(name, labels): value for name in REQUEST_COUNTERS
+            for labels, value in metrics.get(name, {}).items()}
+
+
 def test_killing_the_engine_replica_loses_no_request(server, client, engine_actors):
     """SIGKILL the replica (its frontend, KV cache and expert actors go with it) while 8
-    requests stream: each continues on the replica Serve starts, and ends as undisturbed."""
+    requests stream: each continues on the replica Serve starts, and ends as undisturbed. The
+    request metrics add what the undisturbed run added (each prompt and first token once, each
+    delivered token once), and expert 0's replicas, set to 2 by hand, are 2 again."""
     todo = jobs(server, client)
+    start = request_counts(settled(APP))
     undisturbed = run_all(todo)
     assert all(len(ids) > 3 for ids, _ in undisturbed.values())
-    replica, _ = engine_actors(APP)
+    after_undisturbed = request_counts(settled(APP))
+    engine = serve.get_deployment_handle("EngineServer", app_name=APP)
+    assert engine.set_expert_replicas.remote({0: 2}).result(timeout_s=120)[0] == 2
+    replica, owned = engine_actors(APP)
+    assert len(owned) == 3                                 # experts_per_actor 4: 2 actors + 1
     killed = run_all(todo, kill=lambda: os.kill(replica["Pid"], signal.SIGKILL))
-    new_replica, _ = engine_actors(APP)
+    new_replica, new_owned = engine_actors(APP)
     assert new_replica["Pid"] != replica["Pid"]            # the requests did move
     for name in todo:
         assert killed[name] == undisturbed[name], name
+    want = {key: 2 * after_undisturbed[key] - start.get(key, 0) for key in after_undisturbed}
+    got, scraped = until_equal(APP, want)
+    assert got == want
+    delivered = sum(len(ids) for ids, _ in killed.values())
+    assert total(scraped, "ray_mixtral_ep_generation_tokens_total") - \
+        after_undisturbed[("ray_mixtral_ep_generation_tokens_total", ())] == delivered
+    assert engine.expert_load.remote().result(timeout_s=60).replicas()[0] == 2
+    assert len(new_owned) == 3
 
 
 def test_past_the_failover_bound_the_client_gets_unavailable(deploy, tiny_checkpoint,
@@ -133,7 +164,8 @@ def test_past_the_failover_bound_the_client_gets_unavailable(deploy, tiny_checkp
     """With a failover bound shorter than a replica's restart, a stream whose engine died ends
     with UNAVAILABLE (retryable) instead of waiting; the restarted engine then serves."""
     stub = deploy(APP, {"model": str(tiny_checkpoint), **ARGS, "failover_timeout_s": 0.5})
-    replica, _ = engine_actors(APP)
+    replica, owned = engine_actors(APP)
+    assert len(owned) == 2              # a redeploy forgets the replicas set by hand before it
     call = stub.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=4000,
                                                   temperature=0.0), timeout=300)
     next(call)

@@ -3,22 +3,18 @@ endpoint (Ray's exporter, scraped over HTTP) must count exactly what was served 
 app: what it adds to the counts that earlier tests left)."""
 from __future__ import annotations
 
-import collections
 import json
-import time
 import urllib.request
 
 import grpc
 import pytest
-import ray
-from prometheus_client.parser import text_string_to_metric_families
 
 from model.config import MixtralConfig
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
+from tests.e2e.prometheus import COUNTERS, settled, total, until_equal
 
 APP = "mixtral-ep"              # the shared app's (tests/e2e/conftest.py: TINY_APP)
-COUNTERS = ("_total", "_count")  # samples that only grow, with each request
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
 MAX_TOKENS = 7
 
@@ -29,46 +25,8 @@ def server(tiny_app):
     return tiny_app.stub
 
 
-def scrape() -> dict[str, dict[tuple, float]]:
-    """Sample name -> {sorted labels of this app's samples: value}, summed over every node."""
-    out: dict[str, dict[tuple, float]] = collections.defaultdict(
-        lambda: collections.defaultdict(float))
-    for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name.startswith("ray_mixtral_ep_") and s.labels.get("application") == APP:
-                    labels = tuple(sorted((k, v) for k, v in s.labels.items()
-                                          if k in ("layer", "expert", "finished_reason", "le")))
-                    out[s.name][labels] += s.value
-    return out
-
-
-def total(metrics, name: str, **labels) -> float:
-    return sum(v for k, v in metrics.get(name, {}).items() if set(labels.items()) <= set(k))
-
-
-def settled() -> dict[str, dict[tuple, float]]:
-    """scrape() once its counters stand still (two scrapes a report interval apart agree)."""
-    def counters(m):
-        return {name: dict(series) for name, series in m.items() if name.endswith(COUNTERS)}
-    deadline = time.monotonic() + 60
-    last = scrape()
-    while True:
-        time.sleep(2)                   # the exporters' report interval: 1 s (cluster/local.py)
-        now = scrape()
-        if counters(now) == counters(last):
-            return now
-        assert time.monotonic() < deadline, "the counters never stood still"
-        last = now
-
-
 def test_counters_equal_what_was_served(server, grpc_port, http_port, tiny_checkpoint):
-    before = settled()                                 # what earlier tests served
+    before = settled(APP)                              # what earlier tests served
     served = []                                        # (prompt tokens, completion tokens)
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = pb_grpc.GeneratorStub(channel)
@@ -101,13 +59,7 @@ def test_counters_equal_what_was_served(server, grpc_port, http_port, tiny_check
     for name, labels in want:                         # counters: added to what was there
         if name.endswith(COUNTERS):
             want[name, labels] += total(before, name, **dict(labels))
-    deadline = time.monotonic() + 60
-    while True:                                        # the exporters lag by a report interval
-        m = scrape()
-        got = {key: total(m, key[0], **dict(key[1])) for key in want}
-        if got == want or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    got, m = until_equal(APP, want)
     assert got == want
     for gauge in ("running", "waiting"):               # exported, not just absent (= 0)
         assert f"ray_mixtral_ep_num_requests_{gauge}" in m
