@@ -3,7 +3,8 @@ actors/serving/grpc_servicer.py; HTTP, actors/serving/http_app.py) need from the
 holds the engine deployment's handle, the tokenizer and the served model's name; reads the
 engine's info once (it never changes), opens a request's token stream with failover (a
 ResumableStream, actors/failover.py: when the engine replica serving it dies, the request goes
-on on another one) and answers readiness. No protobuf, no HTTP.
+on on another one) and answers readiness. Its `drain` (actors/serving/draining.py) refuses new
+streams and ends running ones while the gateway replica shuts down. No protobuf, no HTTP.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 from actors.failover import ResumableStream, unwrap, with_seed
 from actors.info import EngineInfo
+from actors.serving.draining import Drain, DrainedStream
 from actors.serving.metrics import RequestMetrics
 from actors.serving.status import first_line
 from model.engine import SamplingParams
@@ -33,6 +35,7 @@ class EngineClient:
         self.failover_timeout_s = failover_timeout_s
         self.created = int(time.time())            # the model card's `created` (Unix seconds)
         self._info: EngineInfo | None = None
+        self.drain = Drain()                       # begun when this gateway replica stops
         self.metrics = RequestMetrics()            # what this gateway's clients were delivered
 
     async def info(self) -> EngineInfo:
@@ -45,17 +48,23 @@ class EngineClient:
         """The engine's info now (expert placement and load change)."""
         return await self.engine.info.remote()
 
-    def stream(self, ids: list[int], params: SamplingParams) -> ResumableStream:
-        """The engine's stream of chunks for prompt `ids`; seeded here, so a resumed request
-        samples as it would have (actors/failover.py), and counted as its chunks reach the
-        client, so a resumed request counts once (actors/serving/metrics.py: RequestMetrics)."""
+    def stream(self, ids: list[int], params: SamplingParams) -> DrainedStream:
+        """The engine's stream of chunks for prompt `ids` (a ResumableStream, ended by this
+        replica's drain); seeded here, so a resumed request samples as it would have
+        (actors/failover.py), and counted as its chunks reach the client, so a resumed request
+        counts once (actors/serving/metrics.py: RequestMetrics). Draining (UNAVAILABLE / 503)
+        while this replica drains."""
+        self.drain.check()
         params = with_seed(params)
-        return ResumableStream(lambda resume: self.engine.options(stream=True).stream.remote(
-            ids, params, resume), self.failover_timeout_s,
-            observe=self.metrics.request(len(ids)).chunk)
+        return DrainedStream(ResumableStream(lambda resume: self.engine.options(
+            stream=True).stream.remote(ids, params, resume), self.failover_timeout_s,
+            observe=self.metrics.request(len(ids)).chunk), self.drain)
 
     async def unready(self) -> str | None:
-        """None once the engine answers within HEALTH_TIMEOUT_S, else why not."""
+        """None once the engine answers within HEALTH_TIMEOUT_S, else why not (draining: this
+        gateway replica is shutting down)."""
+        if self.drain.draining:
+            return "draining: the server is shutting down"
         try:
             await asyncio.wait_for(self.engine.ping.remote(), HEALTH_TIMEOUT_S)
             return None

@@ -11,10 +11,12 @@ Token ids and SamplingParams in, StreamChunks out; the client going away cancels
 which aborts the request and frees its KV blocks. The replica's own resources (the frontend's:
 a GPU on cuda) are its `ray_actor_options` (deploy/app.py sets them from `frontend_resources`;
 a Serve config may override them); the placement groups reserve the experts' only.
-Shutdown (Serve calls `__del__`) kills the expert actors and releases their groups; a replica
-that dies without it takes them along anyway (Ray's ownership). Its requests in flight then
-fail with a RayActorError at the gateway, which re-sends each to a live replica, or to the one
-Serve starts, as prompt + tokens so far (actors/failover.py).
+Shutdown drains first (actors/serving/draining.py): a new stream is refused (UNAVAILABLE / 503),
+streams in flight run for the deployment's graceful_shutdown_timeout_s, less a margin, and then
+end with Draining; then Serve calls `__del__`, which kills the expert actors and releases their
+groups; a replica that dies without it takes them along anyway (Ray's ownership). Its requests
+in flight then fail with a RayActorError at the gateway, which re-sends each to a live replica,
+or to the one Serve starts, as prompt + tokens so far (actors/failover.py).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from actors.experts.fleet import ExpertFleet
 from actors.frontend import Frontend
 from actors.info import EngineInfo, ExpertLoad
 from actors.options import EngineOptions
+from actors.serving import draining
 from actors.serving.expert_counts import ExpertCounts
 from actors.serving.metrics import EngineMetrics
 from model.checkpoint import WeightSource
@@ -90,7 +93,9 @@ def ready_banner(model_id: str, actors: int, grpc_address: str | None, http_addr
 # no access line per handle call ("CALL stream OK"): a request's one line is the proxy's
 # (actors/serving/gateway.py says what is logged)
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.01},
-                  logging_config=LoggingConfig(enable_access_log=False))
+                  logging_config=LoggingConfig(enable_access_log=False),
+                  graceful_shutdown_timeout_s=draining.GRACE_S,
+                  graceful_shutdown_wait_loop_s=draining.WAIT_LOOP_S)
 class EngineServer:
     def __init__(self, source: WeightSource, options: EngineOptions,
                  model_id: str | None = None, api_key: bool = False):
@@ -99,6 +104,8 @@ class EngineServer:
         `model_id`: the name requests give the model (default: the checkpoint dir's name);
         `api_key`: whether the application requires one (only the ready line says so)."""
         o = options
+        self.drain = draining.Drain()       # begun by Serve's graceful shutdown
+        draining.install()
         fleet = ExpertFleet.start(source, o)
         try:
             frontend = Frontend(source, fleet.experts, o.dtype, o.device, o.frontend_threads,
@@ -119,11 +126,14 @@ class EngineServer:
         """StreamChunks of one request; `resume`: where a dead replica's stream of it stopped
         (actors/failover.py). A client's error (InvalidRequest, QueueFull) is yielded as the
         last item instead of raised: raised, Serve's replica would log it at ERROR with a
-        traceback ("Request failed."); ResumableStream raises it in the caller."""
+        traceback ("Request failed."); ResumableStream raises it in the caller. So is Draining:
+        a stream started while this replica drains, or still running at the grace's end."""
         try:
-            async for chunk in self.frontend.stream(prompt_ids, params, resume):
+            self.drain.check()
+            chunks = self.frontend.stream(prompt_ids, params, resume)
+            async for chunk in draining.DrainedStream(chunks, self.drain):
                 yield chunk
-        except (InvalidRequest, QueueFull) as e:
+        except (InvalidRequest, QueueFull, draining.Draining) as e:
             yield e
 
     async def info(self) -> EngineInfo:

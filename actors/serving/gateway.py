@@ -25,7 +25,7 @@ line in its protocol's words: INFO for a client's error, ERROR for an internal o
 from ray import serve
 from ray.serve.schema import LoggingConfig
 
-from actors.serving import auth, http_app
+from actors.serving import auth, draining, http_app
 from actors.serving import openai_api as oai
 from actors.serving.engine_client import EngineClient
 from actors.serving.grpc_servicer import GeneratorServicer
@@ -34,7 +34,9 @@ from model.tokenizer import Tokenizer
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1},
-                  logging_config=LoggingConfig(enable_access_log=False))
+                  logging_config=LoggingConfig(enable_access_log=False),
+                  graceful_shutdown_timeout_s=draining.GRACE_S,
+                  graceful_shutdown_wait_loop_s=draining.WAIT_LOOP_S)
 @serve.ingress(openai_app)
 class Gateway(GeneratorServicer):
     def __init__(self, engine, tokenizer_path: str | None, model_name: str,
@@ -48,6 +50,8 @@ class Gateway(GeneratorServicer):
                                    failover_timeout_s)
         self.api_key_digest = api_key_digest
         auth.require(api_key_digest)                        # for the HTTP middleware
+        self.drain = self.engine.drain                      # begun when Serve stops this replica
+        draining.install()
 
     # ---- HTTP routes (actors/serving/http_app.py): declared on this class, see its docstring --
     # GET and HEAD as two routes: one route with both methods gives both one OpenAPI operation

@@ -8,6 +8,7 @@ its HTTP status and the details a client may see, shared by the gRPC servicer
     EngineUnavailable (no engine took a request back
     within the failover bound: actors/failover.py),
     DeploymentUnavailableError, RayActorError                UNAVAILABLE / 503
+    Draining (the replica shuts down: draining.py)           UNAVAILABLE / 503, its message
     anything else (other ValueErrors too: config, checkpoint,
     torch; ExpertCallError...)                               INTERNAL / 500, no internal text
 Ray wraps an exception raised in another actor in RayTaskError (nested once per hop), and
@@ -29,6 +30,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors.failover import EngineUnavailable, unwrap
 from actors.serving.auth import Unauthenticated
+from actors.serving.draining import Draining
 from model.errors import InvalidRequest, QueueFull
 
 # a child of Serve's logger: its handlers (replica log files, the console of `serve run`) and
@@ -50,6 +52,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAUTHENTICATED, str(cause)
     if isinstance(cause, (QueueFull, BackPressureError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests are waiting; try again later"
+    if isinstance(cause, Draining):
+        return grpc.StatusCode.UNAVAILABLE, str(cause)
     if isinstance(cause, (DeploymentUnavailableError, RayActorError, EngineUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, "the engine is starting or restarting; try again"
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
