@@ -1,6 +1,7 @@
 """Chaos run: under steady streaming load, SIGKILL in turn a random expert actor, the engine
-replica (the frontend), and a gateway replica; tally requests lost, outputs that differ from an
-undisturbed run, and the longest stall a client saw.
+replica (the frontend), a gateway replica, and Serve's proxy (its ProxyActor: the gRPC and HTTP
+ports; Serve restarts it); tally requests lost, outputs that differ from an undisturbed run,
+and the longest stall a client saw.
 
     python -m bench.chaos                  # 2 rounds per target, 32 clients, tiny model
     python -m bench.chaos --rounds 5 --clients 64
@@ -43,7 +44,8 @@ from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.chaos")
 APP, MODEL = "chaos", "tiny"
-TARGETS = ("none", "expert actor", "engine replica", "gateway replica")
+TARGETS = ("none", "expert actor", "engine replica", "gateway replica", "grpc proxy")
+RETRIES = {"grpc proxy": 8}     # ~17 s of client backoff: Serve restarts a proxy in a new process
 
 
 def alive(class_name: str) -> list[dict]:
@@ -53,7 +55,7 @@ def alive(class_name: str) -> list[dict]:
 
 def victim(target: str, rng: random.Random) -> dict | None:
     names = {"expert actor": "ExpertWorker", "engine replica": f"ServeReplica:{APP}:EngineServer",
-             "gateway replica": f"ServeReplica:{APP}:Gateway"}
+             "gateway replica": f"ServeReplica:{APP}:Gateway", "grpc proxy": "ProxyActor"}
     return rng.choice(alive(names[target])) if target != "none" else None
 
 
@@ -75,7 +77,8 @@ def wait_healthy(http_url: str, gateways: int, experts: int, timeout_s: float = 
 
 async def one_round(target: str, jobs, want, grpc_address: str, http_url: str,
                     rng: random.Random) -> loadgen.Tally:
-    task = asyncio.ensure_future(loadgen.run_jobs(jobs, grpc_address, http_url, MODEL, retries=3))
+    task = asyncio.ensure_future(loadgen.run_jobs(jobs, grpc_address, http_url, MODEL,
+                                                  retries=RETRIES.get(target, 3)))
     await asyncio.sleep(rng.uniform(1.0, 2.5))          # mid-stream for most clients
     killed = victim(target, rng)
     if killed is not None:
