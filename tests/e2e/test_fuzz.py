@@ -12,9 +12,12 @@ Valid requests generate few tokens (max_tokens 1-8, or unset: 16), so the run go
 max_tokens past the context is generated too (refused)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -22,6 +25,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from actors.serving import openai_api as oai
 from protos import generator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -147,6 +151,102 @@ def test_generated_openai_requests_get_success_or_a_named_client_error(case, ser
     content_type = response.headers.get("content-type") or [""]   # schemathesis: a list
     if content_type[0].startswith("text/event-stream"):
         assert response.text.rstrip().endswith("data: [DONE]"), response.text[-300:]
+
+
+# ---- HTTP: requests as OpenAI clients send them (issue 20, item 9) --------------------------
+# nulls in any nullable field, lone surrogates in any string, SDK-replayed histories
+NULLABLE = {chat: sorted((set(model.model_fields) | oai.NULL_ONLY)
+                         - {"model", "prompt", "messages", "max_tokens"})  # chat's: the context
+            for chat, model in [(True, oai.ChatCompletionRequest), (False, oai.CompletionRequest)]}
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+words = st.text(st.characters(codec="utf-8"), min_size=1, max_size=20)
+
+
+@st.composite
+def sdk_assistant_message(draw) -> dict:
+    """An assistant reply as `message.model_dump()` replays it: its extras null (or empty)."""
+    return {"role": "assistant", "content": draw(words),
+            "refusal": draw(st.sampled_from([None, ""])),
+            "tool_calls": draw(st.sampled_from([None, [], [dict(TOOL_CALL)]])),
+            "function_call": None, "audio": None, "annotations": draw(st.sampled_from([None, []]))}
+
+
+@st.composite
+def client_bodies(draw) -> dict:
+    """A valid chat or completions request, then a client's habits: nulls, SDK histories."""
+    chat = draw(st.booleans())
+    if chat:
+        messages = []
+        for _ in range(draw(st.integers(0, 2))):
+            messages += [{"role": "user", "content": draw(words)}, draw(sdk_assistant_message())]
+        last = draw(st.one_of(words, st.lists(st.builds(lambda t: {"type": "text", "text": t},
+                                                        words), min_size=1, max_size=3)))
+        body = {"messages": messages + [{"role": "user", "content": last, "name": None}]}
+    else:
+        body = {"prompt": draw(words), "stop": draw(st.sampled_from([None, "\n\n", ["x", "y"]]))}
+    body |= {"model": MODEL, "max_tokens": draw(st.integers(1, 4))}
+    return body | {field: None for field in draw(st.sets(st.sampled_from(NULLABLE[chat])))}
+
+
+def _string_paths(value, path: str = ""):
+    """(path, parent, key) of every string value in a JSON value, paths as the server names
+    them (`messages[1].content[0].text`)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        name = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        if isinstance(item, str):
+            yield name, value, key
+        elif isinstance(item, (dict, list)):
+            yield from _string_paths(item, name)
+
+
+def _expected(body: dict, surrogate_at: str | None) -> tuple[int, str | None]:
+    """(status, the field its 400 must name) of a client_bodies body."""
+    if surrogate_at is not None:
+        return 400, surrogate_at
+    for i, message in enumerate(body.get("messages", ())):
+        if message.get("tool_calls"):
+            return 400, f"messages[{i}].tool_calls"
+    return 200, None
+
+
+def test_openai_requests_as_clients_send_them(server, http_port):
+    """Every answer is 200, or a 400 naming the very field at fault: a null is the default, a
+    replayed SDK message is a message, a lone surrogate anywhere is refused by its path."""
+    url = f"http://127.0.0.1:{http_port}"
+    seen = {}
+
+    @FUZZ
+    @given(body=client_bodies(), data=st.data(), surrogate=st.integers(0xD800, 0xDFFF))
+    def one(body, data, surrogate):
+        body, where = json.loads(json.dumps(body)), None       # its own copy, to edit
+        if data.draw(st.booleans()):                 # a lone surrogate in one of its strings
+            where, parent, key = data.draw(st.sampled_from(list(_string_paths(body))))
+            at = data.draw(st.integers(0, len(parent[key])))
+            parent[key] = parent[key][:at] + chr(surrogate) + parent[key][at:]
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        status, reply = _post(url + path, json.dumps(body).encode())    # "\ud800" escapes
+        want, field = _expected(body, where)
+        assert status == want, (status, reply, body)
+        if field is not None:
+            assert reply["error"]["param"] == field, reply
+            assert reply["error"]["message"].startswith(field + ":"), reply
+        seen[status] = seen.get(status, 0) + 1
+
+    one()
+    log.info("OpenAI client-shaped fuzz: %s", seen)
+    assert seen.get(200) and seen.get(400)
+    answers_normally(server)
+
+
+def _post(url: str, data: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 # ---- raw bytes ------------------------------------------------------------------------------

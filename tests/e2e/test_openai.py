@@ -173,6 +173,31 @@ def test_bad_chat_requests_name_the_field(base_url, body, needle):
     assert needle in got["error"]["message"]
 
 
+def test_an_sdk_history_nulls_and_a_lone_surrogate_as_clients_send_them(base_url, client):
+    """A reply's `message.model_dump()` replayed in `messages` (400 "unknown field
+    'messages.1.refusal'" before), nulls the SDK sends for None (400 before), and a lone
+    surrogate (500 and an ERROR line before): 200, 200, 400 naming the field."""
+    first = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True})
+    history = [{"role": "user", "content": "Hi"}, first.choices[0].message.model_dump(),
+               {"role": "user", "content": "And then?"}]
+    assert history[1]["refusal"] is None and history[1]["tool_calls"] is None
+    again = client.chat.completions.create(model=MODEL, messages=history, max_tokens=4,
+                                           temperature=0, n=None, presence_penalty=None,
+                                           frequency_penalty=None, logprobs=None, seed=None)
+    assert again.choices[0].finish_reason in ("length", "stop")
+    nulls = {"n": None, "echo": None, "logprobs": None, "stream": None, "stop": None,
+             "best_of": None, "user": None, "stream_options": None, "logit_bias": None}
+    status, got = http(base_url, "POST", "/v1/completions",
+                       {"model": MODEL, "prompt": "hi", "max_tokens": 2} | nulls)
+    assert status == 200 and got["usage"]["completion_tokens"] == 2, got
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    status, got = http(base_url, "POST", "/v1/chat/completions", raw)
+    assert status == 400 and got["error"]["param"] == "messages[0].content", got
+    assert "lone surrogate" in got["error"]["message"]
+
+
 def test_model_cards_head_health_and_error_codes(base_url, client):
     assert client.models.retrieve(MODEL).id == MODEL                  # GET /v1/models/{id}
     with pytest.raises(openai.NotFoundError):
