@@ -123,6 +123,13 @@ def test_http_needs_the_key_before_reading_the_body(server, http_port):
         assert e.value.code == 401 and body["error"]["type"] == "authentication_error"
     with urllib.request.urlopen(f"{base}/health", timeout=30) as resp:      # open for probes
         assert resp.status == 200
+    for docs in ("/docs", "/redoc", "/openapi.json"):           # every field and limit
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + docs, timeout=30)
+        assert e.value.code == 401, docs
+        req = urllib.request.Request(base + docs, headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.status == 200, docs
     good = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
     model = good.models.list().data[0].id
     reply = good.completions.create(model=model, prompt="Hi", max_tokens=2)
