@@ -66,6 +66,18 @@ def alive(actor_id: str) -> bool | None:
     return None if not entry else entry.get("State") == "ALIVE"
 
 
+class Call:
+    """One call in flight: `task` runs it now (an async generator's items may each be awaited
+    by a task of their own: `watched` moves it), `gone` once its caller is."""
+
+    def __init__(self, task: asyncio.Task):
+        self.task, self.gone = task, False
+
+    def cancel(self) -> None:
+        self.gone = True
+        self.task.cancel()
+
+
 class CallerWatch:
     """The calls in flight on one event loop, by caller; see the module docstring.
     `is_alive(actor_id)` -> True / False / None (unknown), asked in a thread."""
@@ -73,26 +85,27 @@ class CallerWatch:
     def __init__(self, poll_s: float = POLL_S,
                  is_alive: Callable[[str], bool | None] = alive):
         self._poll_s, self._is_alive = poll_s, is_alive
-        self._calls: dict[str, set[asyncio.Task]] = {}
+        self._calls: dict[str, set[Call]] = {}
         self._loops: dict[str, asyncio.Task] = {}
 
     @contextlib.asynccontextmanager
-    async def cancel_if_gone(self, caller: str | None) -> AsyncIterator[None]:
-        """Run the body in the current task, cancelled if `caller` (an actor id) dies
-        meanwhile; None: no caller to watch."""
+    async def cancel_if_gone(self, caller: str | None) -> AsyncIterator[Call | None]:
+        """Run the body as a Call of the current task, cancelled if `caller` (an actor id)
+        dies meanwhile; None: no caller to watch (the body gets None)."""
         task = asyncio.current_task()
         if caller is None or task is None:
-            yield
+            yield None
             return
-        self._calls.setdefault(caller, set()).add(task)
+        call = Call(task)
+        self._calls.setdefault(caller, set()).add(call)
         if caller not in self._loops:
             self._loops[caller] = asyncio.create_task(self._watch(caller))
         try:
-            yield
+            yield call
         finally:
             calls = self._calls.get(caller)
             if calls is not None:
-                calls.discard(task)
+                calls.discard(call)
 
     async def _watch(self, caller: str) -> None:
         """Poll `caller` while it has calls; cancel them all once it is gone."""
@@ -104,8 +117,8 @@ class CallerWatch:
                     calls = self._calls.pop(caller)
                     log.info("the caller of %d call(s) (actor %s) is gone: cancelling them",
                              len(calls), caller)
-                    for task in calls:
-                        task.cancel()
+                    for call in calls:
+                        call.cancel()
         finally:
             self._loops.pop(caller, None)
             if not self._calls.get(caller):
@@ -115,7 +128,7 @@ class CallerWatch:
 _watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # event loop -> its watch
 
 
-def cancel_if_gone(caller: str | None) -> contextlib.AbstractAsyncContextManager[None]:
+def cancel_if_gone(caller: str | None) -> contextlib.AbstractAsyncContextManager[Call | None]:
     """`async with cancel_if_gone(caller):` runs its body cancelled if actor `caller` dies
     meanwhile (this event loop's CallerWatch)."""
     loop = asyncio.get_running_loop()
@@ -125,11 +138,25 @@ def cancel_if_gone(caller: str | None) -> contextlib.AbstractAsyncContextManager
 
 
 async def watched(chunks: AsyncIterator, caller: str | None) -> AsyncIterator:
-    """`chunks` passed on, in `cancel_if_gone(caller)`: the task iterating them is cancelled
-    if actor `caller` dies meanwhile, which ends `chunks` with CancelledError."""
-    async with cancel_if_gone(caller):
-        async for chunk in chunks:
-            yield chunk
+    """`chunks` passed on, ended with CancelledError (and `chunks` closed) if actor `caller`
+    dies meanwhile: the task awaiting the next item is cancelled, whichever task that is (a
+    consumer may await each item in a task of its own), or the next item is refused."""
+    try:
+        async with cancel_if_gone(caller) as call:
+            while True:
+                if call is not None:
+                    if call.gone:
+                        raise asyncio.CancelledError(f"caller {caller} is gone")
+                    call.task = asyncio.current_task() or call.task
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield chunk
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def stamp_requests() -> None:

@@ -4,7 +4,9 @@ holds the engine deployment's handle, the tokenizer and the served model's name;
 engine's info once (it never changes), opens a request's token stream with failover (a
 ResumableStream, actors/failover.py: when the engine replica serving it dies, the request goes
 on on another one) and answers readiness. Its `drain` (actors/serving/draining.py) refuses new
-streams and ends running ones while the gateway replica shuts down. No protobuf, no HTTP.
+streams and ends running ones while the gateway replica shuts down. Each engine call names
+this gateway replica as its caller, so the engine replica cancels it if this replica dies
+(actors/serving/caller.py). No protobuf, no HTTP.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 
 from actors.failover import ResumableStream, unwrap, with_seed
 from actors.info import EngineInfo
+from actors.serving.caller import own_id
 from actors.serving.draining import Drain, DrainedStream
 from actors.serving.metrics import RequestMetrics
 from actors.serving.status import first_line
@@ -35,8 +38,9 @@ class EngineClient:
         self.failover_timeout_s = failover_timeout_s
         self.created = int(time.time())            # the model card's `created` (Unix seconds)
         self._info: EngineInfo | None = None
-        self.drain = Drain()                       # begun when this gateway replica stops
+        self.caller = own_id()      # this replica's actor id: the engine watches it per call
         self.metrics = RequestMetrics()            # what this gateway's clients were delivered
+        self.drain = Drain()                       # begun when this gateway replica stops
 
     async def info(self) -> EngineInfo:
         """The engine's info, asked once (the context length never changes)."""
@@ -57,7 +61,8 @@ class EngineClient:
         self.drain.check()
         params = with_seed(params)
         return DrainedStream(ResumableStream(lambda resume: self.engine.options(
-            stream=True).stream.remote(ids, params, resume), self.failover_timeout_s,
+            stream=True).stream.remote(ids, params, resume, self.caller),
+            self.failover_timeout_s,
             observe=self.metrics.request(len(ids)).chunk), self.drain)
 
     async def unready(self) -> str | None:
@@ -73,11 +78,16 @@ class EngineClient:
 
 
 async def collect(chunks) -> tuple[str, list[int], list[float], str]:
-    """A whole completion from an engine stream: (text, token ids, logprobs, finish reason)."""
+    """A whole completion from an engine stream: (text, token ids, logprobs, finish reason).
+    Cancelled or failed before its end, it cancels the engine call (`chunks.cancel()`)."""
     text, tokens, logprobs, reason = "", [], [], ""
-    async for chunk in chunks:
-        text += chunk.text
-        tokens += chunk.token_ids
-        logprobs += chunk.logprobs
-        reason = chunk.finish_reason or reason
+    try:
+        async for chunk in chunks:
+            text += chunk.text
+            tokens += chunk.token_ids
+            logprobs += chunk.logprobs
+            reason = chunk.finish_reason or reason
+    except BaseException:
+        chunks.cancel()
+        raise
     return text, tokens, logprobs, reason

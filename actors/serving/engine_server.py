@@ -35,6 +35,7 @@ from actors.frontend import Frontend
 from actors.info import EngineInfo, ExpertLoad
 from actors.options import EngineOptions
 from actors.serving import draining
+from actors.serving.caller import watched
 from actors.serving.expert_counts import ExpertCounts
 from actors.serving.metrics import EngineMetrics
 from model.checkpoint import WeightSource
@@ -122,15 +123,17 @@ class EngineServer:
                                     len(fleet.experts.actors), *proxy_addresses(), api_key))
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams,
-                     resume: Resume | None = None):
+                     resume: Resume | None = None, caller: str | None = None):
         """StreamChunks of one request; `resume`: where a dead replica's stream of it stopped
-        (actors/failover.py). A client's error (InvalidRequest, QueueFull) is yielded as the
-        last item instead of raised: raised, Serve's replica would log it at ERROR with a
-        traceback ("Request failed."); ResumableStream raises it in the caller. So is Draining:
+        (actors/failover.py); `caller`: the calling gateway replica's actor id, whose death
+        cancels the request (actors/serving/caller.py; Ray would let it run on). A client's
+        error (InvalidRequest, QueueFull) is yielded as the last item instead of raised:
+        raised, Serve's replica would log it at ERROR with a traceback ("Request failed.");
+        ResumableStream raises it in the caller. So is Draining:
         a stream started while this replica drains, or still running at the grace's end."""
         try:
             self.drain.check()
-            chunks = self.frontend.stream(prompt_ids, params, resume)
+            chunks = watched(self.frontend.stream(prompt_ids, params, resume), caller)
             async for chunk in draining.DrainedStream(chunks, self.drain):
                 yield chunk
         except (InvalidRequest, QueueFull, draining.Draining) as e:

@@ -47,6 +47,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import RequestCancelledError
 
 from actors.failover import unwrap
+from actors.serving.caller import stamp_requests
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -80,6 +81,7 @@ def add_retryable_status_to_server(servicer, server) -> None:
     proxy.get_grpc_response_status = get_grpc_response_status
     _quiet_cancellations(asyncio.get_event_loop())
     _cancel_replica_calls_of_closed_streams(proxy.gRPCProxy)
+    stamp_requests()            # replicas cancel a call whose proxy died (actors/serving/caller.py)
 
 
 class _RecordingHandle:

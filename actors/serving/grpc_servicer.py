@@ -7,6 +7,10 @@ No method raises for a failed request: each sets its status and details
 (actors/serving/status.py), logs one line, and returns an empty message (a failed stream ends
 with one empty message that carries the status), so neither Serve's replica nor its proxy logs
 a traceback for a client's error.
+
+Generate and GenerateStream run inside `cancel_if_gone(caller)` (actors/serving/caller.py),
+the caller being the Serve proxy that sent the call (its actor id stamped on the context): if
+that proxy dies mid-call, the call is cancelled, and with it the engine's stream.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from actors.serving.auth import Unauthenticated, authorized, grpc_authorization
+from actors.serving.caller import caller_of, cancel_if_gone
 from actors.serving.engine_client import EngineClient, collect
 from actors.serving.grpc_messages import (
     model_info,
@@ -64,8 +69,9 @@ class GeneratorServicer:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            ids, params = await self._prepare(request, grpc_context)
-            text, tokens, logprobs, reason = await collect(self.engine.stream(ids, params))
+            async with cancel_if_gone(caller_of(grpc_context)):
+                ids, params = await self._prepare(request, grpc_context)
+                text, tokens, logprobs, reason = await collect(self.engine.stream(ids, params))
             return unary_response(Completion("", ids, tokens, text, reason, logprobs),
                                   request.logprobs)
         except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
@@ -74,18 +80,24 @@ class GeneratorServicer:
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        chunks = None
         try:
-            ids, params = await self._prepare(request, grpc_context)
-            produced = 0
-            async for chunk in self.engine.stream(ids, params):
-                produced += len(chunk.token_ids)
-                yield stream_response(chunk, len(ids), produced, request.logprobs)
+            async with cancel_if_gone(caller_of(grpc_context)):
+                ids, params = await self._prepare(request, grpc_context)
+                chunks, produced = self.engine.stream(ids, params), 0
+                async for chunk in chunks:
+                    produced += len(chunk.token_ids)
+                    yield stream_response(chunk, len(ids), produced, request.logprobs)
+                chunks = None                               # ended: nothing to cancel
         except Exception as e:  # noqa: BLE001
             set_status(grpc_context, e)
             # Serve's proxy passes the status on with the next message (the stream then ends
             # with it), so one empty message carries it; raising instead would make Serve's
             # replica and proxy each log the exception with its traceback
             yield pb.GenerateResponse()
+        finally:
+            if chunks is not None:          # cancelled, closed or failed mid-stream
+                chunks.cancel()
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         try:

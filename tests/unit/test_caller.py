@@ -82,3 +82,29 @@ def test_a_watched_stream_ends_with_cancelled_error_when_its_caller_dies():
 
 def test_a_context_without_a_stamp_has_no_caller():
     assert caller_of(object()) is None
+
+
+def test_a_watched_stream_whose_items_are_awaited_in_tasks_of_their_own_is_cancelled():
+    """As actors/serving/draining.py's DrainedStream awaits each item: the task to cancel is
+    the one awaiting the item now, not the one that awaited the first."""
+    async def chunks():
+        for i in range(1000):
+            await asyncio.sleep(0.01)
+            yield i
+
+    async def main():
+        import actors.serving.caller as caller
+        callers = Callers(g=True)
+        caller._watches[asyncio.get_running_loop()] = CallerWatch(POLL_S, callers)
+        stream, got = watched(chunks(), "g"), []
+        try:
+            while True:
+                got.append(await asyncio.ensure_future(stream.__anext__()))
+                if got[-1] == 3:
+                    callers.states["g"] = False
+        except asyncio.CancelledError:
+            return got, "cancelled"
+        except StopAsyncIteration:
+            return got, "done"
+    got, how = asyncio.run(main())
+    assert how == "cancelled" and 4 <= len(got) < 1000
