@@ -43,11 +43,19 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 APP_ARGS = ("model", "api_key_env", "api_key_file")     # build_app's own; the rest: EngineOptions
 DEMO_MODEL_ID = "mixtral-ep-demo-tiny"
 # what Serve's gRPC proxy serves (`grpc_options.grpc_servicer_functions`; the Serve configs in
-# deploy/ list the same, a test checks): our API, the standard health service, and the hook
-# that answers a call whose gateway replica died with UNAVAILABLE (actors/serving/grpc_proxy.py)
-GRPC_SERVICER_FUNCTIONS = [GENERATOR_SERVICER,
-                           "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-                           "actors.serving.grpc_proxy.add_retryable_status_to_server"]
+# deploy/ list the same, a test checks): first the hook that fixes the proxy's status codes (a
+# dead gateway replica: UNAVAILABLE; a request that does not parse: INVALID_ARGUMENT, for the
+# servicers after it: actors/serving/grpc_proxy.py), then our API and the standard health service
+GRPC_SERVICER_FUNCTIONS = ["actors.serving.grpc_proxy.add_retryable_status_to_server",
+                           GENERATOR_SERVICER,
+                           "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+# how Serve must start its controller (`serve.start(controller_options=...)`, a Serve config's
+# `controller_options:`; deploy/'s list the same, a test checks): its proxies inherit this env,
+# whose callback sets the gRPC port's receive limit and keepalive policy before the proxy's
+# server starts (actors/serving/grpc_port.py; its MIXTRAL_EP_GRPC_* variables may join it)
+SERVE_CONTROLLER_OPTIONS = {"runtime_env": {"env_vars": {
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
+        "actors.serving.grpc_port.set_grpc_server_options"}}}
 
 
 def build_app(args: dict) -> Application:

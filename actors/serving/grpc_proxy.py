@@ -29,13 +29,22 @@ to the client (a slow reader, HTTP/2 flow control), the proxy's generator is clo
 nobody and holds its sequence slot and KV blocks meanwhile. `send_request_to_replica` is
 wrapped so that a stream ended before its last message cancels the replica's call.
 
+A fourth, of a client's fault reported as the server's: a request message that does not parse
+fails in gRPC's deserializer, in the proxy, before any handler runs, and gRPC answers UNKNOWN
+"Unexpected <class 'google.protobuf.message.DecodeError'>: ..." and logs a traceback. Such a
+request is answered INVALID_ARGUMENT naming the message type it should be (our API's, no
+internals), with one INFO line, on every unary-request method the proxy serves (Generate,
+GenerateStream, ModelInfo, the health service's Check and Watch).
+
 Serve has no hook for any of these, but it imports and calls each `grpc_servicer_functions`
 entry in the proxy process when it starts its gRPC server (on the proxy's event loop, after it
-set its loop exception handler): `add_retryable_status_to_server` is listed there
+set its loop exception handler): `add_retryable_status_to_server` is listed there FIRST
 (deploy/app.py: GRPC_SERVICER_FUNCTIONS), wraps the proxy's status mapping, the loop's exception
-handler and `gRPCProxy.send_request_to_replica`. It relies on private names of the pinned Ray;
+handler, `gRPCProxy.send_request_to_replica` and, for the servicers registered after it, the
+request deserializer of each method. It relies on private names of the pinned Ray;
 tests/e2e/test_gateway_death.py, tests/e2e/test_grpc.py and tests/e2e/test_grpc_errors.py fail
-if they change.
+if they change. The port's receive limit and keepalive policy are set by an earlier hook
+(actors/serving/grpc_port.py); this one warns when that one did not run.
 """
 from __future__ import annotations
 
@@ -43,11 +52,12 @@ import asyncio
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import RequestCancelledError
 
 from actors.failover import unwrap
-from actors.serving.caller import stamp_requests
+from actors.serving import grpc_port
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -56,10 +66,11 @@ CLOSED_GENERATOR = "async generator ignored GeneratorExit"   # CPython's message
 
 
 def add_retryable_status_to_server(servicer, server) -> None:
-    """A `grpc_servicer_functions` entry: adds no service; makes the proxy answer a call whose
-    replica died with UNAVAILABLE instead of INTERNAL, quiets cancellations and cancels the
-    replica call of a stream closed early (idempotent)."""
-    from ray.serve._private import proxy
+    """A `grpc_servicer_functions` entry, listed first: adds no service; makes the proxy answer
+    a call whose replica died with UNAVAILABLE instead of INTERNAL, quiets cancellations,
+    cancels the replica call of a stream closed early and answers a request that does not
+    parse with INVALID_ARGUMENT (idempotent)."""
+    from ray.serve._private import grpc_util, proxy
     from ray.serve._private.proxy_request_response import ResponseStatus
 
     original = proxy.get_grpc_response_status
@@ -81,7 +92,11 @@ def add_retryable_status_to_server(servicer, server) -> None:
     proxy.get_grpc_response_status = get_grpc_response_status
     _quiet_cancellations(asyncio.get_event_loop())
     _cancel_replica_calls_of_closed_streams(proxy.gRPCProxy)
-    stamp_requests()            # replicas cancel a call whose proxy died (actors/serving/caller.py)
+    _refuse_unparseable_requests(grpc_util.gRPCGenericServer)
+    if not grpc_port.installed():
+        log.warning("the gRPC port reads request messages of up to Serve's 2 GiB before "
+                    "authentication and refuses clients' keepalive pings: start Serve with "
+                    "deploy/app.py's SERVE_CONTROLLER_OPTIONS (actors/serving/grpc_port.py)")
 
 
 class _RecordingHandle:
@@ -146,3 +161,73 @@ def _quiet_cancellations(loop: asyncio.AbstractEventLoop) -> None:
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+
+
+class _Unparseable:
+    """What a tolerant deserializer returns for bytes that do not parse: the full name of the
+    message type they should be, and the parser's error (for the log line only)."""
+
+    def __init__(self, type_name: str, error: DecodeError):
+        self.type_name, self.error = type_name, error
+
+
+def _tolerant(deserializer):
+    """`deserializer` (a message class's FromString) returning an _Unparseable for bytes that
+    do not parse, instead of raising DecodeError."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    type_name = descriptor.full_name if descriptor is not None else "request"
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError as e:
+            return _Unparseable(type_name, e)
+    return deserialize
+
+
+def _refuse(method: str, request: _Unparseable, context) -> None:
+    log.info("%s: the request message does not parse (%s); answered INVALID_ARGUMENT", method,
+             request.error)
+    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+    context.set_details(f"the request message does not parse as a {request.type_name}")
+
+
+def _checked(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` (one unary-request method of the proxy's server) answering an unparseable
+    request INVALID_ARGUMENT; a parsed one goes to its behaviour unchanged."""
+    unary_unary, unary_stream = handler.unary_unary, handler.unary_stream
+
+    async def checked_unary_unary(request, context):
+        if isinstance(request, _Unparseable):
+            _refuse(method, request, context)
+            return b""                  # as Serve's own refusals: the status says it all
+        return await unary_unary(request, context)
+
+    async def checked_unary_stream(request, context):
+        if isinstance(request, _Unparseable):
+            _refuse(method, request, context)
+            return
+        stream = unary_stream(request, context)
+        try:
+            async for message in stream:
+                yield message
+        finally:
+            await stream.aclose()       # closed with this one, as if it were this one
+
+    return handler._replace(request_deserializer=_tolerant(handler.request_deserializer),
+                            unary_unary=checked_unary_unary, unary_stream=checked_unary_stream)
+
+
+def _refuse_unparseable_requests(server_cls) -> None:
+    """Wrap `server_cls._override_method_handler` (Serve's gRPCGenericServer: it routes each
+    method registered after this to the proxy) so that methods with a single request message
+    answer one that does not parse with INVALID_ARGUMENT."""
+    original = server_cls._override_method_handler
+
+    def _override_method_handler(self, service_method, method_handler):
+        handler = original(self, service_method, method_handler)
+        if handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        return _checked(service_method, handler)
+
+    server_cls._override_method_handler = _override_method_handler

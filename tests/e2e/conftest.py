@@ -18,7 +18,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port
-from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
+from deploy.app import GRPC_SERVICER_FUNCTIONS, SERVE_CONTROLLER_OPTIONS, build_app
 from protos import generator_pb2_grpc as pb_grpc
 
 TINY_APP = "mixtral-ep"         # tiny_app's Serve application name
@@ -31,7 +31,8 @@ def serve_ports(ray_cluster) -> tuple[int, int]:
     grpc_port, http_port = free_port(), free_port()
     serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port,
-                                         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+                                         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+                controller_options=SERVE_CONTROLLER_OPTIONS)
     yield grpc_port, http_port
     serve.shutdown()
 

@@ -166,9 +166,22 @@ def test_unknown_application_args_are_refused():
 
 @pytest.mark.parametrize("name", ["deploy/serve.yaml", "deploy/serve-gpu.yaml"])
 def test_serve_configs_serve_the_api_and_the_health_service(name):
-    from deploy.app import GRPC_SERVICER_FUNCTIONS
+    """...with the proxy's fixes first (they wrap the servicers registered after them), and the
+    controller env that sets the gRPC port's limits in every proxy."""
+    from deploy.app import GRPC_SERVICER_FUNCTIONS, SERVE_CONTROLLER_OPTIONS
     raw = yaml.safe_load((ROOT / name).read_text())
     assert raw["grpc_options"]["grpc_servicer_functions"] == GRPC_SERVICER_FUNCTIONS
+    assert GRPC_SERVICER_FUNCTIONS[0].endswith("grpc_proxy.add_retryable_status_to_server")
+    assert raw["controller_options"] == SERVE_CONTROLLER_OPTIONS
+
+
+def test_the_controller_env_names_the_grpc_port_callback():
+    from ray.serve.config import ControllerOptions
+
+    from deploy.app import SERVE_CONTROLLER_OPTIONS
+    env = ControllerOptions(**SERVE_CONTROLLER_OPTIONS).runtime_env["env_vars"]
+    module, func = env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].rsplit(".", 1)
+    assert callable(getattr(importlib.import_module(module), func))
 
 
 def _edit_config(path: Path, **fields) -> None:
@@ -220,11 +233,12 @@ def test_the_rayservice_manifest_holds_a_valid_serve_config_and_the_planned_acto
     from ray.serve.schema import ServeDeploySchema
 
     from cluster.plan import plan
-    from deploy.app import GRPC_SERVICER_FUNCTIONS
+    from deploy.app import GRPC_SERVICER_FUNCTIONS, SERVE_CONTROLLER_OPTIONS
     doc = yaml.safe_load((ROOT / "deploy/rayservice.yaml").read_text())
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
     config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
     assert config.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
+    assert config.controller_options.model_dump() == SERVE_CONTROLLER_OPTIONS
     http, grpc_port = config.http_options.port, config.grpc_options.port
     service_ports = {p["name"]: p["port"] for p in doc["spec"]["serveService"]["spec"]["ports"]}
     assert service_ports == {"serve": http, "grpc": grpc_port}
