@@ -58,6 +58,7 @@ from ray.serve.exceptions import RequestCancelledError
 
 from actors.failover import unwrap
 from actors.serving import grpc_port
+from actors.serving.caller import stamp_requests
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
@@ -93,6 +94,7 @@ def add_retryable_status_to_server(servicer, server) -> None:
     _quiet_cancellations(asyncio.get_event_loop())
     _cancel_replica_calls_of_closed_streams(proxy.gRPCProxy)
     _refuse_unparseable_requests(grpc_util.gRPCGenericServer)
+    stamp_requests()            # replicas cancel a call whose proxy died (actors/serving/caller.py)
     if not grpc_port.installed():
         log.warning("the gRPC port reads request messages of up to Serve's 2 GiB before "
                     "authentication and refuses clients' keepalive pings: start Serve with "
