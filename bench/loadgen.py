@@ -10,7 +10,13 @@ A job streams one request (gRPC GenerateStream, or POST /v1/completions with `st
 and records its token ids, the longest gap between two chunks and how it ended. A job with
 `cancel_after` leaves after that many chunks (its ids must be a prefix of the full output).
 With `retries`, a job whose stream ends with a retryable status (gRPC UNAVAILABLE, HTTP 503, an
-HTTP stream cut before `data: [DONE]`) is sent again from the start, up to that many times.
+HTTP stream cut before `data: [DONE]`) is sent again from the start, up to that many times; with
+`timeout_s`, one still running after that long is left and counted as hung. An HTTP stream that
+ends with an error event is read on, to record whether `data: [DONE]` followed.
+
+When the server shuts down under the load (no retries), `check_endings` sorts how each stream
+ended: completed, the documented shutdown ending (docs/operations.md "Shutdown and draining"),
+cut, or hung.
 """
 from __future__ import annotations
 
@@ -55,9 +61,20 @@ class Job:
 @dataclasses.dataclass
 class Result:
     ids: list[int]
-    status: str = "ok"                         # ok | cancelled | a gRPC status name | cut
-    max_gap_s: float = 0.0                     # longest wait for a chunk (the first included)
+    status: str = "ok"              # ok | cancelled | a gRPC status name | HTTP <code> | cut |
+                                    # hung | "error event: <type>" (HTTP, an event with "error")
+    max_gap_s: float = 0.0          # longest wait for a chunk (the first included), seconds,
+                                    # across retries: from the failed try's last chunk on
     attempts: int = 1
+    done: bool = False                         # HTTP: the stream ended with `data: [DONE]`
+    detail: str = ""                           # the gRPC status's details, the error's message
+    last_at: float = dataclasses.field(default_factory=time.monotonic)   # last chunk (or start)
+
+    def chunk(self, ids) -> None:
+        """A chunk's token ids arrived now."""
+        now = time.monotonic()
+        self.max_gap_s, self.last_at = max(self.max_gap_s, now - self.last_at), now
+        self.ids += ids
 
 
 def make_jobs(n: int, seed: int = 0, cancel_every: int = 8,
@@ -89,25 +106,23 @@ def expected_outputs(engine, jobs: list[Job]) -> list[list[int]]:
 async def _grpc_stream(stub, job: Job, result: Result) -> None:
     req = pb.GenerateRequest(prompt=job.prompt, **job.sampling())
     call = stub.GenerateStream(req, timeout=600)
-    last, chunks = time.monotonic(), 0
+    chunks = 0
     try:
         async for part in call:
-            now = time.monotonic()
-            result.max_gap_s, last = max(result.max_gap_s, now - last), now
-            result.ids += part.token_ids
+            result.chunk(part.token_ids)
             chunks += 1
             if job.cancel_after is not None and chunks >= job.cancel_after:
                 call.cancel()
                 result.status = "cancelled"
                 return
     except grpc.aio.AioRpcError as e:
-        result.status = e.code().name
+        result.status, result.detail = e.code().name, e.details() or ""
 
 
 async def _http_stream(client: httpx2.AsyncClient, model: str, job: Job, result: Result) -> None:
     body = {"model": model, "prompt": job.prompt, "stream": True, "return_token_ids": True,
             **job.sampling()}
-    last, chunks, done = time.monotonic(), 0, False
+    chunks = 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -115,22 +130,21 @@ async def _http_stream(client: httpx2.AsyncClient, model: str, job: Job, result:
                 return
             async for line in resp.aiter_lines():
                 if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: "):
+                    result.done = True
+                elif line.startswith("data: ") and result.status == "ok":
                     event = json.loads(line[6:])
-                    if "error" in event:
-                        result.status = f"error event: {event['error']['message']}"
-                        return
-                    now = time.monotonic()
-                    result.max_gap_s, last = max(result.max_gap_s, now - last), now
-                    result.ids += event["choices"][0]["token_ids"]
+                    if "error" in event:      # read on: does `data: [DONE]` follow?
+                        result.status = f"error event: {event['error'].get('type')}"
+                        result.detail = event["error"].get("message", "")
+                        continue
+                    result.chunk(event["choices"][0]["token_ids"])
                     chunks += 1
                     if job.cancel_after is not None and chunks >= job.cancel_after:
                         result.status = "cancelled"
                         return
     except httpx2.HTTPError:
         pass
-    if not done:
+    if not result.done and result.status == "ok":
         result.status = "cut"
 
 
@@ -158,14 +172,19 @@ class Clients:
         await self._http.aclose()
         await self._channel.close()
 
-    async def run(self, job: Job, retries: int = 0) -> Result:
-        """One job; a retryable end is retried from the start up to `retries` times."""
-        for attempt in range(1, retries + 2):
-            result = Result([], attempts=attempt)
-            if job.api == "grpc":
-                await _grpc_stream(self._stub, job, result)
-            else:
-                await _http_stream(self._http, self._model, job, result)
+    async def run(self, job: Job, retries: int = 0, timeout_s: float | None = None) -> Result:
+        """One job; a retryable end is retried from the start up to `retries` times; an attempt
+        still running after `timeout_s` seconds is left, with status "hung"."""
+        result = Result([])
+        for attempt in range(1, retries + 2):     # a retry's stall counts from the last chunk
+            result = Result([], attempts=attempt, max_gap_s=result.max_gap_s,
+                            last_at=result.last_at)
+            stream = (_grpc_stream(self._stub, job, result) if job.api == "grpc"
+                      else _http_stream(self._http, self._model, job, result))
+            try:
+                await asyncio.wait_for(stream, timeout_s)
+            except asyncio.TimeoutError:
+                result.status = "hung"
             if result.status not in RETRYABLE or attempt > retries:
                 return result
             await asyncio.sleep(min(0.5 * attempt, 3.0))
@@ -173,10 +192,10 @@ class Clients:
 
 
 async def run_jobs(jobs: list[Job], grpc_address: str, http_url: str, model: str,
-                   retries: int = 0) -> list[Result]:
-    """Every job at once, over one gRPC channel and one HTTP connection pool."""
+                   retries: int = 0, timeout_s: float | None = None) -> list[Result]:
+    """Every job at once, over one gRPC channel and one HTTP connection pool (Clients.run)."""
     async with Clients(grpc_address, http_url, model, connections=len(jobs) + 8) as clients:
-        return list(await asyncio.gather(*(clients.run(j, retries) for j in jobs)))
+        return list(await asyncio.gather(*(clients.run(j, retries, timeout_s) for j in jobs)))
 
 
 @dataclasses.dataclass
@@ -211,3 +230,47 @@ def check(jobs: list[Job], results: list[Result], expected: list[list[int]]) -> 
         else:
             tally.wrong += 1
     return tally
+
+
+def shutdown_ending(result: Result) -> bool:
+    """Whether `result` ended as a draining server ends a stream (docs/operations.md "Shutdown
+    and draining"): gRPC UNAVAILABLE; HTTP 503 (refused), or a `service_unavailable` error
+    event followed by `data: [DONE]`."""
+    return (result.status in ("UNAVAILABLE", "HTTP 503")
+            or (result.status == "error event: service_unavailable" and result.done))
+
+
+@dataclasses.dataclass
+class Endings:
+    """How the streams of a server that shut down under them ended (clients not retrying)."""
+    jobs: int
+    completed: int = 0                  # the whole expected output
+    drained: int = 0                    # the shutdown ending (shutdown_ending), ids so far right
+    cut: int = 0                        # any other end: no [DONE], another status or event
+    hung: int = 0                       # still running after the client's timeout
+    wrong: int = 0                      # ids not the expected, or (drained) not a prefix of it
+    errors: dict = dataclasses.field(default_factory=dict)   # "status: detail" -> count
+
+    @property
+    def ok(self) -> bool:
+        return self.cut == 0 and self.hung == 0 and self.wrong == 0
+
+
+def check_endings(results: list[Result], expected: list[list[int]]) -> Endings:
+    """Sort `results` (no cancelling jobs) by how they ended, against `expected` ids."""
+    endings = Endings(len(results))
+    for result, want in zip(results, expected):
+        if result.status != "ok":
+            key = f"{result.status}: {result.detail}"
+            endings.errors[key] = endings.errors.get(key, 0) + 1
+        if result.status == "ok":
+            endings.completed += result.ids == want
+            endings.wrong += result.ids != want
+        elif shutdown_ending(result):
+            endings.drained += 1
+            endings.wrong += result.ids != want[:len(result.ids)]
+        elif result.status == "hung":
+            endings.hung += 1
+        else:
+            endings.cut += 1
+    return endings
