@@ -11,9 +11,10 @@ or RayEngine's frontend actor.
 The caller (the gateway, RayEngine) streams to the client; this keeps what the client already
 has of the request: from the chunks passed on, the completion's token ids, their logprobs and
 how many characters of text were sent. When the stream fails because its frontend died
-(RayActorError: killed, OOM, its node lost; DeploymentUnavailableError), the request is sent
-again with that state as a `Resume` (model/output.py): a live frontend, or the restarted one,
-prefills prompt + tokens so far and goes on, so the client's stream continues with no token
+(RayActorError: killed, OOM, its node lost; DeploymentUnavailableError), or its replica shuts
+down (Draining, sent as a value at the end of its grace: a scale-down, a redeploy), the request
+is sent again with that state as a `Resume` (model/output.py): a live frontend, or the restarted
+one, prefills prompt + tokens so far and goes on, so the client's stream continues with no token
 repeated or missing. Greedy requests continue identically; so do sampled ones, since each draw is
 seeded by the request's seed and the token's position (model/sampling.py: token_seed) and a
 request without a seed is given one (`with_seed`). After a failure the request waits at most
@@ -45,6 +46,15 @@ RETRY_DELAY_S = 0.25            # before re-sending a request whose engine died,
 
 class EngineUnavailable(RuntimeError):
     """No engine took the request back within the failover bound."""
+
+
+class Draining(EngineUnavailable):
+    """A replica is shutting down (actors/serving/draining.py): a new request is refused, a
+    long one ended (UNAVAILABLE / 503, retryable). From an engine replica, the request is
+    resumed on another (ResumableStream); from the gateway, the client retries."""
+
+    def __init__(self, message: str = "the server is shutting down; retry the request"):
+        super().__init__(message)
 
 
 def unwrap(error: BaseException) -> BaseException:
@@ -117,7 +127,10 @@ class ResumableStream:
                 await self._fail_over(e)
                 continue
             # a client's error, sent as a value (actors/serving/engine_server.py:
-            # EngineServer.stream)
+            # EngineServer.stream); an engine replica that drains hands the request back
+            if isinstance(chunk, Draining):
+                await self._fail_over(chunk)
+                continue
             if isinstance(chunk, Exception):
                 raise chunk
             self._deaths = self._attempts = 0
@@ -138,7 +151,7 @@ class ResumableStream:
         now = time.monotonic()
         if self._deadline is None:
             self._deadline = now + self._timeout_s
-        restarting = isinstance(unwrap(error), ActorUnavailableError)
+        restarting = isinstance(unwrap(error), (ActorUnavailableError, Draining))
         self._deaths += not restarting
         if self._deaths > self._max_failovers:
             raise EngineUnavailable(f"its frontend died {self._max_failovers} times in a row "
@@ -147,7 +160,8 @@ class ResumableStream:
             raise EngineUnavailable(f"no frontend took the request back within "
                                     f"{self._timeout_s:g} s") from error
         if self._attempts == 0:
-            log.warning("the frontend serving a request died (%s); resuming it after %d tokens",
+            log.warning("the frontend serving a request %s (%s); resuming it after %d tokens",
+                        "shuts down" if isinstance(error, Draining) else "died",
                         type(unwrap(error)).__name__, len(self._tokens))
         self._stream.cancel()
         await asyncio.sleep(min(RETRY_DELAY_S * 2 ** self._attempts, 2.0, self._deadline - now))

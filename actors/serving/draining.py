@@ -24,7 +24,9 @@ import asyncio
 import logging
 import time
 
-from actors.failover import EngineUnavailable
+from actors.failover import Draining
+
+__all__ = ["Drain", "DrainedStream", "Draining", "install"]
 
 # a child of Serve's logger: its handlers and LoggingConfig apply in a replica
 log = logging.getLogger(f"ray.serve.{__name__}")
@@ -34,14 +36,6 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 GRACE_S, WAIT_LOOP_S = 30.0, 0.5
 ENDING_MARGIN_S = 1.0        # streams end this long before Serve's kill (at most half the grace)
 POLL_S = 0.25                # how often a waiting stream looks whether its drain has begun
-
-
-class Draining(EngineUnavailable):
-    """This replica is shutting down: a new request is refused, a long one ended (UNAVAILABLE /
-    503, retryable: another replica, or the restarted server, takes it)."""
-
-    def __init__(self, message: str = "the server is shutting down; retry the request"):
-        super().__init__(message)
 
 
 class Drain:
@@ -87,6 +81,7 @@ class DrainedStream:
 
     def __init__(self, stream, drain: Drain):
         self._stream, self._drain = stream, drain
+        self._pending: asyncio.Future | None = None     # the item being awaited
 
     def __aiter__(self) -> DrainedStream:
         return self
@@ -94,7 +89,7 @@ class DrainedStream:
     async def __anext__(self):
         if self._drain.expired():
             self._end()
-        pending = asyncio.ensure_future(self._stream.__anext__())
+        self._pending = pending = asyncio.ensure_future(self._stream.__anext__())
         try:
             while True:
                 done, _ = await asyncio.wait({pending}, timeout=self._drain.wait_s())
@@ -104,6 +99,7 @@ class DrainedStream:
                     self._end()
         finally:
             pending.cancel()                     # no-op once done
+            pending.add_done_callback(_retrieve)     # an abandoned item's error is nobody's
 
     def _end(self):
         self.cancel()
@@ -115,6 +111,24 @@ class DrainedStream:
         cancel = getattr(self._stream, "cancel", None)
         if cancel is not None:
             cancel()
+
+    async def aclose(self) -> None:
+        """Close the underlying stream if it is an async generator, once an abandoned item's
+        task has ended (its `finally` runs now, not when it is garbage-collected: the engine's
+        aborts the request)."""
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+            await asyncio.wait({self._pending})
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _retrieve(item: asyncio.Future) -> None:
+    """Mark an abandoned item's exception retrieved: a stream ended by its client, its caller
+    or the grace is no error (asyncio would log "Task exception was never retrieved")."""
+    if not item.cancelled():
+        item.exception()
 
 
 def install() -> None:

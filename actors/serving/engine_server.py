@@ -131,13 +131,18 @@ class EngineServer:
         raised, Serve's replica would log it at ERROR with a traceback ("Request failed.");
         ResumableStream raises it in the caller. So is Draining:
         a stream started while this replica drains, or still running at the grace's end."""
+        chunks = None
         try:
             self.drain.check()
-            chunks = watched(self.frontend.stream(prompt_ids, params, resume), caller)
-            async for chunk in draining.DrainedStream(chunks, self.drain):
+            chunks = draining.DrainedStream(
+                watched(self.frontend.stream(prompt_ids, params, resume), caller), self.drain)
+            async for chunk in chunks:
                 yield chunk
         except (InvalidRequest, QueueFull, draining.Draining) as e:
             yield e
+        finally:                 # ended early (the client left): the request is aborted now
+            if chunks is not None:
+                await chunks.aclose()
 
     async def info(self) -> EngineInfo:
         return await self.frontend.info()

@@ -137,3 +137,84 @@ def test_serve_graceful_shutdown_begins_the_replica_objects_drain(monkeypatch):
     asyncio.run(Replica._perform_graceful_shutdown(replica))
     assert calls == [("serve", True)]
     assert 28.9 <= servable.drain.deadline - began <= 29.1
+
+
+def test_a_consumer_cancelled_mid_wait_leaves_no_unretrieved_error_and_aclose_aborts_at_once():
+    """The gateway's and engine's case when a client leaves: the consumer is cancelled while
+    DrainedStream waits for an item. The abandoned item's error is retrieved (asyncio logged
+    "Task exception was never retrieved" with a traceback per cancelled request), and
+    `aclose()` runs the generator's `finally` at once, not when it is garbage-collected."""
+    aborted, unretrieved = [], []
+
+    async def slow():
+        try:
+            yield 1
+            await asyncio.sleep(3600)
+            yield 2
+        finally:
+            aborted.append(True)
+
+    class Failing(Ticker):                       # its item fails once it is abandoned
+        async def __anext__(self):
+            try:
+                return await super().__anext__()
+            except asyncio.CancelledError:
+                raise RuntimeError("the engine call was cancelled") from None
+
+    async def consume(chunks):
+        async for _ in chunks:
+            pass
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: unretrieved.append(context))
+        for stream in (slow(), Failing(3600)):
+            chunks = DrainedStream(stream, Drain())
+            task = asyncio.ensure_future(consume(chunks))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await chunks.aclose()
+            assert aborted == [True]
+        for _ in range(3):
+            await asyncio.sleep(0)
+    asyncio.run(main())
+    import gc
+    gc.collect()
+    assert unretrieved == []
+
+
+def test_an_engine_replica_that_drains_hands_its_requests_to_another():
+    """An engine replica scaled down or redeployed ends its long requests with Draining (sent
+    as a value, as EngineServer.stream does): the gateway's ResumableStream resumes each on
+    another replica, so the client gets every token once and no error."""
+    from actors import failover
+    from actors.failover import ResumableStream
+    from model.output import StreamChunk
+
+    class Replica(Ticker):                      # positions start.., Draining at `drains_at`
+        def __init__(self, start: int, drains_at: int | None):
+            super().__init__(0.0, 8)
+            self.i, self.drains_at = start, drains_at
+
+        async def __anext__(self):
+            if self.i == self.drains_at:
+                self.drains_at = None
+                return Draining()
+            position = await super().__anext__() - 1
+            return StreamChunk("r", "x", [position], [0.0], "length" if position == 7 else None)
+
+    calls = []
+
+    def call(resume):
+        start = len(resume.token_ids) if resume else 0
+        calls.append(start)
+        return Replica(start, 3 if not calls[:-1] else None)   # the first replica drains at 3
+
+    async def main():
+        return [t async for chunk in ResumableStream(call) for t in chunk.token_ids]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(failover, "RETRY_DELAY_S", 0.0)
+        assert asyncio.run(main()) == list(range(8))
+    assert calls == [0, 3]
