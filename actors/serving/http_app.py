@@ -18,7 +18,7 @@ import asyncio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from ray.exceptions import TaskCancelledError
+from ray.exceptions import RayActorError, TaskCancelledError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,7 +44,8 @@ class _ApiKey:
     shape otherwise. Plain ASGI, not
     `@app.middleware("http")` (Starlette's BaseHTTPMiddleware runs every response in a task
     group of its own). A client that leaves is a disconnect message here: Serve's `receive`
-    raises TaskCancelledError instead once it has cancelled the request, and the streaming
+    raises TaskCancelledError instead once it has cancelled the request (RayActorError once the
+    proxy that carried it died: Serve logged "Request failed." with a traceback), and the streaming
     response's disconnect listener would end with it, printed as a traceback ("Task exception
     was never retrieved")."""
 
@@ -62,7 +63,7 @@ class _ApiKey:
         async def receive_or_disconnect():
             try:
                 return await receive()
-            except TaskCancelledError:
+            except (TaskCancelledError, RayActorError):     # cancelled, or the proxy died
                 return {"type": "http.disconnect"}
         async with cancel_if_gone(scope.get(CALLER_SCOPE_KEY)):     # the proxy died: cancelled
             await self.app(scope, receive_or_disconnect, send)
