@@ -43,7 +43,6 @@ from pathlib import Path
 
 import ray
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from actors.options import EngineOptions
 from actors.serving.engine_server import EngineServer
@@ -51,7 +50,7 @@ from actors.serving.gateway import Gateway
 from bench import loadgen
 from bench.launcher import Launched
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster
-from deploy.app import GRPC_SERVICER_FUNCTIONS, SERVE_CONTROLLER_OPTIONS
+from deploy.app import serve_start_options
 from model.checkpoint import WeightSource
 from model.engine import Engine
 from model.random_checkpoint import cached_random_checkpoint
@@ -113,10 +112,7 @@ def kill_rounds(args, targets: list[str], path, reference, rng: random.Random) -
     rows = []
     with local_cluster(expert_nodes=3, expert_slots=6):
         grpc_port, http_port = free_port(), free_port()
-        serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
-                    grpc_options=gRPCOptions(port=grpc_port,
-                                             grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                    controller_options=SERVE_CONTROLLER_OPTIONS)
+        serve.start(**serve_start_options(grpc_port, http_port))
         # the head offers one `frontend` slot: more replicas than that go anywhere
         options = EngineOptions(expert_resources=EXPERT_SLOT, frontend_threads=1, expert_threads=1,
                                 frontend_resources=FRONTEND_SLOT if args.engine_replicas == 1

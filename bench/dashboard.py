@@ -46,11 +46,10 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, PercentFormatter
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from bench.loadgen import COMMON_WORDS as WORDS
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster
-from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
+from deploy.app import build_app, serve_start_options
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
@@ -402,10 +401,7 @@ def collect(args) -> tuple[list[float], list[Samples], list[tuple[float, str]]]:
     with local_cluster(expert_nodes=2, expert_slots=4):
         grpc_port, http_port = free_port(), free_port()
         quiet = {"enable_access_log": False}                  # no log line per request
-        serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
-                    logging_config=quiet,
-                    grpc_options=gRPCOptions(port=grpc_port,
-                                             grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+        serve.start(logging_config=quiet, **serve_start_options(grpc_port, http_port))
         try:
             serve.run(build_app({"expert_resources": EXPERT_SLOT,
                                  "frontend_resources": FRONTEND_SLOT,

@@ -27,11 +27,10 @@ import grpc
 import openai
 import ray
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from bench.loadgen import COMMON_WORDS as WORDS
 from cluster.local import free_port
-from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
+from deploy.app import build_app, serve_start_options
 from model.engine import Engine, SamplingParams
 from model.random_checkpoint import cached_random_checkpoint
 from protos import generator_pb2 as pb
@@ -170,9 +169,7 @@ def main() -> None:
 
     ray.init(address="local", logging_level=logging.WARNING)
     port, http_port = free_port(), free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
-                grpc_options=gRPCOptions(port=port,
-                                         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    serve.start(**serve_start_options(port, http_port))
     serve.run(build_app({"model": str(path), "experts_per_actor": args.experts_per_actor,
                          "frontend_threads": args.frontend_threads}),
               name="bench", route_prefix="/")

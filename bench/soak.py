@@ -27,11 +27,10 @@ from pathlib import Path
 
 import ray
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from bench import loadgen
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster
-from deploy.app import GRPC_SERVICER_FUNCTIONS, build_app
+from deploy.app import build_app, serve_start_options
 from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.soak")
@@ -123,9 +122,7 @@ def main() -> None:
     path = cached_random_checkpoint("tiny")
     with local_cluster(expert_nodes=3, expert_slots=6):
         grpc_port, http_port = free_port(), free_port()
-        serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
-                    grpc_options=gRPCOptions(port=grpc_port,
-                                             grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+        serve.start(**serve_start_options(grpc_port, http_port))
         serve.run(build_app({"model": str(path), "expert_resources": EXPERT_SLOT,
                              "frontend_resources": FRONTEND_SLOT, "frontend_threads": 1,
                              "expert_threads": 1,

@@ -58,6 +58,17 @@ SERVE_CONTROLLER_OPTIONS = {"runtime_env": {"env_vars": {
         "actors.serving.grpc_port.set_grpc_server_options"}}}
 
 
+def serve_start_options(grpc_port: int, http_port: int) -> dict:
+    """`serve.start(**serve_start_options(grpc_port, http_port))`: one proxy, on the head node,
+    serving what deploy/serve.yaml serves (our gRPC API with the proxy's hooks, HTTP) on these
+    ports, with the controller's env (SERVE_CONTROLLER_OPTIONS); the tests' and benches' Serve."""
+    from ray.serve.config import gRPCOptions
+    return {"proxy_location": "HeadOnly", "http_options": {"port": http_port},
+            "grpc_options": gRPCOptions(port=grpc_port,
+                                        grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+            "controller_options": SERVE_CONTROLLER_OPTIONS}
+
+
 def build_app(args: dict) -> Application:
     """The application for these args (the module doc), every one checked here, before any
     replica starts: ValueError naming an unknown or bad arg, CheckpointError naming what a

@@ -15,10 +15,9 @@ import signal
 import grpc
 import pytest
 from ray import serve
-from ray.serve.config import gRPCOptions
 
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port
-from deploy.app import GRPC_SERVICER_FUNCTIONS, SERVE_CONTROLLER_OPTIONS, build_app
+from deploy.app import build_app, serve_start_options
 from protos import generator_pb2_grpc as pb_grpc
 
 TINY_APP = "mixtral-ep"         # tiny_app's Serve application name
@@ -29,10 +28,7 @@ TINY_MODEL = "tiny"             # and the model id its clients send
 def serve_ports(ray_cluster) -> tuple[int, int]:
     """(gRPC port, HTTP port) of one Serve instance's proxies, both free ports."""
     grpc_port, http_port = free_port(), free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"port": http_port},
-                grpc_options=gRPCOptions(port=grpc_port,
-                                         grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                controller_options=SERVE_CONTROLLER_OPTIONS)
+    serve.start(**serve_start_options(grpc_port, http_port))
     yield grpc_port, http_port
     serve.shutdown()
 
