@@ -1,7 +1,8 @@
 """Work for a caller that is gone stops at once, whichever hop dies: SIGKILL Serve's proxy (the
-one ProxyActor process serves gRPC and HTTP) or the gateway replica during a long call, unary or
-streaming, and the engine drops the request within a few seconds (actors/serving/caller.py),
-where it would otherwise generate its 4,000 tokens for nobody (~50 s on two loaded cores).
+one ProxyActor process serves gRPC and HTTP) or the gateway replica during long calls of every
+kind at once (gRPC and HTTP, unary and streaming), and the engine drops every one of them within
+a few seconds (actors/serving/caller.py), where it would otherwise generate their 4,000 tokens
+for nobody (~50 s on two loaded cores). One kill per hop: Serve takes ~30 s to restart a proxy.
 
 Serve restarts what was killed; each test waits for it to answer again, and leaves the shared
 application idle."""
@@ -11,8 +12,10 @@ import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -23,7 +26,8 @@ from protos import generator_pb2 as pb
 APP = "mixtral-ep"              # the shared app's (tests/e2e/conftest.py: TINY_APP)
 MODEL = "tiny"                  # and its model id (TINY_MODEL)
 MAX_TOKENS = 4000               # the tiny model's context is 4,096
-CANCEL_S = 10.0                 # the engine holds the request at most this long after the kill
+CANCEL_S = 10.0                 # the engine holds the requests at most this long after the kill
+RESTART_S = 120.0               # Serve answers again within this long after the kill
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +80,24 @@ def http_call(port: int, stream: bool) -> None:
         conn.close()
 
 
+def every_call_kind(stub, http_port: int) -> dict[str, Callable[[], None]]:
+    """One long call of each kind, by name: gRPC and HTTP, streaming and unary."""
+    return {"gRPC stream": lambda: grpc_call(stub, True),
+            "gRPC unary": lambda: grpc_call(stub, False),
+            "HTTP stream": lambda: http_call(http_port, True),
+            "HTTP unary": lambda: http_call(http_port, False)}
+
+
+def listening(*ports: int) -> bool:
+    """Whether every port accepts a TCP connection on 127.0.0.1."""
+    try:
+        for port in ports:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def serving_again(stub, http_port: int) -> bool:
     """Whether both of Serve's proxies answer a short request again."""
     try:
@@ -89,43 +111,60 @@ def serving_again(stub, http_port: int) -> bool:
         return False
 
 
-def kill_mid_call(call, victim: str, alive_actors, server, http_port) -> float:
-    """Start `call()` in a thread, SIGKILL the one actor of class `victim` once the engine
-    generates for it; -> seconds from the kill until the engine holds no request. Waits for
-    Serve to serve again, and for the engine to be idle, before it returns or fails."""
+def wait_until_serving(stub, grpc_port: int, http_port: int) -> None:
+    """Wait for Serve to answer on both ports again. The shared stub is first asked once both
+    ports listen: each RPC it fails while its channel cannot connect lengthens the channel's
+    reconnect backoff (1 s growing 1.6x), which would delay it by up to ~15 s after a ~30 s
+    proxy restart; a channel whose connection just broke waits idle and connects at once."""
+    wait_for(lambda: listening(grpc_port, http_port), "Serve's proxy listens again", RESTART_S)
+    wait_for(lambda: serving_again(stub, http_port), "Serve serves again", RESTART_S)
+
+
+def kill_mid_calls(victim: str, alive_actors, stub, grpc_port: int,
+                   http_port: int) -> tuple[float, str]:
+    """Start a long call of every kind, each in a thread, and SIGKILL the one actor of class
+    `victim` once the engine generates for all of them; -> (seconds from the kill until the
+    engine held no request and every KV block was free, or CANCEL_S; what it still held then,
+    in words). Waits for Serve to serve again, and for the engine to be idle, before it
+    returns or fails."""
     wait_for(idle, "the engine is idle before the test", 120)
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
+    calls = every_call_kind(stub, http_port)
+    threads = [threading.Thread(target=call, name=kind, daemon=True)
+               for kind, call in calls.items()]
+    for thread in threads:
+        thread.start()
     try:
-        wait_for(lambda: engine_info().tracked_requests == 1, "the call reached the engine", 60)
+        wait_for(lambda: engine_info().tracked_requests == len(calls),
+                 f"all {len(calls)} calls ({', '.join(calls)}) reached the engine", 60)
         time.sleep(1.0)                                     # tokens are flowing
         [actor] = alive_actors(victim)
         os.kill(actor["Pid"], signal.SIGKILL)
         start = time.monotonic()
-        while engine_info().tracked_requests and time.monotonic() - start < CANCEL_S:
+        while not idle() and time.monotonic() - start < CANCEL_S:
             time.sleep(0.25)
-        return time.monotonic() - start
+        took, info = time.monotonic() - start, engine_info()
+        return took, (f"{info.tracked_requests} of the {len(calls)} calls ({', '.join(calls)}) "
+                      f"and {info.total_blocks - info.free_blocks} KV blocks")
     finally:
-        wait_for(lambda: serving_again(server, http_port), "Serve serves again", 120)
+        wait_until_serving(stub, grpc_port, http_port)
         wait_for(idle, "the engine is idle after the test", 120)
-        thread.join(timeout=10)
+        for thread in threads:
+            thread.join(timeout=10)
 
 
-@pytest.mark.parametrize("protocol,stream", [("grpc", True), ("grpc", False),
-                                             ("http", True), ("http", False)])
-def test_a_dead_proxy_cancels_the_engine_call(server, alive_actors, http_port, protocol, stream):
-    """SIGKILL Serve's proxy (gRPC and HTTP are one ProxyActor) mid-call: the engine call is
-    cancelled within seconds (today's Serve generates on to max_tokens for nobody)."""
-    call = ((lambda: grpc_call(server, stream)) if protocol == "grpc"
-            else (lambda: http_call(http_port, stream)))
-    took = kill_mid_call(call, "ProxyActor", alive_actors, server, http_port)
-    assert took < CANCEL_S, f"the engine still generated {took:.1f} s after the proxy died"
+def test_a_dead_proxy_cancels_every_engine_call(server, alive_actors, grpc_port, http_port):
+    """SIGKILL Serve's proxy (gRPC and HTTP are one ProxyActor) mid-call with a gRPC stream, a
+    gRPC unary, an HTTP stream and an HTTP unary call in flight: the engine drops all four
+    within seconds (today's Serve generates on to max_tokens for nobody)."""
+    took, held = kill_mid_calls("ProxyActor", alive_actors, server, grpc_port, http_port)
+    assert took < CANCEL_S, f"the engine still held {held} {took:.1f} s after the proxy died"
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_a_dead_gateway_replica_cancels_the_engine_call(server, alive_actors, http_port, stream):
-    """SIGKILL the gateway replica mid-call: the engine replica's stream, whose caller died,
-    is cancelled within seconds."""
-    took = kill_mid_call(lambda: grpc_call(server, stream), f"ServeReplica:{APP}:Gateway",
-                         alive_actors, server, http_port)
-    assert took < CANCEL_S, f"the engine still generated {took:.1f} s after the gateway died"
+def test_a_dead_gateway_replica_cancels_every_engine_call(server, alive_actors, grpc_port,
+                                                          http_port):
+    """SIGKILL the gateway replica mid-call with a call of every kind in flight (the
+    gateway's stream and unary calls, gRPC and HTTP): the engine replica's streams, whose
+    caller died, are all cancelled within seconds."""
+    took, held = kill_mid_calls(f"ServeReplica:{APP}:Gateway", alive_actors, server,
+                                grpc_port, http_port)
+    assert took < CANCEL_S, f"the engine still held {held} {took:.1f} s after the gateway died"
