@@ -22,10 +22,12 @@ import pytest
 from ray import serve
 
 from protos import generator_pb2 as pb
+from tests.e2e.serve_logs import serve_logs_since
 
 APP = "mixtral-ep"              # the shared app's (tests/e2e/conftest.py: TINY_APP)
 MODEL = "tiny"                  # and its model id (TINY_MODEL)
 MAX_TOKENS = 4000               # the tiny model's context is 4,096
+GATEWAY_LOGS = f"replica_{APP}_Gateway_*.log"   # Serve's log files of the gateway replicas
 CANCEL_S = 10.0                 # the engine holds the requests at most this long after the kill
 RESTART_S = 120.0               # Serve answers again within this long after the kill
 
@@ -155,9 +157,13 @@ def kill_mid_calls(victim: str, alive_actors, stub, grpc_port: int,
 def test_a_dead_proxy_cancels_every_engine_call(server, alive_actors, grpc_port, http_port):
     """SIGKILL Serve's proxy (gRPC and HTTP are one ProxyActor) mid-call with a gRPC stream, a
     gRPC unary, an HTTP stream and an HTTP unary call in flight: the engine drops all four
-    within seconds (today's Serve generates on to max_tokens for nobody)."""
+    within seconds (today's Serve generates on to max_tokens for nobody), and the gateway logs
+    no traceback for the HTTP calls the proxy carried (Serve's receive raised ActorDiedError)."""
+    sizes, _ = serve_logs_since(files=GATEWAY_LOGS)
     took, held = kill_mid_calls("ProxyActor", alive_actors, server, grpc_port, http_port)
     assert took < CANCEL_S, f"the engine still held {held} {took:.1f} s after the proxy died"
+    _, new = serve_logs_since(sizes, GATEWAY_LOGS)  # its HTTP calls ended as disconnects
+    assert "Traceback" not in new and "Request failed" not in new, new[-3000:]
 
 
 def test_a_dead_gateway_replica_cancels_every_engine_call(server, alive_actors, grpc_port,

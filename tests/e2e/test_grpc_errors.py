@@ -12,7 +12,6 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,6 +22,7 @@ from ray import serve
 from cluster.local import EXPERT_RESOURCE, EXPERT_SLOT
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
+from tests.e2e.serve_logs import serve_logs_since
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,6 @@ def status(call) -> grpc.StatusCode:
         assert "Traceback" not in e.details() and "max_waiting" not in e.details(), e.details()
         return e.code()
     return grpc.StatusCode.OK
-
-
-def serve_logs_since(sizes: dict | None = None) -> tuple[dict, str]:
-    """(sizes of Serve's log files now, what was written to them since `sizes`)."""
-    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-    now = {f: f.stat().st_size for f in logs.glob("*.log")}
-    new = "".join(f.read_bytes()[(sizes or {}).get(f, 0):].decode(errors="replace")
-                  for f in sorted(now)) if sizes is not None else ""
-    return now, new
 
 
 def test_requests_beyond_max_waiting_are_resource_exhausted(server):
