@@ -28,10 +28,11 @@ pins:
 lint: install
 	$(PYTHON) -m ruff check .
 
-# starts the gRPC server on port 9000 with the embedded demo model (Ctrl-C stops it);
-# call it from another shell:  python -m protos.client "Tell me a story" --max-tokens 64
+# starts the gRPC server on port 9000 with the embedded demo model (Ctrl-C drains it, then stops
+# it): `serve run deploy/serve.yaml` that drains first (deploy/__main__.py); call it from another
+# shell:  python -m protos.client "Tell me a story" --max-tokens 64
 demo: install
-	serve run deploy/serve.yaml
+	$(PYTHON) -m deploy
 
 # The suite in lanes, cheapest first; `make test` runs them in this order and stops at the first
 # that fails: unit (no Ray, about a minute), integration (a simulated 4-node Ray cluster), e2e

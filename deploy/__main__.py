@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -68,8 +69,9 @@ def with_grace(config: dict, grace_s: float | None) -> dict:
     application's deployments (unchanged for None). ValueError names a negative grace."""
     if grace_s is None:
         return config
-    if grace_s < 0:
-        raise ValueError(f"--graceful-shutdown-timeout-s must be >= 0, got {grace_s:g}")
+    if not 0 <= grace_s < math.inf:          # NaN fails both
+        raise ValueError(f"--graceful-shutdown-timeout-s must be a finite number >= 0, got "
+                         f"{grace_s:g}")
     app = config["applications"][0]
     deployments = [{**d, "graceful_shutdown_timeout_s": grace_s}
                    for d in app.get("deployments") or []]
@@ -147,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
                                              [absolute_model(a) for a in ns.args]),
                             ns.graceful_shutdown_timeout_s)
         if ns.address is None:
+            from actors.serving.grpc_port import server_options
             from deploy.app import build_app  # the checks Serve's build task would run
             build_app(config["applications"][0]["args"])
+            server_options()                  # the proxy's env (MIXTRAL_EP_GRPC_*), as it will
     except (OSError, ValueError, yaml.YAMLError) as e:     # CheckpointError is a ValueError
         parser.error(str(e))
     from ray.serve.scripts import cli  # Serve's own `serve run`: its Ctrl-C and log stream

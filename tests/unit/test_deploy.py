@@ -310,6 +310,26 @@ def test_the_one_command_serve_names_a_bad_argument_before_starting(bad, expecte
     assert exit_.value.code == 2 and expected in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, env, expected", [
+    (["--graceful-shutdown-timeout-s", "nan"], {}, "--graceful-shutdown-timeout-s must be a"),
+    (["--graceful-shutdown-timeout-s", "inf"], {}, "--graceful-shutdown-timeout-s must be a"),
+    (["--graceful-shutdown-timeout-s", "-1"], {}, "--graceful-shutdown-timeout-s must be a"),
+    ([], {"MIXTRAL_EP_GRPC_MAX_RECEIVE_BYTES": "12"}, "MIXTRAL_EP_GRPC_MAX_RECEIVE_BYTES must"),
+    ([], {"MIXTRAL_EP_GRPC_MIN_PING_INTERVAL_MS": "x"}, "MIXTRAL_EP_GRPC_MIN_PING_INTERVAL_MS")])
+def test_the_one_command_serve_names_a_bad_grace_or_port_setting_before_starting(
+        args, env, expected, capsys, monkeypatch, tmp_path):
+    """A NaN or infinite grace (Serve refused NaN with a traceback, and would wait forever on
+    inf) and a bad gRPC port variable (the proxy failed to start, a 160-line log) exit 2
+    naming it, before Ray starts."""
+    from deploy.__main__ import main
+    monkeypatch.setenv("MIXTRAL_EP_CACHE", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
 def test_the_one_command_serve_takes_a_relative_model_from_the_current_directory(
         tmp_path, monkeypatch):
     from deploy.__main__ import absolute_model
