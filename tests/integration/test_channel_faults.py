@@ -39,8 +39,11 @@ class _DiesOnceMidCall(ExpertWorker):
     def compute(self, layer, x, counts):
         if layer == 1 and not os.path.exists(self._marker):
             Path(self._marker).touch()
-            os._exit(1)
+            self._die()
         return super().compute(layer, x, counts)
+
+    def _die(self):
+        os._exit(1)
 
 
 def _actors(cls, path, *args):
@@ -76,19 +79,12 @@ class _Fatal(BaseException):
     """Not an Exception: it passes every handler on its way out of the channel's thread."""
 
 
-class _ThreadDiesOnce(ExpertWorker):
+class _ThreadDiesOnce(_DiesOnceMidCall):
     """An expert actor whose channel thread dies in its first call of layer 1 (an unexpected
     error out of its serving loop) while the process lives on."""
 
-    def __init__(self, source, expert_ids, marker: str):
-        super().__init__(source, expert_ids, threads=1)
-        self._marker = marker
-
-    def compute(self, layer, x, counts):
-        if layer == 1 and not os.path.exists(self._marker):
-            Path(self._marker).touch()
-            raise _Fatal("the channel's serving loop cannot go on")
-        return super().compute(layer, x, counts)
+    def _die(self):
+        raise _Fatal("the channel's serving loop cannot go on")
 
 
 def test_an_actor_whose_channel_thread_dies_is_restarted_and_answers(ray_cluster, tiny_checkpoint,

@@ -32,6 +32,13 @@ async def call(watch: CallerWatch, caller, seconds: float) -> str:
         return "cancelled"
 
 
+async def counting():
+    """0, 1, 2, ... one every 10 ms (a stream for `watched`)."""
+    for i in range(1000):
+        await asyncio.sleep(0.01)
+        yield i
+
+
 @pytest.mark.parametrize("state,want", [(True, "done"), (None, "done"), (False, "cancelled")])
 def test_a_call_is_cancelled_only_once_its_caller_is_known_gone(state, want):
     async def main():
@@ -57,11 +64,6 @@ def test_only_the_dead_callers_calls_are_cancelled_and_polling_stops():
 
 
 def test_a_watched_stream_ends_with_cancelled_error_when_its_caller_dies():
-    async def chunks():
-        for i in range(1000):
-            await asyncio.sleep(0.01)
-            yield i
-
     async def main():
         import actors.serving.caller as caller
         callers = Callers(g=True)
@@ -69,7 +71,7 @@ def test_a_watched_stream_ends_with_cancelled_error_when_its_caller_dies():
         caller._watches[loop] = CallerWatch(POLL_S, callers)
         got = []
         try:
-            async for i in watched(chunks(), "g"):
+            async for i in watched(counting(), "g"):
                 got.append(i)
                 if i == 3:
                     callers.states["g"] = False
@@ -87,16 +89,11 @@ def test_a_context_without_a_stamp_has_no_caller():
 def test_a_watched_stream_whose_items_are_awaited_in_tasks_of_their_own_is_cancelled():
     """As actors/serving/draining.py's DrainedStream awaits each item: the task to cancel is
     the one awaiting the item now, not the one that awaited the first."""
-    async def chunks():
-        for i in range(1000):
-            await asyncio.sleep(0.01)
-            yield i
-
     async def main():
         import actors.serving.caller as caller
         callers = Callers(g=True)
         caller._watches[asyncio.get_running_loop()] = CallerWatch(POLL_S, callers)
-        stream, got = watched(chunks(), "g"), []
+        stream, got = watched(counting(), "g"), []
         try:
             while True:
                 got.append(await asyncio.ensure_future(stream.__anext__()))

@@ -37,6 +37,16 @@ class Ticker:
         self.cancelled = True
 
 
+async def stuck(aborted: list):
+    """A request that never gets its next token; `aborted` gets True when it is closed."""
+    try:
+        yield 1
+        await asyncio.sleep(3600)
+        yield 2
+    finally:
+        aborted.append(True)
+
+
 async def drained(stream, drain: Drain) -> tuple[list, BaseException | None]:
     items = []
     try:
@@ -95,17 +105,9 @@ def test_a_short_stream_finishes_within_the_grace_and_a_long_one_ends_with_drain
 def test_a_stream_waiting_when_the_grace_ends_is_ended_and_its_generator_aborted():
     aborted = []
 
-    async def stuck():                           # a request that never gets its next token
-        try:
-            yield 1
-            await asyncio.sleep(3600)
-            yield 2
-        finally:
-            aborted.append(True)
-
     async def main():
         drain = Drain()
-        task = asyncio.ensure_future(drained(stuck(), drain))
+        task = asyncio.ensure_future(drained(stuck(aborted), drain))
         await asyncio.sleep(0.05)
         drain.begin(0.0)
         result = await asyncio.wait_for(task, 2 * draining.POLL_S + 1)
@@ -146,14 +148,6 @@ def test_a_consumer_cancelled_mid_wait_leaves_no_unretrieved_error_and_aclose_ab
     `aclose()` runs the generator's `finally` at once, not when it is garbage-collected."""
     aborted, unretrieved = [], []
 
-    async def slow():
-        try:
-            yield 1
-            await asyncio.sleep(3600)
-            yield 2
-        finally:
-            aborted.append(True)
-
     class Failing(Ticker):                       # its item fails once it is abandoned
         async def __anext__(self):
             try:
@@ -168,7 +162,7 @@ def test_a_consumer_cancelled_mid_wait_leaves_no_unretrieved_error_and_aclose_ab
     async def main():
         asyncio.get_running_loop().set_exception_handler(
             lambda loop, context: unretrieved.append(context))
-        for stream in (slow(), Failing(3600)):
+        for stream in (stuck(aborted), Failing(3600)):
             chunks = DrainedStream(stream, Drain())
             task = asyncio.ensure_future(consume(chunks))
             await asyncio.sleep(0.05)
