@@ -66,3 +66,6 @@ def check_request(ids: list[int], params: SamplingParams | None, max_model_len: 
     if any(t >= vocab_size for t in params.stop_token_ids):
         raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size}), got "
                              f"{list(params.stop_token_ids)}")
+    if any(t >= vocab_size for t, _ in params.logit_bias):
+        raise InvalidRequest(f"logit_bias keys must be token ids in [0, {vocab_size}), got "
+                             f"{[t for t, _ in params.logit_bias if t >= vocab_size][:5]}")

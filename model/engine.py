@@ -42,7 +42,8 @@ from model.kv_sizing import size_kv_cache
 from model.mixtral import Mixtral, MoeBeginFn, MoeFn, tensor_shapes
 from model.moe import LocalExperts
 from model.output import Completion, RequestOutput, Resume, StreamChunk
-from model.sampling import Sampled, SamplingParams, request_seed, sample, token_seed
+from model.sampling import (Sampled, SamplingParams, SamplingRow, request_seed, sample,
+                            token_seed)
 from model.scheduler import Request, Scheduler
 from model.streaming import Streams
 from model.tokenizer import Tokenizer
@@ -287,9 +288,10 @@ class Engine:
             return []
         try:
             logits = self.model.compute_logits(hidden[rows])                  # (B, V)
-            draw_seeds = [None if r.seed is None else token_seed(r.seed, r.num_tokens)
-                          for r in sampling]                # the sampled token's position
-            sampled = sample(logits, [r.params for r in sampling], draw_seeds, self._generator)
+            rows = [SamplingRow(r.params, None if r.seed is None else token_seed(
+                        r.seed, r.num_tokens), r.prompt_ids, r.output_ids, r.sampling_state)
+                    for r in sampling]                      # seeded by the token's position
+            sampled = sample(logits, rows, self.cfg.eos_token_id, self._generator)
         except Exception as e:
             for req in sampling:
                 self._fail(req, e)
@@ -312,7 +314,7 @@ class Engine:
         try:
             if isinstance(result, Exception):
                 raise result
-            chunk = self._tracked[req.request_id].output.append(*result)
+            chunk = self._tracked[req.request_id].output.append(result.token, result.logprob)
         except Exception as e:  # noqa: BLE001
             self._fail(req, e)
             return None

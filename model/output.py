@@ -19,10 +19,16 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from model.errors import InvalidRequest
+from model.sampling import TopLogprobs
 from model.scheduler import Request
 
 if TYPE_CHECKING:
     from model.detokenizer import IncrementalDetokenizer
+
+
+# a prompt token's raw logprob and its `prompt_logprobs` most likely alternatives; None for
+# the first prompt token (nothing precedes it)
+PromptLogprob = tuple[float, TopLogprobs] | None
 
 
 @dataclasses.dataclass
@@ -33,6 +39,9 @@ class Completion:
     text: str                   # excludes it, and ends before the first stop string
     finish_reason: str          # "length" | "stop"
     logprobs: list[float]
+    index: int = 0              # the choice (n > 1)
+    top_logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)  # per token, if asked
+    prompt_logprobs: list[PromptLogprob] | None = None     # per prompt token, if asked
 
 
 @dataclasses.dataclass
@@ -41,7 +50,11 @@ class StreamChunk:
     text: str                   # new text since the previous chunk
     token_ids: list[int]        # new token ids
     logprobs: list[float]
-    finish_reason: str | None = None
+    finish_reason: str | None = None    # this choice's; a request ends when all n have one
+    index: int = 0                      # the choice (n > 1)
+    top_logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)  # per new token
+    # per prompt token, on the first chunk of each choice, when `prompt_logprobs` is asked
+    prompt_logprobs: list[PromptLogprob] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +67,8 @@ class Resume:
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     text_chars: int
+    top_logprobs: tuple[TopLogprobs, ...] = ()    # per token, when the request asks for them
+    index: int = 0                                # the choice (n > 1): one Resume per unfinished
 
 
 class RequestOutput:

@@ -19,12 +19,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from model.errors import InvalidRequest
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1     # the seed's range: the gRPC field's int64
+MAX_N = 16                  # choices per request (OpenAI's `n`)
+MAX_TOP_LOGPROBS = 20       # alternatives per token, as OpenAI's top_logprobs and vLLM's default
+MAX_LOGIT_BIAS = 300        # logit_bias entries, as OpenAI's API
+LOGIT_BIAS_RANGE = 100.0    # |bias| limit, as OpenAI's API
+PENALTY_RANGE = 2.0         # |presence_penalty|, |frequency_penalty| limit, as OpenAI's API
 # each generated token is checked against every stop string under the engine's step lock
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 _MASK64 = 2**64 - 1
@@ -41,12 +48,50 @@ class SamplingParams:
     stop: tuple[str, ...] = ()          # stop strings: cut the text before the first one
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1                          # choices of one prompt, in [1, MAX_N]
+    top_logprobs: int = 0               # alternatives reported per generated token, [0, 20]
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob + k alternatives
+    presence_penalty: float = 0.0       # [-2, 2], OpenAI's: minus this if a token was generated
+    frequency_penalty: float = 0.0      # [-2, 2], OpenAI's: minus this times its count so far
+    repetition_penalty: float = 1.0     # > 0, CTRL's (prompt and output tokens); 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]), <= 300
+    min_tokens: int = 0                 # EOS and stop_token_ids masked until this many tokens
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _tuple("stop", self.stop))
         object.__setattr__(self, "stop_token_ids", _tuple("stop_token_ids", self.stop_token_ids))
-        _check(_is_int(self.max_tokens) and self.max_tokens > 0,
-               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        _check(_is_int(self.max_tokens) and (self.max_tokens > 0 or (
+                   self.max_tokens == 0 and self.prompt_logprobs is not None)),
+               f"max_tokens must be an integer >= 1 (0 only with prompt_logprobs), "
+               f"got {self.max_tokens!r}")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N,
+               f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        _check(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+               f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+               f"got {self.top_logprobs!r}")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
+               f"prompt_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] or None, "
+               f"got {self.prompt_logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_real(value) and -PENALTY_RANGE <= value <= PENALTY_RANGE,
+                   f"{name} must be in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}], got {value!r}")
+        _check(_is_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf,
+               f"repetition_penalty must be a finite number > 0 (1 = off), "
+               f"got {self.repetition_penalty!r}")
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS,
+               f"logit_bias must hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            _check(_is_int(token) and token >= 0,
+                   f"logit_bias keys must be token ids >= 0, got {token!r}")
+            _check(_is_real(bias) and -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE,
+                   f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
+                   f"got {bias!r} for token {token}")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               f"min_tokens must be an integer in [0, max_tokens ({self.max_tokens})], "
+               f"got {self.min_tokens!r}")
         _check(_is_real(self.temperature) and 0 <= self.temperature < math.inf,
                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         _check(_is_real(self.top_p) and 0 < self.top_p <= 1,
@@ -88,6 +133,20 @@ def _tuple(field: str, value) -> tuple:
     return tuple(value)
 
 
+def _bias_pairs(value) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs, from a {token id: bias} dict or pairs."""
+    if isinstance(value, dict):
+        value = value.items()
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidRequest(f"logit_bias must map token ids to biases, got {value!r}"[:300])
+    pairs = []
+    for item in value:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise InvalidRequest(f"logit_bias must map token ids to biases, got {item!r}"[:300])
+        pairs.append((item[0], item[1]))
+    return tuple(sorted(pairs, key=lambda kv: (not _is_int(kv[0]), kv[0] if _is_int(kv[0]) else 0)))
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise InvalidRequest(message)
@@ -98,6 +157,16 @@ def request_seed(params: SamplingParams) -> int | None:
     if params.greedy:
         return None
     return params.seed if params.seed is not None else secrets.randbits(63)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request seeded `seed` (n > 1): choice 0 keeps the
+    request's seed (so n = 1 draws as before), the others a SplitMix64 mix of the two
+    (`token_seed` then seeds each of their draws by position), an int64."""
+    if index == 0:
+        return seed
+    mixed = mix_seed((seed + index * 0x9E3779B97F4A7C15) & _MASK64)
+    return mixed - 2**64 if mixed > INT64_MAX else mixed
 
 
 def token_seed(seed: int, position: int) -> int:
@@ -125,16 +194,51 @@ class SamplingError(RuntimeError):
     """One row could not be sampled (non-finite logits, or the draw failed)."""
 
 
-Sampled = tuple[int, float] | SamplingError        # (token id, its logprob) or this row's error
+TopLogprobs = list[tuple[int, float]]       # (token id, raw logprob), most likely first
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], draw_seeds: list[int | None],
+class Draw(NamedTuple):
+    """One row's sampled token, its raw logprob and (when asked) the most likely alternatives."""
+    token: int
+    logprob: float
+    top: TopLogprobs
+
+
+Sampled = Draw | SamplingError                      # a row's draw, or its error
+
+
+class SequenceState:
+    """What the sampler keeps for one sequence between its steps: its output token counts
+    (frequency/presence penalties) and prompt-token set (repetition penalty), on the logits'
+    device, built on first use and then brought up to date incrementally from
+    `output_ids[counted:]` (no per-step recount). A preempted or resumed sequence keeps (or
+    rebuilds) it; a forked choice starts its own."""
+
+    def __init__(self) -> None:
+        self.output_counts: torch.Tensor | None = None      # (V,) int32
+        self.prompt_mask: torch.Tensor | None = None        # (V,) bool
+        self.counted = 0                                    # output ids already in the counts
+
+
+@dataclasses.dataclass
+class SamplingRow:
+    """One row of a step's sampling batch: the sequence's request parameters and state.
+    `mask`: the seam for per-row constraints (a later grammar): (V,) bool of allowed tokens,
+    applied after the logit bias; None allows all."""
+    params: SamplingParams
+    draw_seed: int | None                 # token_seed of the draw; None when greedy
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    state: SequenceState
+    mask: torch.Tensor | None = None
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id: int,
            generator: torch.Generator | None) -> list[Sampled]:
-    """logits (B, V) fp32 -> per row (token id, logprob) or a SamplingError for that row alone.
-    A sampled row draws with `generator` (on the logits' device) seeded by its `draw_seeds`
-    entry (`token_seed`); greedy rows' entries are unused (None). Host syncs are per step, not
-    per greedy row: the non-finite rows, the tokens, their logprobs (a sampled row adds its
-    own draw)."""
+    """logits (B, V) fp32 -> per row a Draw or a SamplingError for that row alone.
+    A sampled row draws with `generator` (on the logits' device) seeded by its `draw_seed`
+    (`token_seed`); greedy rows' draw_seed is None. Host syncs are per step, not per greedy
+    row: the non-finite rows, the tokens, their logprobs (a sampled row adds its own draw)."""
     logprobs = torch.log_softmax(logits, dim=-1)                        # (B, V)
     # one pass for both: max propagates NaN, and is +inf if any is, -inf only if all are
     top, tokens = logits.max(dim=-1)                                    # (B,), first maximum
@@ -142,16 +246,23 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], draw_seeds: list[
     errors: dict[int, SamplingError] = {}
     for row in bad.nonzero()[:, 0].tolist():
         errors[row] = SamplingError(f"the model's logits are not finite (row {row})")
-    for row, (p, draw_seed) in enumerate(zip(params, draw_seeds)):
-        if p.greedy or row in errors:
+    for i, row in enumerate(rows):
+        if row.params.greedy or i in errors:
             continue
         try:
-            tokens[row] = _sample_row(logits[row], p, generator.manual_seed(draw_seed))
+            tokens[i] = _sample_row(logits[i], row.params, generator.manual_seed(row.draw_seed))
         except RuntimeError as e:
-            errors[row] = SamplingError(f"sampling failed: {e}")
+            errors[i] = SamplingError(f"sampling failed: {e}")
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]                  # (B,)
-    return [errors.get(row, (t, lp)) for row, (t, lp) in enumerate(zip(tokens.tolist(),
-                                                                       chosen.tolist()))]
+    k = max((r.params.top_logprobs for r in rows), default=0)
+    tops: list[TopLogprobs] = [[] for _ in rows]
+    if k:
+        values, ids = logprobs.topk(k, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+        tops = [list(zip(ids[i][:r.params.top_logprobs], values[i][:r.params.top_logprobs]))
+                for i, r in enumerate(rows)]
+    return [errors.get(i, Draw(t, lp, tops[i]))
+            for i, (t, lp) in enumerate(zip(tokens.tolist(), chosen.tolist()))]
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:

@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 
 from model.attention import BlockAllocator
-from model.sampling import SamplingParams
+from model.sampling import SamplingParams, SequenceState
 
 _arrivals = itertools.count()
 
@@ -36,6 +36,8 @@ class Request:
     num_computed: int = 0                       # tokens whose keys are in the KV cache
     finish_reason: str | None = None
     arrival: int = dataclasses.field(default_factory=lambda: next(_arrivals))
+    # the sampler's per-sequence state (penalty counts); the scheduler never reads it
+    sampling_state: SequenceState = dataclasses.field(default_factory=SequenceState)
 
     @property
     def all_ids(self) -> list[int]:
