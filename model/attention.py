@@ -42,23 +42,45 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
 
 
 class BlockAllocator:
-    """Free list of KV-cache block ids."""
+    """KV-cache block ids with reference counts: `allocate` hands out free blocks (count 1),
+    `share` adds a holder (the n choices of one prompt hold its blocks together), `free` drops
+    one; a block returns to the free list when its last holder lets go."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def share(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self._refs[b] == 0:
+                raise RuntimeError(f"KV block {b} is free; it cannot be shared")
+            self._refs[b] += 1
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        released = []
+        for b in blocks:
+            if self._refs[b] == 0:
+                raise RuntimeError(f"KV block {b} is already free")
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                released.append(b)
+        self._free.extend(reversed(released))
 
 
 class KVCache:
@@ -71,6 +93,17 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's keys and values, in every layer: a choice
+        that shares a partly filled block copies it before writing (copy-on-write)."""
+        if not pairs:
+            return
+        device = self.k[0].device
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.int64, device=device)
+        for cache in (*self.k, *self.v):
+            cache[dst] = cache[src]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -41,9 +41,9 @@ from model.errors import InvalidRequest, QueueFull
 from model.kv_sizing import size_kv_cache
 from model.mixtral import Mixtral, MoeBeginFn, MoeFn, tensor_shapes
 from model.moe import LocalExperts
-from model.output import Completion, RequestOutput, Resume, StreamChunk
-from model.sampling import (Sampled, SamplingParams, SamplingRow, request_seed, sample,
-                            token_seed)
+from model.output import Completion, RequestOutput, Resume, StreamChunk, check_resumes
+from model.sampling import (Sampled, SamplingParams, SamplingRow, choice_seed, request_seed,
+                            sample, token_seed)
 from model.scheduler import Request, Scheduler
 from model.streaming import Streams
 from model.tokenizer import Tokenizer
@@ -56,10 +56,19 @@ __all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "Resume", "Q
 @dataclasses.dataclass(eq=False)
 class _Tracked:
     """Engine-side state of a request from admission until its caller lets go of it."""
-    req: Request
-    output: RequestOutput | None                 # None: a logits request
+    reqs: list[Request]                          # one sequence, or its n choices once forked
+    outputs: dict[int, RequestOutput]            # by choice index; empty for a logits request
+    choices: int = 1                             # choices its stream ends after
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
     error: Exception | None = None
+
+    @property
+    def req(self) -> Request:
+        return self.reqs[0]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.finished for r in self.reqs) and not any(r.num_forks for r in self.reqs)
 
 
 class Engine:
@@ -133,19 +142,38 @@ class Engine:
         return tracked.req.request_id
 
     def _prepare(self, prompt: Prompt, params: SamplingParams | None,
-                 resume: Resume | None = None) -> _Tracked:
-        """Everything that can reject a request (model/admission.py), with no side effect."""
+                 resume: Resume | Sequence[Resume] | None = None) -> _Tracked:
+        """Everything that can reject a request (model/admission.py), with no side effect.
+        A fresh request is one sequence (forked into its n choices once its prompt is
+        computed); a resumed one is a sequence per unfinished choice, each prefilling prompt +
+        its tokens so far."""
         vocab, limit = self.cfg.vocab_size, self.max_model_len
         ids = prompt_ids(prompt, self.tokenizer, vocab, limit)
         check_request(ids, params, limit, vocab)
-        req = Request(str(next(self._ids)), ids, params,
-                      request_seed(params) if params is not None else None)
+        request_id = str(next(self._ids))
         if params is None:
-            return _Tracked(req, None)
-        output = RequestOutput(req, self.tokenizer.detokenizer(ids), self.cfg.eos_token_id, limit)
-        if resume is not None:
-            output.resume(resume)
-        return _Tracked(req, output)
+            return _Tracked([Request(request_id, ids, None)], {})
+        if params.n > self.scheduler.max_num_seqs:
+            raise InvalidRequest(f"n must be at most max_num_seqs ({self.scheduler.max_num_seqs})"
+                                 f", got {params.n}")
+        seed = request_seed(params)
+        resumes = check_resumes(resume, params.n)
+        if resumes is None:
+            req = Request(request_id, ids, params, seed, num_forks=params.n - 1)
+            return _Tracked([req], {0: self._output(req)}, choices=params.n)
+        tracked = _Tracked([], {}, choices=len(resumes))
+        for state in resumes:
+            req = Request(request_id, ids, params,
+                          None if seed is None else choice_seed(seed, state.index),
+                          index=state.index)
+            tracked.reqs.append(req)
+            tracked.outputs[state.index] = self._output(req)
+            tracked.outputs[state.index].resume(state)
+        return tracked
+
+    def _output(self, req: Request) -> RequestOutput:
+        return RequestOutput(req, self.tokenizer.detokenizer(req.prompt_ids),
+                             self.cfg.eos_token_id, self.max_model_len)
 
     def _admit(self, batch: list[_Tracked]) -> None:
         """Queue a validated batch whole, or raise QueueFull and queue none of it."""
@@ -206,9 +234,10 @@ class Engine:
                     future.set_exception(e)
                 continue
             tracked = self._tracked.pop(item, None)
-            if tracked is not None and not tracked.req.finished:
-                tracked.req.finish_reason = "abort"
-                self.scheduler.finish(tracked.req)
+            for req in tracked.reqs if tracked is not None else ():
+                if not req.finished:
+                    req.finish_reason = "abort"
+                    self.scheduler.finish(req)
 
     def has_unfinished(self) -> bool:
         """Whether any request is queued, waiting or running (pending aborts do not count)."""
@@ -232,6 +261,7 @@ class Engine:
                 self._apply_pending()
                 scheduled = self.scheduler.schedule()
                 try:
+                    self.kv.copy_blocks(self.scheduler.take_copies())    # copy-on-write
                     chunks = self._run(scheduled) if scheduled else []
                 finally:
                     self._apply_pending()
@@ -274,20 +304,33 @@ class Engine:
         return torch.tensor(ids, dtype=torch.int64, device=self.device), meta
 
     def _process(self, scheduled, hidden: torch.Tensor) -> list[StreamChunk]:
-        rows, sampling, start = [], [], 0
+        rows, sampling, chunks, start = [], [], [], 0
         for req, n in scheduled:
+            first = req.num_computed
             req.num_computed += n
             done = req.num_computed == req.num_tokens
             if req.params is None:
                 self._keep_logits(req, hidden[start:start + n], done)
-            elif done:
-                rows.append(start + n - 1)
-                sampling.append(req)
+            else:
+                tracked = self._tracked[req.request_id]
+                if tracked.outputs[req.index].prompt_pending:
+                    self._score_prompt(req, tracked.outputs[req.index], hidden[start:start + n],
+                                       first)
+                if done and not req.finished:
+                    for seq in self._fork(tracked, req):
+                        if seq.params.max_tokens == 0:       # a prompt scored, nothing sampled
+                            chunks.append(self._emit(seq, tracked.outputs[seq.index].finish))
+                        else:
+                            rows.append(start + n - 1)
+                            sampling.append(seq)
             start += n
-        if not sampling:
-            return []
+        if sampling:
+            chunks += self._sample(sampling, hidden[rows])
+        return [c for c in chunks if c is not None]
+
+    def _sample(self, sampling: list[Request], hidden: torch.Tensor) -> list[StreamChunk | None]:
         try:
-            logits = self.model.compute_logits(hidden[rows])                  # (B, V)
+            logits = self.model.compute_logits(hidden)                        # (B, V)
             rows = [SamplingRow(r.params, None if r.seed is None else token_seed(
                         r.seed, r.num_tokens), r.prompt_ids, r.output_ids, r.sampling_state)
                     for r in sampling]                      # seeded by the token's position
@@ -296,8 +339,48 @@ class Engine:
             for req in sampling:
                 self._fail(req, e)
             raise
-        chunks = [self._append(req, result) for req, result in zip(sampling, sampled)]
-        return [c for c in chunks if c is not None]
+        return [self._append(req, result) for req, result in zip(sampling, sampled)]
+
+    def _fork(self, tracked: _Tracked, req: Request) -> list[Request]:
+        """The sequences that sample from `req`'s last prompt position: itself and, the first
+        time, the n - 1 other choices forked from it (sharing its KV blocks; choice i seeded
+        `choice_seed(seed, i)`)."""
+        if not req.num_forks:
+            return [req]
+        seeds = [None if req.seed is None else choice_seed(req.seed, i)
+                 for i in range(1, req.num_forks + 1)]
+        children = self.scheduler.fork(req, seeds)
+        parent = tracked.outputs[req.index]
+        for child in children:
+            output = tracked.outputs[child.index] = self._output(child)
+            output.prompt_logprobs, output.prompt_pending = (parent.prompt_logprobs,
+                                                             parent.prompt_pending)
+        tracked.reqs += children
+        return [req, *children]
+
+    def _score_prompt(self, req: Request, output: RequestOutput, hidden: torch.Tensor,
+                      first: int) -> None:
+        """The prompt logprobs that the positions [first, first + len(hidden)) just computed
+        give: prompt token t's raw logprob (and the top alternatives) from position t - 1's
+        logits, for the tokens not scored yet (a preempted request scores each once)."""
+        k = req.params.prompt_logprobs
+        lo = max(len(output.prompt_logprobs), first + 1)
+        hi = min(first + len(hidden), len(req.prompt_ids) - 1)            # last token scored
+        if lo > hi:
+            return
+        try:
+            logprobs = torch.log_softmax(
+                self.model.compute_logits(hidden[lo - 1 - first:hi - first]).float(), dim=-1)
+            targets = torch.tensor(req.prompt_ids[lo:hi + 1], device=logprobs.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            tops = [[]] * len(chosen)
+            if k:
+                values, ids = logprobs.topk(k, dim=-1)
+                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        except Exception as e:  # noqa: BLE001 - this request's failure only
+            self._fail(req, e)
+            return
+        output.prompt_logprobs += list(zip(chosen, tops))
 
     def _keep_logits(self, req: Request, hidden: torch.Tensor, done: bool) -> None:
         try:
@@ -310,11 +393,20 @@ class Engine:
             self.scheduler.finish(req)
 
     def _append(self, req: Request, result: Sampled) -> StreamChunk | None:
-        """Add a sampled token to its request; a failure fails that request only."""
+        """Add a sampled token to its sequence; a failure fails its request only."""
+        if isinstance(result, Exception):
+            self._fail(req, result)
+            return None
+        return self._emit(req, lambda: self._tracked[req.request_id].outputs[req.index].append(
+            result.token, result.logprob, result.top))
+
+    def _emit(self, req: Request, make_chunk) -> StreamChunk | None:
+        """The chunk `make_chunk()` releases for a sequence still running (None if it failed:
+        its request fails); a finished sequence returns its blocks."""
+        if req.finished:                 # failed with a sibling choice this step
+            return None
         try:
-            if isinstance(result, Exception):
-                raise result
-            chunk = self._tracked[req.request_id].output.append(result.token, result.logprob)
+            chunk = make_chunk()
         except Exception as e:  # noqa: BLE001
             self._fail(req, e)
             return None
@@ -323,10 +415,13 @@ class Engine:
         return chunk
 
     def _fail(self, req: Request, error: Exception) -> None:
+        """Fail a request, all of its choices, and hand its stream the error."""
         log.warning("request %s failed: %s: %s", req.request_id, type(error).__name__, error)
-        req.finish_reason = "error"
-        self.scheduler.finish(req)
         tracked = self._tracked.get(req.request_id)
+        for seq in tracked.reqs if tracked is not None else [req]:
+            if not seq.finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
         if tracked is not None:
             tracked.error = error
         self._streams.deliver(req.request_id, error)
@@ -342,7 +437,7 @@ class Engine:
         if len(per_prompt) != len(prompts):
             raise InvalidRequest(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         done = self._run_batch([self._prepare(p, sp) for p, sp in zip(prompts, per_prompt)])
-        return [t.output.completion() for t in done]
+        return [t.outputs[i].completion() for t in done for i in sorted(t.outputs)]
 
     def logits(self, prompts: Prompt | Sequence[Prompt]) -> torch.Tensor | list[torch.Tensor]:
         """(T, V) float32 logits of every position of one prompt (a list of them for a list)."""
@@ -360,7 +455,7 @@ class Engine:
                 for tracked in pending:
                     if tracked.error is not None:
                         raise tracked.error
-                pending = [t for t in pending if not t.req.finished]
+                pending = [t for t in pending if not t.finished]
         finally:
             for tracked in batch:
                 self.abort(tracked.req.request_id)
@@ -368,13 +463,17 @@ class Engine:
 
     # ---- asynchronous API ---------------------------------------------------------------
     async def stream(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
-                     resume: Resume | None = None) -> AsyncIterator[StreamChunk]:
-        """Yield a chunk per generated token; the last one carries finish_reason.
-        Leaving the iterator early aborts the request and frees its KV blocks. `resume`: go on
-        from where a dead engine's stream of the same request left off (model/output.py)."""
+                     resume: Resume | Sequence[Resume] | None = None
+                     ) -> AsyncIterator[StreamChunk]:
+        """Yield a chunk per generated token of each choice (n > 1: interleaved, each with its
+        `index`); a choice's last chunk carries its finish_reason, and the stream ends when
+        every choice has one. Leaving the iterator early aborts the request and frees its KV
+        blocks. `resume`: go on from where a dead engine's stream of the same request left off
+        (model/output.py): one Resume per unfinished choice."""
         tracked = self._prepare(prompt, params, resume)
         async for chunk in self._streams.follow(tracked.req.request_id,
-                                                lambda: self._admit([tracked]), self.abort):
+                                                lambda: self._admit([tracked]), self.abort,
+                                                choices=tracked.choices):
             yield chunk
 
 

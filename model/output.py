@@ -16,6 +16,7 @@ concatenate to the completion's text.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from model.errors import InvalidRequest
@@ -82,33 +83,43 @@ class RequestOutput:
         self.text = ""
         self.emitted_text = self.emitted_tokens = 0
         self.longest_stop = max((len(s) for s in req.params.stop), default=0)
+        # prompt logprobs, when asked: filled by the engine as the prompt is computed, sent
+        # with the choice's first chunk (a resumed choice that sent tokens has sent them)
+        asked = req.params.prompt_logprobs is not None
+        self.prompt_logprobs: list[PromptLogprob] | None = [None] if asked else None
+        self.prompt_pending = asked
 
     def resume(self, state: Resume) -> None:
         """Replay the tokens a client already has, as if this engine had generated them: same
         text, same stop-string state, nothing of them emitted again. InvalidRequest if they
         could not have been received from an unfinished request (ended by a stop token, EOS,
         max_tokens or the context; text that could not have been sent)."""
-        req = self.req
-        if len(state.token_ids) != len(state.logprobs):
-            raise InvalidRequest(f"resume: {len(state.token_ids)} token ids but "
-                                 f"{len(state.logprobs)} logprobs")
-        for token, logprob in zip(state.token_ids, state.logprobs):
+        req, n = self.req, len(state.token_ids)
+        if len(state.logprobs) != n or len(state.top_logprobs) not in (0, n):
+            raise InvalidRequest(f"resume: {n} token ids but {len(state.logprobs)} logprobs and "
+                                 f"{len(state.top_logprobs)} top_logprobs")
+        tops = state.top_logprobs or [[]] * n
+        for token, logprob, top in zip(state.token_ids, state.logprobs, tops):
             if req.finished:
                 break
             try:
-                self.append(token, logprob)            # the stop conditions of a sampled token
+                self.append(token, logprob, top)       # the stop conditions of a sampled token
             except ValueError as e:                     # out of the vocabulary
                 raise InvalidRequest(f"resume: {e}") from None
         if req.finished or not 0 <= state.text_chars <= len(self.text):
             raise InvalidRequest(f"resume: {len(state.token_ids)} tokens and {state.text_chars} "
                                  "characters are not the state of an unfinished request")
         self.emitted_text, self.emitted_tokens = state.text_chars, len(req.output_ids)
+        self.prompt_pending = self.prompt_pending and n == 0
 
-    def append(self, token: int, logprob: float) -> StreamChunk:
-        """Record one sampled token; return the chunk it releases (finish_reason set if done)."""
+    def append(self, token: int, logprob: float, top: TopLogprobs = ()) -> StreamChunk:
+        """Record one sampled token (its raw logprob and top alternatives); return the chunk it
+        releases (finish_reason set if done)."""
         req, p = self.req, self.req.params
         req.output_ids.append(token)
         req.logprobs.append(logprob)
+        if p.top_logprobs:
+            req.top_logprobs.append(list(top))
         if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
             req.finish_reason = "stop"
         else:
@@ -120,9 +131,14 @@ class RequestOutput:
         self._cut_at_stop_string()
         return self._chunk()
 
+    def finish(self) -> StreamChunk:
+        """End a request that generates nothing (max_tokens 0: its prompt scored)."""
+        self.req.finish_reason = "length"
+        return self._chunk()
+
     def _cut_at_stop_string(self) -> None:
-        if not self.longest_stop:
-            return
+        if not self.longest_stop or len(self.req.output_ids) < self.req.params.min_tokens:
+            return                      # as vLLM: no stop string ends it before min_tokens
         begin = max(0, self.emitted_text - self.longest_stop)
         hits = [i for s in self.req.params.stop if (i := self.text.find(s, begin)) >= 0]
         if hits:
@@ -135,11 +151,31 @@ class RequestOutput:
         end = max(self.emitted_text, len(self.text) - hold)
         chunk = StreamChunk(req.request_id, self.text[self.emitted_text:end],
                             req.output_ids[self.emitted_tokens:],
-                            req.logprobs[self.emitted_tokens:], req.finish_reason)
+                            req.logprobs[self.emitted_tokens:], req.finish_reason, req.index,
+                            req.top_logprobs[self.emitted_tokens:])
+        if self.prompt_pending and len(self.prompt_logprobs) == len(req.prompt_ids):
+            chunk.prompt_logprobs, self.prompt_pending = self.prompt_logprobs, False
         self.emitted_text, self.emitted_tokens = end, len(req.output_ids)
         return chunk
 
     def completion(self) -> Completion:
         r = self.req
         return Completion(r.request_id, r.prompt_ids, list(r.output_ids), self.text,
-                          r.finish_reason, list(r.logprobs))
+                          r.finish_reason, list(r.logprobs), r.index, list(r.top_logprobs),
+                          self.prompt_logprobs)
+
+
+def check_resumes(resume: Resume | Sequence[Resume] | None, n: int) -> tuple[Resume, ...] | None:
+    """A stream's resume states, one per unfinished choice (a lone Resume is choice 0 of n = 1);
+    None when the request starts afresh (nothing to resume: no choice has sent anything).
+    InvalidRequest for indices outside [0, n) or repeated."""
+    if resume is None:
+        return None
+    resumes = (resume,) if isinstance(resume, Resume) else tuple(resume)
+    indices = [r.index for r in resumes]
+    if not resumes or len(set(indices)) != len(indices) or not all(0 <= i < n for i in indices):
+        raise InvalidRequest(f"resume: choice indices {indices} are not distinct choices of "
+                             f"n = {n}")
+    fresh = sorted(indices) == list(range(n)) and not any(r.token_ids or r.text_chars
+                                                          for r in resumes)
+    return None if fresh else resumes

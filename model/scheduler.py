@@ -6,8 +6,12 @@ their prompt when still prefilling. Waiting requests are then admitted first-com
 while budget, sequence slots and KV blocks allow; a long prompt is prefilled in chunks over
 several steps. When a running request needs a KV block and none is free, the newest running
 request is preempted: its blocks are freed and it goes back to the front of the queue, to be
-recomputed from its prompt plus the tokens it already generated. Requests never share blocks,
-so one request's shortage never corrupts another. The scheduler knows nothing about tensors.
+recomputed from its prompt plus the tokens it already generated.
+A request with n > 1 choices is one sequence until its prompt is computed, then `fork`s into n
+that share the prompt's blocks (reference counts, model/attention.py: BlockAllocator); a
+sequence only writes to blocks it alone holds: before computing into a shared block it takes a
+copy (copy-on-write; the engine copies the KV content, `take_copies`). So one sequence's
+shortage or preemption never corrupts another. The scheduler knows nothing about tensors.
 
 Example (budget 8, block_size 4): running A decoding, waiting B with a 10-token prompt ->
 step 1 schedules [(A, 1), (B, 7)], step 2 [(A, 1), (B, 3)], then B decodes too.
@@ -36,6 +40,9 @@ class Request:
     num_computed: int = 0                       # tokens whose keys are in the KV cache
     finish_reason: str | None = None
     arrival: int = dataclasses.field(default_factory=lambda: next(_arrivals))
+    index: int = 0                              # the choice, of params.n
+    num_forks: int = 0                          # choices still to fork from it (n - 1 at first)
+    top_logprobs: list = dataclasses.field(default_factory=list)   # per output token, if asked
     # the sampler's per-sequence state (penalty counts); the scheduler never reads it
     sampling_state: SequenceState = dataclasses.field(default_factory=SequenceState)
 
@@ -62,6 +69,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._copies: list[tuple[int, int]] = []       # (source, destination) blocks to copy
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -88,7 +96,7 @@ class Scheduler:
                 scheduled.append((req, n))
                 budget -= n
         while (self.waiting and not preempted and budget > 0
-               and len(self.running) < self.max_num_seqs):
+               and self.num_seqs() + 1 + self.waiting[0].num_forks <= self.max_num_seqs):
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, req.num_computed + n):
@@ -99,6 +107,31 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
         return scheduled
+
+    def num_seqs(self) -> int:
+        """Sequences running, counting the choices still to fork from a running prompt."""
+        return sum(1 + r.num_forks for r in self.running)
+
+    def fork(self, req: Request, seeds: list[int | None]) -> list[Request]:
+        """Fork a running request whose prompt is computed into its n choices: `req` is choice
+        0, and the returned n - 1 new sequences (choices 1.., seeded `seeds`) share its blocks
+        and run right after it."""
+        children = [dataclasses.replace(
+            req, seed=seed, index=i, num_forks=0, output_ids=list(req.output_ids),
+            logprobs=list(req.logprobs), top_logprobs=list(req.top_logprobs),
+            block_table=list(req.block_table), sampling_state=SequenceState())
+            for i, seed in enumerate(seeds, start=1)]
+        req.num_forks = 0
+        for child in children:
+            self.allocator.share(child.block_table)
+        at = self.running.index(req) + 1
+        self.running[at:at] = children
+        return children
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) KV blocks to copy before the step just scheduled runs."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def finish(self, req: Request) -> None:
         """Release a finished or aborted request's blocks, wherever it is."""
@@ -113,11 +146,22 @@ class Scheduler:
         return -(-num_tokens // self.block_size)
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
-        missing = self.blocks_needed(num_tokens) - len(req.block_table)
-        if missing > self.allocator.num_free:
+        """Blocks for the request's tokens up to `num_tokens`, and a copy of each shared block
+        it will write into (copy-on-write); False, changing nothing, if too few are free."""
+        table, alloc = req.block_table, self.allocator
+        needed = self.blocks_needed(num_tokens)
+        shared = [i for i in range(req.num_computed // self.block_size, min(needed, len(table)))
+                  if alloc.refcount(table[i]) > 1]
+        missing = max(needed - len(table), 0)
+        if missing + len(shared) > alloc.num_free:
             return False
+        for i in shared:
+            [copy] = alloc.allocate(1)
+            self._copies.append((table[i], copy))
+            alloc.free([table[i]])
+            table[i] = copy
         if missing > 0:
-            req.block_table += self.allocator.allocate(missing)
+            table += alloc.allocate(missing)
         return True
 
     def _preempt(self, req: Request) -> None:

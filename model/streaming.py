@@ -34,9 +34,11 @@ class Streams:
             sink(item)
 
     async def follow(self, request_id: str, admit: Callable[[], None],
-                     abort: Callable[[str], None]) -> AsyncIterator:
-        """Listen for the request, `admit()` it, then yield its chunks until one carries a
-        finish_reason; raise its error. Listening first means no chunk can be missed."""
+                     abort: Callable[[str], None], choices: int = 1) -> AsyncIterator:
+        """Listen for the request, `admit()` it, then yield its chunks until each of its
+        `choices` (chunk.index) has sent one with a finish_reason; raise its error. Listening
+        first means no chunk can be missed."""
+        finished: set[int] = set()
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._sinks[request_id] = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -49,7 +51,9 @@ class Streams:
                     raise item
                 yield item
                 if item.finish_reason is not None:
-                    return
+                    finished.add(item.index)
+                    if len(finished) == choices:
+                        return
         finally:
             self._sinks.pop(request_id, None)
             abort(request_id)
