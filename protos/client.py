@@ -6,14 +6,16 @@
     python -m protos.client --prompt-file long.txt --max-tokens 64   # the prompt from a file
     cat question.txt | python -m protos.client - --chat              # ... or from stdin
     MIXTRAL_EP_API_KEY=... python -m protos.client "Hi" --address host:443 --tls --ca-cert ca.pem
+    python -m protos.client "Hi" --n 3 --temperature 1 --top-logprobs 2   # 3 choices, alternatives
+    python -m protos.client --prompt-token-ids 1,22557 --max-tokens 0 --prompt-logprobs 1  # score
 
-Streams the text as it arrives, then a line with the finish reason and token counts (and, with
---logprobs, each token id with its logprob). `info` as the only argument asks for ModelInfo; to
-send the word "info" as a prompt, use --chat. A prompt too long for an argument (a shell
-allows ~128 KB per argument) is read from a file (--prompt-file) or from stdin (`-`), as UTF-8,
-with --chat and --system too. A refused request prints its gRPC status and details and exits 1;
-Ctrl-C stops quietly (exit 130); a reader that closes the pipe early (`| head -1`) ends it quietly
-(exit 1, as Python does on a broken pipe).
+Streams the text as it arrives, then a line with the finish reason and token counts; what else
+it prints (logprobs, alternatives, prompt logprobs, n > 1 choices): protos/client_output.py.
+`info` as the only argument asks for ModelInfo; to send the word "info" as a prompt, use --chat.
+A prompt too long for an argument (a shell allows ~128 KB per argument) is read from a file
+(--prompt-file) or from stdin (`-`), as UTF-8, with --chat and --system too. A refused request
+prints its gRPC status and details and exits 1; Ctrl-C stops quietly (exit 130); a reader that
+closes the pipe early (`| head -1`) ends it quietly (exit 1, as Python does on a broken pipe).
 """
 from __future__ import annotations
 
@@ -26,15 +28,24 @@ import grpc
 
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
+from protos.client_output import write_replies
+
+# optional request fields sent only when their option is given (unset: the server's default)
+OPTIONAL = ("seed", "n", "top_logprobs", "prompt_logprobs", "presence_penalty",
+            "frequency_penalty", "repetition_penalty", "min_tokens")
 
 
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
     req = pb.GenerateRequest(max_tokens=args.max_tokens, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, stop=args.stop or [],
-                             logprobs=args.logprobs)
-    if args.seed is not None:
-        req.seed = args.seed
-    if args.chat or args.system is not None:
+                             logprobs=args.logprobs, logit_bias=dict(args.logit_bias or []),
+                             stop_token_ids=args.stop_token_id or [], ignore_eos=args.ignore_eos)
+    for field in OPTIONAL:
+        if getattr(args, field) is not None:
+            setattr(req, field, getattr(args, field))
+    if args.prompt_token_ids is not None:
+        req.prompt_token_ids.extend(args.prompt_token_ids)
+    elif args.chat or args.system is not None:
         if args.system is not None:
             req.messages.append(pb.ChatMessage(role="system", content=args.system))
         req.messages.append(pb.ChatMessage(role="user", content=args.prompt))
@@ -54,6 +65,19 @@ def _integer(bits: int):
         return value
     parse.__name__ = f"int{bits}"
     return parse
+
+
+def _token_ids(text: str) -> list[int]:
+    """An argparse type: comma-separated int32 token ids ("1,22557,1526")."""
+    return [_integer(32)(part) for part in text.split(",")]
+
+
+def _bias(text: str) -> tuple[int, float]:
+    """An argparse type: a logit_bias entry, ID=BIAS ("13=-100")."""
+    token, sep, bias = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS (e.g. 13=-100)")
+    return _integer(32)(token), float(bias)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -80,6 +104,25 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     ap.add_argument("--logprobs", action="store_true",
                     help="print each generated token id with its logprob")
+    ap.add_argument("--prompt-token-ids", type=_token_ids, default=None, metavar="ID,ID,...",
+                    help="send these token ids as the prompt (no prompt argument then)")
+    ap.add_argument("--n", type=_integer(32), default=None,
+                    help="choices (samples) of the prompt, 1..16; the server's default is 1")
+    ap.add_argument("--top-logprobs", type=_integer(32), default=None, metavar="K",
+                    help="print each token's K most likely alternatives, 0..20")
+    ap.add_argument("--prompt-logprobs", type=_integer(32), default=None, metavar="K",
+                    help="print each prompt token's logprob and K alternatives, 0..20 (allows "
+                         "--max-tokens 0)")
+    ap.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2]")
+    ap.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]")
+    ap.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 is off")
+    ap.add_argument("--logit-bias", type=_bias, action="append", default=None, metavar="ID=BIAS",
+                    help="add BIAS in [-100, 100] to token ID's logit (repeatable)")
+    ap.add_argument("--min-tokens", type=_integer(32), default=None,
+                    help="no EOS or stop token before this many tokens")
+    ap.add_argument("--stop-token-id", type=_integer(32), action="append", default=None,
+                    metavar="ID", help="a token id that ends the completion (repeatable)")
+    ap.add_argument("--ignore-eos", action="store_true", help="generate on past EOS")
     ap.add_argument("--unary", action="store_true",
                     help="one Generate call (the whole completion at once) instead of a stream")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
@@ -107,24 +150,10 @@ def _info(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
 def _generate(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
     req = request_from_args(args)
     if args.unary:
-        last = stub.Generate(req, timeout=args.timeout, metadata=_metadata(args))
-        sys.stdout.write(last.text)
-        ids, logprobs = list(last.token_ids), list(last.logprobs)
+        replies = [stub.Generate(req, timeout=args.timeout, metadata=_metadata(args))]
     else:
-        last, ids, logprobs = None, [], []
-        for last in stub.GenerateStream(req, timeout=args.timeout, metadata=_metadata(args)):
-            sys.stdout.write(last.text)
-            sys.stdout.flush()
-            ids += last.token_ids
-            logprobs += last.logprobs
-    if last is None:
-        return
-    sys.stdout.write(f"\n[finish_reason={last.finish_reason} prompt_tokens="
-                     f"{last.usage.prompt_tokens} completion_tokens="
-                     f"{last.usage.completion_tokens}]\n")
-    if args.logprobs:
-        sys.stdout.write("[logprobs " + " ".join(f"{t}:{lp:.4f}" for t, lp in zip(ids, logprobs))
-                         + "]\n")
+        replies = stub.GenerateStream(req, timeout=args.timeout, metadata=_metadata(args))
+    write_replies(replies, live=req.n <= 1, logprobs=args.logprobs or bool(args.top_logprobs))
 
 
 def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -140,7 +169,13 @@ def channel_of(args: argparse.Namespace) -> grpc.Channel:
 
 def read_prompt(args: argparse.Namespace, ap: argparse.ArgumentParser) -> str | None:
     """The prompt: the argument, stdin for "-", or --prompt-file's text (exactly one); None
-    for `info`. Exits with a usage error naming the option otherwise."""
+    with --prompt-token-ids (then none of the others). Exits with a usage error naming the
+    option otherwise."""
+    if args.prompt_token_ids is not None:
+        if args.prompt is not None or args.prompt_file is not None or args.chat or args.system:
+            ap.error("--prompt-token-ids is the whole prompt: not with a prompt argument, "
+                     "--prompt-file, --chat or --system")
+        return None
     if args.prompt_file is not None:
         if args.prompt is not None:
             ap.error(f"give the prompt as an argument or --prompt-file, not both "
@@ -172,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args.ca_cert = getattr(args, "ca_cert", None)
     if args.ca_cert and not args.tls:
         ap.error("--ca-cert needs --tls")
-    info = (args.prompt == "info" and args.prompt_file is None
+    info = (args.prompt == "info" and args.prompt_file is None and args.prompt_token_ids is None
             and not (args.chat or args.system is not None))
     if not info:
         args.prompt = read_prompt(args, ap)

@@ -24,14 +24,12 @@ from actors.serving.auth import Unauthenticated, authorized, grpc_authorization
 from actors.serving.caller import caller_of, cancel_if_gone
 from actors.serving.engine_client import EngineClient, collect
 from actors.serving.grpc_messages import (
+    Responses,
     model_info,
     prompt_ids,
     sampling_params,
-    stream_response,
-    unary_response,
 )
 from actors.serving.status import log_failure, status_of
-from model.engine import Completion
 from protos import generator_pb2 as pb
 
 HEALTH_SERVICES = {"", "mixtral_ep.v1.Generator"}    # names grpc.health.v1.Health/Check knows
@@ -60,20 +58,22 @@ class GeneratorServicer:
             raise Unauthenticated()
 
     async def _prepare(self, request: pb.GenerateRequest, grpc_context):
-        """(prompt ids, SamplingParams) of a checked request; InvalidRequest names the field."""
+        """(prompt ids, SamplingParams, the request's Responses) of a checked request;
+        InvalidRequest names the field."""
         self._check_key(grpc_context)
-        context = (await self.engine.info()).context_length
-        tokenizer = self.engine.tokenizer
-        ids = await asyncio.to_thread(prompt_ids, request, tokenizer, context)  # off the loop
-        return ids, sampling_params(request, len(ids), context)
+        info = await self.engine.info()
+        context, vocab, tokenizer = info.context_length, info.vocab_size, self.engine.tokenizer
+        ids = await asyncio.to_thread(prompt_ids, request, tokenizer, context, vocab)  # off loop
+        params = sampling_params(request, len(ids), context, vocab)
+        logprobs = request.logprobs or params.top_logprobs > 0
+        return ids, params, Responses(ids, logprobs, tokenizer.token_bytes)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
             async with cancel_if_gone(caller_of(grpc_context)):
-                ids, params = await self._prepare(request, grpc_context)
-                text, tokens, logprobs, reason = await collect(self.engine.stream(ids, params))
-            return unary_response(Completion("", ids, tokens, text, reason, logprobs),
-                                  request.logprobs)
+                ids, params, responses = await self._prepare(request, grpc_context)
+                choices = await collect(self.engine.stream(ids, params), ids)
+            return responses.unary(choices)
         except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
             set_status(grpc_context, e)
             return pb.GenerateResponse()
@@ -83,11 +83,14 @@ class GeneratorServicer:
         chunks = None
         try:
             async with cancel_if_gone(caller_of(grpc_context)):
-                ids, params = await self._prepare(request, grpc_context)
-                chunks, produced = self.engine.stream(ids, params), 0
+                ids, params, responses = await self._prepare(request, grpc_context)
+                chunks, produced, finished = self.engine.stream(ids, params), 0, 0
                 async for chunk in chunks:
                     produced += len(chunk.token_ids)
-                    yield stream_response(chunk, len(ids), produced, request.logprobs)
+                    finished += bool(chunk.finish_reason)
+                    usage = (pb.Usage(prompt_tokens=len(ids), completion_tokens=produced)
+                             if finished == params.n else None)    # every choice has finished
+                    yield responses.stream(chunk, usage)
                 chunks = None                               # ended: nothing to cancel
         except Exception as e:  # noqa: BLE001
             set_status(grpc_context, e)

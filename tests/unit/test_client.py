@@ -15,18 +15,56 @@ from protos import client
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 
+ALTERNATIVES = pb.TopLogprobs(alternatives=[
+    pb.TokenLogprob(token_id=1526, logprob=-0.25, token=b" world"),
+    pb.TokenLogprob(token_id=13, logprob=-2.5, token=b"\n")])
+PROMPT_LOGPROBS = [pb.PromptLogprob(token_id=1),
+                   pb.PromptLogprob(token_id=22557, logprob=-3.5,
+                                    alternatives=ALTERNATIVES.alternatives)]
+
 
 class _Echo(pb_grpc.GeneratorServicer):
-    """Streams the prompt's length back; ModelInfo lists many experts (a long output)."""
+    """Streams "ok " three times (with n > 1: two choices, interleaved, with alternatives and
+    prompt logprobs); ModelInfo lists many experts (a long output)."""
 
     def __init__(self):
         self.prompts: list[str] = []
+        self.requests: list[pb.GenerateRequest] = []
 
     def GenerateStream(self, request, context):
+        self.requests.append(request)
+        if request.n > 1:
+            yield from _two_choices()
+            return
         self.prompts.append(request.prompt or request.messages[-1].content)
         for _ in range(3):
             yield pb.GenerateResponse(text="ok ", token_ids=[1])
         yield pb.GenerateResponse(finish_reason="length", usage=pb.Usage(completion_tokens=3))
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        choices = [pb.Choice(index=0, text="ab", token_ids=[5, 6], logprobs=[-0.5, -0.75],
+                             top_logprobs=[ALTERNATIVES] * 2, finish_reason="length"),
+                   pb.Choice(index=1, text="c", token_ids=[7], logprobs=[-1.0],
+                             top_logprobs=[ALTERNATIVES], finish_reason="stop")]
+        return pb.GenerateResponse(text="ab", token_ids=[5, 6], logprobs=[-0.5, -0.75],
+                                   top_logprobs=[ALTERNATIVES] * 2, finish_reason="length",
+                                   usage=pb.Usage(prompt_tokens=2, completion_tokens=3),
+                                   prompt_logprobs=PROMPT_LOGPROBS, choices=choices)
+
+
+def _two_choices():
+    """A stream of two choices as the server sends one: deltas by index, usage at the end."""
+    def delta(index, text, token, logprob, reason=""):
+        return pb.GenerateResponse(index=index, text=text, token_ids=[token], logprobs=[logprob],
+                                   top_logprobs=[ALTERNATIVES], finish_reason=reason)
+    first = delta(0, "a", 5, -0.5)
+    first.prompt_logprobs.extend(PROMPT_LOGPROBS)
+    yield first
+    yield delta(1, "c", 7, -1.0, "stop")
+    last = delta(0, "b", 6, -0.75, "length")
+    last.usage.CopyFrom(pb.Usage(prompt_tokens=2, completion_tokens=3))
+    yield last
 
     def ModelInfo(self, request, context):
         experts = [pb.ExpertPlacement(expert_id=e, node_ids=[f"node{e}"]) for e in range(5000)]
@@ -80,3 +118,56 @@ def test_a_reader_that_closes_the_pipe_early_ends_it_quietly(fake_server, args):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) in (0, 1)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+NEW_FLAGS = ["--n", "2", "--top-logprobs", "2", "--prompt-logprobs", "1", "--presence-penalty",
+             "0.5", "--frequency-penalty", "-1", "--repetition-penalty", "1.25", "--logit-bias",
+             "13=-100", "--logit-bias", "7=2.5", "--min-tokens", "1", "--stop-token-id", "13",
+             "--stop-token-id", "2", "--ignore-eos", "--seed", "3"]
+
+
+def test_every_sampling_flag_reaches_the_request():
+    args = client.parser().parse_args(["--prompt-token-ids", "1,22557", *NEW_FLAGS])
+    assert client.request_from_args(args) == pb.GenerateRequest(
+        prompt_token_ids=[1, 22557], max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, n=2,
+        top_logprobs=2, prompt_logprobs=1, presence_penalty=0.5, frequency_penalty=-1,
+        repetition_penalty=1.25, logit_bias={13: -100, 7: 2.5}, min_tokens=1,
+        stop_token_ids=[13, 2], ignore_eos=True, seed=3)
+
+
+def test_without_the_new_flags_the_request_is_as_before():
+    req = client.request_from_args(client.parser().parse_args(["Hi"]))
+    assert req == pb.GenerateRequest(prompt="Hi", max_tokens=64, temperature=0.0, top_p=1.0,
+                                     top_k=0)
+    assert not any(req.HasField(f) for f in ("n", "top_logprobs", "prompt_logprobs", "seed",
+                                             "min_tokens", "repetition_penalty"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--logit-bias", "13"], "is not ID=BIAS"),
+    (["--logit-bias", "x=1"], "invalid"),
+    (["--prompt-token-ids", "1,x"], "invalid"),
+    (["--stop-token-id", str(2**31)], "int32"),
+    (["--prompt-token-ids", "1", "Hi"], "--prompt-token-ids is the whole prompt"),
+    (["--prompt-token-ids", "1", "--chat"], "--prompt-token-ids is the whole prompt"),
+])
+def test_bad_sampling_flags_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        client.main(argv + ["--address", "127.0.0.1:1"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("unary", [False, True])
+def test_choices_are_printed_by_index_with_their_alternatives(fake_server, unary, capsys):
+    address, servicer = fake_server
+    argv = ["--prompt-token-ids", "1,22557", *NEW_FLAGS, "--address", address]
+    assert client.main(argv + (["--unary"] if unary else [])) == 0
+    assert list(servicer.requests[-1].prompt_token_ids) == [1, 22557]
+    out = capsys.readouterr().out
+    assert out.startswith("[choice 0]\nab\n[finish_reason=length tokens=2]\n"
+                          "[logprobs 5:-0.5000 6:-0.7500]\n[top_logprobs]\n"
+                          "  5: 1526' world':-0.2500 13'\\n':-2.5000\n")
+    assert "[choice 1]\nc\n[finish_reason=stop tokens=1]\n[logprobs 7:-1.0000]\n" in out
+    assert "[prompt_tokens=2 completion_tokens=3]\n" in out
+    assert out.endswith("[prompt_logprobs 1:- 22557:-3.5000]\n"
+                        "  22557: 1526' world':-0.2500 13'\\n':-2.5000\n")

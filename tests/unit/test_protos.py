@@ -49,6 +49,9 @@ def test_client_help_lists_every_option_with_its_default(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())        # argparse wraps lines
     for option in ("--address", "--chat", "--system", "--max-tokens", "--temperature", "--top-p",
-                   "--top-k", "--seed", "--stop", "--logprobs", "--unary", "--timeout"):
+                   "--top-k", "--seed", "--stop", "--logprobs", "--unary", "--timeout",
+                   "--prompt-token-ids", "--n", "--top-logprobs", "--prompt-logprobs",
+                   "--presence-penalty", "--frequency-penalty", "--repetition-penalty",
+                   "--logit-bias", "--min-tokens", "--stop-token-id", "--ignore-eos"):
         assert option in text
     assert "(default: localhost:9000)" in text and "(default: 64)" in text
