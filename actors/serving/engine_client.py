@@ -20,6 +20,7 @@ from actors.serving.draining import Drain, DrainedStream
 from actors.serving.metrics import RequestMetrics
 from actors.serving.status import first_line
 from model.engine import SamplingParams
+from model.output import Completion
 from model.tokenizer import Tokenizer
 
 # a readiness probe's own timeout should exceed this (the RayService sets 3 s; Kubernetes'
@@ -77,17 +78,26 @@ class EngineClient:
             return first_line(unwrap(e)) or type(unwrap(e)).__name__
 
 
-async def collect(chunks) -> tuple[str, list[int], list[float], str]:
-    """A whole completion from an engine stream: (text, token ids, logprobs, finish reason).
-    Cancelled or failed before its end, it cancels the engine call (`chunks.cancel()`)."""
-    text, tokens, logprobs, reason = "", [], [], ""
+async def collect(chunks, prompt_ids: list[int] = ()) -> list[Completion]:
+    """The whole completions of an engine stream, one per choice, by index: each choice's
+    text, token ids, logprobs and top logprobs joined over its chunks, its prompt logprobs
+    (its first chunk's) and finish reason. Cancelled or failed before its end, it cancels the
+    engine call (`chunks.cancel()`)."""
+    choices: dict[int, Completion] = {}
     try:
         async for chunk in chunks:
-            text += chunk.text
-            tokens += chunk.token_ids
-            logprobs += chunk.logprobs
-            reason = chunk.finish_reason or reason
+            c = choices.get(chunk.index)
+            if c is None:
+                c = choices[chunk.index] = Completion(chunk.request_id, list(prompt_ids), [], "",
+                                                      "", [], index=chunk.index)
+            c.text += chunk.text
+            c.token_ids += chunk.token_ids
+            c.logprobs += chunk.logprobs
+            c.top_logprobs += chunk.top_logprobs
+            if c.prompt_logprobs is None:
+                c.prompt_logprobs = chunk.prompt_logprobs
+            c.finish_reason = chunk.finish_reason or c.finish_reason
     except BaseException:
         chunks.cancel()
         raise
-    return text, tokens, logprobs, reason
+    return [choices[i] for i in sorted(choices)]

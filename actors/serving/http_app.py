@@ -117,20 +117,22 @@ def http_error(error: Exception) -> JSONResponse:
     return JSONResponse(responses.error_body(status, details), status_code=status)
 
 
-async def _events(out: responses.Response, first, chunks, prompt_tokens: int, include_usage: bool):
-    """Server-sent events of one stream; an error after the first token ends it with an error
-    event (the status line has been sent). A client that goes away cancels the engine stream,
-    which frees the request's KV blocks."""
-    produced = 0
+async def _events(out: responses.Response, first, chunks, prompt_tokens: int, n: int,
+                  include_usage: bool):
+    """Server-sent events of one stream of `n` choices (their chunks interleaved), ended once
+    each has finished; an error after the first token ends it with an error event (the status
+    line has been sent). A client that goes away cancels the engine stream, which frees the
+    request's KV blocks."""
+    produced = finished = 0
     try:
-        chunk, is_first = first, True
+        chunk = first
         while True:
             produced += len(chunk.token_ids)
-            yield out.chunk(chunk.text, chunk.token_ids, chunk.logprobs, chunk.finish_reason,
-                            first=is_first)
-            if chunk.finish_reason:
+            yield out.chunk(chunk)
+            finished += chunk.finish_reason is not None
+            if finished >= n:
                 break
-            chunk, is_first = await chunks.__anext__(), False
+            chunk = await chunks.__anext__()
         if include_usage:
             yield out.usage_chunk(prompt_tokens, produced)
     except Exception as e:  # noqa: BLE001 - an error event, never a traceback
@@ -195,18 +197,17 @@ async def completion(engine: EngineClient, request, chat: bool):
     """A /v1/completions (`chat` False) or /v1/chat/completions request's response: the whole
     completion, or its server-sent events; an error before the first token is an HTTP status."""
     inputs = oai.chat_inputs if chat else oai.completion_inputs
-    logprobs = request.logprobs if chat else request.logprobs is not None
     try:
         oai.check_model(request.model, engine.model_name)
         info = await engine.info()
         ids, params = await asyncio.to_thread(inputs, request, engine.tokenizer, info)
-        out = responses.Response(chat, engine.model_name, engine.tokenizer, logprobs,
-                           request.return_token_ids, ids)
+        shape = responses.shape_of(request, chat, engine.tokenizer, ids)
+        out = responses.Response(chat, engine.model_name, engine.tokenizer, shape, ids)
         chunks = engine.stream(ids, params)
         if not request.stream:
-            return JSONResponse(out.whole(*await collect(chunks), len(ids)))
+            return JSONResponse(out.whole(await collect(chunks, ids), len(ids)))
         first = await chunks.__anext__()
         usage = request.stream_options is not None and request.stream_options.include_usage
-        return EventStream(_events(out, first, chunks, len(ids), usage))
+        return EventStream(_events(out, first, chunks, len(ids), params.n, usage))
     except Exception as e:  # noqa: BLE001 - every error becomes a status, never a traceback
         return http_error(e)

@@ -1,15 +1,23 @@
 """The OpenAI-compatible HTTP API's requests: their models and their translation to engine
-inputs, through the same checks as gRPC (actors/serving/validation.py). Pure; the HTTP app
-(actors/serving/http_app.py) serves it on the gateway, and the response bodies are
-actors/serving/openai_responses.py's.
+inputs, through the same checks as gRPC (actors/serving/validation.py: `sampling_params_of`,
+the one place both APIs validate). Pure; the HTTP app (actors/serving/http_app.py) serves it on
+the gateway, and the response bodies are actors/serving/openai_responses.py's.
 
 Follows OpenAI's API reference for /v1/completions and /v1/chat/completions (and vLLM's
-extensions `top_k`, `ignore_eos`, `return_token_ids`): https://platform.openai.com/docs/api-reference
-- `n` must be 1; `logprobs` gives the chosen token's logprob only (completions: `logprobs: 0`;
-  chat: `logprobs: true` with `top_logprobs` 0 or unset), each token's string as it reads in the
-  completion (a leading space kept; see `token_text`); penalties must be 0; `echo`, `suffix`,
-  `best_of` > 1, `logit_bias`, `tools` (and a `tool_choice` other than "none") and non-text
-  `response_format` are refused; `parallel_tool_calls` is accepted (with no tools, no calls).
+extensions `top_k`, `ignore_eos`, `return_token_ids`, `repetition_penalty`, `min_tokens`,
+`stop_token_ids`, `prompt_logprobs`): https://platform.openai.com/docs/api-reference
+- `n` choices (1..16); `presence_penalty`, `frequency_penalty` ([-2, 2]); `logit_bias` (keys
+  token ids as strings, as OpenAI's: a key that is not an integer is refused naming
+  logit_bias; values in [-100, 100], at most 300).
+- Logprobs: chat `logprobs: true` with `top_logprobs` 0..20 alternatives; completions
+  `logprobs: k` (0..20). `echo: true` (completions only; chat refuses it) returns the prompt's
+  text before the completion's and, with `logprobs`, the prompt tokens' entries first (the
+  first one null); `max_tokens: 0` with `echo` scores the prompt and generates nothing (asked
+  of the engine as `prompt_logprobs`). vLLM's `prompt_logprobs: k` (both endpoints) adds
+  vLLM's `prompt_logprobs` field. With `echo` and `logprobs: k` the engine is asked for the
+  larger of k and `prompt_logprobs`.
+- Refused: `suffix`, `best_of` > 1, `tools` (and a `tool_choice` other than "none") and
+  non-text `response_format`; `parallel_tool_calls` is accepted (with no tools, no calls).
 - Unknown fields are refused (HTTP 400 naming them), as OpenAI's server does; types are strict
   (no `true` for 1, no "0.5" for 0.5). `null` for an optional field (and for an OpenAI field
   this server does not implement: NULL_ONLY) is its default, as OpenAI's server reads it.
@@ -25,6 +33,7 @@ extensions `top_k`, `ignore_eos`, `return_token_ids`): https://platform.openai.c
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -34,6 +43,7 @@ from actors.info import EngineInfo
 from actors.serving.validation import prompt_ids_of, sampling_params_of
 from model.engine import SamplingParams
 from model.errors import InvalidRequest, lone_surrogate_at, surrogate_message
+from model.sampling import MAX_TOP_LOGPROBS
 from model.tokenizer import Tokenizer
 
 # what a union-typed field accepts, for its 400 message
@@ -119,6 +129,10 @@ class _Request(_Body):
     top_k: int | None = None               # vLLM's extension
     ignore_eos: bool = False               # vLLM's extension
     return_token_ids: bool = False         # vLLM's extension: choices carry `token_ids`
+    repetition_penalty: float | None = None  # vLLM's extension (> 0; 1 = off)
+    min_tokens: int = 0                    # vLLM's extension
+    stop_token_ids: list[int] | None = None  # vLLM's extension
+    prompt_logprobs: int | None = None     # vLLM's extension: the prompt tokens' logprobs
 
 
 class StreamOptions(_Body):
@@ -159,6 +173,7 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    echo: bool = False                           # false only: completions echo a prompt
     store: bool | None = None                    # false only: nothing is stored here
     metadata: dict[str, str] | None = None       # accepted (it goes with `store`)
     max_completion_tokens: int | None = None
@@ -180,11 +195,28 @@ def _refuse(ok: bool, field: str, message: str) -> None:
 
 
 def _check_common(r: _Request) -> None:
-    _refuse(r.n == 1, "n", f"only 1 is supported, got {r.n}")
-    _refuse(r.presence_penalty == 0, "presence_penalty", "only 0 is supported")
-    _refuse(r.frequency_penalty == 0, "frequency_penalty", "only 0 is supported")
-    _refuse(not r.logit_bias, "logit_bias", "is not supported")
     _refuse(r.stream_options is None or r.stream, "stream_options", "needs stream: true")
+
+
+def _check_top(field: str, k: int | None) -> None:
+    """A count of alternatives per token (completions' `logprobs`, `prompt_logprobs`)."""
+    _refuse(k is None or 0 <= k <= MAX_TOP_LOGPROBS, field,
+            f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {k}")
+
+
+_TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
+
+
+def logit_bias_of(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's `logit_bias` ({"50256": -100}: token ids as strings) as {token id: bias};
+    InvalidRequest naming logit_bias for a key that is not an integer. The ids' range and the
+    biases' are checked with the other sampling options (validation.sampling_params_of)."""
+    out = {}
+    for key, value in (bias or {}).items():
+        _refuse(_TOKEN_ID.fullmatch(key) is not None, "logit_bias",
+                f"keys must be token ids (integers, as strings), got {key[:40]!r}")
+        out[int(key)] = value
+    return out
 
 
 def check_model(model: str, served: str) -> None:
@@ -198,15 +230,28 @@ class ModelNotFound(InvalidRequest):
     """The request names another model: HTTP 404, as OpenAI's `model_not_found`."""
 
 
-def _params(r: _Request, max_tokens: int | None, field: str, prompt_len: int,
-            context_length: int, default: int) -> SamplingParams:
+def _params(r: _Request, info: EngineInfo, prompt_len: int, *, max_tokens: int, field: str,
+            top_logprobs: int, prompt_logprobs: int | None) -> SamplingParams:
     stop = [r.stop] if isinstance(r.stop, str) else (r.stop or [])
     top_k = 0 if r.top_k == -1 else r.top_k                  # vLLM's -1: no top-k cut
-    return sampling_params_of(prompt_len, context_length,
-                              max_tokens=default if max_tokens is None else max_tokens,
-                              temperature=r.temperature, top_p=r.top_p, top_k=top_k,
-                              seed=r.seed, stop=stop, ignore_eos=r.ignore_eos,
-                              max_tokens_field=field)
+    return sampling_params_of(
+        prompt_len, info.context_length, max_tokens=max_tokens, temperature=r.temperature,
+        top_p=r.top_p, top_k=top_k, seed=r.seed, stop=stop, ignore_eos=r.ignore_eos,
+        max_tokens_field=field, n=r.n, top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs, presence_penalty=r.presence_penalty,
+        frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty,
+        logit_bias=logit_bias_of(r.logit_bias), min_tokens=r.min_tokens,
+        stop_token_ids=r.stop_token_ids or (), vocab_size=info.vocab_size)
+
+
+def engine_prompt_logprobs(r: CompletionRequest) -> int | None:
+    """The `prompt_logprobs` a completions request asks of the engine: its own, or with `echo`
+    and `logprobs: k` the larger of the two; 0 for `echo` with `max_tokens: 0` and neither (the
+    prompt is scored, nothing generated)."""
+    asked = [k for k in (r.prompt_logprobs, r.logprobs if r.echo else None) if k is not None]
+    if asked:
+        return max(asked)
+    return 0 if r.echo and r.max_tokens == 0 else None
 
 
 def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
@@ -214,11 +259,10 @@ def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
     """(prompt ids, sampling params) of a /v1/completions request; InvalidRequest names the
     field."""
     _check_common(r)
-    _refuse(not r.echo, "echo", "is not supported")
     _refuse(r.suffix is None, "suffix", "is not supported")
     _refuse(r.best_of in (None, 1), "best_of", f"only 1 is supported, got {r.best_of}")
-    _refuse(r.logprobs in (None, 0), "logprobs",
-            f"only 0 (the chosen token's logprob) is supported, got {r.logprobs}")
+    _check_top("logprobs", r.logprobs)
+    _check_top("prompt_logprobs", r.prompt_logprobs)
     prompt = r.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         _refuse(len(prompt) == 1, "prompt", f"one prompt per request, got {len(prompt)}")
@@ -226,16 +270,17 @@ def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
     _refuse(len(prompt) > 0, "prompt", "must not be empty")
     ids = prompt_ids_of(tokenizer, info.context_length, prompt=prompt, vocab_size=info.vocab_size)
     room = info.context_length - len(ids)
-    return ids, _params(r, r.max_tokens, "max_tokens", len(ids), info.context_length,
-                        default=min(16, room))                 # OpenAI's completions default
+    max_tokens = min(16, room) if r.max_tokens is None else r.max_tokens   # OpenAI's default
+    return ids, _params(r, info, len(ids), max_tokens=max_tokens, field="max_tokens",
+                        top_logprobs=r.logprobs or 0, prompt_logprobs=engine_prompt_logprobs(r))
 
 
 def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
                 info: EngineInfo) -> tuple[list[int], SamplingParams]:
     """(prompt ids, sampling params) of a /v1/chat/completions request."""
     _check_common(r)
-    _refuse(r.top_logprobs in (None, 0), "top_logprobs",
-            f"only 0 is supported (the chosen token's logprob), got {r.top_logprobs}")
+    _refuse(not r.echo, "echo", "is not supported by chat completions (echo a prompt with "
+            "/v1/completions)")
     _refuse(r.top_logprobs is None or r.logprobs, "top_logprobs", "needs logprobs: true")
     _refuse(not r.tools, "tools", "are not supported")
     _refuse(not r.store, "store", "is not supported (this server stores nothing)")
@@ -255,5 +300,8 @@ def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
     ids = prompt_ids_of(tokenizer, info.context_length, messages=messages)
     field = "max_tokens" if r.max_tokens is not None else "max_completion_tokens"
     max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
-    return ids, _params(r, max_tokens, field, len(ids), info.context_length,
-                        default=info.context_length - len(ids))  # chat: up to the context
+    if max_tokens is None:
+        max_tokens = info.context_length - len(ids)              # chat: up to the context
+    return ids, _params(r, info, len(ids), max_tokens=max_tokens, field=field,
+                        top_logprobs=(r.top_logprobs or 0) if r.logprobs else 0,
+                        prompt_logprobs=r.prompt_logprobs)

@@ -3,12 +3,28 @@ server-sent events, errors in OpenAI's shape and the model list. Pure; requests 
 actors/serving/openai_api.py's.
 
 Follows OpenAI's API reference (https://platform.openai.com/docs/api-reference). Streams are
-server-sent events, one `data: {chunk}` per engine chunk, then (with
-`stream_options.include_usage`) a chunk with empty `choices` and the usage, then `data: [DONE]`.
-Errors are {"error": {"message", "type", "param", "code"}}.
+server-sent events, one `data: {chunk}` per engine chunk (with `n` > 1 the choices' chunks
+interleave, each naming its `index`), then (with `stream_options.include_usage`) a chunk with
+empty `choices` and the usage (the prompt counted once, every choice's tokens), then
+`data: [DONE]`. Errors are {"error": {"message", "type", "param", "code"}}.
+
+Logprobs, OpenAI's shapes: chat `logprobs.content[i] = {token, logprob, bytes, top_logprobs:
+[{token, logprob, bytes}]}` (the k alternatives, most likely first); completions `logprobs =
+{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}`, each top_logprobs
+entry the chosen token and its k alternatives (OpenAI's "up to logprobs + 1"; vLLM's too).
+Two tokens can spell the same string: a {token: logprob} entry then keeps the first (the chosen
+token, then the likelier), as OpenAI's dict keeps one. With `echo` the prompt tokens' entries
+come first, the first one's logprob and top_logprobs null (nothing precedes it). vLLM's
+`prompt_logprobs` (completions: in each choice; chat: in the body; streamed: on a choice's
+first chunk): a list with one entry per prompt token, the first null, the others {token id:
+{logprob, rank, decoded_token}} for the prompt token then its alternatives; `rank` (1 = most
+likely) is null for a prompt token outside the k alternatives (the engine reports no rank
+beyond them). A logprob of -inf is written -9999.0, as OpenAI and vLLM write it (JSON has no
+infinity).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -16,7 +32,9 @@ import uuid
 from collections.abc import Sequence
 
 from actors.info import EngineInfo
-from actors.serving.openai_api import REQUEST_FIELDS
+from actors.serving.openai_api import REQUEST_FIELDS, ChatCompletionRequest, CompletionRequest
+from model.output import Completion, PromptLogprob, StreamChunk
+from model.sampling import TopLogprobs
 from model.tokenizer import Tokenizer
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -25,6 +43,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 # a message that starts with a request field ("max_tokens must be...", "messages[0].role: ...")
 # names it in the error's `param` too
 _LEADING_FIELD = re.compile(r"([a-z_]+)(\[\d+\](\.[a-z_]+)?)?(?=[ :])")
+LOGPROB_FLOOR = -9999.0         # -inf as OpenAI's and vLLM's servers write it
 
 
 def new_id(prefix: str) -> str:
@@ -46,64 +65,196 @@ def token_text(data: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
+def _lp(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What a request asked to see: `logprobs` (the logprobs object), `top_logprobs` (the
+    alternatives per echoed prompt token, completions' `logprobs: k`), `prompt_logprobs`
+    (vLLM's field, with this many alternatives; None: absent), `echo` (the prompt's text, put
+    before each choice's; None: no echo), `token_ids` (vLLM's `return_token_ids`)."""
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    echo: str | None = None
+    token_ids: bool = False
+
+
+def shape_of(r: ChatCompletionRequest | CompletionRequest, chat: bool, tokenizer: Tokenizer,
+             prompt_ids: Sequence[int]) -> Shape:
+    """What request `r` asked to see. The echoed prompt is its ids decoded (the tokenizer
+    round-trips text: the same as a text prompt)."""
+    if chat:
+        return Shape(logprobs=r.logprobs, prompt_logprobs=r.prompt_logprobs,
+                     token_ids=r.return_token_ids)
+    return Shape(logprobs=r.logprobs is not None, top_logprobs=r.logprobs or 0,
+                 prompt_logprobs=r.prompt_logprobs, token_ids=r.return_token_ids,
+                 echo=tokenizer.decode(prompt_ids) if r.echo else None)
+
+
+class _ChoiceState:
+    """One choice's place in a stream: whether its first chunk went out, and (completions)
+    the character offset of its next token, from the engine's detokenizer replayed."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], start: int):
+        self.started = False
+        self.text_offset = start
+        self.detok = tokenizer.detokenizer(prompt_ids)
+
+
 class Response:
     """Builds the bodies of one request's response: the whole one or its stream chunks."""
 
-    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, logprobs: bool,
-                 token_ids: bool = False, prompt_ids: Sequence[int] = ()):
-        self.chat, self.model, self.tokenizer, self.logprobs = chat, model, tokenizer, logprobs
-        self.token_ids = token_ids
+    def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, shape: Shape = Shape(),
+                 prompt_ids: Sequence[int] = ()):
+        self.chat, self.model, self.tokenizer, self.shape = chat, model, tokenizer, shape
+        self.prompt_ids = list(prompt_ids)
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
-        self._text_offset = 0
-        self._text = tokenizer.detokenizer(prompt_ids)
+        self._choices: dict[int, _ChoiceState] = {}
+        self._prompt_sent = False            # chat streams: vLLM's field once, in the body
 
-    def _logprobs(self, token_ids: list[int], logprobs: list[float]) -> dict:
-        """Chat's {"content": [{token, logprob, bytes, top_logprobs}]} or the legacy completions
-        object {tokens, token_logprobs, top_logprobs, text_offset}, chosen tokens only.
-        `text_offset`: each token's character offset in the completion's text, counted across
-        a stream's chunks: the length of the text the tokens before it spelled after the prompt
-        (a character spelled by byte tokens counts once its last byte is there)."""
-        data = [self.tokenizer.token_bytes(t) for t in token_ids]
-        tokens = [token_text(d) for d in data]
-        if self.chat:
-            return {"content": [{"token": tok, "logprob": lp, "bytes": list(d), "top_logprobs": []}
-                                for tok, lp, d in zip(tokens, logprobs, data)]}
+    def _state(self, index: int) -> _ChoiceState:
+        if index not in self._choices:
+            start = len(self.shape.echo) if self.shape.echo is not None else 0
+            self._choices[index] = _ChoiceState(self.tokenizer, self.prompt_ids, start)
+        return self._choices[index]
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        data = self.tokenizer.token_bytes(token)
+        return {"token": token_text(data), "logprob": _lp(logprob), "bytes": list(data)}
+
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list[float],
+                       tops: list[TopLogprobs]) -> dict:
+        """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+        return {"content": [self._entry(t, lp) | {"top_logprobs": [self._entry(*a) for a in top]}
+                            for t, lp, top in zip(token_ids, logprobs, tops)]}
+
+    def _string(self, token: int) -> str:
+        return token_text(self.tokenizer.token_bytes(token))
+
+    def _legacy_top(self, chosen: str, logprob: float, top: TopLogprobs) -> dict:
+        """{token: logprob} of the chosen token (its string `chosen`) and its alternatives; a
+        repeated string keeps its first (likelier) value."""
+        entry = {chosen: _lp(logprob)}
+        for t, lp in top:
+            entry.setdefault(self._string(t), _lp(lp))
+        return entry
+
+    def _legacy_logprobs(self, state: _ChoiceState, token_ids: list[int], logprobs: list[float],
+                         tops: list[TopLogprobs]) -> dict:
+        """The completions object {tokens, token_logprobs, top_logprobs, text_offset}.
+        `text_offset`: each token's character offset in the choice's text, counted across a
+        stream's chunks: the length of the text before it (the echoed prompt's, then what the
+        tokens before it spelled after the prompt; a character spelled by byte tokens counts
+        once its last byte is there)."""
         offsets = []
         for t in token_ids:
-            offsets.append(self._text_offset)
-            self._text_offset += len(self._text.push(t))   # the engine's detokenizer, replayed
-        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None,
+            offsets.append(state.text_offset)
+            state.text_offset += len(state.detok.push(t))   # the engine's detokenizer, replayed
+        tokens = [self._string(t) for t in token_ids]
+        return {"tokens": tokens, "token_logprobs": [_lp(lp) for lp in logprobs],
+                "top_logprobs": [self._legacy_top(*e) for e in zip(tokens, logprobs, tops)],
                 "text_offset": offsets}
 
-    def _choice(self, token_ids: list[int], logprobs: list[float], finish_reason) -> dict:
-        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-        if self.logprobs:
-            choice["logprobs"] = self._logprobs(token_ids, logprobs)
-        if self.token_ids:
-            choice["token_ids"] = list(token_ids)
+    def _echoed_logprobs(self, prompt: list[PromptLogprob]) -> dict:
+        """The prompt tokens' completions logprobs (echo): the first one's null. The tokens
+        spell the echoed text: the first word's leading space, which decoding drops at a text's
+        start (SentencePiece's dummy prefix), is dropped from its token too."""
+        k, detok, offset = self.shape.top_logprobs, self.tokenizer.detokenizer(), 0
+        tokens, offsets = [], []
+        for t in self.prompt_ids:
+            token, delta = self._string(t), detok.push(t)
+            tokens.append(delta if token.startswith(" ") and delta == token[1:] else token)
+            offsets.append(offset)
+            offset += len(delta)
+        return {"tokens": tokens,
+                "token_logprobs": [None if e is None else _lp(e[0]) for e in prompt],
+                "top_logprobs": [None if e is None else self._legacy_top(t, e[0], e[1][:k])
+                                 for t, e in zip(tokens, prompt)],
+                "text_offset": offsets}
+
+    def vllm_prompt_logprobs(self, prompt: list[PromptLogprob]) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob,
+        rank, decoded_token}}, the prompt token first, then its alternatives (keys as JSON
+        writes them: strings)."""
+        k, out = self.shape.prompt_logprobs, []
+        for token, entry in zip(self.prompt_ids, prompt):
+            if entry is None:
+                out.append(None)
+                continue
+            logprob, top = entry[0], entry[1][:k]
+            ranks = {t: rank for rank, (t, _) in enumerate(top, 1)}
+            row = {}
+            for t, lp in [(token, logprob), *top]:
+                row.setdefault(str(t), {"logprob": _lp(lp), "rank": ranks.get(t),
+                                        "decoded_token": self._string(t)})
+            out.append(row)
+        return out
+
+    def _choice(self, c: Completion | StreamChunk, state: _ChoiceState, first: bool) -> dict:
+        """The fields of one choice common to a whole response and a chunk (first: the choice's
+        first chunk, or a whole choice: the echoed prompt goes with it)."""
+        tops = c.top_logprobs or [[] for _ in c.token_ids]
+        echo_logprobs = first and self.shape.echo is not None and c.prompt_logprobs is not None
+        choice = {"index": c.index, "finish_reason": c.finish_reason, "logprobs": None}
+        if self.shape.logprobs and self.chat:
+            choice["logprobs"] = self._chat_logprobs(c.token_ids, c.logprobs, tops)
+        elif self.shape.logprobs:
+            logprobs = self._legacy_logprobs(state, c.token_ids, c.logprobs, tops)
+            if echo_logprobs:
+                prompt = self._echoed_logprobs(c.prompt_logprobs)
+                logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
+            choice["logprobs"] = logprobs
+        if self.shape.token_ids:
+            choice["token_ids"] = list(c.token_ids)
+        if (not self.chat and first and self.shape.prompt_logprobs is not None
+                and c.prompt_logprobs is not None):
+            choice["prompt_logprobs"] = self.vllm_prompt_logprobs(c.prompt_logprobs)
         return choice
 
-    def whole(self, text: str, token_ids: list[int], logprobs: list[float], finish_reason: str,
-              prompt_tokens: int) -> dict:
-        choice = self._choice(token_ids, logprobs, finish_reason)
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": usage(prompt_tokens, len(token_ids))}
+    def _text(self, text: str, first: bool) -> str:
+        return self.shape.echo + text if first and self.shape.echo is not None else text
 
-    def chunk(self, text: str, token_ids: list[int], logprobs: list[float],
-              finish_reason: str | None, first: bool = False) -> str:
-        """One server-sent event for a stream chunk."""
-        choice = self._choice(token_ids, logprobs, finish_reason)
+    def whole(self, completions: Sequence[Completion], prompt_tokens: int) -> dict:
+        """The response body of a whole request: one choice per completion (by index)."""
+        choices = []
+        for c in sorted(completions, key=lambda c: c.index):
+            choice = self._choice(c, self._state(c.index), first=True)
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+            else:
+                choice["text"] = self._text(c.text, first=True)
+            choices.append(choice)
+        body = {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.model, "choices": choices,
+                "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in completions))}
+        return body | self._chat_prompt_logprobs(completions)
+
+    def _chat_prompt_logprobs(self, outputs: Sequence[Completion | StreamChunk]) -> dict:
+        """Chat's vLLM `prompt_logprobs`, a field of the body: once per response."""
+        if not self.chat or self.shape.prompt_logprobs is None or self._prompt_sent:
+            return {}
+        for c in outputs:
+            if c.prompt_logprobs is not None:
+                self._prompt_sent = True
+                return {"prompt_logprobs": self.vllm_prompt_logprobs(c.prompt_logprobs)}
+        return {}
+
+    def chunk(self, c: StreamChunk) -> str:
+        """One server-sent event for an engine stream chunk (of choice `c.index`)."""
+        state = self._state(c.index)
+        first, state.started = not state.started, True
+        choice = self._choice(c, state, first)
         if self.chat:
-            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+            choice["delta"] = ({"role": "assistant", "content": c.text} if first
+                               else {"content": c.text})
         else:
-            choice["text"] = text
-        return self._event({"choices": [choice]})
+            choice["text"] = self._text(c.text, first)
+        return self._event({"choices": [choice]} | self._chat_prompt_logprobs([c]))
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
         return self._event({"choices": [], "usage": usage(prompt_tokens, completion_tokens)})

@@ -16,6 +16,7 @@ from actors.info import EngineInfo
 from actors.serving import openai_api as oai
 from actors.serving import openai_responses as responses
 from model.errors import InvalidRequest, lone_surrogate_at
+from model.output import Completion, StreamChunk
 from model.tokenizer import Tokenizer
 
 INFO = EngineInfo(context_length=256, vocab_size=32000, num_layers=2, num_experts=8,
@@ -57,7 +58,7 @@ def test_default_max_tokens_16_for_completions_the_rest_of_the_context_for_chat(
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(stop=["x"] * 17), "stop must hold at most 16 strings"),
     (dict(stop="y" * 1025), "of at most 1024 characters"),
-    (dict(n=2), "n: only 1"),
+    (dict(n=17), r"n must be an integer in \[1, 16\], got 17"),
     (dict(top_k=-2), "top_k must be"),
 ])
 def test_limits_name_the_field(tokenizer, kwargs, needle):
@@ -83,14 +84,28 @@ def test_another_models_name_is_model_not_found():
         oai.check_model(oai.CompletionRequest(model="gpt-4", prompt="hi").model, "m")
 
 
+def _whole(text, ids, logprobs, finish_reason="length", index=0, **kw) -> Completion:
+    return Completion("r", [], list(ids), text, finish_reason, list(logprobs), index=index, **kw)
+
+
+def _chunk(text, ids, logprobs, finish_reason=None, index=0, **kw) -> StreamChunk:
+    return StreamChunk("r", text, list(ids), list(logprobs), finish_reason, index=index, **kw)
+
+
+def _event(event: str) -> dict:
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    return json.loads(event[len("data: "):])
+
+
 def test_whole_and_chunk_bodies(tokenizer):
-    out = responses.Response(True, "m", tokenizer, logprobs=True, token_ids=True)
-    body = out.whole("Hi", [1, 2], [-0.5, -1.0], "length", 3)
+    shape = responses.Shape(logprobs=True, token_ids=True)
+    out = responses.Response(True, "m", tokenizer, shape)
+    body = out.whole([_whole("Hi", [1, 2], [-0.5, -1.0])], 3)
     [choice] = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": "Hi"}
     assert [e["logprob"] for e in choice["logprobs"]["content"]] == [-0.5, -1.0]
     assert choice["token_ids"] == [1, 2] and body["usage"]["total_tokens"] == 5
-    event = out.chunk("Hi", [1], [-0.5], None, first=True)
+    event = out.chunk(_chunk("Hi", [1], [-0.5]))
     assert event.startswith('data: {"id": "chatcmpl-') and '"role": "assistant"' in event
     assert responses.DONE == "data: [DONE]\n\n"
 
@@ -120,8 +135,8 @@ def test_logprob_tokens_spell_the_completion(tokenizer, data, chunk):
     stream = tokenizer.detokenizer(prompt)
     deltas = [stream.push(t) for t in ids]
     text = "".join(deltas) + stream.flush()
-    chat = responses.Response(True, "m", tokenizer, logprobs=True)
-    whole = chat.whole(text, ids, [-1.0] * len(ids), "length", 3)
+    chat = responses.Response(True, "m", tokenizer, responses.Shape(logprobs=True))
+    whole = chat.whole([_whole(text, ids, [-1.0] * len(ids))], 3)
     content = whole["choices"][0]["logprobs"]["content"]
     if "\ufffd" not in text:                 # (invalid bytes: one U+FFFD each in the text)
         assert bytes(b for e in content for b in e["bytes"]).decode() == text
@@ -129,11 +144,10 @@ def test_logprob_tokens_spell_the_completion(tokenizer, data, chunk):
     assert all(e["token"] == bytes(e["bytes"]).decode()
                for e, ok in zip(content, whole_chars) if ok)
 
-    out = responses.Response(False, "m", tokenizer, logprobs=True, prompt_ids=prompt)
+    out = responses.Response(False, "m", tokenizer, responses.Shape(logprobs=True), prompt)
     offsets, tokens = [], []
     for i in range(0, len(ids), chunk):                          # a stream, `chunk` ids a time
-        event = json.loads(out.chunk("", ids[i:i + chunk], [-1.0] * len(ids[i:i + chunk]),
-                                     None)[len("data: "):])
+        event = _event(out.chunk(_chunk("", ids[i:i + chunk], [-1.0] * len(ids[i:i + chunk]))))
         offsets += event["choices"][0]["logprobs"]["text_offset"]
         tokens += event["choices"][0]["logprobs"]["tokens"]
     # the offset of token i is where its text starts: the text before it is what its
@@ -148,8 +162,9 @@ def test_logprob_tokens_of_a_byte_spelled_character(tokenizer):
     ids = tokenizer.encode("𝄞")[2:]                  # "▁", then 4 byte tokens
     data = [tokenizer.token_bytes(t) for t in ids]
     assert len(ids) == 4 and b"".join(data).decode() == "𝄞"
-    out = responses.Response(False, "m", tokenizer, logprobs=True, prompt_ids=tokenizer.encode("a"))
-    lp = out.whole("x", ids + ids, [0.0] * 2 * len(ids), "length", 1)["choices"][0]["logprobs"]
+    out = responses.Response(False, "m", tokenizer, responses.Shape(logprobs=True),
+                             tokenizer.encode("a"))
+    lp = out.whole([_whole("x", ids + ids, [0.0] * 2 * len(ids))], 1)["choices"][0]["logprobs"]
     assert lp["tokens"][:4] == ["bytes:\\xf0", "bytes:\\x9d", "bytes:\\x84", "bytes:\\x9e"]
     assert lp["text_offset"] == [0, 0, 0, 0, 1, 1, 1, 1]
 
