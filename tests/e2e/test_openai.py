@@ -10,6 +10,7 @@ import urllib.request
 
 import grpc
 import pytest
+import torch
 
 from model.engine import Engine, SamplingParams
 from protos import generator_pb2 as pb
@@ -141,9 +142,13 @@ def test_async_client_concurrent_streams(base_url, client):
 @pytest.mark.parametrize("body, status, needle", [
     ({"prompt": "hi", "temperature": -1}, 400, "temperature must be a finite number >= 0"),
     ({"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens must be in [1, "),
-    ({"prompt": "hi", "n": 2}, 400, "n: only 1 is supported"),
+    ({"prompt": "hi", "n": 17}, 400, "n must be an integer in [1, 16], got 17"),
     ({"prompt": "hi", "frobnicate": 1}, 400, "unknown field 'frobnicate'"),
-    ({"prompt": "hi", "logprobs": 3}, 400, "logprobs: only 0"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs: must be an integer in [0, 20]"),
+    ({"prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias: keys must be token ids"),
+    ({"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]"),
+    ({"prompt": "hi", "min_tokens": 9, "max_tokens": 8}, 400,
+     "min_tokens must be an integer in [0, max_tokens (8)]"),
     ({"prompt": [1, 10**9]}, 400, "prompt token ids must be integers in [0, "),
     ({"prompt": ["a", "b"]}, 400, "prompt: one prompt per request"),
     ({"prompt": ""}, 400, "prompt: must not be empty"),
@@ -159,7 +164,10 @@ def test_bad_completion_requests_name_the_field(base_url, body, status, needle):
 
 
 @pytest.mark.parametrize("body, needle", [
-    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs: only 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs must be an integer in [0, 20]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "echo": True},
+     "echo: is not supported by chat completions"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
       "max_completion_tokens": 2}, "max_completion_tokens: set it or max_tokens"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages[0].role: expected 'user'"),
@@ -235,3 +243,112 @@ def test_readme_openai_code_runs(base_url, readme_code, monkeypatch, capsys):
     code = readme_code("OpenAI-compatible HTTP API")
     exec(compile(code, "README.md (OpenAI-compatible HTTP API)", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+# ---- issue 21: the values equal the in-process engine's (tiny, fp32) -------------------------
+def _log_softmax(reference, ids: list[int]) -> torch.Tensor:
+    return torch.log_softmax(reference.logits(ids), dim=-1)                       # (T, V)
+
+
+def test_echo_and_prompt_logprobs_equal_the_engines_logits(client, reference):
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0) and vLLM's
+    prompt_logprobs: each prompt token's logprob and alternatives are the engine's."""
+    prompt = "The quick brown fox jumps"
+    ids = reference.tokenizer.encode(prompt)
+    want = _log_softmax(reference, ids)
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=3,
+                  extra_body={"prompt_logprobs": 3})
+    got = client.completions.create(**kwargs)
+    [choice] = got.choices
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), 0)
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == prompt and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    assert lp.token_logprobs[1:] == pytest.approx(
+        [want[i - 1, t].item() for i, t in enumerate(ids) if i], abs=1e-4)
+    scored = choice.model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(ids)
+    for i, entry in enumerate(scored[1:], 1):
+        values, top = want[i - 1].topk(3)
+        assert entry[str(ids[i])]["logprob"] == pytest.approx(want[i - 1, ids[i]].item(), abs=1e-4)
+        for rank, (v, t) in enumerate(zip(values.tolist(), top.tolist()), 1):
+            assert entry[str(t)]["rank"] == rank
+            assert entry[str(t)]["logprob"] == pytest.approx(v, abs=1e-4)
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(values[0].item(), abs=1e-4)
+    [streamed] = list(client.completions.create(stream=True, **kwargs))
+    assert streamed.choices[0].text == prompt
+    assert streamed.choices[0].logprobs.token_logprobs == lp.token_logprobs
+
+
+def test_top_logprobs_equal_the_engines_logits_streamed_and_unary(client, reference):
+    messages = [{"role": "user", "content": "Name a colour"}]
+    kwargs = dict(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                  top_logprobs=4, extra_body={"return_token_ids": True, "ignore_eos": True})
+    unary = client.chat.completions.create(**kwargs)
+    prompt, gen = reference.tokenizer.apply_chat_template(messages), unary.choices[0].token_ids
+    want = _log_softmax(reference, prompt + gen)[len(prompt) - 1:-1]               # (6, V)
+    content = unary.choices[0].logprobs.content
+    for entry, row, token in zip(content, want, gen, strict=True):
+        values, top = row.topk(4)
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        assert [bytes(a.bytes) for a in entry.top_logprobs] == \
+            [reference.tokenizer.token_bytes(t) for t in top.tolist()]
+    streamed = [e for c in client.chat.completions.create(stream=True, **kwargs)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    echoed = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0,
+                                       echo=True, logprobs=2, stream=True)
+    tops = [t for c in echoed for t in c.choices[0].logprobs.top_logprobs]
+    assert tops[0] is None and all(len(t) in (1, 2, 3) for t in tops[1:])
+
+
+def test_n_seeded_choices_are_the_engines_and_choice_0_is_n_1(client, reference):
+    kwargs = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                  seed=11, extra_body={"return_token_ids": True, "ignore_eos": True})
+    two = client.completions.create(n=2, **kwargs)
+    assert [c.index for c in two.choices] == [0, 1]
+    want = reference.generate("Once upon a time", SamplingParams(
+        n=2, max_tokens=8, temperature=1.0, seed=11, ignore_eos=True))
+    assert [c.token_ids for c in two.choices] == [w.token_ids for w in want]
+    assert two.choices[0].token_ids != two.choices[1].token_ids
+    assert (two.usage.prompt_tokens, two.usage.completion_tokens) == (len(want[0].prompt_ids), 16)
+    again = client.completions.create(n=2, **kwargs)
+    assert [c.token_ids for c in again.choices] == [c.token_ids for c in two.choices]
+    assert client.completions.create(n=1, **kwargs).choices[0].token_ids == two.choices[0].token_ids
+    chunks = list(client.completions.create(n=2, stream=True, stream_options={
+        "include_usage": True}, **kwargs))
+    texts, finished = {0: "", 1: ""}, []
+    for c in chunks[:-1]:
+        [choice] = c.choices
+        texts[choice.index] += choice.text
+        finished += [choice.index] if choice.finish_reason else []
+    assert texts == {c.index: c.text for c in two.choices} and sorted(finished) == [0, 1]
+    assert chunks[-1].usage.completion_tokens == 16
+    chat = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=3, seed=3,
+        stream=True))
+    firsts = {}
+    for c in chat:
+        firsts.setdefault(c.choices[0].index, c.choices[0].delta.role)
+    assert firsts == {0: "assistant", 1: "assistant"}
+
+
+def test_penalties_bias_and_min_tokens_over_http_equal_the_engine(client, reference):
+    ids = reference.tokenizer.encode("Hello there")
+    plain = reference.generate([ids], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
+    bias = {plain[0]: -100.0, plain[3]: 4.0}
+    options = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.3,
+                   min_tokens=4, stop_token_ids=[plain[2]])
+    want = reference.generate([ids], SamplingParams(max_tokens=8, temperature=0,
+                                                    logit_bias=bias, **options))[0]
+    assert want.token_ids != plain                          # the options change the tokens
+    over = {k: options.pop(k) for k in ("repetition_penalty", "min_tokens", "stop_token_ids")}
+    got = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=8, temperature=0, **options,
+        logit_bias={str(k): v for k, v in bias.items()},
+        extra_body={"return_token_ids": True, **over})
+    assert got.choices[0].token_ids == want.token_ids
+    assert got.choices[0].finish_reason == want.finish_reason
