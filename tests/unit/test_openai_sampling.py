@@ -318,3 +318,36 @@ def test_a_stream_ends_after_every_choice_finished_and_counts_them_all(tokenizer
     bodies = [_event(e) for e in events[:-1]]
     assert [b["choices"][0]["text"] for b in bodies[:-1]] == ["a", "b", "c", "d"]
     assert bodies[-1]["usage"] == responses.usage(2, 4)
+
+
+class FakeEngine:
+    """What http_app.completion needs of an EngineClient; records the streams it opens."""
+
+    def __init__(self, tokenizer, chunks):
+        self.tokenizer, self.model_name, self.chunks, self.opened = tokenizer, "m", chunks, []
+
+    async def info(self):
+        return INFO
+
+    def stream(self, ids, params):
+        self.opened.append(params)
+        return FakeStream(self.chunks)
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"n": 2, "presence_penalty": 1.0}, 200), ({"n": 17}, 400), ({"logit_bias": {"x": 1}}, 400),
+    ({"min_tokens": 6, "max_tokens": 5}, 400), ({"echo": True}, 400),
+])
+def test_the_gateway_asks_the_engine_for_n_choices_and_never_for_a_refused_request(
+        tokenizer, body, status):
+    from actors.serving.http_app import completion
+    engine = FakeEngine(tokenizer, _interleaved())
+    request = oai.ChatCompletionRequest.model_validate({"model": "m", "messages": USER} | body)
+    response = asyncio.run(completion(engine, request, chat=True))
+    assert response.status_code == status
+    if status == 400:
+        assert engine.opened == [] and json.loads(response.body)["error"]["param"]
+        return
+    assert [p.n for p in engine.opened] == [2]
+    choices = json.loads(response.body)["choices"]
+    assert [(c["index"], c["message"]["content"]) for c in choices] == [(0, "ac"), (1, "bd")]
