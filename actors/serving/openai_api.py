@@ -196,6 +196,7 @@ def _refuse(ok: bool, field: str, message: str) -> None:
 
 def _check_common(r: _Request) -> None:
     _refuse(r.stream_options is None or r.stream, "stream_options", "needs stream: true")
+    _check_top("prompt_logprobs", r.prompt_logprobs)
 
 
 def _check_top(field: str, k: int | None) -> None:
@@ -262,7 +263,6 @@ def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
     _refuse(r.suffix is None, "suffix", "is not supported")
     _refuse(r.best_of in (None, 1), "best_of", f"only 1 is supported, got {r.best_of}")
     _check_top("logprobs", r.logprobs)
-    _check_top("prompt_logprobs", r.prompt_logprobs)
     prompt = r.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         _refuse(len(prompt) == 1, "prompt", f"one prompt per request, got {len(prompt)}")

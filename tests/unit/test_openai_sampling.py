@@ -96,7 +96,7 @@ def test_echo_and_prompt_logprobs_translate(tokenizer, body, max_tokens, prompt_
     (False, dict(logprobs=-1), r"^logprobs: must be an integer in \[0, 20\]"),
     (False, dict(prompt_logprobs=21, echo=True, logprobs=2),
      r"^prompt_logprobs: must be an integer in \[0, 20\]"),
-    (True, dict(prompt_logprobs=-1), r"^prompt_logprobs must be an integer in \[0, 20\]"),
+    (True, dict(prompt_logprobs=-1), r"^prompt_logprobs: must be an integer in \[0, 20\]"),
     (True, dict(logprobs=True, top_logprobs=21),
      r"^top_logprobs must be an integer in \[0, 20\]"),
     (True, dict(echo=True), "^echo: is not supported by chat completions"),
