@@ -180,7 +180,8 @@ class RayEngine:
         params = with_seed(params)
 
         chunks = ResumableStream(lambda resume: _ActorStream(self.frontend.stream.remote(
-            prompt, params, resume, self._current())), self.failover_timeout_s)
+            prompt, params, resume, self._current())), self.failover_timeout_s,
+            choices=params.n)
         finished = False
         try:
             async for chunk in chunks:

@@ -9,12 +9,13 @@ or RayEngine's frontend actor.
     chunks.cancel()                         # when the client goes away
 
 The caller (the gateway, RayEngine) streams to the client; this keeps what the client already
-has of the request: from the chunks passed on, the completion's token ids, their logprobs and
-how many characters of text were sent. When the stream fails because its frontend died
+has of the request: from the chunks passed on, per choice (n > 1), the completion's token ids,
+their logprobs (and top alternatives) and how many characters of text were sent, and which
+choices finished. When the stream fails because its frontend died
 (RayActorError: killed, OOM, its node lost; DeploymentUnavailableError), or its replica shuts
 down (Draining, sent as a value at the end of its grace: a scale-down, a redeploy), the request
-is sent again with that state as a `Resume` (model/output.py): a live frontend, or the restarted
-one, prefills prompt + tokens so far and goes on, so the client's stream continues with no token
+is sent again with that state as a `Resume` per unfinished choice (model/output.py): a live
+frontend, or the restarted one, prefills prompt + tokens so far and goes on, so the client's stream continues with no token
 repeated or missing. Greedy requests continue identically; so do sampled ones, since each draw is
 seeded by the request's seed and the token's position (model/sampling.py: token_seed) and a
 request without a seed is given one (`with_seed`). After a failure the request waits at most
@@ -85,21 +86,42 @@ class ChunkStream(Protocol):
     def cancel(self) -> None: ...
 
 
+@dataclasses.dataclass
+class _Sent:
+    """What the client has of one choice."""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list = dataclasses.field(default_factory=list)
+    chars: int = 0
+    finished: bool = False
+
+    def add(self, chunk: StreamChunk) -> None:
+        self.tokens += chunk.token_ids
+        self.logprobs += chunk.logprobs
+        self.top_logprobs += chunk.top_logprobs
+        self.chars += len(chunk.text)
+        self.finished = chunk.finish_reason is not None
+
+    def resume(self, index: int) -> Resume:
+        return Resume(tuple(self.tokens), tuple(self.logprobs), self.chars,
+                      tuple(self.top_logprobs), index)
+
+
 class ResumableStream:
     """An async iterator of one request's StreamChunks that fails over to another (or the
     restarted) frontend; see the module docstring. `call(resume)` starts the request's stream
-    on a frontend: from the start (None) or from a Resume."""
+    on a frontend: from the start (None) or from a tuple of Resume, one per unfinished choice
+    of its `choices` (the request's n)."""
 
-    def __init__(self, call: Callable[[Resume | None], ChunkStream], timeout_s: float = 120.0,
-                 max_failovers: int = 3, observe: Callable[[StreamChunk], None] | None = None):
+    def __init__(self, call: Callable[[tuple[Resume, ...] | None], ChunkStream],
+                 timeout_s: float = 120.0, max_failovers: int = 3,
+                 observe: Callable[[StreamChunk], None] | None = None, choices: int = 1):
         """`observe(chunk)`: called with each chunk as it is passed on, exactly once per chunk
         whichever frontend sent it (the gateway's request metrics, actors/serving/metrics.py)."""
         self._call = call
         self._observe = observe
         self._timeout_s, self._max_failovers = timeout_s, max_failovers
-        self._tokens: list[int] = []
-        self._logprobs: list[float] = []
-        self._chars = 0
+        self._sent = [_Sent() for _ in range(choices)]
         self._deaths = 0                     # frontends that died with it, since the last chunk
         self._attempts = 0                   # calls sent since the last chunk
         self._deadline: float | None = None  # set by a failure, cleared by a chunk
@@ -135,9 +157,7 @@ class ResumableStream:
                 raise chunk
             self._deaths = self._attempts = 0
             self._deadline = None
-            self._tokens += chunk.token_ids
-            self._logprobs += chunk.logprobs
-            self._chars += len(chunk.text)
+            self._sent[chunk.index].add(chunk)
             if self._observe is not None:
                 self._observe(chunk)
             return chunk
@@ -162,11 +182,12 @@ class ResumableStream:
         if self._attempts == 0:
             log.warning("the frontend serving a request %s (%s); resuming it after %d tokens",
                         "shuts down" if isinstance(error, Draining) else "died",
-                        type(unwrap(error)).__name__, len(self._tokens))
+                        type(unwrap(error)).__name__, sum(len(s.tokens) for s in self._sent))
         self._stream.cancel()
         await asyncio.sleep(min(RETRY_DELAY_S * 2 ** self._attempts, 2.0, self._deadline - now))
         self._attempts += 1
-        self._stream = self._call(Resume(tuple(self._tokens), tuple(self._logprobs), self._chars))
+        self._stream = self._call(tuple(sent.resume(i) for i, sent in enumerate(self._sent)
+                                        if not sent.finished))
 
     def cancel(self) -> None:
         """Cancel the engine call now in flight (the client went away): frees its KV blocks."""

@@ -66,8 +66,8 @@ class Frontend:
         await self.use_experts(experts)
         return await asyncio.to_thread(self.engine.logits, prompts)
 
-    async def stream(self, prompt, params: SamplingParams, resume: Resume | None = None,
-                     experts: Experts | None = None):
+    async def stream(self, prompt, params: SamplingParams,
+                     resume: tuple[Resume, ...] | None = None, experts: Experts | None = None):
         """StreamChunks; leaving early (or being cancelled) aborts the request, freeing its KV.
         `resume`: continue a request whose engine died (actors/failover.py). `experts`
         (RayEngine's calls): the expert actors its owner holds now; a frontend that Ray

@@ -224,7 +224,8 @@ class Engine:
             pending, self._pending = self._pending, []
         for item in pending:
             if isinstance(item, _Tracked):
-                self.scheduler.add(item.req)
+                for req in item.reqs:
+                    self.scheduler.add(req)
                 continue
             if isinstance(item, tuple):                        # run_between_steps
                 fn, future = item

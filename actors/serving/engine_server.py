@@ -123,7 +123,7 @@ class EngineServer:
                                     len(fleet.experts.actors), *proxy_addresses(), api_key))
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams,
-                     resume: Resume | None = None, caller: str | None = None):
+                     resume: tuple[Resume, ...] | None = None, caller: str | None = None):
         """StreamChunks of one request; `resume`: where a dead replica's stream of it stopped
         (actors/failover.py); `caller`: the calling gateway replica's actor id, whose death
         cancels the request (actors/serving/caller.py; Ray would let it run on). A client's

@@ -202,7 +202,7 @@ def test_an_engine_replica_that_drains_hands_its_requests_to_another():
     calls = []
 
     def call(resume):
-        start = len(resume.token_ids) if resume else 0
+        start = len(resume[0].token_ids) if resume else 0   # choice 0 of n = 1
         calls.append(start)
         return Replica(start, 3 if not calls[:-1] else None)   # the first replica drains at 3
 

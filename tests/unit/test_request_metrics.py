@@ -71,7 +71,7 @@ def test_a_request_counts_once_however_many_replicas_die_under_it(length, prompt
     deaths = data.draw(st.sets(st.integers(0, length - 1), max_size=length), label="deaths")
     metrics = recorded()
     stream = ResumableStream(
-        lambda resume: Frontend(length, deaths, len(resume.token_ids) if resume else 0),
+        lambda resume: Frontend(length, deaths, len(resume[0].token_ids) if resume else 0),
         observe=metrics.request(prompt).chunk)
 
     async def drain():
