@@ -17,6 +17,7 @@ from cluster.plan import PlacementError
 from model.config import MixtralConfig
 from model.engine import Engine, SamplingParams
 from model.mixtral import expert_names, non_expert_names, tensor_shapes
+from tests.choices import Choices, assert_same_choices
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):\n    return",
            "Once upon a time there was a very long prompt about experts and routers " * 3, "日本語"]
@@ -201,28 +202,36 @@ def test_from_config_builds_random_weights_inside_the_actors(ray_cluster):
 
 
 def test_killing_the_frontend_actor_loses_no_request(ray_engine, tiny_checkpoint):
-    """SIGKILL RayEngine's frontend actor (its KV cache and requests go with it) while 8 streams
-    (greedy and seeded) and a generate call run: Ray restarts it in its bundle, and every stream
-    resumes there as prompt + tokens so far and ends exactly as undisturbed; generate runs
-    again with the same outputs."""
+    """SIGKILL RayEngine's frontend actor (its KV cache and requests go with it) while 10
+    streams (greedy and seeded; n = 3 seeded choices with top and prompt logprobs, n = 2 greedy
+    ones with top logprobs) and a generate call run: Ray restarts it in its bundle, and every
+    stream resumes there as prompt + tokens so far, per unfinished choice, and ends exactly as
+    undisturbed (each choice's tokens, text, top-logprob ids and prompt logprobs, sent once;
+    logprobs within tests/choices.py's tolerance); generate runs again with the same outputs."""
     engine = ray_engine(tiny_checkpoint)
     params = [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True),
               SamplingParams(max_tokens=48, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True),
               SamplingParams(max_tokens=48, temperature=1.0, top_k=40, seed=-3, stop=("zz",))]
-    jobs = [(PROMPTS[i % len(PROMPTS)], params[i % len(params)]) for i in range(8)]
+    choices = [SamplingParams(max_tokens=48, temperature=0.9, seed=11, n=3, top_logprobs=3,
+                              prompt_logprobs=2, ignore_eos=True),
+               SamplingParams(max_tokens=48, temperature=0.0, n=2, top_logprobs=3,
+                              ignore_eos=True)]
+    jobs = ([(PROMPTS[i % len(PROMPTS)], params[i % len(params)]) for i in range(8)]
+            + [(PROMPTS[1], choices[0]), (PROMPTS[2], choices[1])])
 
     async def run(kill: bool):
         started = asyncio.Event()
         counts = [0] * len(jobs)
 
         async def one(i, prompt, p):
-            ids = []
+            got = Choices()
             async for chunk in engine.stream(prompt, p):
-                ids += chunk.token_ids
+                got.add(chunk.index, chunk.token_ids, chunk.text, chunk.logprobs,
+                        chunk.top_logprobs, chunk.prompt_logprobs)
                 counts[i] += 1
                 if min(counts) >= 3:
                     started.set()
-            return ids
+            return got
 
         batch = asyncio.to_thread(engine.generate, PROMPTS, params[1])
         tasks = [asyncio.ensure_future(one(i, *job)) for i, job in enumerate(jobs)]
@@ -233,8 +242,14 @@ def test_killing_the_frontend_actor_loses_no_request(ray_engine, tiny_checkpoint
 
     try:
         before = engine.frontend_info().pid
-        undisturbed = asyncio.run(run(kill=False))
-        assert asyncio.run(run(kill=True)) == undisturbed
+        undisturbed, undisturbed_batch = asyncio.run(run(kill=False))
+        assert [len(got) for got in undisturbed[-2:]] == [3, 2]
+        assert all(len(c.top) == 48 for got in undisturbed[-2:] for c in got.values())
+        assert all(len(c.prompt) == 1 for c in undisturbed[-2].values())    # once per choice
+        killed, killed_batch = asyncio.run(run(kill=True))
+        for i, (got, want) in enumerate(zip(killed, undisturbed, strict=True)):
+            assert_same_choices(got, want, f"job {i}")
+        assert killed_batch == undisturbed_batch
         assert engine.frontend_info().pid != before          # it was restarted
     finally:
         engine.shutdown()
