@@ -1,7 +1,8 @@
 """No request lost when the engine replica (the frontend: it holds the KV cache) dies: the gateway
 re-sends each request in flight as prompt + tokens so far (actors/failover.py), and every
 client's stream, over gRPC and over the OpenAI HTTP API, streaming and unary, greedy and seeded,
-ends exactly as an undisturbed run. Past the failover bound, the client gets UNAVAILABLE. What
+ends exactly as an undisturbed run; with n choices, each choice (its tokens, text and top
+logprobs) does. Past the failover bound, the client gets UNAVAILABLE. What
 the replica leaves behind survives it too: the request metrics count the disturbed run as the
 undisturbed one, and expert replicas set by hand are restored on the new replica."""
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ray import serve
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT
 from deploy.app import build_app
 from protos import generator_pb2 as pb
+from tests.choices import Choices, assert_same_choices
 from tests.e2e.prometheus import settled, total, until_equal
 
 APP = "mixtral-ep-failover"
@@ -47,21 +49,38 @@ def client(server, http_port):
     return models
 
 
+def grpc_prompt_logprobs(entries) -> list | None:
+    """A message's prompt_logprobs as tests/choices.py keeps them; None when it has none."""
+    return [(e.logprob, [(a.token_id, a.logprob) for a in e.alternatives])
+            if e.HasField("logprob") else None for e in entries] or None
+
+
+def grpc_top(entries) -> list:
+    return [[(a.token_id, a.logprob) for a in top.alternatives] for top in entries]
+
+
+def http_top(logprobs) -> tuple[list[float], list]:
+    """A chat choice's logprobs object -> (the tokens' logprobs, their alternatives)."""
+    content = logprobs.content if logprobs is not None else []
+    return ([e.logprob for e in content],
+            [[(a.token, a.logprob) for a in e.top_logprobs] for e in content])
+
+
 def jobs(stub, client) -> dict:
-    """name -> job(started) -> (token ids, text); `started` is set once a stream has 3 chunks
-    (unary calls set it when sent)."""
+    """name -> job(started) -> Choices (tests/choices.py); `started` is set once a stream has 3
+    chunks (unary calls set it when sent)."""
     model = client.models.list().data[0].id
 
     def grpc_stream(prompt, **sampling):
         def run(started):
-            ids, text = [], ""
+            got = Choices()
             for n, part in enumerate(stub.GenerateStream(pb.GenerateRequest(
                     prompt=prompt, max_tokens=MAX_TOKENS, **sampling), timeout=300), start=1):
-                ids += part.token_ids
-                text += part.text
+                got.add(part.index, part.token_ids, part.text, part.logprobs,
+                        grpc_top(part.top_logprobs), grpc_prompt_logprobs(part.prompt_logprobs))
                 if n == 3:
                     started.set()
-            return ids, text
+            return got
         return run
 
     def grpc_unary(prompt, **sampling):
@@ -69,7 +88,10 @@ def jobs(stub, client) -> dict:
             started.set()
             reply = stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS,
                                                      **sampling), timeout=300)
-            return list(reply.token_ids), reply.text
+            got = Choices()
+            for c in reply.choices or [reply]:
+                got.add(c.index, c.token_ids, c.text, c.logprobs, grpc_top(c.top_logprobs))
+            return got
         return run
 
     def http_stream(chat: bool, prompt, **sampling):
@@ -81,22 +103,25 @@ def jobs(stub, client) -> dict:
                     messages=[{"role": "user", "content": prompt}], **kw)
             else:
                 chunks = client.completions.create(prompt=prompt, **kw)
-            ids, text = [], ""
+            got = Choices()
             for n, chunk in enumerate(chunks, start=1):
-                choice = chunk.choices[0]
-                ids += choice.token_ids
-                text += (choice.delta.content or "") if chat else choice.text
+                for choice in chunk.choices:
+                    text = (choice.delta.content or "") if chat else choice.text
+                    got.add(choice.index, choice.token_ids, text,
+                            *(http_top(choice.logprobs) if chat else ()))
                 if n == 3:
                     started.set()
-            return ids, text
+            return got
         return run
 
     def http_unary(prompt, **sampling):
         def run(started):
             started.set()
-            got = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                            extra_body={"return_token_ids": True}, **sampling)
-            return got.choices[0].token_ids, got.choices[0].text
+            reply = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                              extra_body={"return_token_ids": True}, **sampling)
+            got = Choices()
+            got.add(0, reply.choices[0].token_ids, reply.choices[0].text)
+            return got
         return run
 
     seeded = dict(temperature=0.9, top_p=0.95)
@@ -109,6 +134,14 @@ def jobs(stub, client) -> dict:
         "http greedy": http_stream(False, "In the beginning", temperature=0),
         "http chat seeded": http_stream(True, "Tell me a story", seed=5, **seeded),
         "http unary seeded": http_unary("It was a dark night", seed=13, **seeded),
+        # n choices with their alternatives (and, over gRPC, the prompt's logprobs once per
+        # choice): each choice resumes where its client stopped
+        "grpc n=2 seeded": grpc_stream("There once lived", seed=17, n=2, top_logprobs=2,
+                                       prompt_logprobs=2, ignore_eos=True, **seeded),
+        "grpc unary n=2 seeded": grpc_unary("On a quiet morning", seed=19, n=2, top_logprobs=2,
+                                            ignore_eos=True, **seeded),
+        "http chat n=2 seeded": http_stream(True, "Tell me a joke", seed=23, n=2, logprobs=True,
+                                            top_logprobs=2, **seeded),
     }
 
 
@@ -131,14 +164,19 @@ def request_counts(metrics) -> dict[tuple[str, tuple], float]:
 
 
 def test_killing_the_engine_replica_loses_no_request(server, client, engine_actors):
-    """SIGKILL the replica (its frontend, KV cache and expert actors go with it) while 8
-    requests stream: each continues on the replica Serve starts, and ends as undisturbed. The
-    request metrics add what the undisturbed run added (each prompt and first token once, each
-    delivered token once), and expert 0's replicas, set to 2 by hand, are 2 again."""
+    """SIGKILL the replica (its frontend, KV cache and expert actors go with it) while 11
+    requests stream (3 of them n = 2 with top logprobs): each continues on the replica Serve
+    starts, and ends as undisturbed, choice by choice. The request metrics add what the
+    undisturbed run added (each prompt and first token once, each delivered token of every
+    choice once), and expert 0's replicas, set to 2 by hand, are 2 again."""
     todo = jobs(server, client)
     start = request_counts(settled(APP))
     undisturbed = run_all(todo)
-    assert all(len(ids) > 3 for ids, _ in undisturbed.values())
+    assert all(len(c.token_ids) > 3 for got in undisturbed.values() for c in got.values())
+    assert all(len(undisturbed[name]) == 2 and all(len(c.top) == len(c.token_ids) > 3
+                                                  for c in undisturbed[name].values())
+               for name in todo if "n=2" in name)
+    assert all(len(c.prompt) == 1 for c in undisturbed["grpc n=2 seeded"].values())
     after_undisturbed = request_counts(settled(APP))
     engine = serve.get_deployment_handle("EngineServer", app_name=APP)
     assert engine.set_expert_replicas.remote({0: 2}).result(timeout_s=120)[0] == 2
@@ -148,11 +186,11 @@ def test_killing_the_engine_replica_loses_no_request(server, client, engine_acto
     new_replica, new_owned = engine_actors(APP)
     assert new_replica["Pid"] != replica["Pid"]            # the requests did move
     for name in todo:
-        assert killed[name] == undisturbed[name], name
+        assert_same_choices(killed[name], undisturbed[name], name)
     want = {key: 2 * after_undisturbed[key] - start.get(key, 0) for key in after_undisturbed}
     got, scraped = until_equal(APP, want)
     assert got == want
-    delivered = sum(len(ids) for ids, _ in killed.values())
+    delivered = sum(choices.tokens() for choices in killed.values())    # every choice's
     assert total(scraped, "ray_mixtral_ep_generation_tokens_total") - \
         after_undisturbed[("ray_mixtral_ep_generation_tokens_total", ())] == delivered
     assert engine.expert_load.remote().result(timeout_s=60).replicas()[0] == 2
