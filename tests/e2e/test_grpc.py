@@ -257,7 +257,7 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     model = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models",
                                               timeout=30).read())["data"][0]["id"]
-    body = json.dumps({"model": model, "prompt": "hi", "n": 3}).encode()
+    body = json.dumps({"model": model, "prompt": "hi", "best_of": 3}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError):
@@ -288,7 +288,7 @@ def test_a_client_error_is_one_quiet_log_line(server, address, http_port, alive_
     new += "".join(f.read_bytes()[err_sizes[f]:].decode(errors="replace") for f in err_logs)
     assert "Traceback" not in new and " ERROR " not in new, new[-3000:]
     assert new.count("request answered INVALID_ARGUMENT: set exactly one of prompt") == 2
-    assert new.count("request answered 400: n: only 1 is supported") == 1   # HTTP, in its words
+    assert new.count("request answered 400: best_of: only 1 is supported") == 1   # HTTP's words
 
 
 def test_a_finished_request_writes_one_access_line_and_no_disconnect(server, http_port):

@@ -25,6 +25,9 @@ from model.tokenizer import ChatTemplateError, Tokenizer
 from protos import generator_pb2 as pb
 
 
+VOCAB = 32000                   # the tokenizer's: token ids are checked against it
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.from_pretrained()
@@ -32,13 +35,13 @@ def tokenizer():
 
 def test_defaults_and_explicit_values(tokenizer):
     req = pb.GenerateRequest(prompt="Hello")
-    ids = prompt_ids(req, tokenizer, 100)
+    ids = prompt_ids(req, tokenizer, 100, VOCAB)
     assert ids == tokenizer.encode("Hello")
-    p = sampling_params(req, len(ids), 100)
+    p = sampling_params(req, len(ids), 100, VOCAB)
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (16, 1.0, 1.0, 0, None)
     req = pb.GenerateRequest(prompt="x", max_tokens=5, temperature=0, top_p=0.5, top_k=3, seed=7,
                              stop=["\n"])
-    p = sampling_params(req, 2, 100)
+    p = sampling_params(req, 2, 100, VOCAB)
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (
         5, 0, 0.5, 3, 7, ("\n",))
 
@@ -49,9 +52,9 @@ def test_defaults_and_explicit_values(tokenizer):
     (pb.GenerateRequest(prompt="hi", top_k=-1), "top_k must be"),
 ])
 def test_limits_are_named(tokenizer, req, match):
-    ids = prompt_ids(req, tokenizer, 100)
+    ids = prompt_ids(req, tokenizer, 100, VOCAB)
     with pytest.raises(InvalidRequest, match=match):
-        sampling_params(req, len(ids), 100)
+        sampling_params(req, len(ids), 100, VOCAB)
 
 
 @pytest.mark.parametrize("req, field", [
@@ -67,7 +70,7 @@ def test_a_text_too_long_for_the_context_is_refused_before_encoding(tokenizer, r
     monkeypatch.setattr(tokenizer, "apply_chat_template", None)
     with pytest.raises(InvalidRequest, match=rf"^{field} is 10000\d\d characters; 4096 tokens "
                                              rf"\(the context length\) hold at most {limit}"):
-        prompt_ids(req, tokenizer, 4096)
+        prompt_ids(req, tokenizer, 4096, VOCAB)
 
 
 def test_the_longest_text_that_can_fit_is_encoded(tokenizer):
@@ -75,7 +78,7 @@ def test_the_longest_text_that_can_fit_is_encoded(tokenizer):
     longest = max(range(tokenizer.vocab_size), key=lambda i: len(tokenizer.decode([i])))
     text = tokenizer.decode([longest]) * 50
     assert len(tokenizer.encode(text, bos=False)) * tokenizer.max_token_chars >= len(text)
-    assert prompt_ids(pb.GenerateRequest(prompt=text), tokenizer, 4096)
+    assert prompt_ids(pb.GenerateRequest(prompt=text), tokenizer, 4096, VOCAB)
 
 
 def test_model_info_from_engine_info():
