@@ -24,7 +24,6 @@ from model.errors import InvalidRequest, QueueFull
 from model.tokenizer import ChatTemplateError, Tokenizer
 from protos import generator_pb2 as pb
 
-
 VOCAB = 32000                   # the tokenizer's: token ids are checked against it
 
 
