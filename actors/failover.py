@@ -8,20 +8,20 @@ or RayEngine's frontend actor.
     async for chunk in chunks: ...          # StreamChunks, as from the frontend's stream
     chunks.cancel()                         # when the client goes away
 
-The caller (the gateway, RayEngine) streams to the client; this keeps what the client already
-has of the request: from the chunks passed on, per choice (n > 1), the completion's token ids,
-their logprobs (and top alternatives) and how many characters of text were sent, and which
-choices finished. When the stream fails because its frontend died
-(RayActorError: killed, OOM, its node lost; DeploymentUnavailableError), or its replica shuts
-down (Draining, sent as a value at the end of its grace: a scale-down, a redeploy), the request
-is sent again with that state as a `Resume` per unfinished choice (model/output.py): a live
-frontend, or the restarted one, prefills prompt + tokens so far and goes on, so the client's stream continues with no token
-repeated or missing. Greedy requests continue identically; so do sampled ones, since each draw is
-seeded by the request's seed and the token's position (model/sampling.py: token_seed) and a
-request without a seed is given one (`with_seed`). After a failure the request waits at most
-`timeout_s` for a frontend to send its next chunk (a restarting one loads its weights first);
-past it, or when `max_failovers` frontends in a row died with it before a chunk, the stream
-raises EngineUnavailable (UNAVAILABLE / HTTP 503, retryable).
+The caller (the gateway, RayEngine) streams to the client; this keeps what the client already has
+of the request: from the chunks passed on, per choice (n > 1), the completion's token ids, their
+logprobs (and top alternatives) and how many characters of text were sent, and which choices
+finished. When the stream fails because its frontend died (RayActorError: killed, OOM, its node
+lost; DeploymentUnavailableError), or its replica shuts down (Draining, sent as a value at the end
+of its grace: a scale-down, a redeploy), the request is sent again with that state as a `Resume`
+per unfinished choice (model/output.py): a live frontend, or the restarted one, prefills prompt +
+tokens so far and goes on, so the client's stream continues with no token repeated or missing.
+Greedy requests continue identically; so do sampled ones, since each draw is seeded by the
+request's seed and the token's position (model/sampling.py: token_seed) and a request without a
+seed is given one (`with_seed`). After a failure the request waits at most `timeout_s` for a
+frontend to send its next chunk (a restarting one loads its weights first); past it, or when
+`max_failovers` frontends in a row died with it before a chunk, the stream raises EngineUnavailable
+(UNAVAILABLE / HTTP 503, retryable).
 Any other error (a bad request, a full queue) passes through unchanged.
 """
 from __future__ import annotations

@@ -42,8 +42,15 @@ from model.kv_sizing import size_kv_cache
 from model.mixtral import Mixtral, MoeBeginFn, MoeFn, tensor_shapes
 from model.moe import LocalExperts
 from model.output import Completion, RequestOutput, Resume, StreamChunk, check_resumes
-from model.sampling import (Sampled, SamplingParams, SamplingRow, choice_seed, request_seed,
-                            sample, token_seed)
+from model.sampling import (
+    Sampled,
+    SamplingParams,
+    SamplingRow,
+    choice_seed,
+    request_seed,
+    sample,
+    token_seed,
+)
 from model.scheduler import Request, Scheduler
 from model.streaming import Streams
 from model.tokenizer import Tokenizer
