@@ -1,30 +1,29 @@
-"""Per-request sampling inside a batched step.
+"""Sampling parameters and seeds; the pipeline that applies them is model/sampler.py.
 
-Each token's draw is seeded by its request's seed and its position alone (`token_seed`), so a
-seeded request samples the same tokens whatever else shares its batch, and the same again when
-it is re-run from any point (preempted, or resumed elsewhere after its engine died). Greedy
-rows (temperature 0) take the argmax together; sampled rows apply temperature, then top-k, then
-top-p, then draw.
-Temperature divides the logits *after* subtracting the row's maximum, in float64, so any
-temperature small enough that sampling is numerically greedy gives the argmax (never inf - inf
-or 0 / 0 = NaN), down to the smallest positive double.
-The reported logprob is that of the chosen token under the model's raw distribution
-(log_softmax of the unscaled logits), as OpenAI-style APIs report it.
-A row whose logits are not finite (NaN, +inf, or all -inf) or whose draw fails yields an error
-for that row only: one request's failure never fails its neighbours in the step.
-Shapes: B rows (sequences that sample this step), V vocab.
+`SamplingParams` is validated in one place: each bad field raises InvalidRequest naming it and
+its limit. Each token's draw is seeded by its request's seed and its position alone
+(`token_seed`; choice i of n > 1 by `choice_seed`), so a seeded request samples the same tokens
+whatever else shares its batch, and the same again when it is re-run from any point
+(preempted, or resumed elsewhere after its engine died).
+The sampler's names (`sample`, `SamplingRow`, `SequenceState`, `Draw`, `SamplingError`) are
+re-exported here, so callers import everything about sampling from this module.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import secrets
-from collections.abc import Sequence
-from typing import NamedTuple
-
-import torch
 
 from model.errors import InvalidRequest
+from model.sampler import (
+    Draw,
+    Sampled,
+    SamplingError,
+    SamplingRow,
+    SequenceState,
+    TopLogprobs,
+    sample,
+)
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1     # the seed's range: the gRPC field's int64
 MAX_N = 16                  # choices per request (OpenAI's `n`)
@@ -35,6 +34,9 @@ PENALTY_RANGE = 2.0         # |presence_penalty|, |frequency_penalty| limit, as 
 # each generated token is checked against every stop string under the engine's step lock
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
 _MASK64 = 2**64 - 1
+
+__all__ = ["SamplingParams", "request_seed", "choice_seed", "token_seed", "mix_seed", "sample",
+           "SamplingRow", "SequenceState", "Draw", "Sampled", "SamplingError", "TopLogprobs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,93 +190,3 @@ def mix_seed(seed: int) -> int:
     x = ((x ^ (x >> 33)) * 0xFF51AFD7ED558CCD) & _MASK64
     x = ((x ^ (x >> 33)) * 0xC4CEB9FE1A85EC53) & _MASK64
     return x ^ (x >> 33)
-
-
-class SamplingError(RuntimeError):
-    """One row could not be sampled (non-finite logits, or the draw failed)."""
-
-
-TopLogprobs = list[tuple[int, float]]       # (token id, raw logprob), most likely first
-
-
-class Draw(NamedTuple):
-    """One row's sampled token, its raw logprob and (when asked) the most likely alternatives."""
-    token: int
-    logprob: float
-    top: TopLogprobs
-
-
-Sampled = Draw | SamplingError                      # a row's draw, or its error
-
-
-class SequenceState:
-    """What the sampler keeps for one sequence between its steps: its output token counts
-    (frequency/presence penalties) and prompt-token set (repetition penalty), on the logits'
-    device, built on first use and then brought up to date incrementally from
-    `output_ids[counted:]` (no per-step recount). A preempted or resumed sequence keeps (or
-    rebuilds) it; a forked choice starts its own."""
-
-    def __init__(self) -> None:
-        self.output_counts: torch.Tensor | None = None      # (V,) int32
-        self.prompt_mask: torch.Tensor | None = None        # (V,) bool
-        self.counted = 0                                    # output ids already in the counts
-
-
-@dataclasses.dataclass
-class SamplingRow:
-    """One row of a step's sampling batch: the sequence's request parameters and state.
-    `mask`: the seam for per-row constraints (a later grammar): (V,) bool of allowed tokens,
-    applied after the logit bias; None allows all."""
-    params: SamplingParams
-    draw_seed: int | None                 # token_seed of the draw; None when greedy
-    prompt_ids: Sequence[int]
-    output_ids: Sequence[int]
-    state: SequenceState
-    mask: torch.Tensor | None = None
-
-
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id: int,
-           generator: torch.Generator | None) -> list[Sampled]:
-    """logits (B, V) fp32 -> per row a Draw or a SamplingError for that row alone.
-    A sampled row draws with `generator` (on the logits' device) seeded by its `draw_seed`
-    (`token_seed`); greedy rows' draw_seed is None. Host syncs are per step, not per greedy
-    row: the non-finite rows, the tokens, their logprobs (a sampled row adds its own draw)."""
-    logprobs = torch.log_softmax(logits, dim=-1)                        # (B, V)
-    # one pass for both: max propagates NaN, and is +inf if any is, -inf only if all are
-    top, tokens = logits.max(dim=-1)                                    # (B,), first maximum
-    bad = ~top.isfinite()                                               # (B,)
-    errors: dict[int, SamplingError] = {}
-    for row in bad.nonzero()[:, 0].tolist():
-        errors[row] = SamplingError(f"the model's logits are not finite (row {row})")
-    for i, row in enumerate(rows):
-        if row.params.greedy or i in errors:
-            continue
-        try:
-            tokens[i] = _sample_row(logits[i], row.params, generator.manual_seed(row.draw_seed))
-        except RuntimeError as e:
-            errors[i] = SamplingError(f"sampling failed: {e}")
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0]                  # (B,)
-    k = max((r.params.top_logprobs for r in rows), default=0)
-    tops: list[TopLogprobs] = [[] for _ in rows]
-    if k:
-        values, ids = logprobs.topk(k, dim=-1)
-        values, ids = values.tolist(), ids.tolist()
-        tops = [list(zip(ids[i][:r.params.top_logprobs], values[i][:r.params.top_logprobs]))
-                for i, r in enumerate(rows)]
-    return [errors.get(i, Draw(t, lp, tops[i]))
-            for i, (t, lp) in enumerate(zip(tokens.tolist(), chosen.tolist()))]
-
-
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    logits = logits.double()          # any positive Python float temperature is a float64
-    scaled = (logits - logits.max()) / p.temperature                   # (V,) <= 0, max at 0
-    if p.top_k and p.top_k < scaled.shape[0]:
-        kth = torch.topk(scaled, p.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, -math.inf)            # ties with the k-th stay
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        outside = probs.cumsum(-1) - probs >= p.top_p                   # mass before it covers p
-        scaled = scaled.scatter(0, order[outside], -math.inf)
-    probs = torch.softmax(scaled, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen)[0]
