@@ -3,6 +3,7 @@ one ProxyActor process serves gRPC and HTTP) or the gateway replica during long 
 kind at once (gRPC and HTTP, unary and streaming), and the engine drops every one of them within
 a few seconds (actors/serving/caller.py), where it would otherwise generate their 4,000 tokens
 for nobody (~50 s on two loaded cores). One kill per hop: Serve takes ~30 s to restart a proxy.
+A client that goes away from a stream of n choices, one of them finished, frees all of them.
 
 Serve restarts what was killed; each test waits for it to answer again, and leaves the shared
 application idle."""
@@ -15,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -30,6 +31,10 @@ MAX_TOKENS = 4000               # the tiny model's context is 4,096
 GATEWAY_LOGS = f"replica_{APP}_Gateway_*.log"   # Serve's log files of the gateway replicas
 CANCEL_S = 10.0                 # the engine holds the requests at most this long after the kill
 RESTART_S = 120.0               # Serve answers again within this long after the kill
+# n = 4 seeded choices of "Once" where choice 0 stops at its 2nd token (one of stop_token_ids)
+# while choice 2 goes on past 1,500 (the tiny checkpoint's draws, seen in-process)
+CHOICES = {"n": 4, "seed": 9, "temperature": 1.0, "ignore_eos": True,
+           "stop_token_ids": list(range(300, 340))}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,17 @@ def wait_for(condition, what: str, timeout_s: float) -> float:
 def idle() -> bool:
     info = engine_info()
     return info.tracked_requests == 0 and info.free_blocks == info.total_blocks
+
+
+def until_idle(calls: str) -> tuple[float, str]:
+    """Wait at most CANCEL_S for the engine to hold no request and every KV block to be free:
+    -> (seconds it took, or CANCEL_S; what it still held then, in words, naming `calls`)."""
+    start = time.monotonic()
+    while not idle() and time.monotonic() - start < CANCEL_S:
+        time.sleep(0.25)
+    took, info = time.monotonic() - start, engine_info()
+    return took, (f"{info.tracked_requests} of the {calls} and "
+                  f"{info.total_blocks - info.free_blocks} KV blocks")
 
 
 def grpc_call(stub, stream: bool) -> None:
@@ -141,12 +157,7 @@ def kill_mid_calls(victim: str, alive_actors, stub, grpc_port: int,
         time.sleep(1.0)                                     # tokens are flowing
         [actor] = alive_actors(victim)
         os.kill(actor["Pid"], signal.SIGKILL)
-        start = time.monotonic()
-        while not idle() and time.monotonic() - start < CANCEL_S:
-            time.sleep(0.25)
-        took, info = time.monotonic() - start, engine_info()
-        return took, (f"{info.tracked_requests} of the {len(calls)} calls ({', '.join(calls)}) "
-                      f"and {info.total_blocks - info.free_blocks} KV blocks")
+        return until_idle(f"{len(calls)} calls ({', '.join(calls)})")
     finally:
         wait_until_serving(stub, grpc_port, http_port)
         wait_for(idle, "the engine is idle after the test", 120)
@@ -174,3 +185,57 @@ def test_a_dead_gateway_replica_cancels_every_engine_call(server, alive_actors, 
     took, held = kill_mid_calls(f"ServeReplica:{APP}:Gateway", alive_actors, server,
                                 grpc_port, http_port)
     assert took < CANCEL_S, f"the engine still held {held} {took:.1f} s after the gateway died"
+
+
+def grpc_choices(stub) -> Iterator[tuple[int, str]]:
+    """(index, finish reason or "") per message of a CHOICES stream; leaving it cancels it."""
+    call = stub.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=MAX_TOKENS,
+                                                  **CHOICES), timeout=300)
+    try:
+        for part in call:
+            yield part.index, part.finish_reason
+    finally:
+        call.cancel()
+
+
+def http_choices(port: int) -> Iterator[tuple[int, str]]:
+    """(index, finish reason or "") per choice of each event of a CHOICES stream of
+    /v1/completions; leaving it closes the connection."""
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": MAX_TOKENS, "stream": True,
+            **CHOICES}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        for line in response:
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[len(b"data: "):])["choices"]:
+                    yield choice["index"], choice["finish_reason"] or ""
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("protocol", ["gRPC", "HTTP"])
+def test_a_client_leaving_n_choices_frees_every_one(server, http_port, protocol):
+    """A client goes away from an n = 4 stream once every choice has streamed and one has
+    finished (the others mid-way, one with 1,500+ tokens to go): the engine drops all of them
+    and every KV block the choices held (the prompt's shared ones and each choice's own)."""
+    wait_for(idle, "the engine is idle before the test", 120)
+    chunks = grpc_choices(server) if protocol == "gRPC" else http_choices(http_port)
+    seen, finished = set(), set()
+    try:
+        for index, reason in chunks:
+            seen.add(index)
+            if reason:
+                finished.add(index)
+            if len(seen) == CHOICES["n"] and finished:
+                break
+        info = engine_info()
+        assert (info.tracked_requests, len(finished)) == (1, 1), (info, finished)
+        assert info.free_blocks < info.total_blocks
+    finally:
+        chunks.close()                                  # the client goes away
+    took, held = until_idle(f"1 {protocol} stream of n = 4")
+    assert took < CANCEL_S, f"the engine still held {held} {took:.1f} s after the client left"
