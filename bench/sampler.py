@@ -4,7 +4,7 @@
     python -m bench.sampler --quick         # fewer repeats
     python -m bench.sampler --device cuda   # GPU
 
-Prints the CPU name, then medians over --runs runs of
+Prints the CPU name and load, then medians over --runs runs of
   * `sample()` alone on one decode step's logits (B, V): greedy, seeded sampling with every
     feature off, and with every feature on (logit_bias, min_tokens, repetition / frequency /
     presence penalties, top-k, top-p, top_logprobs=20), each step adding one token per row so
@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import platform
 import random
 import statistics
 import time
 
 import torch
 
+from bench.machine import cpu_name, load_average
 from model.checkpoint import torch_dtype
 from model.config import PRESETS
 from model.engine import Engine
@@ -49,17 +49,6 @@ def configs(vocab: int, seed: int) -> dict[str, SamplingParams]:
             min_tokens=128, stop_token_ids=(13, 28723), repetition_penalty=1.1,
             frequency_penalty=0.5, presence_penalty=0.3, **base),
     }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_sampler(logits: torch.Tensor, params: SamplingParams, steps: int,
@@ -144,9 +133,9 @@ def main() -> None:
 def report(sampler: dict[str, list[float]], step: dict[str, list[float]], args, dtype,
            runs: int) -> None:
     off = statistics.median(sampler["sampled, features off"])
-    lines = [f"CPU: {cpu_name()}; device {args.device}, {dtype}, {args.threads} threads, "
-             f"preset {args.preset}, batch {args.batch}, prompts of {PROMPT_LEN}; medians of "
-             f"{runs} runs", "",
+    lines = [f"CPU: {cpu_name()} ({load_average()}); device {args.device}, {dtype}, "
+             f"{args.threads} threads, preset {args.preset}, batch {args.batch}, "
+             f"prompts of {PROMPT_LEN}; medians of {runs} runs", "",
              "| setting | sampler ms per step | vs features off | engine decode step ms "
              "| sampler / step |", "|---|---|---|---|---|"]
     for name in sampler:
