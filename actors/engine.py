@@ -182,13 +182,11 @@ class RayEngine:
         chunks = ResumableStream(lambda resume: _ActorStream(self.frontend.stream.remote(
             prompt, params, resume, self._current())), self.failover_timeout_s,
             choices=params.n)
-        finished = False
         try:
             async for chunk in chunks:
-                finished = chunk.finish_reason is not None
                 yield chunk
         finally:
-            if not finished:
+            if not chunks.finished:          # left early: every unfinished choice is cancelled
                 chunks.cancel()
 
     # ---- elastic experts (actors/experts/scaling.py) -------------------------------------

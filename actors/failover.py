@@ -189,6 +189,12 @@ class ResumableStream:
         self._stream = self._call(tuple(sent.resume(i) for i, sent in enumerate(self._sent)
                                         if not sent.finished))
 
+    @property
+    def finished(self) -> bool:
+        """Whether every choice has sent its last chunk (a choice's finish_reason alone ends
+        only that choice: with n > 1 the others may run on)."""
+        return all(sent.finished for sent in self._sent)
+
     def cancel(self) -> None:
         """Cancel the engine call now in flight (the client went away): frees its KV blocks."""
         self._stream.cancel()

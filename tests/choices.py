@@ -12,6 +12,12 @@ import dataclasses
 import pytest
 
 LOGPROB_TOLERANCE = 1e-4
+# sampling options of n = 4 seeded choices of the prompt "Once" on the tiny checkpoint (seed 0)
+# where choice 0 stops at its 2nd token (one of stop_token_ids) while choice 2 goes on past
+# 1,500 tokens (seen in-process): a caller that leaves once a choice finished leaves the
+# others mid-way
+ONE_ENDS_EARLY = {"n": 4, "seed": 9, "temperature": 1.0, "ignore_eos": True,
+                  "stop_token_ids": list(range(300, 340))}
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ import pytest
 from ray import serve
 
 from protos import generator_pb2 as pb
+from tests.choices import ONE_ENDS_EARLY
 from tests.e2e.serve_logs import serve_logs_since
 
 APP = "mixtral-ep"              # the shared app's (tests/e2e/conftest.py: TINY_APP)
@@ -31,10 +32,6 @@ MAX_TOKENS = 4000               # the tiny model's context is 4,096
 GATEWAY_LOGS = f"replica_{APP}_Gateway_*.log"   # Serve's log files of the gateway replicas
 CANCEL_S = 10.0                 # the engine holds the requests at most this long after the kill
 RESTART_S = 120.0               # Serve answers again within this long after the kill
-# n = 4 seeded choices of "Once" where choice 0 stops at its 2nd token (one of stop_token_ids)
-# while choice 2 goes on past 1,500 (the tiny checkpoint's draws, seen in-process)
-CHOICES = {"n": 4, "seed": 9, "temperature": 1.0, "ignore_eos": True,
-           "stop_token_ids": list(range(300, 340))}
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +185,10 @@ def test_a_dead_gateway_replica_cancels_every_engine_call(server, alive_actors, 
 
 
 def grpc_choices(stub) -> Iterator[tuple[int, str]]:
-    """(index, finish reason or "") per message of a CHOICES stream; leaving it cancels it."""
+    """(index, finish reason or "") per message of a ONE_ENDS_EARLY stream; leaving it
+    cancels it."""
     call = stub.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=MAX_TOKENS,
-                                                  **CHOICES), timeout=300)
+                                                  **ONE_ENDS_EARLY), timeout=300)
     try:
         for part in call:
             yield part.index, part.finish_reason
@@ -199,10 +197,10 @@ def grpc_choices(stub) -> Iterator[tuple[int, str]]:
 
 
 def http_choices(port: int) -> Iterator[tuple[int, str]]:
-    """(index, finish reason or "") per choice of each event of a CHOICES stream of
+    """(index, finish reason or "") per choice of each event of a ONE_ENDS_EARLY stream of
     /v1/completions; leaving it closes the connection."""
     body = {"model": MODEL, "prompt": "Once", "max_tokens": MAX_TOKENS, "stream": True,
-            **CHOICES}
+            **ONE_ENDS_EARLY}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
         conn.request("POST", "/v1/completions", json.dumps(body),
@@ -230,7 +228,7 @@ def test_a_client_leaving_n_choices_frees_every_one(server, http_port, protocol)
             seen.add(index)
             if reason:
                 finished.add(index)
-            if len(seen) == CHOICES["n"] and finished:
+            if len(seen) == ONE_ENDS_EARLY["n"] and finished:
                 break
         info = engine_info()
         assert (info.tracked_requests, len(finished)) == (1, 1), (info, finished)

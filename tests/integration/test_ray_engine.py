@@ -17,7 +17,7 @@ from cluster.plan import PlacementError
 from model.config import MixtralConfig
 from model.engine import Engine, SamplingParams
 from model.mixtral import expert_names, non_expert_names, tensor_shapes
-from tests.choices import Choices, assert_same_choices
+from tests.choices import ONE_ENDS_EARLY, Choices, assert_same_choices
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):\n    return",
            "Once upon a time there was a very long prompt about experts and routers " * 3, "日本語"]
@@ -103,6 +103,29 @@ def test_threads_and_openmp_spin_are_set_per_process(ray_cluster, tiny_checkpoin
         assert all(w.threads == 2 and "GOMP_SPINCOUNT" not in w.env for w in engine.expert_info())
     finally:
         engine.shutdown()
+
+
+def test_leaving_a_stream_of_n_choices_frees_every_one(tiny_ray_engine):
+    """A caller that stops reading RayEngine.stream once one of n = 4 choices finished (the
+    others mid-way, one 1,500+ tokens from its end) cancels them all: within seconds the
+    frontend holds no request and every KV block is free."""
+    params = SamplingParams(max_tokens=4000, **ONE_ENDS_EARLY)
+
+    async def leave_once_a_choice_finished() -> set[int]:
+        seen, chunks = set(), tiny_ray_engine.stream("Once", params)
+        async for chunk in chunks:
+            seen.add(chunk.index)
+            if chunk.finish_reason is not None:
+                break
+        await chunks.aclose()
+        return seen
+
+    assert len(asyncio.run(leave_once_a_choice_finished())) > 1   # others had begun
+    deadline = time.monotonic() + 10
+    while (info := tiny_ray_engine.info()).tracked_requests or \
+            info.free_blocks != info.total_blocks:
+        assert time.monotonic() < deadline, f"still held: {info}"
+        time.sleep(0.25)
 
 
 @pytest.mark.parametrize("field, value", [("transport", "bogus"), ("dtype", "fp8"),
