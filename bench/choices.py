@@ -9,8 +9,10 @@ the prompt's KV blocks (model/scheduler.py: `fork`; a sequence copies a shared b
 writes into it). One side is one seeded request with n = 8; the other adds 8 separate
 requests of the same prompt at once, request i seeded `choice_seed(seed, i)` as choice i is,
 so both sides must draw the same tokens. Per side, medians over --rounds rounds (the sides
-alternate which goes first, after one small warm-up of each):
-  * wall time from adding the requests until the last token, and generated tokens per second;
+alternate which goes first, after a warm-up of each with the same prompt, n = 2 and 2 tokens):
+  * wall time from adding the requests until the last token, generated tokens per second, and
+    this process's CPU time over the same span; also the fastest round's tokens/s, the least
+    disturbed by other work on a shared machine;
   * time until every choice has its first token;
   * prompt tokens computed (prefill work, recomputation after a preemption included) and all
     tokens computed, counted from what the scheduler hands each step;
@@ -43,6 +45,7 @@ log = logging.getLogger("bench.choices")
 @dataclasses.dataclass
 class Result:
     seconds: float                        # from adding the requests to the last token
+    cpu_seconds: float                    # this process's CPU time over the same span
     first_all: float                      # s until every choice has its first token
     prompt_tokens: int                    # prompt positions computed (prefill work)
     computed: int                         # all positions computed
@@ -81,7 +84,7 @@ def run_side(engine: Engine, probe: ScheduleProbe,
     """Add `requests` at once and step the engine until they finish. Choice c of request r
     is key r + c of the result's tokens (so choice i of one request and request i line up)."""
     probe.reset()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rids = {engine.add_request(prompt, params): r for r, (prompt, params) in enumerate(requests)}
     tokens: dict[int, list[int]] = {}
     first: dict[int, float] = {}
@@ -93,11 +96,11 @@ def run_side(engine: Engine, probe: ScheduleProbe,
             tokens.setdefault(key, []).extend(chunk.token_ids)
             if chunk.token_ids:
                 first.setdefault(key, now)
-    end = time.perf_counter()
+    end, cpu = time.perf_counter(), time.process_time() - cpu_start
     for rid in rids:
         engine.abort(rid)                  # lets go of the finished requests' state
-    return Result(end - start, max(first.values()) - start, probe.prompt_tokens, probe.computed,
-                  probe.peak_blocks, tokens)
+    return Result(end - start, cpu, max(first.values()) - start, probe.prompt_tokens,
+                  probe.computed, probe.peak_blocks, tokens)
 
 
 def sides(prompt: list[int], n: int, new_tokens: int, temperature: float,
@@ -119,7 +122,9 @@ def measure(engine: Engine, requests: dict, rounds: int) -> dict[str, list[Resul
         order = list(requests) if r % 2 == 0 else list(reversed(requests))
         for side in order:
             results[side].append(run_side(engine, probe, requests[side]))
-            log.info("round %d, %s: %.2f s", r + 1, side, results[side][-1].seconds)
+            last = results[side][-1]
+            log.info("round %d, %s: %.2f s, CPU %.2f s", r + 1, side, last.seconds,
+                     last.cpu_seconds)
     return results
 
 
@@ -140,21 +145,33 @@ def report(results: dict[str, list[Result]], identical: bool, header: str) -> st
     def tps(r: Result) -> float:
         return sum(map(len, r.tokens.values())) / r.seconds
 
+    def fastest(side: str) -> float:        # the least disturbed round, on a shared machine
+        return max(map(tps, results[side]))
+
     lines = [header, "",
-             "| side | wall s | generated tok/s | every first token s | prompt tokens computed "
-             "| tokens computed | peak KV blocks |", "|---|---|---|---|---|---|---|"]
+             "| side | wall s | CPU s | generated tok/s | fastest round tok/s "
+             "| every first token s | prompt tokens computed | tokens computed | peak KV blocks |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for side in results:
-        lines.append(f"| {side} | {med(side, lambda r: r.seconds):.2f} | {med(side, tps):.1f} | "
+        lines.append(f"| {side} | {med(side, lambda r: r.seconds):.2f} | "
+                     f"{med(side, lambda r: r.cpu_seconds):.2f} | {med(side, tps):.1f} | "
+                     f"{fastest(side):.1f} | "
                      f"{med(side, lambda r: r.first_all):.2f} | "
                      f"{med(side, lambda r: r.prompt_tokens):.0f} | "
                      f"{med(side, lambda r: r.computed):.0f} | "
                      f"{med(side, lambda r: r.peak_blocks):.0f} |")
     a, b = results                         # the n-choice side first
-    lines += ["", f"{a} / {b}: tokens/s {med(a, tps) / med(b, tps):.2f}x, wall time "
-              f"{med(a, lambda r: r.seconds) / med(b, lambda r: r.seconds):.2f}x, prompt tokens "
+    per_round = ", ".join(f"{rb.seconds / ra.seconds:.2f}x" for ra, rb in zip(results[a],
+                                                                            results[b]))
+    lines += ["", f"{a} / {b}: tokens/s {med(a, tps) / med(b, tps):.2f}x (fastest rounds "
+              f"{fastest(a) / fastest(b):.2f}x), wall time "
+              f"{med(a, lambda r: r.seconds) / med(b, lambda r: r.seconds):.2f}x, CPU time "
+              f"{med(a, lambda r: r.cpu_seconds) / med(b, lambda r: r.cpu_seconds):.2f}x, "
+              f"prompt tokens "
               f"{med(a, lambda r: r.prompt_tokens) / med(b, lambda r: r.prompt_tokens):.3f}x, "
               f"peak KV blocks "
               f"{med(a, lambda r: r.peak_blocks) / med(b, lambda r: r.peak_blocks):.2f}x",
+              f"tokens/s {a} / {b} round by round: {per_round}",
               f"tokens identical on both sides, every round: {'yes' if identical else 'NO'}"]
     return "\n".join(lines)
 
@@ -184,10 +201,10 @@ def main() -> None:
                                 kv_cache_memory=args.kv_mib * 2**20)
     rng = random.Random(args.seed)
     prompt = [1] + [rng.randrange(3, engine.cfg.vocab_size) for _ in range(args.prompt_len - 1)]
-    measure(engine, sides(prompt[:16], 2, 2, args.temperature, args.seed), 1)     # warm-up
+    measure(engine, sides(prompt, 2, 2, args.temperature, args.seed), 1)     # warm-up
     results = measure(engine, sides(prompt, args.n, args.new_tokens, args.temperature,
                                     args.seed), args.rounds)
-    header = (f"CPU: {cpu_name()}; device {args.device}, {dtype}, {args.threads} threads, "
+    header = (f"CPU: {cpu_name()}; device {args.device}, {dtype}, torch threads {args.threads}, "
               f"preset {args.preset}; prompt {args.prompt_len} tokens, {args.new_tokens} new "
               f"tokens per choice, n = {args.n}, temperature {args.temperature}, seed "
               f"{args.seed}; block size {engine.block_size}; medians of {args.rounds} rounds; "
