@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model.draw import _top_k_top_p_weights
 from model.errors import InvalidRequest
-from model.sampler import _top_k_top_p_weights, process_logits
+from model.sampler import process_logits
 from model.sampling import (
     INT64_MAX,
     INT64_MIN,
@@ -283,3 +284,29 @@ def outcome(result):
     if isinstance(result, SamplingError):
         return re.sub(r" \(row \d+\)", "", str(result))
     return result
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), vocab=st.integers(2, 3000), batch=st.integers(1, 4),
+       levels=st.integers(1, 40), seed=st.integers(0, 2**32))
+def test_a_cut_row_draws_among_its_top_tokens_what_the_whole_vocabulary_gives(data, vocab,
+                                                                               batch, levels,
+                                                                               seed):
+    """Rows with a top-k or top-p cut draw among their most likely tokens only (in token-id
+    order): the same token as the weights over the whole vocabulary give, ties at the edge
+    and nuclei wider than the first guess included (few logit levels make many ties)."""
+    logits = torch.randint(0, levels, (batch, vocab),
+                           generator=torch.Generator().manual_seed(seed)).float() / 7
+    params = [SamplingParams(temperature=data.draw(st.sampled_from([0.3, 1.0, 5.0])),
+                             top_k=data.draw(st.sampled_from([0, 1, 2, 5, 50, 1500])),
+                             top_p=data.draw(st.sampled_from([0.1, 0.5, 0.9, 0.999, 1.0])))
+              for _ in range(batch)]
+    seeds = [token_seed(seed, i) for i in range(batch)]
+    got = [d.token for d in sample(logits, rows_of(params, seeds), EOS, GEN)]
+    for row, p, draw_seed, token in zip(logits, params, seeds, got):
+        x = row.double()
+        weights = _top_k_top_p_weights(((x - x.max()) / p.temperature)[None], [p])[0]
+        u = torch.rand(1, dtype=torch.float64, generator=GEN.manual_seed(draw_seed))
+        cdf = weights.cumsum(0)
+        at = torch.minimum(u * cdf[-1], torch.nextafter(cdf[-1], torch.zeros(())))
+        assert token == int(torch.searchsorted(cdf, at, right=True))
