@@ -64,7 +64,7 @@ class EngineClient:
         return DrainedStream(ResumableStream(lambda resume: self.engine.options(
             stream=True).stream.remote(ids, params, resume, self.caller),
             self.failover_timeout_s,
-            observe=self.metrics.request(len(ids)).chunk, choices=params.n), self.drain)
+            observe=self.metrics.request(len(ids), params.n).chunk, choices=params.n), self.drain)
 
     async def unready(self) -> str | None:
         """None once the engine answers within HEALTH_TIMEOUT_S, else why not (draining: this

@@ -65,9 +65,9 @@ class RequestMetrics:
                                   "Requests finished, by finish reason (stop, length).",
                                   tag_keys=("finished_reason",))
 
-    def request(self, prompt_tokens: int) -> Request:
-        """A request of `prompt_tokens` prompt tokens, sent to the engine now."""
-        return Request(self, prompt_tokens)
+    def request(self, prompt_tokens: int, choices: int = 1) -> Request:
+        """A request of `prompt_tokens` prompt tokens and n `choices`, sent to the engine now."""
+        return Request(self, prompt_tokens, choices)
 
 
 class EngineMetrics:
@@ -167,12 +167,14 @@ class Request:
     """One request's stream as it leaves the gateway's ResumableStream, however many engine
     replicas served it: its prompt tokens and TTFT at its first chunk, inter-token gaps (a
     chunk of k tokens counts as k gaps of equal length), and at its end the latency, tokens and
-    reason."""
+    reason. With n > 1 choices it is still one request: the prompt and TTFT count once, every
+    choice's tokens count, and it ends when its last choice does (that choice's reason)."""
 
-    def __init__(self, metrics: RequestMetrics, prompt_tokens: int):
+    def __init__(self, metrics: RequestMetrics, prompt_tokens: int, choices: int = 1):
         self.m, self.prompt_tokens = metrics, prompt_tokens
         self.start = self.last = time.monotonic()
         self.chunks = self.tokens = 0
+        self.unfinished = choices
 
     def chunk(self, chunk: StreamChunk) -> None:
         """Record one chunk passed on to the client (ResumableStream's `observe`)."""
@@ -191,5 +193,7 @@ class Request:
             self.last = now
             self.m.generation_tokens.inc(len(token_ids))
         if chunk.finish_reason:
+            self.unfinished -= 1
+        if chunk.finish_reason and not self.unfinished:
             self.m.e2e.observe(now - self.start)
             self.m.finished.inc(tags={"finished_reason": chunk.finish_reason})

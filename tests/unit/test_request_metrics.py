@@ -87,6 +87,20 @@ def test_a_request_counts_once_however_many_replicas_die_under_it(length, prompt
     assert metrics.finished.calls == [(1.0, (("finished_reason", "length"),))]
 
 
+def test_n_choices_are_one_request():
+    """n = 3: the prompt and TTFT once, every choice's tokens, one end with the last choice's
+    reason, whichever order the choices finish in."""
+    metrics = recorded()
+    request = metrics.request(5, choices=3)
+    for index, reason in ((0, None), (1, None), (2, None), (1, "stop"), (0, None), (2, "length"),
+                          (0, "length")):
+        request.chunk(StreamChunk("r", "x", [7], [0.0], reason, index))
+    assert metrics.prompt_tokens.calls == [(5, ())]
+    assert len(metrics.ttft.calls) == 1 and len(metrics.e2e.calls) == 1
+    assert metrics.generation_tokens.sum() == 7
+    assert metrics.finished.calls == [(1.0, (("finished_reason", "length"),))]
+
+
 def test_a_request_with_no_chunk_counts_nothing():
     """Refused before its first chunk (a bad request, a full queue): no prompt tokens."""
     metrics = recorded()
