@@ -30,9 +30,11 @@ class SamplingError(RuntimeError):
     """One row could not be sampled (non-finite logits, no allowed token, or the draw failed)."""
 
 
-def draw(processed: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Tensor,
-          generator: torch.Generator | None, errors: dict[int, SamplingError]) -> None:
-    """Stage 5 for the sampled rows (greedy ones keep the argmax in `tokens`), in place: one
+def draw(processed: torch.Tensor, top: torch.Tensor, rows: Sequence[SamplingRow],
+         tokens: torch.Tensor, generator: torch.Generator | None,
+         errors: dict[int, SamplingError]) -> None:
+    """Stage 5 for the sampled rows (greedy ones keep the argmax in `tokens`; `top` (B,) is
+    each row's max of `processed`), in place: one
     uniform per row from its own seeded generator, inverted through the row's cumulative
     weights in token-id order (exact inverse-transform sampling; one vectorised search for all
     rows). A row with a top-k or top-p cut draws among its most likely tokens alone
@@ -53,9 +55,9 @@ def draw(processed: torch.Tensor, rows: Sequence[SamplingRow], tokens: torch.Ten
     cut = [i for i in uniforms if 0 < rows[i].params.top_k < vocab or rows[i].params.top_p < 1]
     rest = [i for i in uniforms if i not in cut]
     if cut:
-        rest += _draw_among_top(processed, rows, cut, uniforms, tokens)
+        rest += _draw_among_top(processed, top, rows, cut, uniforms, tokens)
     if rest:
-        x = _scaled(rows_of(processed, rest), [rows[i].params for i in rest])
+        x = _scaled(rows_of(processed, rest), top[rest, None], [rows[i].params for i in rest])
         weights = _top_k_top_p_weights(x, [rows[i].params for i in rest])
         _invert(weights, None, torch.cat([uniforms[i] for i in rest]), rest, tokens)
 
@@ -65,13 +67,13 @@ def rows_of(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return x if idx == list(range(x.shape[0])) else x[idx]
 
 
-def _scaled(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """(R, W) logits, each row's most likely first or its max anywhere -> float64
-    (x - row max) / temperature: <= 0, the max at 0 (any positive Python float temperature is
-    a float64)."""
+def _scaled(x: torch.Tensor, row_max: torch.Tensor, params: list[SamplingParams]
+            ) -> torch.Tensor:
+    """(R, W) logits and (R, 1) each row's max -> float64 (x - row max) / temperature: <= 0,
+    the max at 0 (any positive Python float temperature is a float64)."""
     x = x.double()
     temperature = torch.tensor([p.temperature for p in params], dtype=x.dtype, device=x.device)
-    return x.sub_(x.amax(dim=-1, keepdim=True)).div_(temperature[:, None])
+    return x.sub_(row_max.double()).div_(temperature[:, None])
 
 
 def _invert(weights: torch.Tensor, ids: torch.Tensor | None, uniforms: torch.Tensor,
@@ -88,8 +90,9 @@ def _invert(weights: torch.Tensor, ids: torch.Tensor | None, uniforms: torch.Ten
     tokens[torch.tensor(idx, device=tokens.device)] = drawn[:, 0]
 
 
-def _draw_among_top(processed: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int],
-                    uniforms: dict[int, torch.Tensor], tokens: torch.Tensor) -> list[int]:
+def _draw_among_top(processed: torch.Tensor, top: torch.Tensor, rows: Sequence[SamplingRow],
+                    idx: list[int], uniforms: dict[int, torch.Tensor], tokens: torch.Tensor
+                    ) -> list[int]:
     """Draw the rows `idx` (each with a top-k or top-p cut) among their W most likely tokens
     (W: the largest top_k + 1, NUCLEUS_GUESS for a top-p-only row): the weights the whole
     vocabulary would give them, in token-id order. Returns the rows whose kept tokens may
@@ -101,14 +104,15 @@ def _draw_among_top(processed: torch.Tensor, rows: Sequence[SamplingRow], idx: l
     width = min(vocab, max(p.top_k + 1 if 0 < p.top_k < vocab else NUCLEUS_GUESS
                            for p in params))
     values, ids = rows_of(processed, idx).topk(width, dim=-1)         # (R, W) descending
-    x = _scaled(values, params)                                         # (R, W)
+    x = _scaled(values, values[:, :1], params)                          # (R, W)
     floor = _top_k_floor(x, params, vocab)                              # (R, 1)
     kept = x.masked_fill(x < floor, -math.inf)
     weights = kept.exp()
     mass = weights.sum(dim=-1, keepdim=True)         # what top-k kept: all of it is in the W
     no_k = [j for j, p in enumerate(params) if not 0 < p.top_k < vocab]
     if no_k:                # top-p alone: the nucleus is a share of every token's weight
-        mass[no_k] = _scaled(processed[[idx[j] for j in no_k]],
+        rows_no_k = [idx[j] for j in no_k]
+        mass[no_k] = _scaled(processed[rows_no_k], top[rows_no_k, None],
                              [params[j] for j in no_k]).exp_().sum(dim=-1, keepdim=True)
     p = torch.tensor([q.top_p for q in params], dtype=x.dtype, device=x.device)[:, None]
     nucleus, found = _nucleus_floor(kept, mass, p)

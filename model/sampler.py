@@ -141,7 +141,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id: int 
         errors.setdefault(i, SamplingError(
             f"the model's logits are not finite (row {i})" if not raw_ok[i] else
             f"no token is allowed after logit_bias, mask, min_tokens and penalties (row {i})"))
-    draw(processed, rows, tokens, generator, errors)
+    draw(processed, top, rows, tokens, generator, errors)
     return _report(logits, log_z, rows, tokens, errors)
 
 
