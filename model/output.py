@@ -83,6 +83,7 @@ class RequestOutput:
         self.text = ""
         self.emitted_text = self.emitted_tokens = 0
         self.longest_stop = max((len(s) for s in req.params.stop), default=0)
+        self.stop_after = 0             # a stop string must end past this (min_tokens' text)
         # prompt logprobs, when asked: filled by the engine as the prompt is computed, sent
         # with the choice's first chunk (a resumed choice that sent tokens has sent them)
         asked = req.params.prompt_logprobs is not None
@@ -137,9 +138,13 @@ class RequestOutput:
         return self._chunk()
 
     def _cut_at_stop_string(self) -> None:
-        if not self.longest_stop or len(self.req.output_ids) < self.req.params.min_tokens:
-            return                      # as vLLM: no stop string ends it before min_tokens
-        begin = max(0, self.emitted_text - self.longest_stop)
+        if not self.longest_stop:
+            return
+        if len(self.req.output_ids) < self.req.params.min_tokens:
+            self.stop_after = len(self.text)    # as vLLM: no stop string in the text so far
+            return                              # ends it, nor before min_tokens
+        begin = max(0, self.emitted_text - self.longest_stop,
+                    self.stop_after - self.longest_stop + 1)
         hits = [i for s in self.req.params.stop if (i := self.text.find(s, begin)) >= 0]
         if hits:
             self.text = self.text[:min(hits)]

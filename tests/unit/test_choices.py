@@ -3,6 +3,7 @@ prompt logprobs (`prompt_logprobs`, `max_tokens=0`), and resuming a request per 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -210,3 +211,23 @@ def test_prompt_logprobs_come_once_on_each_choices_first_chunk(small_blocks):
         Resume(tuple(firsts[1].token_ids), tuple(firsts[1].logprobs), len(firsts[1].text),
                index=1),)))
     assert all(c.prompt_logprobs is None for c in resumed)         # it had them already
+
+
+# ---- min_tokens and stop strings ---------------------------------------------------------
+
+@pytest.mark.parametrize("min_tokens", [0, 1, 2, 3, 4, 6])
+def test_no_stop_string_ends_a_completion_before_min_tokens(tiny_engine, min_tokens):
+    """A stop string that ends in the text of the first min_tokens - 1 tokens is passed over
+    (as vLLM's stop checks start at min_tokens), held back or not; the first one that ends
+    after it cuts the text. Every 1- to 3-character piece of the text is tried as the stop."""
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    chunks = asyncio.run(_chunks(tiny_engine, PROMPTS[0], greedy))
+    text = "".join(c.text for c in chunks)
+    early = len("".join(c.text for c in chunks[:max(min_tokens - 1, 0)]))
+    stops = sorted({text[i:i + n] for n in (1, 2, 3) for i in range(min(len(text), 24) - n)})
+    for stop in stops:
+        hit = text.find(stop, max(early - len(stop) + 1, 0))
+        [out] = tiny_engine.generate(PROMPTS[0], dataclasses.replace(
+            greedy, stop=(stop,), min_tokens=min_tokens))
+        assert len(out.token_ids) >= max(min_tokens, 1), stop
+        assert out.text == (text[:hit] if hit >= 0 else text), stop
