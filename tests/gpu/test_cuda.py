@@ -62,6 +62,30 @@ def test_bf16_cuda_close_to_fp32(tiny_checkpoint, cpu_engine, assert_bf16_close)
     assert_bf16_close(gpu, cpu_engine, PROMPTS)
 
 
+def test_the_sampler_pipeline_and_n_choices_on_cuda_equal_the_cpu(tiny_checkpoint, cpu_engine):
+    """Penalties, logit bias, min_tokens, top and prompt logprobs (greedy) on CUDA equal the
+    CPU's; n seeded choices (their shared blocks copied on write on the GPU) each equal the
+    CUDA engine's request seeded as that choice."""
+    from model.sampling import choice_seed
+    gpu = Engine.from_pretrained(tiny_checkpoint, device="cuda", block_size=4)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, min_tokens=8, top_logprobs=5,
+                            prompt_logprobs=3, repetition_penalty=1.3, presence_penalty=0.5,
+                            frequency_penalty=0.4, logit_bias={13: 5.0, 28723: -100.0})
+    for got, want in zip(gpu.generate(PROMPTS, greedy), cpu_engine.generate(PROMPTS, greedy)):
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-3)
+        assert [[t for t, _ in top] for top in got.top_logprobs] == \
+            [[t for t, _ in top] for top in want.top_logprobs]
+        assert [e and e[0] for e in got.prompt_logprobs] == \
+            pytest.approx([e and e[0] for e in want.prompt_logprobs], abs=1e-3)
+    sampled = SamplingParams(max_tokens=12, seed=5, n=4, top_k=40, top_p=0.9, ignore_eos=True)
+    choices = gpu.generate(PROMPTS[1], sampled)
+    for i, choice in enumerate(choices):
+        alone = SamplingParams(max_tokens=12, seed=choice_seed(5, i), top_k=40, top_p=0.9,
+                               ignore_eos=True)
+        assert choice.token_ids == gpu.generate(PROMPTS[1], alone)[0].token_ids
+
+
 def test_rows_cross_the_channel_as_pinned_host_copies():
     """actors/experts/channel.py: CUDA rows go to page-locked host memory and back, unchanged."""
     from actors.experts.channel import device_rows, empty_host_like, host_rows
