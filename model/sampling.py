@@ -146,6 +146,9 @@ def _bias_pairs(value) -> tuple[tuple[int, float], ...]:
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise InvalidRequest(f"logit_bias must map token ids to biases, got {item!r}"[:300])
         pairs.append((item[0], item[1]))
+    tokens = [t for t, _ in pairs]
+    if len(set(tokens)) != len(tokens):
+        raise InvalidRequest(f"logit_bias must name each token id once, got {tokens}"[:300])
     return tuple(sorted(pairs, key=lambda kv: (not _is_int(kv[0]), kv[0] if _is_int(kv[0]) else 0)))
 
 

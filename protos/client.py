@@ -67,12 +67,12 @@ def _integer(bits: int):
     return parse
 
 
-def _token_ids(text: str) -> list[int]:
+def token_ids(text: str) -> list[int]:
     """An argparse type: comma-separated int32 token ids ("1,22557,1526")."""
     return [_integer(32)(part) for part in text.split(",")]
 
 
-def _bias(text: str) -> tuple[int, float]:
+def logit_bias(text: str) -> tuple[int, float]:
     """An argparse type: a logit_bias entry, ID=BIAS ("13=-100")."""
     token, sep, bias = text.partition("=")
     if not sep:
@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     ap.add_argument("--logprobs", action="store_true",
                     help="print each generated token id with its logprob")
-    ap.add_argument("--prompt-token-ids", type=_token_ids, default=None, metavar="ID,ID,...",
+    ap.add_argument("--prompt-token-ids", type=token_ids, default=None, metavar="ID,ID,...",
                     help="send these token ids as the prompt (no prompt argument then)")
     ap.add_argument("--n", type=_integer(32), default=None,
                     help="choices (samples) of the prompt, 1..16; the server's default is 1")
@@ -116,7 +116,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2]")
     ap.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]")
     ap.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 is off")
-    ap.add_argument("--logit-bias", type=_bias, action="append", default=None, metavar="ID=BIAS",
+    ap.add_argument("--logit-bias", type=logit_bias, action="append", default=None,
+                    metavar="ID=BIAS",
                     help="add BIAS in [-100, 100] to token ID's logit (repeatable)")
     ap.add_argument("--min-tokens", type=_integer(32), default=None,
                     help="no EOS or stop token before this many tokens")
@@ -160,11 +161,17 @@ def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
 
 
+# a unary reply has no size limit here (n choices with 20 alternatives per token pass gRPC's
+# default 4 MiB at ~12,000 tokens); the server bounds what it receives, not what it sends
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
+
+
 def channel_of(args: argparse.Namespace) -> grpc.Channel:
     if not args.tls:
-        return grpc.insecure_channel(args.address)
+        return grpc.insecure_channel(args.address, options=CHANNEL_OPTIONS)
     roots = Path(args.ca_cert).read_bytes() if args.ca_cert else None
-    return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(roots))
+    return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(roots),
+                               options=CHANNEL_OPTIONS)
 
 
 def read_prompt(args: argparse.Namespace, ap: argparse.ArgumentParser) -> str | None:

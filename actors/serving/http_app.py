@@ -128,7 +128,9 @@ async def _events(out: responses.Response, first, chunks, prompt_tokens: int, n:
         chunk = first
         while True:
             produced += len(chunk.token_ids)
-            yield out.chunk(chunk)
+            # a first chunk with prompt logprobs can be megabytes: encoded off the event loop
+            yield (out.chunk(chunk) if chunk.prompt_logprobs is None
+                   else await asyncio.to_thread(out.chunk, chunk))
             finished += chunk.finish_reason is not None
             if finished >= n:
                 break
@@ -204,8 +206,9 @@ async def completion(engine: EngineClient, request, chat: bool):
         shape = responses.shape_of(request, chat, engine.tokenizer, ids)
         out = responses.Response(chat, engine.model_name, engine.tokenizer, shape, ids)
         chunks = engine.stream(ids, params)
-        if not request.stream:
-            return JSONResponse(out.whole(await collect(chunks, ids), len(ids)))
+        if not request.stream:       # a body of n choices with logprobs can be megabytes:
+            done = await collect(chunks, ids)      # built and encoded off the event loop
+            return await asyncio.to_thread(lambda: JSONResponse(out.whole(done, len(ids))))
         first = await chunks.__anext__()
         usage = request.stream_options is not None and request.stream_options.include_usage
         return EventStream(_events(out, first, chunks, len(ids), params.n, usage))

@@ -64,7 +64,9 @@ def sampling_params_of(prompt_len: int, context_length: int, *, max_tokens: int 
     if not is_int or not low <= max_tokens <= room:
         raise InvalidRequest(f"{max_tokens_field} must be in [{low}, {room}] (context length "
                              f"{context_length} minus the prompt's {prompt_len} tokens), got "
-                             f"{max_tokens}")
+                             f"{max_tokens}" + ("; 0 only with prompt_logprobs (completions: "
+                                                "echo), which scores the prompt alone"
+                                                if max_tokens == 0 and low else ""))
     bias = dict(logit_bias or {})
     if vocab_size is not None:
         for field, ids in (("logit_bias", bias), ("stop_token_ids", stop_token_ids)):

@@ -43,6 +43,8 @@ class _Echo(pb_grpc.GeneratorServicer):
 
     def Generate(self, request, context):
         self.requests.append(request)
+        if request.prompt == "big":             # past gRPC's default 4 MiB receive limit
+            return pb.GenerateResponse(text="x" * (5 << 20), finish_reason="length")
         choices = [pb.Choice(index=0, text="ab", token_ids=[5, 6], logprobs=[-0.5, -0.75],
                              top_logprobs=[ALTERNATIVES] * 2, finish_reason="length"),
                    pb.Choice(index=1, text="c", token_ids=[7], logprobs=[-1.0],
@@ -171,3 +173,11 @@ def test_choices_are_printed_by_index_with_their_alternatives(fake_server, unary
     assert "[prompt_tokens=2 completion_tokens=3]\n" in out
     assert out.endswith("[prompt_logprobs 1:- 22557:-3.5000]\n"
                         "  22557: 1526' world':-0.2500 13'\\n':-2.5000\n")
+
+
+def test_a_unary_reply_past_4_mib_is_read(fake_server, capsys):
+    """n choices with 20 alternatives per token pass gRPC's default client limit at ~12,000
+    tokens: the CLI's channel takes any size."""
+    address, _ = fake_server
+    assert client.main(["big", "--unary", "--address", address]) == 0
+    assert "x" * (5 << 20) in capsys.readouterr().out

@@ -103,7 +103,8 @@ def test_echo_and_prompt_logprobs_translate(tokenizer, body, max_tokens, prompt_
     (False, dict(min_tokens=6, max_tokens=5),
      r"^min_tokens must be an integer in \[0, max_tokens \(5\)\]"),
     (True, dict(stop_token_ids=[32000]), r"^stop_token_ids: token ids must be in \[0, 32000\)"),
-    (False, dict(max_tokens=0), r"^max_tokens must be in \[1, "),       # no echo: nothing to do
+    (False, dict(max_tokens=0), r"^max_tokens must be in \[1, .*got 0; 0 only with "
+                                r"prompt_logprobs \(completions: echo\)"),  # nothing to do
     (False, dict(max_tokens=0, logprobs=0), r"^max_tokens must be in \[1, "),
 ])
 def test_bad_values_name_the_field_and_its_limit(tokenizer, chat_api, body, needle):

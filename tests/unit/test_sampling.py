@@ -60,6 +60,7 @@ def draws(logits: list[float], params: SamplingParams, n: int, seed: int = 0) ->
     (dict(stop=("",)), "stop"), (dict(stop=(1,)), "stop"), (dict(stop=5), "stop"),
     (dict(stop_token_ids=(-1,)), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
     (dict(ignore_eos="yes"), "ignore_eos"),
+    (dict(logit_bias=[(5, 100.0), (5, 100.0)]), "logit_bias"),   # twice: +200 past the limit
 ])
 def test_every_bad_field_is_named_with_its_range(kwargs, field):
     with pytest.raises(InvalidRequest, match=f"^{field} must"):
