@@ -263,7 +263,9 @@ class Engine:
     def step(self) -> list[StreamChunk]:
         """Run one scheduler step; return what each request produced in it, and hand each
         chunk to its request's stream. If the forward pass fails, the step's requests fail
-        with the error (their streams get it) and it is raised; other requests carry on."""
+        with the error (their streams get it) and it is raised; other requests carry on.
+        Chunks are handed over under the step lock: steps run by two threads (a `generate`
+        beside streams) deliver in step order."""
         try:
             with self.step_lock:
                 self._apply_pending()
@@ -273,10 +275,10 @@ class Engine:
                     chunks = self._run(scheduled) if scheduled else []
                 finally:
                     self._apply_pending()
+                for chunk in chunks:
+                    self._streams.deliver(chunk.request_id, chunk)
         finally:  # an add or abort that found the lock taken queued itself before trying it
             self._apply_pending_if_idle()
-        for chunk in chunks:
-            self._streams.deliver(chunk.request_id, chunk)
         return chunks
 
     def _run(self, scheduled: list[tuple[Request, int]]) -> list[StreamChunk]:
@@ -369,7 +371,7 @@ class Engine:
     def _score_prompt(self, req: Request, output: RequestOutput, hidden: torch.Tensor,
                       first: int) -> None:
         """The prompt logprobs that the positions [first, first + len(hidden)) just computed
-        give: prompt token t's raw logprob (and the top alternatives) from position t - 1's
+        give: prompt token t's raw logprob, top alternatives and rank from position t - 1's
         logits, for the tokens not scored yet (a preempted request scores each once)."""
         k = req.params.prompt_logprobs
         lo = max(len(output.prompt_logprobs), first + 1)
@@ -380,7 +382,9 @@ class Engine:
             logprobs = torch.log_softmax(
                 self.model.compute_logits(hidden[lo - 1 - first:hi - first]).float(), dim=-1)
             targets = torch.tensor(req.prompt_ids[lo:hi + 1], device=logprobs.device)
-            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            chosen = logprobs.gather(1, targets[:, None])                    # (T', 1)
+            ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+            chosen = chosen[:, 0].tolist()
             tops = [[]] * len(chosen)
             if k:
                 values, ids = logprobs.topk(k, dim=-1)
@@ -388,7 +392,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - this request's failure only
             self._fail(req, e)
             return
-        output.prompt_logprobs += list(zip(chosen, tops))
+        output.prompt_logprobs += list(zip(chosen, tops, ranks))
 
     def _keep_logits(self, req: Request, hidden: torch.Tensor, done: bool) -> None:
         try:

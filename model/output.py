@@ -27,9 +27,10 @@ if TYPE_CHECKING:
     from model.detokenizer import IncrementalDetokenizer
 
 
-# a prompt token's raw logprob and its `prompt_logprobs` most likely alternatives; None for
-# the first prompt token (nothing precedes it)
-PromptLogprob = tuple[float, TopLogprobs] | None
+# a prompt token's raw logprob, its `prompt_logprobs` most likely alternatives and its rank
+# (1 + the number of tokens more likely than it, as vLLM's); None for the first prompt token
+# (nothing precedes it)
+PromptLogprob = tuple[float, TopLogprobs, int] | None
 
 
 @dataclasses.dataclass

@@ -116,7 +116,8 @@ class Responses:
         out = []
         for token, entry in zip(self.prompt, entries):
             out.append(pb.PromptLogprob(token_id=token) if entry is None else pb.PromptLogprob(
-                token_id=token, logprob=entry[0], alternatives=self._alternatives(entry[1])))
+                token_id=token, logprob=entry[0], alternatives=self._alternatives(entry[1]),
+                rank=entry[2]))
         return out
 
 

@@ -17,10 +17,9 @@ token, then the likelier), as OpenAI's dict keeps one. With `echo` the prompt to
 come first, the first one's logprob and top_logprobs null (nothing precedes it). vLLM's
 `prompt_logprobs` (completions: in each choice; chat: in the body; streamed: on a choice's
 first chunk): a list with one entry per prompt token, the first null, the others {token id:
-{logprob, rank, decoded_token}} for the prompt token then its alternatives; `rank` (1 = most
-likely) is null for a prompt token outside the k alternatives (the engine reports no rank
-beyond them). A logprob of -inf is written -9999.0, as OpenAI and vLLM write it (JSON has no
-infinity).
+{logprob, rank, decoded_token}} for the prompt token then its alternatives; `rank` is 1 + the
+number of tokens more likely (as vLLM's; an alternative's, its place among the k). A logprob
+of -inf is written -9999.0, as OpenAI and vLLM write it (JSON has no infinity).
 """
 from __future__ import annotations
 
@@ -188,6 +187,8 @@ class Response:
                 continue
             logprob, top = entry[0], entry[1][:k]
             ranks = {t: rank for rank, (t, _) in enumerate(top, 1)}
+            if len(entry) > 2:                      # the engine's rank of the prompt token
+                ranks[token] = entry[2]
             row = {}
             for t, lp in [(token, logprob), *top]:
                 row.setdefault(str(t), {"logprob": _lp(lp), "rank": ranks.get(t),

@@ -74,6 +74,7 @@ def test_top_and_prompt_logprobs_equal_the_engines_logits(server, reference):
     assert not got.prompt_logprobs[0].HasField("logprob")
     for i, entry in enumerate(got.prompt_logprobs[1:], start=1):
         assert entry.logprob == pytest.approx(rows[i - 1, ids[i]].item(), abs=1e-4)
+        assert abs(entry.rank - int((rows[i - 1] > rows[i - 1, ids[i]]).sum()) - 1) <= 1
         assert_alternatives(entry, rows[i - 1], 2)
     parts = stream(server, request)
     assert [a for m in parts for a in m.top_logprobs] == list(got.top_logprobs)

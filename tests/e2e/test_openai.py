@@ -273,6 +273,8 @@ def test_echo_and_prompt_logprobs_equal_the_engines_logits(client, reference):
     for i, entry in enumerate(scored[1:], 1):
         values, top = want[i - 1].topk(3)
         assert entry[str(ids[i])]["logprob"] == pytest.approx(want[i - 1, ids[i]].item(), abs=1e-4)
+        rank = int((want[i - 1] > want[i - 1, ids[i]]).sum()) + 1
+        assert abs(entry[str(ids[i])]["rank"] - rank) <= 1      # near-ties: the last bits
         for rank, (v, t) in enumerate(zip(values.tolist(), top.tolist()), 1):
             assert entry[str(t)]["rank"] == rank
             assert entry[str(t)]["logprob"] == pytest.approx(v, abs=1e-4)

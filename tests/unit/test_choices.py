@@ -162,16 +162,19 @@ def test_a_resume_naming_no_choice_of_n_is_refused(tiny_engine):
 # ---- prompt logprobs ---------------------------------------------------------------------
 
 def _oracle(engine, ids: list[int], k: int) -> list:
-    """log_softmax(Engine.logits(prompt)): token t's logprob from position t - 1, top k."""
+    """log_softmax(Engine.logits(prompt)): token t's logprob from position t - 1, top k, and
+    its rank (1 + the tokens more likely)."""
     logprobs = torch.log_softmax(engine.logits(ids), dim=-1)
-    return [None] + [(logprobs[t - 1, ids[t]].item(), logprobs[t - 1].topk(k))
+    return [None] + [(logprobs[t - 1, ids[t]].item(), logprobs[t - 1].topk(k),
+                      int((logprobs[t - 1] > logprobs[t - 1, ids[t]]).sum()) + 1)
                      for t in range(1, len(ids))]
 
 
 def _assert_scores(got, want, k):
     assert got[0] is None and want[0] is None and len(got) == len(want)
-    for (lp, top), (want_lp, want_top) in zip(got[1:], want[1:]):
+    for (lp, top, rank), (want_lp, want_top, want_rank) in zip(got[1:], want[1:]):
         assert lp == pytest.approx(want_lp, abs=1e-4)
+        assert abs(rank - want_rank) <= 1             # a near-tie may swap by the last bits
         assert [t for t, _ in top] == want_top.indices.tolist()
         assert [v for _, v in top] == pytest.approx(want_top.values.tolist(), abs=1e-4)
         assert len(top) == k

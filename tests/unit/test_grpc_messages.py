@@ -100,7 +100,7 @@ def completion(index: int, ids: list[int], reason: str = "length", prompt_logpro
                       [-0.5] * len(ids), index, [TOP] * len(ids), prompt_logprobs)
 
 
-PROMPT_LOGPROBS = [None, (-3.0, TOP), (-1.5, TOP[:1])]
+PROMPT_LOGPROBS = [None, (-3.0, TOP, 4), (-1.5, TOP[:1], 2)]      # (logprob, top, rank)
 
 
 def test_unary_response_with_choices_alternatives_and_prompt_logprobs(tokenizer):
@@ -117,8 +117,11 @@ def test_unary_response_with_choices_alternatives_and_prompt_logprobs(tokenizer)
         (22557, -0.25, b" Hello"), (1526, -1.5, b" world")]
     first, second, third = out.prompt_logprobs
     assert first.token_id == 1 and not first.HasField("logprob") and not first.alternatives
-    assert (second.token_id, second.logprob, len(second.alternatives)) == (22557, -3.0, 2)
-    assert (third.token_id, third.logprob, len(third.alternatives)) == (1526, -1.5, 1)
+    assert not first.HasField("rank")
+    assert (second.token_id, second.logprob, len(second.alternatives), second.rank) == (
+        22557, -3.0, 2, 4)
+    assert (third.token_id, third.logprob, len(third.alternatives), third.rank) == (
+        1526, -1.5, 1, 2)
 
 
 def test_one_choice_without_logprobs_is_the_old_response(tokenizer):

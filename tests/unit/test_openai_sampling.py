@@ -218,6 +218,10 @@ def test_vllms_prompt_logprobs_shape(tokenizer):
                       "29": {"logprob": -0.5, "rank": 1, "decoded_token": decoded},
                       "30": {"logprob": -1.5, "rank": 2, "decoded_token": "\x1b"}}
     assert list(got[2]) == [str(ids[2]), "29"] and got[2][str(ids[2])]["rank"] == 1
+    ranked_prompt = [*prompt[:1], (*prompt[1][:2], 7), *prompt[2:]]   # the engine's rank
+    ranked = responses.Response(False, "m", tokenizer, shape, ids).whole(
+        [Completion("r", ids, [5], "x", "length", [-1.0], prompt_logprobs=ranked_prompt)], 3)
+    assert ranked["choices"][0]["prompt_logprobs"][1][str(ids[1])]["rank"] == 7
     chat_body = responses.Response(True, "m", tokenizer, shape, ids).whole(
         [Completion("r", ids, [5], "x", "length", [-1.0], prompt_logprobs=prompt)], 3)
     assert chat_body["prompt_logprobs"] == body["choices"][0]["prompt_logprobs"]  # vLLM: body's
