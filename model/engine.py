@@ -3,7 +3,9 @@
 It is the reference every distributed path must equal: the Ray frontend (actors/) runs this
 same class with its dispatcher as the `moe` function instead of local experts. The engine knows
 tokens; text goes through `Tokenizer` at the edges and `model/output.py` (completion text, stop
-conditions, chunks); asyncio streams through `model/streaming.py`.
+conditions, chunks); asyncio streams through `model/streaming.py`; what a step's hidden states
+become per request (logits, prompt logprobs, n choices forked, sampled tokens) is
+`model/step_outputs.py`.
 
     engine = Engine.from_pretrained(path, dtype="float32")
     outs = engine.generate(["a prompt", [1, 733, 16289]],
@@ -12,19 +14,17 @@ conditions, chunks); asyncio streams through `model/streaming.py`.
     async for chunk in engine.stream("a prompt", params): ...
 
 Text prompts are encoded with BOS. Admission is atomic: every request of a call is validated
-(InvalidRequest naming the field and its limit) before any is queued, so after an error nothing
-of that call is tracked, waiting or running. Adds and aborts never wait for a running step:
-they are queued and applied at the next step boundary (at once when no step runs), so a new
-stream or a client going away never stalls the others; so is `run_between_steps(fn)`. One
-request's failure (its logits not finite, its sampling or detokenization failing) fails that
-request only; a failed forward pass
-fails the requests of that step and is raised. KV sizing: model/kv_sizing.py.
+(InvalidRequest naming the field and its limit) before any is queued, so after an error nothing of
+that call is tracked, waiting or running. Adds and aborts never wait for a running step: they are
+queued and applied at the next step boundary (at once when no step runs), so a new stream or a
+client going away never stalls the others; so is `run_between_steps(fn)`. One request's failure
+(its logits not finite, its sampling or detokenization failing) fails that request only; a failed
+forward pass fails the requests of that step and is raised. KV sizing: model/kv_sizing.py.
 Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sample.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import itertools
 import logging
 import threading
@@ -41,17 +41,10 @@ from model.errors import InvalidRequest, QueueFull
 from model.kv_sizing import size_kv_cache
 from model.mixtral import Mixtral, MoeBeginFn, MoeFn, tensor_shapes
 from model.moe import LocalExperts
-from model.output import Completion, RequestOutput, Resume, StreamChunk, check_resumes
-from model.sampling import (
-    Sampled,
-    SamplingParams,
-    SamplingRow,
-    choice_seed,
-    request_seed,
-    sample,
-    token_seed,
-)
+from model.output import Completion, Resume, StreamChunk, check_resumes
+from model.sampling import SamplingParams, choice_seed, request_seed
 from model.scheduler import Request, Scheduler
+from model.step_outputs import StepOutputs, Tracked
 from model.streaming import Streams
 from model.tokenizer import Tokenizer
 
@@ -60,25 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "Resume", "QueueFull",
            "InvalidRequest"]
 
-@dataclasses.dataclass(eq=False)
-class _Tracked:
-    """Engine-side state of a request from admission until its caller lets go of it."""
-    reqs: list[Request]                          # one sequence, or its n choices once forked
-    outputs: dict[int, RequestOutput]            # by choice index; empty for a logits request
-    choices: int = 1                             # choices its stream ends after
-    logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    error: Exception | None = None
-
-    @property
-    def req(self) -> Request:
-        return self.reqs[0]
-
-    @property
-    def finished(self) -> bool:
-        return all(r.finished for r in self.reqs) and not any(r.num_forks for r in self.reqs)
-
-
-class Engine:
+class Engine(StepOutputs):
     def __init__(self, model: Mixtral, moe: MoeFn, tokenizer: Tokenizer, *,
                  device: str | torch.device = "cpu", max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
@@ -103,12 +78,12 @@ class Engine:
         self.scheduler = Scheduler(self.kv.allocator, self.block_size, max_num_seqs,
                                    max_num_batched_tokens)
         self.max_waiting = max_waiting
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, Tracked] = {}
         self._ids = itertools.count()
         self.step_lock = threading.RLock()  # held for a whole step; other users of the model too
         self._pending_lock = threading.Lock()     # held for microseconds: adds and aborts
         # admitted requests, ids to abort and (fn, future) to run between steps, in order
-        self._pending: list[_Tracked | str | tuple] = []
+        self._pending: list[Tracked | str | tuple] = []
         self._streams = Streams(self.step, self.has_unfinished)
         self._generator = torch.Generator(device=self.device)   # reseeded for every draw
         log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -149,7 +124,7 @@ class Engine:
         return tracked.req.request_id
 
     def _prepare(self, prompt: Prompt, params: SamplingParams | None,
-                 resume: Resume | Sequence[Resume] | None = None) -> _Tracked:
+                 resume: Resume | Sequence[Resume] | None = None) -> Tracked:
         """Everything that can reject a request (model/admission.py), with no side effect.
         A fresh request is one sequence (forked into its n choices once its prompt is
         computed); a resumed one is a sequence per unfinished choice, each prefilling prompt +
@@ -159,7 +134,7 @@ class Engine:
         check_request(ids, params, limit, vocab)
         request_id = str(next(self._ids))
         if params is None:
-            return _Tracked([Request(request_id, ids, None)], {})
+            return Tracked([Request(request_id, ids, None)], {})
         if params.n > self.scheduler.max_num_seqs:
             raise InvalidRequest(f"n must be at most max_num_seqs ({self.scheduler.max_num_seqs})"
                                  f", got {params.n}")
@@ -167,8 +142,8 @@ class Engine:
         resumes = check_resumes(resume, params.n)
         if resumes is None:
             req = Request(request_id, ids, params, seed, num_forks=params.n - 1)
-            return _Tracked([req], {0: self._output(req)}, choices=params.n)
-        tracked = _Tracked([], {}, choices=len(resumes))
+            return Tracked([req], {0: self._output(req)}, choices=params.n)
+        tracked = Tracked([], {}, choices=len(resumes))
         for state in resumes:
             req = Request(request_id, ids, params,
                           None if seed is None else choice_seed(seed, state.index),
@@ -178,14 +153,10 @@ class Engine:
             tracked.outputs[state.index].resume(state)
         return tracked
 
-    def _output(self, req: Request) -> RequestOutput:
-        return RequestOutput(req, self.tokenizer.detokenizer(req.prompt_ids),
-                             self.cfg.eos_token_id, self.max_model_len)
-
-    def _admit(self, batch: list[_Tracked]) -> None:
+    def _admit(self, batch: list[Tracked]) -> None:
         """Queue a validated batch whole, or raise QueueFull and queue none of it."""
         with self._pending_lock:
-            waiting = len(self.scheduler.waiting) + sum(isinstance(p, _Tracked)
+            waiting = len(self.scheduler.waiting) + sum(isinstance(p, Tracked)
                                                         for p in self._pending)
             if waiting >= self.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting (max_waiting={self.max_waiting}); "
@@ -230,7 +201,7 @@ class Engine:
         with self._pending_lock:
             pending, self._pending = self._pending, []
         for item in pending:
-            if isinstance(item, _Tracked):
+            if isinstance(item, Tracked):
                 for req in item.reqs:
                     self.scheduler.add(req)
                 continue
@@ -250,7 +221,7 @@ class Engine:
     def has_unfinished(self) -> bool:
         """Whether any request is queued, waiting or running (pending aborts do not count)."""
         return (self.scheduler.has_unfinished()
-                or any(isinstance(p, _Tracked) for p in self._pending))
+                or any(isinstance(p, Tracked) for p in self._pending))
 
     def num_free_blocks(self) -> int:
         return self.kv.allocator.num_free
@@ -313,131 +284,6 @@ class Engine:
                                        self.cfg.sliding_window, self.backend, self.device)
         return torch.tensor(ids, dtype=torch.int64, device=self.device), meta
 
-    def _process(self, scheduled, hidden: torch.Tensor) -> list[StreamChunk]:
-        rows, sampling, chunks, start = [], [], [], 0
-        for req, n in scheduled:
-            first = req.num_computed
-            req.num_computed += n
-            done = req.num_computed == req.num_tokens
-            if req.params is None:
-                self._keep_logits(req, hidden[start:start + n], done)
-            else:
-                tracked = self._tracked[req.request_id]
-                if tracked.outputs[req.index].prompt_pending:
-                    self._score_prompt(req, tracked.outputs[req.index], hidden[start:start + n],
-                                       first)
-                if done and not req.finished:
-                    for seq in self._fork(tracked, req):
-                        if seq.params.max_tokens == 0:       # a prompt scored, nothing sampled
-                            chunks.append(self._emit(seq, tracked.outputs[seq.index].finish))
-                        else:
-                            rows.append(start + n - 1)
-                            sampling.append(seq)
-            start += n
-        if sampling:
-            chunks += self._sample(sampling, hidden[rows])
-        return [c for c in chunks if c is not None]
-
-    def _sample(self, sampling: list[Request], hidden: torch.Tensor) -> list[StreamChunk | None]:
-        try:
-            logits = self.model.compute_logits(hidden)                        # (B, V)
-            rows = [SamplingRow(r.params, None if r.seed is None else token_seed(
-                        r.seed, r.num_tokens), r.prompt_ids, r.output_ids, r.sampling_state)
-                    for r in sampling]                      # seeded by the token's position
-            sampled = sample(logits, rows, self.cfg.eos_token_id, self._generator)
-        except Exception as e:
-            for req in sampling:
-                self._fail(req, e)
-            raise
-        return [self._append(req, result) for req, result in zip(sampling, sampled)]
-
-    def _fork(self, tracked: _Tracked, req: Request) -> list[Request]:
-        """The sequences that sample from `req`'s last prompt position: itself and, the first
-        time, the n - 1 other choices forked from it (sharing its KV blocks; choice i seeded
-        `choice_seed(seed, i)`)."""
-        if not req.num_forks:
-            return [req]
-        seeds = [None if req.seed is None else choice_seed(req.seed, i)
-                 for i in range(1, req.num_forks + 1)]
-        children = self.scheduler.fork(req, seeds)
-        parent = tracked.outputs[req.index]
-        for child in children:
-            output = tracked.outputs[child.index] = self._output(child)
-            output.prompt_logprobs, output.prompt_pending = (parent.prompt_logprobs,
-                                                             parent.prompt_pending)
-        tracked.reqs += children
-        return [req, *children]
-
-    def _score_prompt(self, req: Request, output: RequestOutput, hidden: torch.Tensor,
-                      first: int) -> None:
-        """The prompt logprobs that the positions [first, first + len(hidden)) just computed
-        give: prompt token t's raw logprob, top alternatives and rank from position t - 1's
-        logits, for the tokens not scored yet (a preempted request scores each once)."""
-        k = req.params.prompt_logprobs
-        lo = max(len(output.prompt_logprobs), first + 1)
-        hi = min(first + len(hidden), len(req.prompt_ids) - 1)            # last token scored
-        if lo > hi:
-            return
-        try:
-            logprobs = torch.log_softmax(
-                self.model.compute_logits(hidden[lo - 1 - first:hi - first]).float(), dim=-1)
-            targets = torch.tensor(req.prompt_ids[lo:hi + 1], device=logprobs.device)
-            chosen = logprobs.gather(1, targets[:, None])                    # (T', 1)
-            ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-            chosen = chosen[:, 0].tolist()
-            tops = [[]] * len(chosen)
-            if k:
-                values, ids = logprobs.topk(k, dim=-1)
-                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        except Exception as e:  # noqa: BLE001 - this request's failure only
-            self._fail(req, e)
-            return
-        output.prompt_logprobs += list(zip(chosen, tops, ranks))
-
-    def _keep_logits(self, req: Request, hidden: torch.Tensor, done: bool) -> None:
-        try:
-            self._tracked[req.request_id].logits.append(self.model.compute_logits(hidden).cpu())
-        except Exception as e:  # noqa: BLE001 - this request's failure only
-            self._fail(req, e)
-            return
-        if done:
-            req.finish_reason = "stop"
-            self.scheduler.finish(req)
-
-    def _append(self, req: Request, result: Sampled) -> StreamChunk | None:
-        """Add a sampled token to its sequence; a failure fails its request only."""
-        if isinstance(result, Exception):
-            self._fail(req, result)
-            return None
-        return self._emit(req, lambda: self._tracked[req.request_id].outputs[req.index].append(
-            result.token, result.logprob, result.top))
-
-    def _emit(self, req: Request, make_chunk) -> StreamChunk | None:
-        """The chunk `make_chunk()` releases for a sequence still running (None if it failed:
-        its request fails); a finished sequence returns its blocks."""
-        if req.finished:                 # failed with a sibling choice this step
-            return None
-        try:
-            chunk = make_chunk()
-        except Exception as e:  # noqa: BLE001
-            self._fail(req, e)
-            return None
-        if req.finished:
-            self.scheduler.finish(req)
-        return chunk
-
-    def _fail(self, req: Request, error: Exception) -> None:
-        """Fail a request, all of its choices, and hand its stream the error."""
-        log.warning("request %s failed: %s: %s", req.request_id, type(error).__name__, error)
-        tracked = self._tracked.get(req.request_id)
-        for seq in tracked.reqs if tracked is not None else [req]:
-            if not seq.finished:
-                seq.finish_reason = "error"
-                self.scheduler.finish(seq)
-        if tracked is not None:
-            tracked.error = error
-        self._streams.deliver(req.request_id, error)
-
     # ---- synchronous API ----------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams()
@@ -457,7 +303,7 @@ class Engine:
         out = [torch.cat(t.logits) for t in done]
         return out if _is_prompt_list(prompts) else out[0]
 
-    def _run_batch(self, batch: list[_Tracked]) -> list[_Tracked]:
+    def _run_batch(self, batch: list[Tracked]) -> list[Tracked]:
         """Admit a validated batch, step until all finish, then let go of them."""
         self._admit(batch)
         try:
