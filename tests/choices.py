@@ -75,7 +75,7 @@ def _split(prompt: list[list]) -> tuple[list, list[float]]:
             if entry is None:
                 keys.append(None)
             else:
-                logprob, alternatives = entry
+                logprob, alternatives = entry[:2]          # (the engine's entries add a rank)
                 keys.append([k for k, _ in alternatives])
                 values += [logprob, *(v for _, v in alternatives)]
     return keys, values
