@@ -34,8 +34,7 @@ import time
 
 import torch
 
-from bench.machine import cpu_name, load_average
-from model.checkpoint import torch_dtype
+from bench.machine import add_device_arguments, compute_dtype, cpu_name, load_average
 from model.engine import Engine
 from model.sampling import SamplingParams, choice_seed
 from model.scheduler import Request, Scheduler
@@ -179,9 +178,8 @@ def report(results: dict[str, list[Result]], identical: bool, header: str) -> st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    add_device_arguments(ap)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, default=8, help="choices, and separate requests")
@@ -193,8 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    dtype = torch_dtype(args.dtype or ("bfloat16" if args.device.startswith("cuda")
-                                       else "float32"))
+    dtype = compute_dtype(args)
     load_before = load_average()
     engine = Engine.from_config(args.preset, dtype=dtype, device=args.device,
                                 max_model_len=args.prompt_len + args.new_tokens,

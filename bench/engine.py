@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from model.checkpoint import torch_dtype
+from bench.machine import add_device_arguments, compute_dtype
 from model.config import PRESETS, MixtralConfig
 from model.engine import Engine, SamplingParams
 from model.random_checkpoint import cached_random_checkpoint
@@ -193,11 +193,10 @@ def mixed_workload(n: int, seed: int, vocab: int) -> tuple[list[list[int]], list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    add_device_arguments(ap)
     ap.add_argument("--preset", default=None, help="default: small on CPU, 8x7b on CUDA")
     ap.add_argument("--layers", type=int, default=None,
                     help="override num_hidden_layers (GPU memory)")
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--batches", default=None,
                     help="static batch sizes, default 1,8,32 (CPU) / 1,32,256 (GPU)")
     ap.add_argument("--runs", type=int, default=3)
@@ -212,7 +211,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     gpu = args.device.startswith("cuda")
-    dtype = torch_dtype(args.dtype or ("bfloat16" if gpu else "float32"))
+    dtype = compute_dtype(args)
     preset = args.preset or ("8x7b" if gpu else "small")
     batches = [int(b) for b in (args.batches or ("1,32,256" if gpu else "1,8,32")).split(",")]
     runs, n_mixed = (1, min(args.mixed, 16)) if args.quick else (args.runs, args.mixed)

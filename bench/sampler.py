@@ -24,8 +24,7 @@ import time
 
 import torch
 
-from bench.machine import cpu_name, load_average
-from model.checkpoint import torch_dtype
+from bench.machine import add_device_arguments, compute_dtype, cpu_name, load_average
 from model.config import PRESETS
 from model.engine import Engine
 from model.random_checkpoint import cached_random_checkpoint
@@ -99,9 +98,8 @@ def time_decode_step(engine: Engine, params: SamplingParams, batch: int, device:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    add_device_arguments(ap)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50, help="sampler calls timed per run")
@@ -112,7 +110,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs, steps = (1, 20) if args.quick else (args.runs, args.steps)
     gpu = args.device.startswith("cuda")
-    dtype = torch_dtype(args.dtype or ("bfloat16" if gpu else "float32"))
+    dtype = compute_dtype(args)
     engine = (Engine.from_config(PRESETS[args.preset], dtype=dtype, device=args.device) if gpu
               else Engine.from_pretrained(cached_random_checkpoint(args.preset), dtype=dtype))
     hidden = torch.randn(args.batch, engine.cfg.hidden_size, generator=torch.Generator()
