@@ -14,6 +14,7 @@ import dataclasses
 import math
 import secrets
 
+from model.constraint import Constraint
 from model.errors import InvalidRequest
 from model.sampler import (
     Draw,
@@ -58,6 +59,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0     # > 0, CTRL's (prompt and output tokens); 1 = off
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]), <= 300
     min_tokens: int = 0                 # EOS and stop_token_ids masked until this many tokens
+    constraint: Constraint | None = None   # structured output (model/constraint.py), or None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _tuple("stop", self.stop))
@@ -111,6 +113,9 @@ class SamplingParams:
                f"{max(map(len, self.stop), default=0)} characters")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must hold token ids >= 0, got {self.stop_token_ids!r}")
+        _check(self.constraint is None or isinstance(self.constraint, Constraint),
+               f"constraint must be a model.constraint.Constraint or None, "
+               f"got {type(self.constraint).__name__}")
         _check(isinstance(self.ignore_eos, bool),
                f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
