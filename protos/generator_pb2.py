@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/generator.proto\x12\rmixtral_ep.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.mixtral_ep.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\n \x03(\x05\x12\x0e\n\x01n\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x02H\n\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x11 \x03(\x0b\x32-.mixtral_ep.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x12 \x01(\x05H\x0b\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x13 \x03(\x05\x12\x12\n\nignore_eos\x18\x14 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x0f\n\r_top_logprobsB\x12\n\x10_prompt_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xa1\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.mixtral_ep.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\x05\x12\x30\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x1a.mixtral_ep.v1.TopLogprobs\x12\x35\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1c.mixtral_ep.v1.PromptLogprob\x12&\n\x07\x63hoices\x18\t \x03(\x0b\x32\x15.mixtral_ep.v1.Choice\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\"@\n\x0bTopLogprobs\x12\x31\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x1b.mixtral_ep.v1.TokenLogprob\"\x92\x01\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x31\n\x0c\x61lternatives\x18\x03 \x03(\x0b\x32\x1b.mixtral_ep.v1.TokenLogprob\x12\x11\n\x04rank\x18\x04 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_logprobB\x07\n\x05_rank\"\x93\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1a.mixtral_ep.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"\x12\n\x10ModelInfoRequest\"O\n\x0f\x45xpertPlacement\x12\x11\n\texpert_id\x18\x01 \x01(\x05\x12\x10\n\x08node_ids\x18\x02 \x03(\t\x12\x17\n\x0frows_per_second\x18\x03 \x01(\x01\"\xdd\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\x19\n\x11\x65xperts_per_token\x18\x06 \x01(\x05\x12\x18\n\x10\x66rontend_node_id\x18\x07 \x01(\t\x12/\n\x07\x65xperts\x18\x08 \x03(\x0b\x32\x1e.mixtral_ep.v1.ExpertPlacement2\xfd\x01\n\tGenerator\x12K\n\x08Generate\x12\x1e.mixtral_ep.v1.GenerateRequest\x1a\x1f.mixtral_ep.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.mixtral_ep.v1.GenerateRequest\x1a\x1f.mixtral_ep.v1.GenerateResponse0\x01\x12N\n\tModelInfo\x12\x1f.mixtral_ep.v1.ModelInfoRequest\x1a .mixtral_ep.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/generator.proto\x12\rmixtral_ep.v1\"o\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.mixtral_ep.v1.ToolCall\"F\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\"\"\n\x10\x43hoiceConstraint\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x83\x08\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.mixtral_ep.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\n \x03(\x05\x12\x0e\n\x01n\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\x05H\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x02H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x02H\x0b\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x11 \x03(\x0b\x32-.mixtral_ep.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x12 \x01(\x05H\x0c\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x13 \x03(\x05\x12\x12\n\nignore_eos\x18\x14 \x01(\x08\x12\x15\n\x0bjson_schema\x18\x15 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x16 \x01(\tH\x00\x12\x31\n\x06\x63hoice\x18\x17 \x01(\x0b\x32\x1f.mixtral_ep.v1.ChoiceConstraintH\x00\x12\x11\n\x07grammar\x18\x18 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x19 \x01(\x08H\x00\x12\r\n\x05tools\x18\x1a \x03(\t\x12\x13\n\x0btool_choice\x18\x1b \x01(\t\x12 \n\x13parallel_tool_calls\x18\x1c \x01(\x08H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nconstraintB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x04\n\x02_nB\x0f\n\r_top_logprobsB\x12\n\x10_prompt_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x16\n\x14_parallel_tool_calls\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xce\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.mixtral_ep.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\x05\x12\x30\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x1a.mixtral_ep.v1.TopLogprobs\x12\x35\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1c.mixtral_ep.v1.PromptLogprob\x12&\n\x07\x63hoices\x18\t \x03(\x0b\x32\x15.mixtral_ep.v1.Choice\x12+\n\ntool_calls\x18\n \x03(\x0b\x32\x17.mixtral_ep.v1.ToolCall\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\"@\n\x0bTopLogprobs\x12\x31\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x1b.mixtral_ep.v1.TokenLogprob\"\x92\x01\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x31\n\x0c\x61lternatives\x18\x03 \x03(\x0b\x32\x1b.mixtral_ep.v1.TokenLogprob\x12\x11\n\x04rank\x18\x04 \x01(\x05H\x01\x88\x01\x01\x42\n\n\x08_logprobB\x07\n\x05_rank\"\xc0\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x1a.mixtral_ep.v1.TopLogprobs\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12+\n\ntool_calls\x18\x07 \x03(\x0b\x32\x17.mixtral_ep.v1.ToolCall\"\x12\n\x10ModelInfoRequest\"O\n\x0f\x45xpertPlacement\x12\x11\n\texpert_id\x18\x01 \x01(\x05\x12\x10\n\x08node_ids\x18\x02 \x03(\t\x12\x17\n\x0frows_per_second\x18\x03 \x01(\x01\"\xdd\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x13\n\x0bnum_experts\x18\x05 \x01(\x05\x12\x19\n\x11\x65xperts_per_token\x18\x06 \x01(\x05\x12\x18\n\x10\x66rontend_node_id\x18\x07 \x01(\t\x12/\n\x07\x65xperts\x18\x08 \x03(\x0b\x32\x1e.mixtral_ep.v1.ExpertPlacement2\xfd\x01\n\tGenerator\x12K\n\x08Generate\x12\x1e.mixtral_ep.v1.GenerateRequest\x1a\x1f.mixtral_ep.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.mixtral_ep.v1.GenerateRequest\x1a\x1f.mixtral_ep.v1.GenerateResponse0\x01\x12N\n\tModelInfo\x12\x1f.mixtral_ep.v1.ModelInfoRequest\x1a .mixtral_ep.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=41
-  _globals['_CHATMESSAGE']._serialized_end=85
-  _globals['_GENERATEREQUEST']._serialized_start=88
-  _globals['_GENERATEREQUEST']._serialized_end=874
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=642
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=690
-  _globals['_USAGE']._serialized_start=876
-  _globals['_USAGE']._serialized_end=933
-  _globals['_GENERATERESPONSE']._serialized_start=936
-  _globals['_GENERATERESPONSE']._serialized_end=1225
-  _globals['_TOKENLOGPROB']._serialized_start=1227
-  _globals['_TOKENLOGPROB']._serialized_end=1291
-  _globals['_TOPLOGPROBS']._serialized_start=1293
-  _globals['_TOPLOGPROBS']._serialized_end=1357
-  _globals['_PROMPTLOGPROB']._serialized_start=1360
-  _globals['_PROMPTLOGPROB']._serialized_end=1506
-  _globals['_CHOICE']._serialized_start=1509
-  _globals['_CHOICE']._serialized_end=1656
-  _globals['_MODELINFOREQUEST']._serialized_start=1658
-  _globals['_MODELINFOREQUEST']._serialized_end=1676
-  _globals['_EXPERTPLACEMENT']._serialized_start=1678
-  _globals['_EXPERTPLACEMENT']._serialized_end=1757
-  _globals['_MODELINFORESPONSE']._serialized_start=1760
-  _globals['_MODELINFORESPONSE']._serialized_end=1981
-  _globals['_GENERATOR']._serialized_start=1984
-  _globals['_GENERATOR']._serialized_end=2237
+  _globals['_CHATMESSAGE']._serialized_end=152
+  _globals['_TOOLCALL']._serialized_start=154
+  _globals['_TOOLCALL']._serialized_end=224
+  _globals['_CHOICECONSTRAINT']._serialized_start=226
+  _globals['_CHOICECONSTRAINT']._serialized_end=260
+  _globals['_GENERATEREQUEST']._serialized_start=263
+  _globals['_GENERATEREQUEST']._serialized_end=1290
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=1020
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1068
+  _globals['_USAGE']._serialized_start=1292
+  _globals['_USAGE']._serialized_end=1349
+  _globals['_GENERATERESPONSE']._serialized_start=1352
+  _globals['_GENERATERESPONSE']._serialized_end=1686
+  _globals['_TOKENLOGPROB']._serialized_start=1688
+  _globals['_TOKENLOGPROB']._serialized_end=1752
+  _globals['_TOPLOGPROBS']._serialized_start=1754
+  _globals['_TOPLOGPROBS']._serialized_end=1818
+  _globals['_PROMPTLOGPROB']._serialized_start=1821
+  _globals['_PROMPTLOGPROB']._serialized_end=1967
+  _globals['_CHOICE']._serialized_start=1970
+  _globals['_CHOICE']._serialized_end=2162
+  _globals['_MODELINFOREQUEST']._serialized_start=2164
+  _globals['_MODELINFOREQUEST']._serialized_end=2182
+  _globals['_EXPERTPLACEMENT']._serialized_start=2184
+  _globals['_EXPERTPLACEMENT']._serialized_end=2263
+  _globals['_MODELINFORESPONSE']._serialized_start=2266
+  _globals['_MODELINFORESPONSE']._serialized_end=2487
+  _globals['_GENERATOR']._serialized_start=2490
+  _globals['_GENERATOR']._serialized_end=2743
 # @@protoc_insertion_point(module_scope)
