@@ -8,9 +8,12 @@
     MIXTRAL_EP_API_KEY=... python -m protos.client "Hi" --address host:443 --tls --ca-cert ca.pem
     python -m protos.client "Hi" --n 3 --temperature 1 --top-logprobs 2   # 3 choices, alternatives
     python -m protos.client --prompt-token-ids 1,22557 --max-tokens 0 --prompt-logprobs 1  # score
+    python -m protos.client "A user as JSON" --json-schema @user.schema.json   # structured output
+    python -m protos.client "Weather in Paris?" --tool @weather.json --tool-choice required
 
 Streams the text as it arrives, then a line with the finish reason and token counts; what else
-it prints (logprobs, alternatives, prompt logprobs, n > 1 choices): protos/client_output.py.
+it prints (logprobs, alternatives, prompt logprobs, n > 1 choices, tool calls):
+protos/client_output.py; the structured-output and tool flags: protos/client_structured.py.
 `info` as the only argument asks for ModelInfo; to send the word "info" as a prompt, use --chat.
 A prompt too long for an argument (a shell allows ~128 KB per argument) is read from a file
 (--prompt-file) or from stdin (`-`), as UTF-8, with --chat and --system too. A refused request
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import grpc
 
+from protos import client_structured
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
 from protos.client_output import write_replies
@@ -45,12 +49,13 @@ def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
             setattr(req, field, getattr(args, field))
     if args.prompt_token_ids is not None:
         req.prompt_token_ids.extend(args.prompt_token_ids)
-    elif args.chat or args.system is not None:
+    elif args.chat or args.system is not None or args.tool:
         if args.system is not None:
             req.messages.append(pb.ChatMessage(role="system", content=args.system))
         req.messages.append(pb.ChatMessage(role="user", content=args.prompt))
     else:
         req.prompt = args.prompt
+    client_structured.apply(req, args)
     return req
 
 
@@ -124,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop-token-id", type=_integer(32), action="append", default=None,
                     metavar="ID", help="a token id that ends the completion (repeatable)")
     ap.add_argument("--ignore-eos", action="store_true", help="generate on past EOS")
+    client_structured.add_arguments(ap)
     ap.add_argument("--unary", action="store_true",
                     help="one Generate call (the whole completion at once) instead of a stream")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
@@ -179,9 +185,10 @@ def read_prompt(args: argparse.Namespace, ap: argparse.ArgumentParser) -> str | 
     with --prompt-token-ids (then none of the others). Exits with a usage error naming the
     option otherwise."""
     if args.prompt_token_ids is not None:
-        if args.prompt is not None or args.prompt_file is not None or args.chat or args.system:
+        if (args.prompt is not None or args.prompt_file is not None or args.chat
+                or args.system or args.tool):
             ap.error("--prompt-token-ids is the whole prompt: not with a prompt argument, "
-                     "--prompt-file, --chat or --system")
+                     "--prompt-file, --chat, --system or --tool")
         return None
     if args.prompt_file is not None:
         if args.prompt is not None:
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ca_cert and not args.tls:
         ap.error("--ca-cert needs --tls")
     info = (args.prompt == "info" and args.prompt_file is None and args.prompt_token_ids is None
-            and not (args.chat or args.system is not None))
+            and not (args.chat or args.system is not None or args.tool))
     if not info:
         args.prompt = read_prompt(args, ap)
     try:

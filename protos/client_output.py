@@ -8,6 +8,8 @@ Several choices: each whole, by index, once all have finished, then the totals:
     [finish_reason=stop tokens=4]
     ...
     [prompt_tokens=5 completion_tokens=11]
+After the text, each tool call (`tools`) whole, its streamed pieces joined:
+    [tool_call 0 id=AbC123xyZ get_weather({"city": "Paris"})]
 After a choice's line, with --logprobs (or --top-logprobs) `[logprobs id:logprob ...]`, and
 with --top-logprobs a `[top_logprobs]` line then one line per token: `  id: alt'text':logprob
 ...` (most likely first). At the end, with --prompt-logprobs, `[prompt_logprobs id:logprob ...]`
@@ -32,10 +34,15 @@ class Choice:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[pb.TopLogprobs] = dataclasses.field(default_factory=list)  # per token
     finish_reason: str = ""
+    tool_calls: dict[int, pb.ToolCall] = dataclasses.field(default_factory=dict)  # by index
 
     def add(self, part: pb.GenerateResponse | pb.Choice) -> None:
         """Join a message's fields (a GenerateResponse's and a Choice's share their names)."""
         self.text += part.text
+        for call in part.tool_calls:
+            self.tool_calls.setdefault(call.index, pb.ToolCall(index=call.index)).MergeFrom(
+                pb.ToolCall(id=call.id, name=call.name))
+            self.tool_calls[call.index].arguments += call.arguments
         self.token_ids += part.token_ids
         self.logprobs += part.logprobs
         self.top_logprobs += part.top_logprobs
@@ -59,16 +66,26 @@ def write_replies(replies: Iterable[pb.GenerateResponse], live: bool, logprobs: 
     usage = (f"prompt_tokens={last.usage.prompt_tokens} "
              f"completion_tokens={last.usage.completion_tokens}]\n")
     if live:
-        sys.stdout.write(f"\n[finish_reason={last.finish_reason} {usage}")
+        sys.stdout.write("\n")
+        write_tool_calls(choices[0])
+        sys.stdout.write(f"[finish_reason={last.finish_reason} {usage}")
         write_logprobs(choices[0], logprobs)
     else:
         for index in sorted(choices):
             c = choices[index]
-            sys.stdout.write(f"[choice {index}]\n{c.text}\n[finish_reason={c.finish_reason} "
-                             f"tokens={len(c.token_ids)}]\n")
+            sys.stdout.write(f"[choice {index}]\n{c.text}\n")
+            write_tool_calls(c)
+            sys.stdout.write(f"[finish_reason={c.finish_reason} tokens={len(c.token_ids)}]\n")
             write_logprobs(c, logprobs)
         sys.stdout.write(f"[{usage}")
     write_prompt_logprobs(prompt_logprobs)
+
+
+def write_tool_calls(c: Choice) -> None:
+    """A line per tool call of a choice, by index: `[tool_call i id=... name(arguments)]`."""
+    for index in sorted(c.tool_calls):
+        call = c.tool_calls[index]
+        sys.stdout.write(f"[tool_call {index} id={call.id} {call.name}({call.arguments})]\n")
 
 
 def write_logprobs(c: Choice, logprobs: bool) -> None:

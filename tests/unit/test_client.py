@@ -36,6 +36,9 @@ class _Echo(pb_grpc.GeneratorServicer):
         if request.n > 1:
             yield from _two_choices()
             return
+        if request.tools:
+            yield from TOOL_CALL_STREAM
+            return
         self.prompts.append(request.prompt or request.messages[-1].content)
         for _ in range(3):
             yield pb.GenerateResponse(text="ok ", token_ids=[1])
@@ -53,6 +56,14 @@ class _Echo(pb_grpc.GeneratorServicer):
                                    top_logprobs=[ALTERNATIVES] * 2, finish_reason="length",
                                    usage=pb.Usage(prompt_tokens=2, completion_tokens=3),
                                    prompt_logprobs=PROMPT_LOGPROBS, choices=choices)
+
+
+# a call streamed as the server sends one: id and name first, then its argument pieces
+TOOL_CALL_STREAM = [
+    pb.GenerateResponse(tool_calls=[pb.ToolCall(id="AbC123xyZ", name="get_weather")]),
+    pb.GenerateResponse(tool_calls=[pb.ToolCall(arguments='{"city": ')]),
+    pb.GenerateResponse(tool_calls=[pb.ToolCall(arguments='"Paris"}')], finish_reason="tool_calls",
+                        usage=pb.Usage(prompt_tokens=9, completion_tokens=8))]
 
 
 def _two_choices():
@@ -181,3 +192,62 @@ def test_a_unary_reply_past_4_mib_is_read(fake_server, capsys):
     address, _ = fake_server
     assert client.main(["big", "--unary", "--address", address]) == 0
     assert "x" * (5 << 20) in capsys.readouterr().out
+
+
+WEATHER = ('{"type": "function", "function": {"name": "get_weather", "parameters": '
+           '{"type": "object", "properties": {"city": {"type": "string"}}}}}')
+
+
+@pytest.mark.parametrize("flags, fields", [
+    (["--json-schema", '{"type": "object"}'], {"json_schema": '{"type": "object"}'}),
+    (["--regex", "[0-9]+"], {"regex": "[0-9]+"}),
+    (["--choice", "yes", "--choice", "no"], {"choice": pb.ChoiceConstraint(values=["yes", "no"])}),
+    (["--grammar", "start: /[a-z]+/"], {"grammar": "start: /[a-z]+/"}),
+    (["--json-object"], {"json_object": True}),
+])
+def test_each_constraint_flag_fills_the_oneof(flags, fields):
+    req = client.request_from_args(client.parser().parse_args(["Hi", *flags]))
+    assert req == pb.GenerateRequest(prompt="Hi", max_tokens=64, temperature=0.0, top_p=1.0,
+                                     top_k=0, **fields)
+
+
+def test_a_file_value_and_the_tool_flags_reach_the_request(tmp_path):
+    schema, tool = tmp_path / "schema.json", tmp_path / "tool.json"
+    schema.write_text('{"type": "integer"}', encoding="utf-8")
+    tool.write_text(WEATHER, encoding="utf-8")
+    args = client.parser().parse_args(
+        ["Weather?", "--json-schema", f"@{schema}", "--tool", f"@{tool}", "--tool", WEATHER,
+         "--tool-choice", "get_weather", "--no-parallel-tool-calls"])
+    req = client.request_from_args(args)
+    assert req.json_schema == '{"type": "integer"}' and list(req.tools) == [WEATHER, WEATHER]
+    assert [(m.role, m.content) for m in req.messages] == [("user", "Weather?")]   # implies chat
+    assert (req.tool_choice, req.HasField("parallel_tool_calls"), req.parallel_tool_calls) == (
+        "get_weather", True, False)
+    plain = client.request_from_args(client.parser().parse_args(["Hi", "--tool", WEATHER]))
+    assert not plain.HasField("parallel_tool_calls") and not plain.tool_choice
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["Hi", "--regex", "a", "--choice", "a"], "argument --choice: not allowed with argument "
+                                              "--regex"),
+    (["Hi", "--json-object", "--json-schema", "{}"], "not allowed with argument --json-object"),
+    (["Hi", "--json-schema", "@/no/such/file"], "argument --json-schema: cannot read"),
+    (["Hi", "--grammar", "@/no/such/file"], "argument --grammar: cannot read"),
+    (["Hi", "--tool", "{not json"], "argument --tool: '{not json' is not JSON text"),
+    (["Hi", "--tool", "[1]"], "argument --tool: '[1]' is not a JSON object"),
+    (["--prompt-token-ids", "1", "--tool", "{}"], "--prompt-token-ids is the whole prompt"),
+])
+def test_bad_structured_flags_are_usage_errors_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        client.main(argv + ["--address", "127.0.0.1:1"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_streamed_tool_call_is_printed_whole(fake_server, capsys):
+    address, servicer = fake_server
+    assert client.main(["Weather?", "--tool", WEATHER, "--tool-choice", "required",
+                        "--address", address]) == 0
+    assert servicer.requests[-1].tool_choice == "required"
+    assert capsys.readouterr().out == (
+        '\n[tool_call 0 id=AbC123xyZ get_weather({"city": "Paris"})]\n'
+        "[finish_reason=tool_calls prompt_tokens=9 completion_tokens=8]\n")

@@ -52,6 +52,8 @@ def test_client_help_lists_every_option_with_its_default(capsys):
                    "--top-k", "--seed", "--stop", "--logprobs", "--unary", "--timeout",
                    "--prompt-token-ids", "--n", "--top-logprobs", "--prompt-logprobs",
                    "--presence-penalty", "--frequency-penalty", "--repetition-penalty",
-                   "--logit-bias", "--min-tokens", "--stop-token-id", "--ignore-eos"):
+                   "--logit-bias", "--min-tokens", "--stop-token-id", "--ignore-eos",
+                   "--json-schema", "--regex", "--choice", "--grammar", "--json-object", "--tool",
+                   "--tool-choice", "--parallel-tool-calls", "--no-parallel-tool-calls"):
         assert option in text
     assert "(default: localhost:9000)" in text and "(default: 64)" in text
