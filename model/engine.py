@@ -20,10 +20,15 @@ queued and applied at the next step boundary (at once when no step runs), so a n
 client going away never stalls the others; so is `run_between_steps(fn)`. One request's failure
 (its logits not finite, its sampling or detokenization failing) fails that request only; a failed
 forward pass fails the requests of that step and is raised. KV sizing: model/kv_sizing.py.
+Structured outputs (`SamplingParams.constraint`): the grammar is compiled on the tokenizer's
+compiler thread (model/grammar.py), never in a step: `stream` and `generate` wait for it before
+admitting the request (a grammar that does not compile is an InvalidRequest naming its field);
+`add_request` holds the request, unscheduled, until it is compiled (a failure fails it alone).
 Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sample.
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import itertools
 import logging
@@ -38,6 +43,7 @@ from model.attention import FLASH_BLOCK_SIZE, AttentionMetadata, KVCache, select
 from model.checkpoint import WeightSource
 from model.config import MixtralConfig, resolve_config
 from model.errors import InvalidRequest, QueueFull
+from model.grammar import compiler_for
 from model.kv_sizing import size_kv_cache
 from model.mixtral import Mixtral, MoeBeginFn, MoeFn, tensor_shapes
 from model.moe import LocalExperts
@@ -84,6 +90,8 @@ class Engine(StepOutputs):
         self._pending_lock = threading.Lock()     # held for microseconds: adds and aborts
         # admitted requests, ids to abort and (fn, future) to run between steps, in order
         self._pending: list[Tracked | str | tuple] = []
+        self._held: list[Tracked] = []          # admitted, waiting for their grammar's compile
+        self.grammars = compiler_for(tokenizer)
         self._streams = Streams(self.step, self.has_unfinished)
         self._generator = torch.Generator(device=self.device)   # reseeded for every draw
         log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -140,24 +148,32 @@ class Engine(StepOutputs):
                                  f", got {params.n}")
         seed = request_seed(params)
         resumes = check_resumes(resume, params.n)
+        future = None if params.constraint is None else self.grammars.compile(params.constraint)
+        # ready (cached, or awaited by stream and generate): InvalidRequest here if it failed;
+        # a resumed request replays its tokens through the matcher, so it needs it now
+        grammar = future.result() if future is not None and (future.done() or resumes) else None
         if resumes is None:
             req = Request(request_id, ids, params, seed, num_forks=params.n - 1)
-            return Tracked([req], {0: self._output(req)}, choices=params.n)
+            tracked = Tracked([req], {0: self._output(req, grammar)}, choices=params.n)
+            if future is not None and grammar is None:      # held until compiled: _start
+                tracked.grammar = future
+                future.add_done_callback(lambda _: self._release(tracked))
+            return tracked
         tracked = Tracked([], {}, choices=len(resumes))
         for state in resumes:
             req = Request(request_id, ids, params,
                           None if seed is None else choice_seed(seed, state.index),
                           index=state.index)
             tracked.reqs.append(req)
-            tracked.outputs[state.index] = self._output(req)
+            tracked.outputs[state.index] = self._output(req, grammar)
             tracked.outputs[state.index].resume(state)
         return tracked
 
     def _admit(self, batch: list[Tracked]) -> None:
         """Queue a validated batch whole, or raise QueueFull and queue none of it."""
         with self._pending_lock:
-            waiting = len(self.scheduler.waiting) + sum(isinstance(p, Tracked)
-                                                        for p in self._pending)
+            waiting = len(self.scheduler.waiting) + len(self._held) + sum(
+                isinstance(p, Tracked) for p in self._pending)
             if waiting >= self.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting (max_waiting={self.max_waiting}); "
                                 "try again later")
@@ -202,8 +218,7 @@ class Engine(StepOutputs):
             pending, self._pending = self._pending, []
         for item in pending:
             if isinstance(item, Tracked):
-                for req in item.reqs:
-                    self.scheduler.add(req)
+                self._start(item)
                 continue
             if isinstance(item, tuple):                        # run_between_steps
                 fn, future = item
@@ -218,9 +233,39 @@ class Engine(StepOutputs):
                     req.finish_reason = "abort"
                     self.scheduler.finish(req)
 
+    def _start(self, tracked: Tracked) -> None:
+        """Schedule an admitted request (caller holds the step lock). One whose grammar is
+        still compiling is held (its compile's done-callback, `_release`, queues it again);
+        one whose grammar failed fails alone; one aborted while held is dropped."""
+        future = tracked.grammar
+        if future is not None:
+            with self._pending_lock:
+                if not future.done():
+                    self._held.append(tracked)
+                    return
+            tracked.grammar = None
+            if tracked.req.finished:
+                return
+            if future.exception() is not None:
+                self._fail(tracked.req, future.exception())
+                return
+            tracked.outputs[0] = self._output(tracked.req, future.result())
+        for req in tracked.reqs:
+            self.scheduler.add(req)
+
+    def _release(self, tracked: Tracked) -> None:
+        """A held request's grammar is compiled: queue it to start at the next boundary."""
+        with self._pending_lock:
+            if tracked not in self._held:
+                return                  # not held yet: _start will find its compile done
+            self._held.remove(tracked)
+            self._pending.append(tracked)
+        self._apply_pending_if_idle()
+
     def has_unfinished(self) -> bool:
-        """Whether any request is queued, waiting or running (pending aborts do not count)."""
-        return (self.scheduler.has_unfinished()
+        """Whether any request is queued, held for its grammar, waiting or running (pending
+        aborts do not count)."""
+        return (self.scheduler.has_unfinished() or bool(self._held)
                 or any(isinstance(p, Tracked) for p in self._pending))
 
     def num_free_blocks(self) -> int:
@@ -294,6 +339,9 @@ class Engine(StepOutputs):
         per_prompt = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise InvalidRequest(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        for sp in per_prompt:                  # compiled (or refused) before any is queued
+            if sp is not None and sp.constraint is not None:
+                self.grammars.compile(sp.constraint).result()
         done = self._run_batch([self._prepare(p, sp) for p, sp in zip(prompts, per_prompt)])
         return [t.outputs[i].completion() for t in done for i in sorted(t.outputs)]
 
@@ -327,7 +375,10 @@ class Engine(StepOutputs):
         `index`); a choice's last chunk carries its finish_reason, and the stream ends when
         every choice has one. Leaving the iterator early aborts the request and frees its KV
         blocks. `resume`: go on from where a dead engine's stream of the same request left off
-        (model/output.py): one Resume per unfinished choice."""
+        (model/output.py): one Resume per unfinished choice. A constraint's grammar is
+        compiled (off the event loop) before the request is admitted."""
+        if params.constraint is not None:
+            await asyncio.wrap_future(self.grammars.compile(params.constraint))
         tracked = self._prepare(prompt, params, resume)
         async for chunk in self._streams.follow(tracked.req.request_id,
                                                 lambda: self._admit([tracked]), self.abort,

@@ -8,6 +8,11 @@ vLLM, TGI and llama.cpp return it; the detokenizer is started after the prompt
 Stop conditions, in order, after each token: a stop token id or EOS (unless `ignore_eos`) ends
 the request with "stop" and its text is not added; `max_tokens` or the context length ends it
 with "length"; then the text is cut before the first stop string, if any ("stop").
+Structured outputs (model/grammar.py): each token is consumed by the sequence's grammar matcher
+before its text is added (a token the grammar rejects fails the request), and a sequence whose
+grammar can take nothing but EOS ends at once with "stop", even before min_tokens (the
+grammar's end wins). When the grammar was wrapped with an optional leading space, the text
+drops that one space (`strip_leading_space`): the completion is exactly the document.
 Streaming: each chunk carries the new token ids and the new text; while a request runs, the
 last `len(longest stop string) - 1` characters are held back, since they may be the start of a
 stop string, so text after a stop is never streamed. Deltas never split a character, and they
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from model.errors import InvalidRequest
-from model.sampling import TopLogprobs
+from model.sampling import SamplingError, TopLogprobs
 from model.scheduler import Request
 
 if TYPE_CHECKING:
@@ -85,6 +90,7 @@ class RequestOutput:
         self.emitted_text = self.emitted_tokens = 0
         self.longest_stop = max((len(s) for s in req.params.stop), default=0)
         self.stop_after = 0             # a stop string must end past this (min_tokens' text)
+        self.strip_leading_space = False    # set by the engine from the request's grammar
         # prompt logprobs, when asked: filled by the engine as the prompt is computed, sent
         # with the choice's first chunk (a resumed choice that sent tokens has sent them)
         asked = req.params.prompt_logprobs is not None
@@ -106,7 +112,7 @@ class RequestOutput:
                 break
             try:
                 self.append(token, logprob, top)       # the stop conditions of a sampled token
-            except ValueError as e:                     # out of the vocabulary
+            except (ValueError, SamplingError) as e:    # out of the vocabulary, or the grammar
                 raise InvalidRequest(f"resume: {e}") from None
         if req.finished or not 0 <= state.text_chars <= len(self.text):
             raise InvalidRequest(f"resume: {len(state.token_ids)} tokens and {state.text_chars} "
@@ -118,6 +124,8 @@ class RequestOutput:
         """Record one sampled token (its raw logprob and top alternatives); return the chunk it
         releases (finish_reason set if done)."""
         req, p = self.req, self.req.params
+        if req.matcher is not None:
+            req.matcher.consume(token)          # SamplingError if the grammar rejects it
         req.output_ids.append(token)
         req.logprobs.append(logprob)
         if p.top_logprobs:
@@ -125,13 +133,24 @@ class RequestOutput:
         if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
             req.finish_reason = "stop"
         else:
-            self.text += self.detok.push(token)
-            if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self._add_text(self.detok.push(token))
+            if req.matcher is not None and req.matcher.finished:
+                req.finish_reason = "stop"
+            elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
                 req.finish_reason = "length"
         if req.finished:
-            self.text += self.detok.flush()
+            self._add_text(self.detok.flush())
         self._cut_at_stop_string()
         return self._chunk()
+
+    def _add_text(self, piece: str) -> None:
+        """Add detokenized text; the first character of a grammar-wrapped completion is
+        dropped if it is the wrapper's optional space."""
+        self.text += piece
+        if self.strip_leading_space and self.text:
+            self.strip_leading_space = False
+            if self.text[0] == " ":
+                self.text = self.text[1:]
 
     def finish(self) -> StreamChunk:
         """End a request that generates nothing (max_tokens 0: its prompt scored)."""

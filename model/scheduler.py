@@ -21,9 +21,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+from typing import TYPE_CHECKING
 
 from model.attention import BlockAllocator
 from model.sampling import SamplingParams, SequenceState
+
+if TYPE_CHECKING:
+    from model.grammar import GrammarMatcher
 
 _arrivals = itertools.count()
 
@@ -45,6 +49,9 @@ class Request:
     top_logprobs: list = dataclasses.field(default_factory=list)   # per output token, if asked
     # the sampler's per-sequence state (penalty counts); the scheduler never reads it
     sampling_state: SequenceState = dataclasses.field(default_factory=SequenceState)
+    # its place in its structured-output grammar (model/grammar.py), or None; a forked choice
+    # gets its own copy (the engine's); the scheduler never reads it
+    matcher: GrammarMatcher | None = None
 
     @property
     def all_ids(self) -> list[int]:

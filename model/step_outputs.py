@@ -7,17 +7,22 @@ scores the prompt positions just computed when it asked for prompt logprobs (eac
 once, even across preemption), and once its prompt is computed, forks into its n choices
 (sharing the prompt's KV blocks, model/scheduler.py) and samples (model/sampler.py) or, with
 max_tokens 0, ends; each sampled token goes through its choice's RequestOutput (text, stop
-conditions, the chunk it releases). A failure fails its request only, all of its choices.
+conditions, the chunk it releases). A constrained sequence's logits are masked by its grammar
+matcher (model/grammar.py: one bitmask for the step's constrained rows) and its token consumed
+by it; a forked choice gets a copy of the matcher. A failure fails its request only, all of
+its choices.
 Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sample.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
 import torch
 
+from model.grammar import CompiledGrammar, fill_masks
 from model.output import RequestOutput, StreamChunk
 from model.sampling import Sampled, SamplingRow, choice_seed, sample, token_seed
 from model.scheduler import Request
@@ -40,6 +45,8 @@ class Tracked:
     choices: int = 1                             # choices its stream ends after
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
     error: Exception | None = None
+    # the constraint's compile, while the request is held for it (model/engine.py); else None
+    grammar: concurrent.futures.Future[CompiledGrammar] | None = None
 
     @property
     def req(self) -> Request:
@@ -61,10 +68,15 @@ class StepOutputs:
     _streams: Streams
     _generator: torch.Generator
 
-    def _output(self, req: Request) -> RequestOutput:
-        """A sampling sequence's text side: completion text after its prompt, stop rules."""
-        return RequestOutput(req, self.tokenizer.detokenizer(req.prompt_ids),
-                             self.cfg.eos_token_id, self.max_model_len)
+    def _output(self, req: Request, grammar: CompiledGrammar | None = None) -> RequestOutput:
+        """A sampling sequence's text side: completion text after its prompt, stop rules; with
+        a grammar, the sequence's matcher at the grammar's start."""
+        output = RequestOutput(req, self.tokenizer.detokenizer(req.prompt_ids),
+                               self.cfg.eos_token_id, self.max_model_len)
+        if grammar is not None:
+            req.matcher = grammar.matcher()
+            output.strip_leading_space = grammar.strip_leading_space
+        return output
 
     def _process(self, scheduled, hidden: torch.Tensor) -> list[StreamChunk]:
         rows, sampling, chunks, start = [], [], [], 0
@@ -97,6 +109,12 @@ class StepOutputs:
             rows = [SamplingRow(r.params, None if r.seed is None else token_seed(
                         r.seed, r.num_tokens), r.prompt_ids, r.output_ids, r.sampling_state)
                     for r in sampling]                      # seeded by the token's position
+            constrained = [i for i, r in enumerate(sampling) if r.matcher is not None]
+            if constrained:
+                masks = fill_masks([sampling[i].matcher for i in constrained],
+                                   logits.shape[1], logits.device)           # (R, V)
+                for i, mask in zip(constrained, masks):
+                    rows[i].mask = mask
             sampled = sample(logits, rows, self.cfg.eos_token_id, self._generator)
         except Exception as e:
             for req in sampling:
@@ -116,6 +134,8 @@ class StepOutputs:
         parent = tracked.outputs[req.index]
         for child in children:
             output = tracked.outputs[child.index] = self._output(child)
+            output.strip_leading_space = parent.strip_leading_space
+            child.matcher = None if req.matcher is None else req.matcher.copy()
             output.prompt_logprobs, output.prompt_pending = (parent.prompt_logprobs,
                                                              parent.prompt_pending)
         tracked.reqs += children

@@ -99,6 +99,12 @@ class Tokenizer:
     def chat_template(self) -> str:
         return self._chat.source
 
+    @property
+    def backend_json(self) -> str:
+        """The tokenizer.json text this tokenizer was built from (llguidance loads it:
+        model/grammar.py)."""
+        return self._spec_json
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> Tokenizer:
         """From a checkpoint dir (tokenizer.json, else tokenizer.model), else mistral-common's

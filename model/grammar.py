@@ -1,0 +1,242 @@
+"""Structured outputs in the engine: a Constraint (model/constraint.py) compiled by llguidance
+into a grammar, one matcher per constrained sequence, and the token masks of a step.
+
+    compiler = compiler_for(tokenizer)              # one per tokenizer, process-wide
+    compiled = compiler.compile(constraint).result()  # a Future: never blocks the caller
+    matcher = compiled.matcher()                    # per sequence; .copy() for n > 1 forks
+    masks = fill_masks([matcher], vocab_size, device)   # (R, V) bool: the allowed tokens
+    matcher.consume(token)                          # SamplingError if the grammar rejects it
+    matcher.finished                                # nothing but EOS can follow: it ends
+
+Kinds -> llguidance grammars: "json" through `grammar_from_json_schema` with JSON_OPTIONS
+(json.dumps's default layout, no free whitespace: random weights cannot run on in spaces),
+"regex" through `grammar_from_regex` (the whole completion matches), "choice" as a Lark
+alternative of the exact strings (JSON-escaped: a Lark string literal reads JSON's escapes),
+"grammar" as the user's Lark. A grammar that does not compile, or is over LIMITS, is an
+InvalidRequest naming the constraint's field and llguidance's reason.
+
+The SentencePiece leading space: Mixtral's natural first token of an answer is "▁{", which a
+JSON grammar rejects (no leading whitespace). When a grammar cannot start with a space, it is
+compiled as `start: " "? <grammar>` and the completion text drops that one leading space
+(`CompiledGrammar.strip_leading_space`): the text is exactly the document. A grammar that can
+start with a space itself (a regex " ?a") is left as it is, so stripping is never ambiguous.
+
+Compiling runs on one worker thread per compiler (never in the engine's step loop); compiled
+grammars (and refusals) are cached by the constraint's content (kind and spec, not its field),
+least recently used out first. Shapes: R constrained rows, V vocab, W = ceil(V / 32) words.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import llguidance as llg
+import llguidance.numpy as llg_numpy
+import numpy as np
+import torch
+
+from model.constraint import Constraint
+from model.draw import SamplingError
+from model.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
+
+__all__ = ["CompiledGrammar", "GrammarMatcher", "GrammarCompiler", "GrammarError",
+           "compiler_for", "check_constraint", "fill_masks", "JSON_OPTIONS", "LIMITS"]
+
+# json.dumps's layout: ", " between items, ": " after keys, no other whitespace
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# llguidance's resource limits on one grammar, on top of MAX_CONSTRAINT_CHARS (documented in
+# docs/api.md): symbols in the compiled grammar, lexer states (~1-2 kB each), lexer work to
+# build it (~50k/ms) and per token (~14k/ms), Earley items per token; errors without the
+# parser state (no schema text in logs or replies)
+LIMITS = dict(max_grammar_size=200_000, max_lexer_states=100_000, initial_lexer_fuel=1_000_000,
+              step_lexer_fuel=200_000, step_max_items=50_000, verbose_errors=False)
+_WRAP = 'start: " "? @inner'        # an optional leading space, then the grammar named inner
+
+
+class GrammarError(ValueError):
+    """llguidance refused a grammar; the message is its reason (the field is added by the
+    caller of GrammarCompiler.compile)."""
+
+
+class GrammarMatcher:
+    """One constrained sequence's place in its grammar (engine-side, under the step lock)."""
+
+    def __init__(self, matcher: llg.LLMatcher, vocab_size: int):
+        self._m, self.vocab_size = matcher, vocab_size
+
+    def consume(self, token_id: int) -> None:
+        """Advance by one token; SamplingError if the grammar rejects it (the matcher is then
+        unusable: its sequence fails)."""
+        if not self._m.consume_token(token_id):
+            reason = self._m.get_error().splitlines()[0] if self._m.is_error() else ""
+            raise SamplingError(f"the grammar rejects token {token_id}: {reason}"[:500])
+
+    def replay(self, token_ids: Sequence[int]) -> None:
+        """Consume tokens generated elsewhere (a resumed request's tokens so far)."""
+        for token in token_ids:
+            self.consume(token)
+
+    def copy(self) -> GrammarMatcher:
+        """An independent matcher in the same state (a forked choice of n > 1)."""
+        return GrammarMatcher(self._m.deep_copy(), self.vocab_size)
+
+    @property
+    def finished(self) -> bool:
+        """The grammar can take nothing but EOS: the sequence ends here ("stop")."""
+        return self._m.is_stopped() and not self._m.is_error()
+
+    def fill(self, bitmask: np.ndarray, row: int) -> None:
+        """Write the allowed next tokens into `bitmask[row]` ((R, W) int32, bit t % 32 of word
+        t // 32 set if token t is allowed; EOS exactly when the grammar accepts)."""
+        llg_numpy.fill_next_token_bitmask(self._m, bitmask, row)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompiledGrammar:
+    """A compiled constraint, immutable and shared by every request with the same content."""
+    grammar: str                    # llguidance's grammar text (JSON)
+    strip_leading_space: bool       # the completion text drops its one leading space
+    _start: llg.LLMatcher = dataclasses.field(repr=False)   # copied for each sequence
+    vocab_size: int = 0
+
+    def matcher(self) -> GrammarMatcher:
+        """A fresh matcher at the grammar's start (a copy: microseconds, no compile)."""
+        return GrammarMatcher(self._start.deep_copy(), self.vocab_size)
+
+
+class GrammarCompiler:
+    """Compiles constraints for one tokenizer on one worker thread, cached by content."""
+
+    def __init__(self, tokenizer: Tokenizer, cache_size: int = 256):
+        self._tokenizer_json = tokenizer.backend_json
+        self._vocab_size, self._eos = tokenizer.vocab_size, tokenizer.eos_id
+        self._cache_size = cache_size
+        self._cache: collections.OrderedDict[Constraint, concurrent.futures.Future] = \
+            collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        self._lltok: llg.LLTokenizer | None = None          # built on the worker thread
+        self._space: list[int] = []                          # a token of exactly b" "
+
+    def compile(self, c: Constraint) -> concurrent.futures.Future[CompiledGrammar]:
+        """A future of `c`'s grammar; never blocks. It raises InvalidRequest naming c.field with
+        llguidance's reason if the grammar does not compile or is over LIMITS. The same
+        content gives the same CompiledGrammar object while it is cached."""
+        with self._lock:
+            inner = self._cache.get(c)
+            if inner is None:
+                inner = self._cache[c] = self._pool.submit(self._compile, c)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(c)
+        return _naming(inner, c.field)
+
+    def _compile(self, c: Constraint) -> CompiledGrammar:
+        """On the worker: the grammar, wrapped with an optional leading space if it cannot
+        start with one itself. GrammarError with llguidance's reason."""
+        self._tokenizer()
+        grammar = grammar_text(c)
+        start = self._matcher(grammar)
+        if start.validate_tokens(self._space) == 1:          # it may start with a space itself
+            return CompiledGrammar(grammar, False, start, self._vocab_size)
+        grammars = json.loads(grammar)["grammars"]
+        wrapped = json.dumps({"grammars": [{"lark_grammar": _WRAP},
+                                           {**grammars[0], "name": "inner"}, *grammars[1:]]})
+        return CompiledGrammar(wrapped, True, self._matcher(wrapped), self._vocab_size)
+
+    def _matcher(self, grammar: str) -> llg.LLMatcher:
+        limits = llg.LLParserLimits(**LIMITS)
+        error = llg.LLMatcher.validate_grammar(grammar, self._lltok, limits=limits)
+        if error:
+            raise GrammarError(error.strip())
+        matcher = llg.LLMatcher(self._lltok, grammar, log_level=0, limits=limits)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error().strip())
+        return matcher
+
+    def _tokenizer(self) -> llg.LLTokenizer:
+        """llguidance's view of the tokenizer (~0.1 s to build, once, on the worker)."""
+        if self._lltok is None:
+            self._lltok = llg.LLTokenizer(self._tokenizer_json, n_vocab=self._vocab_size,
+                                          eos_token=self._eos)
+            self._space = self._lltok.greedy_tokenize(" ")[:1]
+        return self._lltok
+
+
+def grammar_text(c: Constraint) -> str:
+    """llguidance's grammar for a constraint, as its JSON grammar text (`{"grammars": [...]}`),
+    not checked (GrammarCompiler does that). GrammarError if a JSON schema's text is refused
+    before compiling."""
+    if c.kind == "json":
+        try:
+            return llg.LLMatcher.grammar_from_json_schema(c.spec, defaults=JSON_OPTIONS)
+        except ValueError as e:
+            raise GrammarError(str(e)) from None
+    if c.kind == "regex":
+        return llg.LLMatcher.grammar_from_regex(c.spec)
+    lark = c.spec
+    if c.kind == "choice":
+        lark = "start: " + " | ".join(json.dumps(s, ensure_ascii=False)
+                                      for s in json.loads(c.spec))
+    return json.dumps({"grammars": [{"lark_grammar": lark}]})
+
+
+def _naming(inner: concurrent.futures.Future, field: str) -> concurrent.futures.Future:
+    """A future of `inner`'s result whose GrammarError becomes InvalidRequest naming `field`
+    (done at once when `inner` is)."""
+    outer: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(f: concurrent.futures.Future) -> None:
+        error = f.exception()
+        if error is None:
+            outer.set_result(f.result())
+        elif isinstance(error, GrammarError):
+            outer.set_exception(InvalidRequest(f"{field}: {error}"))
+        else:
+            outer.set_exception(error)
+    inner.add_done_callback(done)
+    return outer
+
+
+_compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_compilers_lock = threading.Lock()
+
+
+def compiler_for(tokenizer: Tokenizer) -> GrammarCompiler:
+    """The process-wide compiler of a tokenizer (its cache shared by engines and gateways)."""
+    with _compilers_lock:
+        compiler = _compilers.get(tokenizer)
+        if compiler is None:
+            compiler = _compilers[tokenizer] = GrammarCompiler(tokenizer)
+        return compiler
+
+
+def check_constraint(tokenizer: Tokenizer, c: Constraint) -> None:
+    """Compile `c` (or find it cached), blocking; InvalidRequest naming c.field if it does
+    not compile. Gateways call it (in a thread) before a request reaches the engine."""
+    compiler_for(tokenizer).compile(c).result()
+
+
+def fill_masks(matchers: Sequence[GrammarMatcher], vocab_size: int,
+               device: str | torch.device) -> torch.Tensor:
+    """(R, V) bool of each matcher's allowed next tokens: llguidance fills one (R, W) int32
+    bitmask (a call per row, microseconds each), unpacked for all rows at once. Tokens past
+    the tokenizer's vocabulary (a model padded beyond it) are never allowed."""
+    words = -(-matchers[0].vocab_size // 32)
+    bitmask = np.zeros((len(matchers), words), dtype=np.int32)           # (R, W)
+    for row, matcher in enumerate(matchers):
+        matcher.fill(bitmask, row)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")   # (R, 32 W)
+    if bits.shape[1] < vocab_size:
+        bits = np.pad(bits, ((0, 0), (0, vocab_size - bits.shape[1])))
+    return torch.from_numpy(bits[:, :vocab_size]).to(device=device, dtype=torch.bool)
