@@ -8,7 +8,9 @@ Contract:
   merges ordered by piece score. It equals sentencepiece's `encode` on Mixtral's file
   (tests/unit/test_tokenizer.py); the Metaspace variants do not (see NOTES-model.md). The text is
   cached under $MIXTRAL_EP_CACHE as `spm-<sha256 of the file>-v<version>.tokenizer.json`.
-- `mistral_common_model()` is the path of mistral-common's v1 file (Mixtral's tokenizer).
+- `mistral_common_model(vocab_size)` is the path of mistral-common's file of that vocabulary:
+  32000 ids is v1 (Mixtral-8x7B's tokenizer), 32768 is v3 (Mixtral-8x22B-Instruct's, with the
+  [INST], [TOOL_CALLS], [AVAILABLE_TOOLS], [TOOL_RESULTS] control tokens).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from model.config import cache_dir
 logger = logging.getLogger(__name__)
 
 SPACE = "▁"
-CONVERSION_VERSION = 1  # bump when build_backend changes, to invalidate cached builds
+CONVERSION_VERSION = 2  # bump when build_backend changes, to invalidate cached builds
 LEGACY_NORMALIZER = {"type": "Sequence", "normalizers": [
     {"type": "Prepend", "prepend": SPACE},
     {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]}
@@ -110,6 +112,9 @@ def build_backend(pieces: list[Piece]) -> Backend:
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     specials = [p.piece for p in pieces if p.type in (UNKNOWN, CONTROL)]
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    # sentencepiece matches user-defined pieces (v3's "[REFERENCE_DOC_0]") in text
+    backend.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                        for p in pieces if p.type == USER_DEFINED])
     bos = next(p.piece for p in pieces if p.type == CONTROL)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
@@ -136,6 +141,15 @@ def cached_conversion(model_file: Path) -> str:
     return text
 
 
-def mistral_common_model() -> Path:
-    """mistral-common's `tokenizer.model.v1`: Mixtral-8x7B's tokenizer (NOTES-model.md)."""
-    return Path(str(resources.files("mistral_common") / "data" / "tokenizer.model.v1"))
+MISTRAL_COMMON_FILES = {32000: "tokenizer.model.v1",       # Mixtral-8x7B (NOTES-model.md)
+                        32768: "mistral_instruct_tokenizer_240323.model.v3"}  # 8x22B-Instruct
+
+
+def mistral_common_model(vocab_size: int = 32000) -> Path:
+    """mistral-common's SentencePiece file of `vocab_size` ids (MISTRAL_COMMON_FILES);
+    ValueError for another size."""
+    if vocab_size not in MISTRAL_COMMON_FILES:
+        raise ValueError(f"vocab_size: mistral-common has no SentencePiece tokenizer of "
+                         f"{vocab_size} ids; {sorted(MISTRAL_COMMON_FILES)} are known")
+    return Path(str(resources.files("mistral_common") / "data"
+                    / MISTRAL_COMMON_FILES[vocab_size]))

@@ -8,7 +8,11 @@ Contract (checked against sentencepiece and mistral-common in tests/unit/test_to
   model/detokenizer.py; a completion's first "▁word" keeps its space.
 - `apply_chat_template(messages)` checks the chat role rules and renders the chat template
   (model/chat.py); with the default template the ids equal mistral-common's v1
-  `encode_chat_completion`.
+  `encode_chat_completion`. On a vocabulary whose [INST] and [TOOL_CALLS] are control tokens
+  (mistral-common's v3 and later) the prompt is mistral-common's v3 encoding instead
+  (model/chat_tools.py `encode_v3`; the checkpoint's Jinja template is not used there).
+- `control_id(piece)` is the id of a control token ("[TOOL_CALLS]"), None if the vocabulary has
+  none; text never yields it.
 
 This file ties the pieces together: the `tokenizers` backend (from a checkpoint's
 tokenizer.json, or converted from a SentencePiece tokenizer.model by model/spm.py), the decode
@@ -31,7 +35,9 @@ from model.chat import (
     ChatTemplateError,
     Control,
     template_from,
+    validate_messages,
 )
+from model.chat_tools import V3_CONTROLS, encode_v3, plain_messages
 from model.detokenizer import IncrementalDetokenizer, decode_table
 from model.spm import LEGACY_NORMALIZER, cached_conversion, mistral_common_model
 
@@ -88,6 +94,7 @@ class Tokenizer:
         self.vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
         self._chat = ChatTemplate(template_from(config))
         specials = {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+        self._controls = {self._backend.id_to_token(i): i for i in specials}
         pieces = [self._backend.id_to_token(i) for i in range(self.vocab_size)]
         strip_first_space = self._dummy_prefix or _metaspace_prepends(spec.get("pre_tokenizer"))
         self._decode_table = decode_table(pieces, specials, self.unk_id, strip_first_space)
@@ -104,6 +111,21 @@ class Tokenizer:
         """The tokenizer.json text this tokenizer was built from (llguidance loads it:
         model/grammar.py)."""
         return self._spec_json
+
+    def control_id(self, piece: str) -> int | None:
+        """The id of control token `piece` (e.g. "[TOOL_CALLS]"), None if there is none."""
+        return self._controls.get(piece)
+
+    @property
+    def native_tools(self) -> bool:
+        """Whether Mistral's instruct control tokens ([INST], [TOOL_CALLS], ...) are in the
+        vocabulary (mistral-common's v3 and later): chat prompts are then encode_v3's."""
+        return all(name in self._controls for name in V3_CONTROLS)
+
+    @classmethod
+    def from_model_file(cls, model_file: Path) -> Tokenizer:
+        """From a SentencePiece tokenizer.model (converted once and cached: model/spm.py)."""
+        return cls(cached_conversion(model_file), {}, model_file)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> Tokenizer:
@@ -123,7 +145,7 @@ class Tokenizer:
                 logger.warning("tokenizer: %s has no tokenizer files; using mistral-common's",
                                directory)
             model_file = mistral_common_model()
-        return cls(cached_conversion(model_file), {}, model_file)
+        return cls.from_model_file(model_file)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Like sentencepiece: BOS, then the pieces of "▁" + text (nothing for empty text)."""
@@ -159,10 +181,15 @@ class Tokenizer:
         return IncrementalDetokenizer(self._decode_table, prefix_ids)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Ids of a chat prompt ending after the last "[/INST]"; ChatTemplateError if invalid."""
+        """Ids of a chat prompt ending after the last "[/INST]" (or the last tool result);
+        ChatTemplateError if invalid. Tool calls and results in `messages` are encoded natively
+        on v3 and written as text on v1 (model/chat_tools.py)."""
+        if self.native_tools:
+            return encode_v3(self, messages)
+        validate_messages(messages)
         controls = {Control.BOS: self.bos_id, Control.EOS: self.eos_id}
         ids = []
-        for part in self._chat.render(messages):
+        for part in self._chat.render(plain_messages(messages)):
             if isinstance(part, Control):
                 ids.append(controls[part])
             else:
@@ -188,6 +215,8 @@ class Tokenizer:
             "model_max_length": MODEL_MAX_LENGTH,
             "chat_template": self.chat_template,
         }
+        if self.native_tools:   # mistral-common's v3 instruct control tokens
+            config["additional_special_tokens"] = list(V3_CONTROLS)
         text = json.dumps(config, indent=2, ensure_ascii=False)
         (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
         if self._model_file is not None:
