@@ -20,6 +20,7 @@ from actors.serving.draining import Drain, DrainedStream
 from actors.serving.metrics import RequestMetrics
 from actors.serving.status import first_line
 from model.engine import SamplingParams
+from model.grammar import check_constraint
 from model.output import Completion
 from model.tokenizer import Tokenizer
 
@@ -52,6 +53,15 @@ class EngineClient:
     async def live_info(self) -> EngineInfo:
         """The engine's info now (expert placement and load change)."""
         return await self.engine.info.remote()
+
+    async def check(self, params: SamplingParams) -> None:
+        """InvalidRequest naming the constraint's field (`response_format`, `json_schema`, ...)
+        and llguidance's reason if `params`' structured-output grammar does not compile: so a
+        bad schema is a 400 / INVALID_ARGUMENT before any stream starts. Compiled on a thread
+        (cached by content: the engine's compile of it is a cache hit in a shared process,
+        and cheap again in the engine's)."""
+        if params.constraint is not None:
+            await asyncio.to_thread(check_constraint, self.tokenizer, params.constraint)
 
     def stream(self, ids: list[int], params: SamplingParams) -> DrainedStream:
         """The engine's stream of chunks for prompt `ids` (a ResumableStream, ended by this

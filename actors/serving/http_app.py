@@ -198,13 +198,16 @@ async def model(engine: EngineClient, name: str) -> JSONResponse:
 async def completion(engine: EngineClient, request, chat: bool):
     """A /v1/completions (`chat` False) or /v1/chat/completions request's response: the whole
     completion, or its server-sent events; an error before the first token is an HTTP status."""
-    inputs = oai.chat_inputs if chat else oai.completion_inputs
+    inputs_of = oai.chat_request if chat else oai.completion_request
     try:
         oai.check_model(request.model, engine.model_name)
         info = await engine.info()
-        ids, params = await asyncio.to_thread(inputs, request, engine.tokenizer, info)
+        inputs = await asyncio.to_thread(inputs_of, request, engine.tokenizer, info)
+        ids, params = inputs.ids, inputs.params
+        await engine.check(params)                  # a grammar that does not compile: 400
         shape = responses.shape_of(request, chat, engine.tokenizer, ids)
-        out = responses.Response(chat, engine.model_name, engine.tokenizer, shape, ids)
+        parsers = inputs.tools.parser if inputs.tools is not None else None
+        out = responses.Response(chat, engine.model_name, engine.tokenizer, shape, ids, parsers)
         chunks = engine.stream(ids, params)
         if not request.stream:       # a body of n choices with logprobs can be megabytes:
             done = await collect(chunks, ids)      # built and encoded off the event loop

@@ -16,8 +16,13 @@ extensions `top_k`, `ignore_eos`, `return_token_ids`, `repetition_penalty`, `min
   of the engine as `prompt_logprobs`). vLLM's `prompt_logprobs: k` (both endpoints) adds
   vLLM's `prompt_logprobs` field. With `echo` and `logprobs: k` the engine is asked for the
   larger of k and `prompt_logprobs`.
-- Refused: `suffix`, `best_of` > 1, `tools` (and a `tool_choice` other than "none") and
-  non-text `response_format`; `parallel_tool_calls` is accepted (with no tools, no calls).
+- Structured outputs (both endpoints): `response_format`, vLLM's `structured_outputs` and
+  `guided_*` (actors/serving/openai_structured.py), at most one per request.
+- Tools (chat): `tools`, `tool_choice`, `parallel_tool_calls`, and in `messages` tool results
+  (`role: "tool"`, `tool_call_id`) and assistant `tool_calls` (their `content` may be null),
+  through model/tools.py (validation.tools_inputs): the prompt with the tools, a grammar
+  forcing a call for "required" or a named function, a parser per choice for the reply.
+- Refused: `suffix`, `best_of` > 1.
 - Unknown fields are refused (HTTP 400 naming them), as OpenAI's server does; types are strict
   (no `true` for 1, no "0.5" for 0.5). `null` for an optional field (and for an OpenAI field
   this server does not implement: NULL_ONLY) is its default, as OpenAI's server reads it.
@@ -25,24 +30,32 @@ extensions `top_k`, `ignore_eos`, `return_token_ids`, `repetition_penalty`, `min
   before anything else, naming where it is (`messages[1].content: holds a lone surrogate`);
   no message ever quotes it.
 - Chat messages as the `openai` SDK replays them (`message.model_dump()`): null or empty
-  `refusal`, `tool_calls`, `function_call`, `audio` and any `annotations` are accepted and
-  ignored; text parts are joined with "\\n", as vLLM and llama.cpp join them.
+  `refusal`, `function_call`, `audio` and any `annotations` are accepted and ignored (null or
+  empty `tool_calls` too); text parts are joined with "\\n", as vLLM and llama.cpp join them.
 - `max_tokens` defaults to 16 for completions (as OpenAI) and to the rest of the context for
   chat; vLLM's `top_k: -1` means no cut.
 - Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field
 
 from actors.info import EngineInfo
-from actors.serving.validation import prompt_ids_of, sampling_params_of
+from actors.serving.openai_body import NULL_ONLY, SURROGATE, Body, Request
+from actors.serving.openai_structured import StructuredFields, request_constraints
+from actors.serving.validation import (
+    ToolInputs,
+    constraint_of,
+    prompt_ids_of,
+    sampling_params_of,
+    tools_inputs,
+)
 from model.engine import SamplingParams
-from model.errors import InvalidRequest, lone_surrogate_at, surrogate_message
+from model.errors import InvalidRequest
 from model.sampling import MAX_TOP_LOGPROBS
 from model.tokenizer import Tokenizer
 
@@ -52,67 +65,11 @@ FIELD_FORMS = {"prompt": "a string, a list of token ids, or a list holding one o
                "messages": "a list of {role, content} messages, content a string or text parts"}
 
 
-# OpenAI request fields this server does not implement, accepted as null (their default):
-# the `openai` SDK's nullable create() parameters (openai/types/chat/completion_create_params.py)
-NULL_ONLY = frozenset({"audio", "modalities", "prediction", "reasoning_effort", "service_tier",
-                       "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
-                       "verbosity", "web_search_options", "moderation", "functions",
-                       "function_call"})
-SURROGATE = "lone_surrogate"            # the pydantic error type of a string holding one
+__all__ = ["NULL_ONLY", "SURROGATE", "CompletionRequest", "ChatCompletionRequest", "Inputs",
+           "completion_inputs", "chat_inputs", "completion_request", "chat_request"]
 
 
-class _Body(BaseModel):
-    """A JSON object of a request: strict (no lax coercion: true -> 1, "0.5" -> 0.5, ["1"] ->
-    [1]; ints still pass as floats), unknown fields refused, null for an optional field its
-    default."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_the_default(cls, data):
-        if not isinstance(data, dict):
-            return data
-        optional = {name for name, f in cls.model_fields.items() if not f.is_required()}
-        return {k: v for k, v in data.items()
-                if v is not None or (k not in optional and k not in NULL_ONLY)}
-
-
-def _find_surrogate(body) -> tuple[str, str] | None:
-    """(field, refusal) of the first string (a value or a key) of a JSON value that holds a
-    lone surrogate, the field its path (`messages[1].content`; `logit_bias` for a key; `body`
-    for the body's own keys); else None.
-    Iterative: a body as deep as the JSON parser allows is no recursion error here."""
-    stack = [(body, "")]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, str):
-            if (at := lone_surrogate_at(value)) is not None:
-                return path or "body", surrogate_message(path or "body", value, at)
-        elif isinstance(value, dict):
-            for key in value:
-                if isinstance(key, str) and (at := lone_surrogate_at(key)) is not None:
-                    return path or "body", surrogate_message(f"{path or 'body'} (a key)",
-                                                             key, at)
-            stack += reversed([(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()
-                               if isinstance(v, (str, dict, list))])
-        elif isinstance(value, list):
-            stack += reversed([(v, f"{path}[{i}]") for i, v in enumerate(value)
-                               if isinstance(v, (str, dict, list))])
-    return None
-
-
-class _Request(_Body):
-    @model_validator(mode="before")
-    @classmethod
-    def _no_lone_surrogates(cls, data):
-        """Before anything else reads (or quotes) a string: the tokenizer cannot take one, nor
-        can a response echo one (no UTF-8 spells it)."""
-        if (found := _find_surrogate(data)) is not None:
-            field, message = found
-            # the context replaces "{key}"s in order, without escapes: the message goes last
-            raise PydanticCustomError(SURROGATE, "{message}", {"field": field, "message": message})
-        return data
-
+class _Request(Request, StructuredFields):
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -135,7 +92,7 @@ class _Request(_Body):
     prompt_logprobs: int | None = None     # vLLM's extension: the prompt tokens' logprobs
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
@@ -147,28 +104,36 @@ class CompletionRequest(_Request):
     best_of: int | None = None
 
 
-class ChatContentPart(_Body):
+class ChatContentPart(Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: str
-    content: str | list[ChatContentPart]
+    content: str | list[ChatContentPart] | None = None  # null: an assistant's with tool_calls
     name: str | None = None
+    tool_call_id: str | None = None             # role "tool": the call it answers
+    tool_calls: list | None = None              # an assistant's calls (OpenAI's shape)
     # what an SDK's assistant message carries back (`message.model_dump()`): accepted null or
     # empty and ignored (chat_inputs refuses the rest by name; annotations: any, ignored)
     refusal: str | None = None
-    tool_calls: list | None = None
     function_call: dict | None = None
     audio: dict | None = None
     annotations: list | None = None
 
-    def text(self) -> str:
+    def text(self) -> str | None:
         """The content; text parts joined with "\\n", as vLLM and llama.cpp join them."""
-        if isinstance(self.content, str):
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return "\n".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict:
+        """The message as model/chat.py and model/tools.py read it: role, content (text or
+        None) and, where set, tool_calls and tool_call_id."""
+        extras = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id}
+        return {"role": self.role, "content": self.text(),
+                **{k: v for k, v in extras.items() if v}}
 
 
 class ChatCompletionRequest(_Request):
@@ -179,10 +144,9 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict | None = None
     tools: list | None = None
-    tool_choice: str | dict | None = None        # "none" (or unset) only: no tools here
-    parallel_tool_calls: bool | None = None      # accepted; without tools there are none
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 _Request.model_rebuild()
@@ -232,9 +196,11 @@ class ModelNotFound(InvalidRequest):
 
 
 def _params(r: _Request, info: EngineInfo, prompt_len: int, *, max_tokens: int, field: str,
-            top_logprobs: int, prompt_logprobs: int | None) -> SamplingParams:
+            top_logprobs: int, prompt_logprobs: int | None,
+            tools: ToolInputs | None = None) -> SamplingParams:
     stop = [r.stop] if isinstance(r.stop, str) else (r.stop or [])
     top_k = 0 if r.top_k == -1 else r.top_k                  # vLLM's -1: no top-k cut
+    forced = tools.constraint if tools is not None else None
     return sampling_params_of(
         prompt_len, info.context_length, max_tokens=max_tokens, temperature=r.temperature,
         top_p=r.top_p, top_k=top_k, seed=r.seed, stop=stop, ignore_eos=r.ignore_eos,
@@ -242,7 +208,17 @@ def _params(r: _Request, info: EngineInfo, prompt_len: int, *, max_tokens: int, 
         prompt_logprobs=prompt_logprobs, presence_penalty=r.presence_penalty,
         frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty,
         logit_bias=logit_bias_of(r.logit_bias), min_tokens=r.min_tokens,
-        stop_token_ids=r.stop_token_ids or (), vocab_size=info.vocab_size)
+        stop_token_ids=r.stop_token_ids or (), vocab_size=info.vocab_size,
+        constraint=constraint_of(*request_constraints(r), forced))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """A request's engine inputs: its prompt's token ids, its sampling params and (a chat with
+    tools or tool messages) its ToolInputs, which read the reply's tool calls."""
+    ids: list[int]
+    params: SamplingParams
+    tools: ToolInputs | None = None
 
 
 def engine_prompt_logprobs(r: CompletionRequest) -> int | None:
@@ -255,10 +231,8 @@ def engine_prompt_logprobs(r: CompletionRequest) -> int | None:
     return 0 if r.echo and r.max_tokens == 0 else None
 
 
-def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
-                      info: EngineInfo) -> tuple[list[int], SamplingParams]:
-    """(prompt ids, sampling params) of a /v1/completions request; InvalidRequest names the
-    field."""
+def completion_request(r: CompletionRequest, tokenizer: Tokenizer, info: EngineInfo) -> Inputs:
+    """The Inputs of a /v1/completions request; InvalidRequest names the field."""
     _check_common(r)
     _refuse(r.suffix is None, "suffix", "is not supported")
     _refuse(r.best_of in (None, 1), "best_of", f"only 1 is supported, got {r.best_of}")
@@ -271,37 +245,66 @@ def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
     ids = prompt_ids_of(tokenizer, info.context_length, prompt=prompt, vocab_size=info.vocab_size)
     room = info.context_length - len(ids)
     max_tokens = min(16, room) if r.max_tokens is None else r.max_tokens   # OpenAI's default
-    return ids, _params(r, info, len(ids), max_tokens=max_tokens, field="max_tokens",
-                        top_logprobs=r.logprobs or 0, prompt_logprobs=engine_prompt_logprobs(r))
+    return Inputs(ids, _params(r, info, len(ids), max_tokens=max_tokens, field="max_tokens",
+                               top_logprobs=r.logprobs or 0,
+                               prompt_logprobs=engine_prompt_logprobs(r)))
+
+
+def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
+                      info: EngineInfo) -> tuple[list[int], SamplingParams]:
+    """(prompt ids, sampling params) of a /v1/completions request."""
+    inputs = completion_request(r, tokenizer, info)
+    return inputs.ids, inputs.params
+
+
+def _chat_messages(r: ChatCompletionRequest) -> list[dict]:
+    """The messages as dicts (model/chat.py, model/tools.py); what no path reads is refused
+    by name."""
+    for i, m in enumerate(r.messages):
+        for field in ("function_call", "audio", "refusal"):
+            _refuse(not getattr(m, field), f"messages[{i}].{field}",
+                    "only null or empty is accepted (this server has no audio or refusals; "
+                    "tools go in tools and tool_calls)")
+        _refuse(m.content is not None or (m.role == "assistant" and m.tool_calls),
+                f"messages[{i}].content", "required (null only on an assistant message with "
+                "tool_calls)")
+    return [m.as_dict() for m in r.messages]
+
+
+def _uses_tools(r: ChatCompletionRequest, messages: list[dict]) -> bool:
+    """Whether the tools path reads this chat: tools, a tool_choice, or tool turns in it."""
+    return bool(r.tools or r.tool_choice not in (None, "none")
+                or any(m["role"] == "tool" or "tool_calls" in m for m in messages))
+
+
+def chat_request(r: ChatCompletionRequest, tokenizer: Tokenizer, info: EngineInfo) -> Inputs:
+    """The Inputs of a /v1/chat/completions request; InvalidRequest names the field."""
+    _check_common(r)
+    _refuse(not r.echo, "echo", "is not supported by chat completions (echo a prompt with "
+            "/v1/completions)")
+    _refuse(r.top_logprobs is None or r.logprobs, "top_logprobs", "needs logprobs: true")
+    _refuse(not r.store, "store", "is not supported (this server stores nothing)")
+    _refuse(r.max_tokens is None or r.max_completion_tokens is None, "max_completion_tokens",
+            "set it or max_tokens, not both")
+    # OpenAI's "developer" role is "system" to the chat template (model/chat.py)
+    messages, tools = _chat_messages(r), None
+    if _uses_tools(r, messages):
+        tools = tools_inputs(tokenizer, info.context_length, messages, r.tools, r.tool_choice,
+                             r.parallel_tool_calls)
+        ids = tools.prompt_ids
+    else:
+        ids = prompt_ids_of(tokenizer, info.context_length, messages=messages)
+    field = "max_tokens" if r.max_tokens is not None else "max_completion_tokens"
+    max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = info.context_length - len(ids)              # chat: up to the context
+    return Inputs(ids, _params(r, info, len(ids), max_tokens=max_tokens, field=field,
+                               top_logprobs=(r.top_logprobs or 0) if r.logprobs else 0,
+                               prompt_logprobs=r.prompt_logprobs, tools=tools), tools)
 
 
 def chat_inputs(r: ChatCompletionRequest, tokenizer: Tokenizer,
                 info: EngineInfo) -> tuple[list[int], SamplingParams]:
     """(prompt ids, sampling params) of a /v1/chat/completions request."""
-    _check_common(r)
-    _refuse(not r.echo, "echo", "is not supported by chat completions (echo a prompt with "
-            "/v1/completions)")
-    _refuse(r.top_logprobs is None or r.logprobs, "top_logprobs", "needs logprobs: true")
-    _refuse(not r.tools, "tools", "are not supported")
-    _refuse(not r.store, "store", "is not supported (this server stores nothing)")
-    _refuse(r.tool_choice in (None, "none"), "tool_choice",
-            f"only \"none\" is supported (this server has no tools), got {r.tool_choice!r}")
-    _refuse(r.response_format in (None, {"type": "text"}), "response_format",
-            "only {\"type\": \"text\"} is supported")
-    _refuse(r.max_tokens is None or r.max_completion_tokens is None, "max_completion_tokens",
-            "set it or max_tokens, not both")
-    for i, m in enumerate(r.messages):
-        for field in ("tool_calls", "function_call", "audio", "refusal"):
-            _refuse(not getattr(m, field), f"messages[{i}].{field}",
-                    "only null or empty is accepted (this server has no tools, audio or "
-                    "refusals)")
-    # OpenAI's "developer" role is "system" to the chat template (model/chat.py)
-    messages = [{"role": m.role, "content": m.text()} for m in r.messages]
-    ids = prompt_ids_of(tokenizer, info.context_length, messages=messages)
-    field = "max_tokens" if r.max_tokens is not None else "max_completion_tokens"
-    max_tokens = r.max_tokens if r.max_tokens is not None else r.max_completion_tokens
-    if max_tokens is None:
-        max_tokens = info.context_length - len(ids)              # chat: up to the context
-    return ids, _params(r, info, len(ids), max_tokens=max_tokens, field=field,
-                        top_logprobs=(r.top_logprobs or 0) if r.logprobs else 0,
-                        prompt_logprobs=r.prompt_logprobs)
+    inputs = chat_request(r, tokenizer, info)
+    return inputs.ids, inputs.params

@@ -28,20 +28,22 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from actors.info import EngineInfo
 from actors.serving.openai_api import REQUEST_FIELDS, ChatCompletionRequest, CompletionRequest
+from actors.serving.openai_tool_calls import ChoiceCalls
 from model.output import Completion, PromptLogprob, StreamChunk
 from model.sampling import TopLogprobs
 from model.tokenizer import Tokenizer
+from model.tools import ToolCallParser
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
                500: "internal_server_error"}
 # a message that starts with a request field ("max_tokens must be...", "messages[0].role: ...")
 # names it in the error's `param` too
-_LEADING_FIELD = re.compile(r"([a-z_]+)(\[\d+\](\.[a-z_]+)?)?(?=[ :])")
+_LEADING_FIELD = re.compile(r"([a-z_]+)(\[\d+\]|\.[a-z_]+)*(?=[ :])")
 LOGPROB_FLOOR = -9999.0         # -inf as OpenAI's and vLLM's servers write it
 
 
@@ -94,21 +96,28 @@ def shape_of(r: ChatCompletionRequest | CompletionRequest, chat: bool, tokenizer
 
 
 class _ChoiceState:
-    """One choice's place in a stream: whether its first chunk went out, and (completions)
-    the character offset of its next token, from the engine's detokenizer replayed."""
+    """One choice's place in a stream: whether its first chunk went out, (completions) the
+    character offset of its next token, from the engine's detokenizer replayed, and (chat
+    with tools) its tool calls' parser."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], start: int):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], start: int,
+                 parser: ToolCallParser | None):
         self.started = False
         self.text_offset = start
         self.detok = tokenizer.detokenizer(prompt_ids)
+        self.calls = ChoiceCalls(parser) if parser is not None else None
 
 
 class Response:
-    """Builds the bodies of one request's response: the whole one or its stream chunks."""
+    """Builds the bodies of one request's response: the whole one or its stream chunks.
+    `parsers`: a new ToolCallParser per choice (or None: plain text), for a chat with tools
+    (validation.ToolInputs.parser)."""
 
     def __init__(self, chat: bool, model: str, tokenizer: Tokenizer, shape: Shape = Shape(),
-                 prompt_ids: Sequence[int] = ()):
+                 prompt_ids: Sequence[int] = (),
+                 parsers: Callable[[], ToolCallParser | None] | None = None):
         self.chat, self.model, self.tokenizer, self.shape = chat, model, tokenizer, shape
+        self.parsers = parsers
         self.prompt_ids = list(prompt_ids)
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
@@ -119,7 +128,8 @@ class Response:
     def _state(self, index: int) -> _ChoiceState:
         if index not in self._choices:
             start = len(self.shape.echo) if self.shape.echo is not None else 0
-            self._choices[index] = _ChoiceState(self.tokenizer, self.prompt_ids, start)
+            parser = self.parsers() if self.parsers is not None else None
+            self._choices[index] = _ChoiceState(self.tokenizer, self.prompt_ids, start, parser)
         return self._choices[index]
 
     def _entry(self, token: int, logprob: float) -> dict:
@@ -224,8 +234,11 @@ class Response:
         """The response body of a whole request: one choice per completion (by index)."""
         choices = []
         for c in sorted(completions, key=lambda c: c.index):
-            choice = self._choice(c, self._state(c.index), first=True)
-            if self.chat:
+            state = self._state(c.index)
+            choice = self._choice(c, state, first=True)
+            if self.chat and state.calls is not None:
+                choice["message"], choice["finish_reason"] = state.calls.message(c)
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
             else:
                 choice["text"] = self._text(c.text, first=True)
@@ -251,8 +264,10 @@ class Response:
         first, state.started = not state.started, True
         choice = self._choice(c, state, first)
         if self.chat:
-            choice["delta"] = ({"role": "assistant", "content": c.text} if first
-                               else {"content": c.text})
+            delta = {"content": c.text}
+            if state.calls is not None:
+                delta, choice["finish_reason"] = state.calls.delta(c)
+            choice["delta"] = {"role": "assistant"} | delta if first else delta
         else:
             choice["text"] = self._text(c.text, first)
         return self._event({"choices": [choice]} | self._chat_prompt_logprobs([c]))

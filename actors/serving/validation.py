@@ -2,16 +2,23 @@
 HTTP API: actors/serving/openai_api.py): the prompt or chat messages to token ids, and the
 sampling options to SamplingParams, each refusal an InvalidRequest whose message names the field
 and its limit ("max_tokens must be in [1, 98] (context length 100 minus the prompt's 2
-tokens), got 99"). Pure functions; no protobuf, no HTTP.
+tokens), got 99"); the structured-output constraint a request sets (`constraint_of`: at most
+one) and what its tools make (`tools_inputs`: the prompt, the grammar forcing a call, a
+parser per choice). Pure functions; no protobuf, no HTTP.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from collections.abc import Mapping, Sequence
 
 from model import admission
+from model.constraint import Constraint
 from model.engine import SamplingParams
 from model.errors import InvalidRequest
 from model.tokenizer import ChatTemplateError, Tokenizer
+from model.tools import Tool, ToolCalling, ToolCallParser, ToolChoice, tool_choice_of, tools_of
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -35,10 +42,66 @@ def prompt_ids_of(tokenizer: Tokenizer, context_length: int, *,
             ids = tokenizer.apply_chat_template(messages)
         except ChatTemplateError as e:
             raise InvalidRequest(str(e)) from None
+    return _fitting(ids, context_length)
+
+
+def _fitting(ids: list[int], context_length: int) -> list[int]:
     if len(ids) >= context_length:
         raise InvalidRequest(f"prompt is {len(ids)} tokens; the context length is "
                              f"{context_length} (prompt + max_tokens must fit)")
     return ids
+
+
+def constraint_of(*constraints: Constraint | None) -> Constraint | None:
+    """The one constraint among those a request's fields set (None: unset); InvalidRequest
+    naming both fields when two are set ("response_format and guided_regex: ...")."""
+    given = [c for c in constraints if c is not None]
+    if len(given) > 1:
+        raise InvalidRequest(f"{given[0].field} and {given[1].field}: set one structured-output "
+                             "constraint, not both (a forced tool call is one too)")
+    return given[0] if given else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolInputs:
+    """What a chat request with tools (or tool messages) makes: its prompt's token ids, the
+    grammar forcing a call (tool_choice "required" or a function; else None) and how its
+    output is read (`parser()`: a new ToolCallParser per choice, or None: plain text)."""
+    prompt_ids: list[int]
+    constraint: Constraint | None
+    calling: ToolCalling
+    tools: tuple[Tool, ...]
+    choice: ToolChoice
+
+    def parser(self) -> ToolCallParser | None:
+        return self.calling.parser(self.tools, self.choice)
+
+
+@functools.lru_cache(maxsize=8)
+def tool_calling(tokenizer: Tokenizer) -> ToolCalling:
+    """The tokenizer's ToolCalling, made once."""
+    return ToolCalling(tokenizer)
+
+
+def tools_inputs(tokenizer: Tokenizer, context_length: int, messages: list[dict],
+                 tools: list | None = None, tool_choice: str | dict | None = None,
+                 parallel_tool_calls: bool | None = None) -> ToolInputs:
+    """ToolInputs of chat `messages` (OpenAI's dicts: role "tool" with tool_call_id, assistant
+    tool_calls) with OpenAI's `tools`, `tool_choice` (default "auto" with tools, else "none")
+    and `parallel_tool_calls` (default true); InvalidRequest naming the field (`tools[2].
+    function.name`, `tool_choice`, `messages[1].tool_calls`, `prompt`)."""
+    defined = tools_of(tools or [], "tools")
+    choice = tool_choice_of(tool_choice, defined, "tool_choice")
+    chars = len(json.dumps([messages, tools], ensure_ascii=False))
+    admission.check_text_size("messages", chars, tokenizer, context_length)
+    calling = tool_calling(tokenizer)
+    try:
+        ids = _fitting(calling.prompt_ids(messages, defined, choice), context_length)
+    except ChatTemplateError as e:
+        raise InvalidRequest(str(e)) from None
+    parallel = True if parallel_tool_calls is None else parallel_tool_calls
+    return ToolInputs(ids, calling.constraint(defined, choice, parallel), calling, defined,
+                      choice)
 
 
 def sampling_params_of(prompt_len: int, context_length: int, *, max_tokens: int | None = None,
@@ -52,11 +115,13 @@ def sampling_params_of(prompt_len: int, context_length: int, *, max_tokens: int 
                        repetition_penalty: float | None = None,
                        logit_bias: Mapping[int, float] | None = None,
                        min_tokens: int | None = None, stop_token_ids: Sequence[int] = (),
-                       vocab_size: int | None = None) -> SamplingParams:
+                       vocab_size: int | None = None,
+                       constraint: Constraint | None = None) -> SamplingParams:
     """SamplingParams from a request's optional fields (None: the default); raises
     InvalidRequest naming the field and its limit. `max_tokens` 0 is allowed only with
     `prompt_logprobs` (a prompt scored, nothing generated: completions' `echo`).
-    `vocab_size`: logit_bias keys and stop_token_ids must be below it."""
+    `vocab_size`: logit_bias keys and stop_token_ids must be below it; `constraint`: the
+    structured output (constraint_of's; whether it compiles is EngineClient.check's)."""
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     room = context_length - prompt_len
     low = 0 if prompt_logprobs is not None else 1
@@ -84,6 +149,7 @@ def sampling_params_of(prompt_len: int, context_length: int, *, max_tokens: int 
             prompt_logprobs=prompt_logprobs, presence_penalty=given(presence_penalty, 0.0),
             frequency_penalty=given(frequency_penalty, 0.0),
             repetition_penalty=given(repetition_penalty, 1.0), logit_bias=bias,
-            min_tokens=given(min_tokens, 0), stop_token_ids=tuple(stop_token_ids))
+            min_tokens=given(min_tokens, 0), stop_token_ids=tuple(stop_token_ids),
+            constraint=constraint)
     except ValueError as e:       # SamplingParams names the field and its limit
         raise InvalidRequest(str(e)) from None

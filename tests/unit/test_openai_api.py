@@ -110,17 +110,22 @@ def test_whole_and_chunk_bodies(tokenizer):
     assert responses.DONE == "data: [DONE]\n\n"
 
 
-def test_tool_fields_without_tools_are_accepted_and_tools_refused(tokenizer):
+def test_tool_fields_without_tools_are_accepted_and_tools_reach_the_prompt(tokenizer):
+    """Issue 22: tools are served (they were refused); without tools the fields change
+    nothing, and on this v1 vocabulary `auto` is refused naming tool_choice (model/tools.py)."""
     def chat(**kw):
         return oai.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                          **kw)
+    plain = oai.chat_inputs(chat(), tokenizer, INFO)
     for ok in (dict(tool_choice="none"), dict(parallel_tool_calls=True), dict(tools=[])):
-        oai.chat_inputs(chat(**ok), tokenizer, INFO)
-    with pytest.raises(InvalidRequest, match='tool_choice: only "none"'):
+        assert oai.chat_inputs(chat(**ok), tokenizer, INFO) == plain
+    with pytest.raises(InvalidRequest, match="^tool_choice: 'auto' needs tools"):
         oai.chat_inputs(chat(tool_choice="auto"), tokenizer, INFO)
-    with pytest.raises(InvalidRequest, match="tools: are not supported"):
-        oai.chat_inputs(chat(tools=[{"type": "function", "function": {"name": "f"}}]),
-                        tokenizer, INFO)
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    with pytest.raises(InvalidRequest, match="^tool_choice: 'auto' needs a vocabulary"):
+        oai.chat_inputs(chat(tools=tools), tokenizer, INFO)
+    ids, params = oai.chat_inputs(chat(tools=tools, tool_choice="required"), tokenizer, INFO)
+    assert len(ids) > len(plain[0]) and params.constraint.field == "tool_choice"
 
 
 @settings(max_examples=300, deadline=None)
@@ -330,13 +335,11 @@ def test_an_sdk_replayed_history_is_accepted_and_its_extras_ignored(tokenizer):
 
 
 @pytest.mark.parametrize("extra, field", [
-    ({"tool_calls": [{"id": "c", "type": "function",
-                      "function": {"name": "f", "arguments": "{}"}}]}, "messages[1].tool_calls"),
     ({"function_call": {"name": "f", "arguments": "{}"}}, "messages[1].function_call"),
     ({"audio": {"id": "a"}}, "messages[1].audio"),
     ({"refusal": "I can't."}, "messages[1].refusal"),
 ])
-def test_a_non_empty_tool_call_audio_or_refusal_is_refused_by_name(tokenizer, extra, field):
+def test_a_non_empty_function_call_audio_or_refusal_is_refused_by_name(tokenizer, extra, field):
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"} | extra,
              {"role": "user", "content": "ok"}]
     with pytest.raises(InvalidRequest, match=f"^{re.escape(field)}: only null or empty"):
