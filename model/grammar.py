@@ -158,10 +158,10 @@ class GrammarCompiler:
         limits = llg.LLParserLimits(**LIMITS)
         error = llg.LLMatcher.validate_grammar(grammar, self._lltok, limits=limits)
         if error:
-            raise GrammarError(error.strip())
+            raise GrammarError(" ".join(error.split()))      # one line, for a reply
         matcher = llg.LLMatcher(self._lltok, grammar, log_level=0, limits=limits)
         if matcher.is_error():
-            raise GrammarError(matcher.get_error().strip())
+            raise GrammarError(" ".join(matcher.get_error().split()))
         return matcher
 
     def _tokenizer(self) -> llg.LLTokenizer:
