@@ -41,8 +41,9 @@ SCHEMAS = [
     {"$defs": {"pt": strict({"x": {"type": "integer", "minimum": 0, "maximum": 9}})},
      **strict({"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}})},
 ]
+# ASCII classes: Rust's regex (llguidance) and Python's re differ in Unicode version ("\d")
 REGEXES = ["(yes|no|maybe)", "[0-9]{3}-[a-z]{2,4}", "[A-Z][a-z]{1,5}( [A-Z][a-z]{1,5}){0,2}",
-           r"\d+\.\d{2}", " ?ab{1,5}", "(a|b)*c"]
+           r"[0-9]+\.[0-9]{2}", " ?ab{1,5}", "(a|b)*c"]
 CHOICES = ["red", "green", "blue sky", 'quote "q"', "back\\slash", "new\nline", "ünï 😀"]
 # a Lark grammar and the Python regex of the same language
 LARK = 'start: "x=" NUM ("," NUM)* ";"\nNUM: /[0-9]{1,3}/'
