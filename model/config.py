@@ -118,12 +118,15 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-# Shapes for random-weight checkpoints. vocab_size is the real tokenizer's (32000) everywhere.
+# Shapes for random-weight checkpoints. vocab_size is the real tokenizer's: 32000 (Mixtral-8x7B's
+# v1) everywhere but `tiny-v3`, which has the v3 vocabulary (32768 ids, with Mistral's tool
+# tokens) of Mixtral-8x22B-Instruct, so tool calls run natively in tests and the demo.
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+             max_position_embeddings=4096)
 PRESETS: dict[str, MixtralConfig] = {
-    "tiny": MixtralConfig(vocab_size=32000, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          num_local_experts=8, num_experts_per_tok=2,
-                          max_position_embeddings=4096),
+    "tiny": MixtralConfig(vocab_size=32000, **_TINY),
+    "tiny-v3": MixtralConfig(vocab_size=32768, **_TINY),
     "small": MixtralConfig(vocab_size=32000, hidden_size=512, intermediate_size=1792,
                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                            num_local_experts=8, num_experts_per_tok=2,

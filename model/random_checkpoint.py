@@ -2,8 +2,9 @@
 
 The output is what the real checkpoints hold (config.json, sharded
 `model-0000i-of-0000n.safetensors` + index, generation_config.json, the real Mixtral tokenizer
-files) with seeded random weights (`model.checkpoint.random_tensor`, seeded from (seed, name)),
-which transformers' MixtralForCausalLM loads:
+files: mistral-common's v1, or its v3 for the 32768-id vocabulary of `tiny-v3`) with seeded
+random weights (`model.checkpoint.random_tensor`, seeded from (seed, name)), which
+transformers' MixtralForCausalLM loads:
 
     python -m model.random_checkpoint --preset small --out /tmp/small [--dtype float32] [--seed 0]
 
@@ -33,6 +34,7 @@ from model.checkpoint import (
 )
 from model.config import PRESETS, MixtralConfig, cache_dir, resolve_config
 from model.mixtral import tensor_shapes
+from model.spm import MISTRAL_COMMON_FILES, mistral_common_model
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,14 @@ def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    Tokenizer.from_pretrained().save(out)
+    tokenizer_for(cfg).save(out)
     return out
+
+
+def tokenizer_for(cfg: MixtralConfig) -> Tokenizer:
+    """mistral-common's tokenizer of the config's vocabulary: v3 for 32768 ids, else v1."""
+    vocab = cfg.vocab_size if cfg.vocab_size in MISTRAL_COMMON_FILES else 32000
+    return Tokenizer.from_model_file(mistral_common_model(vocab))
 
 
 def _new_file_mode() -> int:
@@ -141,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(config.json, sharded safetensors + index, tokenizer files).")
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True,
                         help="model shape (model/config.py PRESETS): tiny and small for tests "
-                             "and benchmarks, 8x7b for Mixtral-8x7B's real sizes")
+                             "and benchmarks (tiny-v3: tiny with the v3 vocabulary and its "
+                             "tool tokens), 8x7b for Mixtral-8x7B's real sizes")
     parser.add_argument("--out", required=True,
                         help="output directory (created; existing files are overwritten)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",

@@ -46,7 +46,7 @@ class Tool:
     """One function the model may call; `parameters` is a JSON Schema of its arguments."""
     name: str
     description: str = ""
-    parameters: dict = dataclasses.field(default_factory=dict)
+    parameters: dict = dataclasses.field(default_factory=dict, hash=False)   # hash: the name
 
     def openai(self) -> dict:
         """OpenAI's (and mistral-common's) tool dict, keys in mistral-common's order."""
@@ -177,15 +177,17 @@ class ToolCalling:
     def constraint(self, tools: tuple[Tool, ...], choice: ToolChoice,
                    parallel: bool) -> Constraint | None:
         """For "required" (one call, or one or more when `parallel`) and a named function
-        (calls of it only): a Lark grammar of the call list (after <[TOOL_CALLS]> and an
-        optional space when native), field "tool_choice". None for "auto" and "none"."""
+        (calls of it only): a Lark grammar of an optional space and the call list (after
+        <[TOOL_CALLS]> when native), field "tool_choice". None for "auto" and "none". Each
+        tool's parameters are their own `%json` root, so their "#/$defs/..." refs hold."""
         if choice.mode not in ("required", "function"):
             return None
         callable_ = [t for t in tools if choice.mode == "required" or t.name == choice.name]
         rules = [f"call_{k}: {_call_head(t.name)} args_{k} \"}}\"\n"
                  f"args_{k}: %json {_arguments_schema(t)}" for k, t in enumerate(callable_)]
         more = ' ("," " " call)*' if parallel else ""
-        head = f'<[{self.tool_calls_id}]> " "? ' if self.native else ""
+        # Mixtral's natural first token of the list is "▁[": the grammar allows the space
+        head = (f'<[{self.tool_calls_id}]> ' if self.native else "") + '" "? '
         lark = "\n".join([f'start: {head}"[" call{more} "]"',
                           "call: " + " | ".join(f"call_{k}" for k in range(len(callable_))),
                           *rules])

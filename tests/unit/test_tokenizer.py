@@ -527,3 +527,75 @@ def test_encoding_many_distinct_prompts_keeps_no_per_prompt_memory():
     start = rss_mib()
     assert sum(len(tok.encode(p)) for p in prompts) > 8000
     assert rss_mib() - start < 5
+
+
+# ---- the v3 vocabulary (tiny-v3; Mixtral-8x22B-Instruct's) ---------------------------------
+
+V3_FILE = mistral_common_model(32768)
+
+
+@pytest.fixture(scope="module")
+def tok_v3():
+    return Tokenizer.from_model_file(V3_FILE)
+
+
+@pytest.fixture(scope="module")
+def mistral_v3():
+    return MistralTokenizer.v3()
+
+
+def test_v3_encode_and_decode_match_sentencepiece(tok_v3):
+    sp3 = spm.SentencePieceProcessor(model_file=str(V3_FILE))
+    for s in CORPUS + ["see [REFERENCE_DOC_0] and [TOOL_CALLS] x", " [REFERENCE_DOC_12]y"]:
+        assert tok_v3.encode(s) == [sp3.bos_id()] + sp3.encode(s), f"encode differs on {s!r}"
+        assert tok_v3.decode(tok_v3.encode(s)) == sp3.decode(sp3.encode(s))
+    rng = random.Random(3)
+    for _ in range(500):
+        ids = [rng.randrange(tok_v3.vocab_size) for _ in range(rng.randrange(1, 8))]
+        assert tok_v3.decode(ids) == sp3.decode(ids), ids
+
+
+def test_v3_control_tokens_are_ids_never_text(tok_v3, tok):
+    names = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+             "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
+    assert [tok_v3.control_id(n) for n in names] == [3, 4, 5, 6, 7, 8, 9]
+    assert tok_v3.vocab_size == 32768 and tok_v3.native_tools
+    assert not any(i in range(3, 10) for i in tok_v3.encode(" ".join(names)))
+    assert tok.control_id("[TOOL_CALLS]") is None and not tok.native_tools
+
+
+@pytest.mark.parametrize("name", sorted(CHATS))
+def test_v3_chat_matches_mistral_common(tok_v3, mistral_v3, name):
+    assert tok_v3.apply_chat_template(CHATS[name]) == _reference(mistral_v3, CHATS[name])
+
+
+@PROPERTY
+@given(messages=conversations())
+def test_v3_chat_property_matches_reference(tok_v3, mistral_v3, messages):
+    try:
+        expected = _reference(mistral_v3, messages)
+    except MistralCommonException:
+        expected = None
+    try:
+        ours, error = tok_v3.apply_chat_template(messages), None
+    except ChatTemplateError as e:
+        ours, error = None, str(e)
+    if expected is None:
+        assert error is not None and _names_the_culprit(error, messages), error
+    elif error is not None:
+        assert _rule_stricter_than_reference(error, messages), error
+    else:
+        event("equal ids checked")
+        assert ours == expected
+
+
+def test_tiny_v3_checkpoint_carries_the_v3_tokenizer(tmp_path, tok_v3):
+    from model.config import PRESETS
+    from model.random_checkpoint import tokenizer_for
+    tokenizer_for(PRESETS["tiny-v3"]).save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "[TOOL_CALLS]" in config["additional_special_tokens"]
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    assert loaded.vocab_size == PRESETS["tiny-v3"].vocab_size == 32768
+    chat = CHATS["system"]
+    assert loaded.apply_chat_template(chat) == tok_v3.apply_chat_template(chat)
