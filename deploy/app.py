@@ -13,6 +13,10 @@ API only (deploy/serve.yaml also configures gRPC on port 9000). The args:
     model:        checkpoint directory, served under its directory's name; omitted: the demo,
                   a `tiny` random checkpoint with the real tokenizer created once under
                   $MIXTRAL_EP_CACHE (its text is gibberish), served as "mixtral-ep-demo-tiny"
+    demo:         the random preset served when `model` is omitted: `tiny` (the default;
+                  Mixtral-8x7B's v1 vocabulary: tool calls only when forced by tool_choice) or
+                  `tiny-v3` (the v3 vocabulary of Mixtral-8x22B-Instruct, with Mistral's tool
+                  tokens: native tool calls), served as "mixtral-ep-demo-<preset>"
     api_key_env / api_key_file: the name of an environment variable, or a file, holding the API
                   key every gRPC and /v1 call must carry (`authorization: Bearer <key>`); read
                   here, only its digest reaches the gateways (actors/serving/auth.py)
@@ -40,7 +44,8 @@ from model.random_checkpoint import cached_random_checkpoint
 # its LoggingConfig apply; a plain module logger has no handler in a Serve process
 log = logging.getLogger(f"ray.serve.{__name__}")
 
-APP_ARGS = ("model", "api_key_env", "api_key_file")     # build_app's own; the rest: EngineOptions
+APP_ARGS = ("model", "demo", "api_key_env", "api_key_file")   # build_app's; the rest: EngineOptions
+DEMO_PRESETS = ("tiny", "tiny-v3")                      # `demo=`: the random checkpoints served
 DEMO_MODEL_ID = "mixtral-ep-demo-tiny"
 # what Serve's gRPC proxy serves (`grpc_options.grpc_servicer_functions`; the Serve configs in
 # deploy/ list the same, a test checks): first the hook that fixes the proxy's status codes (a
@@ -80,8 +85,12 @@ def build_app(args: dict) -> Application:
                          f"{', '.join(accepted)}")
     options = EngineOptions.from_args(args)
     api_key_digest = key_digest(args)          # now: a missing key fails the deploy at once
-    path = args.get("model") or str(cached_random_checkpoint("tiny"))
-    name = Path(path).name if args.get("model") else DEMO_MODEL_ID
+    demo = args.get("demo", "tiny")
+    if demo not in DEMO_PRESETS or (args.get("model") and "demo" in args):
+        raise ValueError(f"demo must be one of {', '.join(DEMO_PRESETS)}, and only without "
+                         f"model; got demo={demo!r}" + (" with model" if args.get("model") else ""))
+    path = args.get("model") or str(cached_random_checkpoint(demo))
+    name = Path(path).name if args.get("model") else f"mixtral-ep-demo-{demo}"
     if args.get("model"):
         check_checkpoint_dir(path)             # now, not after replicas crash-loop on it
     WeightSource(path=path).resolve_dtype(options.dtype)      # "auto": reads its config.json

@@ -90,6 +90,15 @@ def test_expert_autoscaling_is_checked_before_anything_starts(value, says):
         build_app({"model": "unused", "expert_autoscaling": value})
 
 
+@pytest.mark.parametrize("args, says", [
+    ({"demo": "tiny-v2"}, r"demo must be one of tiny, tiny-v3.*got demo='tiny-v2'"),
+    ({"model": "unused", "demo": "tiny-v3"}, "only without model")])
+def test_the_demo_preset_is_checked_before_anything_starts(args, says):
+    from deploy.app import build_app
+    with pytest.raises(ValueError, match=says):
+        build_app(args)
+
+
 def test_the_gpu_config_gives_the_engine_replica_its_gpu():
     app = yaml.safe_load((ROOT / "deploy/serve-gpu.yaml").read_text())["applications"][0]
     [engine] = [d for d in app["deployments"] if d["name"] == "EngineServer"]
