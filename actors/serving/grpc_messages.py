@@ -1,8 +1,10 @@
-"""gRPC messages <-> engine inputs and outputs: a GenerateRequest's prompt and sampling options
-through the protocol-free checks (actors/serving/validation.py), and the GenerateResponse and
-ModelInfoResponse built from engine chunks, Completions and EngineInfo. Pure functions (and
-`Responses`, which only remembers a request's constants); the only module of the front door,
-with the gRPC servicer, that reads or builds protobuf messages.
+"""gRPC messages <-> engine inputs and outputs: a GenerateRequest's prompt, sampling options,
+constraint and tools through the protocol-free checks (actors/serving/validation.py; the proto's
+structured-output and tool fields: actors/serving/grpc_structured.py), and the GenerateResponse
+and ModelInfoResponse built from engine chunks, Completions and EngineInfo (tool calls:
+actors/serving/grpc_tool_calls.py). Pure functions (and `Responses`, which remembers a
+request's constants and, with tools, each streamed choice's parser); with the gRPC servicer the
+only modules of the front door that read or build protobuf messages.
 
 Logprobs cross as the engine reports them, under the model's raw distribution: a token's in
 `logprobs`, its alternatives as `TopLogprobs` (most likely first), a prompt token's as a
@@ -10,10 +12,19 @@ Logprobs cross as the engine reports them, under the model's raw distribution: a
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 from actors.info import EngineInfo
-from actors.serving.validation import prompt_ids_of, sampling_params_of
+from actors.serving import grpc_structured
+from actors.serving.grpc_tool_calls import (
+    ToolCallStreams,
+    finish_reason_of,
+    read_completion,
+    whole_calls,
+)
+from actors.serving.validation import ToolInputs, constraint_of, prompt_ids_of, sampling_params_of
+from model.constraint import Constraint
 from model.engine import Completion, SamplingParams, StreamChunk
 from model.errors import InvalidRequest
 from model.output import PromptLogprob
@@ -28,10 +39,7 @@ def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer, context_length: in
                vocab_size: int) -> list[int]:
     """Token ids of a gRPC request's prompt, chat messages or prompt_token_ids (exactly one
     must be set; token ids must be in [0, vocab_size))."""
-    given = [field for field in PROMPT_FIELDS if getattr(req, field)]
-    if len(given) > 1:
-        raise InvalidRequest(f"set exactly one of prompt, messages and prompt_token_ids, "
-                             f"got {' and '.join(given)}")
+    check_one_prompt(req)
     if req.prompt_token_ids:
         try:
             return prompt_ids_of(tokenizer, context_length, prompt=list(req.prompt_token_ids),
@@ -43,9 +51,41 @@ def prompt_ids(req: pb.GenerateRequest, tokenizer: Tokenizer, context_length: in
                          messages=messages or None)
 
 
+def check_one_prompt(req: pb.GenerateRequest) -> None:
+    """InvalidRequest unless at most one of prompt, messages and prompt_token_ids is set."""
+    given = [field for field in PROMPT_FIELDS if getattr(req, field)]
+    if len(given) > 1:
+        raise InvalidRequest(f"set exactly one of prompt, messages and prompt_token_ids, "
+                             f"got {' and '.join(given)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """A checked request: its prompt ids, its SamplingParams (with its constraint) and, with
+    tools, its ToolInputs (how each choice's output is read)."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    tools: ToolInputs | None = None
+
+
+def inputs(req: pb.GenerateRequest, tokenizer: Tokenizer, context_length: int,
+           vocab_size: int) -> Inputs:
+    """Inputs of a request (blocking: tokenizes); InvalidRequest naming the field. A request
+    with tools (or tool messages) is prompted through validation.tools_inputs."""
+    check_one_prompt(req)
+    tools = grpc_structured.tool_inputs(req, tokenizer, context_length)
+    ids = (tools.prompt_ids if tools is not None
+           else prompt_ids(req, tokenizer, context_length, vocab_size))
+    params = sampling_params(req, len(ids), context_length, vocab_size,
+                             tools.constraint if tools is not None else None)
+    return Inputs(ids, params, tools)
+
+
 def sampling_params(req: pb.GenerateRequest, prompt_len: int, context_length: int,
-                    vocab_size: int) -> SamplingParams:
-    """SamplingParams of a request's options (unset optional fields: the defaults)."""
+                    vocab_size: int, tool_constraint: Constraint | None = None) -> SamplingParams:
+    """SamplingParams of a request's options (unset optional fields: the defaults), with the
+    one constraint of its `constraint` oneof or `tool_constraint` (a forced tool call's; both
+    set: refused naming both)."""
     def optional(field: str):
         return getattr(req, field) if req.HasField(field) else None
     return sampling_params_of(
@@ -57,22 +97,30 @@ def sampling_params(req: pb.GenerateRequest, prompt_len: int, context_length: in
         frequency_penalty=optional("frequency_penalty"),
         repetition_penalty=optional("repetition_penalty"), logit_bias=dict(req.logit_bias),
         min_tokens=optional("min_tokens"), stop_token_ids=req.stop_token_ids,
-        vocab_size=vocab_size)
+        vocab_size=vocab_size,
+        constraint=constraint_of(grpc_structured.constraint(req), tool_constraint))
 
 
 class Responses:
     """Builds one request's GenerateResponses. `prompt`: its prompt ids; `logprobs`: whether
     it asked for chosen tokens' logprobs (`logprobs`, or `top_logprobs` > 0); `token_bytes`:
-    a token id's bytes (Tokenizer.token_bytes)."""
+    a token id's bytes (Tokenizer.token_bytes); `tools`: with tools, how each choice's output
+    is read into content and tool calls (a new parser per choice)."""
 
     def __init__(self, prompt: Sequence[int], logprobs: bool,
-                 token_bytes: Callable[[int], bytes]):
+                 token_bytes: Callable[[int], bytes], tools: ToolInputs | None = None):
         self.prompt, self.logprobs, self.token_bytes = prompt, logprobs, token_bytes
+        # tool_choice "none" (or no tools, only tool messages): no parser, the text is content
+        self.tools = tools if tools is not None and tools.parser() is not None else None
+        self.streams = None if self.tools is None else ToolCallStreams(self.tools.parser)
 
     def stream(self, chunk: StreamChunk, usage: pb.Usage | None) -> pb.GenerateResponse:
         """One GenerateStream message: a choice's delta; `usage` on the stream's last one."""
-        out = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids,
-                                  finish_reason=chunk.finish_reason or "", index=chunk.index,
+        text, calls, reason = chunk.text, [], chunk.finish_reason
+        if self.streams is not None:
+            text, calls, reason = self.streams.read(chunk.index, chunk.token_ids, text, reason)
+        out = pb.GenerateResponse(text=text, token_ids=chunk.token_ids, tool_calls=calls,
+                                  finish_reason=reason or "", index=chunk.index,
                                   top_logprobs=self._top(chunk.top_logprobs))
         if self.logprobs:
             out.logprobs.extend(chunk.logprobs)
@@ -96,7 +144,11 @@ class Responses:
 
     def _choice_fields(self, c: Completion, message):
         """`message` (GenerateResponse or Choice) with one choice's own fields set."""
-        out = message(text=c.text, token_ids=c.token_ids, finish_reason=c.finish_reason,
+        text, calls = c.text, []
+        if self.tools is not None:
+            text, calls = read_completion(self.tools.parser(), c.token_ids, c.text)
+        out = message(text=text, token_ids=c.token_ids, tool_calls=whole_calls(calls),
+                      finish_reason=finish_reason_of(c.finish_reason, calls),
                       top_logprobs=self._top(c.top_logprobs))
         if message is pb.Choice:
             out.index = c.index

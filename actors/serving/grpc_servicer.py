@@ -1,6 +1,7 @@
 """The gRPC side of the gateway: `mixtral_ep.v1.Generator` (Generate, GenerateStream, ModelInfo)
 and `grpc.health.v1.Health/Check`, behind Serve's gRPC proxy (which calls a deployment's methods
-by RPC name). Validation and message building are actors/serving/grpc_messages.py's; the engine
+by RPC name). Validation and message building are actors/serving/grpc_messages.py's (a
+constraint's compile is checked by EngineClient.check before the engine is asked); the engine
 is reached through an EngineClient (actors/serving/engine_client.py).
 
 No method raises for a failed request: each sets its status and details
@@ -23,12 +24,7 @@ from grpc_health.v1 import health_pb2
 from actors.serving.auth import Unauthenticated, authorized, grpc_authorization
 from actors.serving.caller import caller_of, cancel_if_gone
 from actors.serving.engine_client import EngineClient, collect
-from actors.serving.grpc_messages import (
-    Responses,
-    model_info,
-    prompt_ids,
-    sampling_params,
-)
+from actors.serving.grpc_messages import Responses, inputs, model_info
 from actors.serving.status import log_failure, status_of
 from protos import generator_pb2 as pb
 
@@ -59,14 +55,16 @@ class GeneratorServicer:
 
     async def _prepare(self, request: pb.GenerateRequest, grpc_context):
         """(prompt ids, SamplingParams, the request's Responses) of a checked request;
-        InvalidRequest names the field."""
+        InvalidRequest names the field, a constraint that does not compile included (before
+        the engine is asked, so before any message is sent)."""
         self._check_key(grpc_context)
         info = await self.engine.info()
         context, vocab, tokenizer = info.context_length, info.vocab_size, self.engine.tokenizer
-        ids = await asyncio.to_thread(prompt_ids, request, tokenizer, context, vocab)  # off loop
-        params = sampling_params(request, len(ids), context, vocab)
+        given = await asyncio.to_thread(inputs, request, tokenizer, context, vocab)  # off loop
+        ids, params = given.prompt_ids, given.params
+        await self.engine.check(params)
         logprobs = request.logprobs or params.top_logprobs > 0
-        return ids, params, Responses(ids, logprobs, tokenizer.token_bytes)
+        return ids, params, Responses(ids, logprobs, tokenizer.token_bytes, given.tools)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:

@@ -15,6 +15,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from actors.info import EngineInfo
 from actors.serving import grpc_messages as gm
+from actors.serving.engine_client import EngineClient
 from actors.serving.grpc_servicer import GeneratorServicer
 from model.engine import Completion, SamplingParams, StreamChunk
 from model.errors import InvalidRequest
@@ -201,7 +202,10 @@ class _Chunks:
 
 
 class _Engine:
-    """The EngineClient surface the servicer reads; records what each stream was asked."""
+    """The EngineClient surface the servicer reads (its own `check`); records what each stream
+    was asked."""
+
+    check = EngineClient.check
 
     def __init__(self, tokenizer, chunks):
         self.tokenizer, self.chunks, self.asked = tokenizer, chunks, []
