@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 import threading
 import time
@@ -66,6 +67,29 @@ def http_top(logprobs) -> tuple[list[float], list]:
             [[(a.token, a.logprob) for a in e.top_logprobs] for e in content])
 
 
+def http_stream(client, chat: bool, prompt, **sampling):
+    """A job (see `jobs`) streaming a completion or a chat over the OpenAI HTTP API."""
+    def run(started):
+        kw = {"model": client.models.list().data[0].id, "max_tokens": MAX_TOKENS,
+              "stream": True, **sampling,
+              "extra_body": {"return_token_ids": True, **sampling.get("extra_body", {})}}
+        if chat:
+            chunks = client.chat.completions.create(
+                messages=[{"role": "user", "content": prompt}], **kw)
+        else:
+            chunks = client.completions.create(prompt=prompt, **kw)
+        got = Choices()
+        for n, chunk in enumerate(chunks, start=1):
+            for choice in chunk.choices:
+                text = (choice.delta.content or "") if chat else choice.text
+                got.add(choice.index, choice.token_ids, text,
+                        *(http_top(choice.logprobs) if chat else ()))
+            if n == 3:
+                started.set()
+        return got
+    return run
+
+
 def jobs(stub, client) -> dict:
     """name -> job(started) -> Choices (tests/choices.py); `started` is set once a stream has 3
     chunks (unary calls set it when sent)."""
@@ -94,26 +118,6 @@ def jobs(stub, client) -> dict:
             return got
         return run
 
-    def http_stream(chat: bool, prompt, **sampling):
-        def run(started):
-            kw = dict(model=model, max_tokens=MAX_TOKENS, stream=True,
-                      extra_body={"return_token_ids": True}, **sampling)
-            if chat:
-                chunks = client.chat.completions.create(
-                    messages=[{"role": "user", "content": prompt}], **kw)
-            else:
-                chunks = client.completions.create(prompt=prompt, **kw)
-            got = Choices()
-            for n, chunk in enumerate(chunks, start=1):
-                for choice in chunk.choices:
-                    text = (choice.delta.content or "") if chat else choice.text
-                    got.add(choice.index, choice.token_ids, text,
-                            *(http_top(choice.logprobs) if chat else ()))
-                if n == 3:
-                    started.set()
-            return got
-        return run
-
     def http_unary(prompt, **sampling):
         def run(started):
             started.set()
@@ -131,8 +135,8 @@ def jobs(stub, client) -> dict:
         "grpc seeded": grpc_stream("Once upon a time", seed=7, **seeded),
         "grpc seeded 2": grpc_stream("The capital of France", seed=-3, top_k=40, temperature=1.0),
         "grpc unary seeded": grpc_unary("A long time ago", seed=11, **seeded),
-        "http greedy": http_stream(False, "In the beginning", temperature=0),
-        "http chat seeded": http_stream(True, "Tell me a story", seed=5, **seeded),
+        "http greedy": http_stream(client, False, "In the beginning", temperature=0),
+        "http chat seeded": http_stream(client, True, "Tell me a story", seed=5, **seeded),
         "http unary seeded": http_unary("It was a dark night", seed=13, **seeded),
         # n choices with their alternatives (and, over gRPC, the prompt's logprobs once per
         # choice): each choice resumes where its client stopped
@@ -140,8 +144,8 @@ def jobs(stub, client) -> dict:
                                        prompt_logprobs=2, ignore_eos=True, **seeded),
         "grpc unary n=2 seeded": grpc_unary("On a quiet morning", seed=19, n=2, top_logprobs=2,
                                             ignore_eos=True, **seeded),
-        "http chat n=2 seeded": http_stream(True, "Tell me a joke", seed=23, n=2, logprobs=True,
-                                            top_logprobs=2, **seeded),
+        "http chat n=2 seeded": http_stream(client, True, "Tell me a joke", seed=23, n=2,
+                                            logprobs=True, top_logprobs=2, **seeded),
     }
 
 
@@ -226,3 +230,39 @@ def test_past_the_failover_bound_the_client_gets_unavailable(deploy, tiny_checkp
 def test_a_bad_failover_bound_is_refused_at_build_time(tiny_checkpoint):
     with pytest.raises(ValueError, match="failover_timeout_s must be a positive number"):
         build_app({"model": str(tiny_checkpoint), "failover_timeout_s": 0})
+
+
+# a JSON schema random weights do not close within MAX_TOKENS (an unbounded string): every
+# stream is still inside its document when the replica dies
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_killing_the_engine_replica_mid_constrained_streams_resumes_them_exactly(
+        server, client, engine_actors):
+    """SIGKILL the replica while JSON-schema-constrained chats stream (seeded, greedy, n = 2)
+    and a regex-constrained completion: each resumes on the new replica with its grammar
+    replayed over the tokens so far, and ends as undisturbed (the same tokens, the same text:
+    the document with its one leading space dropped once, not twice)."""
+    fmt = {"type": "json_schema",
+           "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    seeded = dict(temperature=0.9, seed=31, response_format=fmt)
+    todo = {
+        "json seeded": http_stream(client, True, "Who are you?", **seeded),
+        "json greedy": http_stream(client, True, "Describe a person", temperature=0,
+                                   response_format=fmt),
+        "json n=2 seeded": http_stream(client, True, "Two people", n=2, **seeded),
+        "regex seeded": http_stream(client, False, "Letters:", temperature=1.0, seed=37,
+                                    extra_body={"structured_outputs": {"regex": "[a-z ]{8,200}"}}),
+    }
+    undisturbed = run_all(todo)
+    for name, choices in undisturbed.items():
+        for c in choices.values():
+            assert len(c.token_ids) > 3, name
+            assert (re.fullmatch("[a-z ]{8,200}", c.text) if name.startswith("regex")
+                    else c.text.startswith('{"name": "')), (name, c.text)
+    replica, _ = engine_actors(APP)
+    killed = run_all(todo, kill=lambda: os.kill(replica["Pid"], signal.SIGKILL))
+    assert engine_actors(APP)[0]["Pid"] != replica["Pid"]
+    for name in todo:
+        assert_same_choices(killed[name], undisturbed[name], name)
