@@ -120,6 +120,8 @@ def test_without_tool_fields_a_chat_is_prompted_as_before(tokenizer):
 
 @pytest.mark.parametrize("fields, message", [
     ({"messages": CHAT, "tools": ["{not json"]}, "tools[0]: not JSON text"),
+    ({"messages": CHAT, "tools": [json.dumps(WEATHER)]}, "tool_choice: 'auto' needs a "
+                                                         "vocabulary with tool tokens"),
     ({"messages": CHAT, "tools": [json.dumps(WEATHER), '{"type": "function"}']}, "tools[1]"),
     ({"messages": CHAT, "tools": [json.dumps(WEATHER)], "tool_choice": "get_time"},
      "tool_choice"),
@@ -266,3 +268,49 @@ def test_a_constraint_that_does_not_compile_is_invalid_argument_before_any_messa
         context = _Context()
         assert call(context) == [pb.GenerateResponse()] and context.code.name == "INVALID_ARGUMENT"
         assert context.details.startswith(message) and not s.engine.asked
+
+
+def test_native_v3_tool_calls_and_history_over_grpc():
+    """The v3 vocabulary (tiny-v3's): a chat with an earlier call and its result is prompted as
+    mistral-common encodes it (model/tools.py's oracle), and a reply of [TOOL_CALLS] then the
+    call list is read into calls, unary and streamed alike."""
+    from mistral_common.protocol.instruct.messages import (
+        AssistantMessage,
+        ToolMessage,
+        UserMessage,
+    )
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from model.spm import mistral_common_model
+    v3 = Tokenizer.from_model_file(mistral_common_model(32768))
+    history = [CHAT[0], pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(
+                   id="abcDEF123", name="get_weather", arguments='{"city": "Paris"}')]),
+               pb.ChatMessage(role="tool", content="21 C", tool_call_id="abcDEF123"),
+               pb.ChatMessage(role="user", content="And in Lyon?")]
+    got = gm.inputs(pb.GenerateRequest(messages=history, tools=[json.dumps(WEATHER)]), v3,
+                    CONTEXT, 32768)
+    f = WEATHER["function"]
+    want = MistralTokenizer.v3().encode_chat_completion(ChatCompletionRequest(
+        tools=[Tool(function=Function(name=f["name"], description=f["description"],
+                                      parameters=f["parameters"]))],
+        messages=[UserMessage(content="Weather in Paris?"),
+                  AssistantMessage(tool_calls=[ToolCall(id="abcDEF123", function=FunctionCall(
+                      name="get_weather", arguments='{"city": "Paris"}'))]),
+                  ToolMessage(content="21 C", tool_call_id="abcDEF123"),
+                  UserMessage(content="And in Lyon?")])).tokens
+    assert got.prompt_ids == want and got.params.constraint is None       # "auto": no grammar
+    ids = [v3.control_id("[TOOL_CALLS]"), *v3.encode(CALLS_TEXT, bos=False), v3.eos_id]
+    text = v3.decode(ids)
+    unary = gm.Responses(got.prompt_ids, False, v3.token_bytes, got.tools).unary(
+        [Completion("r", got.prompt_ids, ids, text, "stop", [])])
+    assert (unary.text, unary.finish_reason) == ("", "tool_calls")
+    assert [json.loads(c.arguments)["city"] for c in unary.tool_calls] == ["Paris", "Lyon"]
+    responses = gm.Responses(got.prompt_ids, False, v3.token_bytes, got.tools)
+    stream = [responses.stream(StreamChunk("r", v3.decode(ids[:i + 1])[len(v3.decode(ids[:i])):],
+                                           [t], [], "stop" if i == len(ids) - 1 else None), None)
+              for i, t in enumerate(ids)]
+    assert "".join(m.text for m in stream) == ""
+    assert [(n, a) for _, n, a in joined_calls(stream)] == [
+        (c.name, c.arguments) for c in unary.tool_calls]
