@@ -205,8 +205,8 @@ def _expected(body: dict, surrogate_at: str | None) -> tuple[int, str | None]:
     if surrogate_at is not None:
         return 400, surrogate_at
     for i, message in enumerate(body.get("messages", ())):
-        if message.get("tool_calls"):
-            return 400, f"messages[{i}].tool_calls"
+        if message.get("tool_calls"):       # read since issue 22: its content must be empty
+            return 400, f"messages[{i}].content"
     return 200, None
 
 

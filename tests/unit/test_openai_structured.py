@@ -5,6 +5,7 @@ tools' prompt and forcing grammar, and tool calls in OpenAI's whole and streamed
 has the same through Serve with the official client."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pydantic
@@ -18,6 +19,8 @@ from actors.serving import openai_responses as responses
 from actors.serving import validation
 from model.constraint import JSON_OBJECT, Constraint
 from model.errors import InvalidRequest
+from model.output import Completion, StreamChunk
+from model.spm import mistral_common_model
 from model.tokenizer import Tokenizer
 
 INFO = EngineInfo(context_length=2048, vocab_size=32000, num_layers=2, num_experts=8,
@@ -163,3 +166,143 @@ def test_constraint_of_takes_none_and_one():
     assert validation.constraint_of(None, c, None) is c
     with pytest.raises(InvalidRequest, match="^guided_regex and tool_choice: "):
         validation.constraint_of(c, Constraint("regex", "b", "tool_choice"))
+
+
+# ---- tool calls in replies: whole, and streamed as OpenAI streams them ----------------------
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+
+
+@pytest.fixture(scope="module")
+def v3():
+    return Tokenizer.from_model_file(mistral_common_model(32768))
+
+
+def _numbered_parsers(inputs: validation.ToolInputs):
+    """A parser factory like inputs.parser, its call ids counted from 0 in each parser (so a
+    stream's ids equal a whole reply's)."""
+    def parser():
+        counter = itertools.count()
+        p = inputs.parser()
+        p.new_id = lambda: f"call{next(counter):05d}"
+        return p
+    return parser
+
+
+def _tool_inputs(tokenizer, choice: str) -> validation.ToolInputs:
+    return validation.tools_inputs(tokenizer, 4096, [{"role": "user", "content": "hi"}],
+                                   [WEATHER, ADD], choice, True)
+
+
+def _completion_ids(tokenizer, native: bool, calls: list[dict]) -> list[int]:
+    """What a model answering `calls` generates: [TOOL_CALLS] then the list (native), or the
+    list alone (v1, forced)."""
+    ids = tokenizer.encode(json.dumps(calls, ensure_ascii=False), bos=False)
+    return ([tokenizer.control_id("[TOOL_CALLS]")] if native else []) + ids
+
+
+def _pieces(tokenizer, ids: list[int], cuts: list[int]) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each chunk of `ids` cut at `cuts`, text as the engine's
+    detokenizer gives it."""
+    detok, bounds = tokenizer.detokenizer(), sorted({0, len(ids), *cuts})
+    return [(ids[a:b], "".join(detok.push(t) for t in ids[a:b]))
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def _sdk_calls(calls) -> list[dict]:
+    """The SDK's reassembled tool calls in our body's shape (less its extra fields)."""
+    return [{"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                                                      "arguments": c.function.arguments}}
+            for c in calls or ()]
+
+
+def _reassembled(events: list[str]):
+    """The openai SDK's own reassembly of a chat stream's events (ChatCompletionStreamState,
+    what `client.chat.completions.stream()` uses)."""
+    streaming = pytest.importorskip("openai.lib.streaming.chat")
+    chunk_type = pytest.importorskip("openai.types.chat").ChatCompletionChunk
+    state = streaming.ChatCompletionStreamState()
+    for event in events:
+        state.handle_chunk(chunk_type.model_validate(json.loads(event[len("data: "):])))
+    return state.get_final_completion()
+
+
+arguments = st.fixed_dictionaries({"city": st.text(min_size=0, max_size=8)}) | \
+    st.fixed_dictionaries({"a": st.integers(-999, 999), "b": st.integers(-999, 999)})
+
+
+@settings(max_examples=60, deadline=None)
+@given(native=st.booleans(), data=st.data(),
+       calls=st.lists(arguments.map(lambda a: {"name": "get_weather" if "city" in a else "add",
+                                                "arguments": a}), min_size=1, max_size=3))
+def test_streamed_tool_calls_reassemble_to_the_whole_reply(tokenizer, v3, native, data, calls):
+    """Any chunking of a call list (v1 forced, or v3 native after [TOOL_CALLS]): the SDK's
+    reassembly of our stream equals our whole reply, whose calls are the generated ones:
+    content null, finish_reason "tool_calls", arguments JSON text of the arguments."""
+    tok = v3 if native else tokenizer
+    inputs = _tool_inputs(tok, "required")
+    ids = _completion_ids(tok, native, calls)
+    cuts = data.draw(st.lists(st.integers(1, max(1, len(ids) - 1)), max_size=6))
+    pieces = _pieces(tok, ids, cuts)
+    text = "".join(t for _, t in pieces)
+    whole = responses.Response(True, "m", tok, parsers=_numbered_parsers(inputs)).whole(
+        [Completion("r", [], ids, text, "stop", [0.0] * len(ids))], 3)
+    [choice] = whole["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    got = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+           for c in choice["message"]["tool_calls"]]
+    assert got == [(c["name"], c["arguments"]) for c in calls]
+    out = responses.Response(True, "m", tok, parsers=_numbered_parsers(inputs))
+    events = [out.chunk(StreamChunk("r", t, i, [0.0] * len(i),
+                                    "stop" if k == len(pieces) - 1 else None))
+              for k, (i, t) in enumerate(pieces)]
+    streamed = _reassembled(events).choices[0]
+    assert streamed.finish_reason == "tool_calls" and not streamed.message.content
+    assert _sdk_calls(streamed.message.tool_calls) == choice["message"]["tool_calls"]
+
+
+def test_n_choices_are_parsed_each_on_its_own(v3):
+    """Two choices' chunks interleaved: one answers a call, the other text (tool_choice auto
+    on v3); each streamed choice equals its whole one."""
+    inputs = _tool_inputs(v3, "auto")
+    call = _completion_ids(v3, True, [{"name": "add", "arguments": {"a": 1, "b": 2}}])
+    plain = v3.encode("Hello there, no tools.", bos=False)
+    per_choice = [_pieces(v3, call, [1, 4, 9]), _pieces(v3, plain, [2, 3])]
+    events, out = [], responses.Response(True, "m", v3, parsers=_numbered_parsers(inputs))
+    for k in range(max(map(len, per_choice))):
+        for index, pieces in enumerate(per_choice):
+            if k < len(pieces):
+                ids, text = pieces[k]
+                last = "stop" if k == len(pieces) - 1 else None
+                events.append(out.chunk(StreamChunk("r", text, ids, [0.0] * len(ids), last,
+                                                    index=index)))
+    streamed = _reassembled(events).choices
+    wholes = responses.Response(True, "m", v3, parsers=_numbered_parsers(inputs)).whole(
+        [Completion("r", [], ids, "".join(t for _, t in p), "stop", [0.0] * len(ids), index=i)
+         for i, (ids, p) in enumerate(zip((call, plain), per_choice))], 3)["choices"]
+    assert wholes[0]["finish_reason"] == "tool_calls" and wholes[1]["finish_reason"] == "stop"
+    assert wholes[1]["message"] == {"role": "assistant", "content": "Hello there, no tools."}
+    for s, w in zip(streamed, wholes):
+        assert s.finish_reason == w["finish_reason"]
+        assert (s.message.content or None) == w["message"]["content"]
+        assert _sdk_calls(s.message.tool_calls) == w["message"].get("tool_calls", [])
+
+
+def test_a_history_with_tool_calls_and_results_is_the_tools_prompt(v3):
+    """An SDK-replayed assistant message with tool_calls (content null) and the tool's result
+    in `messages` go to model/tools.py's prompt (they were refused)."""
+    turns = [{"role": "user", "content": "Add 1 and 2."},
+             {"role": "assistant", "content": None, "tool_calls": [{
+                 "id": "abcDEF123", "type": "function",
+                 "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+             {"role": "tool", "tool_call_id": "abcDEF123", "content": "3"},
+             {"role": "user", "content": "Thanks."}]
+    r = oai.ChatCompletionRequest.model_validate(CHAT | {"messages": turns, "tools": [ADD]})
+    inputs = oai.chat_request(r, v3, INFO)
+    assert inputs.ids == validation.tools_inputs(v3, INFO.context_length, turns, [ADD]).prompt_ids
+    assert inputs.tools is not None and inputs.params.constraint is None       # auto: free
+    with pytest.raises(InvalidRequest, match=r"^messages\[0\]\.content: required"):
+        oai.chat_request(oai.ChatCompletionRequest.model_validate(
+            CHAT | {"messages": [{"role": "user", "content": None}]}), v3, INFO)

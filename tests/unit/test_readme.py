@@ -16,6 +16,8 @@ TESTS = Path(__file__).resolve().parents[1]
 RUN_BY = {("README.md", "Python API"): "unit/test_readme.py",
           ("README.md", "Calling it from a Python service"): "e2e/test_grpc.py",
           ("README.md", "OpenAI-compatible HTTP API"): "e2e/test_openai.py",
+          ("docs/api.md", "Structured outputs and tools over HTTP"):
+              "e2e/test_openai_structured.py",
           ("docs/python-api.md", "In-process engine"): "unit/test_readme.py",
           ("docs/python-api.md", "Expert parallelism on Ray"): "integration/test_readme_ray.py"}
 # the blocks this file runs: (document, heading)
