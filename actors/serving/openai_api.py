@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
 
 from pydantic import Field
 
 from actors.info import EngineInfo
 from actors.serving.openai_body import NULL_ONLY, SURROGATE, Body, Request
+from actors.serving.openai_messages import ChatMessage, message_dicts, refuse, uses_tools
 from actors.serving.openai_structured import StructuredFields, request_constraints
 from actors.serving.validation import (
     ToolInputs,
@@ -104,38 +104,6 @@ class CompletionRequest(_Request):
     best_of: int | None = None
 
 
-class ChatContentPart(Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(Body):
-    role: str
-    content: str | list[ChatContentPart] | None = None  # null: an assistant's with tool_calls
-    name: str | None = None
-    tool_call_id: str | None = None             # role "tool": the call it answers
-    tool_calls: list | None = None              # an assistant's calls (OpenAI's shape)
-    # what an SDK's assistant message carries back (`message.model_dump()`): accepted null or
-    # empty and ignored (chat_inputs refuses the rest by name; annotations: any, ignored)
-    refusal: str | None = None
-    function_call: dict | None = None
-    audio: dict | None = None
-    annotations: list | None = None
-
-    def text(self) -> str | None:
-        """The content; text parts joined with "\\n", as vLLM and llama.cpp join them."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content
-        return "\n".join(p.text for p in self.content)
-
-    def as_dict(self) -> dict:
-        """The message as model/chat.py and model/tools.py read it: role, content (text or
-        None) and, where set, tool_calls and tool_call_id."""
-        extras = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id}
-        return {"role": self.role, "content": self.text(),
-                **{k: v for k, v in extras.items() if v}}
-
-
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     echo: bool = False                           # false only: completions echo a prompt
@@ -153,19 +121,14 @@ _Request.model_rebuild()
 REQUEST_FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
 
 
-def _refuse(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequest(f"{field}: {message}")
-
-
 def _check_common(r: _Request) -> None:
-    _refuse(r.stream_options is None or r.stream, "stream_options", "needs stream: true")
+    refuse(r.stream_options is None or r.stream, "stream_options", "needs stream: true")
     _check_top("prompt_logprobs", r.prompt_logprobs)
 
 
 def _check_top(field: str, k: int | None) -> None:
     """A count of alternatives per token (completions' `logprobs`, `prompt_logprobs`)."""
-    _refuse(k is None or 0 <= k <= MAX_TOP_LOGPROBS, field,
+    refuse(k is None or 0 <= k <= MAX_TOP_LOGPROBS, field,
             f"must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {k}")
 
 
@@ -178,7 +141,7 @@ def logit_bias_of(bias: dict[str, float] | None) -> dict[int, float]:
     biases' are checked with the other sampling options (validation.sampling_params_of)."""
     out = {}
     for key, value in (bias or {}).items():
-        _refuse(_TOKEN_ID.fullmatch(key) is not None, "logit_bias",
+        refuse(_TOKEN_ID.fullmatch(key) is not None, "logit_bias",
                 f"keys must be token ids (integers, as strings), got {key[:40]!r}")
         out[int(key)] = value
     return out
@@ -234,14 +197,14 @@ def engine_prompt_logprobs(r: CompletionRequest) -> int | None:
 def completion_request(r: CompletionRequest, tokenizer: Tokenizer, info: EngineInfo) -> Inputs:
     """The Inputs of a /v1/completions request; InvalidRequest names the field."""
     _check_common(r)
-    _refuse(r.suffix is None, "suffix", "is not supported")
-    _refuse(r.best_of in (None, 1), "best_of", f"only 1 is supported, got {r.best_of}")
+    refuse(r.suffix is None, "suffix", "is not supported")
+    refuse(r.best_of in (None, 1), "best_of", f"only 1 is supported, got {r.best_of}")
     _check_top("logprobs", r.logprobs)
     prompt = r.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        _refuse(len(prompt) == 1, "prompt", f"one prompt per request, got {len(prompt)}")
+        refuse(len(prompt) == 1, "prompt", f"one prompt per request, got {len(prompt)}")
         prompt = prompt[0]
-    _refuse(len(prompt) > 0, "prompt", "must not be empty")
+    refuse(len(prompt) > 0, "prompt", "must not be empty")
     ids = prompt_ids_of(tokenizer, info.context_length, prompt=prompt, vocab_size=info.vocab_size)
     room = info.context_length - len(ids)
     max_tokens = min(16, room) if r.max_tokens is None else r.max_tokens   # OpenAI's default
@@ -257,38 +220,18 @@ def completion_inputs(r: CompletionRequest, tokenizer: Tokenizer,
     return inputs.ids, inputs.params
 
 
-def _chat_messages(r: ChatCompletionRequest) -> list[dict]:
-    """The messages as dicts (model/chat.py, model/tools.py); what no path reads is refused
-    by name."""
-    for i, m in enumerate(r.messages):
-        for field in ("function_call", "audio", "refusal"):
-            _refuse(not getattr(m, field), f"messages[{i}].{field}",
-                    "only null or empty is accepted (this server has no audio or refusals; "
-                    "tools go in tools and tool_calls)")
-        _refuse(m.content is not None or (m.role == "assistant" and m.tool_calls),
-                f"messages[{i}].content", "required (null only on an assistant message with "
-                "tool_calls)")
-    return [m.as_dict() for m in r.messages]
-
-
-def _uses_tools(r: ChatCompletionRequest, messages: list[dict]) -> bool:
-    """Whether the tools path reads this chat: tools, a tool_choice, or tool turns in it."""
-    return bool(r.tools or r.tool_choice not in (None, "none")
-                or any(m["role"] == "tool" or "tool_calls" in m for m in messages))
-
-
 def chat_request(r: ChatCompletionRequest, tokenizer: Tokenizer, info: EngineInfo) -> Inputs:
     """The Inputs of a /v1/chat/completions request; InvalidRequest names the field."""
     _check_common(r)
-    _refuse(not r.echo, "echo", "is not supported by chat completions (echo a prompt with "
+    refuse(not r.echo, "echo", "is not supported by chat completions (echo a prompt with "
             "/v1/completions)")
-    _refuse(r.top_logprobs is None or r.logprobs, "top_logprobs", "needs logprobs: true")
-    _refuse(not r.store, "store", "is not supported (this server stores nothing)")
-    _refuse(r.max_tokens is None or r.max_completion_tokens is None, "max_completion_tokens",
+    refuse(r.top_logprobs is None or r.logprobs, "top_logprobs", "needs logprobs: true")
+    refuse(not r.store, "store", "is not supported (this server stores nothing)")
+    refuse(r.max_tokens is None or r.max_completion_tokens is None, "max_completion_tokens",
             "set it or max_tokens, not both")
     # OpenAI's "developer" role is "system" to the chat template (model/chat.py)
-    messages, tools = _chat_messages(r), None
-    if _uses_tools(r, messages):
+    messages, tools = message_dicts(r.messages), None
+    if uses_tools(r.tools, r.tool_choice, messages):
         tools = tools_inputs(tokenizer, info.context_length, messages, r.tools, r.tool_choice,
                              r.parallel_tool_calls)
         ids = tools.prompt_ids

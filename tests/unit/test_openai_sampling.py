@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from actors.info import EngineInfo
 from actors.serving import openai_api as oai
 from actors.serving import openai_responses as responses
-from actors.serving.engine_client import collect
+from actors.serving.engine_client import EngineClient, collect
 from actors.serving.http_app import _events
 from model.errors import InvalidRequest
 from model.output import Completion, StreamChunk
@@ -334,6 +334,8 @@ class FakeEngine:
     async def info(self):
         return INFO
 
+    check = EngineClient.check      # the real one: a grammar that does not compile is a 400
+
     def stream(self, ids, params):
         self.opened.append(params)
         return FakeStream(self.chunks)
@@ -342,6 +344,10 @@ class FakeEngine:
 @pytest.mark.parametrize("body, status", [
     ({"n": 2, "presence_penalty": 1.0}, 200), ({"n": 17}, 400), ({"logit_bias": {"x": 1}}, 400),
     ({"min_tokens": 6, "max_tokens": 5}, 400), ({"echo": True}, 400),
+    # issue 22: a grammar that does not compile is refused before the engine is asked
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strin"}}}}, 400),
+    ({"guided_regex": "(unclosed", "stream": True}, 400),
 ])
 def test_the_gateway_asks_the_engine_for_n_choices_and_never_for_a_refused_request(
         tokenizer, body, status):
