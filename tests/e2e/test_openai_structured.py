@@ -155,44 +155,51 @@ def test_completions_take_a_constraint_too(client):
     assert reply.choices[0].finish_reason == "stop"
 
 
-def _streamed_calls(client, **args) -> tuple[list[dict], str | None]:
-    """The tool calls of a stream, reassembled as OpenAI's clients do (by index: id and
-    name from the first delta, arguments concatenated), and its finish_reason."""
-    calls: dict[int, dict] = {}
-    finish = None
+def _streamed_calls(client, **args) -> dict[int, tuple[list[dict], str | None]]:
+    """Per choice: the tool calls of a stream, reassembled as OpenAI's clients do (by index:
+    id and name from the first delta, arguments concatenated), and its finish_reason."""
+    calls: dict[int, dict[int, dict]] = {}
+    finish: dict[int, str] = {}
     for chunk in client.chat.completions.create(stream=True, **args):
         for c in chunk.choices:
-            finish = c.finish_reason or finish
+            finish[c.index] = c.finish_reason or finish.get(c.index)
             assert not c.delta.content, c.delta.content
             for d in c.delta.tool_calls or ():
-                call = calls.setdefault(d.index, {"id": d.id, "name": d.function.name,
-                                                  "arguments": ""})
+                call = calls.setdefault(c.index, {}).setdefault(
+                    d.index, {"id": d.id, "name": d.function.name, "arguments": ""})
                 assert d.id in (None, call["id"])
                 call["arguments"] += d.function.arguments or ""
-    return [calls[i] for i in sorted(calls)], finish
+    return {i: ([calls[i][k] for k in sorted(calls.get(i, {}))], finish[i]) for i in finish}
 
 
 @pytest.mark.parametrize("tool_choice, parallel", [
     ("required", True), ("required", False),
     ({"type": "function", "function": {"name": "add"}}, True)])
 def test_forced_tool_calls_validate_and_stream_as_unary(client, tool_choice, parallel):
+    """n = 2 seeded choices, each parsed on its own: calls of the tools (of the named one)
+    whose arguments validate against its parameters; streamed, each choice's calls equal its
+    unary ones."""
     args = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
                 tools=[WEATHER, ADD], tool_choice=tool_choice, parallel_tool_calls=parallel,
-                max_tokens=MAX_TOKENS, seed=11)
-    [choice] = client.chat.completions.create(**args).choices
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    calls = choice.message.tool_calls
-    assert calls and (parallel or len(calls) == 1)
-    for call in calls:
-        assert re.fullmatch("[A-Za-z0-9]{9}", call.id) and call.type == "function"
-        if isinstance(tool_choice, dict):
-            assert call.function.name == "add"
-        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
-    streamed, finish = _streamed_calls(client, **args)
-    assert finish == "tool_calls"
-    assert [(c["name"], c["arguments"]) for c in streamed] == [
-        (c.function.name, c.function.arguments) for c in calls]
-    assert all(re.fullmatch("[A-Za-z0-9]{9}", c["id"]) for c in streamed)
+                max_tokens=MAX_TOKENS, seed=11, n=2)
+    choices = client.chat.completions.create(**args).choices
+    streamed = _streamed_calls(client, **args)
+    assert sorted(streamed) == [c.index for c in choices] == [0, 1]
+    for choice in choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = choice.message.tool_calls
+        assert calls and (parallel or len(calls) == 1)
+        for call in calls:
+            assert re.fullmatch("[A-Za-z0-9]{9}", call.id) and call.type == "function"
+            if isinstance(tool_choice, dict):
+                assert call.function.name == "add"
+            jsonschema.validate(json.loads(call.function.arguments),
+                                PARAMETERS[call.function.name])
+        got, finish = streamed[choice.index]
+        assert finish == "tool_calls"
+        assert [(c["name"], c["arguments"]) for c in got] == [
+            (c.function.name, c.function.arguments) for c in calls]
+        assert all(re.fullmatch("[A-Za-z0-9]{9}", c["id"]) for c in got)
 
 
 def test_a_tool_result_conversation_continues(client):
