@@ -57,9 +57,9 @@ class EngineClient:
     async def check(self, params: SamplingParams) -> None:
         """InvalidRequest naming the constraint's field (`response_format`, `json_schema`, ...)
         and llguidance's reason if `params`' structured-output grammar does not compile: so a
-        bad schema is a 400 / INVALID_ARGUMENT before any stream starts. Compiled on a thread
-        (cached by content: the engine's compile of it is a cache hit in a shared process,
-        and cheap again in the engine's)."""
+        bad schema is a 400 / INVALID_ARGUMENT before any stream starts. Compiled on a thread,
+        cached by content in this process (model.grammar.check_constraint); the engine
+        compiles it again in its own, off its step loop."""
         if params.constraint is not None:
             await asyncio.to_thread(check_constraint, self.tokenizer, params.constraint)
 

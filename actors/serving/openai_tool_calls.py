@@ -73,7 +73,7 @@ class ChoiceCalls:
             text += content[len(sent):] if content.startswith(sent) else ""
             reason = _finish_reason(reason, calls)
         self.sent += text
-        delta: dict = {"content": text if text or not deltas else None}
+        delta: dict = {"content": text or None}
         if deltas:
             delta["tool_calls"] = _joined(deltas)
         return delta, reason

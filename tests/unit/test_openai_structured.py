@@ -5,9 +5,12 @@ tools' prompt and forcing grammar, and tool calls in OpenAI's whole and streamed
 has the same through Serve with the official client."""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import itertools
 import json
 
+import jsonschema
 import pydantic
 import pytest
 from hypothesis import assume, given, settings
@@ -17,9 +20,13 @@ from actors.info import EngineInfo
 from actors.serving import openai_api as oai
 from actors.serving import openai_responses as responses
 from actors.serving import validation
+from actors.serving.engine_client import EngineClient
+from model.config import PRESETS
 from model.constraint import JSON_OBJECT, Constraint
+from model.engine import Engine
 from model.errors import InvalidRequest
 from model.output import Completion, StreamChunk
+from model.random_checkpoint import write_random
 from model.spm import mistral_common_model
 from model.tokenizer import Tokenizer
 
@@ -226,7 +233,7 @@ def _reassembled(events: list[str]):
     state = streaming.ChatCompletionStreamState()
     for event in events:
         state.handle_chunk(chunk_type.model_validate(json.loads(event[len("data: "):])))
-    return state.get_final_completion()
+    return state.current_completion_snapshot       # (the final one parses: not for "length")
 
 
 arguments = st.fixed_dictionaries({"city": st.text(min_size=0, max_size=8)}) | \
@@ -306,3 +313,101 @@ def test_a_history_with_tool_calls_and_results_is_the_tools_prompt(v3):
     with pytest.raises(InvalidRequest, match=r"^messages\[0\]\.content: required"):
         oai.chat_request(oai.ChatCompletionRequest.model_validate(
             CHAT | {"messages": [{"role": "user", "content": None}]}), v3, INFO)
+
+
+# ---- native tool calls through the HTTP layer, on an in-process tiny-v3 engine ---------------
+class _Stream:
+    """An in-process engine stream as EngineClient.stream returns one (with cancel())."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.chunks.__anext__()
+
+    def cancel(self):
+        pass
+
+
+class _LocalEngine:
+    """What http_app.completion needs of an EngineClient, over an in-process Engine: no Ray,
+    the real grammar check."""
+    model_name = "m"
+    check = EngineClient.check
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+
+    async def info(self):
+        return dataclasses.replace(INFO, vocab_size=self.engine.cfg.vocab_size)
+
+    def stream(self, ids, params):
+        return _Stream(self.engine.stream(ids, params))
+
+
+@pytest.fixture(scope="module")
+def v3_engine(tmp_path_factory):
+    """The tiny-v3 preset (v3 vocabulary: [TOOL_CALLS] is a control token), in process."""
+    path = write_random(PRESETS["tiny-v3"], tmp_path_factory.mktemp("tiny-v3"), seed=0)
+    return _LocalEngine(Engine.from_pretrained(path))
+
+
+BOUNDED_ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+
+
+def _http(engine, body: dict):
+    """(status, the body or the list of event bodies) of a chat request through http_app."""
+    from actors.serving.http_app import completion
+
+    async def run():
+        request = oai.ChatCompletionRequest.model_validate({"model": "m"} | body)
+        response = await completion(engine, request, chat=True)
+        if not body.get("stream"):
+            return response.status_code, json.loads(response.body)
+        return response.status_code, [e async for e in response.body_iterator]
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function",
+                                                      "function": {"name": "add"}}])
+def test_native_forced_calls_through_the_http_layer(v3_engine, tool_choice):
+    """The v3 path whole: mistral-common's prompt with tools, the grammar forcing
+    [TOOL_CALLS] and the list, the engine, the parser: n = 2 choices of calls whose arguments
+    validate, and the SDK's reassembly of the stream equals the unary reply (seeded)."""
+    body = {"messages": [{"role": "user", "content": "Add 2 and 3."}], "tools": [BOUNDED_ADD],
+            "tool_choice": tool_choice, "seed": 3, "n": 2, "max_tokens": 80}
+    status, whole = _http(v3_engine, body)
+    assert status == 200, whole
+    status, events = _http(v3_engine, body | {"stream": True})
+    streamed = _reassembled(events[:-1]).choices
+    assert events[-1] == responses.DONE
+    for choice, s in zip(whole["choices"], sorted(streamed, key=lambda c: c.index)):
+        assert choice["finish_reason"] == s.finish_reason == "tool_calls", choice
+        assert choice["message"]["content"] is None and not s.message.content
+        calls = choice["message"]["tool_calls"]
+        for call in calls:
+            assert call["function"]["name"] == "add" and len(call["id"]) == 9
+            jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                BOUNDED_ADD["function"]["parameters"])
+        assert [(c.function.name, c.function.arguments) for c in s.message.tool_calls] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+def test_native_auto_text_stays_content(v3_engine):
+    """tool_choice auto on v3 (random weights answer text, no [TOOL_CALLS]): plain content,
+    streamed as unary, no tool_calls."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "tools": [BOUNDED_ADD],
+            "seed": 4, "max_tokens": 12}
+    status, whole = _http(v3_engine, body)
+    [choice] = whole["choices"]
+    assert status == 200 and "tool_calls" not in choice["message"], choice
+    status, events = _http(v3_engine, body | {"stream": True})
+    [s] = _reassembled(events[:-1]).choices
+    assert s.message.content == choice["message"]["content"] and not s.message.tool_calls
+    assert s.finish_reason == choice["finish_reason"] == "length"
