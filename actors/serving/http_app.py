@@ -29,6 +29,7 @@ from actors.serving import openai_responses as responses
 from actors.serving.auth import Unauthenticated, authorized
 from actors.serving.caller import CALLER_SCOPE_KEY, cancel_if_gone
 from actors.serving.engine_client import EngineClient, collect
+from actors.serving.openai_errors import error_body
 from actors.serving.status import http_status_of, log_failure, log_refusal
 
 openai_app = FastAPI(title="mixtral-ep", summary="OpenAI-compatible API of a Mixtral MoE server")
@@ -57,7 +58,7 @@ class _ApiKey:
             header = Headers(scope=scope).get("authorization")
             if not authorized(auth.required_digest(), header):
                 log_failure(Unauthenticated(), 401)
-                response = JSONResponse(responses.error_body(401, str(Unauthenticated())), 401)
+                response = JSONResponse(error_body(401, str(Unauthenticated())), 401)
                 return await response(scope, receive, send)
 
         async def receive_or_disconnect():
@@ -96,13 +97,13 @@ async def _malformed(request: Request, exc: RequestValidationError) -> JSONRespo
     else:
         message = f"{'.'.join(loc)}: {err.get('msg')}"
     log_refusal(400, message)
-    return JSONResponse(responses.error_body(400, message, param), status_code=400)
+    return JSONResponse(error_body(400, message, param), status_code=400)
 
 
 @openai_app.exception_handler(StarletteHTTPException)
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown paths (404), wrong methods (405), unreadable bodies: OpenAI's error shape too."""
-    return JSONResponse(responses.error_body(exc.status_code, str(exc.detail)),
+    return JSONResponse(error_body(exc.status_code, str(exc.detail)),
                         status_code=exc.status_code)
 
 
@@ -111,10 +112,10 @@ def http_error(error: Exception) -> JSONResponse:
     status, details = http_status_of(error)
     if isinstance(unwrap(error), oai.ModelNotFound):
         log_refusal(404, details)
-        return JSONResponse(responses.error_body(404, details, "model", "model_not_found"),
+        return JSONResponse(error_body(404, details, "model", "model_not_found"),
                             status_code=404)
     log_failure(error, status)
-    return JSONResponse(responses.error_body(status, details), status_code=status)
+    return JSONResponse(error_body(status, details), status_code=status)
 
 
 async def _events(out: responses.Response, first, chunks, prompt_tokens: int, n: int,
@@ -140,7 +141,7 @@ async def _events(out: responses.Response, first, chunks, prompt_tokens: int, n:
     except Exception as e:  # noqa: BLE001 - an error event, never a traceback
         status, details = http_status_of(e)
         log_failure(e, status)
-        yield responses.sse(responses.error_body(status, details))
+        yield responses.sse(error_body(status, details))
     finally:
         chunks.cancel()
     yield responses.DONE

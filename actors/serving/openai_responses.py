@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API's response bodies: a whole completion, stream chunks as
-server-sent events, errors in OpenAI's shape and the model list. Pure; requests are
-actors/serving/openai_api.py's.
+server-sent events and the model list (errors: actors/serving/openai_errors.py, re-exported
+here). Pure; requests are actors/serving/openai_api.py's; tool calls in replies are
+actors/serving/openai_tool_calls.py's.
 
 Follows OpenAI's API reference (https://platform.openai.com/docs/api-reference). Streams are
 server-sent events, one `data: {chunk}` per engine chunk (with `n` > 1 the choices' chunks
@@ -25,25 +26,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
 
 from actors.info import EngineInfo
-from actors.serving.openai_api import REQUEST_FIELDS, ChatCompletionRequest, CompletionRequest
+from actors.serving.openai_api import ChatCompletionRequest, CompletionRequest
+from actors.serving.openai_errors import ERROR_TYPES as ERROR_TYPES  # re-exported
+from actors.serving.openai_errors import error_body as error_body  # re-exported
 from actors.serving.openai_tool_calls import ChoiceCalls
 from model.output import Completion, PromptLogprob, StreamChunk
 from model.sampling import TopLogprobs
 from model.tokenizer import Tokenizer
 from model.tools import ToolCallParser
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-               500: "internal_server_error"}
-# a message that starts with a request field ("max_tokens must be...", "messages[0].role: ...")
-# names it in the error's `param` too
-_LEADING_FIELD = re.compile(r"([a-z_]+)(\[\d+\]|\.[a-z_]+)*(?=[ :])")
 LOGPROB_FLOOR = -9999.0         # -inf as OpenAI's and vLLM's servers write it
 
 
@@ -286,16 +282,6 @@ def sse(body: dict | str) -> str:
 
 
 DONE = sse("[DONE]")
-
-
-def error_body(status: int, message: str, param: str | None = None,
-               code: str | None = None) -> dict:
-    """OpenAI's error object; a 400 whose message starts with a field names it in `param`."""
-    if param is None and status == 400 and (m := _LEADING_FIELD.match(message)) \
-            and m.group(1) in REQUEST_FIELDS:
-        param = m.group(0)
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"),
-                      "param": param, "code": code}}
 
 
 def model_card(model: str, info: EngineInfo, created: int) -> dict:
