@@ -173,9 +173,13 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_
     if bias:
         _add_bias(out, bias)
     if masks:
-        idx = torch.tensor([i for i, _ in masks], device=device)
         allowed = torch.stack([m.to(device) for _, m in masks])                   # (R, V)
-        out[idx] = out[idx].masked_fill(~allowed, -math.inf)
+        idx = [i for i, _ in masks]
+        if idx == list(range(len(rows))):           # every row masked: in place, no gather
+            out.masked_fill_(~allowed, -math.inf)
+        else:
+            at = torch.tensor(idx, device=device)
+            out[at] = out[at].masked_fill(~allowed, -math.inf)
     if bans:
         at = torch.tensor(bans, dtype=torch.int64, device=device)                 # (n, 2)
         out[at[:, 0], at[:, 1]] = -math.inf
