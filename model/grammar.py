@@ -54,7 +54,7 @@ __all__ = ["CompiledGrammar", "GrammarMatcher", "GrammarCompiler", "GrammarError
 # json.dumps's layout: ", " between items, ": " after keys, no other whitespace
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # llguidance's resource limits on one grammar, on top of MAX_CONSTRAINT_CHARS (documented in
-# docs/api.md): symbols in the compiled grammar, lexer states (~1-2 kB each), lexer work to
+# docs/architecture.md): symbols in the compiled grammar, lexer states (~1-2 kB each), lexer work to
 # build it (~50k/ms) and per token (~14k/ms), Earley items per token; errors without the
 # parser state (no schema text in logs or replies)
 LIMITS = dict(max_grammar_size=200_000, max_lexer_states=100_000, initial_lexer_fuel=1_000_000,
