@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import statistics
 import time
 
 import torch
 
 from bench.machine import add_device_arguments, compute_dtype, cpu_name, load_average
+from bench.sampler import DECODE_STEPS, PROMPT_LEN, time_decode_step
 from model.config import PRESETS
 from model.constraint import Constraint
 from model.engine import Engine
@@ -39,7 +39,6 @@ from model.sampling import SamplingParams, SamplingRow, SequenceState, sample, t
 
 log = logging.getLogger("bench.grammar")
 
-PROMPT_LEN, DECODE_STEPS = 128, 32
 # a typical extraction schema (nested object, array, enum, bounded numbers, a pattern, a $ref)
 TYPICAL = {
     "$defs": {"address": {"type": "object", "additionalProperties": False,
@@ -70,26 +69,6 @@ def settings(constrained: bool, seed: int = 7, bias: bool = False) -> SamplingPa
     c = Constraint.json_schema(RUNNING, "response_format") if constrained else None
     return SamplingParams(max_tokens=DECODE_STEPS + 4, temperature=0.8, seed=seed,
                           ignore_eos=True, constraint=c, logit_bias={5: 1.0} if bias else {})
-
-
-def time_decode_step(engine: Engine, params: SamplingParams, batch: int, device: str) -> float:
-    """Median ms of one engine decode step at `batch` sequences of PROMPT_LEN prompts."""
-    rng = random.Random(1)
-    vocab = engine.cfg.vocab_size
-    rids = [engine.add_request([1] + [rng.randrange(3, vocab) for _ in range(PROMPT_LEN - 1)],
-                               params) for _ in range(batch)]
-    times, prefilled = [], 0
-    while engine.has_unfinished():
-        start = time.perf_counter()
-        chunks = engine.step()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        if prefilled >= batch:                  # every sequence decodes in this step
-            times.append(time.perf_counter() - start)
-        prefilled += len(chunks) if prefilled < batch else 0
-    for rid in rids:
-        engine.abort(rid)
-    return statistics.median(times[1:]) * 1e3
 
 
 def _median_ms(fn, steps: int, device: str) -> float:

@@ -5,7 +5,8 @@ same class with its dispatcher as the `moe` function instead of local experts. T
 tokens; text goes through `Tokenizer` at the edges and `model/output.py` (completion text, stop
 conditions, chunks); asyncio streams through `model/streaming.py`; what a step's hidden states
 become per request (logits, prompt logprobs, n choices forked, sampled tokens) is
-`model/step_outputs.py`.
+`model/step_outputs.py`; what waits for a step boundary (adds, aborts, requests held for their
+grammar) is `model/between_steps.py`.
 
     engine = Engine.from_pretrained(path, dtype="float32")
     outs = engine.generate(["a prompt", [1, 733, 16289]],
@@ -29,7 +30,6 @@ Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sampl
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import logging
 import threading
@@ -40,6 +40,7 @@ import torch
 
 from model.admission import Prompt, check_request, prompt_ids
 from model.attention import FLASH_BLOCK_SIZE, AttentionMetadata, KVCache, select_backend
+from model.between_steps import BetweenSteps
 from model.checkpoint import WeightSource
 from model.config import MixtralConfig, resolve_config
 from model.errors import InvalidRequest, QueueFull
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "SamplingParams", "Completion", "StreamChunk", "Resume", "QueueFull",
            "InvalidRequest"]
 
-class Engine(StepOutputs):
+class Engine(BetweenSteps, StepOutputs):
     def __init__(self, model: Mixtral, moe: MoeFn, tokenizer: Tokenizer, *,
                  device: str | torch.device = "cpu", max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
@@ -168,105 +169,6 @@ class Engine(StepOutputs):
             tracked.outputs[state.index] = self._output(req, grammar)
             tracked.outputs[state.index].resume(state)
         return tracked
-
-    def _admit(self, batch: list[Tracked]) -> None:
-        """Queue a validated batch whole, or raise QueueFull and queue none of it."""
-        with self._pending_lock:
-            waiting = len(self.scheduler.waiting) + len(self._held) + sum(
-                isinstance(p, Tracked) for p in self._pending)
-            if waiting >= self.max_waiting:
-                raise QueueFull(f"{waiting} requests are waiting (max_waiting={self.max_waiting}); "
-                                "try again later")
-            for tracked in batch:
-                self._tracked[tracked.req.request_id] = tracked
-            self._pending += batch
-        self._apply_pending_if_idle()
-
-    def abort(self, request_id: str) -> None:
-        """Drop a request and return its KV blocks: at once when no step runs, else at the end
-        of the running step (it never waits for one). No-op if it already finished."""
-        with self._pending_lock:
-            self._pending.append(request_id)
-        self._apply_pending_if_idle()
-
-    def run_between_steps(self, fn) -> concurrent.futures.Future:
-        """Run `fn()` at the next step boundary (at once when no step runs), never inside a
-        step, without waiting for one here: the future gets its result or exception. The
-        distributed frontend swaps its expert actors this way (actors/frontend.py)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._pending_lock:
-            self._pending.append((fn, future))
-        self._apply_pending_if_idle()
-        return future
-
-    def _apply_pending_if_idle(self) -> None:
-        """Apply what is queued if no step runs; again after releasing the lock if something
-        was queued meanwhile by a thread that found the lock taken (nothing waits for a step
-        that may never come)."""
-        while self.step_lock.acquire(blocking=False):
-            try:
-                self._apply_pending()
-            finally:
-                self.step_lock.release()
-            with self._pending_lock:
-                if not self._pending:
-                    return
-
-    def _apply_pending(self) -> None:
-        """Apply queued adds and aborts in their order (caller holds the step lock)."""
-        with self._pending_lock:
-            pending, self._pending = self._pending, []
-        for item in pending:
-            if isinstance(item, Tracked):
-                self._start(item)
-                continue
-            if isinstance(item, tuple):                        # run_between_steps
-                fn, future = item
-                try:
-                    future.set_result(fn())
-                except Exception as e:  # noqa: BLE001 - the caller's, through its future
-                    future.set_exception(e)
-                continue
-            tracked = self._tracked.pop(item, None)
-            for req in tracked.reqs if tracked is not None else ():
-                if not req.finished:
-                    req.finish_reason = "abort"
-                    self.scheduler.finish(req)
-
-    def _start(self, tracked: Tracked) -> None:
-        """Schedule an admitted request (caller holds the step lock). One whose grammar is
-        still compiling is held (its compile's done-callback, `_release`, queues it again);
-        one whose grammar failed fails alone; one aborted while held is dropped."""
-        future = tracked.grammar
-        if future is not None:
-            with self._pending_lock:
-                if not future.done():
-                    self._held.append(tracked)
-                    return
-            tracked.grammar = None
-            if tracked.req.finished:
-                return
-            if future.exception() is not None:
-                self._fail(tracked.req, future.exception())
-                return
-            tracked.outputs[0] = self._output(tracked.req, future.result())
-        for req in tracked.reqs:
-            self.scheduler.add(req)
-
-    def _release(self, tracked: Tracked) -> None:
-        """A held request's grammar is compiled: queue it to start at the next boundary."""
-        with self._pending_lock:
-            if tracked not in self._held:
-                return                  # not held yet: _start will find its compile done
-            self._held.remove(tracked)
-            self._pending.append(tracked)
-        self._apply_pending_if_idle()
-
-    def has_unfinished(self) -> bool:
-        """Whether any request is queued, held for its grammar, waiting or running (pending
-        aborts do not count)."""
-        return (self.scheduler.has_unfinished() or bool(self._held)
-                or any(isinstance(p, Tracked) for p in self._pending))
 
     def num_free_blocks(self) -> int:
         return self.kv.allocator.num_free
