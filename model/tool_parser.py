@@ -3,7 +3,8 @@
 Contract: `ToolCallParser.push(token_ids, text)` takes the completion in pieces (the ids of a
 chunk and the text they add) and returns content text (str) and `ToolCallDelta`s in order;
 `flush()` returns what was held back at the end; `finish()` gives (content, calls). Whatever the
-split into pieces, the deltas of a call concatenate to its `finish()` arguments exactly.
+split into pieces, the pieces of `push` and `flush` join to `finish()`'s: the content text, and
+each call's deltas to its arguments exactly (a stream sends them; a whole reply reads finish()).
 
 The call list is Mistral's, in json.dumps's layout (what the grammars force and Mistral's
 models write): `[{"name": "f", "arguments": {...}}, {"name": "g", "arguments": {...}}]`.
@@ -52,6 +53,15 @@ class ToolCallDelta:
     id: str | None
     name: str | None
     arguments: str
+
+
+TOOL_CALLS = "tool_calls"       # the finish_reason of a choice that stopped after making calls
+
+
+def finish_reason_of(reason: str | None, calls: Sequence[ToolCall]) -> str | None:
+    """A choice's finish reason with its calls, as OpenAI's: "tool_calls" where it would be
+    "stop" (EOS, or its grammar's end) and it made calls; "length" (cut by max_tokens) stays."""
+    return TOOL_CALLS if reason == "stop" and calls else reason
 
 
 def new_call_id() -> str:

@@ -26,9 +26,16 @@ from model.chat import check_function_name, validate_messages
 from model.chat_tools import encode_v3, plain_messages
 from model.constraint import Constraint
 from model.errors import InvalidRequest
-from model.tool_parser import ToolCall, ToolCallDelta, ToolCallParser
+from model.tool_parser import (
+    TOOL_CALLS,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallParser,
+    finish_reason_of,
+)
 
 __all__ = ["Tool", "ToolChoice", "ToolCall", "ToolCallDelta", "ToolCallParser", "ToolCalling",
+           "TOOL_CALLS", "finish_reason_of",
            "tools_of", "tool_choice_of", "MAX_TOOLS", "CHOICE_MODES"]
 
 MAX_TOOLS = 128                 # tools in one request (OpenAI's limit too)

@@ -17,12 +17,7 @@ from collections.abc import Callable, Sequence
 
 from actors.info import EngineInfo
 from actors.serving import grpc_structured
-from actors.serving.grpc_tool_calls import (
-    ToolCallStreams,
-    finish_reason_of,
-    read_completion,
-    whole_calls,
-)
+from actors.serving.grpc_tool_calls import ToolCallStreams, read_completion, whole_calls
 from actors.serving.validation import ToolInputs, constraint_of, prompt_ids_of, sampling_params_of
 from model.constraint import Constraint
 from model.engine import Completion, SamplingParams, StreamChunk
@@ -30,6 +25,7 @@ from model.errors import InvalidRequest
 from model.output import PromptLogprob
 from model.sampling import TopLogprobs
 from model.tokenizer import Tokenizer
+from model.tools import finish_reason_of
 from protos import generator_pb2 as pb
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")   # a request sets exactly one

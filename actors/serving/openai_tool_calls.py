@@ -7,13 +7,13 @@ model.tools.ToolCallParser (one per choice). Pure; used by actors/serving/openai
 - Streamed: `delta.tool_calls = [{"index", "id", "type", "function": {"name", "arguments"}}]`
   on a call's first piece (its id and name, arguments "" or more), then `[{"index",
   "function": {"arguments"}}]` pieces, as OpenAI streams them; a chunk carries one entry per
-  call it touches (its pieces joined). The choice's last chunk adds what the parser held back,
-  so the streamed content and arguments concatenate to the whole reply's.
+  call it touches (its pieces joined). The choice's last chunk adds what the parser held back
+  (`flush`), so the streamed content and arguments concatenate to the whole reply's.
 """
 from __future__ import annotations
 
 from model.output import Completion, StreamChunk
-from model.tools import ToolCall, ToolCallDelta, ToolCallParser
+from model.tools import ToolCall, ToolCallDelta, ToolCallParser, finish_reason_of
 
 
 def call_body(call: ToolCall) -> dict:
@@ -41,16 +41,11 @@ def _joined(deltas: list[ToolCallDelta]) -> list[dict]:
     return list(out.values())
 
 
-def _finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
-    return "tool_calls" if calls and reason == "stop" else reason
-
-
 class ChoiceCalls:
     """One choice's reply through its parser, whole or chunk by chunk (not both)."""
 
     def __init__(self, parser: ToolCallParser):
         self.parser = parser
-        self.sent = ""                  # the content streamed so far
 
     def message(self, c: Completion) -> tuple[dict, str | None]:
         """(the whole reply's message, its finish_reason)."""
@@ -59,20 +54,17 @@ class ChoiceCalls:
         message = {"role": "assistant", "content": content if content or not calls else None}
         if calls:
             message["tool_calls"] = [call_body(call) for call in calls]
-        return message, _finish_reason(c.finish_reason, calls)
+        return message, finish_reason_of(c.finish_reason, calls)
 
     def delta(self, c: StreamChunk) -> tuple[dict, str | None]:
         """(a chunk's delta, less its role; its finish_reason)."""
         pieces = self.parser.push(c.token_ids, c.text)
-        text = "".join(p for p in pieces if isinstance(p, str))
-        deltas = [p for p in pieces if not isinstance(p, str)]
         reason = c.finish_reason
         if reason is not None:                    # what the parser held back
-            content, calls = self.parser.finish()
-            sent = self.sent + text
-            text += content[len(sent):] if content.startswith(sent) else ""
-            reason = _finish_reason(reason, calls)
-        self.sent += text
+            pieces += self.parser.flush()
+            reason = finish_reason_of(reason, self.parser.finish()[1])
+        text = "".join(p for p in pieces if isinstance(p, str))
+        deltas = [p for p in pieces if not isinstance(p, str)]
         delta: dict = {"content": text or None}
         if deltas:
             delta["tool_calls"] = _joined(deltas)
