@@ -201,37 +201,6 @@ def test_killing_the_engine_replica_loses_no_request(server, client, engine_acto
     assert len(new_owned) == 3
 
 
-def test_past_the_failover_bound_the_client_gets_unavailable(deploy, tiny_checkpoint,
-                                                             engine_actors):
-    """With a failover bound shorter than a replica's restart, a stream whose engine died ends
-    with UNAVAILABLE (retryable) instead of waiting; the restarted engine then serves."""
-    stub = deploy(APP, {"model": str(tiny_checkpoint), **ARGS, "failover_timeout_s": 0.5})
-    replica, owned = engine_actors(APP)
-    assert len(owned) == 2              # a redeploy forgets the replicas set by hand before it
-    call = stub.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=4000,
-                                                  temperature=0.0), timeout=300)
-    next(call)
-    os.kill(replica["Pid"], signal.SIGKILL)
-    began = time.monotonic()
-    with pytest.raises(grpc.RpcError) as failed:
-        list(call)
-    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
-    assert time.monotonic() - began < 30
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            stub.Generate(pb.GenerateRequest(prompt="hi", max_tokens=3), timeout=60)
-            break
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
-            time.sleep(1)
-
-
-def test_a_bad_failover_bound_is_refused_at_build_time(tiny_checkpoint):
-    with pytest.raises(ValueError, match="failover_timeout_s must be a positive number"):
-        build_app({"model": str(tiny_checkpoint), "failover_timeout_s": 0})
-
-
 # a JSON schema random weights do not close within MAX_TOKENS (an unbounded string): every
 # stream is still inside its document when the replica dies
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -266,3 +235,36 @@ def test_killing_the_engine_replica_mid_constrained_streams_resumes_them_exactly
     assert engine_actors(APP)[0]["Pid"] != replica["Pid"]
     for name in todo:
         assert_same_choices(killed[name], undisturbed[name], name)
+
+
+# redeploys APP with a failover bound shorter than a restart: the module's `server` is then
+# that app, so this test runs after every test that resumes a stream
+def test_past_the_failover_bound_the_client_gets_unavailable(deploy, tiny_checkpoint,
+                                                             engine_actors):
+    """With a failover bound shorter than a replica's restart, a stream whose engine died ends
+    with UNAVAILABLE (retryable) instead of waiting; the restarted engine then serves."""
+    stub = deploy(APP, {"model": str(tiny_checkpoint), **ARGS, "failover_timeout_s": 0.5})
+    replica, owned = engine_actors(APP)
+    assert len(owned) == 2              # a redeploy forgets the replicas set by hand before it
+    call = stub.GenerateStream(pb.GenerateRequest(prompt="Once", max_tokens=4000,
+                                                  temperature=0.0), timeout=300)
+    next(call)
+    os.kill(replica["Pid"], signal.SIGKILL)
+    began = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failed:
+        list(call)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    assert time.monotonic() - began < 30
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            stub.Generate(pb.GenerateRequest(prompt="hi", max_tokens=3), timeout=60)
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
+            time.sleep(1)
+
+
+def test_a_bad_failover_bound_is_refused_at_build_time(tiny_checkpoint):
+    with pytest.raises(ValueError, match="failover_timeout_s must be a positive number"):
+        build_app({"model": str(tiny_checkpoint), "failover_timeout_s": 0})
