@@ -27,6 +27,8 @@ names, `messages[i].role`, `messages[i].content`, `messages[i].tool_calls[j].fun
    ""; both is refused, as mistral-common does): `[{"id", "type": "function", "function":
    {"name", "arguments"}}]`, ids distinct and non-empty, names of 1-64 characters from a-z,
    A-Z, 0-9, "_", "-", arguments a string (JSON text; other text is kept as a string).
+   Arguments and tool results that are JSON nest at most MAX_JSON_DEPTH levels
+   (model/errors.py), as every client JSON does.
 6. Such a message is followed by one `{"role": "tool", "content", "tool_call_id"}` message per
    call, each naming a call id of that message once; then an assistant or a user message.
 mistral-common also rejects what rules 3 (last message) and 4 reject. Stricter than it (it
@@ -47,7 +49,13 @@ import secrets
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from model.errors import InvalidRequest, lone_surrogate_at, surrogate_message
+from model.errors import (
+    InvalidRequest,
+    JsonTooDeep,
+    lone_surrogate_at,
+    parse_json,
+    surrogate_message,
+)
 
 # A pure renderer: the rules are checked before it runs.
 DEFAULT_CHAT_TEMPLATE = (
@@ -216,6 +224,7 @@ def _validate_shape(i: int, message) -> None:
                                 "be empty (unless it has tool_calls)")
     if message["role"] == "tool":
         _check_text(f"messages[{i}].tool_call_id", message.get("tool_call_id"), nonempty=True)
+        json_value(message["content"], f"messages[{i}].content")
 
 
 def _check_text(field: str, value, nonempty: bool = False) -> None:
@@ -254,6 +263,21 @@ def _validate_tool_calls(i: int, message: dict) -> None:
         seen.add(call["id"])
         check_function_name(f"{field}.function.name", call["function"].get("name"))
         _check_text(f"{field}.function.arguments", call["function"].get("arguments"))
+        json_value(call["function"]["arguments"], f"{field}.function.arguments")
+
+
+def json_value(text: str, field: str = "messages"):
+    """A tool result's content or a call's arguments as mistral-common encodes them: the value
+    of JSON text, {} for "", other text as the string itself; ChatTemplateError naming `field`
+    for JSON nested more than MAX_JSON_DEPTH levels."""
+    if not text:
+        return {}
+    try:
+        return parse_json(text, field)
+    except JsonTooDeep as e:
+        raise ChatTemplateError(str(e)) from None
+    except InvalidRequest:
+        return text
 
 
 def check_function_name(field: str, name, error: type[InvalidRequest] = ChatTemplateError) -> None:

@@ -20,7 +20,7 @@ import json
 import string
 from collections.abc import Sequence
 
-from model.chat import CALL_ID, SYSTEM_ROLES, validate_messages
+from model.chat import CALL_ID, SYSTEM_ROLES, json_value, validate_messages
 
 TOOL_RESULTS_PREFIX = "Tool results: "
 BASE62 = string.digits + string.ascii_letters
@@ -32,17 +32,6 @@ V3_CONTROLS = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAI
 def _calls(message: dict) -> list:
     """An assistant message's tool calls ([] when it has none)."""
     return message.get("tool_calls") or []
-
-
-def json_value(text: str):
-    """A tool result's content or a call's arguments as mistral-common encodes them: the value
-    of JSON text, {} for "", other text as the string itself."""
-    if not text:
-        return {}
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def calls_text(calls: list[dict]) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, check_json_depth, parse_json
 
 KINDS = ("json", "regex", "choice", "grammar")
 MAX_CONSTRAINT_CHARS = 65536    # the largest spec accepted, in characters (documented: docs/api.md)
@@ -54,19 +54,13 @@ class Constraint:
             self._check_choices()
 
     def _check_json_schema(self) -> None:
-        try:
-            schema = json.loads(self.spec)
-        except ValueError as e:
-            raise InvalidRequest(f"{self.field}: the JSON schema is not valid JSON: {e}") from None
+        schema = parse_json(self.spec, self.field, "the JSON schema is not valid JSON")
         if not isinstance(schema, (dict, bool)):
             raise InvalidRequest(f"{self.field}: a JSON schema must be an object (or a boolean), "
                                  f"got {type(schema).__name__}")
 
     def _check_choices(self) -> None:
-        try:
-            choices = json.loads(self.spec)
-        except ValueError as e:
-            raise InvalidRequest(f"{self.field}: choices are not a JSON list: {e}") from None
+        choices = parse_json(self.spec, self.field, "choices are not a JSON list")
         if (not isinstance(choices, list) or not choices
                 or not all(isinstance(c, str) and c for c in choices)):
             raise InvalidRequest(f"{self.field}: choices must be a non-empty list of non-empty "
@@ -77,7 +71,9 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: dict | bool, field: str) -> Constraint:
-        """From a schema object (its canonical JSON text: key order kept, no spaces)."""
+        """From a schema object (its canonical JSON text: key order kept, no spaces);
+        JsonTooDeep naming `field` past MAX_JSON_DEPTH levels."""
+        check_json_depth(schema, field)
         return cls("json", json.dumps(schema, separators=(",", ":"), ensure_ascii=False), field)
 
     @classmethod

@@ -23,11 +23,12 @@ Call ids are made here: 9 alphanumeric characters (mistral-common's v3 rule).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import secrets
 import string
 from collections.abc import Callable, Collection, Sequence
+
+from model.errors import InvalidRequest, parse_json
 
 CALL_ID_CHARS = string.ascii_letters + string.digits
 HEAD_START = '{"name": "'
@@ -240,7 +241,8 @@ class ToolCallParser:
 
 
 def _is_object(text: str) -> bool:
+    """Whether the model's `text` is a JSON object (nested too deep for json: it is not)."""
     try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
+        return isinstance(parse_json(text, "arguments"), dict)
+    except InvalidRequest:
         return False

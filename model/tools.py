@@ -25,7 +25,7 @@ import json
 from model.chat import check_function_name, validate_messages
 from model.chat_tools import encode_v3, plain_messages
 from model.constraint import Constraint
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, check_json_depth
 from model.tool_parser import (
     TOOL_CALLS,
     ToolCall,
@@ -100,6 +100,8 @@ def _tool_of(item, field: str) -> Tool:
     if not isinstance(function, dict):
         raise InvalidRequest(f"{field}.function: expected an object with 'name', got "
                              f"{type(function).__name__}")
+    check_json_depth(function.get("parameters"), f"{field}.function.parameters")
+    check_json_depth(item, field)           # before json.dumps recurses into it
     check_function_name(f"{field}.function.name", function.get("name"), InvalidRequest)
     description = function.get("description")
     if description is not None and not isinstance(description, str):

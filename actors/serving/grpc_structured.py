@@ -9,11 +9,9 @@ InvalidRequest naming the proto field ("json_schema: the JSON schema does not co
 """
 from __future__ import annotations
 
-import json
-
 from actors.serving.validation import ToolInputs, tools_inputs
 from model.constraint import JSON_OBJECT, Constraint
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, parse_json
 from model.tokenizer import Tokenizer
 from protos import generator_pb2 as pb
 
@@ -62,14 +60,8 @@ def message_dict(m: pb.ChatMessage) -> dict:
 
 def tools_json(req: pb.GenerateRequest) -> list:
     """The `tools` entries parsed from their JSON text; InvalidRequest naming `tools[i]`."""
-    tools = []
-    for i, text in enumerate(req.tools):
-        try:
-            tools.append(json.loads(text))
-        except ValueError as e:
-            raise InvalidRequest(f"tools[{i}]: not JSON text (an OpenAI tool object as JSON): "
-                                 f"{e}") from None
-    return tools
+    return [parse_json(text, f"tools[{i}]", "not JSON text (an OpenAI tool object as JSON)")
+            for i, text in enumerate(req.tools)]
 
 
 def tool_choice_value(text: str) -> str | dict | None:
@@ -78,10 +70,7 @@ def tool_choice_value(text: str) -> str | dict | None:
     if not text or text in TOOL_CHOICE_MODES:
         return text or None
     if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except ValueError as e:
-            raise InvalidRequest(f"tool_choice: not JSON text: {e}") from None
+        return parse_json(text, "tool_choice", "not JSON text")
     return {"type": "function", "function": {"name": text}}
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from model import admission
 from model.constraint import Constraint
 from model.engine import SamplingParams
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, check_json_depth
 from model.tokenizer import ChatTemplateError, Tokenizer
 from model.tools import Tool, ToolCalling, ToolCallParser, ToolChoice, tool_choice_of, tools_of
 
@@ -92,6 +92,7 @@ def tools_inputs(tokenizer: Tokenizer, context_length: int, messages: list[dict]
     function.name`, `tool_choice`, `messages[1].tool_calls`, `prompt`)."""
     defined = tools_of(tools or [], "tools")
     choice = tool_choice_of(tool_choice, defined, "tool_choice")
+    check_json_depth(messages, "messages")      # before json.dumps recurses into them
     chars = len(json.dumps([messages, tools], ensure_ascii=False))
     admission.check_text_size("messages", chars, tokenizer, context_length)
     calling = tool_calling(tokenizer)

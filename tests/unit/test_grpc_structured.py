@@ -29,6 +29,10 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
 CHAT = [pb.ChatMessage(role="user", content="Weather in Paris?")]
+DEEP_HISTORY = CHAT + [
+    pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="call_1", name="get_weather",
+                                                             arguments="[" * 5000)]),
+    pb.ChatMessage(role="tool", tool_call_id="call_1", content="2")]
 
 
 TOKENIZER = Tokenizer.from_pretrained()
@@ -69,6 +73,8 @@ def test_no_constraint_or_json_object_false_is_none(tokenizer):
     ({"choice": pb.ChoiceConstraint()}, "choice: choices must be a non-empty list"),
     ({"choice": pb.ChoiceConstraint(values=["a", ""])}, "choice: choices must be a non-empty"),
     ({"grammar": ""}, "grammar: the grammar constraint must be a non-empty string"),
+    ({"json_schema": '{"type":"array","items":' * 2000 + "{}" + "}" * 2000},
+     "json_schema: nested more than 128 levels"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_a_bad_constraint_names_its_field(tokenizer, fields, message):
     with pytest.raises(InvalidRequest) as err:
@@ -135,6 +141,12 @@ def test_without_tool_fields_a_chat_is_prompted_as_before(tokenizer):
       "json_schema": '{"type": "object"}'}, "json_schema and tool_choice"),
     ({"prompt": "hi", "messages": CHAT, "tools": [json.dumps(WEATHER)]},
      "set exactly one of prompt, messages and prompt_token_ids"),
+    ({"messages": CHAT, "tools": ["[" * 5000 + "]" * 5000], "tool_choice": "required"},
+     "tools[0]: nested more than 128 levels"),
+    ({"messages": CHAT, "tools": [json.dumps(WEATHER)],
+      "tool_choice": "{" + '"a":{' * 3000 + "}" * 3001}, "tool_choice: nested more than 128"),
+    ({"messages": DEEP_HISTORY, "tools": [json.dumps(WEATHER)], "tool_choice": "required"},
+     "messages[1].tool_calls[0].function.arguments: nested more than 128 levels"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_tool_fields_name_the_field(tokenizer, fields, message):
     with pytest.raises(InvalidRequest) as err:

@@ -36,6 +36,11 @@ INFO = EngineInfo(context_length=2048, vocab_size=32000, num_layers=2, num_exper
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "hi"}
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+# a schema nested past MAX_JSON_DEPTH: as text past json's recursion limit, as an object below it
+DEEP_TEXT = '{"type":"array","items":' * 2000 + '{"type":"string"}' + "}" * 2000
+DEEP_SCHEMA: dict = {"type": "string"}
+for _ in range(200):
+    DEEP_SCHEMA = {"type": "array", "items": DEEP_SCHEMA}
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +145,12 @@ def test_two_constraints_are_refused_naming_both(tokenizer, pair, chat):
                                             "must be a non-empty string"),
     ({"guided_grammar": "x" * 70000}, "guided_grammar: the grammar constraint is 70000 "
                                       "characters; the limit is 65536"),
+    ({"guided_json": DEEP_TEXT}, "guided_json: nested more than 128 levels"),
+    ({"structured_outputs": {"json": DEEP_TEXT}}, "structured_outputs.json: nested more than"),
+    ({"guided_json": DEEP_SCHEMA}, "guided_json: nested more than 128 levels"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                 "schema": DEEP_SCHEMA}}},
+     "response_format: nested more than 128 levels"),
 ])
 def test_a_bad_constraint_is_refused_naming_its_field(tokenizer, fields, needle):
     with pytest.raises(InvalidRequest) as e:
@@ -313,6 +324,34 @@ def test_a_history_with_tool_calls_and_results_is_the_tools_prompt(v3):
     with pytest.raises(InvalidRequest, match=r"^messages\[0\]\.content: required"):
         oai.chat_request(oai.ChatCompletionRequest.model_validate(
             CHAT | {"messages": [{"role": "user", "content": None}]}), v3, INFO)
+
+
+def _history(arguments: str = "{}", result: str = "3", **call_extra) -> list[dict]:
+    return [{"role": "user", "content": "Add 1 and 2."},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "abcDEF123", "type": "function", **call_extra,
+                "function": {"name": "add", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "abcDEF123", "content": result}]
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"messages": _history(arguments="[" * 5000 + "]" * 5000)},
+     "messages[1].tool_calls[0].function.arguments: nested more than 128 levels"),
+    ({"messages": _history(result="[" * 3000 + "]" * 3000)},
+     "messages[2].content: nested more than 128 levels"),
+    ({"messages": _history(x=json.loads("[" * 900 + "]" * 900))},
+     "messages: nested more than 128 levels"),
+    ({"tools": [{"type": "function", "function": {"name": "add", "parameters": DEEP_SCHEMA}}]},
+     "tools[0].function.parameters: nested more than 128 levels"),
+], ids=["arguments", "result", "call", "parameters"])
+def test_client_json_nested_too_deep_is_refused_naming_the_field(v3, fields, needle):
+    """JSON text or structures past MAX_JSON_DEPTH in a chat with tools: a 400 naming where,
+    never a RecursionError (a 500) from json.loads or json.dumps."""
+    body = CHAT | {"messages": _history(), "tools": [ADD], "tool_choice": "required"} | fields
+    with pytest.raises(InvalidRequest) as e:
+        oai.chat_request(oai.ChatCompletionRequest.model_validate(body), v3, INFO)
+    assert str(e.value).startswith(needle), str(e.value)
+    assert needle.startswith(responses.error_body(400, str(e.value))["error"]["param"])
 
 
 # ---- native tool calls through the HTTP layer, on an in-process tiny-v3 engine ---------------

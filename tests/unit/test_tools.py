@@ -25,7 +25,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from model.chat import ChatTemplateError
 from model.chat_tools import TOOL_RESULTS_PREFIX, mistral_call_id
-from model.errors import InvalidRequest
+from model.errors import MAX_JSON_DEPTH, InvalidRequest, JsonTooDeep, check_json_depth, parse_json
 from model.spm import mistral_common_model
 from model.tokenizer import Tokenizer
 from model.tools import (
@@ -261,6 +261,73 @@ def test_tool_message_errors_name_the_field(v3, v1, messages, field):
         with pytest.raises(ChatTemplateError) as info:
             tok.apply_chat_template(messages)
         assert str(info.value).startswith(field), str(info.value)
+
+
+# ---- client JSON nested too deep: a refusal naming the field, never a RecursionError ---------
+
+def _nested(depth: int, kind: str):
+    """A JSON value `depth` levels deep: lists or {"a": ...} objects around a 1."""
+    value = 1
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"a": value}
+    return value
+
+
+@given(depth=st.integers(0, 2 * MAX_JSON_DEPTH), kind=st.sampled_from(["list", "dict"]))
+@settings(max_examples=60, deadline=None, database=None)
+def test_client_json_deeper_than_the_limit_is_refused_naming_the_field(depth, kind):
+    value = _nested(depth, kind)
+    text = json.dumps(value)
+    if depth <= MAX_JSON_DEPTH:
+        assert parse_json(text, "f") == value
+        check_json_depth(value, "f")
+        return
+    for check in (lambda: parse_json(text, "f"), lambda: check_json_depth(value, "f")):
+        with pytest.raises(JsonTooDeep, match=f"^f: nested more than {MAX_JSON_DEPTH} levels"):
+            check()
+
+
+@pytest.mark.parametrize("text", ["[" * 5000, "[" * 5000 + "]" * 5000,
+                                  '{"a":' * 3000 + "1" + "}" * 3000])
+def test_json_past_pythons_recursion_limit_is_too_deep_not_a_recursion_error(text):
+    with pytest.raises(JsonTooDeep, match="^tools\\[0\\]: nested more than"):
+        parse_json(text, "tools[0]")
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("where, field", [
+    ("arguments", "messages[1].tool_calls[0].function.arguments: nested more than"),
+    ("content", "messages[2].content: nested more than"),
+])
+def test_deep_tool_arguments_or_results_are_refused_naming_the_field(v3, v1, where, field):
+    call = {"id": "abcDEF123", "function": {"name": "get_weather",
+                                            "arguments": DEEP if where == "arguments" else "{}"}}
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "abcDEF123",
+                 "content": DEEP if where == "content" else "3"}]
+    for tok in (v3, v1):
+        with pytest.raises(ChatTemplateError) as info:
+            ToolCalling(tok).prompt_ids(messages, TOOLS, ToolChoice("required"))
+        assert str(info.value).startswith(field), str(info.value)
+
+
+def test_deep_tool_parameters_are_refused_naming_them():
+    deep = {"type": "object", "properties": {"x": _nested(MAX_JSON_DEPTH, "dict")}}
+    with pytest.raises(JsonTooDeep, match="^tools\\[0\\].function.parameters: nested more"):
+        tools_of([_fn(name="f", parameters=deep)])
+    with pytest.raises(JsonTooDeep, match="^tools\\[0\\]: nested more"):
+        tools_of([{**_fn(name="f"), "x": _nested(900, "list")}])
+
+
+def test_an_auto_reply_with_arguments_too_deep_for_json_stays_content(v3):
+    """The model's own text is parsed with the same helper: past json's recursion, content."""
+    calling = ToolCalling(v3)
+    parser = calling.parser(TOOLS, ToolChoice("auto"))
+    text = ' [{"name": "ping", "arguments": {"a": ' + "[" * 3000 + "]" * 3000 + "}}]"
+    out = _run(parser, calling.tool_calls_id, [text])
+    assert parser.finish() == (text, []) and "".join(out) == text
 
 
 # ---- v1: forced calls described in text, auto refused -----------------------------------------
