@@ -189,9 +189,9 @@ class ToolCalling:
         (calls of it only): a Lark grammar of an optional space and the call list (after
         <[TOOL_CALLS]> when native), field "tool_choice". None for "auto" and "none". Each
         tool's parameters are their own `%json` root, so their "#/$defs/..." refs hold."""
-        if choice.mode not in ("required", "function"):
+        callable_ = [t for _, t in _forced(tools, choice)]
+        if not callable_:
             return None
-        callable_ = [t for t in tools if choice.mode == "required" or t.name == choice.name]
         rules = [f"call_{k}: {_call_head(t.name)} args_{k} \"}}\"\n"
                  f"args_{k}: %json {_arguments_schema(t)}" for k, t in enumerate(callable_)]
         more = ' ("," " " call)*' if parallel else ""
@@ -202,6 +202,14 @@ class ToolCalling:
                           *rules])
         return Constraint("grammar", lark, "tool_choice")
 
+    @staticmethod
+    def parameter_constraints(tools: tuple[Tool, ...], choice: ToolChoice) -> list[Constraint]:
+        """Each tool a forced call may call, its arguments' schema as its own constraint, field
+        `tools[i].function.parameters` (i: its place in the request): what the gateway
+        compiles to say which tool's schema broke the call-list grammar, and why."""
+        return [Constraint("json", _arguments_schema(t), f"tools[{i}].function.parameters")
+                for i, t in _forced(tools, choice)]
+
     def parser(self, tools: tuple[Tool, ...], choice: ToolChoice) -> ToolCallParser | None:
         """A parser of one choice's completion; None when it is plain text ("none")."""
         if choice.mode == "none" or not tools:
@@ -209,6 +217,15 @@ class ToolCalling:
         forced = choice.mode != "auto"
         return ToolCallParser({t.name for t in tools}, forced,
                               self.tool_calls_id if self.native else None)
+
+
+def _forced(tools: tuple[Tool, ...], choice: ToolChoice) -> list[tuple[int, Tool]]:
+    """(index, tool) of the tools a forced call may call: all for "required", the named one
+    for "function", none for "auto" and "none"."""
+    if choice.mode not in ("required", "function"):
+        return []
+    return [(i, t) for i, t in enumerate(tools)
+            if choice.mode == "required" or t.name == choice.name]
 
 
 def _call_head(name: str) -> str:

@@ -19,7 +19,10 @@ from actors.serving.caller import own_id
 from actors.serving.draining import Drain, DrainedStream
 from actors.serving.metrics import RequestMetrics
 from actors.serving.status import first_line
+from actors.serving.validation import ToolInputs
+from model.constraint import Constraint
 from model.engine import SamplingParams
+from model.errors import InvalidRequest
 from model.grammar import check_constraint
 from model.output import Completion
 from model.tokenizer import Tokenizer
@@ -54,14 +57,16 @@ class EngineClient:
         """The engine's info now (expert placement and load change)."""
         return await self.engine.info.remote()
 
-    async def check(self, params: SamplingParams) -> None:
+    async def check(self, params: SamplingParams, tools: ToolInputs | None = None) -> None:
         """InvalidRequest naming the constraint's field (`response_format`, `json_schema`, ...)
         and llguidance's reason if `params`' structured-output grammar does not compile: so a
         bad schema is a 400 / INVALID_ARGUMENT before any stream starts. Compiled on a thread,
         cached by content in this process (model.grammar.check_constraint); the engine
-        compiles it again in its own, off its step loop."""
+        compiles it again in its own, off its step loop. When a forced call's grammar (from
+        `tools`) does not compile, the refusal names the tool whose parameters schema does not
+        (`tools[1].function.parameters: ...`), not the call-list grammar."""
         if params.constraint is not None:
-            await asyncio.to_thread(check_constraint, self.tokenizer, params.constraint)
+            await asyncio.to_thread(check_grammar, self.tokenizer, params.constraint, tools)
 
     def stream(self, ids: list[int], params: SamplingParams) -> DrainedStream:
         """The engine's stream of chunks for prompt `ids` (a ResumableStream, ended by this
@@ -86,6 +91,20 @@ class EngineClient:
             return None
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             return first_line(unwrap(e)) or type(unwrap(e)).__name__
+
+
+def check_grammar(tokenizer: Tokenizer, constraint: Constraint,
+                  tools: ToolInputs | None = None) -> None:
+    """check_constraint (blocking); when `constraint` is `tools`' forced call and does not
+    compile, InvalidRequest naming the first forced tool whose parameters schema does not
+    compile on its own (`tools[1].function.parameters: ... Invalid type: strin`)."""
+    try:
+        check_constraint(tokenizer, constraint)
+    except InvalidRequest:
+        forced = tools is not None and constraint == tools.constraint
+        for parameters in tools.parameter_constraints() if forced else ():
+            check_constraint(tokenizer, parameters)         # the first bad one raises
+        raise
 
 
 async def collect(chunks, prompt_ids: list[int] = ()) -> list[Completion]:

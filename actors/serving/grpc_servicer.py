@@ -62,7 +62,7 @@ class GeneratorServicer:
         context, vocab, tokenizer = info.context_length, info.vocab_size, self.engine.tokenizer
         given = await asyncio.to_thread(inputs, request, tokenizer, context, vocab)  # off loop
         ids, params = given.prompt_ids, given.params
-        await self.engine.check(params)
+        await self.engine.check(params, given.tools)
         logprobs = request.logprobs or params.top_logprobs > 0
         return ids, params, Responses(ids, logprobs, tokenizer.token_bytes, given.tools)
 

@@ -205,7 +205,7 @@ async def completion(engine: EngineClient, request, chat: bool):
         info = await engine.info()
         inputs = await asyncio.to_thread(inputs_of, request, engine.tokenizer, info)
         ids, params = inputs.ids, inputs.params
-        await engine.check(params)                  # a grammar that does not compile: 400
+        await engine.check(params, inputs.tools)    # a grammar that does not compile: 400
         shape = responses.shape_of(request, chat, engine.tokenizer, ids)
         parsers = inputs.tools.parser if inputs.tools is not None else None
         out = responses.Response(chat, engine.model_name, engine.tokenizer, shape, ids, parsers)

@@ -76,6 +76,12 @@ class ToolInputs:
     def parser(self) -> ToolCallParser | None:
         return self.calling.parser(self.tools, self.choice)
 
+    def parameter_constraints(self) -> list[Constraint]:
+        """The forced tools' parameters schemas, each its own constraint naming
+        `tools[i].function.parameters` (EngineClient.check compiles them when the call-list
+        grammar does not compile, to name the tool and llguidance's reason)."""
+        return self.calling.parameter_constraints(self.tools, self.choice)
+
 
 @functools.lru_cache(maxsize=8)
 def tool_calling(tokenizer: Tokenizer) -> ToolCalling:

@@ -29,6 +29,8 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
 CHAT = [pb.ChatMessage(role="user", content="Weather in Paris?")]
+BAD_TOOL = json.dumps({"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"a": {"type": "strin"}}}}})   # llguidance: no such type
 DEEP_HISTORY = CHAT + [
     pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="call_1", name="get_weather",
                                                              arguments="[" * 5000)]),
@@ -265,13 +267,17 @@ class _Context:
     ({"json_schema": '{"type": "strin"}'}, "json_schema: "),
     ({"regex": "(unclosed"}, "regex: "),
     ({"grammar": "start: undefined_rule"}, "grammar: "),
-], ids=["json_schema", "regex", "grammar"])
+    ({"messages": CHAT, "tools": [json.dumps(WEATHER), BAD_TOOL], "tool_choice": "required"},
+     "tools[1].function.parameters: "),
+], ids=["json_schema", "regex", "grammar", "tool parameters"])
 def test_a_constraint_that_does_not_compile_is_invalid_argument_before_any_message(
         tokenizer, fields, message):
+    """A forced call's grammar that does not compile names the tool whose parameters schema
+    does not, with llguidance's reason, never the call-list grammar (`tool_choice`, %json)."""
     from actors.serving.grpc_servicer import GeneratorServicer
     s = GeneratorServicer()
     s.engine, s.api_key_digest = _Engine(tokenizer), None
-    req = pb.GenerateRequest(prompt="hi", **fields)
+    req = pb.GenerateRequest(**({} if "messages" in fields else {"prompt": "hi"}), **fields)
 
     async def stream(context):
         return [m async for m in s.GenerateStream(req, context)]
@@ -280,6 +286,8 @@ def test_a_constraint_that_does_not_compile_is_invalid_argument_before_any_messa
         context = _Context()
         assert call(context) == [pb.GenerateResponse()] and context.code.name == "INVALID_ARGUMENT"
         assert context.details.startswith(message) and not s.engine.asked
+        assert "%json" not in context.details and "Invalid type: strin" in (
+            context.details if "tools" in fields else "Invalid type: strin")
 
 
 def test_native_v3_tool_calls_and_history_over_grpc():

@@ -450,3 +450,22 @@ def test_native_auto_text_stays_content(v3_engine):
     [s] = _reassembled(events[:-1]).choices
     assert s.message.content == choice["message"]["content"] and not s.message.tool_calls
     assert s.finish_reason == choice["finish_reason"] == "length"
+
+
+BAD_PARAMETERS = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"a": {"type": "strin"}}}}}     # llguidance: no such type
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function",
+                                                      "function": {"name": "f"}}])
+def test_a_forced_tool_whose_schema_does_not_compile_is_named(v3_engine, tool_choice):
+    """The 400 names the tool's parameters and llguidance's reason, not `tool_choice` and the
+    call-list grammar; a call forced to another tool does not compile the broken one."""
+    body = {"messages": [{"role": "user", "content": "Add 2 and 3."}],
+            "tools": [BOUNDED_ADD, BAD_PARAMETERS], "tool_choice": tool_choice, "max_tokens": 4}
+    status, error = _http(v3_engine, body)
+    assert status == 400, error
+    assert error["error"]["message"] == "tools[1].function.parameters: Invalid type: strin"
+    assert error["error"]["param"] == "tools[1].function.parameters"
+    other = {"type": "function", "function": {"name": "add"}}
+    assert _http(v3_engine, body | {"tool_choice": other})[0] == 200
