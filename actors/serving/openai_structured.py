@@ -91,9 +91,13 @@ def response_format_constraint(f: ResponseFormat | None) -> Constraint | None:
 
 
 def structured_outputs_constraints(s: StructuredOutputs | None) -> list[Constraint | None]:
-    """The constraints set in vLLM's `structured_outputs`, each named by its key."""
+    """The constraints set in vLLM's `structured_outputs`, each named by its key; an object
+    with no key set (`{}`) is refused, as vLLM refuses it."""
     if s is None:
         return []
+    if not s.model_fields_set:
+        raise InvalidRequest("structured_outputs: set one of json, regex, choice, grammar, "
+                             "json_object (the object is empty)")
     f = "structured_outputs"
     return [None if s.json_ is None else _json(s.json_, f"{f}.json"),
             None if s.regex is None else Constraint("regex", s.regex, f"{f}.regex"),

@@ -145,6 +145,9 @@ def test_two_constraints_are_refused_naming_both(tokenizer, pair, chat):
                                             "must be a non-empty string"),
     ({"guided_grammar": "x" * 70000}, "guided_grammar: the grammar constraint is 70000 "
                                       "characters; the limit is 65536"),
+    ({"structured_outputs": {}}, "structured_outputs: set one of json, regex, choice, "
+                                 "grammar, json_object"),
+    ({"structured_outputs": {"regex": None}}, "structured_outputs: set one of json"),
     ({"guided_json": DEEP_TEXT}, "guided_json: nested more than 128 levels"),
     ({"structured_outputs": {"json": DEEP_TEXT}}, "structured_outputs.json: nested more than"),
     ({"guided_json": DEEP_SCHEMA}, "guided_json: nested more than 128 levels"),
