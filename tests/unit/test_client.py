@@ -211,6 +211,16 @@ def test_each_constraint_flag_fills_the_oneof(flags, fields):
                                      top_k=0, **fields)
 
 
+@pytest.mark.parametrize("flag, field", [("--regex", "regex"), ("--json-schema", "json_schema"),
+                                         ("--grammar", "grammar")])
+def test_at_at_is_text_that_begins_with_an_at_sign(flag, field):
+    """Every @-file flag reads "@@..." as the text "@..." (documented in --help), not a file."""
+    args = client.parser().parse_args(["Hi", flag, "@@[a-z]+"])
+    assert getattr(client.request_from_args(args), field) == "@[a-z]+"
+    assert '"@@..." for text that begins with "@"' in " ".join(
+        client.parser().format_help().split())
+
+
 def test_a_file_value_and_the_tool_flags_reach_the_request(tmp_path):
     schema, tool = tmp_path / "schema.json", tmp_path / "tool.json"
     schema.write_text('{"type": "integer"}', encoding="utf-8")
@@ -235,6 +245,8 @@ def test_a_file_value_and_the_tool_flags_reach_the_request(tmp_path):
     (["Hi", "--grammar", "@/no/such/file"], "argument --grammar: cannot read"),
     (["Hi", "--tool", "{not json"], "argument --tool: '{not json' is not JSON text"),
     (["Hi", "--tool", "[1]"], "argument --tool: '[1]' is not a JSON object"),
+    (["Hi", "--tool", "[" * 5000], "argument --tool: '[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[' "
+                                   "is JSON nested too deeply"),
     (["--prompt-token-ids", "1", "--tool", "{}"], "--prompt-token-ids is the whole prompt"),
 ])
 def test_bad_structured_flags_are_usage_errors_naming_the_flag(argv, message, capsys):
