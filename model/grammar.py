@@ -32,6 +32,7 @@ import concurrent.futures
 import dataclasses
 import json
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -59,6 +60,10 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 # parser state (no schema text in logs or replies)
 LIMITS = dict(max_grammar_size=200_000, max_lexer_states=100_000, initial_lexer_fuel=1_000_000,
               step_lexer_fuel=200_000, step_max_items=50_000, verbose_errors=False)
+# the most one row's grammar work per token may take (ms: consuming the last token and filling
+# the next mask, measured around both): a grammar over it fails its request (InvalidRequest
+# naming the field) instead of slowing every step of the engine
+MAX_MASK_MS = 50.0
 _WRAP = 'start: " "? @inner'        # an optional leading space, then the grammar named inner
 
 
@@ -68,17 +73,31 @@ class GrammarError(ValueError):
 
 
 class GrammarMatcher:
-    """One constrained sequence's place in its grammar (engine-side, under the step lock)."""
+    """One constrained sequence's place in its grammar (engine-side, under the step lock).
+    `field` is the request field its constraint came from: every failure names it."""
 
-    def __init__(self, matcher: llg.LLMatcher, vocab_size: int):
-        self._m, self.vocab_size = matcher, vocab_size
+    def __init__(self, matcher: llg.LLMatcher, vocab_size: int, eos_id: int,
+                 field: str = "constraint", consumed: int = 0):
+        self._m, self.vocab_size, self.eos_id, self.field = matcher, vocab_size, eos_id, field
+        self.consumed = consumed            # output tokens consumed so far
+        self._only_eos = False              # the last mask allowed nothing but EOS
+        self._consume_s = 0.0               # the time the last consume took
 
     def consume(self, token_id: int) -> None:
-        """Advance by one token; SamplingError if the grammar rejects it (the matcher is then
-        unusable: its sequence fails)."""
-        if not self._m.consume_token(token_id):
-            reason = self._m.get_error().splitlines()[0] if self._m.is_error() else ""
+        """Advance by one token. SamplingError if the grammar rejects it (a resumed request's
+        token); InvalidRequest naming the field if llguidance fails on it (its limits: too
+        many Earley items, lexer states...). Either way the matcher is then unusable."""
+        self._only_eos = False
+        self.consumed += 1
+        start = time.perf_counter()
+        ok = self._m.consume_token(token_id)
+        self._consume_s = time.perf_counter() - start
+        if ok:
+            return
+        reason = self._reason()
+        if "doesn't satisfy the grammar" in reason:
             raise SamplingError(f"the grammar rejects token {token_id}: {reason}"[:500])
+        raise self._failure(f"at output token {self.consumed}", reason)
 
     def replay(self, token_ids: Sequence[int]) -> None:
         """Consume tokens generated elsewhere (a resumed request's tokens so far)."""
@@ -87,17 +106,39 @@ class GrammarMatcher:
 
     def copy(self) -> GrammarMatcher:
         """An independent matcher in the same state (a forked choice of n > 1)."""
-        return GrammarMatcher(self._m.deep_copy(), self.vocab_size)
+        return GrammarMatcher(self._m.deep_copy(), self.vocab_size, self.eos_id, self.field,
+                              self.consumed)
 
     @property
     def finished(self) -> bool:
-        """The grammar can take nothing but EOS: the sequence ends here ("stop")."""
-        return self._m.is_stopped() and not self._m.is_error()
+        """The grammar can take nothing but EOS (stopped, or its last mask allowed only EOS):
+        the sequence ends here ("stop"), before sampling if need be."""
+        return (self._m.is_stopped() or self._only_eos) and not self._m.is_error()
 
     def fill(self, bitmask: np.ndarray, row: int) -> None:
         """Write the allowed next tokens into `bitmask[row]` ((R, W) int32, bit t % 32 of word
-        t // 32 set if token t is allowed; EOS exactly when the grammar accepts)."""
+        t // 32 set if token t is allowed; EOS exactly when the grammar accepts).
+        InvalidRequest naming the field if llguidance fails (its limits) or this token's
+        grammar work (consuming the last token, then this fill) took over MAX_MASK_MS."""
+        start = time.perf_counter()
         llg_numpy.fill_next_token_bitmask(self._m, bitmask, row)
+        ms = (time.perf_counter() - start + self._consume_s) * 1e3
+        self._consume_s = 0.0
+        if self._m.is_error():
+            raise self._failure(f"at output token {self.consumed + 1}", self._reason())
+        if ms > MAX_MASK_MS:
+            raise InvalidRequest(f"{self.field}: the grammar took {ms:.1f} ms to compute one "
+                                 f"token's mask; the limit is {MAX_MASK_MS:g} ms: too ambiguous "
+                                 "or too large")
+        words = bitmask[row].view(np.uint32)                              # (W,)
+        self._only_eos = (words[self.eos_id // 32] == 1 << self.eos_id % 32
+                          and np.count_nonzero(words) == 1)
+
+    def _reason(self) -> str:
+        return " ".join(self._m.get_error().replace("<non-verbose/>", "").split())[:300]
+
+    def _failure(self, where: str, reason: str) -> InvalidRequest:
+        return InvalidRequest(f"{self.field}: the grammar exceeded its limits {where}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,10 +148,12 @@ class CompiledGrammar:
     strip_leading_space: bool       # the completion text drops its one leading space
     _start: llg.LLMatcher = dataclasses.field(repr=False)   # copied for each sequence
     vocab_size: int = 0
+    eos_id: int = 0
 
-    def matcher(self) -> GrammarMatcher:
-        """A fresh matcher at the grammar's start (a copy: microseconds, no compile)."""
-        return GrammarMatcher(self._start.deep_copy(), self.vocab_size)
+    def matcher(self, field: str = "constraint") -> GrammarMatcher:
+        """A fresh matcher at the grammar's start (a copy: microseconds, no compile); its
+        failures name `field` (the request's constraint field)."""
+        return GrammarMatcher(self._start.deep_copy(), self.vocab_size, self.eos_id, field)
 
 
 class GrammarCompiler:
@@ -147,12 +190,14 @@ class GrammarCompiler:
         self._tokenizer()
         grammar = grammar_text(c)
         start = self._matcher(grammar)
+        _check_start(start)
         if start.validate_tokens(self._space) == 1:          # it may start with a space itself
-            return CompiledGrammar(grammar, False, start, self._vocab_size)
+            return CompiledGrammar(grammar, False, start, self._vocab_size, self._eos)
         grammars = json.loads(grammar)["grammars"]
         wrapped = json.dumps({"grammars": [{"lark_grammar": _WRAP},
                                            {**grammars[0], "name": "inner"}, *grammars[1:]]})
-        return CompiledGrammar(wrapped, True, self._matcher(wrapped), self._vocab_size)
+        return CompiledGrammar(wrapped, True, self._matcher(wrapped), self._vocab_size,
+                               self._eos)
 
     def _matcher(self, grammar: str) -> llg.LLMatcher:
         limits = llg.LLParserLimits(**LIMITS)
@@ -173,22 +218,43 @@ class GrammarCompiler:
         return self._lltok
 
 
+def _check_start(start: llg.LLMatcher) -> None:
+    """GrammarError if the grammar fails at its start: its language is empty (no token is
+    allowed and it does not accept: `start: start`, a `$ref` cycle) or its first mask is over
+    the limits."""
+    start.compute_bitmask()
+    if not start.is_error():
+        return
+    reason = " ".join(start.get_error().replace("<non-verbose/>", "").split())
+    if "NoExtensionBias" in reason:
+        raise GrammarError("the grammar matches no text (its language is empty)")
+    raise GrammarError(f"the grammar exceeded its limits before its first token: {reason}")
+
+
 def grammar_text(c: Constraint) -> str:
     """llguidance's grammar for a constraint, as its JSON grammar text (`{"grammars": [...]}`),
     not checked (GrammarCompiler does that). GrammarError if a JSON schema's text is refused
     before compiling."""
     if c.kind == "json":
+        schema = {"true": "{}", "false": None}.get(c.spec.strip(), c.spec)   # boolean schemas
+        if schema is None:
+            raise GrammarError("the JSON schema false matches no document")
         try:
-            return llg.LLMatcher.grammar_from_json_schema(c.spec, defaults=JSON_OPTIONS)
+            return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as e:
             raise GrammarError(str(e)) from None
     if c.kind == "regex":
         return llg.LLMatcher.grammar_from_regex(c.spec)
     lark = c.spec
     if c.kind == "choice":
-        lark = "start: " + " | ".join(json.dumps(s, ensure_ascii=False)
-                                      for s in json.loads(c.spec))
+        lark = "start: " + " | ".join(_lark_literal(s) for s in json.loads(c.spec))
     return json.dumps({"grammars": [{"lark_grammar": lark}]})
+
+
+def _lark_literal(text: str) -> str:
+    """A Lark string literal of exactly `text`: JSON's escapes (Lark reads them), non-ASCII
+    kept raw but for DEL, which llguidance's lexer refuses raw."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _naming(inner: concurrent.futures.Future, field: str) -> concurrent.futures.Future:
@@ -228,14 +294,23 @@ def check_constraint(tokenizer: Tokenizer, c: Constraint) -> None:
 
 
 def fill_masks(matchers: Sequence[GrammarMatcher], vocab_size: int,
-               device: str | torch.device) -> torch.Tensor:
+               device: str | torch.device,
+               errors: dict[int, InvalidRequest] | None = None) -> torch.Tensor:
     """(R, V) bool of each matcher's allowed next tokens: llguidance fills one (R, W) int32
     bitmask (a call per row, microseconds each), unpacked for all rows at once. Tokens past
-    the tokenizer's vocabulary (a model padded beyond it) are never allowed."""
+    the tokenizer's vocabulary (a model padded beyond it) are never allowed. A row whose
+    grammar fails (InvalidRequest: its limits, MAX_MASK_MS) is raised, or with `errors` put
+    there by row and left all False."""
     words = -(-matchers[0].vocab_size // 32)
     bitmask = np.zeros((len(matchers), words), dtype=np.int32)           # (R, W)
     for row, matcher in enumerate(matchers):
-        matcher.fill(bitmask, row)
+        try:
+            matcher.fill(bitmask, row)
+        except InvalidRequest as e:
+            if errors is None:
+                raise
+            errors[row] = e
+            bitmask[row] = 0
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")   # (R, 32 W)
     if bits.shape[1] < vocab_size:
         bits = np.pad(bits, ((0, 0), (0, vocab_size - bits.shape[1])))

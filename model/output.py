@@ -11,8 +11,10 @@ with "length"; then the text is cut before the first stop string, if any ("stop"
 Structured outputs (model/grammar.py): each token is consumed by the sequence's grammar matcher
 before its text is added (a token the grammar rejects fails the request), and a sequence whose
 grammar can take nothing but EOS ends at once with "stop", even before min_tokens (the
-grammar's end wins). When the grammar was wrapped with an optional leading space, the text
-drops that one space (`strip_leading_space`): the completion is exactly the document.
+grammar's end wins): after a token, or before sampling when its mask allows only EOS (a
+grammar of only "", with no token at all). When the grammar was wrapped with an optional
+leading space, the text drops that one space (`strip_leading_space`): the completion is
+exactly the document.
 Streaming: each chunk carries the new token ids and the new text; while a request runs, the
 last `len(longest stop string) - 1` characters are held back, since they may be the start of a
 stop string, so text after a stop is never streamed. Deltas never split a character, and they
@@ -152,9 +154,11 @@ class RequestOutput:
             if self.text[0] == " ":
                 self.text = self.text[1:]
 
-    def finish(self) -> StreamChunk:
-        """End a request that generates nothing (max_tokens 0: its prompt scored)."""
-        self.req.finish_reason = "length"
+    def finish(self, reason: str = "length") -> StreamChunk:
+        """End a sequence without a new token: "length" for max_tokens 0 (its prompt scored),
+        "stop" when its grammar can take nothing but EOS (before sampling)."""
+        self.req.finish_reason = reason
+        self._add_text(self.detok.flush())
         return self._chunk()
 
     def _cut_at_stop_string(self) -> None:

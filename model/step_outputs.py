@@ -8,15 +8,18 @@ once, even across preemption), and once its prompt is computed, forks into its n
 (sharing the prompt's KV blocks, model/scheduler.py) and samples (model/sampler.py) or, with
 max_tokens 0, ends; each sampled token goes through its choice's RequestOutput (text, stop
 conditions, the chunk it releases). A constrained sequence's logits are masked by its grammar
-matcher (model/grammar.py: one bitmask for the step's constrained rows) and its token consumed
-by it; a forked choice gets a copy of the matcher. A failure fails its request only, all of
-its choices.
+matcher (model/grammar.py: one bitmask for the step's constrained rows, filled before the
+logits) and its token consumed by it; a forked choice gets a copy of the matcher. A grammar
+that allows nothing but EOS ends its sequence "stop" before sampling; one that fails (its
+limits, a mask over MAX_MASK_MS) fails its request (InvalidRequest naming the constraint's
+field). A failure fails its request only, all of its choices.
 Shapes: N tokens in the step (packed), D hidden, V vocab, B sequences that sample.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -74,7 +77,7 @@ class StepOutputs:
         output = RequestOutput(req, self.tokenizer.detokenizer(req.prompt_ids),
                                self.cfg.eos_token_id, self.max_model_len)
         if grammar is not None:
-            req.matcher = grammar.matcher()
+            req.matcher = grammar.matcher(req.params.constraint.field)
             output.strip_leading_space = grammar.strip_leading_space
         return output
 
@@ -104,23 +107,49 @@ class StepOutputs:
         return [c for c in chunks if c is not None]
 
     def _sample(self, sampling: list[Request], hidden: torch.Tensor) -> list[StreamChunk | None]:
+        masks, chunks = self._grammar_masks(sampling)
+        live = [i for i, req in enumerate(sampling) if not req.finished]
+        if len(live) < len(sampling):           # ended by their grammar, or failed by it
+            sampling, masks, hidden = ([sampling[i] for i in live], [masks[i] for i in live],
+                                       hidden[live])
+        if not sampling:
+            return chunks
         try:
             logits = self.model.compute_logits(hidden)                        # (B, V)
             rows = [SamplingRow(r.params, None if r.seed is None else token_seed(
-                        r.seed, r.num_tokens), r.prompt_ids, r.output_ids, r.sampling_state)
-                    for r in sampling]                      # seeded by the token's position
-            constrained = [i for i, r in enumerate(sampling) if r.matcher is not None]
-            if constrained:
-                masks = fill_masks([sampling[i].matcher for i in constrained],
-                                   logits.shape[1], logits.device)           # (R, V)
-                for i, mask in zip(constrained, masks):
-                    rows[i].mask = mask
+                        r.seed, r.num_tokens), r.prompt_ids, r.output_ids, r.sampling_state,
+                        mask) for r, mask in zip(sampling, masks)]  # seeded by the position
             sampled = sample(logits, rows, self.cfg.eos_token_id, self._generator)
         except Exception as e:
             for req in sampling:
                 self._fail(req, e)
             raise
-        return [self._append(req, result) for req, result in zip(sampling, sampled)]
+        return chunks + [self._append(req, result) for req, result in zip(sampling, sampled)]
+
+    def _grammar_masks(self, sampling: list[Request]
+                       ) -> tuple[list[torch.Tensor | None], list[StreamChunk | None]]:
+        """Each sequence's grammar mask ((V,) bool; None if unconstrained), and the chunks of
+        the constrained sequences that end here without sampling: a grammar that can take
+        nothing but EOS ends its sequence "stop" (whatever min_tokens says); one that fails
+        (llguidance's limits, MAX_MASK_MS) fails its request alone (InvalidRequest)."""
+        masks: list[torch.Tensor | None] = [None] * len(sampling)
+        constrained = [i for i, r in enumerate(sampling) if r.matcher is not None]
+        if not constrained:
+            return masks, []
+        errors: dict = {}
+        filled = fill_masks([sampling[i].matcher for i in constrained], self.cfg.vocab_size,
+                            self.device, errors)                              # (R, V)
+        chunks = []
+        for k, i in enumerate(constrained):
+            req = sampling[i]
+            if k in errors:
+                self._fail(req, errors[k])
+            elif req.matcher.finished and not req.finished:
+                output = self._tracked[req.request_id].outputs[req.index]
+                chunks.append(self._emit(req, functools.partial(output.finish, "stop")))
+            else:
+                masks[i] = filled[k]
+        return masks, chunks
 
     def _fork(self, tracked: Tracked, req: Request) -> list[Request]:
         """The sequences that sample from `req`'s last prompt position: itself and, the first
