@@ -13,7 +13,9 @@ models write): `[{"name": "f", "arguments": {...}}, {"name": "g", "arguments": {
   [TOOL_CALLS] as "").
 - Forced calls (tool_choice "required" or a function; grammar-made, so well-formed): each
   call's first delta carries its id and name with arguments "", then the arguments stream in
-  pieces as they come.
+  pieces as they come. The reply is calls only: cut short (max_tokens, finish_reason
+  "length"), a call whose head `{"name": "f", "arguments": ` came whole keeps the arguments
+  generated so far ("" or JSON that may not parse), and a head cut short is dropped.
 - `auto` (the model may answer with text): each call is held until it is complete and its
   arguments are a JSON object, then sent as two deltas (id + name, then the arguments). Text
   that is not a well-formed call list (random weights, a name not among the tools) is
@@ -39,8 +41,8 @@ NAME_CHARS = re.compile(r"[a-zA-Z0-9_-]*")
 
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
-    """One call; `arguments` is the JSON text of an object (cut short only when the completion
-    was: finish_reason "length")."""
+    """One call; `arguments` is the JSON text of an object (cut short, possibly "", only when a
+    forced call's completion was: finish_reason "length")."""
     id: str
     name: str
     arguments: str
@@ -59,10 +61,13 @@ class ToolCallDelta:
 TOOL_CALLS = "tool_calls"       # the finish_reason of a choice that stopped after making calls
 
 
-def finish_reason_of(reason: str | None, calls: Sequence[ToolCall]) -> str | None:
+def finish_reason_of(reason: str | None, calls: Sequence[ToolCall],
+                     complete: bool = True) -> str | None:
     """A choice's finish reason with its calls, as OpenAI's: "tool_calls" where it would be
-    "stop" (EOS, or its grammar's end) and it made calls; "length" (cut by max_tokens) stays."""
-    return TOOL_CALLS if reason == "stop" and calls else reason
+    "stop" (EOS, or its grammar's end) and it made calls; "length" (cut by max_tokens) stays,
+    and so does "stop" when the call list is not `complete` (a stop string cut it:
+    ToolCallParser.complete)."""
+    return TOOL_CALLS if reason == "stop" and calls and complete else reason
 
 
 def new_call_id() -> str:
@@ -219,17 +224,22 @@ class ToolCallParser:
         self.held, self.buf, self.state = "", "", "content"
         return False
 
+    @property
+    def complete(self) -> bool:
+        """False while a forced call list is unfinished (cut short: max_tokens, a stop
+        string); an `auto` reply's calls are each complete."""
+        return not self.forced or self.state in ("end", "content")
+
     def flush(self) -> list[str | ToolCallDelta]:
         """At the end of the completion: what was held back (content text, or nothing)."""
         out: list[str | ToolCallDelta] = []
         if self.done:
             return out
         self.done = True
-        if self.forced and self.state in ("arguments", "next"):
-            self.buf = ""                           # cut short: the call keeps what came
-        unsent = self.state in ("open", "head") or not self.forced
-        if self.state not in ("content", "end") and unsent:
-            self._deviate(out)
+        if self.forced and self.state in ("start", "open", "head", "arguments", "next"):
+            self.held = self.buf = ""   # cut short: begun calls keep what came, a head is dropped
+        elif self.state not in ("content", "end"):
+            self._deviate(out)                      # auto: a call not complete is content
         self._send_content(self.buf, out)
         self.buf = ""
         return out

@@ -140,11 +140,13 @@ class Responses:
 
     def _choice_fields(self, c: Completion, message):
         """`message` (GenerateResponse or Choice) with one choice's own fields set."""
-        text, calls = c.text, []
+        text, calls, parser = c.text, [], None
         if self.tools is not None:
-            text, calls = read_completion(self.tools.parser(), c.token_ids, c.text)
+            parser = self.tools.parser()
+            text, calls = read_completion(parser, c.token_ids, c.text)
+        reason = finish_reason_of(c.finish_reason, calls, parser is None or parser.complete)
         out = message(text=text, token_ids=c.token_ids, tool_calls=whole_calls(calls),
-                      finish_reason=finish_reason_of(c.finish_reason, calls),
+                      finish_reason=reason,
                       top_logprobs=self._top(c.top_logprobs))
         if message is pb.Choice:
             out.index = c.index

@@ -54,7 +54,8 @@ class ToolCallStreams:
         pieces = parser.push(token_ids, text)
         if finish_reason:
             pieces += parser.flush()
-            finish_reason = finish_reason_of(finish_reason, parser.finish()[1])
+            finish_reason = finish_reason_of(finish_reason, parser.finish()[1],
+                                             parser.complete)
         out, entries = _entries(pieces)
         return out, _joined(entries), finish_reason
 

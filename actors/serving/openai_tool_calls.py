@@ -54,7 +54,7 @@ class ChoiceCalls:
         message = {"role": "assistant", "content": content if content or not calls else None}
         if calls:
             message["tool_calls"] = [call_body(call) for call in calls]
-        return message, finish_reason_of(c.finish_reason, calls)
+        return message, finish_reason_of(c.finish_reason, calls, self.parser.complete)
 
     def delta(self, c: StreamChunk) -> tuple[dict, str | None]:
         """(a chunk's delta, less its role; its finish_reason)."""
@@ -62,7 +62,7 @@ class ChoiceCalls:
         reason = c.finish_reason
         if reason is not None:                    # what the parser held back
             pieces += self.parser.flush()
-            reason = finish_reason_of(reason, self.parser.finish()[1])
+            reason = finish_reason_of(reason, self.parser.finish()[1], self.parser.complete)
         text = "".join(p for p in pieces if isinstance(p, str))
         deltas = [p for p in pieces if not isinstance(p, str)]
         delta: dict = {"content": text or None}

@@ -217,12 +217,38 @@ def test_streamed_tool_calls_join_to_the_unary_ones_for_any_split(cuts):
     assert not any(m.finish_reason for m in got[:-1])
 
 
-def test_a_call_cut_by_max_tokens_finishes_length(tokenizer):
+@pytest.mark.parametrize("cut, calls", [
+    (30, []),                                                       # in the first call's head
+    (51, [("get_weather", '{"city": "Par')]),                       # in its arguments
+    (70, [("get_weather", '{"city": "Paris"}')]),                   # in the second's head
+], ids=["head", "arguments", "second head"])
+def test_a_call_cut_by_max_tokens_finishes_length(tokenizer, cut, calls):
+    """Cut by max_tokens, a forced reply is its begun calls (the last with the arguments so far),
+    a head cut short dropped, never content (docs/api.md, "Tool calling")."""
     given_ = forced(tokenizer)
-    ids = tokenizer.encode(CALLS_TEXT[:30], bos=False)
+    ids = tokenizer.encode(CALLS_TEXT[:cut], bos=False)
     out = gm.Responses(given_.prompt_ids, False, tokenizer.token_bytes, given_.tools).unary(
-        [Completion("r", given_.prompt_ids, ids, CALLS_TEXT[:30], "length", [])])
+        [Completion("r", given_.prompt_ids, ids, CALLS_TEXT[:cut], "length", [])])
     assert out.finish_reason == "length"
+    assert out.text == "" and [(c.name, c.arguments) for c in out.tool_calls] == calls
+
+
+@pytest.mark.parametrize("cut, reason", [(51, "stop"), (len(CALLS_TEXT), "tool_calls")])
+def test_a_call_list_cut_by_a_stop_string_finishes_stop_on_both_protocols(tokenizer, cut,
+                                                                          reason):
+    """A stop string that cuts a forced list leaves "stop" (the arguments may not parse), not
+    "tool_calls", which says the list is whole; unary and streamed, gRPC and HTTP alike."""
+    from actors.serving.openai_tool_calls import ChoiceCalls
+    given_ = forced(tokenizer)
+    text, ids = CALLS_TEXT[:cut], tokenizer.encode(CALLS_TEXT[:cut], bos=False)
+    done = Completion("r", given_.prompt_ids, ids, text, "stop", [])
+    assert gm.Responses(given_.prompt_ids, False, tokenizer.token_bytes,
+                        given_.tools).unary([done]).finish_reason == reason
+    assert streamed(gm.Responses(given_.prompt_ids, False, tokenizer.token_bytes, given_.tools),
+                    ids, [len(ids) // 2])[-1].finish_reason == reason
+    assert ChoiceCalls(given_.tools.parser()).message(done)[1] == reason
+    chunk = StreamChunk("r", text, ids, [0.0] * len(ids), "stop")
+    assert ChoiceCalls(given_.tools.parser()).delta(chunk)[1] == reason
 
 
 def test_tool_choice_none_answers_plain_text(tokenizer):

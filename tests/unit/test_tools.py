@@ -448,6 +448,34 @@ def test_any_split_of_a_call_list_reassembles_to_its_calls(v3, v1, calls, cuts, 
         [(c.name, c.arguments) for c in parsed]
 
 
+@PROPERTY
+@given(calls=CALL_LISTS, cut=st.integers(0, 400), cuts=st.lists(st.integers(0, 400), max_size=6),
+       native=st.booleans())
+def test_a_forced_call_list_cut_anywhere_is_its_begun_calls(v3, v1, calls, cut, cuts, native):
+    """max_tokens cuts a forced list anywhere (finish_reason "length"): the reply is only
+    calls, never content; each call whose head `{"name": "f", "arguments": ` came whole is a
+    call with the arguments generated so far ("" or JSON that may not parse); a head cut short
+    is dropped. Streamed deltas join to the same calls (docs/api.md, "Tool calling")."""
+    text, spans = " [", []
+    for k, (name, args) in enumerate(calls):
+        text += (", " if k else "") + f'{{"name": "{name}", "arguments": '
+        arguments = json.dumps(args, ensure_ascii=False)
+        spans.append((name, len(text), len(text) + len(arguments)))
+        text += arguments + "}"
+    text += "]"
+    assert text == " " + json.dumps([{"name": n, "arguments": a} for n, a in calls],
+                                    ensure_ascii=False)
+    calling = ToolCalling(v3 if native else v1)
+    parser = calling.parser(TOOLS, ToolChoice("required"))
+    out = _run(parser, calling.tool_calls_id, _split(text[:cut], cuts))
+    content, parsed = parser.finish()
+    want = [(name, text[start:min(end, cut)]) for name, start, end in spans if start <= cut]
+    assert content == "" and not [p for p in out if isinstance(p, str)]
+    assert [(c.name, c.arguments) for c in parsed] == want
+    for k, call in enumerate(parsed):
+        assert "".join(d.arguments for d in out if d.index == k) == call.arguments
+
+
 @pytest.mark.parametrize("pieces, content, names", [
     (["Hello", " world"], "Hello world", []),                          # no marker: text
     ([' [{"name": "nope", "arguments": {}}]'], ' [{"name": "nope", "arguments": {}}]', []),
