@@ -8,12 +8,10 @@ into a grammar, one matcher per constrained sequence, and the token masks of a s
     matcher.consume(token)                          # SamplingError if the grammar rejects it
     matcher.finished                                # nothing but EOS can follow: it ends
 
-Kinds -> llguidance grammars: "json" through `grammar_from_json_schema` with JSON_OPTIONS
-(json.dumps's default layout, no free whitespace: random weights cannot run on in spaces),
-"regex" through `grammar_from_regex` (the whole completion matches), "choice" as a Lark
-alternative of the exact strings (JSON-escaped: a Lark string literal reads JSON's escapes),
-"grammar" as the user's Lark. A grammar that does not compile, or is over LIMITS, is an
-InvalidRequest naming the constraint's field and llguidance's reason.
+Kinds -> llguidance grammars: model/grammar_text.py. A grammar that does not compile, is over
+LIMITS or matches no text (an empty language) is an InvalidRequest naming the constraint's
+field and the reason; so is one that fails mid-generation (llguidance's limits: "exceeded its
+limits at output token 37") or whose work for one token takes over MAX_MASK_MS.
 
 The SentencePiece leading space: Mixtral's natural first token of an answer is "▁{", which a
 JSON grammar rejects (no leading whitespace). When a grammar cannot start with a space, it is
@@ -30,7 +28,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import json
 import threading
 import time
 import weakref
@@ -45,31 +42,26 @@ import torch
 from model.constraint import Constraint
 from model.draw import SamplingError
 from model.errors import InvalidRequest
+from model.grammar_text import JSON_OPTIONS, GrammarError, grammar_text, with_leading_space
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
 __all__ = ["CompiledGrammar", "GrammarMatcher", "GrammarCompiler", "GrammarError",
-           "compiler_for", "check_constraint", "fill_masks", "JSON_OPTIONS", "LIMITS"]
+           "compiler_for", "check_constraint", "fill_masks", "JSON_OPTIONS", "LIMITS",
+           "MAX_MASK_MS"]
 
-# json.dumps's layout: ", " between items, ": " after keys, no other whitespace
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # llguidance's resource limits on one grammar, on top of MAX_CONSTRAINT_CHARS (documented in
 # docs/architecture.md): symbols in the compiled grammar, lexer states (~1-2 kB each), lexer work to
 # build it (~50k/ms) and per token (~14k/ms), Earley items per token; errors without the
 # parser state (no schema text in logs or replies)
 LIMITS = dict(max_grammar_size=200_000, max_lexer_states=100_000, initial_lexer_fuel=1_000_000,
               step_lexer_fuel=200_000, step_max_items=50_000, verbose_errors=False)
-# the most one row's grammar work per token may take (ms: consuming the last token and filling
-# the next mask, measured around both): a grammar over it fails its request (InvalidRequest
-# naming the field) instead of slowing every step of the engine
+# the most one row's grammar work per token may take (ms of this thread's CPU time, so a busy
+# machine does not count: consuming the last token and filling the next mask, llguidance runs
+# on the caller's thread): a grammar over it fails its request (InvalidRequest naming the
+# field) instead of slowing every step of the engine
 MAX_MASK_MS = 50.0
-_WRAP = 'start: " "? @inner'        # an optional leading space, then the grammar named inner
-
-
-class GrammarError(ValueError):
-    """llguidance refused a grammar; the message is its reason (the field is added by the
-    caller of GrammarCompiler.compile)."""
 
 
 class GrammarMatcher:
@@ -89,9 +81,9 @@ class GrammarMatcher:
         many Earley items, lexer states...). Either way the matcher is then unusable."""
         self._only_eos = False
         self.consumed += 1
-        start = time.perf_counter()
+        start = time.thread_time()
         ok = self._m.consume_token(token_id)
-        self._consume_s = time.perf_counter() - start
+        self._consume_s = time.thread_time() - start
         if ok:
             return
         reason = self._reason()
@@ -120,9 +112,9 @@ class GrammarMatcher:
         t // 32 set if token t is allowed; EOS exactly when the grammar accepts).
         InvalidRequest naming the field if llguidance fails (its limits) or this token's
         grammar work (consuming the last token, then this fill) took over MAX_MASK_MS."""
-        start = time.perf_counter()
+        start = time.thread_time()
         llg_numpy.fill_next_token_bitmask(self._m, bitmask, row)
-        ms = (time.perf_counter() - start + self._consume_s) * 1e3
+        ms = (time.thread_time() - start + self._consume_s) * 1e3
         self._consume_s = 0.0
         if self._m.is_error():
             raise self._failure(f"at output token {self.consumed + 1}", self._reason())
@@ -193,9 +185,7 @@ class GrammarCompiler:
         _check_start(start)
         if start.validate_tokens(self._space) == 1:          # it may start with a space itself
             return CompiledGrammar(grammar, False, start, self._vocab_size, self._eos)
-        grammars = json.loads(grammar)["grammars"]
-        wrapped = json.dumps({"grammars": [{"lark_grammar": _WRAP},
-                                           {**grammars[0], "name": "inner"}, *grammars[1:]]})
+        wrapped = with_leading_space(grammar)
         return CompiledGrammar(wrapped, True, self._matcher(wrapped), self._vocab_size,
                                self._eos)
 
@@ -229,32 +219,6 @@ def _check_start(start: llg.LLMatcher) -> None:
     if "NoExtensionBias" in reason:
         raise GrammarError("the grammar matches no text (its language is empty)")
     raise GrammarError(f"the grammar exceeded its limits before its first token: {reason}")
-
-
-def grammar_text(c: Constraint) -> str:
-    """llguidance's grammar for a constraint, as its JSON grammar text (`{"grammars": [...]}`),
-    not checked (GrammarCompiler does that). GrammarError if a JSON schema's text is refused
-    before compiling."""
-    if c.kind == "json":
-        schema = {"true": "{}", "false": None}.get(c.spec.strip(), c.spec)   # boolean schemas
-        if schema is None:
-            raise GrammarError("the JSON schema false matches no document")
-        try:
-            return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        except ValueError as e:
-            raise GrammarError(str(e)) from None
-    if c.kind == "regex":
-        return llg.LLMatcher.grammar_from_regex(c.spec)
-    lark = c.spec
-    if c.kind == "choice":
-        lark = "start: " + " | ".join(_lark_literal(s) for s in json.loads(c.spec))
-    return json.dumps({"grammars": [{"lark_grammar": lark}]})
-
-
-def _lark_literal(text: str) -> str:
-    """A Lark string literal of exactly `text`: JSON's escapes (Lark reads them), non-ASCII
-    kept raw but for DEL, which llguidance's lexer refuses raw."""
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _naming(inner: concurrent.futures.Future, field: str) -> concurrent.futures.Future:
