@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CompiledGrammar", "GrammarMatcher", "GrammarCompiler", "GrammarError",
            "compiler_for", "check_constraint", "fill_masks", "JSON_OPTIONS", "LIMITS",
-           "MAX_MASK_MS"]
+           "MAX_MASK_MS", "check_mask_time"]
 
 # llguidance's resource limits on one grammar, on top of MAX_CONSTRAINT_CHARS (documented in
 # docs/architecture.md): symbols in the compiled grammar, lexer states (~1-2 kB each), lexer work to
@@ -74,6 +74,7 @@ class GrammarMatcher:
         self.consumed = consumed            # output tokens consumed so far
         self._only_eos = False              # the last mask allowed nothing but EOS
         self._consume_s = 0.0               # the time the last consume took
+        self.last_ms = 0.0                  # the last token's grammar work (consume + fill)
 
     def consume(self, token_id: int) -> None:
         """Advance by one token. SamplingError if the grammar rejects it (a resumed request's
@@ -118,10 +119,8 @@ class GrammarMatcher:
         self._consume_s = 0.0
         if self._m.is_error():
             raise self._failure(f"at output token {self.consumed + 1}", self._reason())
-        if ms > MAX_MASK_MS:
-            raise InvalidRequest(f"{self.field}: the grammar took {ms:.1f} ms to compute one "
-                                 f"token's mask; the limit is {MAX_MASK_MS:g} ms: too ambiguous "
-                                 "or too large")
+        self.last_ms = ms
+        check_mask_time(self.field, ms)
         words = bitmask[row].view(np.uint32)                              # (W,)
         self._only_eos = (words[self.eos_id // 32] == 1 << self.eos_id % 32
                           and np.count_nonzero(words) == 1)
@@ -257,24 +256,46 @@ def check_constraint(tokenizer: Tokenizer, c: Constraint) -> None:
     compiler_for(tokenizer).compile(c).result()
 
 
+def check_mask_time(field: str, ms: float, choices: int = 1) -> None:
+    """InvalidRequest naming `field` if one token's grammar work took over MAX_MASK_MS (`ms`
+    of CPU time: one row's, or the sum over a request's `choices` rows in one step)."""
+    if ms > MAX_MASK_MS:
+        rows = "" if choices == 1 else f" for its {choices} choices"
+        raise InvalidRequest(f"{field}: the grammar took {ms:.1f} ms to compute one token's "
+                             f"mask{rows}; the limit is {MAX_MASK_MS:g} ms: too ambiguous or "
+                             "too large")
+
+
 def fill_masks(matchers: Sequence[GrammarMatcher], vocab_size: int,
-               device: str | torch.device,
-               errors: dict[int, InvalidRequest] | None = None) -> torch.Tensor:
+               device: str | torch.device, errors: dict[int, InvalidRequest] | None = None,
+               requests: Sequence[str] | None = None) -> torch.Tensor:
     """(R, V) bool of each matcher's allowed next tokens: llguidance fills one (R, W) int32
     bitmask (a call per row, microseconds each), unpacked for all rows at once. Tokens past
     the tokenizer's vocabulary (a model padded beyond it) are never allowed. A row whose
     grammar fails (InvalidRequest: its limits, MAX_MASK_MS) is raised, or with `errors` put
-    there by row and left all False."""
+    there by row and left all False. `requests` (each row's request id): a request's rows
+    (its n choices) are bounded by MAX_MASK_MS together, so n cannot multiply the bound."""
     words = -(-matchers[0].vocab_size // 32)
     bitmask = np.zeros((len(matchers), words), dtype=np.int32)           # (R, W)
+    groups: dict[str, list[int]] = collections.defaultdict(list)
     for row, matcher in enumerate(matchers):
         try:
             matcher.fill(bitmask, row)
+            groups[requests[row] if requests is not None else str(row)].append(row)
         except InvalidRequest as e:
             if errors is None:
                 raise
             errors[row] = e
-            bitmask[row] = 0
+    for rows in groups.values():
+        try:
+            check_mask_time(matchers[rows[0]].field, sum(matchers[r].last_ms for r in rows),
+                            len(rows))
+        except InvalidRequest as e:
+            if errors is None:
+                raise
+            errors.update(dict.fromkeys(rows, e))
+    for row in errors or ():
+        bitmask[row] = 0
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")   # (R, 32 W)
     if bits.shape[1] < vocab_size:
         bits = np.pad(bits, ((0, 0), (0, vocab_size - bits.shape[1])))

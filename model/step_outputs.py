@@ -131,19 +131,21 @@ class StepOutputs:
         """Each sequence's grammar mask ((V,) bool; None if unconstrained), and the chunks of
         the constrained sequences that end here without sampling: a grammar that can take
         nothing but EOS ends its sequence "stop" (whatever min_tokens says); one that fails
-        (llguidance's limits, MAX_MASK_MS) fails its request alone (InvalidRequest)."""
+        (llguidance's limits, MAX_MASK_MS for a request's rows together) fails its request
+        alone (InvalidRequest)."""
         masks: list[torch.Tensor | None] = [None] * len(sampling)
         constrained = [i for i, r in enumerate(sampling) if r.matcher is not None]
         if not constrained:
             return masks, []
         errors: dict = {}
         filled = fill_masks([sampling[i].matcher for i in constrained], self.cfg.vocab_size,
-                            self.device, errors)                              # (R, V)
+                            self.device, errors, [sampling[i].request_id for i in constrained])
         chunks = []
         for k, i in enumerate(constrained):
             req = sampling[i]
             if k in errors:
-                self._fail(req, errors[k])
+                if not req.finished:                # not failed with a sibling choice
+                    self._fail(req, errors[k])
             elif req.matcher.finished and not req.finished:
                 output = self._tracked[req.request_id].outputs[req.index]
                 chunks.append(self._emit(req, functools.partial(output.finish, "stop")))

@@ -6,7 +6,9 @@ internal error, and its neighbours in the step are unchanged."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import types
 
 import pytest
 
@@ -105,6 +107,23 @@ def test_a_row_whose_mask_takes_too_long_fails_alone(tiny_engine, monkeypatch):
     for r in (rid, bad):
         tiny_engine.abort(r)
     assert tiny_engine.num_free_blocks() == tiny_engine.kv.allocator.num_blocks
+
+
+def test_a_requests_choices_are_bounded_together(tiny_engine, monkeypatch):
+    """n choices of one request cannot multiply the bound: each row's grammar work is under
+    it, their sum is not (a clock of 15 ms a reading: a fill, or a consume, reads 15 ms)."""
+    clock = itertools.count(step=0.015)
+    monkeypatch.setattr(model.grammar, "time",
+                        types.SimpleNamespace(thread_time=lambda: next(clock)))
+    monkeypatch.setattr(model.grammar, "MAX_MASK_MS", 40.0)
+    c = Constraint.choice(["yes", "no"], "structured_outputs.choice")
+    [one] = tiny_engine.generate("x", _p(c))            # 15-30 ms a token: under the bound
+    assert one.finish_reason == "stop" and one.text in ("yes", "no")
+    with pytest.raises(InvalidRequest, match=r"^structured_outputs.choice: the grammar took "
+                       r"[0-9.]+ ms to compute one token's mask for its 3 choices; the limit "
+                       r"is 40 ms"):
+        tiny_engine.generate("x", _p(c, n=3))
+    assert not tiny_engine.has_unfinished()
 
 
 def test_a_really_ambiguous_grammar_is_stopped_by_the_mask_time_bound(tiny_engine):
