@@ -10,8 +10,10 @@ into a grammar, one matcher per constrained sequence, and the token masks of a s
 
 Kinds -> llguidance grammars: model/grammar_text.py. A grammar that does not compile, is over
 LIMITS or matches no text (an empty language) is an InvalidRequest naming the constraint's
-field and the reason; so is one that fails mid-generation (llguidance's limits: "exceeded its
-limits at output token 37") or whose work for one token takes over MAX_MASK_MS.
+field and the reason; so is one that fails mid-generation ("the grammar failed at output token
+37: it exceeded its limits: ...", or "...: it reached a part that matches no text" for a dead end
+llguidance cannot see ahead, such as a recursive $ref behind a prefix) or whose work for one
+token takes over MAX_MASK_MS.
 
 The SentencePiece leading space: Mixtral's natural first token of an answer is "▁{", which a
 JSON grammar rejects (no leading whitespace). When a grammar cannot start with a space, it is
@@ -60,8 +62,9 @@ LIMITS = dict(max_grammar_size=200_000, max_lexer_states=100_000, initial_lexer_
 # the most one row's grammar work per token may take (ms of this thread's CPU time, so a busy
 # machine does not count: consuming the last token and filling the next mask, llguidance runs
 # on the caller's thread): a grammar over it fails its request (InvalidRequest naming the
-# field) instead of slowing every step of the engine
-MAX_MASK_MS = 50.0
+# field) instead of slowing every step of the engine. Typical schemas take 0.01-0.1 ms; the
+# limit is 100x that, and a few such requests at once still cost the step K x the limit
+MAX_MASK_MS = 10.0
 
 
 class GrammarMatcher:
@@ -129,7 +132,12 @@ class GrammarMatcher:
         return " ".join(self._m.get_error().replace("<non-verbose/>", "").split())[:300]
 
     def _failure(self, where: str, reason: str) -> InvalidRequest:
-        return InvalidRequest(f"{self.field}: the grammar exceeded its limits {where}: {reason}")
+        """The request's error when llguidance fails mid-generation: a grammar over its limits,
+        or one that reached a dead end (NoExtensionBias: a branch whose language is empty, such
+        as a recursive $ref behind a prefix, which llguidance cannot see ahead of time)."""
+        why = ("it reached a part that matches no text (a dead end, e.g. a recursive $ref)"
+               if "NoExtensionBias" in reason else "it exceeded its limits")
+        return InvalidRequest(f"{self.field}: the grammar failed {where}: {why}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

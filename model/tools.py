@@ -131,15 +131,16 @@ def tool_choice_of(value, tools, field: str = "tool_choice") -> ToolChoice:
         if value not in CHOICE_MODES:
             raise InvalidRequest(f"{field}: expected 'none', 'auto', 'required' or "
                                  f"{{'type': 'function', 'function': {{'name': ...}}}}, got "
-                                 f"{value!r}")
+                                 f"{value[:100]!r}" + ("..." if len(value) > 100 else ""))
         choice = ToolChoice(value)
     else:
         choice = ToolChoice("function", _named_function(value, field))
         if choice.name not in {t.name for t in tools}:
-            raise InvalidRequest(f"{field}.function.name: {choice.name!r} is not one of the "
-                                 "request's tools")
+            raise InvalidRequest(f"{field}.function.name: {choice.name[:100]!r} is not one of "
+                                 "the request's tools")
     if choice.mode != "none" and not tools:
-        raise InvalidRequest(f"{field}: {value!r} needs tools; the request has none")
+        raise InvalidRequest(f"{field}: {choice.name or choice.mode!r} needs tools; the request "
+                             "has none")
     return choice
 
 

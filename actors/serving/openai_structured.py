@@ -95,7 +95,7 @@ def structured_outputs_constraints(s: StructuredOutputs | None) -> list[Constrai
     with no key set (`{}`) is refused, as vLLM refuses it."""
     if s is None:
         return []
-    if not s.model_fields_set:
+    if all(getattr(s, name) is None for name in s.model_fields_set):    # {} or nulls alone
         raise InvalidRequest("structured_outputs: set one of json, regex, choice, grammar, "
                              "json_object (the object is empty)")
     f = "structured_outputs"

@@ -40,7 +40,8 @@ def test_a_grammar_over_its_limits_mid_generation_fails_alone_naming_the_field(
     plain = SamplingParams(max_tokens=30, temperature=0.0)
     alone = tiny_engine.generate("Hello", plain)[0]
     with pytest.raises(InvalidRequest,
-                       match=rf"^{c.field}: the grammar exceeded its limits at output token \d+: "):
+                       match=rf"^{c.field}: the grammar failed at output token \d+: it exceeded "
+                             "its limits: "):
         tiny_engine.generate(["Hello", "x"], [plain, _p(c, **kw)])
     assert not tiny_engine.has_unfinished()
     rid = tiny_engine.add_request("Hello", plain)
@@ -154,3 +155,18 @@ def test_the_boolean_schema_true_is_any_json(tiny_engine):
     [out] = tiny_engine.generate("Hello", _p(c, max_tokens=20, seed=None, temperature=0.0))
     if out.finish_reason == "stop":
         json.loads(out.text)
+
+
+@pytest.mark.parametrize("c", [
+    Constraint("grammar", 'start: "a" b\nb: b', "structured_outputs.grammar"),
+    Constraint.json_schema({"type": "object", "properties": {"x": {"$ref": "#/$defs/A"}},
+                            "required": ["x"], "$defs": {"A": {"$ref": "#/$defs/A"}}},
+                           "guided_json")])
+def test_a_dead_end_behind_a_prefix_fails_alone_saying_so(tiny_engine, c):
+    """A part whose language is empty behind a prefix compiles (the start allows the prefix)
+    and llguidance finds the dead end only on the way (NoExtensionBias): the request fails
+    naming the field and saying why, not that the grammar exceeded its limits."""
+    with pytest.raises(InvalidRequest, match=rf"^{c.field}: the grammar failed at output token "
+                       r"\d+: it reached a part that matches no text"):
+        tiny_engine.generate("x", _p(c, max_tokens=30))
+    assert not tiny_engine.has_unfinished()

@@ -148,6 +148,9 @@ def test_two_constraints_are_refused_naming_both(tokenizer, pair, chat):
     ({"structured_outputs": {}}, "structured_outputs: set one of json, regex, choice, "
                                  "grammar, json_object"),
     ({"structured_outputs": {"regex": None}}, "structured_outputs: set one of json"),
+    ({"structured_outputs": {"json": None}}, "structured_outputs: set one of json"),
+    ({"structured_outputs": {"json": None, "regex": None, "choice": None, "grammar": None}},
+     "structured_outputs: set one of json"),
     ({"guided_json": DEEP_TEXT}, "guided_json: nested more than 128 levels"),
     ({"structured_outputs": {"json": DEEP_TEXT}}, "structured_outputs.json: nested more than"),
     ({"guided_json": DEEP_SCHEMA}, "guided_json: nested more than 128 levels"),

@@ -502,3 +502,13 @@ def test_text_before_the_marker_makes_the_completion_content(v3):
     out += parser.push([1000], ' [{"name": "ping", "arguments": {}}]') + parser.flush()
     assert parser.finish() == ('Sure [{"name": "ping", "arguments": {}}]', [])
     assert calling.parser(TOOLS, ToolChoice("none")) is None
+
+
+@pytest.mark.parametrize("value", ["x" * 10_000, {"type": "function",
+                                                   "function": {"name": "f" * 10_000}}])
+def test_a_long_tool_choice_is_quoted_short_in_its_refusal(value):
+    """A refusal names the field and quotes at most 100 characters of the client's value."""
+    tools = tools_of([{"type": "function", "function": {"name": "g"}}])
+    with pytest.raises(InvalidRequest, match="^tool_choice") as e:
+        tool_choice_of(value, tools)
+    assert len(str(e.value)) < 300
