@@ -7,8 +7,8 @@ vllm/model_executor/layers/utils.py):
   1. logit bias   logits[t] += bias[t]
   2. mask         tokens outside `row.mask` -> -inf (the seam a grammar fills later)
   3. min_tokens   EOS (unless ignore_eos, which never stops on it) and stop_token_ids -> -inf
-                  while fewer than min_tokens tokens are generated; not on a masked row that
-                  they would leave no token (the grammar wins: its stop tokens stop)
+                  while fewer than min_tokens tokens are generated; not on a masked row whose
+                  mask allows nothing else (the grammar wins: its stop tokens stop)
   4. penalties    repetition r on tokens of the prompt or the output: logit / r if > 0, else
                   logit * r (CTRL's, as transformers' RepetitionPenaltyLogitsProcessor); then
                   frequency and presence on output tokens, OpenAI's documented formula
@@ -138,32 +138,12 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id: int 
     processed = process_logits(logits, rows, eos_token_id, errors)     # (B, V)
     top, tokens = processed.max(dim=-1)                                 # (B,), first maximum
     raw_ok = log_z.isfinite()
-    empty = (~(raw_ok & top.isfinite())).nonzero()[:, 0].tolist()
-    if _grammar_over_min_tokens(logits, rows, eos_token_id, errors, empty, processed):
-        top, tokens = processed.max(dim=-1)
     for i in (~(raw_ok & top.isfinite())).nonzero()[:, 0].tolist():
         errors.setdefault(i, SamplingError(
             f"the model's logits are not finite (row {i})" if not raw_ok[i] else
             f"no token is allowed after logit_bias, mask, min_tokens and penalties (row {i})"))
     draw(processed, top, rows, tokens, generator, errors)
     return _report(logits, log_z, rows, tokens, errors)
-
-
-def _grammar_over_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow],
-                             eos_token_id: int | None, errors: dict[int, SamplingError],
-                             empty: list[int], processed: torch.Tensor) -> bool:
-    """Rows of `empty` (no token left) that a mask constrains and min_tokens bans from: the
-    grammar wins, so they are processed again in `processed` without min_tokens' bans (its
-    stop tokens then stop). Whether any was."""
-    lifted = [i for i in empty if i not in errors and rows[i].mask is not None
-              and len(rows[i].output_ids) < rows[i].params.min_tokens]
-    if not lifted:
-        return False
-    again = [dataclasses.replace(rows[i], params=dataclasses.replace(rows[i].params,
-                                                                     min_tokens=0))
-             for i in lifted]
-    processed[lifted] = process_logits(logits[lifted], again, eos_token_id, {})
-    return True
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_id: int | None,
@@ -183,9 +163,10 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_
         if row.mask is not None:
             masks.append((i, row.mask))
         if len(row.output_ids) < p.min_tokens:
-            stops = (*p.stop_token_ids, *(() if p.ignore_eos or eos_token_id is None
-                                           else (eos_token_id,)))
-            bans += [(i, t) for t in stops if t < vocab]
+            stops = sorted({t for t in (*p.stop_token_ids, *(
+                () if p.ignore_eos or eos_token_id is None else (eos_token_id,))) if t < vocab})
+            if row.mask is None or _allows_more_than(row.mask, stops):   # else the grammar wins
+                bans += [(i, t) for t in stops]
         if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty:
             penalised.append(i)
     if not (bias or masks or bans or penalised):
@@ -207,6 +188,12 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_
     if penalised:
         _penalise(out, [rows[i] for i in penalised], penalised)
     return out
+
+
+def _allows_more_than(mask: torch.Tensor, stops: list[int]) -> bool:
+    """Whether a (V,) mask allows a token outside `stops`: if not, min_tokens does not ban
+    them (its grammar can only end: its stop tokens stop)."""
+    return int(mask.sum()) > int(mask[stops].sum()) if stops else True
 
 
 def _input_problem(row: SamplingRow, vocab: int) -> str | None:
