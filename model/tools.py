@@ -100,14 +100,14 @@ def _tool_of(item, field: str) -> Tool:
     if not isinstance(function, dict):
         raise InvalidRequest(f"{field}.function: expected an object with 'name', got "
                              f"{type(function).__name__}")
-    check_json_depth(function.get("parameters"), f"{field}.function.parameters")
+    parameters = function.get("parameters")
+    check_json_depth(parameters, f"{field}.function.parameters")
     check_json_depth(item, field)           # before json.dumps recurses into it
     check_function_name(f"{field}.function.name", function.get("name"), InvalidRequest)
     description = function.get("description")
     if description is not None and not isinstance(description, str):
         raise InvalidRequest(f"{field}.function.description: expected str, got "
                              f"{type(description).__name__}")
-    parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise InvalidRequest(f"{field}.function.parameters: expected a JSON Schema object, got "
                              f"{type(parameters).__name__}")
