@@ -29,6 +29,19 @@ def _p(c: Constraint, **kw) -> SamplingParams:
     return SamplingParams(**{"max_tokens": 400, "seed": 1, "constraint": c, **kw})
 
 
+def _fails_alone(engine, plain: SamplingParams, alone, bad_params: SamplingParams) -> None:
+    """Stepped beside a plain request, the bad one fails with an InvalidRequest and the plain
+    one's tokens equal `alone` (its run by itself)."""
+    rid = engine.add_request("Hello", plain)
+    bad = engine.add_request("x", bad_params)
+    while engine.has_unfinished():
+        engine.step()
+    assert isinstance(engine._tracked[bad].error, InvalidRequest)
+    assert engine._tracked[rid].outputs[0].completion().token_ids == alone.token_ids
+    for r in (rid, bad):
+        engine.abort(r)
+
+
 async def _chunks(engine, prompt, p) -> list:
     return [c async for c in engine.stream(prompt, p)]
 
@@ -44,14 +57,7 @@ def test_a_grammar_over_its_limits_mid_generation_fails_alone_naming_the_field(
                              "its limits: "):
         tiny_engine.generate(["Hello", "x"], [plain, _p(c, **kw)])
     assert not tiny_engine.has_unfinished()
-    rid = tiny_engine.add_request("Hello", plain)
-    bad = tiny_engine.add_request("x", _p(c, **kw))
-    while tiny_engine.has_unfinished():
-        tiny_engine.step()
-    assert isinstance(tiny_engine._tracked[bad].error, InvalidRequest)
-    assert tiny_engine._tracked[rid].outputs[0].completion().token_ids == alone.token_ids
-    for r in (rid, bad):
-        tiny_engine.abort(r)
+    _fails_alone(tiny_engine, plain, alone, _p(c, **kw))
 
 
 @pytest.mark.parametrize("c", [
@@ -99,14 +105,7 @@ def test_a_row_whose_mask_takes_too_long_fails_alone(tiny_engine, monkeypatch):
     with pytest.raises(InvalidRequest, match=r"^structured_outputs.choice: the grammar took "
                        r"[0-9.]+ ms to compute one token's mask; the limit is 0 ms"):
         tiny_engine.generate("x", _p(c))
-    rid = tiny_engine.add_request("Hello", plain)
-    bad = tiny_engine.add_request("x", _p(c, n=3))
-    while tiny_engine.has_unfinished():
-        tiny_engine.step()
-    assert isinstance(tiny_engine._tracked[bad].error, InvalidRequest)
-    assert tiny_engine._tracked[rid].outputs[0].completion().token_ids == alone.token_ids
-    for r in (rid, bad):
-        tiny_engine.abort(r)
+    _fails_alone(tiny_engine, plain, alone, _p(c, n=3))
     assert tiny_engine.num_free_blocks() == tiny_engine.kv.allocator.num_blocks
 
 
