@@ -193,9 +193,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = compute_dtype(args)
     load_before = load_average()
+    # prefix caching off: this compares forking n choices with n requests that each compute
+    # the prompt (with it on, every request after the first would take the prompt cached)
     engine = Engine.from_config(args.preset, dtype=dtype, device=args.device,
                                 max_model_len=args.prompt_len + args.new_tokens,
-                                kv_cache_memory=args.kv_mib * 2**20)
+                                kv_cache_memory=args.kv_mib * 2**20, enable_prefix_caching=False)
     rng = random.Random(args.seed)
     prompt = [1] + [rng.randrange(3, engine.cfg.vocab_size) for _ in range(args.prompt_len - 1)]
     measure(engine, sides(prompt, 2, 2, args.temperature, args.seed), 1)     # warm-up

@@ -3,7 +3,8 @@
 The cache of one layer is `k, v: (num_blocks, block_size, K, Dh)`; a sequence owns a list of
 block ids (its block table), and its token at position p lives in slot
 `block_table[p // block_size] * block_size + p % block_size`. Blocks come from one
-`BlockAllocator` shared by all layers and go back to it when the sequence ends.
+`BlockAllocator` (model/prefix_cache.py) shared by all layers and go back to it when the
+sequence ends.
 
 Backends, chosen once in `select_backend`: flash-attn's varlen kernel with a block table on
 CUDA when flash-attn is importable (it needs block_size % 256 == 0); otherwise torch SDPA over
@@ -24,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model.prefix_cache import BlockAllocator
+
 FLASH_BLOCK_SIZE = 256
 
 
@@ -39,48 +42,6 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     if requested == "flash" and not flash:
         raise ValueError("attention_backend 'flash' needs a CUDA device and flash-attn installed")
     return requested
-
-
-class BlockAllocator:
-    """KV-cache block ids with reference counts: `allocate` hands out free blocks (count 1),
-    `share` adds a holder (the n choices of one prompt hold its blocks together), `free` drops
-    one; a block returns to the free list when its last holder lets go."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-        self._refs = [0] * num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def refcount(self, block: int) -> int:
-        return self._refs[block]
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
-            self._refs[b] = 1
-        return blocks
-
-    def share(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if self._refs[b] == 0:
-                raise RuntimeError(f"KV block {b} is free; it cannot be shared")
-            self._refs[b] += 1
-
-    def free(self, blocks: list[int]) -> None:
-        released = []
-        for b in blocks:
-            if self._refs[b] == 0:
-                raise RuntimeError(f"KV block {b} is already free")
-            self._refs[b] -= 1
-            if self._refs[b] == 0:
-                released.append(b)
-        self._free.extend(reversed(released))
 
 
 class KVCache:

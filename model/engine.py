@@ -21,6 +21,9 @@ queued and applied at the next step boundary (at once when no step runs), so a n
 client going away never stalls the others; so is `run_between_steps(fn)`. One request's failure
 (its logits not finite, its sampling or detokenization failing) fails that request only; a failed
 forward pass fails the requests of that step and is raised. KV sizing: model/kv_sizing.py.
+Prefix caching (on unless `enable_prefix_caching=False`): full KV blocks are reused across
+requests by content (model/prefix_cache.py, model/scheduler.py); outputs are the same with it
+or without, and each request reports the prompt tokens it found cached (`cached_tokens`).
 Structured outputs (`SamplingParams.constraint`): the grammar is compiled on the tokenizer's
 compiler thread (model/grammar.py), never in a step: `stream` and `generate` wait for it before
 admitting the request (a grammar that does not compile is an InvalidRequest naming its field);
@@ -49,6 +52,7 @@ from model.kv_sizing import size_kv_cache
 from model.mixtral import Mixtral, MoeBeginFn, MoeFn, tensor_shapes
 from model.moe import LocalExperts
 from model.output import Completion, Resume, StreamChunk, check_resumes
+from model.prefix_cache import weights_salt
 from model.sampling import SamplingParams, choice_seed, request_seed
 from model.scheduler import Request, Scheduler
 from model.step_outputs import StepOutputs, Tracked
@@ -66,7 +70,8 @@ class Engine(BetweenSteps, StepOutputs):
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  block_size: int | None = None, kv_cache_memory: int | None = None,
                  attention_backend: str | None = None, max_waiting: int = 4096,
-                 moe_begin: MoeBeginFn | None = None, micro_batches: int = 1):
+                 moe_begin: MoeBeginFn | None = None, micro_batches: int = 1,
+                 enable_prefix_caching: bool = True):
         if micro_batches not in (1, 2) or (micro_batches == 2 and moe_begin is None):
             raise ValueError(f"micro_batches must be 1, or 2 with a moe_begin; got {micro_batches}")
         self.cfg: MixtralConfig = model.cfg
@@ -82,8 +87,9 @@ class Engine(BetweenSteps, StepOutputs):
         c = self.cfg
         self.kv = KVCache(c.num_hidden_layers, size.num_blocks, self.block_size,
                           c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        salt = weights_salt(model, self.dtype) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.kv.allocator, self.block_size, max_num_seqs,
-                                   max_num_batched_tokens)
+                                   max_num_batched_tokens, cache_salt=salt)
         self.max_waiting = max_waiting
         self._tracked: dict[str, Tracked] = {}
         self._ids = itertools.count()
@@ -95,9 +101,10 @@ class Engine(BetweenSteps, StepOutputs):
         self.grammars = compiler_for(tokenizer)
         self._streams = Streams(self.step, self.has_unfinished)
         self._generator = torch.Generator(device=self.device)   # reseeded for every draw
-        log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens, max_model_len %d",
-                 self.device, self.dtype, self.backend, size.num_blocks, self.block_size,
-                 self.max_model_len)
+        log.info("engine ready: %s, %s, attention %s, %d KV blocks of %d tokens, max_model_len "
+                 "%d, prefix caching %s", self.device, self.dtype, self.backend,
+                 size.num_blocks, self.block_size, self.max_model_len,
+                 "on" if enable_prefix_caching else "off")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod

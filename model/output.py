@@ -51,6 +51,7 @@ class Completion:
     index: int = 0              # the choice (n > 1)
     top_logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)  # per token, if asked
     prompt_logprobs: list[PromptLogprob] | None = None     # per prompt token, if asked
+    cached_tokens: int = 0      # prompt tokens whose KV came from the prefix cache (see below)
 
 
 @dataclasses.dataclass
@@ -64,6 +65,10 @@ class StreamChunk:
     top_logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)  # per new token
     # per prompt token, on the first chunk of each choice, when `prompt_logprobs` is asked
     prompt_logprobs: list[PromptLogprob] | None = None
+    # prompt tokens whose KV this engine took from its prefix cache when it admitted the
+    # request (vLLM's RequestOutput.num_cached_tokens): the same on every chunk and choice; a
+    # resumed request (failover) reports the resuming engine's
+    cached_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +186,8 @@ class RequestOutput:
         chunk = StreamChunk(req.request_id, self.text[self.emitted_text:end],
                             req.output_ids[self.emitted_tokens:],
                             req.logprobs[self.emitted_tokens:], req.finish_reason, req.index,
-                            req.top_logprobs[self.emitted_tokens:])
+                            req.top_logprobs[self.emitted_tokens:],
+                            cached_tokens=self.cached_tokens)
         if self.prompt_pending and len(self.prompt_logprobs) == len(req.prompt_ids):
             chunk.prompt_logprobs, self.prompt_pending = self.prompt_logprobs, False
         self.emitted_text, self.emitted_tokens = end, len(req.output_ids)
@@ -191,7 +197,12 @@ class RequestOutput:
         r = self.req
         return Completion(r.request_id, r.prompt_ids, list(r.output_ids), self.text,
                           r.finish_reason, list(r.logprobs), r.index, list(r.top_logprobs),
-                          self.prompt_logprobs)
+                          self.prompt_logprobs, self.cached_tokens)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens its sequence took from the prefix cache (resumed tokens not counted)."""
+        return min(self.req.num_cached_tokens or 0, len(self.req.prompt_ids))
 
 
 def check_resumes(resume: Resume | Sequence[Resume] | None, n: int) -> tuple[Resume, ...] | None:

@@ -12,6 +12,13 @@ that share the prompt's blocks (reference counts, model/attention.py: BlockAlloc
 sequence only writes to blocks it alone holds: before computing into a shared block it takes a
 copy (copy-on-write; the engine copies the KV content, `take_copies`). So one sequence's
 shortage or preemption never corrupts another. The scheduler knows nothing about tensors.
+Prefix caching (model/prefix_cache.py; on when the scheduler has a `cache_salt`): a block is
+cached by its content's hash once every token in it is computed (`advance`); a waiting
+request is admitted holding the longest chain of cached full blocks of its tokens, at most
+(num_tokens - 1) // block_size of them (its last token is always computed: its logits are
+needed; so it never writes into a cached block), and prefills only the rest. A preempted
+request finds its own blocks again unless they were evicted meanwhile. A request asking for
+prompt logprobs, or a logits request, computes every position (it never reads the cache).
 
 Example (budget 8, block_size 4): running A decoding, waiting B with a 10-token prompt ->
 step 1 schedules [(A, 1), (B, 7)], step 2 [(A, 1), (B, 3)], then B decodes too.
@@ -23,7 +30,7 @@ import dataclasses
 import itertools
 from typing import TYPE_CHECKING
 
-from model.attention import BlockAllocator
+from model.prefix_cache import BlockAllocator, PrefixCacheStats, extend_hashes
 from model.sampling import SamplingParams, SequenceState
 
 if TYPE_CHECKING:
@@ -52,6 +59,10 @@ class Request:
     # its place in its structured-output grammar (model/grammar.py), or None; a forked choice
     # gets its own copy (the engine's); the scheduler never reads it
     matcher: GrammarMatcher | None = None
+    # content hashes of its full blocks (model/prefix_cache.py), extended as tokens come
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)
+    # tokens whose KV it took from the prefix cache when first admitted; None until then
+    num_cached_tokens: int | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -68,8 +79,12 @@ class Request:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, cache_salt: bytes | None = None):
+        """`cache_salt`: the first block's parent hash (model/prefix_cache.py: weights_salt);
+        None turns prefix caching off."""
         self.allocator = allocator
+        self.cache_salt = cache_salt
+        self.prefix_cache = PrefixCacheStats()
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -105,9 +120,9 @@ class Scheduler:
         while (self.waiting and not preempted and budget > 0
                and self.num_seqs() + 1 + self.waiting[0].num_forks <= self.max_num_seqs):
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not self._reserve(req, req.num_computed + n):
+            if not self._admit(req, budget):
                 break
+            n = min(req.num_tokens - req.num_computed, budget)
             self.waiting.popleft()
             self.running.append(req)
             self.running.sort(key=lambda r: r.arrival)
@@ -126,7 +141,8 @@ class Scheduler:
         children = [dataclasses.replace(
             req, seed=seed, index=i, num_forks=0, output_ids=list(req.output_ids),
             logprobs=list(req.logprobs), top_logprobs=list(req.top_logprobs),
-            block_table=list(req.block_table), sampling_state=SequenceState())
+            block_table=list(req.block_table), block_hashes=list(req.block_hashes),
+            sampling_state=SequenceState())
             for i, seed in enumerate(seeds, start=1)]
         req.num_forks = 0
         for child in children:
@@ -134,6 +150,18 @@ class Scheduler:
         at = self.running.index(req) + 1
         self.running[at:at] = children
         return children
+
+    def advance(self, req: Request, n: int) -> None:
+        """`n` more of the request's tokens are computed (their keys are in its blocks); the
+        blocks this fills are cached by content (prefix caching on)."""
+        first = req.num_computed // self.block_size
+        req.num_computed += n
+        full = req.num_computed // self.block_size
+        if self.cache_salt is None or full == first:
+            return
+        hashes = extend_hashes(req.block_hashes, self.cache_salt, req.all_ids, self.block_size)
+        for i in range(first, full):
+            self.allocator.cache(req.block_table[i], hashes[i])
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The (source, destination) KV blocks to copy before the step just scheduled runs."""
@@ -151,6 +179,35 @@ class Scheduler:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def _admit(self, req: Request, budget: int) -> bool:
+        """Reserve a waiting request's blocks for its next `budget` tokens at most, first
+        taking the longest chain of cached blocks of its tokens; False, changing nothing, if
+        too few blocks are free. Its first admission counts in `prefix_cache`."""
+        cached = self._cached_prefix(req)
+        computed = len(cached) * self.block_size
+        n = min(req.num_tokens - computed, budget)
+        revived = sum(self.allocator.refcount(b) == 0 for b in cached)  # evictable, now held
+        if self.blocks_needed(computed + n) - len(cached) > self.allocator.num_free - revived:
+            return False
+        self.allocator.take(cached)
+        req.block_table, req.num_computed = cached, computed
+        if not self._reserve(req, computed + n):
+            raise RuntimeError("KV blocks counted free were not")     # a bug: checked above
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = computed
+            if self.cache_salt is not None and _reads_cache(req):
+                self.prefix_cache.queries += req.num_tokens
+                self.prefix_cache.hits += computed
+        return True
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached blocks a waiting request can take: the longest cached chain of its full
+        blocks, its last token left to compute; none if caching is off or it never reads."""
+        if self.cache_salt is None or not _reads_cache(req):
+            return []
+        hashes = extend_hashes(req.block_hashes, self.cache_salt, req.all_ids, self.block_size)
+        return self.allocator.cached_prefix(hashes[:(req.num_tokens - 1) // self.block_size])
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         """Blocks for the request's tokens up to `num_tokens`, and a copy of each shared block
@@ -178,3 +235,9 @@ class Scheduler:
         req.num_computed = 0
         self.waiting.appendleft(req)
         self.num_preemptions += 1
+
+
+def _reads_cache(req: Request) -> bool:
+    """Whether a request may take cached blocks: not when it needs every prompt position's
+    logits (a logits request, or one asking for prompt logprobs)."""
+    return req.params is not None and req.params.prompt_logprobs is None

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.attention import AttentionMetadata, BlockAllocator, attend, select_backend, write_kv
+from model.attention import AttentionMetadata, attend, select_backend, write_kv
+from model.prefix_cache import BlockAllocator
 
 
 def dense_reference(q, k, v, window):

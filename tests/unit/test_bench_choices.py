@@ -15,9 +15,11 @@ PROMPT_LEN, NEW_TOKENS, N, BLOCK = 10, 4, 3, 4
 def engine():
     """Blocks of 4 tokens: the 10-token prompt ends mid-block (each choice copies the shared
     last block before writing); every prompt of a side fits one step, so the separate requests
-    run in lockstep and hold their blocks at the same time."""
+    run in lockstep and hold their blocks at the same time. Prefix caching off, as the bench
+    runs: separate requests each compute the prompt."""
     return Engine.from_config("tiny", dtype="float32", block_size=BLOCK,
-                              max_num_batched_tokens=N * PROMPT_LEN, max_num_seqs=16)
+                              max_num_batched_tokens=N * PROMPT_LEN, max_num_seqs=16,
+                              enable_prefix_caching=False)
 
 
 def test_n_choices_and_separate_requests_agree_and_the_probe_counts_the_savings(engine):
