@@ -87,15 +87,26 @@ FORMS = [re.compile(rf"histogram_quantile\(\s*(?P<q>\d*\.?\d+)\s*,\s*{_AGG}\(\s*
 _MATCHER = r'\s*(\w+)\s*(=~|=)\s*"([^"]*)"\s*'
 
 
-def parse(expr: str, variables: dict[str, str]) -> Query:
-    """The Query of one of the forms above, with Grafana's $variables substituted; ValueError
-    for anything else (so a dashboard edit cannot be drawn wrong)."""
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """`a / b` of two Queries (a hit rate): series of equal labels divided, nan where b is 0."""
+    num: Query
+    den: Query
+
+
+def parse(expr: str, variables: dict[str, str]) -> Query | Ratio:
+    """The Query of one of the forms above (or the Ratio of two, `a / b`), with Grafana's
+    $variables substituted; ValueError for anything else (so a dashboard edit cannot be drawn
+    wrong)."""
+    if expr.count(" / ") == 1:
+        return Ratio(*(parse(part, variables) for part in expr.split(" / ")))
     text = re.sub(r"\$\{?(\w+)\}?", lambda v: variables.get(v[1], v[0]), expr).strip()
     m = next((m for form in FORMS if (m := form.fullmatch(text))), None)
     if m is None or "$" in text:
         raise ValueError(f"{expr!r}: bench/dashboard.py evaluates only histogram_quantile(q, "
                          "sum by (le[, l..]) (rate(m_bucket{..}[w]))), sum|max [by (..)] "
-                         "(rate(m{..}[w])) and sum|max [by (..)] (m{..}), with $application")
+                         "(rate(m{..}[w])) and sum|max [by (..)] (m{..}), with $application, "
+                         "and a / b of two of those")
     if not re.fullmatch(rf"(?:{_MATCHER},)*{_MATCHER}", m["matchers"]):
         raise ValueError(f"{expr!r}: only label=\"v\" and label=~\"regex\" matchers")
     by = tuple(b.strip() for b in (m["by"] or "").split(",") if b.strip())
@@ -108,8 +119,12 @@ def parse(expr: str, variables: dict[str, str]) -> Query:
                  int(window) * (60 if m["unit"] == "m" else 1) if window else None, q)
 
 
-def evaluate(query: Query, times: np.ndarray, scrapes: list[Samples]) -> Series:
+def evaluate(query: Query | Ratio, times: np.ndarray, scrapes: list[Samples]) -> Series:
     """The query at every scrape time, over the scrapes up to then."""
+    if isinstance(query, Ratio):
+        num, den = (evaluate(q, times, scrapes) for q in (query.num, query.den))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {k: np.where(den[k] > 0, v / den[k], np.nan) for k, v in num.items() if k in den}
     series: Series = {}
     for i, samples in enumerate(scrapes):
         for (name, labels), value in samples.items():

@@ -1,13 +1,14 @@
 """What the command-line client (protos/client.py) prints of a Generate or GenerateStream reply.
 
 One choice (n = 1), streamed: its text as it arrives, then
-    [finish_reason=length prompt_tokens=5 completion_tokens=6]
+    [finish_reason=length prompt_tokens=5 completion_tokens=6 cached_tokens=0]
 Several choices: each whole, by index, once all have finished, then the totals:
     [choice 0]
     <its text>
     [finish_reason=stop tokens=4]
     ...
-    [prompt_tokens=5 completion_tokens=11]
+    [prompt_tokens=5 completion_tokens=11 cached_tokens=0]
+(cached_tokens: the prompt tokens the server's prefix cache held.)
 After the text, each tool call (`tools`) whole, its streamed pieces joined:
     [tool_call 0 id=AbC123xyZ get_weather({"city": "Paris"})]
 After a choice's line, with --logprobs (or --top-logprobs) `[logprobs id:logprob ...]`, and
@@ -64,7 +65,8 @@ def write_replies(replies: Iterable[pb.GenerateResponse], live: bool, logprobs: 
     if last is None:
         return
     usage = (f"prompt_tokens={last.usage.prompt_tokens} "
-             f"completion_tokens={last.usage.completion_tokens}]\n")
+             f"completion_tokens={last.usage.completion_tokens} "
+             f"cached_tokens={last.usage.cached_tokens}]\n")
     if live:
         sys.stdout.write("\n")
         write_tool_calls(choices[0])

@@ -110,11 +110,14 @@ def check_grammar(tokenizer: Tokenizer, constraint: Constraint,
 async def collect(chunks, prompt_ids: list[int] = ()) -> list[Completion]:
     """The whole completions of an engine stream, one per choice, by index: each choice's
     text, token ids, logprobs and top logprobs joined over its chunks, its prompt logprobs
-    (its first chunk's) and finish reason. Cancelled or failed before its end, it cancels the
-    engine call (`chunks.cancel()`)."""
+    (its first chunk's) and finish reason; every choice's cached_tokens is the last chunk's
+    (after a failover: the resuming engine's). Cancelled or failed before its end, it cancels
+    the engine call (`chunks.cancel()`)."""
     choices: dict[int, Completion] = {}
+    cached = 0
     try:
         async for chunk in chunks:
+            cached = chunk.cached_tokens
             c = choices.get(chunk.index)
             if c is None:
                 c = choices[chunk.index] = Completion(chunk.request_id, list(prompt_ids), [], "",
@@ -129,4 +132,6 @@ async def collect(chunks, prompt_ids: list[int] = ()) -> list[Completion]:
     except BaseException:
         chunks.cancel()
         raise
+    for c in choices.values():
+        c.cached_tokens = cached
     return [choices[i] for i in sorted(choices)]

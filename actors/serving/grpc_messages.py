@@ -172,9 +172,15 @@ class Responses:
 
 
 def usage_of(prompt_tokens: int, choices: Sequence[Completion]) -> pb.Usage:
-    """The prompt counted once, the tokens of every choice summed."""
-    return pb.Usage(prompt_tokens=prompt_tokens,
-                    completion_tokens=sum(len(c.token_ids) for c in choices))
+    """The prompt counted once, the tokens of every choice summed, the prompt tokens taken from
+    the prefix cache (the same on every choice: the first's)."""
+    return usage(prompt_tokens, sum(len(c.token_ids) for c in choices),
+                 choices[0].cached_tokens if choices else 0)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> pb.Usage:
+    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    cached_tokens=cached_tokens)
 
 
 def model_info(name: str, info: EngineInfo) -> pb.ModelInfoResponse:

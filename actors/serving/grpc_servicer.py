@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2
 from actors.serving.auth import Unauthenticated, authorized, grpc_authorization
 from actors.serving.caller import caller_of, cancel_if_gone
 from actors.serving.engine_client import EngineClient, collect
-from actors.serving.grpc_messages import Responses, inputs, model_info
+from actors.serving.grpc_messages import Responses, inputs, model_info, usage
 from actors.serving.status import log_failure, status_of
 from protos import generator_pb2 as pb
 
@@ -86,9 +86,9 @@ class GeneratorServicer:
                 async for chunk in chunks:
                     produced += len(chunk.token_ids)
                     finished += bool(chunk.finish_reason)
-                    usage = (pb.Usage(prompt_tokens=len(ids), completion_tokens=produced)
-                             if finished == params.n else None)    # every choice has finished
-                    yield responses.stream(chunk, usage)
+                    last = (usage(len(ids), produced, chunk.cached_tokens)
+                            if finished == params.n else None)     # every choice has finished
+                    yield responses.stream(chunk, last)
                 chunks = None                               # ended: nothing to cancel
         except Exception as e:  # noqa: BLE001
             set_status(grpc_context, e)

@@ -122,7 +122,8 @@ async def _events(out: responses.Response, first, chunks, prompt_tokens: int, n:
                   include_usage: bool):
     """Server-sent events of one stream of `n` choices (their chunks interleaved), ended once
     each has finished; an error after the first token ends it with an error event (the status
-    line has been sent). A client that goes away cancels the engine stream, which frees the
+    line has been sent). The usage chunk's cached_tokens is the last chunk's (after a failover:
+    the resuming engine's). A client that goes away cancels the engine stream, which frees the
     request's KV blocks."""
     produced = finished = 0
     try:
@@ -137,7 +138,7 @@ async def _events(out: responses.Response, first, chunks, prompt_tokens: int, n:
                 break
             chunk = await chunks.__anext__()
         if include_usage:
-            yield out.usage_chunk(prompt_tokens, produced)
+            yield out.usage_chunk(prompt_tokens, produced, chunk.cached_tokens)
     except Exception as e:  # noqa: BLE001 - an error event, never a traceback
         status, details = http_status_of(e)
         log_failure(e, status)

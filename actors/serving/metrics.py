@@ -13,11 +13,13 @@ Each metric is owned by the process that a death loses least of:
   leave the ResumableStream (actors/failover.py). An engine replica's death is invisible here: a
   resumed request's prompt and first token are counted once, and every delivered token once.
 - `EngineMetrics`, an engine replica's: its own state (running / waiting requests, KV cache
-  usage) and the dispatcher's counts, read once per `interval_s` by a daemon thread, so the
-  per-layer path only appends to the dispatcher's queues (actors/experts/dispatcher.py:
-  `routed`, `round_trips`). A flush that fails is logged (WARNING, once until one succeeds); a
-  thread that dies is logged (ERROR) and fails `check()`, the replica's health check, so Serve
-  replaces the replica rather than let its metrics stop silently.
+  usage, the prefix cache's queries and hits in tokens, as vLLM's `prefix_cache_queries` /
+  `prefix_cache_hits`) and the dispatcher's counts, read once per `interval_s` by a daemon
+  thread, so the per-layer path only appends to the dispatcher's queues
+  (actors/experts/dispatcher.py: `routed`, `round_trips`). A flush that fails is logged
+  (WARNING, once until one succeeds); a thread that dies is logged (ERROR) and fails
+  `check()`, the replica's health check, so Serve replaces the replica rather than let its
+  metrics stop silently.
 """
 from __future__ import annotations
 
@@ -98,7 +100,13 @@ class EngineMetrics:
                                 "Expert actors holding an expert id.", tag_keys=("expert",))
         self.imbalance = m.Gauge("mixtral_ep_expert_actor_imbalance",
                                  "Max / mean rows per second over the expert actors (1 is even).")
+        self.cache_queries = m.Counter("mixtral_ep_prefix_cache_queries",
+                                       "Prompt tokens looked up in the prefix cache (at a "
+                                       "request's first admission).")
+        self.cache_hits = m.Counter("mixtral_ep_prefix_cache_hits",
+                                    "Of those, tokens whose KV was taken from the prefix cache.")
         self._retries_seen = 0
+        self._cache_seen = (0, 0)                        # (queries, hits) at the last flush
         self._stop = threading.Event()
         self._died: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="engine-metrics", daemon=True)
@@ -161,6 +169,17 @@ class EngineMetrics:
         if now > self._retries_seen:
             self.retries.inc(now - self._retries_seen)
         self._retries_seen = now
+        self._flush_prefix_cache()
+
+    def _flush_prefix_cache(self) -> None:
+        """The prefix cache's queries and hits (tokens) since the last flush."""
+        stats = self.engine.scheduler.prefix_cache       # cumulative, since the engine started
+        now = (stats.queries, stats.hits)
+        for counter, seen, count in zip((self.cache_queries, self.cache_hits), self._cache_seen,
+                                        now):
+            if count > seen:
+                counter.inc(count - seen)
+        self._cache_seen = now
 
 
 class Request:

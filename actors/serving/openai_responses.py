@@ -6,8 +6,10 @@ actors/serving/openai_tool_calls.py's.
 Follows OpenAI's API reference (https://platform.openai.com/docs/api-reference). Streams are
 server-sent events, one `data: {chunk}` per engine chunk (with `n` > 1 the choices' chunks
 interleave, each naming its `index`), then (with `stream_options.include_usage`) a chunk with
-empty `choices` and the usage (the prompt counted once, every choice's tokens), then
-`data: [DONE]`. Errors are {"error": {"message", "type", "param", "code"}}.
+empty `choices` and the usage (the prompt counted once, every choice's tokens; in
+`prompt_tokens_details.cached_tokens` the prompt tokens the engine's prefix cache held, the
+request's last chunk's value), then `data: [DONE]`. Errors are {"error": {"message", "type",
+"param", "code"}}.
 
 Logprobs, OpenAI's shapes: chat `logprobs.content[i] = {token, logprob, bytes, top_logprobs:
 [{token, logprob, bytes}]}` (the k alternatives, most likely first); completions `logprobs =
@@ -47,9 +49,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: the prompt tokens whose KV the engine took from
+    its prefix cache (prompt_tokens_details, always present, as OpenAI's)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def token_text(data: bytes) -> str:
@@ -239,9 +244,10 @@ class Response:
             else:
                 choice["text"] = self._text(c.text, first=True)
             choices.append(choice)
+        cached = completions[0].cached_tokens if completions else 0   # the same on each choice
         body = {"id": self.id, "object": self.object, "created": self.created,
                 "model": self.model, "choices": choices,
-                "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in completions))}
+                "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in completions), cached)}
         return body | self._chat_prompt_logprobs(completions)
 
     def _chat_prompt_logprobs(self, outputs: Sequence[Completion | StreamChunk]) -> dict:
@@ -268,8 +274,11 @@ class Response:
             choice["text"] = self._text(c.text, first)
         return self._event({"choices": [choice]} | self._chat_prompt_logprobs([c]))
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
-        return self._event({"choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int,
+                    cached_tokens: int = 0) -> str:
+        """The stream's usage chunk (`stream_options.include_usage`): empty `choices`."""
+        return self._event({"choices": [],
+                            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
 
     def _event(self, body: dict) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

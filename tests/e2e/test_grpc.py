@@ -220,7 +220,7 @@ def test_client_cli_streams_calls_unary_chat_and_info(server, address, reference
     want = reference.generate("Hello", SamplingParams(max_tokens=6, temperature=0.0))[0]
     assert main(["Hello", "--address", address, "--max-tokens", "6", "--logprobs"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(want.text) and "completion_tokens=6]" in out
+    assert out.startswith(want.text) and "completion_tokens=6 cached_tokens=0]" in out
     assert f"[logprobs {want.token_ids[0]}:" in out
     assert main(["Hi", "--address", address, "--system", "Be brief.", "--unary", "--top-k", "5",
                  "--max-tokens", "4", "--stop", "zzz"]) == 0

@@ -174,5 +174,5 @@ def test_client_cli_prints_choices_and_alternatives(server, grpc_port, reference
         for w in want:
             assert f"[choice {w.index}]\n{w.text}\n[finish_reason=length tokens=3]\n" in out
             assert f"  {w.token_ids[0]}: " in out
-        assert f"[prompt_tokens={len(ids)} completion_tokens=6]" in out
+        assert f"[prompt_tokens={len(ids)} completion_tokens=6 cached_tokens=0]" in out
         assert f"[prompt_logprobs {ids[0]}:- {ids[1]}:" in out

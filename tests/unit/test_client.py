@@ -42,7 +42,8 @@ class _Echo(pb_grpc.GeneratorServicer):
         self.prompts.append(request.prompt or request.messages[-1].content)
         for _ in range(3):
             yield pb.GenerateResponse(text="ok ", token_ids=[1])
-        yield pb.GenerateResponse(finish_reason="length", usage=pb.Usage(completion_tokens=3))
+        yield pb.GenerateResponse(finish_reason="length", usage=pb.Usage(
+            prompt_tokens=40, completion_tokens=3, cached_tokens=32))
 
     def Generate(self, request, context):
         self.requests.append(request)
@@ -106,7 +107,7 @@ def test_a_200_kb_prompt_from_a_file_or_stdin(fake_server, tmp_path, monkeypatch
     monkeypatch.setattr(sys, "stdin", io.StringIO(prompt))
     assert client.main(["-", "--chat", "--address", address]) == 0
     assert servicer.prompts[-1] == prompt
-    assert "completion_tokens=3]" in capsys.readouterr().out
+    assert "prompt_tokens=40 completion_tokens=3 cached_tokens=32]" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -181,7 +182,7 @@ def test_choices_are_printed_by_index_with_their_alternatives(fake_server, unary
                           "[logprobs 5:-0.5000 6:-0.7500]\n[top_logprobs]\n"
                           "  5: 1526' world':-0.2500 13'\\n':-2.5000\n")
     assert "[choice 1]\nc\n[finish_reason=stop tokens=1]\n[logprobs 7:-1.0000]\n" in out
-    assert "[prompt_tokens=2 completion_tokens=3]\n" in out
+    assert "[prompt_tokens=2 completion_tokens=3 cached_tokens=0]\n" in out
     assert out.endswith("[prompt_logprobs 1:- 22557:-3.5000]\n"
                         "  22557: 1526' world':-0.2500 13'\\n':-2.5000\n")
 
@@ -262,4 +263,4 @@ def test_a_streamed_tool_call_is_printed_whole(fake_server, capsys):
     assert servicer.requests[-1].tool_choice == "required"
     assert capsys.readouterr().out == (
         '\n[tool_call 0 id=AbC123xyZ get_weather({"city": "Paris"})]\n'
-        "[finish_reason=tool_calls prompt_tokens=9 completion_tokens=8]\n")
+        "[finish_reason=tool_calls prompt_tokens=9 completion_tokens=8 cached_tokens=0]\n")

@@ -285,7 +285,7 @@ def test_the_grafana_dashboard_plots_every_engine_metric_and_only_those():
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     queried = {re.sub(r"_(total|bucket)$", "", name)
                for e in exprs for name in re.findall(r"ray_(mixtral_ep_\w+)", e)}
-    assert len(defined) == 15 and queried == defined
+    assert len(defined) == 17 and queried == defined
 
 
 @given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True),

@@ -273,3 +273,25 @@ def test_a_bad_field_is_invalid_argument_before_the_engine_is_asked(tokenizer):
     out = asyncio.run(s.Generate(pb.GenerateRequest(prompt="hi", n=17), context))
     assert out == pb.GenerateResponse() and context.code.name == "INVALID_ARGUMENT"
     assert "n must be an integer in [1, 16]" in context.details and not s.engine.asked
+
+
+CACHED = [StreamChunk("r", "a", [5], [-0.5], None, 0, cached_tokens=32),
+          StreamChunk("r", "b", [6], [-0.5], "length", 1, cached_tokens=32),
+          StreamChunk("r", "c", [7], [-0.5], "stop", 0, cached_tokens=48)]   # after a failover
+
+
+def test_usage_carries_the_prompt_tokens_taken_from_the_prefix_cache(tokenizer):
+    """Issue 23: Usage.cached_tokens on Generate (counted once for n choices) and on the
+    stream's last message; after a failover, the last chunk's (the resuming engine's)."""
+    c = [Completion("r", [1] * 40, [5, 6], "ab", "stop", [-0.5] * 2, i, cached_tokens=32)
+         for i in range(2)]
+    assert gm.Responses([1] * 40, False, tokenizer.token_bytes).unary(c).usage == pb.Usage(
+        prompt_tokens=40, completion_tokens=4, cached_tokens=32)
+    req = pb.GenerateRequest(prompt_token_ids=[1] * 40, n=2, max_tokens=2)
+
+    async def stream():
+        return [m async for m in servicer(tokenizer, CACHED).GenerateStream(req, _Context())]
+    assert [m.usage for m in asyncio.run(stream()) if m.HasField("usage")] == [
+        pb.Usage(prompt_tokens=40, completion_tokens=3, cached_tokens=48)]
+    out = asyncio.run(servicer(tokenizer, CACHED).Generate(req, _Context()))
+    assert out.usage == pb.Usage(prompt_tokens=40, completion_tokens=3, cached_tokens=48)

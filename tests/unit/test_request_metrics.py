@@ -163,3 +163,18 @@ def test_a_closed_metrics_thread_passes_the_health_check():
     metrics.close()
     wait_for(lambda: not metrics._thread.is_alive())
     metrics.check()
+
+
+def test_the_prefix_cache_counters_add_what_the_engine_counted_since_the_last_flush():
+    """Issue 23: mixtral_ep_prefix_cache_queries / _hits grow by the engine's cumulative
+    PrefixCacheStats' increase at each flush (tokens), never by a flush that saw nothing new."""
+    from model.prefix_cache import PrefixCacheStats
+    metrics = engine_metrics(ValueError("unused"))
+    metrics.close()                                     # flushed here only, by hand
+    stats = metrics.engine.scheduler.prefix_cache = PrefixCacheStats()
+    metrics.cache_queries, metrics.cache_hits = Recorder(), Recorder()
+    for queries, hits in ((40, 32), (40, 32), (97, 32), (120, 48)):
+        stats.queries, stats.hits = queries, hits
+        metrics._flush_prefix_cache()
+    assert metrics.cache_queries.calls == [(40, ()), (57, ()), (23, ())]
+    assert metrics.cache_hits.calls == [(32, ()), (16, ())]
