@@ -120,12 +120,28 @@ def run_worker(python: str, which: str, path: str, dtype: str, args, env=None) -
            "--dtype", dtype, "--batches", ",".join(map(str, args.batches)),
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout,
+    return run_json(cmd, which, env, args.timeout)
+
+
+def run_json(cmd: list[str], which: str, env: dict | None, timeout: float) -> dict:
+    """Run a worker process in the repository root; its last stdout line that starts with "{",
+    parsed. RuntimeError with its stderr's end if it failed or printed none."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{which} worker failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(lines[-1])
+
+
+def have_vllm(vllm_python: str) -> bool:
+    """Whether `vllm_python` exists and imports vLLM (else a warning: make peer-venv)."""
+    found = Path(vllm_python).exists() and subprocess.run(
+        [vllm_python, "-c", "import vllm"], capture_output=True).returncode == 0
+    if not found:
+        log.warning("vLLM is not installed at %s (make peer-venv): measuring ours alone",
+                    vllm_python)
+    return found
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -161,16 +177,12 @@ def main() -> None:
     from model.random_checkpoint import cached_random_checkpoint
     path = str(cached_random_checkpoint("small"))
     runs = 1 if args.quick else args.runs
-    have_vllm = Path(args.vllm_python).exists() and subprocess.run(
-        [args.vllm_python, "-c", "import vllm"], capture_output=True).returncode == 0
-    if not have_vllm:
-        log.warning("vLLM is not installed at %s (make peer-venv): measuring ours alone",
-                    args.vllm_python)
+    vllm = have_vllm(args.vllm_python)
     env, preload = vllm_env(args.vllm_python)
     results = {}                      # (engine, dtype) -> list of per-run dicts
     for dtype in args.dtypes.split(","):
         for run in range(runs):
-            for which in ("ours", "vllm") if have_vllm else ("ours",):
+            for which in ("ours", "vllm") if vllm else ("ours",):
                 log.info("%s %s run %d/%d", which, dtype, run + 1, runs)
                 python = sys.executable if which == "ours" else args.vllm_python
                 results.setdefault((which, dtype), []).append(
