@@ -70,8 +70,8 @@ class EngineOptions:
         actors/experts/dispatcher.py.""")
     engine_args: dict | None = _option(None, """Keyword args of the frontend's Engine
         (model/engine.py: max_num_seqs, max_num_batched_tokens, max_model_len, max_waiting,
-        block_size, kv_cache_memory, micro_batches, attention_backend); an unknown key is a
-        ValueError naming it. None: Engine's defaults.""")
+        block_size, kv_cache_memory, micro_batches, attention_backend, enable_prefix_caching);
+        an unknown key is a ValueError naming it. None: Engine's defaults.""")
     dispatch_args: dict | None = _option(None, """Keyword args of the frontend's Dispatcher
         (actors/experts/dispatcher.py: max_attempts, retry_timeout_s, cooldown_s,
         load_window_s); an unknown key is a ValueError naming it. None: its defaults.""")

@@ -19,6 +19,7 @@ RUN_BY = {("README.md", "Python API"): "unit/test_readme.py",
           ("docs/api.md", "Structured outputs and tools over HTTP"):
               "e2e/test_openai_structured.py",
           ("docs/python-api.md", "In-process engine"): "unit/test_readme.py",
+          ("docs/python-api.md", "Prefix caching"): "unit/test_readme.py",
           ("docs/python-api.md", "Expert parallelism on Ray"): "integration/test_readme_ray.py"}
 # the blocks this file runs: (document, heading)
 IN_PROCESS = [block for block, runner in RUN_BY.items() if runner == "unit/test_readme.py"]
@@ -53,6 +54,11 @@ def test_python_api_block_runs(readme_code, capsys):
 def test_docs_in_process_engine_block_runs(doc_code):
     code = doc_code("docs/python-api.md", "In-process engine")
     exec(compile(code, "docs/python-api.md (In-process engine)", "exec"), {})
+
+
+def test_docs_prefix_caching_block_runs(doc_code):
+    code = doc_code("docs/python-api.md", "Prefix caching")
+    exec(compile(code, "docs/python-api.md (Prefix caching)", "exec"), {})
 
 
 @pytest.mark.gpu
