@@ -58,6 +58,12 @@ def test_string_fields_and_typed_values_pass_unchanged():
     assert options.engine_args == {"max_num_seqs": 8}
 
 
+def test_prefix_caching_turns_off_through_the_serve_command_line():
+    """`serve run ... engine_args='{"enable_prefix_caching": false}'` (issue 23)."""
+    options = EngineOptions.from_args({"engine_args": '{"enable_prefix_caching": false}'})
+    assert options.engine_args == {"enable_prefix_caching": False}
+
+
 def test_nested_json_reaches_the_autoscaling_policy():
     options = EngineOptions.from_args(
         {"expert_autoscaling": '{"target_load_ratio": 1.5, "window_s": 10}'})
