@@ -57,6 +57,11 @@ def weights_salt(model: torch.nn.Module, kv_dtype: torch.dtype) -> bytes:
     return digest.digest()
 
 
+def salted(salt: bytes, cache_salt: str) -> bytes:
+    """The engine's salt mixed with a request's `cache_salt` (vLLM's field of that name)."""
+    return hashlib.sha256(salt + cache_salt.encode()).digest()
+
+
 def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """sha256 of the parent block's hash (or the salt) and the block's token ids (int64)."""
     return hashlib.sha256(parent + array.array("q", token_ids).tobytes()).digest()

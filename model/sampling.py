@@ -34,6 +34,7 @@ LOGIT_BIAS_RANGE = 100.0    # |bias| limit, as OpenAI's API
 PENALTY_RANGE = 2.0         # |presence_penalty|, |frequency_penalty| limit, as OpenAI's API
 # each generated token is checked against every stop string under the engine's step lock
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1024
+MAX_CACHE_SALT_CHARS = 1024
 _MASK64 = 2**64 - 1
 
 __all__ = ["SamplingParams", "request_seed", "choice_seed", "token_seed", "mix_seed", "sample",
@@ -60,6 +61,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]), <= 300
     min_tokens: int = 0                 # EOS and stop_token_ids masked until this many tokens
     constraint: Constraint | None = None   # structured output (model/constraint.py), or None
+    # vLLM's `cache_salt`: only requests with the same salt share prefix-cached KV blocks (a
+    # tenant's secret, so others cannot learn its prompts from their time to first token)
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _tuple("stop", self.stop))
@@ -116,6 +120,10 @@ class SamplingParams:
         _check(self.constraint is None or isinstance(self.constraint, Constraint),
                f"constraint must be a model.constraint.Constraint or None, "
                f"got {type(self.constraint).__name__}")
+        _check(self.cache_salt is None or (isinstance(self.cache_salt, str)
+                                           and 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS),
+               f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+               f"characters or None, got {str(self.cache_salt)[:40]!r}")
         _check(isinstance(self.ignore_eos, bool),
                f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 

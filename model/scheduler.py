@@ -19,6 +19,7 @@ request is admitted holding the longest chain of cached full blocks of its token
 needed; so it never writes into a cached block), and prefills only the rest. A preempted
 request finds its own blocks again unless they were evicted meanwhile. A request asking for
 prompt logprobs, or a logits request, computes every position (it never reads the cache).
+A request with a `cache_salt` shares blocks only with requests that have the same one.
 
 Example (budget 8, block_size 4): running A decoding, waiting B with a 10-token prompt ->
 step 1 schedules [(A, 1), (B, 7)], step 2 [(A, 1), (B, 3)], then B decodes too.
@@ -30,7 +31,7 @@ import dataclasses
 import itertools
 from typing import TYPE_CHECKING
 
-from model.prefix_cache import BlockAllocator, PrefixCacheStats, extend_hashes
+from model.prefix_cache import BlockAllocator, PrefixCacheStats, extend_hashes, salted
 from model.sampling import SamplingParams, SequenceState
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ class Scheduler:
         full = req.num_computed // self.block_size
         if self.cache_salt is None or full == first:
             return
-        hashes = extend_hashes(req.block_hashes, self.cache_salt, req.all_ids, self.block_size)
+        hashes = extend_hashes(req.block_hashes, self._salt(req), req.all_ids, self.block_size)
         for i in range(first, full):
             self.allocator.cache(req.block_table[i], hashes[i])
 
@@ -206,8 +207,14 @@ class Scheduler:
         blocks, its last token left to compute; none if caching is off or it never reads."""
         if self.cache_salt is None or not _reads_cache(req):
             return []
-        hashes = extend_hashes(req.block_hashes, self.cache_salt, req.all_ids, self.block_size)
+        hashes = extend_hashes(req.block_hashes, self._salt(req), req.all_ids, self.block_size)
         return self.allocator.cached_prefix(hashes[:(req.num_tokens - 1) // self.block_size])
+
+    def _salt(self, req: Request) -> bytes:
+        """The parent of a request's first block: the engine's salt, mixed with the request's
+        `cache_salt` if it has one (only requests with the same one share blocks)."""
+        own = req.params.cache_salt if req.params is not None else None
+        return self.cache_salt if own is None else salted(self.cache_salt, own)
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         """Blocks for the request's tokens up to `num_tokens`, and a copy of each shared block

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from model.errors import InvalidRequest
 from model.prefix_cache import BlockAllocator, block_hash, extend_hashes
 from model.sampling import SamplingParams
 from model.scheduler import Request, Scheduler
@@ -248,3 +249,26 @@ def test_a_request_takes_the_cached_chain_but_computes_its_last_token():
     assert [r.num_cached_tokens for r in (again, longer, logprobs)] == [4, 6, 0]
     assert again.block_table[:2] == cached[:2] and longer.block_table[:3] == cached
     assert sim.sched.prefix_cache.queries == 6 + 6 + 7 and sim.sched.prefix_cache.hits == 10
+
+
+def test_only_requests_with_the_same_cache_salt_share_blocks():
+    """vLLM's `cache_salt`: a tenant's blocks are invisible to requests without its salt."""
+    sim = Simulation(num_blocks=16)
+    prompt = [1, 5, 6, 7, 8, 9]
+
+    def run(salt):
+        req = Request(salt or "-", prompt, SamplingParams(max_tokens=1, cache_salt=salt))
+        sim.sched.add(req)
+        sim.step(next_token=20)
+        sim.step(next_token=20)
+        sim.sched.finish(req)
+        return req.num_cached_tokens
+
+    assert [run(s) for s in ("a", "a", "b", None, "b", None)] == [0, 4, 0, 0, 4, 4]
+
+
+@pytest.mark.parametrize("salt", ["", "x" * 1025, 7])
+def test_a_bad_cache_salt_names_the_field(salt):
+    with pytest.raises(InvalidRequest, match="cache_salt must be a non-empty string of at most "
+                                             "1024 characters"):
+        SamplingParams(cache_salt=salt)
