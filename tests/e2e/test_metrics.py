@@ -4,7 +4,9 @@ app: what it adds to the counts that earlier tests left)."""
 from __future__ import annotations
 
 import json
+import random
 import urllib.request
+import uuid
 
 import grpc
 import pytest
@@ -73,3 +75,29 @@ def test_counters_equal_what_was_served(server, grpc_port, http_port, tiny_check
         {str(e): 1 for e in range(cfg.num_local_experts)}
     assert total(m, "ray_mixtral_ep_expert_load_rows_per_second") > 0
     assert total(m, "ray_mixtral_ep_expert_actor_imbalance") >= 1
+
+
+def test_prefix_cache_counters_count_the_tokens_looked_up_and_reused(server, tiny_checkpoint):
+    """Issue 23: queries count each request's prompt tokens, hits its cached_tokens; a cached
+    token sends no rows to the experts. The prompts share full blocks (16 tokens) with each
+    other only: 48 shared tokens, then a request repeating them and one sharing 1 block."""
+    rng = random.Random(uuid.uuid4().int)
+    shared = [rng.randrange(1000, 31000) for _ in range(48)]
+    before = settled(APP)
+    served = []                                        # (prompt, cached, completion tokens)
+    for ids in (shared + [7, 8, 9, 10, 11], shared + [12, 13], shared[:16] + [14] * 30):
+        usage = server.Generate(pb.GenerateRequest(prompt_token_ids=ids, max_tokens=MAX_TOKENS,
+                                                   temperature=0.0), timeout=60).usage
+        served.append((usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens))
+    assert [cached for _, cached, _ in served] == [0, 48, 16]
+    cfg = MixtralConfig.from_json(tiny_checkpoint)
+    computed = sum(p - cached + c - 1 for p, cached, c in served)
+    want = {("ray_mixtral_ep_prefix_cache_queries_total", ()): sum(p for p, _, _ in served),
+            ("ray_mixtral_ep_prefix_cache_hits_total", ()): 64}
+    for layer in range(cfg.num_hidden_layers):
+        want[("ray_mixtral_ep_expert_routed_tokens_total", (("layer", str(layer)),))] = \
+            cfg.num_experts_per_tok * computed
+    for name, labels in want:
+        want[name, labels] += total(before, name, **dict(labels))
+    got, _ = until_equal(APP, want)
+    assert got == want
