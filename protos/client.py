@@ -36,7 +36,7 @@ from protos.client_output import write_replies
 
 # optional request fields sent only when their option is given (unset: the server's default)
 OPTIONAL = ("seed", "n", "top_logprobs", "prompt_logprobs", "presence_penalty",
-            "frequency_penalty", "repetition_penalty", "min_tokens")
+            "frequency_penalty", "repetition_penalty", "min_tokens", "cache_salt")
 
 
 def request_from_args(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -129,6 +129,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop-token-id", type=_integer(32), action="append", default=None,
                     metavar="ID", help="a token id that ends the completion (repeatable)")
     ap.add_argument("--ignore-eos", action="store_true", help="generate on past EOS")
+    ap.add_argument("--cache-salt", default=None, metavar="SALT",
+                    help="share prefix-cached KV blocks only with requests of this salt")
     client_structured.add_arguments(ap)
     ap.add_argument("--unary", action="store_true",
                     help="one Generate call (the whole completion at once) instead of a stream")

@@ -94,7 +94,8 @@ def sampling_params(req: pb.GenerateRequest, prompt_len: int, context_length: in
         repetition_penalty=optional("repetition_penalty"), logit_bias=dict(req.logit_bias),
         min_tokens=optional("min_tokens"), stop_token_ids=req.stop_token_ids,
         vocab_size=vocab_size,
-        constraint=constraint_of(grpc_structured.constraint(req), tool_constraint))
+        constraint=constraint_of(grpc_structured.constraint(req), tool_constraint),
+        cache_salt=optional("cache_salt"))
 
 
 class Responses:

@@ -5,7 +5,7 @@ the gateway, and the response bodies are actors/serving/openai_responses.py's.
 
 Follows OpenAI's API reference for /v1/completions and /v1/chat/completions (and vLLM's
 extensions `top_k`, `ignore_eos`, `return_token_ids`, `repetition_penalty`, `min_tokens`,
-`stop_token_ids`, `prompt_logprobs`): https://platform.openai.com/docs/api-reference
+`stop_token_ids`, `prompt_logprobs`, `cache_salt`): https://platform.openai.com/docs/api-reference
 - `n` choices (1..16); `presence_penalty`, `frequency_penalty` ([-2, 2]); `logit_bias` (keys
   token ids as strings, as OpenAI's: a key that is not an integer is refused naming
   logit_bias; values in [-100, 100], at most 300).
@@ -90,6 +90,7 @@ class _Request(Request, StructuredFields):
     min_tokens: int = 0                    # vLLM's extension
     stop_token_ids: list[int] | None = None  # vLLM's extension
     prompt_logprobs: int | None = None     # vLLM's extension: the prompt tokens' logprobs
+    cache_salt: str | None = None          # vLLM's extension: prefix-cache sharing group
 
 
 class StreamOptions(Body):
@@ -172,7 +173,7 @@ def _params(r: _Request, info: EngineInfo, prompt_len: int, *, max_tokens: int, 
         frequency_penalty=r.frequency_penalty, repetition_penalty=r.repetition_penalty,
         logit_bias=logit_bias_of(r.logit_bias), min_tokens=r.min_tokens,
         stop_token_ids=r.stop_token_ids or (), vocab_size=info.vocab_size,
-        constraint=constraint_of(*request_constraints(r), forced))
+        constraint=constraint_of(*request_constraints(r), forced), cache_salt=r.cache_salt)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,12 +123,14 @@ def sampling_params_of(prompt_len: int, context_length: int, *, max_tokens: int 
                        logit_bias: Mapping[int, float] | None = None,
                        min_tokens: int | None = None, stop_token_ids: Sequence[int] = (),
                        vocab_size: int | None = None,
-                       constraint: Constraint | None = None) -> SamplingParams:
+                       constraint: Constraint | None = None,
+                       cache_salt: str | None = None) -> SamplingParams:
     """SamplingParams from a request's optional fields (None: the default); raises
     InvalidRequest naming the field and its limit. `max_tokens` 0 is allowed only with
     `prompt_logprobs` (a prompt scored, nothing generated: completions' `echo`).
     `vocab_size`: logit_bias keys and stop_token_ids must be below it; `constraint`: the
-    structured output (constraint_of's; whether it compiles is EngineClient.check's)."""
+    structured output (constraint_of's; whether it compiles is EngineClient.check's);
+    `cache_salt`: vLLM's, only requests with the same one share prefix-cached KV blocks."""
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     room = context_length - prompt_len
     low = 0 if prompt_logprobs is not None else 1
@@ -157,6 +159,6 @@ def sampling_params_of(prompt_len: int, context_length: int, *, max_tokens: int 
             frequency_penalty=given(frequency_penalty, 0.0),
             repetition_penalty=given(repetition_penalty, 1.0), logit_bias=bias,
             min_tokens=given(min_tokens, 0), stop_token_ids=tuple(stop_token_ids),
-            constraint=constraint)
+            constraint=constraint, cache_salt=cache_salt)
     except ValueError as e:       # SamplingParams names the field and its limit
         raise InvalidRequest(str(e)) from None

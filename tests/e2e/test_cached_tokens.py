@@ -115,3 +115,21 @@ def test_chat_reports_cached_tokens_for_a_repeated_and_a_continued_conversation(
     got = chat(follow).usage
     assert got.prompt_tokens == len(nxt) and common >= len(prompt)     # the template extends it
     assert got.prompt_tokens_details.cached_tokens == reusable(len(nxt), common // BLOCK) > 0
+
+
+def test_a_cache_salt_shares_blocks_only_with_requests_of_the_same_salt(server, client):
+    """vLLM's `cache_salt` (gRPC field, HTTP body field): a tenant's cached prompt is a miss
+    for a request without its salt or with another, a hit for one with the same."""
+    a = fresh_ids(40)
+
+    def grpc_cached(**salt) -> int:
+        return server.Generate(request(a, **salt), timeout=60).usage.cached_tokens
+
+    def http_cached(**salt) -> int:
+        reply = client.completions.create(model=MODEL, prompt=a, max_tokens=3, temperature=0,
+                                          extra_body=salt)
+        return reply.usage.prompt_tokens_details.cached_tokens
+    assert grpc_cached(cache_salt="tenant-a") == 0
+    assert http_cached() == 0 and grpc_cached(cache_salt="tenant-b") == 0
+    assert http_cached(cache_salt="tenant-a") == grpc_cached(cache_salt="tenant-a") == 32
+    assert grpc_cached() == 32                       # the unsalted request above filled it

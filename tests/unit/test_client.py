@@ -137,7 +137,7 @@ def test_a_reader_that_closes_the_pipe_early_ends_it_quietly(fake_server, args):
 NEW_FLAGS = ["--n", "2", "--top-logprobs", "2", "--prompt-logprobs", "1", "--presence-penalty",
              "0.5", "--frequency-penalty", "-1", "--repetition-penalty", "1.25", "--logit-bias",
              "13=-100", "--logit-bias", "7=2.5", "--min-tokens", "1", "--stop-token-id", "13",
-             "--stop-token-id", "2", "--ignore-eos", "--seed", "3"]
+             "--stop-token-id", "2", "--ignore-eos", "--seed", "3", "--cache-salt", "tenant-a"]
 
 
 def test_every_sampling_flag_reaches_the_request():
@@ -146,7 +146,7 @@ def test_every_sampling_flag_reaches_the_request():
         prompt_token_ids=[1, 22557], max_tokens=64, temperature=0.0, top_p=1.0, top_k=0, n=2,
         top_logprobs=2, prompt_logprobs=1, presence_penalty=0.5, frequency_penalty=-1,
         repetition_penalty=1.25, logit_bias={13: -100, 7: 2.5}, min_tokens=1,
-        stop_token_ids=[13, 2], ignore_eos=True, seed=3)
+        stop_token_ids=[13, 2], ignore_eos=True, seed=3, cache_salt="tenant-a")
 
 
 def test_without_the_new_flags_the_request_is_as_before():

@@ -40,11 +40,11 @@ def test_every_new_option_reaches_sampling_params():
     req = pb.GenerateRequest(
         prompt="hi", max_tokens=9, n=3, top_logprobs=4, prompt_logprobs=2, presence_penalty=0.5,
         frequency_penalty=-1.5, repetition_penalty=1.25, logit_bias={7: 5.0, 3: -100.0},
-        min_tokens=2, stop_token_ids=[13, 2], ignore_eos=True, seed=11)
+        min_tokens=2, stop_token_ids=[13, 2], ignore_eos=True, seed=11, cache_salt="tenant-a")
     assert params_of(req) == SamplingParams(
         max_tokens=9, seed=11, n=3, top_logprobs=4, prompt_logprobs=2, presence_penalty=0.5,
         frequency_penalty=-1.5, repetition_penalty=1.25, logit_bias={3: -100.0, 7: 5.0},
-        min_tokens=2, stop_token_ids=(13, 2), ignore_eos=True)
+        min_tokens=2, stop_token_ids=(13, 2), ignore_eos=True, cache_salt="tenant-a")
 
 
 def test_max_tokens_0_is_allowed_only_to_score_the_prompt():
@@ -68,6 +68,8 @@ def test_max_tokens_0_is_allowed_only_to_score_the_prompt():
     ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias must hold at most 300"),
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens must be an integer in [0, max_tokens (4)]"),
     ({"stop_token_ids": [VOCAB]}, "stop_token_ids: token ids must be in [0, 32000)"),
+    ({"cache_salt": ""}, "cache_salt must be a non-empty string of at most 1024 characters"),
+    ({"cache_salt": "s" * 1025}, "cache_salt must be a non-empty string of at most 1024"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_each_bad_option_names_its_field_and_limit(fields, message):
     with pytest.raises(InvalidRequest) as err:

@@ -47,7 +47,7 @@ def chat(tokenizer, **body) -> SamplingParams:
 def test_every_new_field_reaches_the_sampling_params(tokenizer):
     body = dict(n=3, presence_penalty=0.5, frequency_penalty=-1.5, repetition_penalty=1.3,
                 logit_bias={"17": -100, "5": 2.5}, min_tokens=2, stop_token_ids=[7, 9],
-                max_tokens=8, seed=4)
+                max_tokens=8, seed=4, cache_salt="tenant-a")
     for params in (completion(tokenizer, logprobs=4, prompt_logprobs=2, **body),
                    chat(tokenizer, logprobs=True, top_logprobs=4, prompt_logprobs=2, **body)):
         assert (params.n, params.presence_penalty, params.frequency_penalty) == (3, 0.5, -1.5)
@@ -55,6 +55,7 @@ def test_every_new_field_reaches_the_sampling_params(tokenizer):
         assert params.logit_bias == ((5, 2.5), (17, -100.0))
         assert params.stop_token_ids == (7, 9) and params.top_logprobs == 4
         assert params.prompt_logprobs == 2 and params.seed == 4
+        assert params.cache_salt == "tenant-a"
 
 
 def test_chat_top_logprobs_only_with_logprobs(tokenizer):
@@ -103,6 +104,8 @@ def test_echo_and_prompt_logprobs_translate(tokenizer, body, max_tokens, prompt_
     (False, dict(min_tokens=6, max_tokens=5),
      r"^min_tokens must be an integer in \[0, max_tokens \(5\)\]"),
     (True, dict(stop_token_ids=[32000]), r"^stop_token_ids: token ids must be in \[0, 32000\)"),
+    (True, dict(cache_salt=""), "^cache_salt must be a non-empty string of at most 1024"),
+    (False, dict(cache_salt="s" * 1025), "^cache_salt must be a non-empty string of at most 1024"),
     (False, dict(max_tokens=0), r"^max_tokens must be in \[1, .*got 0; 0 only with "
                                 r"prompt_logprobs \(completions: echo\)"),  # nothing to do
     (False, dict(max_tokens=0, logprobs=0), r"^max_tokens must be in \[1, "),
