@@ -30,8 +30,10 @@ BS = 4                          # tokens per KV block: small, so short prompts s
 TINY = PRESETS["tiny"]
 BLOCK_BYTES = KVCache.bytes_per_block(TINY.num_hidden_layers, BS, TINY.num_key_value_heads,
                                       TINY.head_dim, torch.float32)
-GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-SEEDED = SamplingParams(max_tokens=8, temperature=1.0, seed=1234, ignore_eos=True)
+# 10 tokens after an 18-token prompt: 28 tokens, the last block ends on the one token sampled
+# and never computed (a cache that names that block before its last key is written fails)
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +99,9 @@ def stats_since(engine: Engine, before: PrefixCacheStats) -> PrefixCacheStats:
 
 def sharing(rng: random.Random, base: list[int], out: list[int]) -> dict[str, tuple[list, int]]:
     """Prompts sharing 0, 1, several and all of the full blocks of `base` (18 tokens: 4 full
-    blocks and 2) after it ran and generated `out`, with the cached tokens each must report.
-    No two share more with each other than with `base`'s run, so the counts hold in any order."""
+    blocks and 2) after it ran and generated `out` (10 tokens; 27 computed: 6 full blocks), with
+    the cached tokens each must report. No two share more with each other than with `base`'s
+    run, so the counts hold in any order."""
     return {
         "no block": (fresh(rng, 14), 0),
         "the first block": (base[:4] + fresh(rng, 9), 4),
@@ -106,10 +109,13 @@ def sharing(rng: random.Random, base: list[int], out: list[int]) -> dict[str, tu
         "all blocks": (list(base), 16),                  # its last 2 tokens fill no block
         "all, ending on a block": (base[:16], 12),       # the last token is always computed
         "diverging mid-block": (base[:10] + fresh(rng, 6), 8),
-        # the same content in blocks 1-3 behind another first block: a chain without the
-        # parent's hash would take 12 tokens of keys computed at other positions
-        "same blocks, another parent": (fresh(rng, 4) + base[4:16] + fresh(rng, 3), 0),
-        "the conversation so far": (base + out[:6], 20),  # blocks of generated tokens too
+        # blocks 1-3 of base behind another first block, and first: a hash without its
+        # parent's would take the keys of base's blocks 1-3, computed after base's block 0
+        "base's blocks behind another": (fresh(rng, 4) + base[4:16] + fresh(rng, 3), 0),
+        "base's blocks first": (base[4:16] + fresh(rng, 3), 0),
+        # the next turn of a chat: the prompt, the whole completion and more; the block that
+        # ends on the completion's last token was never computed, so never cached
+        "the next turn": (base + out + fresh(rng, 3), 24),
     }
 
 
@@ -278,13 +284,28 @@ def test_every_cached_block_holds_what_a_recompute_writes(tiny, plain):
     assert plain.num_tracked() == 0
 
 
+def test_the_least_recently_released_blocks_are_evicted_first_a_chain_from_its_end(tiny):
+    """16 blocks: A, then B, cache 4 blocks each; C needs 11, the 8 never used and 3 evicted:
+    A's (released before B's), from the end of its chain, so A keeps its first block."""
+    engine, rng = tiny(blocks=16, max_model_len=64), random.Random(7)
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    a, b = fresh(rng, 16), fresh(rng, 16)
+    for prompt in (a, b, fresh(rng, 41)):
+        engine.generate(prompt, one)
+    salt = engine.scheduler.cache_salt
+    chains = [engine.kv.allocator.cached_prefix(extend_hashes([], salt, p, BS)) for p in (a, b)]
+    assert list(map(len, chains)) == [1, 4]
+    assert [engine.generate(p + [5], one)[0].cached_tokens for p in (b, a)] == [16, 4]
+
+
 _EXAMPLES = itertools.count(3)       # each example's prompts start with its own token
 
 
 @st.composite
 def request_sets(draw) -> list[tuple[list[int], SamplingParams]]:
     """2-5 requests, each prompt the first `share` tokens of an earlier one (or only the
-    example's first token) and 1-9 fresh tokens; greedy or seeded, 1-5 tokens each."""
+    example's first token) and 1-9 fresh tokens; greedy or seeded, 1-5 tokens each, some with
+    a `cache_salt` (only requests with the same one share blocks)."""
     rng, first = random.Random(draw(st.integers(0, 2**32))), next(_EXAMPLES)
     prompts, requests = [], []
     for i in range(draw(st.integers(2, 5))):
@@ -294,7 +315,7 @@ def request_sets(draw) -> list[tuple[list[int], SamplingParams]]:
         seed = draw(st.none() | st.integers(0, 2**31))
         requests.append((prompts[-1], SamplingParams(
             max_tokens=draw(st.integers(1, 5)), temperature=0.0 if seed is None else 1.0,
-            seed=seed, ignore_eos=True)))
+            seed=seed, ignore_eos=True, cache_salt=draw(st.sampled_from([None, "a", "b"])))))
     return requests
 
 
@@ -317,12 +338,12 @@ def test_random_requests_sharing_random_prefixes_equal_outputs_without(plain, on
     chunked prefill (later ones admitted once earlier ones' blocks are cached), each equals the
     oracle too, and the counts add up."""
     oracle = [plain.generate(prompt, params)[0] for prompt, params in requests]
-    earlier = []
+    earlier: dict[str | None, list[list[int]]] = {None: [], "a": [], "b": []}   # by cache_salt
     for (prompt, params), want in zip(requests, oracle):
         [got] = one_by_one.generate(prompt, params)
-        assert got.cached_tokens == expected_cached(prompt, earlier)
+        assert got.cached_tokens == expected_cached(prompt, earlier[params.cache_salt])
         assert_same(got, want)
-        earlier.append(computed(got))
+        earlier[params.cache_salt].append(computed(got))
     before = dataclasses.replace(chunked.scheduler.prefix_cache)
     outs = chunked.generate([p for p, _ in requests], [params for _, params in requests])
     for (prompt, _), got, want in zip(requests, outs, oracle):
