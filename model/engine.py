@@ -210,6 +210,7 @@ class Engine(BetweenSteps, StepOutputs):
         try:
             hidden = self._forward(scheduled)                         # (N, D)
         except Exception as e:
+            self.scheduler.discard_step()              # its blocks' keys were not all written
             for req, _ in scheduled:
                 self._fail(req, e)
             raise

@@ -147,15 +147,27 @@ class BlockAllocator:
             else:
                 self._free.append(b)
 
-    def cache(self, block: int, block_hash: bytes) -> None:
-        """Name a held, full block by its content's hash. If another block has that content
-        already, this one stays uncached (a duplicate, freed as usual)."""
+    def cache(self, block: int, block_hash: bytes) -> bool:
+        """Name a held, full block by its content's hash; False if it is named already, or if
+        another block has that content (this one stays uncached: a duplicate, freed as usual)."""
         if self._refs[block] == 0:
             raise RuntimeError(f"KV block {block} is free; it cannot be cached")
         if block in self._hash_of or block_hash in self._block_of:
-            return
+            return False
         self._hash_of[block] = block_hash
         self._block_of[block_hash] = block
+        return True
+
+    def uncache(self, block: int) -> None:
+        """Forget a block's name (its content is not what the name says); an evictable block
+        becomes plainly free."""
+        block_hash = self._hash_of.pop(block, None)
+        if block_hash is None:
+            return
+        del self._block_of[block_hash]
+        if block in self._evictable:
+            del self._evictable[block]
+            self._free.append(block)
 
     def cached_prefix(self, hashes: Sequence[bytes]) -> list[int]:
         """The cached blocks of the longest prefix of `hashes` (changes nothing)."""

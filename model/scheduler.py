@@ -13,7 +13,11 @@ sequence only writes to blocks it alone holds: before computing into a shared bl
 copy (copy-on-write; the engine copies the KV content, `take_copies`). So one sequence's
 shortage or preemption never corrupts another. The scheduler knows nothing about tensors.
 Prefix caching (model/prefix_cache.py; on when the scheduler has a `cache_salt`): a block is
-cached by its content's hash once every token in it is computed (`advance`); a waiting
+cached by its content's hash as soon as the step that fills it is scheduled, as vLLM's
+`allocate_slots` does: a request admitted later in the same step may take it already, since
+each layer writes the whole step's keys before any of its attention reads them
+(model/mixtral.py; with two micro-batches, the first's before the second's), and the taker
+comes later in the step's order; if the step fails, `discard_step` forgets them. A waiting
 request is admitted holding the longest chain of cached full blocks of its tokens, at most
 (num_tokens - 1) // block_size of them (its last token is always computed: its logits are
 needed; so it never writes into a cached block), and prefills only the rest. A preempted
@@ -93,6 +97,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._copies: list[tuple[int, int]] = []       # (source, destination) blocks to copy
+        self._fresh: list[int] = []                     # blocks cached for the step scheduled
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -102,6 +107,7 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Request, int]]:
         """Return (request, number of its next tokens to compute) for the next step."""
+        self._fresh = []
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted = False
@@ -117,6 +123,7 @@ class Scheduler:
                     break
             else:
                 scheduled.append((req, n))
+                self._cache_filled(req, n)
                 budget -= n
         while (self.waiting and not preempted and budget > 0
                and self.num_seqs() + 1 + self.waiting[0].num_forks <= self.max_num_seqs):
@@ -128,6 +135,7 @@ class Scheduler:
             self.running.append(req)
             self.running.sort(key=lambda r: r.arrival)
             scheduled.append((req, n))
+            self._cache_filled(req, n)
             budget -= n
         return scheduled
 
@@ -153,16 +161,15 @@ class Scheduler:
         return children
 
     def advance(self, req: Request, n: int) -> None:
-        """`n` more of the request's tokens are computed (their keys are in its blocks); the
-        blocks this fills are cached by content (prefix caching on)."""
-        first = req.num_computed // self.block_size
+        """`n` more of the request's tokens are computed (their keys are in its blocks)."""
         req.num_computed += n
-        full = req.num_computed // self.block_size
-        if self.cache_salt is None or full == first:
-            return
-        hashes = extend_hashes(req.block_hashes, self._salt(req), req.all_ids, self.block_size)
-        for i in range(first, full):
-            self.allocator.cache(req.block_table[i], hashes[i])
+
+    def discard_step(self) -> None:
+        """The step just scheduled failed: forget the blocks it was to fill (their content is
+        not what their names say)."""
+        for block in self._fresh:
+            self.allocator.uncache(block)
+        self._fresh = []
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The (source, destination) KV blocks to copy before the step just scheduled runs."""
@@ -209,6 +216,17 @@ class Scheduler:
             return []
         hashes = extend_hashes(req.block_hashes, self._salt(req), req.all_ids, self.block_size)
         return self.allocator.cached_prefix(hashes[:(req.num_tokens - 1) // self.block_size])
+
+    def _cache_filled(self, req: Request, n: int) -> None:
+        """Name the blocks that computing `n` more tokens of `req` fills (prefix caching on)."""
+        first = req.num_computed // self.block_size
+        full = (req.num_computed + n) // self.block_size
+        if self.cache_salt is None or full == first:
+            return
+        hashes = extend_hashes(req.block_hashes, self._salt(req), req.all_ids, self.block_size)
+        for i in range(first, full):
+            if self.allocator.cache(req.block_table[i], hashes[i]):
+                self._fresh.append(req.block_table[i])
 
     def _salt(self, req: Request) -> bytes:
         """The parent of a request's first block: the engine's salt, mixed with the request's

@@ -220,8 +220,10 @@ def test_n_choices_are_each_valid_and_choice_0_is_n_1(tiny_engine):
 def test_preemption_keeps_each_matcher_exact(tiny_checkpoint, tiny_engine):
     ps = [params(schema_c(i % len(SCHEMAS)), i) for i in range(5)]
     reference = [o.token_ids for o in tiny_engine.generate([PROMPT] * 5, ps)]
+    # prefix caching off: the five equal prompts would share their blocks and never run short
     engine = Engine.from_pretrained(tiny_checkpoint, block_size=4, max_model_len=96,
-                                    kv_cache_memory=24 * 4 * 2 * 2 * 2 * 16 * 4)
+                                    kv_cache_memory=24 * 4 * 2 * 2 * 2 * 16 * 4,
+                                    enable_prefix_caching=False)
     outs = engine.generate([PROMPT] * 5, ps)
     assert engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == reference

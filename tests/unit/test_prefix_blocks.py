@@ -72,6 +72,46 @@ def test_the_least_recently_released_blocks_are_evicted_first_a_chain_from_its_e
     assert [engine.generate(p + [5], one)[0].cached_tokens for p in (b, a)] == [16, 4]
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_requests_admitted_in_one_step_share_the_blocks_it_fills(prefix_engine, uncached,
+                                                                  micro_batches):
+    """Cold start, all at once: the first request's prompt blocks are named when its step is
+    scheduled, so the others admitted in that step take them (each layer writes the step's keys
+    before its attention reads them; the takers come later in the step, in the same micro-batch
+    or the next). Before, only requests of later steps hit: all but one recomputed them."""
+    engine, rng = prefix_engine(micro_batches=micro_batches), random.Random(11)
+    shared = fresh(rng, 6 * BS)
+    prompts = [shared + fresh(rng, 3) for _ in range(4)]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    got = engine.generate(prompts, params)
+    assert [c.cached_tokens for c in got] == [0] + [6 * BS] * 3
+    for g, want in zip(got, uncached.generate(prompts, params)):
+        assert_same(g, want)
+
+
+def test_a_failed_step_forgets_the_blocks_it_was_to_fill(prefix_engine, uncached):
+    """A forward that fails half-way leaves blocks named but not written: they are forgotten,
+    so the same prompt afterwards is computed again (cached 0) and equals the oracle."""
+    engine, rng = prefix_engine(), random.Random(12)
+    prompt, params = fresh(rng, 5 * BS), SamplingParams(max_tokens=3, temperature=0.0)
+    moe, calls = engine.moe, []
+
+    def flaky(layer, *args):
+        calls.append(layer)
+        if len(calls) == 2:                       # layer 1 of the first step
+            raise RuntimeError("expert exploded")
+        return moe(layer, *args)
+
+    engine.moe = flaky
+    with pytest.raises(RuntimeError, match="expert exploded"):
+        engine.generate(prompt, params)
+    engine.moe = moe
+    assert engine.kv.allocator.num_cached == 0
+    [again] = engine.generate(prompt, params)
+    assert again.cached_tokens == 0
+    assert_same(again, uncached.generate(prompt, params)[0])
+
+
 _EXAMPLES = itertools.count(3)       # each example's prompts start with its own token
 
 

@@ -38,8 +38,9 @@ def test_a_block_hash_names_its_tokens_and_everything_before_them():
 
 # ---- the allocator against a reference model -------------------------------------------------
 class AllocatorMachine(RuleBasedStateMachine):
-    """Random allocate / share / free / cache / take; the model is the policy written plainly:
-    a free stack, an LRU list of released cached blocks, hash <-> block maps."""
+    """Random allocate / share / free / cache / take / uncache; the model is the policy
+    written plainly: a free stack, an LRU list of released cached blocks, hash <-> block
+    maps."""
     N = 6
 
     def __init__(self):
@@ -118,6 +119,16 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.lru.remove(b)
         self.refs[b] += 1
         self.holds.append(b)
+
+    @precondition(lambda self: self.hash_of)
+    @rule(data=st.data())
+    def uncache(self, data):
+        b = data.draw(st.sampled_from(sorted(self.hash_of)))
+        self.alloc.uncache(b)
+        del self.hash_of[b]
+        if b in self.lru:                            # evictable: plainly free, handed out next
+            self.lru.remove(b)
+            self.free.insert(0, b)
 
     @invariant()
     def agrees_with_the_model(self):
