@@ -8,7 +8,7 @@ several steps. When a running request needs a KV block and none is free, the new
 request is preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed from its prompt plus the tokens it already generated.
 A request with n > 1 choices is one sequence until its prompt is computed, then `fork`s into n
-that share the prompt's blocks (reference counts, model/attention.py: BlockAllocator); a
+that share the prompt's blocks (reference counts, model/prefix_cache.py: BlockAllocator); a
 sequence only writes to blocks it alone holds: before computing into a shared block it takes a
 copy (copy-on-write; the engine copies the KV content, `take_copies`). So one sequence's
 shortage or preemption never corrupts another. The scheduler knows nothing about tensors.
