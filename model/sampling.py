@@ -15,7 +15,7 @@ import math
 import secrets
 
 from model.constraint import Constraint
-from model.errors import InvalidRequest
+from model.errors import InvalidRequest, check_unicode
 from model.sampler import (
     Draw,
     Sampled,
@@ -124,6 +124,8 @@ class SamplingParams:
                                            and 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS),
                f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
                f"characters or None, got {str(self.cache_salt)[:40]!r}")
+        if self.cache_salt is not None:           # hashed as UTF-8 in the scheduler's step
+            check_unicode("cache_salt", self.cache_salt)
         _check(isinstance(self.ignore_eos, bool),
                f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 

@@ -283,3 +283,10 @@ def test_a_bad_cache_salt_names_the_field(salt):
     with pytest.raises(InvalidRequest, match="cache_salt must be a non-empty string of at most "
                                              "1024 characters"):
         SamplingParams(cache_salt=salt)
+
+
+def test_a_cache_salt_that_is_not_unicode_is_refused_at_admission():
+    """A lone surrogate (JSON can spell one) cannot be hashed as UTF-8: refused naming the
+    field, before the scheduler's step would raise on it and fail every request of the step."""
+    with pytest.raises(InvalidRequest, match=r"cache_salt: holds a lone surrogate \(U\+D800"):
+        SamplingParams(cache_salt="tenant\ud800")
