@@ -57,14 +57,22 @@ def weights_salt(model: torch.nn.Module, kv_dtype: torch.dtype) -> bytes:
     return digest.digest()
 
 
+# one tag per kind of hashed input, so that no input of one kind can be read as the other's: a
+# cache_salt's bytes spelling a block's token ids must not make a salted chain's first parent
+# equal that block's hash in the unsalted chain (it would then name a block computed without
+# that block before it as if it were)
+_SALTED, _BLOCK = b"cache_salt\0", b"block\0"
+
+
 def salted(salt: bytes, cache_salt: str) -> bytes:
     """The engine's salt mixed with a request's `cache_salt` (vLLM's field of that name)."""
-    return hashlib.sha256(salt + cache_salt.encode()).digest()
+    return hashlib.sha256(_SALTED + salt + cache_salt.encode()).digest()
 
 
 def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
-    """sha256 of the parent block's hash (or the salt) and the block's token ids (int64)."""
-    return hashlib.sha256(parent + array.array("q", token_ids).tobytes()).digest()
+    """sha256 of the parent block's hash (or the salt: 32 bytes either way) and the block's
+    token ids (int64)."""
+    return hashlib.sha256(_BLOCK + parent + array.array("q", token_ids).tobytes()).digest()
 
 
 def extend_hashes(hashes: list[bytes], salt: bytes, token_ids: Sequence[int],

@@ -120,10 +120,11 @@ class SamplingParams:
         _check(self.constraint is None or isinstance(self.constraint, Constraint),
                f"constraint must be a model.constraint.Constraint or None, "
                f"got {type(self.constraint).__name__}")
-        _check(self.cache_salt is None or (isinstance(self.cache_salt, str)
-                                           and 0 < len(self.cache_salt) <= MAX_CACHE_SALT_CHARS),
+        salt = self.cache_salt          # a tenant's secret: an error never quotes it
+        _check(salt is None or (isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT_CHARS),
                f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
-               f"characters or None, got {str(self.cache_salt)[:40]!r}")
+               f"characters or None, got "
+               f"{f'{len(salt)} characters' if isinstance(salt, str) else type(salt).__name__}")
         if self.cache_salt is not None:           # hashed as UTF-8 in the scheduler's step
             check_unicode("cache_salt", self.cache_salt)
         _check(isinstance(self.ignore_eos, bool),

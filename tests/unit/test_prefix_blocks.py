@@ -4,6 +4,7 @@ sharing random prefixes equal the uncached oracle, each reporting the reference'
 tokens (tests/prefix.py). The allocator alone: tests/unit/test_prefix_cache.py."""
 from __future__ import annotations
 
+import array
 import dataclasses
 import itertools
 import random
@@ -110,6 +111,24 @@ def test_a_failed_step_forgets_the_blocks_it_was_to_fill(prefix_engine, uncached
     [again] = engine.generate(prompt, params)
     assert again.cached_tokens == 0
     assert_same(again, uncached.generate(prompt, params)[0])
+
+
+def test_no_cache_salt_joins_the_unsalted_chain(prefix_engine, uncached):
+    """A salt whose UTF-8 bytes spell a block's int64 token ids once made the salted chain's
+    first parent equal that block's unsalted hash: the attacker's block T1 (computed at
+    positions 0..) was then named as block 2 of T0 + T1, and an unsalted victim sending
+    T0 + T1 took its wrong keys (found by a breaker; the hash inputs are now tagged apart)."""
+    engine, rng = prefix_engine(), random.Random(13)
+    t0 = [1] + [rng.randrange(3, 128) for _ in range(BS - 1)]    # ids < 128: ASCII bytes
+    t1 = fresh(rng, BS)
+    salt = array.array("q", t0).tobytes().decode("utf-8")
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    engine.generate(t0 + [5], params)                          # T0 cached, unsalted
+    engine.generate(t1 + fresh(rng, 2), dataclasses.replace(params, cache_salt=salt))
+    victim = t0 + t1 + fresh(rng, 3)
+    [got] = engine.generate(victim, params)
+    assert got.cached_tokens == BS                             # T0 only
+    assert_same(got, uncached.generate(victim, params)[0])
 
 
 _EXAMPLES = itertools.count(3)       # each example's prompts start with its own token

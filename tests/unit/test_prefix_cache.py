@@ -278,10 +278,13 @@ def test_only_requests_with_the_same_cache_salt_share_blocks():
     assert [run(s) for s in ("a", "a", "b", None, "b", None)] == [0, 4, 0, 0, 4, 4]
 
 
-@pytest.mark.parametrize("salt", ["", "x" * 1025, 7])
-def test_a_bad_cache_salt_names_the_field(salt):
+@pytest.mark.parametrize("salt, got", [("", "0 characters"), ("secret" * 200, "1200 characters"),
+                                       (7, "int")])
+def test_a_bad_cache_salt_names_the_field_and_never_quotes_it(salt, got):
+    """The salt is a tenant's secret: the refusal (a 400 body, a log line) says its length or
+    type, never its text."""
     with pytest.raises(InvalidRequest, match="cache_salt must be a non-empty string of at most "
-                                             "1024 characters"):
+                                             f"1024 characters or None, got {got}$"):
         SamplingParams(cache_salt=salt)
 
 
