@@ -9,8 +9,9 @@ vLLM's worker imports it from its own virtualenv).
 `run_batch(prompts, max_tokens) -> list[Sample]` runs prompts added all at once until each has
 `max_tokens` greedy tokens; `step_batch` builds one from an engine's add / step (ours and vLLM's
 alike). The scenarios, each timed from the first request added to the last token:
-  * cold:       all requests at once; nothing of the system prompt was seen before (the cache
-                can only share what an earlier request of the same batch already computed);
+  * cold:       all requests at once; nothing of the system prompt was seen before: the first
+                request admitted computes it, and the others of its batch share its blocks as
+                soon as the step that fills them is scheduled (ours and vLLM's alike);
   * warm:       a warm-up request (system prompt + a turn of its own, 1 token) runs first,
                 untimed; then all requests at once (a chat server's steady state);
   * one-by-one: after the same warm-up, one request at a time, each added when the previous
