@@ -9,12 +9,14 @@ Starts a local Ray cluster (cluster/local.py: a head and 2 expert nodes) and Ser
 ports, and deploys the demo `tiny` random checkpoint (fp32, CPU; `max_num_seqs` 12 and a 2 MiB
 KV cache, so the queue and the cache usage show). Then a workload that changes in phases: 1
 streaming gRPC client, 8, 16 plus 4 streaming OpenAI chat clients, the 4 chat clients alone,
-then none; each request has a random prompt and max_tokens (8-64), half of them a stop string, so
-they finish by `stop` or `length`. Midway one expert actor is killed (`--no-kill` to skip): Ray
-restarts it and the dispatcher re-sends its calls (the retries panel). Every `--interval` s it
-scrapes every node's metrics endpoint, as Prometheus would. At the end it evaluates every
-panel's PromQL over those samples with a small evaluator of exactly the forms the dashboard
-uses (any other form raises), and draws the panels in the dashboard's grid with matplotlib.
+then none; each request has a random prompt and max_tokens (8-64), half of them a stop string,
+so they finish by `stop` or `length`; the chat clients' prompts start with one shared system
+prompt, so the prefix cache's hit-rate panel shows their hits. Midway one expert actor is killed
+(`--no-kill` to skip): Ray restarts it and the dispatcher re-sends its calls (the retries
+panel). Every `--interval` s it scrapes every node's metrics endpoint, as Prometheus would. At
+the end it evaluates every panel's PromQL over those samples with a small evaluator of exactly
+the forms the dashboard uses (any other form raises), and draws the panels in the dashboard's
+grid with matplotlib.
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ APP = "mixtral-ep"
 PHASES = [(0.15, 1, 0), (0.2, 8, 0), (0.3, 16, 4), (0.2, 0, 4), (0.15, 0, 0)]
 KILL_AT = 0.5                                    # share of the run: one expert actor killed
 STOP = ["on"]                                    # in about one in 30 tokens of the tiny model
+# the chat clients' shared system prompt (~80 tokens): their requests hit the prefix cache
+SYSTEM = " ".join(random.Random(0).choices(WORDS, k=60))
 Samples = dict[tuple[str, frozenset], float]     # (sample name, labels) -> value, one scrape
 Series = dict[frozenset, np.ndarray]             # labels -> a value per scrape (nan: absent)
 
@@ -244,7 +248,8 @@ def client(kind: str, target, until: float, seed: int, done: collections.Counter
             else:
                 http, model = target
                 for _ in http.chat.completions.create(
-                        model=model, messages=[{"role": "user", "content": r["prompt"]}],
+                        model=model, messages=[{"role": "system", "content": SYSTEM},
+                                               {"role": "user", "content": r["prompt"]}],
                         max_tokens=r["max_tokens"], temperature=1.0, stop=r["stop"] or None,
                         stream=True):
                     pass
