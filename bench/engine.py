@@ -242,9 +242,12 @@ def main() -> None:
     if mixed:
         workloads["mixed"] = mixed
 
-    engine = (Engine.from_config(cfg, dtype=dtype, device=args.device) if gpu or args.layers
+    # prefix caching off: every run sends the same prompts (and the warm-up the first), which
+    # transformers recomputes each time; a cached prefill would not be the same work
+    engine = (Engine.from_config(cfg, dtype=dtype, device=args.device,
+                                 enable_prefix_caching=False) if gpu or args.layers
               else Engine.from_pretrained(cached_random_checkpoint(preset), dtype=dtype,
-                                          device=args.device))
+                                          device=args.device, enable_prefix_caching=False))
     measure("ours", functools.partial(run_ours, engine))
     gemm_ms = {b: gemm_only_step_ms(engine, b) for b in batches}
     del engine
