@@ -128,9 +128,9 @@ class Scheduler:
         while (self.waiting and not preempted and budget > 0
                and self.num_seqs() + 1 + self.waiting[0].num_forks <= self.max_num_seqs):
             req = self.waiting[0]
-            if not self._admit(req, budget):
+            n = self._admit(req, budget)
+            if not n:
                 break
-            n = min(req.num_tokens - req.num_computed, budget)
             self.waiting.popleft()
             self.running.append(req)
             self.running.sort(key=lambda r: r.arrival)
@@ -160,10 +160,6 @@ class Scheduler:
         self.running[at:at] = children
         return children
 
-    def advance(self, req: Request, n: int) -> None:
-        """`n` more of the request's tokens are computed (their keys are in its blocks)."""
-        req.num_computed += n
-
     def discard_step(self) -> None:
         """The step just scheduled failed: forget the blocks it was to fill (their content is
         not what their names say)."""
@@ -188,16 +184,17 @@ class Scheduler:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _admit(self, req: Request, budget: int) -> bool:
+    def _admit(self, req: Request, budget: int) -> int:
         """Reserve a waiting request's blocks for its next `budget` tokens at most, first
-        taking the longest chain of cached blocks of its tokens; False, changing nothing, if
-        too few blocks are free. Its first admission counts in `prefix_cache`."""
+        taking the longest chain of cached blocks of its tokens; return how many tokens it
+        computes in this step, or 0, changing nothing, if too few blocks are free. Its first
+        admission counts in `prefix_cache`."""
         cached = self._cached_prefix(req)
         computed = len(cached) * self.block_size
         n = min(req.num_tokens - computed, budget)
         revived = sum(self.allocator.refcount(b) == 0 for b in cached)  # evictable, now held
         if self.blocks_needed(computed + n) - len(cached) > self.allocator.num_free - revived:
-            return False
+            return 0
         self.allocator.take(cached)
         req.block_table, req.num_computed = cached, computed
         if not self._reserve(req, computed + n):
@@ -207,15 +204,15 @@ class Scheduler:
             if self.cache_salt is not None and _reads_cache(req):
                 self.prefix_cache.queries += req.num_tokens
                 self.prefix_cache.hits += computed
-        return True
+        return n
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """The cached blocks a waiting request can take: the longest cached chain of its full
         blocks, its last token left to compute; none if caching is off or it never reads."""
         if self.cache_salt is None or not _reads_cache(req):
             return []
-        hashes = extend_hashes(req.block_hashes, self._salt(req), req.all_ids, self.block_size)
-        return self.allocator.cached_prefix(hashes[:(req.num_tokens - 1) // self.block_size])
+        limit = (req.num_tokens - 1) // self.block_size
+        return self.allocator.cached_prefix(self._hashes(req)[:limit])
 
     def _cache_filled(self, req: Request, n: int) -> None:
         """Name the blocks that computing `n` more tokens of `req` fills (prefix caching on)."""
@@ -223,16 +220,18 @@ class Scheduler:
         full = (req.num_computed + n) // self.block_size
         if self.cache_salt is None or full == first:
             return
-        hashes = extend_hashes(req.block_hashes, self._salt(req), req.all_ids, self.block_size)
+        hashes = self._hashes(req)
         for i in range(first, full):
             if self.allocator.cache(req.block_table[i], hashes[i]):
                 self._fresh.append(req.block_table[i])
 
-    def _salt(self, req: Request) -> bytes:
-        """The parent of a request's first block: the engine's salt, mixed with the request's
-        `cache_salt` if it has one (only requests with the same one share blocks)."""
+    def _hashes(self, req: Request) -> list[bytes]:
+        """The content hashes of every full block of the request's tokens, its chain extended
+        from what it holds already. The first block's parent is the engine's salt, mixed with
+        the request's `cache_salt` if it has one (only requests with the same one share)."""
         own = req.params.cache_salt if req.params is not None else None
-        return self.cache_salt if own is None else salted(self.cache_salt, own)
+        salt = self.cache_salt if own is None else salted(self.cache_salt, own)
+        return extend_hashes(req.block_hashes, salt, req.all_ids, self.block_size)
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         """Blocks for the request's tokens up to `num_tokens`, and a copy of each shared block

@@ -85,7 +85,7 @@ class StepOutputs:
         rows, sampling, chunks, start = [], [], [], 0
         for req, n in scheduled:
             first = req.num_computed
-            self.scheduler.advance(req, n)
+            req.num_computed += n
             done = req.num_computed == req.num_tokens
             if req.params is None:
                 self._keep_logits(req, hidden[start:start + n], done)

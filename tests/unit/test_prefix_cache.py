@@ -188,7 +188,7 @@ class Simulation:
             for p in range(req.num_computed, req.num_computed + n):
                 self.slots[req.block_table[p // self.block] * self.block + p % self.block] = \
                     tuple(ids[:p + 1])
-            self.sched.advance(req, n)
+            req.num_computed += n
             if req.num_computed == req.num_tokens:
                 req.output_ids.append(next_token)    # a decoded token, to compute next step
 
