@@ -105,8 +105,7 @@ class EngineMetrics:
                                        "request's first admission).")
         self.cache_hits = m.Counter("mixtral_ep_prefix_cache_hits",
                                     "Of those, tokens whose KV was taken from the prefix cache.")
-        self._retries_seen = 0
-        self._cache_seen = (0, 0)                        # (queries, hits) at the last flush
+        self._seen: dict[str, int] = {}       # cumulative counts at the last flush, by name
         self._stop = threading.Event()
         self._died: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="engine-metrics", daemon=True)
@@ -165,21 +164,22 @@ class EngineMetrics:
         for expert, n in load.replicas().items():
             self.replicas.set(n, tags={"expert": str(expert)})
         self.imbalance.set(load.imbalance())
-        now = d.retries                                  # read once: it keeps counting
-        if now > self._retries_seen:
-            self.retries.inc(now - self._retries_seen)
-        self._retries_seen = now
+        self._count("retries", self.retries, d.retries)
         self._flush_prefix_cache()
 
     def _flush_prefix_cache(self) -> None:
         """The prefix cache's queries and hits (tokens) since the last flush."""
         stats = self.engine.scheduler.prefix_cache       # cumulative, since the engine started
-        now = (stats.queries, stats.hits)
-        for counter, seen, count in zip((self.cache_queries, self.cache_hits), self._cache_seen,
-                                        now):
-            if count > seen:
-                counter.inc(count - seen)
-        self._cache_seen = now
+        self._count("queries", self.cache_queries, stats.queries)
+        self._count("hits", self.cache_hits, stats.hits)
+
+    def _count(self, name: str, counter, total: int) -> None:
+        """Raise a Prometheus counter by what the cumulative `total` (read once: it keeps
+        counting) grew since the last flush."""
+        seen = self._seen.get(name, 0)
+        if total > seen:
+            counter.inc(total - seen)
+        self._seen[name] = total
 
 
 class Request:
