@@ -129,7 +129,7 @@ class GrammarMatcher:
                           and np.count_nonzero(words) == 1)
 
     def _reason(self) -> str:
-        return " ".join(self._m.get_error().replace("<non-verbose/>", "").split())[:300]
+        return _error_of(self._m)[:300]
 
     def _failure(self, where: str, reason: str) -> InvalidRequest:
         """The request's error when llguidance fails mid-generation: a grammar over its limits,
@@ -215,6 +215,11 @@ class GrammarCompiler:
         return self._lltok
 
 
+def _error_of(matcher: llg.LLMatcher) -> str:
+    """llguidance's error, on one line, without its non-verbose marker."""
+    return " ".join(matcher.get_error().replace("<non-verbose/>", "").split())
+
+
 def _check_start(start: llg.LLMatcher) -> None:
     """GrammarError if the grammar fails at its start: its language is empty (no token is
     allowed and it does not accept: `start: start`, a `$ref` cycle) or its first mask is over
@@ -222,7 +227,7 @@ def _check_start(start: llg.LLMatcher) -> None:
     start.compute_bitmask()
     if not start.is_error():
         return
-    reason = " ".join(start.get_error().replace("<non-verbose/>", "").split())
+    reason = _error_of(start)
     if "NoExtensionBias" in reason:
         raise GrammarError("the grammar matches no text (its language is empty)")
     raise GrammarError(f"the grammar exceeded its limits before its first token: {reason}")
