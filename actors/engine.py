@@ -51,9 +51,10 @@ from actors.failover import (
 from actors.frontend import Frontend
 from actors.info import EngineInfo, ExpertLoad, WorkerInfo
 from actors.options import EngineOptions
+from model.admission import as_prompt_list
 from model.checkpoint import WeightSource
 from model.config import resolve_config
-from model.engine import Completion, SamplingParams, StreamChunk, as_prompt_list
+from model.engine import Completion, SamplingParams, StreamChunk
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

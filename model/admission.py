@@ -17,6 +17,16 @@ from model.tokenizer import Tokenizer
 Prompt = str | Sequence[int]
 
 
+def is_prompt_list(prompts) -> bool:
+    """A list of prompts (texts or id lists), as opposed to one prompt (a text or an id list)."""
+    return (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+            and not isinstance(prompts[0], int))
+
+
+def as_prompt_list(prompts) -> list[Prompt]:
+    return list(prompts) if is_prompt_list(prompts) else [prompts]
+
+
 def prompt_ids(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int,
                max_model_len: int) -> list[int]:
     """Token ids of a text (encoded with BOS) or of a list of ids (checked against the vocab)."""

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from model.admission import Prompt, check_request, prompt_ids
+from model.admission import Prompt, as_prompt_list, check_request, is_prompt_list, prompt_ids
 from model.attention import FLASH_BLOCK_SIZE, AttentionMetadata, KVCache, select_backend
 from model.between_steps import BetweenSteps
 from model.checkpoint import WeightSource
@@ -259,7 +259,7 @@ class Engine(BetweenSteps, StepOutputs):
         """(T, V) float32 logits of every position of one prompt (a list of them for a list)."""
         done = self._run_batch([self._prepare(p, None) for p in as_prompt_list(prompts)])
         out = [torch.cat(t.logits) for t in done]
-        return out if _is_prompt_list(prompts) else out[0]
+        return out if is_prompt_list(prompts) else out[0]
 
     def _run_batch(self, batch: list[Tracked]) -> list[Tracked]:
         """Admit a validated batch, step until all finish, then let go of them."""
@@ -305,12 +305,3 @@ def _halves(scheduled: list[tuple[Request, int]]) -> list[list[tuple[Request, in
             return [scheduled[:i + 1], scheduled[i + 1:]]
     return [scheduled]
 
-
-def _is_prompt_list(prompts) -> bool:
-    """A list of prompts (texts or id lists), as opposed to one prompt (a text or an id list)."""
-    return (isinstance(prompts, (list, tuple)) and len(prompts) > 0
-            and not isinstance(prompts[0], int))
-
-
-def as_prompt_list(prompts) -> list[Prompt]:
-    return list(prompts) if _is_prompt_list(prompts) else [prompts]
