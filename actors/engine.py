@@ -41,6 +41,7 @@ import torch
 from actors.experts.fleet import ExpertFleet
 from actors.experts.pool import Experts
 from actors.experts.scaling import Autoscaler
+from actors.experts.shared import SharedExpertPool
 from actors.failover import (
     RETRY_DELAY_S,
     EngineUnavailable,
@@ -73,40 +74,53 @@ class _ActorStream:
         ray.cancel(self._generator)
 
 
-def _frontend_actor(source: WeightSource, fleet: ExpertFleet, o: EngineOptions):
-    """The frontend actor, started in the fleet's frontend group (it loads meanwhile)."""
+def _frontend_actor(source: WeightSource, o: EngineOptions, fleet: ExpertFleet | None,
+                    pool: SharedExpertPool | None = None):
+    """The frontend actor, started in the fleet's frontend group (it loads meanwhile), or,
+    on a shared pool, where its `frontend_resources` fit."""
     remote = ray.remote(max_restarts=-1, max_task_retries=0)(Frontend)
-    return remote.options(**fleet.frontend_options()).remote(
-        source, fleet.experts, o.dtype, o.device, o.frontend_threads, o.engine_args,
-        o.frontend_dispatch_args(), o.transport)
+    where = fleet.frontend_options() if fleet is not None else o.ray_actor_options()
+    return remote.options(**where).remote(
+        source, fleet.experts if fleet is not None else None, o.dtype, o.device,
+        o.frontend_threads, o.engine_args, o.frontend_dispatch_args(), o.transport,
+        pool.client if pool is not None else None)
 
 
 class RayEngine:
-    def __init__(self, frontend, fleet: ExpertFleet, tokenizer: Tokenizer,
-                 failover_timeout_s: float = 120.0):
+    def __init__(self, frontend, fleet: ExpertFleet | None, tokenizer: Tokenizer,
+                 failover_timeout_s: float = 120.0, pool: SharedExpertPool | None = None):
+        """Exactly one of `fleet` (its own expert actors) and `pool` (a shared pool's)."""
         self.frontend, self.fleet, self.tokenizer = frontend, fleet, tokenizer
-        self.failover_timeout_s = failover_timeout_s
+        self.failover_timeout_s, self.pool = failover_timeout_s, pool
+
+    @property
+    def _experts(self) -> Experts:
+        return (self.fleet or self.pool).experts
 
     @property
     def experts(self) -> list:
         """ExpertWorker handles, in the dispatcher's order."""
-        return self.fleet.experts.actors
+        return self._experts.actors
 
     @property
     def actor_experts(self) -> list[list[int]]:
         """Expert ids of each actor of `experts`."""
-        return self.fleet.experts.actor_experts
+        return self._experts.actor_experts
 
     @property
     def autoscaler(self) -> Autoscaler | None:
-        """The fleet's autoscaler (its `decisions`), None unless `expert_autoscaling` is set."""
-        return self.fleet.autoscaler
+        """The fleet's autoscaler (its `decisions`), None unless `expert_autoscaling` is set
+        (and on a shared pool: its owner runs it)."""
+        return self.fleet.autoscaler if self.fleet is not None else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, options: EngineOptions | None = None,
-                        **fields) -> RayEngine:
-        """`fields`: EngineOptions fields, replacing those of `options` (default: defaults)."""
-        return cls.from_source(WeightSource(path=str(path)), options=options, **fields)
+                        pool: SharedExpertPool | None = None, **fields) -> RayEngine:
+        """`fields`: EngineOptions fields, replacing those of `options` (default: defaults).
+        `pool`: use this shared pool's expert actors (actors/experts/shared.py) instead of
+        starting its own; its expert fields are the pool's then."""
+        return cls.from_source(WeightSource(path=str(path)), options=options, pool=pool,
+                               **fields)
 
     @classmethod
     def from_config(cls, preset_or_config, *, seed: int = 0,
@@ -117,17 +131,19 @@ class RayEngine:
 
     @classmethod
     def from_source(cls, source: WeightSource, *, options: EngineOptions | None = None,
-                    **fields) -> RayEngine:
+                    pool: SharedExpertPool | None = None, **fields) -> RayEngine:
         """Start the expert actors and the frontend actor, and wait until both have loaded.
         `options` (actors/options.py), with `fields` replacing some of them: ValueError naming
         a bad one before anything starts; PlacementError when the cluster cannot hold them;
         an actor's start-up error once everything started is stopped again."""
         o = dataclasses.replace(options, **fields) if options else EngineOptions(**fields)
         tokenizer = Tokenizer.from_pretrained(source.path)
+        if pool is not None:
+            return cls._on_pool(source, o, pool, tokenizer)
         fleet = ExpertFleet.start(source, o, frontend_bundle=True)
         engine = None
         try:
-            engine = cls(_frontend_actor(source, fleet, o), fleet, tokenizer, o.failover_timeout_s)
+            engine = cls(_frontend_actor(source, o, fleet), fleet, tokenizer, o.failover_timeout_s)
             fleet.attach(engine._set_experts, engine.expert_load)
             ray.get(engine.frontend.info.remote())
         except BaseException:
@@ -137,6 +153,28 @@ class RayEngine:
                 engine.shutdown()
             raise
         log.info("RayEngine ready")
+        return engine
+
+    @classmethod
+    def _on_pool(cls, source: WeightSource, o: EngineOptions, pool: SharedExpertPool,
+                 tokenizer: Tokenizer) -> RayEngine:
+        """A frontend actor on a shared pool's experts. ValueError when its dtype or tokens per
+        step do not fit the pool's actors (their channels would refuse its rows)."""
+        if source.resolve_dtype(o.dtype) != pool.source.resolve_dtype(pool.options.dtype):
+            raise ValueError(f"dtype {o.dtype!r} differs from the pool's "
+                             f"{pool.options.dtype!r}")
+        if o.max_num_batched_tokens > pool.options.max_num_batched_tokens:
+            raise ValueError(f"engine_args.max_num_batched_tokens={o.max_num_batched_tokens} is "
+                             f"over the pool's {pool.options.max_num_batched_tokens}, which "
+                             f"bounds its expert actors' calls")
+        engine = cls(_frontend_actor(source, o, None, pool), None, tokenizer,
+                     o.failover_timeout_s, pool)
+        try:
+            ray.get(engine.frontend.info.remote())
+        except BaseException:
+            engine.shutdown()
+            raise
+        log.info("RayEngine ready on expert pool %s", pool.name)
         return engine
 
     # ---- the Engine API, forwarded to the frontend ----------------------------------------
@@ -150,9 +188,10 @@ class RayEngine:
     def logits(self, prompts) -> torch.Tensor | list[torch.Tensor]:
         return self._again_if_the_frontend_dies(self.frontend.logits, prompts)
 
-    def _current(self) -> Experts:
-        """The expert actors now, passed with every frontend call (Frontend.use_experts)."""
-        return self.fleet.experts
+    def _current(self) -> Experts | None:
+        """The expert actors now, passed with every frontend call (Frontend.use_experts);
+        None on a shared pool, which the frontend follows itself."""
+        return self.fleet.experts if self.fleet is not None else None
 
     def _set_experts(self, experts: Experts) -> None:
         """The fleet's `apply`: the frontend uses exactly these actors from its next step."""
@@ -193,8 +232,9 @@ class RayEngine:
     # ---- elastic experts (actors/experts/scaling.py) -------------------------------------
     def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
         """Scale expert ids to these replica counts, live; -> replicas per expert id.
-        ValueError / PlacementError change nothing (ExpertScaler.set_expert_replicas)."""
-        return self.fleet.set_expert_replicas(replicas)
+        ValueError / PlacementError change nothing (ExpertScaler.set_expert_replicas). On a
+        shared pool: the pool's, for all its frontends."""
+        return (self.fleet or self.pool).set_expert_replicas(replicas)
 
     def expert_load(self) -> ExpertLoad:
         """Rows routed per expert id (per layer and in all) and per actor over the load window."""
@@ -220,5 +260,10 @@ class RayEngine:
 
     def shutdown(self) -> None:
         """Stop the autoscaler, wait for a scaling change in progress, kill the frontend, then
-        the expert actors, and release their placement groups (ExpertFleet.shutdown)."""
-        self.fleet.shutdown(first=lambda: ray.kill(self.frontend, no_restart=True))
+        the expert actors, and release their placement groups (ExpertFleet.shutdown). On a
+        shared pool only the frontend: the pool's `shutdown` stops its actors."""
+        kill = lambda: ray.kill(self.frontend, no_restart=True)     # noqa: E731
+        if self.fleet is None:
+            kill()
+        else:
+            self.fleet.shutdown(first=kill)

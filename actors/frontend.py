@@ -22,6 +22,7 @@ import torch
 
 from actors.experts.dispatcher import Dispatcher
 from actors.experts.pool import Experts
+from actors.experts.shared import PoolClient, PoolFollower
 from actors.experts.transport import make_transport
 from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo
 from model.checkpoint import WeightSource
@@ -35,16 +36,20 @@ log = logging.getLogger(__name__)
 
 
 class Frontend:
-    def __init__(self, source: WeightSource, experts: Experts, dtype: str = "auto",
+    def __init__(self, source: WeightSource, experts: Experts | None, dtype: str = "auto",
                  device: str = "cpu", threads: int | None = None,
                  engine_args: dict | None = None, dispatch_args: dict | None = None,
-                 transport: str = "channel"):
+                 transport: str = "channel", pool: PoolClient | None = None):
         """Loads the non-expert weights (blocking). `threads`: torch threads of this process
         (None: on CPU every core it may use, since the frontend and the experts take turns
         within a layer; Ray would give a fractional-CPU actor one); `transport`: "channel" (with
-        `experts.secret`) or "object_refs" (actors/experts/dispatcher.py)."""
+        `experts.secret`) or "object_refs" (actors/experts/dispatcher.py). `pool`: a shared
+        pool's owner (actors/experts/shared.py): `experts` are asked of it (so a restarted
+        frontend actor starts with the current ones) and followed by a PoolFollower thread."""
         if threads or device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        if pool is not None:
+            experts = pool.call("experts")
         cfg = source.model_config()
         tensors = source.load(non_expert_names(cfg), source.resolve_dtype(dtype), device)
         model = Mixtral.from_tensors(cfg, tensors)
@@ -57,6 +62,12 @@ class Frontend:
         self.engine = Engine(model, self.dispatcher.moe, Tokenizer.from_pretrained(source.path),
                              device=device, moe_begin=self.dispatcher.moe_begin,
                              **(engine_args or {}))
+        self.follower = PoolFollower(pool, self) if pool is not None else None
+
+    @property
+    def generation(self) -> int:
+        """Experts.generation of the expert actors in use."""
+        return self._generation
 
     async def generate(self, prompts, params, experts: Experts | None = None):
         await self.use_experts(experts)
@@ -128,7 +139,7 @@ class Frontend:
             rows_per_s=tuple(sum(col) for col in zip(*per_layer)),
             per_layer=tuple(tuple(row) for row in per_layer),
             actors=tuple(ActorLoad(tuple(ids), node_of.get(a, ""), d.load.actor_rows_per_s(a),
-                                   speeds.get(a))
+                                   speeds.get(a), a._actor_id.hex())
                          for a, ids in zip(actors, actor_experts)))
 
     async def info(self) -> EngineInfo:

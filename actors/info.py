@@ -10,6 +10,8 @@ deployment and the gateway, as frozen dataclasses (picklable, so they cross Ray 
                  EngineServer.expert_load(), ModelInfo, the autoscaler (actors/experts/scaling.py).
     WorkerInfo   one actor's process and memory (frontend or expert): which tensors it read from
                  the checkpoint (or built), which it keeps, and their bytes.
+    MergeStats   how an expert actor's channel merged the calls of several frontends
+                 (actors/experts/channel_server.py): ExpertWorker.merge_stats(), summed per pool.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class ActorLoad:
     node_id: str                                # Ray node id (hex)
     rows_per_s: float                           # rows it computed per second, all layers
     seconds_per_row: float | None               # measured marginal compute time per row
+    actor_id: str = ""                          # Ray actor id (hex)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,31 @@ class ExpertLoad:
     rows_per_s: tuple[float, ...]               # (E,) per expert id, all layers summed
     per_layer: tuple[tuple[float, ...], ...]    # (L, E) per layer and expert id
     actors: tuple[ActorLoad, ...]               # every expert actor, the dispatcher's order
+
+    @classmethod
+    def merged(cls, loads: list[ExpertLoad], actors: list[ActorLoad], num_layers: int,
+               num_experts: int) -> ExpertLoad:
+        """The load of several frontends on one shared pool (actors/experts/shared.py): rows
+        per second summed per expert id, per layer and per actor (matched by actor id, in the
+        order of `actors`: the pool's members, given with no load), the window the longest,
+        an actor's seconds per row the mean of those measured. No loads: all zero."""
+        zero = ExpertLoad(0.0, (0.0,) * num_experts, ((0.0,) * num_experts,) * num_layers, ())
+        loads = [zero, *loads]
+        by_id: dict[str, list[ActorLoad]] = {}
+        for a in (a for load in loads for a in load.actors):
+            by_id.setdefault(a.actor_id, []).append(a)
+        merged = []
+        for a in actors:
+            seen = by_id.get(a.actor_id, [])
+            speeds = [s.seconds_per_row for s in seen if s.seconds_per_row is not None]
+            merged.append(dataclasses.replace(
+                a, rows_per_s=sum(s.rows_per_s for s in seen),
+                seconds_per_row=sum(speeds) / len(speeds) if speeds else None))
+        return cls(max(load.window_s for load in loads),
+                   tuple(map(sum, zip(*(load.rows_per_s for load in loads)))),
+                   tuple(tuple(map(sum, zip(*rows)))
+                         for rows in zip(*(load.per_layer for load in loads))),
+                   tuple(merged))
 
     def replicas(self) -> dict[int, int]:
         """expert id -> actors holding it."""
@@ -69,6 +97,40 @@ class ExpertLoad:
         rates = [a.rows_per_s for a in self.actors]
         mean = sum(rates) / len(rates) if rates else 0.0
         return max(rates) / mean if mean > 0 else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeStats:
+    """Counts of an expert actor's channel since it started (or a sum over actors): requests
+    of one layer waiting together are computed as one call (one GEMM per expert id)."""
+    calls: int = 0                              # well-formed requests computed (ok or failed)
+    computes: int = 0                           # compute() calls made for them
+    merged_calls: int = 0                       # requests that shared a compute with another
+    rows: int = 0                               # rows computed, all computes
+
+    def __add__(self, other: MergeStats) -> MergeStats:
+        return MergeStats(*(getattr(self, f.name) + getattr(other, f.name)
+                            for f in dataclasses.fields(self)))
+
+    @classmethod
+    def merged(cls, stats: Iterable[MergeStats]) -> MergeStats:
+        """The sum of `stats` (all zeros for none)."""
+        return sum(stats, cls())
+
+    @property
+    def rows_per_compute(self) -> float:
+        """Mean rows per GEMM: rows / computes (0.0 before any)."""
+        return self.rows / self.computes if self.computes else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolInfo:
+    """A shared expert pool (actors/experts/shared.py), reported once for all its frontends."""
+    name: str                                   # the pool's (its actors' names start with it)
+    generation: int                             # of its set of actors (Experts.generation)
+    frontends: int                              # frontends heard from within LIVE_S
+    load: ExpertLoad                            # summed over those frontends
+    actors: tuple[tuple[tuple[int, ...], str, str], ...]    # (expert ids, node id, actor id)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ from model.checkpoint import torch_dtype
 from model.engine import Engine
 
 DEVICES = ("cpu", "cuda")
+EXPERT_POOLS = ("shared", "per_replica")
 NONE_WORDS = ("none", "null")        # a string arg meaning None, for fields that allow it
 
 
@@ -45,6 +46,11 @@ class EngineOptions:
         "bfloat16" or "float16".""")
     device: str = _option("cpu", """Where the frontend and the expert actors compute: "cpu" or
         "cuda" (each actor then asks for a GPU unless its resources say otherwise).""")
+    expert_pool: str = _option("shared", """Served: "shared" (one pool of expert actors for
+        every engine replica, owned by the application's ExpertPoolServer deployment: N engine
+        replicas hold one copy of each expert, and a replica that dies or restarts leaves
+        every expert actor running) or "per_replica" (each engine replica starts and owns its
+        own expert actors, which die with it). See actors/experts/shared.py.""")
     expert_replicas: int = _option(1, """Expert actors holding each expert id (an integer
         >= 1). More than the cluster holds: PlacementError at start, nothing left reserved.""")
     experts_per_actor: int = _option(1, """Expert ids per expert actor, which is one placement
@@ -88,6 +94,7 @@ class EngineOptions:
     def __post_init__(self):
         _one_of("device", self.device, DEVICES)
         _one_of("transport", self.transport, TRANSPORTS)
+        _one_of("expert_pool", self.expert_pool, EXPERT_POOLS)
         if self.dtype != "auto":
             torch_dtype(self.dtype)             # ValueError: "dtype must be 'auto' or one of"
         for name in ("expert_replicas", "experts_per_actor"):

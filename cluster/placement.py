@@ -37,12 +37,16 @@ def _internal(resource: str) -> bool:
             or _PG_RESOURCE.search(resource) is not None)
 
 
-def reserve(slots: list[Slot], timeout_s: float = 60.0) -> list[PlacementGroup]:
+def reserve(slots: list[Slot], timeout_s: float = 60.0,
+            names: list[str] | None = None) -> list[PlacementGroup]:
     """A placement group of one bundle per slot, pinned to the slot's node, so that each actor's
     resources can be given back on their own (live scaling). All or nothing: PlacementError,
-    with nothing left reserved, if they are not all ready after timeout_s."""
-    pgs = [placement_group([dict(s.resources)], bundle_label_selector=[{NODE_ID_LABEL: s.node_id}])
-           for s in slots]
+    with nothing left reserved, if they are not all ready after timeout_s. `names` (one per
+    slot): named, detached groups, which outlive the process that reserved them (a shared
+    expert pool's, actors/experts/shared.py); None: unnamed groups owned by this process."""
+    kept = [{"name": n, "lifetime": "detached"} for n in names] if names else [{}] * len(slots)
+    pgs = [placement_group([dict(s.resources)], bundle_label_selector=[{NODE_ID_LABEL: s.node_id}],
+                           **k) for s, k in zip(slots, kept)]
     ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=timeout_s)
     if len(ready) < len(pgs):
         release(pgs)

@@ -37,6 +37,7 @@ from actors.options import EngineOptions
 from actors.serving.auth import key_digest
 from actors.serving.engine_server import GENERATOR_SERVICER, EngineServer
 from actors.serving.gateway import Gateway
+from actors.serving.pool_server import ExpertPoolServer
 from model.checkpoint import WeightSource, check_checkpoint_dir
 from model.random_checkpoint import cached_random_checkpoint
 
@@ -96,6 +97,8 @@ def build_app(args: dict) -> Application:
     WeightSource(path=path).resolve_dtype(options.dtype)      # "auto": reads its config.json
     log.info("serving %s as model %r with %s; the engine replica logs how to call it once it "
              "is ready", path, name, options)
+    source = WeightSource(path=path)
+    pool = ExpertPoolServer.bind(source, options) if options.expert_pool == "shared" else None
     engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
-        WeightSource(path=path), options, name, api_key_digest is not None)
+        source, options, name, api_key_digest is not None, pool)
     return Gateway.bind(engine, path, name, options.failover_timeout_s, api_key_digest)

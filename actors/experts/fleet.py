@@ -46,10 +46,12 @@ class ExpertFleet:
 
     @classmethod
     def start(cls, source: WeightSource, options: EngineOptions, *,
-              frontend_bundle: bool = False) -> ExpertFleet:
+              frontend_bundle: bool = False, prefix: str | None = None,
+              secret: str | None = None) -> ExpertFleet:
         """Plan, reserve and start the expert actors of `options` (actors/options.py) without
         waiting for them. `frontend_bundle`: also reserve `options.frontend_resources` for a
-        frontend actor (`frontend_options()`). ValueError when `options.dtype` does not fit the
+        frontend actor (`frontend_options()`). `prefix`, `secret`: a shared pool's detached,
+        named actors (ExpertPool). ValueError when `options.dtype` does not fit the
         checkpoint, PlacementError when the cluster cannot hold the plan: nothing started."""
         source.resolve_dtype(options.dtype)
         frontend = options.frontend_resources or default_resources(options.device)
@@ -60,7 +62,21 @@ class ExpertFleet:
             frontend_resources=frontend if frontend_bundle else None,
             expert_threads=options.expert_threads,
             placement_timeout_s=options.placement_timeout_s,
-            max_num_batched_tokens=options.max_num_batched_tokens)
+            max_num_batched_tokens=options.max_num_batched_tokens, prefix=prefix, secret=secret)
+        return cls(pool, options.autoscaling)
+
+    @classmethod
+    def adopt_or_start(cls, source: WeightSource, options: EngineOptions, prefix: str,
+                       secret: str) -> ExpertFleet:
+        """A shared pool's fleet: the running actors named `prefix` (a restarted owner's:
+        ExpertPool.adopt), else new ones (`start`)."""
+        pool = ExpertPool.adopt(
+            source, options.dtype, options.device, prefix, secret,
+            options.expert_resources or default_resources(options.device),
+            options.expert_threads, options.placement_timeout_s, options.max_num_batched_tokens)
+        if pool is None:
+            return cls.start(source, options, prefix=prefix, secret=secret)
+        pool.generation = pool.next_generation()
         return cls(pool, options.autoscaling)
 
     @property

@@ -8,7 +8,9 @@ and for the engine replica (actors/serving/engine_server.py: the frontend in its
     Frontend(source, pool.experts, ...)    # the handles, expert ids and channel secret
     pool.ready()                           # waits until every expert actor has its weights
     pool.frontend_options()                # RayEngine only: its frontend actor's group
-    new = pool.grow({(0,): 1}); ...; pool.commit(new, removed); pool.stop(removed)   # scaling
+    new = pool.grow({(0,): 1}); ...                                    # scaling:
+    pool.commit(new, removed, pool.next_generation()); pool.stop(removed)
+    ExpertPool.adopt(source, ..., prefix, secret)   # a shared pool's restarted owner
     pool.shutdown()                        # kills the expert actors, releases their groups
 
 Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve a placement group per
@@ -21,7 +23,9 @@ given (RayEngine); the engine replica passes None: Serve placed it already, with
 `ray_actor_options`, so nothing is reserved twice.
 Expert actors are restarted by Ray when they die (the dispatcher re-sends their calls). The
 actors and the group belong to the process that started them and go when it dies (Ray's
-ownership), so a killed engine replica leaks neither.
+ownership), so a killed engine replica leaks neither. A shared pool's (`prefix`: its owner is
+actors/experts/shared.py's PoolOwner) are detached and named instead, so they outlive their
+owner, whose restart finds them again (`adopt`); its `shutdown` removes them.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayActorError
 from ray.util.placement_group import PlacementGroup
 
-from actors.experts.worker import ENGINE_MAX_TOKENS, ExpertWorker
+from actors.experts.worker import ACTOR_OPTIONS, ENGINE_MAX_TOKENS, ExpertWorker
 from actors.failover import unwrap
 from cluster.placement import actor_options, cluster_nodes, release, reserve
 from cluster.plan import Slot, plan, plan_added
@@ -96,6 +100,7 @@ class Member:
     expert_ids: tuple[int, ...]
     slot: Slot
     pg: PlacementGroup
+    name: str = ""          # a shared pool's actor and group name (detached); "" unnamed
 
 
 RESTART_TIMEOUT_S = 180.0   # from a call's first failure: a restart (start, load) on loaded cores
@@ -155,13 +160,18 @@ class ExpertPool:
     def __init__(self, source: WeightSource, dtype: str, device: str, members: list[Member],
                  frontend: tuple[Slot, PlacementGroup] | None, expert_resources: dict,
                  expert_threads: int | None, placement_timeout_s: float,
-                 max_num_batched_tokens: int = ENGINE_MAX_TOKENS):
+                 max_num_batched_tokens: int = ENGINE_MAX_TOKENS, prefix: str | None = None,
+                 secret: str | None = None):
+        """`prefix`: a shared pool's name: its actors and groups are detached and named
+        `{prefix}/expert/{ids}/{uid}` (actors/experts/shared.py adopts them by it); None: they
+        are this process's. `secret`: the channel secret (None: a new one)."""
         self.source, self.dtype, self.device = source, dtype, device
         self.max_num_batched_tokens = max_num_batched_tokens    # bounds a channel call's rows
         self.members, self._frontend = members, frontend
         self.expert_resources, self.expert_threads = expert_resources, expert_threads
         self.placement_timeout_s = placement_timeout_s
-        self.secret = secrets.token_hex(32)
+        self.prefix = prefix
+        self.secret = secret or secrets.token_hex(32)
         self.generation = 0     # of `members`: Experts.generation
         self.closed = False
 
@@ -170,7 +180,8 @@ class ExpertPool:
               expert_replicas: int = 1, experts_per_actor: int = 1,
               expert_resources: dict | None = None, frontend_resources: dict | None = None,
               expert_threads: int | None = None, placement_timeout_s: float = 60.0,
-              max_num_batched_tokens: int = ENGINE_MAX_TOKENS) -> ExpertPool:
+              max_num_batched_tokens: int = ENGINE_MAX_TOKENS, prefix: str | None = None,
+              secret: str | None = None) -> ExpertPool:
         """Plan, reserve and start the expert actors (without waiting for them: `ready()`).
         PlacementError when the cluster cannot hold the plan (nothing left reserved).
         `expert_resources` per actor (default `default_resources(device)`);
@@ -178,28 +189,66 @@ class ExpertPool:
         `expert_threads`: torch threads per expert actor (None: the process default, which Ray
         sets from the actor's CPUs: 1 for a fractional share). `max_num_batched_tokens`: the
         frontend engine's tokens per step, which bound every channel call's rows
-        (actors/experts/channel_server.py: CallBound)."""
+        (actors/experts/channel_server.py: CallBound). `prefix`, `secret`: see __init__."""
         expert_resources = expert_resources or default_resources(device)
         p = plan(cluster_nodes(), source.model_config().num_local_experts, expert_replicas,
                  expert_resources, frontend_resources, experts_per_actor)
         for why in p.shared:
             log.warning("%s", why)
-        pgs = reserve(p.slots(), placement_timeout_s)
-        frontend = (p.frontend, pgs.pop(0)) if p.frontend is not None else None
-        pool = cls(source, dtype, device, [], frontend, dict(expert_resources), expert_threads,
-                   placement_timeout_s, max_num_batched_tokens)
-        pool.members = [pool._start(ids, slot, pg) for (ids, slot), pg in zip(p.actors(), pgs)]
+        if prefix is not None and frontend_resources is not None:
+            raise ValueError("a shared pool (prefix) reserves no frontend bundle")
+        pool = cls(source, dtype, device, [], None, dict(expert_resources), expert_threads,
+                   placement_timeout_s, max_num_batched_tokens, prefix, secret)
+        actors = p.actors()
+        names = [pool._name(ids) for ids, _ in actors]
+        pgs = reserve(p.slots(), placement_timeout_s, names if prefix else None)
+        pool._frontend = (p.frontend, pgs.pop(0)) if p.frontend is not None else None
+        pool.members = [pool._start(ids, slot, pg, name)
+                        for (ids, slot), pg, name in zip(actors, pgs, names)]
         log.info("expert pool: %d actors of %d expert(s), %d replica(s) each, starting",
                  len(pool.members), experts_per_actor, expert_replicas)
         return pool
 
-    def _start(self, ids: tuple[int, ...], slot: Slot, pg: PlacementGroup) -> Member:
-        # threads: its channel's liveness task blocks one, calls (info, compute) use the others
-        remote = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(ExpertWorker)
-        actor = remote.options(**actor_options(pg, slot)).remote(
+    def _name(self, ids: tuple[int, ...]) -> str:
+        """A new actor's name in a shared pool ("" in a pool of this process's)."""
+        if self.prefix is None:
+            return ""
+        return f"{self.prefix}/expert/{'-'.join(map(str, ids))}/{secrets.token_hex(4)}"
+
+    def _start(self, ids: tuple[int, ...], slot: Slot, pg: PlacementGroup,
+               name: str = "") -> Member:
+        # threads: calls (info, compute) use 4, clients' liveness watches a group of their own
+        remote = ray.remote(**ACTOR_OPTIONS)(ExpertWorker)
+        named = {"name": name, "lifetime": "detached"} if name else {}
+        actor = remote.options(**actor_options(pg, slot), **named).remote(
             self.source, list(ids), self.dtype, self.device, self.expert_threads,
             self.max_num_batched_tokens)
-        return Member(actor, tuple(ids), slot, pg)
+        return Member(actor, tuple(ids), slot, pg, name)
+
+    @classmethod
+    def adopt(cls, source: WeightSource, dtype: str, device: str, prefix: str, secret: str,
+              expert_resources: dict, expert_threads: int | None, placement_timeout_s: float,
+              max_num_batched_tokens: int = ENGINE_MAX_TOKENS) -> ExpertPool | None:
+        """The running detached actors named `{prefix}/expert/...` in this namespace (a
+        restarted shared pool owner's: actors/experts/shared.py), with their placement groups
+        (same names) and their nodes; None when there are none. Not waited for (`ready()`)."""
+        namespace = ray.get_runtime_context().namespace
+        members = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] != namespace or not name.startswith(f"{prefix}/expert/"):
+                continue
+            ids = tuple(int(e) for e in name.split("/")[-2].split("-"))
+            pg = ray.util.get_placement_group(name)
+            node = ray.util.placement_group_table(pg)["bundles_to_node_id"][0]
+            members.append(Member(ray.get_actor(name, namespace=namespace), ids,
+                                  Slot(node, dict(pg.bundle_specs[0])), pg, name))
+        if not members:
+            return None
+        members.sort(key=lambda m: (m.expert_ids, m.name))
+        log.info("expert pool %s: adopted %d running actors", prefix, len(members))
+        return cls(source, dtype, device, members, None, dict(expert_resources), expert_threads,
+                   placement_timeout_s, max_num_batched_tokens, prefix, secret)
 
     @property
     def experts(self) -> Experts:
@@ -236,11 +285,13 @@ class ExpertPool:
         holders = {ids: [m.slot.node_id for m in ms] for ids, ms in self.groups().items()}
         planned = plan_added(cluster_nodes(), holders, added, self.expert_resources)
         flat = [(ids, slot) for ids, slots in planned.items() for slot in slots]
-        pgs = reserve([slot for _, slot in flat], self.placement_timeout_s)
+        names = [self._name(ids) for ids, _ in flat]
+        pgs = reserve([slot for _, slot in flat], self.placement_timeout_s,
+                      names if self.prefix else None)
         new: list[Member] = []
         try:
-            for (ids, slot), pg in zip(flat, pgs):
-                new.append(self._start(ids, slot, pg))
+            for (ids, slot), pg, name in zip(flat, pgs, names):
+                new.append(self._start(ids, slot, pg, name))
             _warm(new)
         except BaseException:
             try:
@@ -250,10 +301,16 @@ class ExpertPool:
             raise
         return new
 
-    def commit(self, added: list[Member], removed: list[Member]) -> None:
-        """The frontend now uses `added` and no longer `removed`: record it."""
+    def next_generation(self) -> int:
+        """The generation of the next change: above this one and above the clock in
+        microseconds, so that a restarted owner's (which adopted the actors, not the count)
+        is newer than any set its predecessor published."""
+        return max(self.generation + 1, time.time_ns() // 1000)
+
+    def commit(self, added: list[Member], removed: list[Member], generation: int) -> None:
+        """The frontends now use `added` and no longer `removed`, as set `generation`."""
         self.members = [m for m in self.members if m not in removed] + added
-        self.generation += 1
+        self.generation = generation
 
     def stop(self, members: list[Member]) -> None:
         """Kill these actors (no restart) and give their resources back."""

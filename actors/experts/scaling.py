@@ -82,14 +82,14 @@ class ExpertScaler:
             start = time.monotonic()
             new = self.pool.grow(added) if added else []
             kept = [m for m in self.pool.members if m not in removed] + new
-            switched = Experts.of(kept, self.pool.secret, self.pool.generation + 1)
+            switched = Experts.of(kept, self.pool.secret, self.pool.next_generation())
             try:
                 # a new actor that died after warming fails its channel's opening
                 through_restarts(lambda: self._apply(switched), "being switched in")
             except BaseException:
                 self.pool.stop(new)
                 raise
-            self.pool.commit(new, removed)
+            self.pool.commit(new, removed, switched.generation)
             self.pool.stop(removed)
             log.info("expert replicas now %s (added %s, removed %s) in %.1f s",
                      _fmt(self.replicas()), _fmt_members(new), _fmt_members(removed),

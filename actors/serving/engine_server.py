@@ -31,8 +31,9 @@ from ray import serve
 from ray.serve.schema import LoggingConfig
 
 from actors.experts.fleet import ExpertFleet
+from actors.experts.shared import PoolClient
 from actors.frontend import Frontend
-from actors.info import EngineInfo, ExpertLoad
+from actors.info import EngineInfo, ExpertLoad, PoolInfo
 from actors.options import EngineOptions
 from actors.serving import draining
 from actors.serving.caller import watched
@@ -99,28 +100,28 @@ def ready_banner(model_id: str, actors: int, grpc_address: str | None, http_addr
                   graceful_shutdown_wait_loop_s=draining.WAIT_LOOP_S)
 class EngineServer:
     def __init__(self, source: WeightSource, options: EngineOptions,
-                 model_id: str | None = None, api_key: bool = False):
-        """Starts the expert actors (no frontend bundle: this replica is the frontend), loads
-        the frontend's weights meanwhile, and waits for both; on an error nothing is left.
-        `model_id`: the name requests give the model (default: the checkpoint dir's name);
-        `api_key`: whether the application requires one (only the ready line says so)."""
-        o = options
+                 model_id: str | None = None, api_key: bool = False, pool=None):
+        """`pool` (`expert_pool: shared`): the application's ExpertPoolServer handle; this
+        replica connects to its expert actors and follows them (actors/experts/shared.py).
+        None (`per_replica`): starts its own expert actors (no frontend bundle: this replica
+        is the frontend) while it loads the frontend's weights, and waits for both; on an
+        error nothing is left. `model_id`: the name requests give the model (default: the
+        checkpoint dir's name); `api_key`: whether the application requires one (only the
+        ready line says so)."""
         self.drain = draining.Drain()       # begun by Serve's graceful shutdown
         draining.install()
-        fleet = ExpertFleet.start(source, o)
-        try:
-            frontend = Frontend(source, fleet.experts, o.dtype, o.device, o.frontend_threads,
-                                o.engine_args, o.frontend_dispatch_args(), o.transport)
-        except BaseException:
-            fleet.shutdown()
-            raise
-        fleet.attach(frontend.set_experts_now, frontend.expert_load)
-        self.fleet, self.frontend = fleet, frontend
-        self.counts = ExpertCounts.of_this_replica()       # set by hand: survives this replica
-        self.counts.restore(fleet)
+        self.pool = PoolClient(pool) if pool is not None else None
+        if self.pool is not None:
+            self.fleet, self.frontend = None, _frontend(source, options, None, self.pool)
+        else:
+            self.fleet, self.frontend = _own_fleet(source, options)
+            self.counts = ExpertCounts.of_this_replica()    # set by hand: survives this replica
+            self.counts.restore(self.fleet)
+        frontend = self.frontend
         self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, frontend.expert_load)
         log.info("%s", ready_banner(model_id or Path(source.path).name,
-                                    len(fleet.experts.actors), *proxy_addresses(), api_key))
+                                    len(frontend.dispatcher.actors), *proxy_addresses(),
+                                    api_key))
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams,
                      resume: tuple[Resume, ...] | None = None, caller: str | None = None):
@@ -151,11 +152,18 @@ class EngineServer:
         return self.frontend.expert_load()
 
     async def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
-        """Live scaling of this engine's expert actors (actors/experts/scaling.py); -> replicas per
+        """Live scaling of the expert actors this replica uses (actors/experts/scaling.py):
+        the shared pool's, for every replica; else this replica's own. -> replicas per
         expert id. ValueError / PlacementError change nothing. The result is the application's
-        until it is redeployed: a replica that starts in this one's place restores it
-        (actors/serving/expert_counts.py)."""
+        until it is redeployed: the shared pool outlives replicas; a replica that starts in
+        this one's place restores its own pool's (actors/serving/expert_counts.py)."""
+        if self.pool is not None:
+            return await self.pool.acall("set_expert_replicas", replicas)
         return await asyncio.to_thread(self.counts.set, self.fleet, replicas)
+
+    async def pool_info(self) -> PoolInfo | None:
+        """The shared pool (its actors, nodes, summed load), None with `per_replica`."""
+        return await self.pool.acall("info") if self.pool is not None else None
 
     async def ping(self) -> None:
         """Answers as soon as this replica's event loop does: the health checks' call."""
@@ -168,5 +176,24 @@ class EngineServer:
     def __del__(self):
         if hasattr(self, "metrics"):
             self.metrics.close()
-        if hasattr(self, "fleet"):          # not if start-up failed (the fleet is stopped then)
+        if getattr(self, "frontend", None) is not None and self.frontend.follower is not None:
+            self.frontend.follower.stop()
+        if getattr(self, "fleet", None) is not None:   # not if start-up failed (stopped then)
             self.fleet.shutdown()
+
+
+def _frontend(source: WeightSource, o: EngineOptions, experts, pool=None) -> Frontend:
+    return Frontend(source, experts, o.dtype, o.device, o.frontend_threads, o.engine_args,
+                    o.frontend_dispatch_args(), o.transport, pool)
+
+
+def _own_fleet(source: WeightSource, o: EngineOptions) -> tuple[ExpertFleet, Frontend]:
+    """`per_replica`: this replica's expert actors, started while its frontend loads."""
+    fleet = ExpertFleet.start(source, o)
+    try:
+        frontend = _frontend(source, o, fleet.experts)
+    except BaseException:
+        fleet.shutdown()
+        raise
+    fleet.attach(frontend.set_experts_now, frontend.expert_load)
+    return fleet, frontend

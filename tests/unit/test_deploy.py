@@ -128,16 +128,21 @@ def test_one_command_serve_parses_its_string_args_by_each_options_type(tiny_chec
     calls = {}
     monkeypatch.setattr(app, "EngineServer", _Bound(calls, "engine"))
     monkeypatch.setattr(app, "Gateway", _Bound(calls, "gateway"))
+    monkeypatch.setattr(app, "ExpertPoolServer", _Bound(calls, "pool"))
     args = {"model": str(tiny_checkpoint), "dtype": "bfloat16", "expert_replicas": "2",
             "expert_resources": '{"CPU": 1, "expert": 1}', "frontend_threads": "none",
             "engine_args": '{"max_num_seqs": 8}', "failover_timeout_s": "30"}
     assert app.build_app(args) == "gateway"
-    source, options, model_id, api_key = calls["engine.bind"]
+    source, options, model_id, api_key, pool = calls["engine.bind"]
+    assert pool == "pool" and calls["pool.bind"] == (source, options)   # shared: the default
     assert (options.dtype, options.expert_replicas, options.frontend_threads) == ("bfloat16", 2,
                                                                                   None)
     assert options.expert_resources == {"CPU": 1, "expert": 1}
     assert options.engine_args == {"max_num_seqs": 8}
     assert (source.path, model_id, api_key) == (str(tiny_checkpoint), tiny_checkpoint.name, False)
+    calls.clear()
+    app.build_app({**args, "expert_pool": "per_replica"})
+    assert calls["engine.bind"][4] is None and "pool.bind" not in calls
     assert calls["gateway.bind"] == ("engine", str(tiny_checkpoint), tiny_checkpoint.name, 30.0,
                                      None)
 

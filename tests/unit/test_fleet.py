@@ -95,7 +95,8 @@ def test_start_passes_the_options_and_a_frontend_bundle_only_when_asked(monkeypa
     assert args[1:] == ("auto", "cpu")
     assert kwargs == {"expert_replicas": 2, "experts_per_actor": 4, "expert_resources": None,
                       "frontend_resources": frontend, "expert_threads": 1,
-                      "placement_timeout_s": 60.0, "max_num_batched_tokens": 96}
+                      "placement_timeout_s": 60.0, "max_num_batched_tokens": 96,
+                      "prefix": None, "secret": None}
     assert fleet.policy == ExpertAutoscaling(target_rows_per_s=10.0)
 
 

@@ -1,0 +1,330 @@
+"""One expert pool shared by several frontends (attention-expert disaggregation, as in
+MegaScale-Infer, arXiv:2504.02263, and Janus, arXiv:2512.13525: experts as a service of their
+own that several attention instances call).
+
+    pool = SharedExpertPool.start(path, dtype="float32")    # the owner and its expert actors
+    a = RayEngine.from_pretrained(path, pool=pool)         # two frontends, one set of experts
+    b = RayEngine.from_pretrained(path, pool=pool)
+    pool.set_expert_replicas({0: 2}); pool.expert_load(); pool.info()
+    a.shutdown(); b.shutdown(); pool.shutdown()
+
+Served, the owner is the application's ExpertPoolServer deployment (actors/serving/pool_server.py)
+and every engine replica is a frontend (`expert_pool: shared`, actors/options.py).
+
+The owner (PoolOwner) starts, places, restarts, scales and stops the expert actors through an
+ExpertFleet (actors/experts/fleet.py), exactly as a frontend's own pool does, with two
+differences. Its actors and their placement groups are detached and named after the pool, so
+they outlive the owner's process; an owner that Ray or Serve restarts finds and adopts them
+(ExpertPool.adopt) instead of loading new ones, and takes the channel secret from Ray's GCS
+key-value store, where the first owner left it. And its `apply` publishes a new set of actors
+to every frontend instead of calling one: each frontend's PoolFollower long-polls `sync`
+(every SYNC_WAIT_S at least, carrying the generation it uses and its routing load), switches to
+a newer set between two of its steps (Frontend.set_experts_now) and acknowledges by its next
+`sync`. A change waits until every live frontend (one heard from within LIVE_S) acknowledged,
+at most ACK_TIMEOUT_S, before it stops removed actors; a later frontend's calls to a stopped
+actor fail over to its replicas (actors/experts/dispatcher.py). Routing load is the sum of the
+live frontends' latest loads (ExpertLoad.merged), which the autoscaler reads.
+Shutdown: the owner that holds the pool's lease in the key-value store (the last to start or
+adopt it) kills the actors and removes their groups; an owner whose pool was adopted by a newer
+one (a Serve redeploy) leaves them to it.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
+
+from actors.experts.fleet import ExpertFleet
+from actors.experts.pool import CPU_ACTOR, Experts
+from actors.info import ActorLoad, ExpertLoad, PoolInfo
+from actors.options import EngineOptions
+from model.checkpoint import WeightSource
+
+if TYPE_CHECKING:
+    from actors.frontend import Frontend
+
+log = logging.getLogger(f"ray.serve.{__name__}")
+
+SYNC_WAIT_S = 2.0               # a frontend's long poll waits at most this for a newer set
+LIVE_S = 3 * SYNC_WAIT_S        # a frontend not heard from for this long is gone
+ACK_TIMEOUT_S = 60.0            # a change waits this long at most for the frontends to switch
+KV_NAMESPACE = "mixtral_ep"     # of Ray's GCS key-value store (as actors/serving/expert_counts.py)
+
+
+@dataclasses.dataclass
+class _Seen:
+    generation: int             # the set of actors this frontend uses
+    load: ExpertLoad | None     # its latest routing load
+    at: float                   # time.monotonic() of its last sync
+
+
+class PoolOwner:
+    """The owner of a shared pool; a Ray actor (SharedExpertPool) or a Serve deployment
+    (actors/serving/pool_server.py). Its public methods are async: frontends' long polls wait
+    on its event loop, blocking work runs in threads."""
+
+    def __init__(self, source: WeightSource, options: EngineOptions, name: str):
+        """Adopts the running actors named `name` or starts new ones, and waits until they are
+        ready. ValueError / PlacementError as ExpertFleet.start."""
+        self.name, self.lease, self.closed = name, uuid.uuid4().hex, False
+        record = _kv_read(name)
+        secret = record["secret"] if record else uuid.uuid4().hex + uuid.uuid4().hex
+        cfg = source.model_config()
+        self._shape = (cfg.num_hidden_layers, cfg.num_local_experts)
+        self._lock = threading.Lock()
+        self._seen: dict[str, _Seen] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+        self.fleet = ExpertFleet.adopt_or_start(source, options, name, secret)
+        _kv_write(name, {"secret": secret, "lease": self.lease})
+        self._published = self.fleet.experts
+        self.fleet.attach(self._publish, self.load)
+        log.info("expert pool %s: %d actors serve every frontend", name,
+                 len(self._published.actors))
+
+    # ---- the frontends' side ----------------------------------------------------------
+    async def sync(self, frontend_id: str, generation: int,
+                   load: ExpertLoad | None = None) -> Experts | None:
+        """A frontend's long poll: it uses set `generation` and routed `load`; -> a newer set
+        of actors as soon as there is one (at once, or within SYNC_WAIT_S), else None."""
+        changed = self._event()
+        with self._lock:
+            self._seen[frontend_id] = _Seen(generation, load, time.monotonic())
+            self._forget_gone()
+        if self._published.generation <= generation:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), SYNC_WAIT_S)
+        experts = self._published
+        return experts if experts.generation > generation else None
+
+    async def experts(self) -> Experts:
+        """The set of actors every frontend should use now (a new frontend starts with it)."""
+        return self._published
+
+    # ---- the operators' side -----------------------------------------------------------
+    async def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
+        """Live scaling of the pool (ExpertFleet.set_expert_replicas): every frontend switches
+        before a removed actor stops. -> replicas per expert id; ValueError, PlacementError
+        change nothing."""
+        return await asyncio.to_thread(self.fleet.set_expert_replicas, replicas)
+
+    async def expert_load(self) -> ExpertLoad:
+        """Routing load summed over the live frontends (per expert id, layer and actor)."""
+        return self.load()
+
+    async def info(self) -> PoolInfo:
+        """The pool once: its actors (expert ids, node, actor id), generation, live frontends
+        and their summed load."""
+        experts = self._published
+        return PoolInfo(self.name, experts.generation, self._live_count(), self.load(),
+                        tuple(zip(map(tuple, experts.actor_experts), experts.nodes,
+                                  (a._actor_id.hex() for a in experts.actors))))
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Stop the autoscaler, kill the actors and remove their groups, if this owner holds
+        the pool's lease (else a newer owner adopted them: leave them); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        record = _kv_read(self.name)
+        if record is not None and record["lease"] != self.lease:
+            log.info("expert pool %s: adopted by a newer owner; leaving its actors", self.name)
+            if self.fleet.autoscaler is not None:
+                self.fleet.autoscaler.stop()
+            return
+        self.fleet.shutdown()
+        _internal_kv_del(self.name, namespace=KV_NAMESPACE)
+        log.info("expert pool %s: actors stopped", self.name)
+
+    # ---- inside ------------------------------------------------------------------------
+    def load(self) -> ExpertLoad:
+        now = time.monotonic()
+        with self._lock:
+            loads = [s.load for s in self._seen.values() if s.load and now - s.at < LIVE_S]
+        members = self.fleet.pool.members
+        idle = [ActorLoad(m.expert_ids, m.slot.node_id, 0.0, None, m.actor._actor_id.hex())
+                for m in members]
+        return ExpertLoad.merged(loads, idle, *self._shape)
+
+    def _publish(self, experts: Experts) -> None:
+        """The fleet's `apply`: every frontend uses `experts` from its next step; returns once
+        each live one said so (or ACK_TIMEOUT_S passed: logged)."""
+        self._published = experts
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake)
+        deadline = time.monotonic() + ACK_TIMEOUT_S
+        while (late := self._late(experts.generation)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if late:
+            log.warning("expert pool %s: frontends %s did not switch to set %d within %g s; "
+                        "their calls to removed actors fail over to replicas", self.name,
+                        [f[:8] for f in late], experts.generation, ACK_TIMEOUT_S)
+
+    def _late(self, generation: int) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            return [f for f, s in self._seen.items()
+                    if now - s.at < LIVE_S and s.generation < generation]
+
+    def _live_count(self) -> int:
+        now = time.monotonic()
+        with self._lock:
+            return sum(now - s.at < LIVE_S for s in self._seen.values())
+
+    def _forget_gone(self) -> None:
+        now = time.monotonic()
+        for f in [f for f, s in self._seen.items() if now - s.at > 10 * LIVE_S]:
+            del self._seen[f]
+
+    def _event(self) -> asyncio.Event:
+        """The event the next publish sets (on this owner's event loop)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+
+def _kv_read(name: str) -> dict | None:
+    raw = _internal_kv_get(name, namespace=KV_NAMESPACE)
+    return json.loads(raw) if raw is not None else None
+
+
+def _kv_write(name: str, record: dict) -> None:
+    _internal_kv_put(name, json.dumps(record), namespace=KV_NAMESPACE)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolClient:
+    """A frontend's way to its pool's owner: a Ray actor handle or a Serve DeploymentHandle
+    (picklable either way)."""
+    handle: Any
+
+    def call(self, method: str, *args, timeout_s: float | None = None):
+        """The owner's `method(*args)`, blocking; from an event loop's thread it runs in
+        another thread (a DeploymentHandle refuses blocking there)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._call(method, args, timeout_s)
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            return thread.submit(self._call, method, args, timeout_s).result()
+
+    def _call(self, method: str, args: tuple, timeout_s: float | None):
+        call = getattr(self.handle, method).remote(*args)
+        if isinstance(self.handle, ray.actor.ActorHandle):
+            return ray.get(call, timeout=timeout_s)
+        return call.result(timeout_s=timeout_s)
+
+    async def acall(self, method: str, *args):
+        """The owner's `method(*args)`, awaited (both handle kinds' calls are awaitable)."""
+        return await getattr(self.handle, method).remote(*args)
+
+
+class PoolFollower:
+    """A frontend's thread that follows its pool: long polls `sync` with the set it uses and
+    its load, and switches to each newer set between two steps. An owner that is away
+    (restarting) is logged once and asked again every second; the frontend serves on with
+    the actors it has meanwhile."""
+
+    def __init__(self, pool: PoolClient, frontend: Frontend):
+        self.pool, self.frontend, self.id = pool, frontend, uuid.uuid4().hex
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="expert-pool", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        away = False
+        while not self._stop.is_set():
+            try:
+                experts = self.pool.call("sync", self.id, self.frontend.generation,
+                                         self.frontend.expert_load(), timeout_s=SYNC_WAIT_S + 60)
+                if experts is not None and not self._stop.is_set():
+                    self.frontend.set_experts_now(experts)
+                if away:
+                    log.info("expert pool owner answers again")
+                    away = False
+            except Exception as e:  # noqa: BLE001 - the owner restarts; asked again below
+                if not away:
+                    log.warning("expert pool owner unreachable (%s: %s); serving with the "
+                                "actors in use, asking again every second", type(e).__name__, e)
+                away = True
+                self._stop.wait(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class SharedExpertPool:
+    """A shared pool without Serve: its owner is a detached, named Ray actor (restarted by Ray
+    when it dies); `RayEngine.from_pretrained(path, pool=...)` connects frontends to it. The
+    pool is shut down at this process's exit if `shutdown` was not called."""
+
+    def __init__(self, owner, name: str, source: WeightSource, options: EngineOptions):
+        self.owner, self.name, self.source, self.options = owner, name, source, options
+        self.client = PoolClient(owner)
+        atexit.register(self.shutdown)
+
+    @classmethod
+    def start(cls, path: str | Path, *, options: EngineOptions | None = None,
+              **fields) -> SharedExpertPool:
+        """Start the owner and its expert actors (the expert fields of EngineOptions) and wait
+        until they are ready; an error there is raised with nothing left running."""
+        o = dataclasses.replace(options, **fields) if options else EngineOptions(**fields)
+        source = WeightSource(path=str(path))
+        source.resolve_dtype(o.dtype)
+        name = f"mixtral-ep-pool:{uuid.uuid4().hex[:8]}"
+        remote = ray.remote(max_restarts=-1, max_task_retries=-1)(PoolOwner)
+        owner = remote.options(name=name, lifetime="detached", num_cpus=CPU_ACTOR["CPU"],
+                               max_concurrency=1000).remote(source, o, name)
+        try:
+            ray.get(owner.experts.remote())
+        except BaseException:
+            ray.kill(owner, no_restart=True)
+            raise
+        return cls(owner, name, source, o)
+
+    @property
+    def experts(self) -> Experts:
+        return self.client.call("experts")
+
+    def set_expert_replicas(self, replicas: dict[int, int]) -> dict[int, int]:
+        return self.client.call("set_expert_replicas", replicas)
+
+    def expert_load(self) -> ExpertLoad:
+        return self.client.call("expert_load")
+
+    def info(self) -> PoolInfo:
+        return self.client.call("info")
+
+    def shutdown(self) -> None:
+        """Stop the expert actors and the owner; idempotent."""
+        atexit.unregister(self.shutdown)
+        if not ray.is_initialized():
+            return
+        try:
+            self.client.call("shutdown", timeout_s=120)
+        except ray.exceptions.RayActorError:
+            pass                                     # already gone
+        finally:
+            ray.kill(self.owner, no_restart=True)
