@@ -45,12 +45,11 @@ import ray
 from ray import serve
 
 from actors.options import EngineOptions
-from actors.serving.engine_server import EngineServer
 from actors.serving.gateway import Gateway
 from bench import loadgen
 from bench.launcher import Launched
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port, local_cluster
-from deploy.app import serve_start_options
+from deploy.app import engine_deployment, serve_start_options
 from model.checkpoint import WeightSource
 from model.engine import Engine
 from model.random_checkpoint import cached_random_checkpoint
@@ -117,9 +116,8 @@ def kill_rounds(args, targets: list[str], path, reference, rng: random.Random) -
         options = EngineOptions(expert_resources=EXPERT_SLOT, frontend_threads=1, expert_threads=1,
                                 frontend_resources=FRONTEND_SLOT if args.engine_replicas == 1
                                 else {"CPU": 0.01})
-        engine = EngineServer.options(num_replicas=args.engine_replicas,
-                                      ray_actor_options=options.ray_actor_options()).bind(
-            WeightSource(path=str(path)), options)
+        engine = engine_deployment(WeightSource(path=str(path)), options,
+                                   num_replicas=args.engine_replicas)
         serve.run(Gateway.options(num_replicas=2).bind(engine, str(path), MODEL), name=APP,
                   route_prefix="/")
         grpc_address, http_url = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"

@@ -97,8 +97,16 @@ def build_app(args: dict) -> Application:
     WeightSource(path=path).resolve_dtype(options.dtype)      # "auto": reads its config.json
     log.info("serving %s as model %r with %s; the engine replica logs how to call it once it "
              "is ready", path, name, options)
-    source = WeightSource(path=path)
-    pool = ExpertPoolServer.bind(source, options) if options.expert_pool == "shared" else None
-    engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
-        source, options, name, api_key_digest is not None, pool)
+    engine = engine_deployment(WeightSource(path=path), options, name, api_key_digest is not None)
     return Gateway.bind(engine, path, name, options.failover_timeout_s, api_key_digest)
+
+
+def engine_deployment(source: WeightSource, options: EngineOptions, model_id: str | None = None,
+                      api_key: bool = False, **deployment_options):
+    """The bound engine deployment (EngineServer with `options.ray_actor_options()` and
+    `deployment_options`, e.g. num_replicas), bound to the application's ExpertPoolServer when
+    `options.expert_pool` is "shared" (actors/serving/pool_server.py)."""
+    pool = ExpertPoolServer.bind(source, options) if options.expert_pool == "shared" else None
+    return EngineServer.options(ray_actor_options=options.ray_actor_options(),
+                                **deployment_options).bind(source, options, model_id, api_key,
+                                                           pool)

@@ -108,6 +108,10 @@ class EngineServer:
         error nothing is left. `model_id`: the name requests give the model (default: the
         checkpoint dir's name); `api_key`: whether the application requires one (only the
         ready line says so)."""
+        if (pool is not None) != (options.expert_pool == "shared"):
+            raise ValueError(f"expert_pool {options.expert_pool!r} with"
+                             f"{'' if pool is not None else 'out'} a pool handle: bind through "
+                             f"deploy.app.engine_deployment")
         self.drain = draining.Drain()       # begun by Serve's graceful shutdown
         draining.install()
         self.pool = PoolClient(pool) if pool is not None else None

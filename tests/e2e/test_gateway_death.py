@@ -20,9 +20,9 @@ import pytest
 import ray
 
 from actors.options import EngineOptions
-from actors.serving.engine_server import EngineServer
 from actors.serving.gateway import Gateway
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, HEAD_RESOURCE
+from deploy.app import engine_deployment
 from model.checkpoint import WeightSource
 from protos import generator_pb2 as pb
 
@@ -37,8 +37,7 @@ def stub(tiny_checkpoint, serve_apps):
     Gateway would give); one expert actor is enough for what the gateways do."""
     options = EngineOptions(expert_resources=EXPERT_SLOT, frontend_resources=FRONTEND_SLOT,
                             frontend_threads=1, expert_threads=1, experts_per_actor=8)
-    engine = EngineServer.options(ray_actor_options=options.ray_actor_options()).bind(
-        WeightSource(path=str(tiny_checkpoint)), options)
+    engine = engine_deployment(WeightSource(path=str(tiny_checkpoint)), options)
     on_head = {"num_cpus": 0.1, "resources": {HEAD_RESOURCE: 1}}
     yield serve_apps.run(APP, Gateway.options(num_replicas=2, ray_actor_options=on_head).bind(
         engine, str(tiny_checkpoint), "tiny"))
