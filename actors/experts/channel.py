@@ -21,8 +21,10 @@ reply while the server goes on serving (channel_server.py). PLAIN does not encry
 and rows travel in the clear on the cluster network, like Ray's own traffic.
 Waits block (zmq poll with a timeout): an idle channel uses no CPU.
 Faults: while waiting for a reply, every `poll_s` the transport asks Ray whether the actor is
-still alive (`ray.wait` on an `until_stopped` task of the actor, which fails when the actor
-dies and returns only when a newer one supersedes it). A dead actor, a passed `timeout_s` or a
+still alive (`ray.wait` on an `until_stopped(client, watch_s)` task of the actor, which fails
+when the actor dies; it returns when this transport's own newer call supersedes it or after
+`watch_s`, and is then re-armed: a transport's id is its own, so several frontends watching
+one actor never end each other's watches). A dead actor, a passed `timeout_s` or a
 failed (re)connect returns `PeerLost` (retriable: the dispatcher re-sends to a replica or,
 after the restart, to the same actor, and the transport reconnects to the restarted actor's new
 endpoint). An error raised inside the expert, or a call it finds malformed, returns
@@ -41,6 +43,7 @@ import itertools
 import logging
 import struct
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 
@@ -92,7 +95,8 @@ def device_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+    """`t`'s bytes, flat, no copy if contiguous (an empty tensor gives an empty view)."""
+    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
 def _as_rows(frame: zmq.Frame, dtype: torch.dtype, n: int) -> torch.Tensor:
@@ -126,13 +130,17 @@ class _Sent:
 class ChannelTransport:
     """The dispatcher's `transport` over channels; see the module docstring."""
 
-    def __init__(self, secret: str, poll_s: float = 0.5, timeout_s: float = 30.0):
+    def __init__(self, secret: str, poll_s: float = 0.5, timeout_s: float = 30.0,
+                 watch_s: float = 60.0):
+        """`poll_s`: seconds between liveness checks while a reply is awaited; `timeout_s`: a
+        reply's wait at most; `watch_s`: an until_stopped call's life before it is re-armed."""
         self._secret, self._poll_s, self._timeout_s = secret, poll_s, timeout_s
+        self._watch_s, self.client = watch_s, uuid.uuid4().hex   # its id at every actor
         # process-wide: a context of its own would be terminated when the transport is garbage
         # collected, and zmq_ctx_term blocks while any frame it sent is still referenced
         self._context = zmq.Context.instance()
         self._peers: dict[str, _Peer] = {}
-        self._alive: dict[str, ray.ObjectRef] = {}    # actor -> its until_stopped() task
+        self._alive: dict[str, tuple] = {}    # actor -> (its handle, its until_stopped task)
         # replies read while awaiting another on the same socket (a retry sent behind the other
         # micro-batch's call), kept by sequence until their `receive`; a sequence leaves
         # `_awaited` when read, lost, or when its `_Sent` is dropped unread (a failed step)
@@ -242,21 +250,27 @@ class ChannelTransport:
 
     def _peer(self, key: str, actor) -> _Peer:
         if key not in self._peers:
-            if key not in self._alive or ray.wait([self._alive[key]], timeout=0)[0]:
-                self._alive[key] = actor.until_stopped.remote()   # none, died or superseded
+            if key not in self._alive or ray.wait([self._alive[key][1]], timeout=0)[0]:
+                self._watch(key, actor)                  # none, died, superseded or expired
             self._peers[key] = _Peer(self._context, actor, self._secret)
         return self._peers[key]
 
+    def _watch(self, key: str, actor) -> None:
+        self._alive[key] = actor, actor.until_stopped.remote(self.client, self._watch_s)
+
     def _dead(self, key: str) -> bool:
-        """Whether the actor's until_stopped task failed (it died). One that returned was
-        superseded by another client's: not a death, and the reply timeout still holds."""
-        ready, _ = ray.wait([self._alive[key]], timeout=0)
+        """Whether the actor's until_stopped task failed (it died). One that returned (it
+        expired after watch_s, or this client's newer call superseded it) is re-armed: the
+        actor lived until then, and its next death fails the new call."""
+        actor, watch = self._alive[key]
+        ready, _ = ray.wait([watch], timeout=0)
         if not ready:
             return False
         try:
             ray.get(ready[0])
         except ray.exceptions.RayError:
             return True
+        self._watch(key, actor)
         return False
 
     def _drop(self, key: str) -> None:

@@ -6,6 +6,17 @@ end): a ROUTER socket served by one daemon thread, which also answers ZeroMQ's a
                          cfg.hidden_size, dtype)
     server = ChannelServer(worker.compute, host=node_ip, secret=secret, bound=bound)
     server.endpoint                      # "tcp://10.0.0.5:40123", given to the frontend
+    server.stats                         # MergeStats (actors/info.py), cumulative
+
+Merged calls (several frontends share one actor): the thread reads one request, then every
+request already queued on the socket (at most MAX_MERGE, never waiting for more), and computes
+the requests of one layer as ONE `compute` call: rows of each expert id concatenated in the
+order the requests were read (a's rows for expert_ids[0], b's for expert_ids[0], a's for
+expert_ids[1], ...), counts summed; y is split back into each request's own order, and each
+gets its own reply. Each reply's compute seconds are the merged call's seconds times its share
+of the rows (equal shares when there are none). A failed compute fails every request of its
+merge. A lone request is computed as it came (no copy). `stats` counts requests, computes,
+merged requests and rows.
 
 Bounds: a call carries at most `bound.max_rows` rows: a step's tokens (the engine's
 max_num_batched_tokens) times the expert ids of this actor one token can pick (min(k, top-k)).
@@ -37,6 +48,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from actors.experts.channel import DTYPES, REPLY, REQUEST, USER, Compute, as_bytes
+from actors.info import MergeStats
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,7 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"       # fixed by ZeroMQ's RFC 27 (ZAP), 
 REFUSED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error in the handshake",
            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
 MECHANISM_MISMATCH = "no secret (it offered another mechanism than PLAIN)"
+MAX_MERGE = 64                  # requests read in one round at most (then ZAP gets its turn)
 
 
 class MalformedCall(ValueError):
@@ -110,6 +123,37 @@ class CallBound:
         return torch.frombuffer(rows, dtype=torch.uint8).view(self.dtype).view(n, -1)  # (n, D)
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One parsed call: who sent it, its sequence, layer, rows x (n, D) and counts (k,)."""
+    peer: zmq.Frame
+    seq: int
+    layer: int
+    x: torch.Tensor
+    counts: list[int]
+
+
+def merge_rows(requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+    """Several requests' rows as one call: for each expert id in turn, every request's rows for
+    it in request order -> (x (sum n, D), counts (k,) summed)."""
+    pieces = [r.x.split(r.counts) for r in requests]           # [request][expert] (n_re, D)
+    k = len(requests[0].counts)
+    x = torch.cat([p[e] for e in range(k) for p in pieces])     # (sum n, D)
+    return x, [sum(r.counts[e] for r in requests) for e in range(k)]
+
+
+def split_rows(y: torch.Tensor, requests: list[Request]) -> list[torch.Tensor]:
+    """merge_rows' inverse on the merged output y (sum n, D) -> each request's y (n, D), in its
+    own expert order (views when a request's rows are one block)."""
+    k, m = len(requests[0].counts), len(requests)
+    pieces = y.split([r.counts[e] for e in range(k) for r in requests])   # [expert][request]
+    out = []
+    for i in range(m):
+        own = [pieces[e * m + i] for e in range(k)]
+        out.append(own[0] if k == 1 else torch.cat(own))
+    return out
+
+
 def exit_process() -> None:
     """The channel thread died: end the process, so Ray sees the actor die and restarts it."""
     logging.shutdown()
@@ -124,6 +168,7 @@ class ChannelServer:
                  on_death: Callable[[], None] = exit_process):
         self._compute, self._secret, self.bound = compute, secret.encode(), bound
         self._on_death = on_death
+        self.stats = MergeStats()     # replaced whole by the thread: a reader sees one version
         # its own context, kept for the process's life (the thread holds this object): ZAP's
         # endpoint is one per context, and the context is never terminated under the socket
         self._context = zmq.Context()
@@ -161,22 +206,47 @@ class ChannelServer:
                 handlers[socket]()
 
     def _call(self) -> None:
-        peer, *frames = self._socket.recv_multipart(copy=False)
-        try:
-            seq, layer, x, counts = self.bound.parse(frames)
-        except MalformedCall as e:
-            log.warning("channel %s: malformed call answered with an error: %s",
-                        self.endpoint, e)
-            self._reply(peer, e.seq, f"MalformedCall: {e}")
-            return
+        """One round: the first request, every one queued behind it, each layer computed once."""
+        by_layer: dict[int, list[Request]] = {}
+        for request in self._read_round():
+            by_layer.setdefault(request.layer, []).append(request)
+        for requests in by_layer.values():
+            self._compute_layer(requests)
+
+    def _read_round(self) -> list[Request]:
+        """The request that woke the thread, then those already queued (no wait; MAX_MERGE in
+        all); a malformed one is answered with its error here and left out."""
+        requests = []
+        for i in range(MAX_MERGE):
+            try:
+                peer, *frames = self._socket.recv_multipart(zmq.NOBLOCK if i else 0, copy=False)
+            except zmq.Again:
+                break
+            try:
+                requests.append(Request(peer, *self.bound.parse(frames)))
+            except MalformedCall as e:
+                log.warning("channel %s: malformed call answered with an error: %s",
+                            self.endpoint, e)
+                self._reply(peer, e.seq, f"MalformedCall: {e}")
+        return requests
+
+    def _compute_layer(self, requests: list[Request]) -> None:
+        """Compute the requests of one layer as one call and reply to each."""
+        layer, merged = requests[0].layer, len(requests) > 1
+        x, counts = merge_rows(requests) if merged else (requests[0].x, requests[0].counts)
+        self.stats += MergeStats(len(requests), 1, len(requests) if merged else 0, x.shape[0])
         try:
             y, seconds = self._compute(layer, x, counts)
-        except Exception as e:  # noqa: BLE001 - reported to the caller, who fails the step
-            log.warning("expert compute failed (layer %d): %s: %s", layer, type(e).__name__, e)
-            self._reply(peer, seq, f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - reported to the callers, who fail the step
+            log.warning("expert compute failed (layer %d, %d request(s)): %s: %s", layer,
+                        len(requests), type(e).__name__, e)
+            for r in requests:
+                self._reply(r.peer, r.seq, f"{type(e).__name__}: {e}")
             return
-        self._socket.send_multipart([peer, REPLY.pack(seq, seconds, 1), as_bytes(y)],
-                                    copy=False)
+        for r, own in zip(requests, split_rows(y, requests) if merged else [y]):
+            share = r.x.shape[0] / x.shape[0] if x.shape[0] else 1 / len(requests)
+            self._socket.send_multipart([r.peer, REPLY.pack(r.seq, seconds * share, 1),
+                                         as_bytes(own)], copy=False)
 
     def _reply(self, peer: zmq.Frame, seq: int | None, error: str) -> None:
         head = REPLY.pack(NO_SEQ if seq is None else seq, 0.0, 0)

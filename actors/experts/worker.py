@@ -4,7 +4,9 @@ It loads only its own tensors straight from the checkpoint files (or builds its 
 random ones), keeps them on its device, and holds no per-request state: any call can be sent
 again, to it after a restart or to a replica.
 
-    compute(layer, x, counts) -> y        (also served over its channel: open_channel)
+    actor = ray.remote(**ACTOR_OPTIONS)(ExpertWorker).options(...).remote(source, ids, ...)
+    compute(layer, x, counts) -> y        (also served over its channel: open_channel, which
+                                           merges the waiting calls of several frontends)
     x (n, D) rows grouped by expert in this actor's `expert_ids` order, counts[i] rows for
     expert_ids[i]; y (n, D) the expert outputs in the same order (not yet weighted).
 """
@@ -20,7 +22,7 @@ import torch
 
 from actors.experts.channel import device_rows, host_rows
 from actors.experts.channel_server import CallBound, ChannelServer
-from actors.info import WorkerInfo
+from actors.info import MergeStats, WorkerInfo
 from model.checkpoint import WeightSource
 from model.mixtral import expert_names
 from model.moe import LocalExperts, expert_name
@@ -30,6 +32,14 @@ log = logging.getLogger(__name__)
 # model/engine.py Engine's max_num_batched_tokens default (a unit test keeps them equal): the
 # tokens of one step, when the pool does not pass the engine's own
 ENGINE_MAX_TOKENS = 2048
+WATCH_GROUP = "watch"           # until_stopped's threads: one blocked per client (frontend)
+MAX_WATCH_S = 3600.0            # until_stopped's max_s at most
+# how every expert actor is made (actors/experts/pool.py, tests): restarted by Ray on death,
+# calls never retried by Ray (the dispatcher re-sends); info/compute/warm/open_channel share 4
+# threads, the clients' until_stopped watches have a group of their own, so N frontends'
+# blocked watches never take those
+ACTOR_OPTIONS = dict(max_restarts=-1, max_task_retries=0, max_concurrency=4,
+                     concurrency_groups={WATCH_GROUP: 256})
 
 
 class ExpertWorker:
@@ -51,7 +61,7 @@ class ExpertWorker:
                                   len(self.expert_ids), cfg.hidden_size, self.dtype)
         self._channel: ChannelServer | None = None
         self._secret = ""
-        self._watch: threading.Event | None = None     # the newest until_stopped call's
+        self._watches: dict[str, threading.Event] = {}  # client -> its running until_stopped's
         self._watch_lock = threading.Lock()
         log.info("expert actor %s ready: %.1f MB on %s", self.expert_ids,
                  self.experts.nbytes() / 1e6, self.device)
@@ -94,17 +104,31 @@ class ExpertWorker:
             raise PermissionError("open_channel: wrong secret")
         return self._channel.endpoint
 
-    def until_stopped(self) -> None:
-        """Returns only once a newer call of it is made; otherwise its ObjectRef fails when this
-        actor dies, which is how a channel's client tells a dead actor from a slow one (one
-        blocked thread, no CPU). Ending the older call keeps a client that reconnects (a
-        retried switch-in, a restarted frontend) from blocking every thread of the actor
-        (max_concurrency) with calls nobody waits for."""
+    @ray.method(concurrency_group=WATCH_GROUP)
+    def until_stopped(self, client: str = "", max_s: float = 60.0) -> None:
+        """Returns once the same `client` calls it again, or after `max_s` seconds; otherwise
+        its ObjectRef fails when this actor dies, which is how a channel's client tells a dead
+        actor from a slow one (one blocked thread of the watch group, no CPU). The client
+        re-arms a call that returned. Ending the client's older call keeps one that reconnects
+        (a retried switch-in, a restarted frontend) from piling up calls nobody waits for;
+        other clients' calls are untouched. ValueError unless 0 < max_s <= MAX_WATCH_S."""
+        if not 0 < max_s <= MAX_WATCH_S:
+            raise ValueError(f"until_stopped: max_s must be in (0, {MAX_WATCH_S}] s, got {max_s}")
         with self._watch_lock:
-            if self._watch is not None:
-                self._watch.set()
-            self._watch = watch = threading.Event()
-        watch.wait()
+            older = self._watches.get(client)
+            if older is not None:
+                older.set()
+            self._watches[client] = watch = threading.Event()
+        try:
+            watch.wait(max_s)
+        finally:
+            with self._watch_lock:
+                if self._watches.get(client) is watch:
+                    del self._watches[client]
+
+    def merge_stats(self) -> MergeStats:
+        """How its channel merged calls since this process started (zeros before it opened)."""
+        return self._channel.stats if self._channel is not None else MergeStats()
 
     def info(self) -> WorkerInfo:
         kept = [expert_name(layer, e, w) for layer, e in self.experts.weights

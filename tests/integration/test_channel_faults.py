@@ -1,11 +1,12 @@
 """The channel transport on the real local cluster: an expert actor that dies in the middle of a
-layer call, one whose channel thread dies, one that dies on every call, the secret, and an idle
-engine's CPU use."""
+layer call, one whose channel thread dies, one that dies on every call, several clients watching
+one actor, the secret, and an idle engine's CPU use."""
 from __future__ import annotations
 
 import gc
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -15,10 +16,10 @@ import pytest
 import ray
 import torch
 
-from actors.experts.channel import ChannelTransport
+from actors.experts.channel import ChannelTransport, PeerLost
 from actors.experts.channel_server import CallBound, ChannelServer
 from actors.experts.dispatcher import Dispatcher, ExpertCallError
-from actors.experts.worker import ExpertWorker
+from actors.experts.worker import ACTOR_OPTIONS, ExpertWorker
 from model.checkpoint import WeightSource
 from model.config import MixtralConfig
 from model.engine import SamplingParams
@@ -27,6 +28,7 @@ from model.moe import LocalExperts, route
 
 # the test actors below are defined here: ship them by value (workers cannot import this file)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ONCE = dict(ACTOR_OPTIONS, max_restarts=0)          # an expert actor that stays dead
 
 
 class _DiesOnceMidCall(ExpertWorker):
@@ -47,7 +49,7 @@ class _DiesOnceMidCall(ExpertWorker):
 
 
 def _actors(cls, path, *args):
-    remote = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(cls)
+    remote = ray.remote(**ACTOR_OPTIONS)(cls)
     return [remote.options(resources={"expert": 1}, num_cpus=0.01).remote(
         WeightSource(path=str(path)), [e], *args) for e in range(8)]
 
@@ -97,8 +99,8 @@ def test_an_actor_whose_channel_thread_dies_is_restarted_and_answers(ray_cluster
     every = list(range(cfg.num_local_experts))
     local = LocalExperts.from_tensors(cfg, source.load(expert_names(cfg, every), torch.float32,
                                                        "cpu"))
-    actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=4)(
-        _ThreadDiesOnce).options(resources={"expert": 1}, num_cpus=0.01).remote(
+    actor = ray.remote(**ACTOR_OPTIONS)(_ThreadDiesOnce).options(
+        resources={"expert": 1}, num_cpus=0.01).remote(
         source, every, str(tmp_path / "died"))
     dispatcher = Dispatcher([actor], [every], len(every),
                             ChannelTransport(secrets.token_hex(16), timeout_s=30.0),
@@ -124,9 +126,8 @@ class _DiesOnEveryChannelCall:
                                     CallBound(4, 8, torch.float32, 2))
         return self.server.endpoint
 
-    def until_stopped(self):
-        import threading
-        threading.Event().wait()
+    def until_stopped(self, client="", max_s=60.0):
+        threading.Event().wait(max_s)
 
 
 def test_a_channel_call_that_kills_its_actor_every_time_fails_bounded(ray_cluster):
@@ -152,7 +153,7 @@ def test_replies_read_ahead_wait_for_their_call_and_go_with_an_abandoned_one(ray
     source = WeightSource(path=str(tiny_checkpoint))
     local = LocalExperts.from_tensors(
         cfg, source.load(expert_names(cfg, [0]), torch.float32, "cpu"), [0])
-    actor = ray.remote(max_restarts=0, max_concurrency=4)(ExpertWorker).options(
+    actor = ray.remote(**ONCE)(ExpertWorker).options(
         resources={"expert": 1}, num_cpus=0.01).remote(source, [0])
     transport = ChannelTransport(secrets.token_hex(16))
     gen = torch.Generator().manual_seed(0)
@@ -185,12 +186,11 @@ def test_replies_read_ahead_wait_for_their_call_and_go_with_an_abandoned_one(ray
 
 def test_reconnecting_clients_never_tie_up_an_actors_threads(ray_cluster, tiny_checkpoint):
     """A client that closes an actor's channel and opens it again (a retried switch-in:
-    Frontend.set_experts_now) or a new client (a restarted frontend) starts a new until_stopped
-    call, which ends the older one: more reconnects than the actor has threads
-    (max_concurrency=4) leave it answering. A superseded client does not take the live actor
-    for dead; the newest sees it die."""
+    Frontend.set_experts_now) starts a new until_stopped call, which ends its own older one:
+    more reconnects than the actor has threads (max_concurrency=4) leave it answering. A
+    superseded call does not make its client take the live actor for dead; it sees it die."""
     source = WeightSource(path=str(tiny_checkpoint))
-    actor = ray.remote(max_restarts=0, max_concurrency=4)(ExpertWorker).options(
+    actor = ray.remote(**ONCE)(ExpertWorker).options(
         resources={"expert": 1}, num_cpus=0.01).remote(source, [0])
     key, secret = actor._actor_id.hex(), secrets.token_hex(16)
     first, later = ChannelTransport(secret), ChannelTransport(secret)
@@ -220,6 +220,44 @@ def test_reconnecting_clients_never_tie_up_an_actors_threads(ray_cluster, tiny_c
     finally:
         first.close()
         later.close()
+        ray.kill(actor, no_restart=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_every_client_watching_an_actor_sees_it_die(ray_cluster, tiny_checkpoint):
+    """Eight clients (frontends sharing a pool) watch one actor: none ends another's watch
+    (before, each new client's until_stopped ended the others', which then took the dead actor
+    for a slow one and waited out the 30 s reply timeout); their blocked watches leave info()
+    answering (a thread group of their own, not the 4 of info/compute); a watch that expired
+    (watch_s) is re-armed, not taken for "alive forever". After the actor dies every client's
+    call fails with PeerLost within a few poll periods."""
+    source = WeightSource(path=str(tiny_checkpoint))
+    actor = ray.remote(**ONCE)(ExpertWorker).options(
+        resources={"expert": 1}, num_cpus=0.01).remote(source, [0])
+    key, secret = actor._actor_id.hex(), secrets.token_hex(16)
+    clients = [ChannelTransport(secret, watch_s=1.0 if i == 0 else 60.0) for i in range(8)]
+    x = torch.randn(3, MixtralConfig.from_json(tiny_checkpoint).hidden_size)
+    try:
+        pid = ray.get(actor.info.remote(), timeout=120).pid     # started (slow on loaded cores)
+        for client in clients:
+            client.connect(actor)
+        time.sleep(2.5)                                 # client 0's first watch expired
+        assert list(ray.get(actor.info.remote(), timeout=30).expert_ids) == [0]
+        for client in clients:
+            (y, _), = client.receive(client.send(0, [(actor, x, [3])]))
+            assert y.shape == x.shape and not client._dead(key)
+        os.kill(pid, signal.SIGKILL)                    # it crashes (no restart: ONCE)
+        while Path(f"/proc/{pid}/status").exists() and "zombie" not in \
+                Path(f"/proc/{pid}/status").read_text():
+            time.sleep(0.05)
+        start = time.monotonic()
+        for client in clients:
+            lost, = client.receive(client.send(1, [(actor, x, [3])]))
+            assert isinstance(lost, PeerLost) and "died" in str(lost), lost
+        assert time.monotonic() - start < 15, "a client waited for its reply timeout"
+    finally:
+        for client in clients:
+            client.close()
         ray.kill(actor, no_restart=True)
 
 

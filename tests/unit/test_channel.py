@@ -107,6 +107,15 @@ def test_rows_round_trip(servers, dtype):
     assert torch.equal(y, x * 2 + 3)
 
 
+def test_a_call_of_no_rows_gets_an_empty_reply_and_the_server_serves_on(server):
+    """Zero rows is a well-formed call (counts all 0): before, its empty reply could not be
+    framed and the error ended the channel's thread, and with it the actor."""
+    x = torch.empty(0, D)
+    head, body = exchange(server, [header(x, counts=[0, 0]), b""])
+    assert REPLY.unpack(head)[0::2] == (7, 1) and body == b""
+    assert_serves(server)
+
+
 def test_the_listener_is_on_the_given_address_only(server):
     assert server.endpoint.startswith("tcp://127.0.0.1:")
 
