@@ -6,12 +6,13 @@ engine replica reaches through a DeploymentHandle.
                EngineServer.bind(source, options, model_id, api_key, pool)
 
 Serve restarts it when it dies (its health check); the new replica adopts the running expert
-actors (detached, named `mixtral-ep-pool:{app}/...` in Serve's namespace), so no expert
+actors (detached, named `pool_name(...)/expert/...` in Serve's namespace), so no expert
 reloads and no request is lost. Deleting the application stops it, and its `__del__` stops the
 actors and removes their placement groups.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from ray import serve
@@ -19,14 +20,25 @@ from ray.serve.schema import LoggingConfig
 
 from actors.experts.shared import PoolOwner
 from actors.options import EngineOptions
+from actors.serving.pool_metrics import PoolMetrics
 from model.checkpoint import WeightSource
 
 log = logging.getLogger(f"ray.serve.{__name__}")
 
 
-def pool_name(app: str) -> str:
-    """The name of application `app`'s pool: its actors' and placement groups' prefix."""
-    return f"mixtral-ep-pool:{app}"
+def pool_prefix(app: str) -> str:
+    """What the names of application `app`'s pools (its actors', placement groups') start with."""
+    return f"mixtral-ep-pool:{app}:"
+
+
+def pool_name(app: str, code_version: str, source: WeightSource, options: EngineOptions) -> str:
+    """The pool of one deploy of `app` with these expert options: the replica Serve restarts
+    in the same deploy adopts its actors; a redeploy (a new code version, `serve.run` makes one
+    per run) or other expert options make another pool (the old one goes with its replica)."""
+    fields = ("dtype", "device", "expert_replicas", "experts_per_actor", "expert_resources",
+              "expert_threads", "max_num_batched_tokens")
+    key = repr((source, code_version, [getattr(options, f) for f in fields]))
+    return f"{pool_prefix(app)}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 # a frontend's long poll is an ongoing request: room for many; no access line per poll
@@ -35,8 +47,18 @@ def pool_name(app: str) -> str:
                   logging_config=LoggingConfig(enable_access_log=False))
 class ExpertPoolServer(PoolOwner):
     def __init__(self, source: WeightSource, options: EngineOptions):
-        super().__init__(source, options, pool_name(serve.get_replica_context().app_name))
+        context = serve.get_replica_context()
+        super().__init__(source, options,
+                         pool_name(context.app_name, context.code_version, source, options))
+        # the pool's figures, exported here once for all engine replicas
+        self.metrics = PoolMetrics(self.load, self._live_count, self.merge_stats)
+
+    def check_health(self) -> None:
+        """Serve's periodic liveness check: RuntimeError once the metrics thread died."""
+        self.metrics.check()
 
     def __del__(self):
+        if hasattr(self, "metrics"):
+            self.metrics.close()
         if hasattr(self, "fleet"):          # not if start-up failed
             self.close()

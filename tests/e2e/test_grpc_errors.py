@@ -33,10 +33,12 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 @pytest.fixture(scope="module")
 def server(deploy, tiny_checkpoint):
+    # per_replica: its engine replica owns its experts (what the death test below checks; the
+    # shared pool's are tests/e2e/test_shared_pool.py's)
     return deploy(APP, {
         "model": str(tiny_checkpoint), "expert_resources": EXPERT_SLOT,
         "frontend_resources": {"CPU": 0.01}, "frontend_threads": 1, "expert_threads": 1,
-        "engine_args": ONE_SLOT})
+        "engine_args": ONE_SLOT, "expert_pool": "per_replica"})
 
 
 def short(prompt: str) -> pb.GenerateRequest:
