@@ -8,11 +8,15 @@ how each stream ended.
     python -m bench.chaos --rounds 5 --clients 64
     python -m bench.chaos --engine-replicas 2      # a killed engine's requests move at once
     python -m bench.chaos --targets "server SIGINT,grpc proxy"
+    python -m bench.chaos --targets "engine replica" --expert-pool per_replica   # today's pool
 
 A local 4-node Ray cluster (cluster/local.py), the demo `tiny` checkpoint, one engine replica
-(`--engine-replicas`) with 8 expert actors each and two gateway replicas. With one engine
-replica, its clients wait for Serve to restart it (the longest stall); with two, the gateway
-resumes them on the other at once. Each round starts `--clients` streaming requests
+(`--engine-replicas`) and two gateway replicas; the engine replicas share one pool of 8 expert
+actors (`--expert-pool shared`, the default: its owner is the ExpertPoolServer replica, target
+"pool owner") or each owns 8 (`per_replica`). With one engine replica, its clients wait for
+Serve to restart it (the longest stall: with a shared pool only the frontend's own weights
+load again; with its own pool, its expert actors too); with two, the gateway resumes them on
+the other at once. Each round starts `--clients` streaming requests
 (bench/loadgen.py: half gRPC, half OpenAI HTTP, greedy and seeded, some with stop strings),
 kills the target once every client has its first tokens, and waits for all to end; clients
 retry a retryable end (UNAVAILABLE, HTTP 503, a cut stream) from the start, as a client
@@ -44,7 +48,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from actors.options import EngineOptions
+from actors.options import EXPERT_POOLS, EngineOptions
 from actors.serving.gateway import Gateway
 from bench import loadgen
 from bench.launcher import Launched
@@ -56,7 +60,7 @@ from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.chaos")
 APP, MODEL = "chaos", "tiny"
-KILLS = ("none", "expert actor", "engine replica", "gateway replica", "grpc proxy")
+KILLS = ("none", "expert actor", "engine replica", "pool owner", "gateway replica", "grpc proxy")
 SIGINT = "server SIGINT"
 TARGETS = (*KILLS, SIGINT)
 # clients retry a dead proxy for ~65 s (Clients.run's backoff: 0.5 s more a try, at most 3 s):
@@ -73,6 +77,7 @@ def alive(class_name: str) -> list[dict]:
 
 def victim(target: str, rng: random.Random) -> dict | None:
     names = {"expert actor": "ExpertWorker", "engine replica": f"ServeReplica:{APP}:EngineServer",
+             "pool owner": f"ServeReplica:{APP}:ExpertPoolServer",
              "gateway replica": f"ServeReplica:{APP}:Gateway", "grpc proxy": "ProxyActor"}
     return rng.choice(alive(names[target])) if target != "none" else None
 
@@ -115,7 +120,8 @@ def kill_rounds(args, targets: list[str], path, reference, rng: random.Random) -
         # the head offers one `frontend` slot: more replicas than that go anywhere
         options = EngineOptions(expert_resources=EXPERT_SLOT, frontend_threads=1, expert_threads=1,
                                 frontend_resources=FRONTEND_SLOT if args.engine_replicas == 1
-                                else {"CPU": 0.01})
+                                else {"CPU": 0.01}, expert_pool=args.expert_pool)
+        experts = 8 * (1 if args.expert_pool == "shared" else args.engine_replicas)
         engine = engine_deployment(WeightSource(path=str(path)), options,
                                    num_replicas=args.engine_replicas)
         serve.run(Gateway.options(num_replicas=2).bind(engine, str(path), MODEL), name=APP,
@@ -126,7 +132,7 @@ def kill_rounds(args, targets: list[str], path, reference, rng: random.Random) -
                 jobs = loadgen.make_jobs(args.clients, seed=rng.randrange(2**31), cancel_every=0,
                                          max_tokens=(24, 64))
                 want = loadgen.expected_outputs(reference, jobs)
-                wait_healthy(http_url, gateways=2, experts=8 * args.engine_replicas)
+                wait_healthy(http_url, gateways=2, experts=experts)
                 started = time.monotonic()
                 tally = asyncio.run(one_round(target, jobs, want, grpc_address, http_url, rng))
                 rows.append((target, tally, time.monotonic() - started))
@@ -170,7 +176,8 @@ def sigint_rounds(args, path, reference, rng: random.Random) -> list[tuple]:
 
 
 def print_kills(args, rows: list[tuple]) -> None:
-    print(f"\nchaos: {args.engine_replicas} engine replica(s), 2 gateways; {args.clients} "
+    print(f"\nchaos: {args.engine_replicas} engine replica(s), expert pool {args.expert_pool}, "
+          f"2 gateways; {args.clients} "
           f"streaming clients a round (gRPC + HTTP, greedy + seeded), {args.rounds} round(s) per "
           "target; clients retry UNAVAILABLE / 503 / a cut stream")
     print("| killed | requests | exact | lost | wrong | retried by the client | longest stall s "
@@ -224,6 +231,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-replicas", type=int, default=1)
+    ap.add_argument("--expert-pool", choices=EXPERT_POOLS, default="shared",
+                    help="one pool for every engine replica, or one each (actors/options.py)")
     ap.add_argument("--targets", type=parse_targets, default=list(TARGETS),
                     help="comma-separated, of: " + ", ".join(TARGETS) + " (default: all)")
     ap.add_argument("--grace-s", type=float, default=10.0,
@@ -234,7 +243,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     path = cached_random_checkpoint("tiny")
     reference = Engine.from_pretrained(path)
-    kills = [t for t in args.targets if t in KILLS]
+    kills = [t for t in args.targets if t in KILLS
+             and (t != "pool owner" or args.expert_pool == "shared")]    # per_replica: none
     kill_rows = kill_rounds(args, kills, path, reference, rng) if kills else []
     sigint_rows = sigint_rounds(args, path, reference, rng) if SIGINT in args.targets else []
     if kill_rows:

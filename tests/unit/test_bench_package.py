@@ -16,7 +16,7 @@ except ModuleNotFoundError:    # Python 3.10: pytest's own dependency
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHES = ("admission", "chaos", "choices", "dashboard", "dispatch", "elastic", "engine", "peer",
-           "prefix", "sampler", "serve", "soak")
+           "pool", "prefix", "sampler", "serve", "soak")
 API = {"__init__.py", "client.py", "client_output.py", "client_structured.py", "generator.proto",
        "generator_pb2.py", "generator_pb2.pyi", "generator_pb2_grpc.py"}
 
