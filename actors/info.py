@@ -131,6 +131,7 @@ class PoolInfo:
     frontends: int                              # frontends heard from within LIVE_S
     load: ExpertLoad                            # summed over those frontends
     actors: tuple[tuple[tuple[int, ...], str, str], ...]    # (expert ids, node id, actor id)
+    merges: MergeStats = MergeStats()           # summed over the actors that answered
 
 
 @dataclasses.dataclass(frozen=True)

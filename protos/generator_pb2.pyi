@@ -200,7 +200,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, expert_id: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., rows_per_second: _Optional[float] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "context_length", "vocab_size", "num_layers", "num_experts", "experts_per_token", "frontend_node_id", "experts")
+    __slots__ = ("model", "context_length", "vocab_size", "num_layers", "num_experts", "experts_per_token", "frontend_node_id", "experts", "pool", "frontend")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,8 @@ class ModelInfoResponse(_message.Message):
     EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FRONTEND_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    FRONTEND_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     vocab_size: int
@@ -217,4 +219,60 @@ class ModelInfoResponse(_message.Message):
     experts_per_token: int
     frontend_node_id: str
     experts: _containers.RepeatedCompositeFieldContainer[ExpertPlacement]
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., frontend_node_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ...) -> None: ...
+    pool: ExpertPool
+    frontend: FrontendStats
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., frontend_node_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., pool: _Optional[_Union[ExpertPool, _Mapping]] = ..., frontend: _Optional[_Union[FrontendStats, _Mapping]] = ...) -> None: ...
+
+class PoolActor(_message.Message):
+    __slots__ = ("expert_ids", "node_id", "actor_id", "rows_per_second")
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    node_id: str
+    actor_id: str
+    rows_per_second: float
+    def __init__(self, expert_ids: _Optional[_Iterable[int]] = ..., node_id: _Optional[str] = ..., actor_id: _Optional[str] = ..., rows_per_second: _Optional[float] = ...) -> None: ...
+
+class MergeStats(_message.Message):
+    __slots__ = ("calls", "computes", "merged_calls", "rows")
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTES_FIELD_NUMBER: _ClassVar[int]
+    MERGED_CALLS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    calls: int
+    computes: int
+    merged_calls: int
+    rows: int
+    def __init__(self, calls: _Optional[int] = ..., computes: _Optional[int] = ..., merged_calls: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class ExpertPool(_message.Message):
+    __slots__ = ("name", "generation", "frontends", "experts", "actors", "actor_imbalance", "merges")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    FRONTENDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ACTORS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    MERGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    generation: int
+    frontends: int
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertPlacement]
+    actors: _containers.RepeatedCompositeFieldContainer[PoolActor]
+    actor_imbalance: float
+    merges: MergeStats
+    def __init__(self, name: _Optional[str] = ..., generation: _Optional[int] = ..., frontends: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., actors: _Optional[_Iterable[_Union[PoolActor, _Mapping]]] = ..., actor_imbalance: _Optional[float] = ..., merges: _Optional[_Union[MergeStats, _Mapping]] = ...) -> None: ...
+
+class FrontendStats(_message.Message):
+    __slots__ = ("expert_call_retries", "kv_blocks_free", "kv_blocks_total", "tracked_requests")
+    EXPERT_CALL_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    expert_call_retries: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    tracked_requests: int
+    def __init__(self, expert_call_retries: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tracked_requests: _Optional[int] = ...) -> None: ...

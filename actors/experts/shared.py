@@ -48,7 +48,7 @@ from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _in
 
 from actors.experts.fleet import ExpertFleet
 from actors.experts.pool import CPU_ACTOR, Experts
-from actors.info import ActorLoad, ExpertLoad, PoolInfo
+from actors.info import ActorLoad, ExpertLoad, MergeStats, PoolInfo
 from actors.options import EngineOptions
 from model.checkpoint import WeightSource
 
@@ -61,6 +61,7 @@ SYNC_WAIT_S = 2.0               # a frontend's long poll waits at most this for 
 LIVE_S = 3 * SYNC_WAIT_S        # a frontend not heard from for this long is gone
 ACK_TIMEOUT_S = 60.0            # a change waits this long at most for the frontends to switch
 KV_NAMESPACE = "mixtral_ep"     # of Ray's GCS key-value store (as actors/serving/expert_counts.py)
+STATS_TIMEOUT_S = 5.0           # merge_stats waits this long at most for the actors' answers
 
 
 @dataclasses.dataclass
@@ -125,12 +126,13 @@ class PoolOwner:
         return self.load()
 
     async def info(self) -> PoolInfo:
-        """The pool once: its actors (expert ids, node, actor id), generation, live frontends
-        and their summed load."""
+        """The pool once: its actors (expert ids, node, actor id), generation, live frontends,
+        their summed load and the actors' merged calls."""
         experts = self._published
+        merges = MergeStats.merged((await asyncio.to_thread(self.merge_stats)).values())
         return PoolInfo(self.name, experts.generation, self._live_count(), self.load(),
                         tuple(zip(map(tuple, experts.actor_experts), experts.nodes,
-                                  (a._actor_id.hex() for a in experts.actors))))
+                                  (a._actor_id.hex() for a in experts.actors))), merges)
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.close)
@@ -160,6 +162,20 @@ class PoolOwner:
         idle = [ActorLoad(m.expert_ids, m.slot.node_id, 0.0, None, m.actor._actor_id.hex())
                 for m in members]
         return ExpertLoad.merged(loads, idle, *self._shape)
+
+    def merge_stats(self) -> dict[str, MergeStats]:
+        """Actor id (hex) -> that expert actor's MergeStats, cumulative since it started;
+        blocking, STATS_TIMEOUT_S at most. An actor that does not answer in time (restarting,
+        just removed) is left out."""
+        actors = self._published.actors
+        refs = [a.merge_stats.remote() for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STATS_TIMEOUT_S)
+        out = {}
+        for actor, ref in zip(actors, refs):
+            with contextlib.suppress(ray.exceptions.RayError):
+                if ref in ready:
+                    out[actor._actor_id.hex()] = ray.get(ref)
+        return out
 
     def _publish(self, experts: Experts) -> None:
         """The fleet's `apply`: every frontend uses `experts` from its next step; returns once

@@ -14,7 +14,7 @@ import asyncio
 import time
 
 from actors.failover import ResumableStream, unwrap, with_seed
-from actors.info import EngineInfo
+from actors.info import EngineInfo, PoolInfo
 from actors.serving.caller import own_id
 from actors.serving.draining import Drain, DrainedStream
 from actors.serving.metrics import RequestMetrics
@@ -56,6 +56,10 @@ class EngineClient:
     async def live_info(self) -> EngineInfo:
         """The engine's info now (expert placement and load change)."""
         return await self.engine.info.remote()
+
+    async def pool_info(self) -> PoolInfo | None:
+        """The shared expert pool now (EngineServer.pool_info), None with `per_replica`."""
+        return await self.engine.pool_info.remote()
 
     async def check(self, params: SamplingParams, tools: ToolInputs | None = None) -> None:
         """InvalidRequest naming the constraint's field (`response_format`, `json_schema`, ...)

@@ -39,6 +39,7 @@ from actors.serving import draining
 from actors.serving.caller import watched
 from actors.serving.expert_counts import ExpertCounts
 from actors.serving.metrics import EngineMetrics
+from actors.serving.pool_metrics import PoolGauges
 from model.checkpoint import WeightSource
 from model.engine import Resume, SamplingParams
 from model.errors import InvalidRequest, QueueFull
@@ -122,7 +123,8 @@ class EngineServer:
             self.counts = ExpertCounts.of_this_replica()    # set by hand: survives this replica
             self.counts.restore(self.fleet)
         frontend = self.frontend
-        self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, frontend.expert_load)
+        self.metrics = EngineMetrics(frontend.engine, frontend.dispatcher, frontend.expert_load,
+                                     pool=PoolGauges() if self.pool is None else None)
         log.info("%s", ready_banner(model_id or Path(source.path).name,
                                     len(frontend.dispatcher.actors), *proxy_addresses(),
                                     api_key))

@@ -1,7 +1,7 @@
 """gRPC messages <-> engine inputs and outputs: a GenerateRequest's prompt, sampling options,
 constraint and tools through the protocol-free checks (actors/serving/validation.py; the proto's
 structured-output and tool fields: actors/serving/grpc_structured.py), and the GenerateResponse
-and ModelInfoResponse built from engine chunks, Completions and EngineInfo (tool calls:
+and ModelInfoResponse built from engine chunks, Completions, EngineInfo and PoolInfo (tool calls:
 actors/serving/grpc_tool_calls.py). Pure functions (and `Responses`, which remembers a
 request's constants and, with tools, each streamed choice's parser); with the gRPC servicer the
 only modules of the front door that read or build protobuf messages.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from actors.info import EngineInfo
+from actors.info import EngineInfo, PoolInfo
 from actors.serving import grpc_structured
 from actors.serving.grpc_tool_calls import ToolCallStreams, read_completion, whole_calls
 from actors.serving.validation import ToolInputs, constraint_of, prompt_ids_of, sampling_params_of
@@ -184,11 +184,44 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> pb.
                     cached_tokens=cached_tokens)
 
 
-def model_info(name: str, info: EngineInfo) -> pb.ModelInfoResponse:
-    return pb.ModelInfoResponse(
+def model_info(name: str, info: EngineInfo, pool: PoolInfo | None = None) -> pb.ModelInfoResponse:
+    """ModelInfo of the engine replica that answered (`info`: its placement, its own load and
+    figures) and, with a shared pool, of the pool once (`pool`: EngineServer.pool_info)."""
+    out = pb.ModelInfoResponse(
         model=name, context_length=info.context_length, vocab_size=info.vocab_size,
         num_layers=info.num_layers, num_experts=info.num_experts,
         experts_per_token=info.experts_per_token, frontend_node_id=info.frontend_node_id,
         experts=[pb.ExpertPlacement(expert_id=e, node_ids=nodes,
                                     rows_per_second=info.expert_load.get(e, 0.0))
-                 for e, nodes in sorted(info.experts.items())])
+                 for e, nodes in sorted(info.experts.items())],
+        frontend=pb.FrontendStats(expert_call_retries=info.retries,
+                                  kv_blocks_free=info.free_blocks,
+                                  kv_blocks_total=info.total_blocks,
+                                  tracked_requests=info.tracked_requests))
+    if pool is not None:
+        out.pool.CopyFrom(expert_pool(pool))
+    return out
+
+
+def expert_pool(pool: PoolInfo) -> pb.ExpertPool:
+    """A shared pool's message: each expert id's nodes and summed load (`load.rows_per_s`,
+    one per expert id), its actors (an actor's rows per second matched by actor id in the
+    pool's summed load), its merged calls."""
+    load = pool.load
+    rates = {a.actor_id: a.rows_per_s for a in load.actors}
+    nodes: dict[int, list[str]] = {e: [] for e in range(len(load.rows_per_s))}
+    for ids, node, _ in pool.actors:
+        for e in ids:
+            nodes[e].append(node)
+    m = pool.merges
+    return pb.ExpertPool(
+        name=pool.name, generation=pool.generation, frontends=pool.frontends,
+        experts=[pb.ExpertPlacement(expert_id=e, node_ids=n,
+                                    rows_per_second=load.rows_per_s[e])
+                 for e, n in sorted(nodes.items())],
+        actors=[pb.PoolActor(expert_ids=ids, node_id=node, actor_id=actor,
+                             rows_per_second=rates.get(actor, 0.0))
+                for ids, node, actor in pool.actors],
+        actor_imbalance=load.imbalance(),
+        merges=pb.MergeStats(calls=m.calls, computes=m.computes, merged_calls=m.merged_calls,
+                             rows=m.rows))

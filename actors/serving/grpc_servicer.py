@@ -103,7 +103,8 @@ class GeneratorServicer:
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfoResponse:
         try:
             self._check_key(grpc_context)
-            return model_info(self.engine.model_name, await self.engine.live_info())
+            info, pool = await asyncio.gather(self.engine.live_info(), self.engine.pool_info())
+            return model_info(self.engine.model_name, info, pool)
         except Exception as e:  # noqa: BLE001
             set_status(grpc_context, e)
             return pb.ModelInfoResponse()

@@ -19,7 +19,13 @@ Each metric is owned by the process that a death loses least of:
   (actors/experts/dispatcher.py: `routed`, `round_trips`). A flush that fails is logged
   (WARNING, once until one succeeds); a thread that dies is logged (ERROR) and fails
   `check()`, the replica's health check, so Serve replaces the replica rather than let its
-  metrics stop silently.
+  metrics stop silently. It reports its own routing load per expert id
+  (`mixtral_ep_frontend_expert_load_rows_per_second`) whichever pool it uses.
+- the expert pool's figures (actors/serving/pool_metrics.py), its owner's: each expert id's
+  load summed over the pool's frontends, its actors, their imbalance. With `expert_pool:
+  per_replica` the engine replica owns its pool and its EngineMetrics exports them (given
+  `pool`); with `shared` the one ExpertPoolServer replica does, once for all engine replicas.
+`FlushThread` is the daemon thread that reads an engine's or a pool's metrics.
 """
 from __future__ import annotations
 
@@ -27,9 +33,11 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from actors.serving.pool_metrics import PoolGauges
     from model.output import StreamChunk
 
 log = logging.getLogger(f"ray.serve.{__name__}")
@@ -72,13 +80,59 @@ class RequestMetrics:
         return Request(self, prompt_tokens, choices)
 
 
+class FlushThread:
+    """A daemon thread that calls `flush()` every `interval_s` seconds: a flush that fails is
+    logged (WARNING, once until one succeeds); a thread that dies is logged (ERROR) and fails
+    `check()`, its replica's health check. `what` names the metrics in those lines."""
+
+    def __init__(self, flush: Callable[[], None], interval_s: float, what: str):
+        self.flush, self.interval_s, self.what = flush, interval_s, what
+        self._stop = threading.Event()
+        self._died: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=what.replace(" ", "-"),
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def check(self) -> None:
+        """RuntimeError if the flushing thread died (the replica's metrics stopped)."""
+        if not self.thread.is_alive() and not self._stop.is_set():
+            raise RuntimeError(f"the {self.what} thread died ({self._died!r}): this "
+                               "replica's metrics stopped")
+
+    def _loop(self) -> None:
+        failing = False
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.flush()
+                except Exception:
+                    if not failing:
+                        log.warning("%s flush failed (the metrics are stale until one "
+                                    "succeeds)", self.what, exc_info=True)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("%s flush works again", self.what)
+                    failing = False
+        except BaseException as e:          # logged, and `check` fails from now on
+            self._died = e
+            log.error("the %s thread died; the health check fails from now on", self.what,
+                      exc_info=True)
+
+
 class EngineMetrics:
     """The metrics of one engine replica; `engine` is its Engine, `dispatcher` its Dispatcher."""
 
-    def __init__(self, engine, dispatcher, expert_load, interval_s: float = 1.0):
-        """`expert_load()`: the replica's ExpertLoad now (Frontend.expert_load)."""
+    def __init__(self, engine, dispatcher, expert_load, interval_s: float = 1.0,
+                 pool: PoolGauges | None = None):
+        """`expert_load()`: the replica's ExpertLoad now (Frontend.expert_load); `pool`: its
+        pool's gauges (actors/serving/pool_metrics.py) where this replica owns its expert
+        actors (`expert_pool: per_replica`), None where a shared pool's owner exports them."""
         from ray.serve import metrics as m
-        self.engine, self.dispatcher, self.interval_s = engine, dispatcher, interval_s
+        self.engine, self.dispatcher = engine, dispatcher
         self.expert_load = expert_load
         self.running = m.Gauge("mixtral_ep_num_requests_running", "Requests being decoded.")
         self.waiting = m.Gauge("mixtral_ep_num_requests_waiting", "Requests queued.")
@@ -93,52 +147,25 @@ class EngineMetrics:
                                       boundaries=ROUND_TRIP_BUCKETS, tag_keys=("layer",))
         self.retries = m.Counter("mixtral_ep_expert_call_retries",
                                  "Expert calls sent again after their actor failed.")
-        self.load = m.Gauge("mixtral_ep_expert_load_rows_per_second",
-                            "Rows (token, expert pairs) routed to an expert id per second, all "
-                            "layers, over the dispatcher's load window.", tag_keys=("expert",))
-        self.replicas = m.Gauge("mixtral_ep_expert_replicas",
-                                "Expert actors holding an expert id.", tag_keys=("expert",))
-        self.imbalance = m.Gauge("mixtral_ep_expert_actor_imbalance",
-                                 "Max / mean rows per second over the expert actors (1 is even).")
+        self.load = m.Gauge("mixtral_ep_frontend_expert_load_rows_per_second",
+                            "Rows (token, expert pairs) this engine replica routed to an "
+                            "expert id per second, all layers, over the load window.",
+                            tag_keys=("expert",))
+        self.pool = pool
         self.cache_queries = m.Counter("mixtral_ep_prefix_cache_queries",
                                        "Prompt tokens looked up in the prefix cache (at a "
                                        "request's first admission).")
         self.cache_hits = m.Counter("mixtral_ep_prefix_cache_hits",
                                     "Of those, tokens whose KV was taken from the prefix cache.")
         self._seen: dict[str, int] = {}       # cumulative counts at the last flush, by name
-        self._stop = threading.Event()
-        self._died: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="engine-metrics", daemon=True)
-        self._thread.start()
+        self.flusher = FlushThread(self.flush, interval_s, "engine metrics")
 
     def close(self) -> None:
-        self._stop.set()
+        self.flusher.close()
 
     def check(self) -> None:
         """RuntimeError if the flushing thread died (the replica's metrics stopped)."""
-        if not self._thread.is_alive() and not self._stop.is_set():
-            raise RuntimeError(f"the engine metrics thread died ({self._died!r}): this "
-                               "replica's metrics stopped")
-
-    def _loop(self) -> None:
-        failing = False
-        try:
-            while not self._stop.wait(self.interval_s):
-                try:
-                    self.flush()
-                except Exception:
-                    if not failing:
-                        log.warning("engine metrics flush failed (the metrics are stale until "
-                                    "one succeeds)", exc_info=True)
-                    failing = True
-                else:
-                    if failing:
-                        log.info("engine metrics flush works again")
-                    failing = False
-        except BaseException as e:          # logged, and `check` fails from now on
-            self._died = e
-            log.error("the engine metrics thread died; the health check fails from now on",
-                      exc_info=True)
+        self.flusher.check()
 
     def flush(self) -> None:
         """Engine state now, and what the dispatcher counted since the last flush."""
@@ -161,9 +188,8 @@ class EngineMetrics:
         load = self.expert_load()
         for expert, rate in enumerate(load.rows_per_s):
             self.load.set(rate, tags={"expert": str(expert)})
-        for expert, n in load.replicas().items():
-            self.replicas.set(n, tags={"expert": str(expert)})
-        self.imbalance.set(load.imbalance())
+        if self.pool is not None:
+            self.pool.set(load)
         self._count("retries", self.retries, d.retries)
         self._flush_prefix_cache()
 

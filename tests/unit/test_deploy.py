@@ -283,14 +283,16 @@ def test_the_rayservice_manifest_holds_a_valid_serve_config_and_the_planned_acto
 
 def test_the_grafana_dashboard_plots_every_engine_metric_and_only_those():
     """deploy/grafana-dashboard.json queries Ray's exported names (`ray_` prefix; counters
-    `_total`, histograms `_bucket`) of exactly the metrics actors/serving/metrics.py defines."""
-    source = (ROOT / "actors/serving/metrics.py").read_text()
-    defined = set(re.findall(r'm\.\w+\("(mixtral_ep_\w+)"', source))
+    `_total`, histograms `_bucket`) of exactly the metrics actors/serving/metrics.py and
+    pool_metrics.py (the expert pool's) define."""
+    source = "".join((ROOT / "actors/serving" / f).read_text()
+                     for f in ("metrics.py", "pool_metrics.py"))
+    defined = set(re.findall(r'm\.\w+\(\s*"(mixtral_ep_\w+)"', source))
     dashboard = json.loads((ROOT / "deploy/grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     queried = {re.sub(r"_(total|bucket)$", "", name)
                for e in exprs for name in re.findall(r"ray_(mixtral_ep_\w+)", e)}
-    assert len(defined) == 17 and queried == defined
+    assert len(defined) == 23 and queried == defined
 
 
 @given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True),

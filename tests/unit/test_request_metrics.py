@@ -152,7 +152,7 @@ def test_a_failing_flush_is_logged_once_and_the_thread_goes_on(caplog):
 def test_a_dead_metrics_thread_is_logged_and_fails_the_health_check(caplog):
     caplog.set_level(logging.ERROR, logger="ray.serve.actors.serving.metrics")
     metrics = engine_metrics(Boom())
-    wait_for(lambda: not metrics._thread.is_alive())
+    wait_for(lambda: not metrics.flusher.thread.is_alive())
     with pytest.raises(RuntimeError, match="engine metrics thread died"):
         metrics.check()
     assert collections.Counter(r.levelname for r in caplog.records) == {"ERROR": 1}
@@ -161,7 +161,7 @@ def test_a_dead_metrics_thread_is_logged_and_fails_the_health_check(caplog):
 def test_a_closed_metrics_thread_passes_the_health_check():
     metrics = engine_metrics(ValueError("no scheduler"))
     metrics.close()
-    wait_for(lambda: not metrics._thread.is_alive())
+    wait_for(lambda: not metrics.flusher.thread.is_alive())
     metrics.check()
 
 
