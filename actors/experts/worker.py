@@ -37,9 +37,12 @@ MAX_WATCH_S = 3600.0            # until_stopped's max_s at most
 # how every expert actor is made (actors/experts/pool.py, tests): restarted by Ray on death,
 # calls never retried by Ray (the dispatcher re-sends); info/compute/warm/open_channel share 4
 # threads, the clients' until_stopped watches have a group of their own, so N frontends'
-# blocked watches never take those
+# blocked watches never take those. Ray starts a group's threads up front (256 cost ~2.8 MB
+# and 255 OS threads per actor): 64 watch 64 frontends at once, and a dead frontend's watch
+# ends within its max_s; a 65th frontend's watch waits for a thread (its dead-actor detection
+# falls back to the channel's reply timeout meanwhile)
 ACTOR_OPTIONS = dict(max_restarts=-1, max_task_retries=0, max_concurrency=4,
-                     concurrency_groups={WATCH_GROUP: 256})
+                     concurrency_groups={WATCH_GROUP: 64})
 
 
 class ExpertWorker:
