@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import time
 
 import grpc
 import pytest
 from ray import serve
 
+from actors.serving.pool_server import pool_prefix
 from cluster.local import EXPERT_SLOT, FRONTEND_SLOT, free_port
 from deploy.app import build_app, serve_start_options
 from protos import generator_pb2_grpc as pb_grpc
@@ -67,6 +69,41 @@ class ServeApps:
             self.delete(self.running)
         serve.run(app, name=name, route_prefix="/")
         self.running = name
+        return self._stub(name)
+
+    def apply(self, name: str, app_config: dict, timeout_s: float = 300) -> pb_grpc.GeneratorStub:
+        """Deploy `app_config` (an `applications:` entry of a Serve config, as in
+        deploy/serve.yaml: import_path, args, deployments) as `name` the way `serve deploy`
+        does: through Serve's controller, which builds it. Applied again with only
+        `deployments` changed (e.g. num_replicas), it updates the running application in
+        place: Serve keeps its replicas. A stub once the application runs with exactly the
+        `num_replicas` its entries give, all RUNNING; RuntimeError if it failed or timed out."""
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+        if self.running not in (None, name):
+            self.delete(self.running)
+        config = ServeDeploySchema(applications=[{"name": name, "route_prefix": "/",
+                                                  **app_config}])
+        _get_global_client().deploy_apps(config)
+        self.running = name
+        want = {d["name"]: {"RUNNING": d["num_replicas"]}
+                for d in app_config.get("deployments", ()) if "num_replicas" in d}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = serve.status().applications.get(name)
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"deploying {name} failed: {status.message}")
+            if status is not None and status.status == "RUNNING" and all(
+                    d in status.deployments and status.deployments[d].replica_states == states
+                    for d, states in want.items()):
+                return self._stub(name)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not running as configured after {timeout_s} s: "
+                                   f"{status}")
+            time.sleep(0.5)
+
+    def _stub(self, name: str) -> pb_grpc.GeneratorStub:
+        """A stub of a new channel to the proxy (closed with `name`), once the proxy answers."""
         channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
         self.channels.setdefault(name, []).append(channel)
         grpc.channel_ready_future(channel).result(timeout=60)
@@ -132,13 +169,15 @@ def deploy(serve_apps):
 
 @pytest.fixture
 def engine_actors(alive_actors):
-    """engine_actors(app) -> (its EngineServer replica, the ExpertWorker actors that replica
-    owns), as GCS actor-table entries (ActorID, Pid, Address, OwnerAddress...)."""
+    """engine_actors(app) -> (its EngineServer replica, the ExpertWorker actors it uses: those
+    that replica owns (`expert_pool: per_replica`) or the app's shared pool's, named after it),
+    as GCS actor-table entries (ActorID, Pid, Address, OwnerAddress, Name...)."""
     def find(app: str) -> tuple[dict, list[dict]]:
         [replica] = alive_actors(f"ServeReplica:{app}:EngineServer")
         where = (replica["Address"]["IPAddress"], replica["Address"]["Port"])
         owned = [a for a in alive_actors("ExpertWorker")
-                 if (a["OwnerAddress"]["IPAddress"], a["OwnerAddress"]["Port"]) == where]
+                 if (a["OwnerAddress"]["IPAddress"], a["OwnerAddress"]["Port"]) == where
+                 or (a.get("Name") or "").startswith(pool_prefix(app))]
         return replica, owned
     return find
 
