@@ -20,6 +20,7 @@ import ray
 
 from actors import RayEngine
 from actors.experts.shared import SharedExpertPool
+from actors.info import MergeStats
 from cluster.local import EXPERT_SLOT
 from model.engine import Engine, SamplingParams
 from tests.choices import LOGPROB_TOLERANCE
@@ -96,10 +97,16 @@ def test_two_engines_share_one_set_of_expert_actors(pool, engines, reference, al
         assert_as_in_process(engine, reference)
 
 
-def test_both_engines_at_once_equal_the_in_process_engine(engines, reference):
+def test_both_engines_at_once_equal_the_in_process_engine(pool, engines, reference):
+    """Their calls of one layer may meet at an actor (merged into one compute); the pool's
+    info sums the actors' merge counts."""
     with concurrent.futures.ThreadPoolExecutor(2) as threads:
         for done in [threads.submit(assert_as_in_process, e, reference) for e in engines]:
             done.result()
+    merges = pool.info().merges                     # idle now: the counts stand still
+    assert merges == MergeStats.merged(ray.get([a.merge_stats.remote()
+                                                for a in pool.experts.actors]))
+    assert 0 < merges.computes <= merges.calls and merges.rows > 0
 
 
 def test_scaling_the_pool_reaches_both_frontends(pool, engines, reference, alive_actors):
