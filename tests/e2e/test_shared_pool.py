@@ -58,12 +58,17 @@ def live_groups() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def scale(serve_apps, tiny_checkpoint):
-    """scale(n): (re)deploy APP with n engine replicas and wait until exactly n run. The
-    placement groups alive before APP are kept in `scale.before`."""
+def groups_before(serve_apps) -> set[str]:
+    """The placement groups alive before APP is deployed."""
+    return live_groups()
+
+
+@pytest.fixture(scope="module")
+def scale(serve_apps, tiny_checkpoint, groups_before):
+    """scale(n): (re)deploy APP with n engine replicas and wait until exactly n run; APP runs
+    with 1 from the first test on."""
     def run(engine_replicas: int):
         return serve_apps.apply(APP, app_config(tiny_checkpoint, engine_replicas))
-    run.before = live_groups()
     run(1)
     yield run
     serve_apps.delete(APP)
@@ -104,12 +109,16 @@ class Load:
             assert self.thread.is_alive() and time.monotonic() < deadline, len(self.done)
             time.sleep(0.2)
 
-    def stop(self, want: list[list[int]]) -> int:
-        """Stop after the requests running now; assert that every request completed with the
-        in-process engine's output (none lost, none wrong) -> how many there were."""
+    def close(self) -> None:
+        """Stop once the requests running now have ended."""
         self._stop.set()
         self.thread.join(timeout=300)
         assert not self.thread.is_alive()
+
+    def stop(self, want: list[list[int]]) -> int:
+        """close(); assert that every request completed with the in-process engine's output
+        (none lost, none wrong) -> how many there were."""
+        self.close()
         jobs, results = [JOBS[j] for j, _ in self.done], [r for _, r in self.done]
         tally = loadgen.check(jobs, results, [want[j] for j, _ in self.done])
         assert tally.ok and tally.completed == len(self.done) > 0, tally
@@ -123,8 +132,7 @@ def load(grpc_port, http_port, tiny_checkpoint, want):
     running = Load(grpc_port, http_port, Path(tiny_checkpoint).name)
     running.until(CLIENTS)                      # requests flow
     yield running
-    running._stop.set()
-    running.thread.join(timeout=300)
+    running.close()
 
 
 def expert_pids(alive_actors) -> dict[str, int]:
@@ -241,14 +249,14 @@ def test_scaling_the_engine_down_keeps_the_experts(scale, load, want, alive_acto
 
 
 def test_deleting_the_application_leaves_no_actor_or_placement_group(
-        scale, serve_apps, alive_actors):
+        scale, serve_apps, groups_before, alive_actors):
     """Deleting the application stops the pool: no expert actor alive, and every placement
     group made since it was deployed REMOVED, its experts' (named after the pool) among them."""
     serve_apps.delete(APP)
     deadline = time.monotonic() + 60
-    while expert_pids(alive_actors) or live_groups() - scale.before:
+    while expert_pids(alive_actors) or live_groups() - groups_before:
         assert time.monotonic() < deadline, (expert_pids(alive_actors),
-                                             live_groups() - scale.before)
+                                             live_groups() - groups_before)
         time.sleep(0.5)
     named = [g for g in ray.util.placement_group_table().values()
              if g["name"].startswith(pool_prefix(APP))]
