@@ -14,8 +14,9 @@ COUNTERS = ("_total", "_count")  # samples that only grow, with each request
 LABELS = ("layer", "expert", "finished_reason", "le")   # kept; Serve's replica labels summed
 
 
-def scrape(app: str) -> dict[str, dict[tuple, float]]:
-    """Sample name -> {sorted labels of `app`'s samples: value}, summed over every node."""
+def scrape(app: str, keep: tuple[str, ...] = LABELS) -> dict[str, dict[tuple, float]]:
+    """Sample name -> {sorted labels of `app`'s samples: value}, summed over every node and
+    over the labels not in `keep` (LABELS: Serve's deployment and replica labels summed)."""
     out: dict[str, dict[tuple, float]] = collections.defaultdict(
         lambda: collections.defaultdict(float))
     for node in ray.nodes():
@@ -27,7 +28,7 @@ def scrape(app: str) -> dict[str, dict[tuple, float]]:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.name.startswith("ray_mixtral_ep_") and s.labels.get("application") == app:
-                    labels = tuple(sorted((k, v) for k, v in s.labels.items() if k in LABELS))
+                    labels = tuple(sorted((k, v) for k, v in s.labels.items() if k in keep))
                     out[s.name][labels] += s.value
     return out
 

@@ -128,6 +128,41 @@ def test_model_info(server, ray_cluster):
     assert info.frontend_node_id == ray_cluster.head_node.node_id   # frontend_resources: the head
 
 
+
+def test_model_info_shows_the_shared_pool_once_and_this_frontends_own_figures(
+        server, ray_cluster, alive_actors):
+    """Issue 24 (the app's default `expert_pool: shared`): ModelInfo's `pool` is the one
+    ExpertPoolServer's: its 8 actors (the ExpertWorker actors alive, by actor id, one per expert
+    id, on the expert nodes), the one engine replica polling it, the rows it routed summed, and
+    the calls its actors served; `frontend` is the answering replica's own (idle: every KV
+    block free), and its `experts` are the pool's actors."""
+    server.Generate(greedy("Once upon a time", 8), timeout=60)
+    deadline = time.monotonic() + 20
+
+    def settled(info) -> bool:
+        """The request's KV blocks freed, and its load in the pool's (a frontend's load
+        reaches the pool with its next long poll: within SYNC_WAIT_S)."""
+        return (info.frontend.kv_blocks_free == info.frontend.kv_blocks_total
+                and sum(e.rows_per_second for e in info.pool.experts) > 0)
+    while not settled(info := server.ModelInfo(pb.ModelInfoRequest(), timeout=60)):
+        assert time.monotonic() < deadline, f"not settled: {info}"
+        time.sleep(0.2)
+    pool = info.pool
+    assert pool.name.startswith("mixtral-ep-pool:mixtral-ep:")
+    assert pool.frontends == 1
+    workers = {a["ActorID"]: a["Address"]["NodeID"] for a in alive_actors("ExpertWorker")}
+    assert {a.actor_id: a.node_id for a in pool.actors} == workers
+    assert sorted(e for a in pool.actors for e in a.expert_ids) == list(range(8))
+    expert_nodes = {n.node_id for n in ray_cluster.worker_nodes}
+    assert {a.node_id for a in pool.actors} <= expert_nodes
+    assert [(e.expert_id, sorted(e.node_ids)) for e in pool.experts] == \
+        [(e.expert_id, sorted(e.node_ids)) for e in info.experts]
+    assert sum(a.rows_per_second for a in pool.actors) > 0 and pool.actor_imbalance >= 1
+    m = pool.merges
+    assert 0 < m.computes <= m.calls and m.merged_calls <= m.calls and m.rows > 0
+    f = info.frontend
+    assert f.kv_blocks_total > 0 and f.tracked_requests == 0 and f.expert_call_retries == 0
+
 def test_model_info_shows_live_scaled_replicas_and_load(server, engine_actors):
     """The served engine scales an expert live (EngineServer.set_expert_replicas, through its
     deployment handle) while a stream runs; ModelInfo shows the replicas on distinct nodes and

@@ -14,7 +14,7 @@ import pytest
 from model.config import MixtralConfig
 from protos import generator_pb2 as pb
 from protos import generator_pb2_grpc as pb_grpc
-from tests.e2e.prometheus import COUNTERS, settled, total, until_equal
+from tests.e2e.prometheus import COUNTERS, scrape, settled, total, until_equal
 
 APP = "mixtral-ep"              # the shared app's (tests/e2e/conftest.py: TINY_APP)
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):"]
@@ -101,3 +101,43 @@ def test_prefix_cache_counters_count_the_tokens_looked_up_and_reused(server, tin
         want[name, labels] += total(before, name, **dict(labels))
     got, _ = until_equal(APP, want)
     assert got == want
+
+
+def test_the_shared_pool_is_exported_once_by_its_owner_and_each_frontend_apart(server,
+                                                                              tiny_checkpoint):
+    """Issue 24 (`expert_pool: shared`, the shared app's): the pool's figures (actors per
+    expert id, summed load, imbalance, frontends, merged calls) come from the one
+    ExpertPoolServer replica, not from each engine replica; an engine replica exports its own
+    load per expert id under a name of its own. The expert actors computed exactly the rows
+    the frontend routed (each token's k experts in every layer)."""
+    before = settled(APP)
+    served = []
+    for prompt in PROMPTS:
+        usage = server.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS,
+                                                   temperature=0.0), timeout=60).usage
+        served.append((usage.prompt_tokens, usage.completion_tokens))
+    cfg = MixtralConfig.from_json(tiny_checkpoint)
+    rows = cfg.num_hidden_layers * cfg.num_experts_per_tok * sum(p + c - 1 for p, c in served)
+    names = ("ray_mixtral_ep_expert_rows_total", "ray_mixtral_ep_expert_routed_tokens_total")
+    want = {(name, ()): rows + total(before, name) for name in names}
+    want["ray_mixtral_ep_expert_pool_frontends", ()] = 1
+    got, _ = until_equal(APP, want)
+    assert got == want
+    m = scrape(APP, keep=("deployment", "expert"))
+    pool = (("deployment", "ExpertPoolServer"),)
+
+    def series(name: str) -> dict[tuple, float]:
+        return dict(m.get(name, {}))
+    # one series per expert id, the pool owner's: 8 actors, one per expert id (expert_replicas 1)
+    assert series("ray_mixtral_ep_expert_replicas") == {
+        tuple(sorted(pool + (("expert", str(e)),))): 1 for e in range(cfg.num_local_experts)}
+    for name in ("ray_mixtral_ep_expert_load_rows_per_second",
+                 "ray_mixtral_ep_expert_actor_imbalance", "ray_mixtral_ep_expert_calls_total",
+                 "ray_mixtral_ep_expert_computes_total", "ray_mixtral_ep_expert_rows_total"):
+        assert {dict(k)["deployment"] for k in series(name)} == {"ExpertPoolServer"}, name
+    own = series("ray_mixtral_ep_frontend_expert_load_rows_per_second")
+    assert {dict(k)["deployment"] for k in own} == {"EngineServer"}
+    assert sum(own.values()) > 0 and total(m, "ray_mixtral_ep_expert_load_rows_per_second") > 0
+    calls, computes = (total(m, f"ray_mixtral_ep_expert_{n}_total") for n in ("calls", "computes"))
+    assert 0 < computes <= calls
+    assert total(m, "ray_mixtral_ep_expert_merged_calls_total") <= calls
