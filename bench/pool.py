@@ -12,12 +12,13 @@ cores) and the Serve application as bench/chaos.py builds it: Serve's proxy -> o
 N engine replicas (1 torch thread each, on the head) -> 8 expert actors of 1 thread each in
 all (`shared`) or per replica (`per_replica`). Each (pool, N) is deployed afresh and measured
 once ready: the resident bytes of every expert actor's process (RSS, and PSS, which counts a
-page that k processes share 1/k in each; /proc/PID/smaps_rollup) and the bytes of weights they
-hold (WorkerInfo.nbytes). With N = `--throughput-replicas`, `--rounds` rounds of `--clients`
-streaming requests at once (bench/loadgen.py: half gRPC, half OpenAI HTTP, greedy and seeded;
-the same jobs for both pools), each output checked against the in-process engine's: tokens/s
-over the rounds and the expert actors' MergeStats over them (actors/info.py: merged share =
-merged_calls / calls; rows per GEMM = rows / computes).
+page that k processes share 1/k in each; /proc/PID/smaps_rollup) and the bytes of expert
+weights they hold. With N = `--throughput-replicas`, `--rounds` rounds of `--clients` streaming
+requests at once (bench/loadgen.py: half gRPC, half OpenAI HTTP, greedy and seeded; the same
+jobs for both pools), each output checked against the in-process engine's: tokens/s over the
+rounds, and the shared pool's MergeStats over them (actors/info.py: merged share =
+merged_calls / calls; rows per GEMM = rows / computes; a replica's own actors are unnamed, and
+Ray gives the bench no handle to them: "-").
 """
 from __future__ import annotations
 
@@ -105,27 +106,35 @@ def expert_actors() -> list:
                        detail=True, limit=1000)
 
 
-def handle(actor_id: str):
-    """A handle to a live actor by id: a pool of a replica's own holds unnamed actors (Ray
-    has no public call for this; the bench only reads from them)."""
-    worker = ray._private.worker.global_worker
-    return worker.core_worker.get_actor_handle(ray.ActorID.from_hex(actor_id))
+def shared_actors() -> list:
+    """Handles to the shared pool's expert actors (detached and named
+    "mixtral-ep-pool:.../expert/..."); a replica's own pool's are unnamed: none."""
+    return [ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("mixtral-ep-pool:") and "/expert/" in a["name"]]
 
 
-def memory() -> Memory:
+def memory(expert_bytes: int) -> Memory:
+    """The live expert actors' processes; each holds one expert of `expert_bytes`."""
     actors = expert_actors()
     sizes = [resident(a.pid) for a in actors]
-    infos = ray.get([handle(a.actor_id).info.remote() for a in actors])
     return Memory(len(actors), sum(r for r, _ in sizes), sum(p for _, p in sizes),
-                  sum(i.nbytes for i in infos))
+                  len(actors) * expert_bytes)
 
 
 def merge_stats() -> MergeStats | None:
-    """MergeStats summed over the live expert actors; None where ExpertWorker has none."""
-    handles = [handle(a.actor_id) for a in expert_actors()]
+    """MergeStats summed over the shared pool's actors; None without one (Ray gives no handle
+    to a replica's own, unnamed actors) or where ExpertWorker has no merge_stats."""
+    handles = shared_actors()
     if not handles or not hasattr(handles[0], "merge_stats"):
         return None
     return MergeStats.merged(ray.get([h.merge_stats.remote() for h in handles]))
+
+
+def expert_bytes(path) -> int:
+    """Bytes of one expert's w1, w2, w3 over every layer in the checkpoint's dtype."""
+    cfg = WeightSource(path=str(path)).model_config()
+    return 3 * cfg.num_hidden_layers * cfg.hidden_size * cfg.intermediate_size * 4   # float32
 
 
 def wait_for_experts(count: int, timeout_s: float = 120) -> None:
@@ -179,7 +188,7 @@ def measure(args, path, rounds) -> tuple[dict, dict]:
                 log.info("%s pool, %d engine replicas: ready in %.0f s", pool, n,
                          time.monotonic() - started)
                 if n in args.replicas:
-                    memories[pool, n] = memory()
+                    memories[pool, n] = memory(expert_bytes(path))
                     log.info("memory: %s", memories[pool, n])
                 if n == args.throughput_replicas and rounds:
                     speeds[pool] = throughput(rounds, addresses)

@@ -121,10 +121,10 @@ def estimate(frontends=(1, 2, 4, 8), batch: int = 64, context: int = 2048,
 def table(rows: list[Estimate]) -> str:
     """The estimate as the Markdown table docs/benchmarks/pool.md shows."""
     lines = ["| frontends | GPUs, a pool each | GPUs, shared (no merge / all merged) | "
-             "replicas of each expert | expert GPU busy, a pool each | shared |",
-             "|---|---|---|---|---|---|"]
+             "replicas of each expert | expert GPU busy, a pool each | shared | "
+             "tokens/s per frontend |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.frontends} | {r.gpus_per_replica} | {r.gpus_shared} / "
                      f"{r.gpus_shared_merged} | {r.replicas} | {r.utilisation_per_replica:.0%} "
-                     f"| {r.utilisation_shared:.0%} |")
+                     f"| {r.utilisation_shared:.0%} | {r.tokens_per_s:.0f} |")
     return "\n".join(lines)
