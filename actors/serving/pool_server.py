@@ -8,7 +8,8 @@ engine replica reaches through a DeploymentHandle.
 Serve restarts it when it dies (its health check); the new replica adopts the running expert
 actors (detached, named `pool_name(...)/expert/...` in Serve's namespace), so no expert
 reloads and no request is lost. Deleting the application stops it, and its `__del__` stops the
-actors and removes their placement groups.
+actors and removes their placement groups. It exports the pool's metrics, once for every engine
+replica (actors/serving/pool_metrics.py: PoolMetrics).
 """
 from __future__ import annotations
 

@@ -20,7 +20,9 @@ RUN_BY = {("README.md", "Python API"): "unit/test_readme.py",
               "e2e/test_openai_structured.py",
           ("docs/python-api.md", "In-process engine"): "unit/test_readme.py",
           ("docs/python-api.md", "Prefix caching"): "unit/test_readme.py",
-          ("docs/python-api.md", "Expert parallelism on Ray"): "integration/test_readme_ray.py"}
+          ("docs/python-api.md", "Expert parallelism on Ray"): "integration/test_readme_ray.py",
+          ("docs/python-api.md", "Several engines, one expert pool"):
+              "integration/test_readme_ray.py"}
 # the blocks this file runs: (document, heading)
 IN_PROCESS = [block for block, runner in RUN_BY.items() if runner == "unit/test_readme.py"]
 
