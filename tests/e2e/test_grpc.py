@@ -187,10 +187,11 @@ def test_model_info_shows_live_scaled_replicas_and_load(server, engine_actors):
         time.sleep(0.5)
 
 
-def test_the_engine_replica_is_the_frontend_and_owns_its_experts(server, alive_actors,
-                                                                  engine_actors):
+def test_the_engine_replica_is_the_frontend_and_its_pool_holds_the_experts(server, alive_actors,
+                                                                           engine_actors):
     """No frontend actor between the replica and its engine: the replica runs the engine and
-    the dispatcher itself, and started (so owns) the 8 expert actors."""
+    the dispatcher itself; the application's shared pool (the default) holds the 8 expert
+    actors it uses, and no others run."""
     replica, owned = engine_actors("mixtral-ep")
     assert not alive_actors("Frontend")
     assert len(owned) == 8 and len(alive_actors("ExpertWorker")) == 8
