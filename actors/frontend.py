@@ -21,8 +21,8 @@ import ray
 import torch
 
 from actors.experts.dispatcher import Dispatcher
+from actors.experts.follower import PoolClient, PoolFollower
 from actors.experts.pool import Experts
-from actors.experts.shared import PoolClient, PoolFollower
 from actors.experts.transport import make_transport
 from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo
 from model.checkpoint import WeightSource

@@ -17,10 +17,10 @@ differences. Its actors and their placement groups are detached and named after 
 they outlive the owner's process; an owner that Ray or Serve restarts finds and adopts them
 (ExpertPool.adopt) instead of loading new ones, and takes the channel secret from Ray's GCS
 key-value store, where the first owner left it. And its `apply` publishes a new set of actors
-to every frontend instead of calling one: each frontend's PoolFollower long-polls `sync`
-(every SYNC_WAIT_S at least, carrying the generation it uses and its routing load), switches to
-a newer set between two of its steps (Frontend.set_experts_now) and acknowledges by its next
-`sync`. A change waits until every live frontend (one heard from within LIVE_S) acknowledged,
+to every frontend instead of calling one: each frontend's PoolFollower (follower.py) long-polls
+`sync` (every SYNC_WAIT_S at least, carrying the generation it uses and its routing load),
+switches to a newer set between two of its steps (Frontend.set_experts_now) and acknowledges by
+its next `sync`. A change waits until every live frontend (one heard from within LIVE_S) acked,
 at most ACK_TIMEOUT_S, before it stops removed actors; a later frontend's calls to a stopped
 actor fail over to its replicas (actors/experts/dispatcher.py). Routing load is the sum of the
 live frontends' latest loads (ExpertLoad.merged), which the autoscaler reads.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -41,23 +40,19 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
 
 from actors.experts.fleet import ExpertFleet
+from actors.experts.follower import SYNC_WAIT_S, PoolClient
 from actors.experts.pool import CPU_ACTOR, Experts
 from actors.info import ActorLoad, ExpertLoad, MergeStats, PoolInfo
 from actors.options import EngineOptions
 from model.checkpoint import WeightSource
 
-if TYPE_CHECKING:
-    from actors.frontend import Frontend
-
 log = logging.getLogger(f"ray.serve.{__name__}")
 
-SYNC_WAIT_S = 2.0               # a frontend's long poll waits at most this for a newer set
 LIVE_S = 3 * SYNC_WAIT_S        # a frontend not heard from for this long is gone
 ACK_TIMEOUT_S = 60.0            # a change waits this long at most for the frontends to switch
 KV_NAMESPACE = "mixtral_ep"     # of Ray's GCS key-value store (as actors/serving/expert_counts.py)
@@ -228,67 +223,6 @@ def _kv_read(name: str) -> dict | None:
 
 def _kv_write(name: str, record: dict) -> None:
     _internal_kv_put(name, json.dumps(record), namespace=KV_NAMESPACE)
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolClient:
-    """A frontend's way to its pool's owner: a Ray actor handle or a Serve DeploymentHandle
-    (picklable either way)."""
-    handle: Any
-
-    def call(self, method: str, *args, timeout_s: float | None = None):
-        """The owner's `method(*args)`, blocking; from an event loop's thread it runs in
-        another thread (a DeploymentHandle refuses blocking there)."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return self._call(method, args, timeout_s)
-        with concurrent.futures.ThreadPoolExecutor(1) as thread:
-            return thread.submit(self._call, method, args, timeout_s).result()
-
-    def _call(self, method: str, args: tuple, timeout_s: float | None):
-        call = getattr(self.handle, method).remote(*args)
-        if isinstance(self.handle, ray.actor.ActorHandle):
-            return ray.get(call, timeout=timeout_s)
-        return call.result(timeout_s=timeout_s)
-
-    async def acall(self, method: str, *args):
-        """The owner's `method(*args)`, awaited (both handle kinds' calls are awaitable)."""
-        return await getattr(self.handle, method).remote(*args)
-
-
-class PoolFollower:
-    """A frontend's thread that follows its pool: long polls `sync` with the set it uses and
-    its load, and switches to each newer set between two steps. An owner that is away
-    (restarting) is logged once and asked again every second; the frontend serves on with
-    the actors it has meanwhile."""
-
-    def __init__(self, pool: PoolClient, frontend: Frontend):
-        self.pool, self.frontend, self.id = pool, frontend, uuid.uuid4().hex
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="expert-pool", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        away = False
-        while not self._stop.is_set():
-            try:
-                experts = self.pool.call("sync", self.id, self.frontend.generation,
-                                         self.frontend.expert_load(), timeout_s=SYNC_WAIT_S + 60)
-                if experts is not None and not self._stop.is_set():
-                    self.frontend.set_experts_now(experts)
-                if away:
-                    log.info("expert pool owner answers again")
-                    away = False
-            except Exception as e:  # noqa: BLE001 - the owner restarts; asked again below
-                if not away:
-                    log.warning("expert pool owner unreachable (%s: %s); serving with the "
-                                "actors in use, asking again every second", type(e).__name__, e)
-                away = True
-                self._stop.wait(1.0)
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 class SharedExpertPool:

@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve.schema import LoggingConfig
 
 from actors.experts.fleet import ExpertFleet
-from actors.experts.shared import PoolClient
+from actors.experts.follower import PoolClient
 from actors.frontend import Frontend
 from actors.info import EngineInfo, ExpertLoad, PoolInfo
 from actors.options import EngineOptions
