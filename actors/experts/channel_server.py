@@ -10,7 +10,9 @@ end): a ROUTER socket served by one daemon thread, which also answers ZeroMQ's a
 
 Merged calls (several frontends share one actor): the thread reads one request, then every
 request already queued on the socket (at most MAX_MERGE, never waiting for more), and computes
-the requests of one layer as ONE `compute` call: rows of each expert id concatenated in the
+the requests of one layer as ONE `compute` call, up to `bound.max_rows` rows (one call's bound,
+so a merged GEMM is never larger than a lone one; the layer's requests past it go to the next
+compute of the round, in order: `capped`): rows of each expert id concatenated in the
 order the requests were read (a's rows for expert_ids[0], b's for expert_ids[0], a's for
 expert_ids[1], ...), counts summed; y is split back into each request's own order, and each
 gets its own reply. Each reply's compute seconds are the merged call's seconds times its share
@@ -142,6 +144,23 @@ def merge_rows(requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
     return x, [sum(r.counts[e] for r in requests) for e in range(k)]
 
 
+def capped(requests: list[Request], max_rows: int) -> list[list[Request]]:
+    """Requests of one layer, in order -> consecutive groups of at most `max_rows` rows each,
+    each as full as the order allows (a request alone is never over: `CallBound.parse` bounds it).
+    Rows n [5, 5, 5, 12, 0] with max_rows 12 -> [[5, 5], [5], [12, 0]]."""
+    groups: list[list[Request]] = []
+    total = 0
+    for r in requests:
+        n = r.x.shape[0]
+        if groups and total + n <= max_rows:
+            groups[-1].append(r)
+            total += n
+        else:
+            groups.append([r])
+            total = n
+    return groups
+
+
 def split_rows(y: torch.Tensor, requests: list[Request]) -> list[torch.Tensor]:
     """merge_rows' inverse on the merged output y (sum n, D) -> each request's y (n, D), in its
     own expert order (views when a request's rows are one block)."""
@@ -206,12 +225,14 @@ class ChannelServer:
                 handlers[socket]()
 
     def _call(self) -> None:
-        """One round: the first request, every one queued behind it, each layer computed once."""
+        """One round: the first request, every one queued behind it, each layer's computed in as
+        few calls of at most `bound.max_rows` rows as their order allows."""
         by_layer: dict[int, list[Request]] = {}
         for request in self._read_round():
             by_layer.setdefault(request.layer, []).append(request)
         for requests in by_layer.values():
-            self._compute_layer(requests)
+            for group in capped(requests, self.bound.max_rows):
+                self._compute_layer(group)
 
     def _read_round(self) -> list[Request]:
         """The request that woke the thread, then those already queued (no wait; MAX_MERGE in

@@ -1,7 +1,8 @@
 """Merged calls in actors/experts/channel_server.py, without Ray: requests of one layer waiting on
 the socket when the expert starts computing are computed as one call (rows of each expert id
-concatenated in request order, results split back), with exact results per request, exact
-MergeStats, layers kept apart, and a malformed or failing request failing nobody else."""
+concatenated in request order, results split back) of at most one call's rows (the rest in the
+next compute), with exact results per request, exact MergeStats, layers kept apart, and a
+malformed or failing request failing nobody else."""
 from __future__ import annotations
 
 import itertools
@@ -17,7 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.experts.channel import DTYPES, REPLY, REQUEST, USER
-from actors.experts.channel_server import CallBound, ChannelServer, Request, merge_rows, split_rows
+from actors.experts.channel_server import (
+    CallBound,
+    ChannelServer,
+    Request,
+    capped,
+    merge_rows,
+    split_rows,
+)
 from actors.info import MergeStats
 
 SECRET = "merge-" + "y" * 58
@@ -143,7 +151,7 @@ call_st = st.tuples(st.integers(0, 2), st.sampled_from([1, 2, FAILS]),
 
 @settings(max_examples=12, deadline=None)
 @given(st.lists(call_st, min_size=2, max_size=6), st.booleans())
-def test_calls_waiting_together_are_computed_once_per_layer(held, server, clients, calls,
+def test_calls_waiting_together_are_merged_per_layer_up_to_the_bound(held, server, clients, calls,
                                                             malformed):
     xs = [rows(sum(c), 10 + i) for i, (_, _, c) in enumerate(calls)]
     sends = [(client, frames(100 + i, layer, xs[i], c))
@@ -157,36 +165,101 @@ def test_calls_waiting_together_are_computed_once_per_layer(held, server, client
     layers = {}                                         # layer -> indices, in first-seen order
     for i, (_, layer, _) in enumerate(calls):
         layers.setdefault(layer, []).append(i)
-    for layer, members in layers.items():
-        total = sum(xs[i].shape[0] for i in members)
-        for i in members:
-            seconds, ok, body = by_seq[100 + i]
-            if layer == FAILS:
-                assert not ok and b"layer 99 does not exist" in body
-                continue
-            y = as_rows(body)
-            assert ok and torch.equal(y, expertwise(layer, xs[i], calls[i][2]))
-            share = xs[i].shape[0] / total if total else 1 / len(members)
-            assert seconds == pytest.approx(SECONDS * share)
+    order = [c[0] for c in held.calls[1:]]
+    assert held.calls[0][0] == HOLD and sorted(set(order)) == sorted(layers)
+    assert 1 + sum(a != b for a, b in zip(order, order[1:])) == len(layers)  # layer by layer
+    groups = {layer: merged_groups(computed(held, layer), members, xs, calls)
+              for layer, members in layers.items()}
+    for layer, layer_groups in groups.items():
+        for group in layer_groups:
+            total = sum(xs[i].shape[0] for i in group)
+            assert total <= PER_CALL or len(group) == 1, (layer, group)   # one call's bound
+            for i in group:
+                seconds, ok, body = by_seq[100 + i]
+                if layer == FAILS:
+                    assert not ok and b"layer 99 does not exist" in body
+                    continue
+                y = as_rows(body)
+                assert ok and torch.equal(y, expertwise(layer, xs[i], calls[i][2]))
+                share = xs[i].shape[0] / total if total else 1 / len(group)
+                assert seconds == pytest.approx(SECONDS * share)
     if malformed:
         assert not by_seq[99][1] and by_seq[99][2].startswith(b"MalformedCall: ")
 
-    assert held.calls[0][0] == HOLD and len(held.calls) == 1 + len(layers)
-    for layer, x, counts in held.calls[1:]:
-        assert_merged(layer, x, counts, [(xs[i], calls[i][2]) for i in layers[layer]])
-    merged = sum(len(m) for m in layers.values() if len(m) > 1)
+    all_groups = [g for layer_groups in groups.values() for g in layer_groups]
     assert server.stats == before + MergeStats(
-        calls=1 + len(calls), computes=1 + len(layers), merged_calls=merged,
+        calls=1 + len(calls), computes=1 + len(all_groups),
+        merged_calls=sum(len(g) for g in all_groups if len(g) > 1),
         rows=1 + sum(x.shape[0] for x in xs))
 
 
-def assert_merged(layer, x, counts, own: list[tuple[torch.Tensor, list[int]]]) -> None:
-    """The one compute of `layer` got every request's rows, expert by expert, the requests in
-    one order (the order the server read them, which fair queueing across clients decides)."""
-    assert counts == [sum(c[e] for _, c in own) for e in range(K)], layer
-    orders = [order for order in itertools.permutations(own) if torch.equal(
-        x, torch.cat([r.split(c)[e] for e in range(K) for r, c in order]))]
-    assert orders, f"layer {layer}: the compute's rows are not the requests' concatenated"
+def computed(held, layer: int) -> list[tuple[torch.Tensor, list[int]]]:
+    """The compute calls of `layer` after the HOLD one -> (x, counts) each, in call order."""
+    return [(x, counts) for lay, x, counts in held.calls[1:] if lay == layer]
+
+
+def greedy(order: list[int], n: list[int]) -> list[list[int]]:
+    """The oracle of the cap: requests in `order` (rows n[i]) -> consecutive groups, a request
+    joining the current group while its rows stay within PER_CALL."""
+    groups = []
+    for i in order:
+        if groups and sum(n[j] for j in groups[-1]) + n[i] <= PER_CALL:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def merged_groups(computes, members: list[int], xs, calls) -> list[list[int]]:
+    """The computes of one layer got its requests' rows, expert by expert, grouped greedily up to
+    PER_CALL rows, the requests in one order (the order the server read them: each client's in
+    its send order, fair queueing across clients decides the rest) -> those groups."""
+    n = {i: xs[i].shape[0] for i in members}
+    for order in itertools.permutations(members):
+        clients = [calls[i][0] for i in order]
+        if any(sorted(j for j, c in zip(order, clients) if c == client) !=
+               [j for j, c in zip(order, clients) if c == client] for client in set(clients)):
+            continue                                    # a client's calls are read in order
+        groups = greedy(list(order), n)
+        if len(groups) == len(computes) and all(
+                counts == [sum(calls[i][2][e] for i in g) for e in range(K)]
+                and torch.equal(x, torch.cat([xs[i].split(calls[i][2])[e]
+                                              for e in range(K) for i in g]))
+                for g, (x, counts) in zip(groups, computes)):
+            return groups
+    raise AssertionError(f"the computes {[c for _, c in computes]} are not requests {members} "
+                         f"grouped greedily up to {PER_CALL} rows in any read order")
+
+
+def test_a_merged_compute_never_exceeds_one_calls_bound(held, server, clients):
+    """Three full calls and a lone-size pair of one layer waiting together: each full call is a
+    compute of its own (3 x PER_CALL rows merged would be over the bound), the rest are merged
+    in order up to the bound."""
+    half = [PER_CALL // 4, PER_CALL // 4]                # PER_CALL / 2 rows
+    sizes = [[PER_CALL // K] * K] * 3 + [half, half, half]
+    xs = [rows(sum(c), 40 + i) for i, c in enumerate(sizes)]
+    before = server.stats
+    got = held_round(held, clients, [(1, frames(200 + i, 3, x, c))
+                                     for i, (x, c) in enumerate(zip(xs, sizes))])
+    assert [x.shape[0] for _, x, _ in held.calls[1:]] == [PER_CALL] * 4 + [PER_CALL // 2]
+    for i, (x, c) in enumerate(zip(xs, sizes)):
+        seconds, ok, body = got[1][200 + i]
+        assert ok and torch.equal(as_rows(body), expertwise(3, x, c))
+        assert seconds == pytest.approx(SECONDS if i < 3 or i == 5 else SECONDS / 2)
+    assert server.stats == before + MergeStats(calls=7, computes=6, merged_calls=2,
+                                               rows=1 + 4 * PER_CALL + PER_CALL // 2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, PER_CALL), max_size=12))
+def test_capped_groups_are_in_order_full_and_within_the_bound(n):
+    requests = [Request(None, i, 1, rows(k, i), [k, 0]) for i, k in enumerate(n)]
+    groups = capped(requests, PER_CALL)
+    assert [r.seq for g in groups for r in g] == list(range(len(n)))      # in order, each once
+    assert [[r.seq for r in g] for g in groups] == greedy(range(len(n)), n)
+    for g, after in zip(groups, groups[1:]):
+        assert sum(r.x.shape[0] for r in g) + after[0].x.shape[0] > PER_CALL   # none fits more
+    assert all(sum(r.x.shape[0] for r in g) <= PER_CALL for g in groups)
 
 
 def test_a_lone_call_is_not_counted_as_merged(held, server, clients):
