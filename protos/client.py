@@ -2,7 +2,7 @@
 
     python -m protos.client "Tell me a story" --max-tokens 64        # stream a completion
     python -m protos.client "Hi" --system "Be brief." --unary        # chat, one response
-    python -m protos.client info                                     # what is served (ModelInfo)
+    python -m protos.client info           # what is served: ModelInfo, the shared expert pool
     python -m protos.client --prompt-file long.txt --max-tokens 64   # the prompt from a file
     cat question.txt | python -m protos.client - --chat              # ... or from stdin
     MIXTRAL_EP_API_KEY=... python -m protos.client "Hi" --address host:443 --tls --ca-cert ca.pem
@@ -148,12 +148,40 @@ def parser() -> argparse.ArgumentParser:
 
 def _info(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=args.timeout, metadata=_metadata(args))
-    print(f"model {info.model}: context {info.context_length} tokens, vocabulary "
-          f"{info.vocab_size}, {info.num_layers} layers, {info.num_experts} experts "
-          f"(top-{info.experts_per_token}); frontend on node {info.frontend_node_id}")
-    for e in info.experts:
-        print(f"  expert {e.expert_id}: {len(e.node_ids)} replica(s) on {', '.join(e.node_ids)}; "
-              f"{e.rows_per_second:.1f} rows/s recently")
+    print("\n".join(info_lines(info)))
+
+
+def info_lines(info: pb.ModelInfoResponse) -> list[str]:
+    """ModelInfo as text: the model; the answering engine replica's own figures (each replica
+    has its own: with several, its rows/s are its share only); the shared expert pool, once,
+    with the load summed over every replica, when the server has one (expert_pool: shared)."""
+    lines = [f"model {info.model}: context {info.context_length} tokens, vocabulary "
+             f"{info.vocab_size}, {info.num_layers} layers, {info.num_experts} experts "
+             f"(top-{info.experts_per_token}); frontend on node {info.frontend_node_id}"]
+    stats = ""
+    if info.HasField("frontend"):
+        f = info.frontend
+        stats = (f": {f.expert_call_retries} expert call retries, KV blocks "
+                 f"{f.kv_blocks_free}/{f.kv_blocks_total} free, {f.tracked_requests} requests")
+    lines.append(f"this engine replica{stats}; its expert calls:")
+    lines += [f"  expert {e.expert_id}: {len(e.node_ids)} replica(s) on {', '.join(e.node_ids)}; "
+              f"{e.rows_per_second:.1f} rows/s from this replica recently" for e in info.experts]
+    return lines + (pool_lines(info.pool) if info.HasField("pool") else [])
+
+
+def pool_lines(pool: pb.ExpertPool) -> list[str]:
+    """The shared expert pool's block of `info_lines`: name, generation, frontends, each expert
+    id's nodes and rows/s summed over the frontends, the actors' imbalance, their merges."""
+    m = pool.merges
+    share = m.merged_calls / m.calls if m.calls else 0.0
+    per_gemm = m.rows / m.computes if m.computes else 0.0
+    return [f"shared expert pool {pool.name}: generation {pool.generation}, {pool.frontends} "
+            f"engine replica(s) polling, {len(pool.actors)} actor(s), imbalance "
+            f"{pool.actor_imbalance:.2f} (max / mean rows/s)",
+            *(f"  expert {e.expert_id}: {len(e.node_ids)} actor(s) on {', '.join(e.node_ids)}; "
+              f"{e.rows_per_second:.1f} rows/s from all replicas" for e in pool.experts),
+            f"  merges: {m.merged_calls} of {m.calls} calls computed with another's "
+            f"({share:.0%}), {m.computes} computes, {per_gemm:.1f} rows per GEMM"]
 
 
 def _generate(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ class _Echo(pb_grpc.GeneratorServicer):
     def __init__(self):
         self.prompts: list[str] = []
         self.requests: list[pb.GenerateRequest] = []
+        self.info: pb.ModelInfoResponse | None = None     # ModelInfo's reply, if not the default
 
     def GenerateStream(self, request, context):
         self.requests.append(request)
@@ -58,6 +59,12 @@ class _Echo(pb_grpc.GeneratorServicer):
                                    usage=pb.Usage(prompt_tokens=2, completion_tokens=3),
                                    prompt_logprobs=PROMPT_LOGPROBS, choices=choices)
 
+    def ModelInfo(self, request, context):
+        if self.info is not None:
+            return self.info
+        experts = [pb.ExpertPlacement(expert_id=e, node_ids=[f"node{e}"]) for e in range(5000)]
+        return pb.ModelInfoResponse(model="tiny", num_experts=5000, experts=experts)
+
 
 # a call streamed as the server sends one: id and name first, then its argument pieces
 TOOL_CALL_STREAM = [
@@ -79,10 +86,6 @@ def _two_choices():
     last = delta(0, "b", 6, -0.75, "length")
     last.usage.CopyFrom(pb.Usage(prompt_tokens=2, completion_tokens=3))
     yield last
-
-    def ModelInfo(self, request, context):
-        experts = [pb.ExpertPlacement(expert_id=e, node_ids=[f"node{e}"]) for e in range(5000)]
-        return pb.ModelInfoResponse(model="tiny", num_experts=5000, experts=experts)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +135,56 @@ def test_a_reader_that_closes_the_pipe_early_ends_it_quietly(fake_server, args):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) in (0, 1)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def shared_pool_info() -> pb.ModelInfoResponse:
+    """ModelInfo as one of two engine replicas on a shared pool of 2 experts answers it."""
+    own = [pb.ExpertPlacement(expert_id=0, node_ids=["n1"], rows_per_second=10.0),
+           pb.ExpertPlacement(expert_id=1, node_ids=["n2"], rows_per_second=6.0)]
+    pool = pb.ExpertPool(
+        name="mixtral-ep-pool:app:1a2b", generation=17, frontends=2, actor_imbalance=1.25,
+        experts=[pb.ExpertPlacement(expert_id=0, node_ids=["n1", "n3"], rows_per_second=21.0),
+                 pb.ExpertPlacement(expert_id=1, node_ids=["n2"], rows_per_second=11.5)],
+        actors=[pb.PoolActor(expert_ids=[e], node_id=n) for e, n in [(0, "n1"), (0, "n3"),
+                                                                      (1, "n2")]],
+        merges=pb.MergeStats(calls=400, computes=300, merged_calls=120, rows=1050))
+    return pb.ModelInfoResponse(
+        model="tiny", num_experts=2, experts_per_token=1, frontend_node_id="n0", experts=own,
+        pool=pool, frontend=pb.FrontendStats(expert_call_retries=3, kv_blocks_free=10,
+                                             kv_blocks_total=20, tracked_requests=2))
+
+
+def test_info_prints_the_shared_pool_and_labels_the_replicas_own_figures(fake_server, capsys):
+    address, servicer = fake_server
+    servicer.info = shared_pool_info()
+    try:
+        assert client.main(["info", "--address", address]) == 0
+    finally:
+        servicer.info = None
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [
+        "this engine replica: 3 expert call retries, KV blocks 10/20 free, 2 requests; "
+        "its expert calls:",
+        "  expert 0: 1 replica(s) on n1; 10.0 rows/s from this replica recently",
+        "  expert 1: 1 replica(s) on n2; 6.0 rows/s from this replica recently",
+        "shared expert pool mixtral-ep-pool:app:1a2b: generation 17, 2 engine replica(s) "
+        "polling, 3 actor(s), imbalance 1.25 (max / mean rows/s)",
+        "  expert 0: 2 actor(s) on n1, n3; 21.0 rows/s from all replicas",
+        "  expert 1: 1 actor(s) on n2; 11.5 rows/s from all replicas",
+        "  merges: 120 of 400 calls computed with another's (30%), 300 computes, "
+        "3.5 rows per GEMM"]
+
+
+def test_info_without_a_pool_prints_no_pool_block():
+    """expert_pool: per_replica (or an older server): no `pool`, no `frontend` in the reply."""
+    info = shared_pool_info()
+    info.ClearField("pool")
+    info.ClearField("frontend")
+    lines = client.info_lines(info)
+    assert lines[1] == "this engine replica; its expert calls:" and len(lines) == 4
+    assert not any("pool" in line for line in lines)
+    idle = pb.ExpertPool(name="p")                      # no calls yet: no division by zero
+    assert client.pool_lines(idle)[-1].endswith("(0%), 0 computes, 0.0 rows per GEMM")
 
 
 NEW_FLAGS = ["--n", "2", "--top-logprobs", "2", "--prompt-logprobs", "1", "--presence-penalty",
