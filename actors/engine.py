@@ -86,6 +86,19 @@ def _frontend_actor(source: WeightSource, o: EngineOptions, fleet: ExpertFleet |
         pool.client if pool is not None else None)
 
 
+# EngineOptions fields of the expert actors: on a shared pool, the pool's own options decide them
+POOL_FIELDS = ("expert_replicas", "experts_per_actor", "expert_resources", "expert_threads",
+               "expert_autoscaling")
+
+
+def _ignored_fields(o: EngineOptions, pool_o: EngineOptions) -> list[str]:
+    """The POOL_FIELDS an engine's options `o` set (not the default) to other values than the
+    pool's options `pool_o`: those a RayEngine on that pool does not use. [] when none."""
+    default = EngineOptions()
+    return [f for f in POOL_FIELDS
+            if getattr(o, f) != getattr(default, f) and getattr(o, f) != getattr(pool_o, f)]
+
+
 class RayEngine:
     def __init__(self, frontend, fleet: ExpertFleet | None, tokenizer: Tokenizer,
                  failover_timeout_s: float = 120.0, pool: SharedExpertPool | None = None):
@@ -159,7 +172,8 @@ class RayEngine:
     def _on_pool(cls, source: WeightSource, o: EngineOptions, pool: SharedExpertPool,
                  tokenizer: Tokenizer) -> RayEngine:
         """A frontend actor on a shared pool's experts. ValueError when its dtype or tokens per
-        step do not fit the pool's actors (their channels would refuse its rows)."""
+        step do not fit the pool's actors (their channels would refuse its rows); one WARNING
+        naming the expert fields set here that the pool's options override (POOL_FIELDS)."""
         if source.resolve_dtype(o.dtype) != pool.source.resolve_dtype(pool.options.dtype):
             raise ValueError(f"dtype {o.dtype!r} differs from the pool's "
                              f"{pool.options.dtype!r}")
@@ -167,6 +181,12 @@ class RayEngine:
             raise ValueError(f"engine_args.max_num_batched_tokens={o.max_num_batched_tokens} is "
                              f"over the pool's {pool.options.max_num_batched_tokens}, which "
                              f"bounds its expert actors' calls")
+        ignored = _ignored_fields(o, pool.options)
+        if ignored:
+            log.warning("expert pool %s decides its expert actors: ignoring this engine's %s "
+                        "(the pool's: %s)", pool.name,
+                        ", ".join(f"{f}={getattr(o, f)!r}" for f in ignored),
+                        ", ".join(f"{f}={getattr(pool.options, f)!r}" for f in ignored))
         engine = cls(_frontend_actor(source, o, None, pool), None, tokenizer,
                      o.failover_timeout_s, pool)
         try:
