@@ -1,7 +1,10 @@
 """The Serve application: gateway (gRPC and HTTP, CPU, stateless) -> engine deployment (each
-replica is one engine's frontend and owns its expert actors: actors/serving/engine_server.py).
-`serve run deploy/serve.yaml` calls `build_app(args)` with the config's `args:`; one command
-serves a checkpoint with no config file:
+replica is one engine's frontend: actors/serving/engine_server.py) -> the expert actors. By
+default (`expert_pool: shared`) every engine replica uses the application's one shared expert
+pool, owned by its ExpertPoolServer deployment (actors/serving/pool_server.py), which outlives
+the replicas' restarts; with `expert_pool: per_replica` each replica owns its own expert actors,
+which die with it. `serve run deploy/serve.yaml` calls `build_app(args)` with the config's
+`args:`; one command serves a checkpoint with no config file:
 
     serve run deploy.app:build_app model=DIR dtype=bfloat16 device=cuda expert_replicas=2
 
