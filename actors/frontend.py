@@ -49,7 +49,7 @@ class Frontend:
         if threads or device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         if pool is not None:
-            experts = pool.call("experts")
+            experts = pool.experts()
         cfg = source.model_config()
         tensors = source.load(non_expert_names(cfg), source.resolve_dtype(dtype), device)
         model = Mixtral.from_tensors(cfg, tensors)

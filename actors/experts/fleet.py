@@ -65,20 +65,6 @@ class ExpertFleet:
             max_num_batched_tokens=options.max_num_batched_tokens, prefix=prefix, secret=secret)
         return cls(pool, options.autoscaling)
 
-    @classmethod
-    def adopt_or_start(cls, source: WeightSource, options: EngineOptions, prefix: str,
-                       secret: str) -> ExpertFleet:
-        """A shared pool's fleet: the running actors named `prefix` (a restarted owner's:
-        ExpertPool.adopt), else new ones (`start`)."""
-        pool = ExpertPool.adopt(
-            source, options.dtype, options.device, prefix, secret,
-            options.expert_resources or default_resources(options.device),
-            options.expert_threads, options.placement_timeout_s, options.max_num_batched_tokens)
-        if pool is None:
-            return cls.start(source, options, prefix=prefix, secret=secret)
-        pool.generation = pool.next_generation()
-        return cls(pool, options.autoscaling)
-
     @property
     def experts(self) -> Experts:
         """The actors now: what a frontend needs to reach them (handles, ids, secret)."""

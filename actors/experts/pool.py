@@ -10,7 +10,6 @@ and for the engine replica (actors/serving/engine_server.py: the frontend in its
     pool.frontend_options()                # RayEngine only: its frontend actor's group
     new = pool.grow({(0,): 1}); ...                                    # scaling:
     pool.commit(new, removed, pool.next_generation()); pool.stop(removed)
-    ExpertPool.adopt(source, ..., prefix, secret)   # a shared pool's restarted owner
     pool.shutdown()                        # kills the expert actors, releases their groups
 
 Start-up: plan (cluster/plan.py) from the nodes' free resources, reserve a placement group per
@@ -25,7 +24,8 @@ Expert actors are restarted by Ray when they die (the dispatcher re-sends their 
 actors and the group belong to the process that started them and go when it dies (Ray's
 ownership), so a killed engine replica leaks neither. A shared pool's (`prefix`: its owner is
 actors/experts/shared.py's PoolOwner) are detached and named instead, so they outlive their
-owner, whose restart finds them again (`adopt`); its `shutdown` removes them.
+owner, whose restart finds them again (actors/experts/detached.py); its `shutdown` removes
+them.
 """
 from __future__ import annotations
 
@@ -86,11 +86,12 @@ class Experts:
     secret: str                         # the channel secret (actors/experts/channel.py)
     nodes: list[str]                    # the node each actor is pinned to (its placement group)
     generation: int = 0                 # +1 a live scaling change: a frontend never goes back
+    pool: str = ""                      # a shared pool's name (its frontends check it), or ""
 
     @classmethod
-    def of(cls, members: list[Member], secret: str, generation: int) -> Experts:
+    def of(cls, members: list[Member], secret: str, generation: int, pool: str = "") -> Experts:
         return cls([m.actor for m in members], [list(m.expert_ids) for m in members], secret,
-                   [m.slot.node_id for m in members], generation)
+                   [m.slot.node_id for m in members], generation, pool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,34 +226,9 @@ class ExpertPool:
             self.max_num_batched_tokens)
         return Member(actor, tuple(ids), slot, pg, name)
 
-    @classmethod
-    def adopt(cls, source: WeightSource, dtype: str, device: str, prefix: str, secret: str,
-              expert_resources: dict, expert_threads: int | None, placement_timeout_s: float,
-              max_num_batched_tokens: int = ENGINE_MAX_TOKENS) -> ExpertPool | None:
-        """The running detached actors named `{prefix}/expert/...` in this namespace (a
-        restarted shared pool owner's: actors/experts/shared.py), with their placement groups
-        (same names) and their nodes; None when there are none. Not waited for (`ready()`)."""
-        namespace = ray.get_runtime_context().namespace
-        members = []
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            name = entry["name"]
-            if entry["namespace"] != namespace or not name.startswith(f"{prefix}/expert/"):
-                continue
-            ids = tuple(int(e) for e in name.split("/")[-2].split("-"))
-            pg = ray.util.get_placement_group(name)
-            node = ray.util.placement_group_table(pg)["bundles_to_node_id"][0]
-            members.append(Member(ray.get_actor(name, namespace=namespace), ids,
-                                  Slot(node, dict(pg.bundle_specs[0])), pg, name))
-        if not members:
-            return None
-        members.sort(key=lambda m: (m.expert_ids, m.name))
-        log.info("expert pool %s: adopted %d running actors", prefix, len(members))
-        return cls(source, dtype, device, members, None, dict(expert_resources), expert_threads,
-                   placement_timeout_s, max_num_batched_tokens, prefix, secret)
-
     @property
     def experts(self) -> Experts:
-        return Experts.of(self.members, self.secret, self.generation)
+        return Experts.of(self.members, self.secret, self.generation, self.prefix or "")
 
     def groups(self) -> dict[tuple[int, ...], list[Member]]:
         """Expert ids of one actor -> its replicas, oldest first."""

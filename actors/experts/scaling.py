@@ -82,7 +82,8 @@ class ExpertScaler:
             start = time.monotonic()
             new = self.pool.grow(added) if added else []
             kept = [m for m in self.pool.members if m not in removed] + new
-            switched = Experts.of(kept, self.pool.secret, self.pool.next_generation())
+            switched = Experts.of(kept, self.pool.secret, self.pool.next_generation(),
+                                  self.pool.prefix or "")
             try:
                 # a new actor that died after warming fails its channel's opening
                 through_restarts(lambda: self._apply(switched), "being switched in")

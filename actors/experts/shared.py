@@ -15,7 +15,7 @@ The owner (PoolOwner) starts, places, restarts, scales and stops the expert acto
 ExpertFleet (actors/experts/fleet.py), exactly as a frontend's own pool does, with two
 differences. Its actors and their placement groups are detached and named after the pool, so
 they outlive the owner's process; an owner that Ray or Serve restarts finds and adopts them
-(ExpertPool.adopt) instead of loading new ones, and takes the channel secret from Ray's GCS
+(detached.py) instead of loading new ones, and takes the channel secret from Ray's GCS
 key-value store, where the first owner left it. And its `apply` publishes a new set of actors
 to every frontend instead of calling one: each frontend's PoolFollower (follower.py) long-polls
 `sync` (every SYNC_WAIT_S at least, carrying the generation it uses and its routing load),
@@ -34,7 +34,6 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -42,9 +41,8 @@ import uuid
 from pathlib import Path
 
 import ray
-from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
 
-from actors.experts.fleet import ExpertFleet
+from actors.experts.detached import adopt_or_start, record, remove_pool, write_record
 from actors.experts.follower import SYNC_WAIT_S, PoolClient
 from actors.experts.pool import CPU_ACTOR, Experts
 from actors.info import ActorLoad, ExpertLoad, MergeStats, PoolInfo
@@ -55,7 +53,6 @@ log = logging.getLogger(f"ray.serve.{__name__}")
 
 LIVE_S = 3 * SYNC_WAIT_S        # a frontend not heard from for this long is gone
 ACK_TIMEOUT_S = 60.0            # a change waits this long at most for the frontends to switch
-KV_NAMESPACE = "mixtral_ep"     # of Ray's GCS key-value store (as actors/serving/expert_counts.py)
 STATS_TIMEOUT_S = 5.0           # merge_stats waits this long at most for the actors' answers
 
 
@@ -75,16 +72,18 @@ class PoolOwner:
         """Adopts the running actors named `name` or starts new ones, and waits until they are
         ready. ValueError / PlacementError as ExpertFleet.start."""
         self.name, self.lease, self.closed = name, uuid.uuid4().hex, False
-        record = _kv_read(name)
-        secret = record["secret"] if record else uuid.uuid4().hex + uuid.uuid4().hex
+        kept = record(name)
+        secret = kept["secret"] if kept else uuid.uuid4().hex + uuid.uuid4().hex
+        # first: an owner that dies from here on leaves a record naming it (detached.py: reap)
+        write_record(name, {"secret": secret, "lease": self.lease,
+                            "owner": ray.get_runtime_context().get_actor_id()})
         cfg = source.model_config()
         self._shape = (cfg.num_hidden_layers, cfg.num_local_experts)
         self._lock = threading.Lock()
         self._seen: dict[str, _Seen] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
-        self.fleet = ExpertFleet.adopt_or_start(source, options, name, secret)
-        _kv_write(name, {"secret": secret, "lease": self.lease})
+        self.fleet = adopt_or_start(source, options, name, secret)
         self._published = self.fleet.experts
         self.fleet.attach(self._publish, self.load)
         log.info("expert pool %s: %d actors serve every frontend", name,
@@ -138,14 +137,14 @@ class PoolOwner:
         if self.closed:
             return
         self.closed = True
-        record = _kv_read(self.name)
-        if record is not None and record["lease"] != self.lease:
+        kept = record(self.name)
+        if kept is not None and kept["lease"] != self.lease:
             log.info("expert pool %s: adopted by a newer owner; leaving its actors", self.name)
             if self.fleet.autoscaler is not None:
                 self.fleet.autoscaler.stop()
             return
         self.fleet.shutdown()
-        _internal_kv_del(self.name, namespace=KV_NAMESPACE)
+        remove_pool(self.name)              # what a change cut short may have left, the record
         log.info("expert pool %s: actors stopped", self.name)
 
     # ---- inside ------------------------------------------------------------------------
@@ -216,15 +215,6 @@ class PoolOwner:
             self._changed = None
 
 
-def _kv_read(name: str) -> dict | None:
-    raw = _internal_kv_get(name, namespace=KV_NAMESPACE)
-    return json.loads(raw) if raw is not None else None
-
-
-def _kv_write(name: str, record: dict) -> None:
-    _internal_kv_put(name, json.dumps(record), namespace=KV_NAMESPACE)
-
-
 class SharedExpertPool:
     """A shared pool without Serve: its owner is a detached, named Ray actor (restarted by Ray
     when it dies); `RayEngine.from_pretrained(path, pool=...)` connects frontends to it. The
@@ -232,7 +222,7 @@ class SharedExpertPool:
 
     def __init__(self, owner, name: str, source: WeightSource, options: EngineOptions):
         self.owner, self.name, self.source, self.options = owner, name, source, options
-        self.client = PoolClient(owner)
+        self.client = PoolClient(owner, name)
         atexit.register(self.shutdown)
 
     @classmethod
@@ -249,8 +239,9 @@ class SharedExpertPool:
                                max_concurrency=1000).remote(source, o, name)
         try:
             ray.get(owner.experts.remote())
-        except BaseException:
+        except BaseException:               # a failed start, Ctrl-C: nothing may be left
             ray.kill(owner, no_restart=True)
+            remove_pool(name)
             raise
         return cls(owner, name, source, o)
 
@@ -274,7 +265,7 @@ class SharedExpertPool:
             return
         try:
             self.client.call("shutdown", timeout_s=120)
-        except ray.exceptions.RayActorError:
-            pass                                     # already gone
+        except ray.exceptions.RayError:             # the owner is gone: remove its actors here
+            remove_pool(self.name)
         finally:
             ray.kill(self.owner, no_restart=True)

@@ -40,6 +40,7 @@ from actors.serving.caller import watched
 from actors.serving.expert_counts import ExpertCounts
 from actors.serving.metrics import EngineMetrics
 from actors.serving.pool_metrics import PoolGauges
+from actors.serving.pool_server import pool_name
 from model.checkpoint import WeightSource
 from model.engine import Resume, SamplingParams
 from model.errors import InvalidRequest, QueueFull
@@ -115,7 +116,9 @@ class EngineServer:
                              f"deploy.app.engine_deployment")
         self.drain = draining.Drain()       # begun by Serve's graceful shutdown
         draining.install()
-        self.pool = PoolClient(pool) if pool is not None else None
+        app = serve.get_replica_context().app_name
+        self.pool = (PoolClient(pool, pool_name(app, source, options)) if pool is not None
+                     else None)
         if self.pool is not None:
             self.fleet, self.frontend = None, _frontend(source, options, None, self.pool)
         else:

@@ -19,6 +19,7 @@ import logging
 from ray import serve
 from ray.serve.schema import LoggingConfig
 
+from actors.experts.detached import reap
 from actors.experts.shared import PoolOwner
 from actors.options import EngineOptions
 from actors.serving.pool_metrics import PoolMetrics
@@ -32,13 +33,13 @@ def pool_prefix(app: str) -> str:
     return f"mixtral-ep-pool:{app}:"
 
 
-def pool_name(app: str, code_version: str, source: WeightSource, options: EngineOptions) -> str:
-    """The pool of one deploy of `app` with these expert options: the replica Serve restarts
-    in the same deploy adopts its actors; a redeploy (a new code version, `serve.run` makes one
-    per run) or other expert options make another pool (the old one goes with its replica)."""
-    fields = ("dtype", "device", "expert_replicas", "experts_per_actor", "expert_resources",
-              "expert_threads", "max_num_batched_tokens")
-    key = repr((source, code_version, [getattr(options, f) for f in fields]))
+def pool_name(app: str, source: WeightSource, options: EngineOptions) -> str:
+    """The pool of `app` deployed with these weights and options, which its engine replicas
+    compute too (and check: PoolClient.ours): the replica Serve restarts adopts its actors; a
+    deploy with other args makes another pool (the old one goes with its owner replica). A
+    redeploy with the same args may adopt the running actors or start anew, whichever owner
+    (old or new) acts first: both give a complete pool."""
+    key = repr((source, options))
     return f"{pool_prefix(app)}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -49,8 +50,9 @@ def pool_name(app: str, code_version: str, source: WeightSource, options: Engine
 class ExpertPoolServer(PoolOwner):
     def __init__(self, source: WeightSource, options: EngineOptions):
         context = serve.get_replica_context()
-        super().__init__(source, options,
-                         pool_name(context.app_name, context.code_version, source, options))
+        name = pool_name(context.app_name, source, options)
+        reap(pool_prefix(context.app_name), keep=name)      # the app's pools nobody owns
+        super().__init__(source, options, name)
         # the pool's figures, exported here once for all engine replicas
         self.metrics = PoolMetrics(self.load, self._live_count, self.merge_stats)
 
