@@ -218,3 +218,32 @@ def test_engine_shutdown_keeps_the_experts_pool_shutdown_removes_everything(
     groups = [g for g in ray.util.placement_group_table().values()
               if g["name"].startswith(name)]
     assert groups and {g["state"] for g in groups} == {"REMOVED"}, groups
+
+
+def owner_pid(pool) -> int:
+    return ray.get(pool.owner.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_an_owner_gone_for_good_leaves_nothing_behind(ray_cluster, tiny_checkpoint,
+                                                      alive_actors):
+    """A restarted owner that finds an expert group held by no actor (one killed for good)
+    starts one, so the pool is whole again; once the owner is killed for good, `reap` (what
+    the application's next owner does, actors/experts/detached.py) and `shutdown` remove its
+    actors and groups. Before: the adopted set lacked that group (every call of its experts
+    failed) and both left all the actors and groups running."""
+    from actors.experts.detached import reap
+    pool = SharedExpertPool.start(tiny_checkpoint, dtype="float32", expert_threads=1,
+                                  expert_resources=EXPERT_SLOT)
+    lost = pool.experts.actors[3]
+    ray.kill(lost, no_restart=True)
+    os.kill(owner_pid(pool), signal.SIGKILL)
+    wait_for(lambda: sorted(e for ids in pool.experts.actor_experts for e in ids)
+             == list(range(8)) and lost not in pool.experts.actors,
+             "the restarted owner did not start the missing expert group", timeout_s=90)
+    assert len(alive_actors("ExpertWorker")) == 8
+    ray.kill(pool.owner, no_restart=True)
+    reap(pool.name, keep="")
+    assert not alive_actors("ExpertWorker")
+    assert {g["state"] for g in ray.util.placement_group_table().values()
+            if g["name"].startswith(pool.name)} == {"REMOVED"}
+    pool.shutdown()                                 # the owner is gone: nothing left to do
