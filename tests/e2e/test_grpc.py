@@ -262,7 +262,9 @@ def test_client_cli_streams_calls_unary_chat_and_info(server, address, reference
                  "--max-tokens", "4", "--stop", "zzz"]) == 0
     assert "completion_tokens=" in capsys.readouterr().out
     assert main(["info", "--address", address]) == 0
-    assert "expert 7: 1 replica(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "expert 7: 1 replica(s)" in out
+    assert "shared expert pool mixtral-ep-pool:mixtral-ep:" in out and "8 actor(s)" in out
     assert main(["Hello", "--address", address, "--top-p", "2"]) == 1
     assert "INVALID_ARGUMENT: top_p must be in (0, 1]" in capsys.readouterr().err
 
