@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from model.config import PRESETS
+
 
 @dataclasses.dataclass(frozen=True)
 class Gpu:
@@ -38,17 +40,20 @@ class Gpu:
     frontend_s: float = 20e-6       # fixed cost of a layer on the frontend: norms, router...
 
 
+_8X7B = PRESETS["8x7b"]          # Mixtral-8x7B's config.json (model/config.py)
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """Mixtral-8x7B (its config.json), bf16."""
-    hidden: int = 4096              # D
-    ffn: int = 14336                # F
-    layers: int = 32
-    experts: int = 8
-    top_k: int = 2
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 128
+    """Mixtral-8x7B's shape (the `8x7b` preset), bf16."""
+    hidden: int = _8X7B.hidden_size                 # D
+    ffn: int = _8X7B.intermediate_size              # F
+    layers: int = _8X7B.num_hidden_layers
+    experts: int = _8X7B.num_local_experts
+    top_k: int = _8X7B.num_experts_per_tok
+    heads: int = _8X7B.num_attention_heads
+    kv_heads: int = _8X7B.num_key_value_heads
+    head_dim: int = _8X7B.head_dim
     dtype_bytes: int = 2
 
     @property
