@@ -114,12 +114,15 @@ def remove_pool(name: str) -> None:
     log.info("expert pool %s removed (%d actors)", name, len(actors))
 
 
+def actor_alive(actor_id: str) -> bool:
+    """Whether Ray actor `actor_id` (hex) exists and is not dead (the GCS's actor table)."""
+    entry = ray._private.state.actors(actor_id=actor_id)
+    return bool(entry) and entry.get("State") != "DEAD"
+
+
 def owner_alive(value: dict | None) -> bool:
     """Whether the owner a pool's record names is an actor that is not dead."""
-    if not value or not value.get("owner"):
-        return False
-    entry = ray._private.state.actors(actor_id=value["owner"])   # the GCS's actor table
-    return bool(entry) and entry.get("State") != "DEAD"
+    return bool(value and value.get("owner")) and actor_alive(value["owner"])
 
 
 def reap(prefix: str, keep: str) -> None:

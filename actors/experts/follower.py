@@ -79,6 +79,7 @@ class PoolFollower:
 
     def __init__(self, pool: PoolClient, frontend: Frontend):
         self.pool, self.frontend, self.id = pool, frontend, uuid.uuid4().hex
+        self._actor = ray.get_runtime_context().get_actor_id() or ""    # its process's
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="expert-pool", daemon=True)
         self.thread.start()
@@ -88,7 +89,8 @@ class PoolFollower:
         while not self._stop.is_set():
             try:
                 experts = self.pool.call("sync", self.id, self.frontend.generation,
-                                         self.frontend.expert_load(), timeout_s=SYNC_WAIT_S + 60)
+                                         self.frontend.expert_load(), self.pool.name,
+                                         self._actor, timeout_s=SYNC_WAIT_S + 60)
             except Exception as e:  # noqa: BLE001 - the owner restarts; asked again below
                 if not away:
                     log.warning("expert pool owner unreachable (%s: %s); serving with the "

@@ -42,7 +42,13 @@ from pathlib import Path
 
 import ray
 
-from actors.experts.detached import adopt_or_start, record, remove_pool, write_record
+from actors.experts.detached import (
+    actor_alive,
+    adopt_or_start,
+    record,
+    remove_pool,
+    write_record,
+)
 from actors.experts.follower import SYNC_WAIT_S, PoolClient
 from actors.experts.pool import CPU_ACTOR, Experts
 from actors.info import ActorLoad, ExpertLoad, MergeStats, PoolInfo
@@ -61,6 +67,8 @@ class _Seen:
     generation: int             # the set of actors this frontend uses
     load: ExpertLoad | None     # its latest routing load
     at: float                   # time.monotonic() of its last sync
+    pool: str = ""              # the pool it wants ("": any)
+    actor: str = ""             # its process's Ray actor id (an engine replica's, a frontend's)
 
 
 class PoolOwner:
@@ -90,13 +98,14 @@ class PoolOwner:
                  len(self._published.actors))
 
     # ---- the frontends' side ----------------------------------------------------------
-    async def sync(self, frontend_id: str, generation: int,
-                   load: ExpertLoad | None = None) -> Experts | None:
-        """A frontend's long poll: it uses set `generation` and routed `load`; -> a newer set
-        of actors as soon as there is one (at once, or within SYNC_WAIT_S), else None."""
+    async def sync(self, frontend_id: str, generation: int, load: ExpertLoad | None = None,
+                   pool: str = "", actor: str = "") -> Experts | None:
+        """A frontend's long poll: it uses set `generation` and routed `load`, wants `pool`,
+        runs in Ray actor `actor`; -> a newer set of actors as soon as there is one (at once,
+        or within SYNC_WAIT_S), else None."""
         changed = self._event()
         with self._lock:
-            self._seen[frontend_id] = _Seen(generation, load, time.monotonic())
+            self._seen[frontend_id] = _Seen(generation, load, time.monotonic(), pool, actor)
             self._forget_gone()
         if self._published.generation <= generation:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -131,12 +140,16 @@ class PoolOwner:
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.close)
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 0.0) -> None:
         """Stop the autoscaler, kill the actors and remove their groups, if this owner holds
-        the pool's lease (else a newer owner adopted them: leave them); idempotent."""
+        the pool's lease (else a newer owner adopted them: leave them); idempotent. First, for
+        up to `drain_s`, wait until the processes of the frontends that used this pool lately
+        are gone (Serve's engine replicas drain their streams while the application is deleted
+        or redeployed: their experts must outlast them)."""
         if self.closed:
             return
         self.closed = True
+        self._wait_for_frontends(drain_s)
         kept = record(self.name)
         if kept is not None and kept["lease"] != self.lease:
             log.info("expert pool %s: adopted by a newer owner; leaving its actors", self.name)
@@ -184,6 +197,18 @@ class PoolOwner:
             log.warning("expert pool %s: frontends %s did not switch to set %d within %g s; "
                         "their calls to removed actors fail over to replicas", self.name,
                         [f[:8] for f in late], experts.generation, ACK_TIMEOUT_S)
+
+    def _wait_for_frontends(self, drain_s: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            users = {s.actor for s in self._seen.values() if s.actor and now - s.at < LIVE_S
+                     and s.pool in ("", self.name)}
+        deadline = now + drain_s
+        while (users := {a for a in users if actor_alive(a)}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if users:
+            log.info("expert pool %s: stopping while %d frontends still run", self.name,
+                     len(users))
 
     def _late(self, generation: int) -> list[str]:
         now = time.monotonic()

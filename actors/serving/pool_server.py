@@ -22,6 +22,7 @@ from ray.serve.schema import LoggingConfig
 from actors.experts.detached import reap
 from actors.experts.shared import PoolOwner
 from actors.options import EngineOptions
+from actors.serving import draining
 from actors.serving.pool_metrics import PoolMetrics
 from model.checkpoint import WeightSource
 
@@ -44,8 +45,10 @@ def pool_name(app: str, source: WeightSource, options: EngineOptions) -> str:
 
 
 # a frontend's long poll is an ongoing request: room for many; no access line per poll
+# its shutdown waits for the engine replicas' drain (draining.GRACE_S) before it stops the actors
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000,
                   ray_actor_options={"num_cpus": 0.01},
+                  graceful_shutdown_timeout_s=draining.GRACE_S + 30,
                   logging_config=LoggingConfig(enable_access_log=False))
 class ExpertPoolServer(PoolOwner):
     def __init__(self, source: WeightSource, options: EngineOptions):
@@ -64,4 +67,4 @@ class ExpertPoolServer(PoolOwner):
         if hasattr(self, "metrics"):
             self.metrics.close()
         if hasattr(self, "fleet"):          # not if start-up failed
-            self.close()
+            self.close(drain_s=draining.GRACE_S + 5)

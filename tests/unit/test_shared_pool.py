@@ -154,3 +154,34 @@ def test_sync_returns_at_once_only_a_newer_set(monkeypatch, uses, returns):
     got = asyncio.run(owner.sync("a", uses))
     assert (got is owner._published) if returns else got is None
     assert owner._seen["a"].generation == uses and owner._live_count() == 1
+
+
+def test_close_waits_for_the_processes_of_its_live_frontends_within_drain_s(monkeypatch):
+    """Serve's engine replicas drain their streams while the application is deleted: the owner
+    stops the experts only once the processes of the frontends that used this pool lately are
+    gone (another pool's, a silent one's and one that says no actor are not waited for), at
+    most `drain_s`. Before, `close` stopped them at once, under the draining streams."""
+    owner = bare_owner()
+    now = time.monotonic()
+    owner._seen = {"a": shared._Seen(1, None, now, "pool", "A"),
+                   "b": shared._Seen(1, None, now, "", "B"),
+                   "other": shared._Seen(1, None, now, "another-pool", "C"),
+                   "silent": shared._Seen(1, None, now - LIVE_S - 1, "pool", "D"),
+                   "anonymous": shared._Seen(1, None, now, "pool", "")}
+    asked = []
+    dies_at = {"A": 3, "B": 5}                       # alive for this many questions
+
+    def actor_alive(actor: str) -> bool:
+        asked.append(actor)
+        return asked.count(actor) < dies_at.get(actor, 10**9)
+    monkeypatch.setattr(shared, "actor_alive", actor_alive)
+    monkeypatch.setattr(shared.time, "sleep", lambda s: None)
+    owner._wait_for_frontends(drain_s=60)
+    assert set(asked) == {"A", "B"} and asked.count("B") == 5
+    asked.clear()
+    dies_at["A"] = 10**9                             # never goes: drain_s bounds the wait
+    owner._seen = {"a": shared._Seen(1, None, 0.0, "pool", "A")}
+    t = iter(range(1000))
+    monkeypatch.setattr(shared.time, "monotonic", lambda: float(next(t)))
+    owner._wait_for_frontends(drain_s=5)
+    assert 3 <= asked.count("A") <= 7
