@@ -12,8 +12,9 @@ beside them (`frontend_bundle=True`, then `frontend_options()`). The actors load
 while the caller builds its frontend; `attach` waits for them, and from then on the fleet
 drives that frontend through two callbacks only: `apply(experts)` (use exactly these actors from
 the next step; return once it does) and `load()` (its routing load, actors/info.py: ExpertLoad).
-It never builds or holds a frontend, so the pool's owner need not be one (a later pool shared
-by several frontends gives `apply` and `load` that fan out and sum).
+It never builds or holds a frontend, so the pool's owner need not be one: a shared pool's owner
+(actors/experts/shared.py) gives an `apply` that publishes to every frontend and waits for
+them, and a `load` that sums theirs.
 It owns the ExpertScaler (live scaling, actors/experts/scaling.py) and, when
 `options.expert_autoscaling` is set, the Autoscaler thread, started once attached.
 A failed start leaves nothing: PlacementError reserves nothing, and an actor's start-up error

@@ -1,8 +1,10 @@
 """The engine deployment: each replica *is* one engine's frontend. Its Engine and Dispatcher run
-in the replica's own process (actors/frontend.py, used in-process), and its ExpertFleet
-(actors/experts/fleet.py) starts and owns its expert actors and their placement groups; the
-gateway reaches it through a streaming DeploymentHandle, so a stream crosses no Ray hop between
-the replica and its engine. Its options are actors/options.py's EngineOptions.
+in the replica's own process (actors/frontend.py, used in-process). Its expert actors are the
+application's shared pool's (`expert_pool: shared`, the default: actors/serving/pool_server.py
+owns them, the replica follows them, actors/experts/follower.py), or, with `per_replica`, its
+own ExpertFleet's (actors/experts/fleet.py), which it starts and owns with their placement
+groups. The gateway reaches it through a streaming DeploymentHandle, so a stream crosses no Ray
+hop between the replica and its engine. Its options are actors/options.py's EngineOptions.
 
     Serve proxy -> Gateway -> EngineServer (frontend: scheduler, KV cache, dispatcher)
                                             -> expert actors (one channel each, per layer)
@@ -13,8 +15,9 @@ a GPU on cuda) are its `ray_actor_options` (deploy/app.py sets them from `fronte
 a Serve config may override them); the placement groups reserve the experts' only.
 Shutdown drains first (actors/serving/draining.py): a new stream is refused (UNAVAILABLE / 503),
 streams in flight run for the deployment's graceful_shutdown_timeout_s, less a margin, and then
-end with Draining; then Serve calls `__del__`, which kills the expert actors and releases their
-groups; a replica that dies without it takes them along anyway (Ray's ownership). Its requests
+end with Draining; then Serve calls `__del__`, which stops its pool follower, or, with
+`per_replica`, kills its own expert actors and releases their groups; a replica that dies
+without it takes its own along anyway (Ray's ownership; a shared pool's stay). Its requests
 in flight then fail with a RayActorError at the gateway, which re-sends each to a live replica,
 or to the one Serve starts, as prompt + tokens so far (actors/failover.py).
 """
