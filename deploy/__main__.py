@@ -93,14 +93,22 @@ def drain_replicas(app: str, timeout_s: float) -> int:
     """Begin Serve's graceful shutdown of every replica of application `app` at once (Serve's
     replica actor method `perform_graceful_shutdown`, the one its controller calls when it
     stops a replica) and wait up to `timeout_s` seconds for all to finish it, while Serve's
-    proxies still answer; -> how many replicas did not finish in time."""
+    proxies still answer; -> how many replicas did not finish in time. Not the shared expert
+    pool's owner: its engine replicas' long polls would keep it busy for all of `timeout_s`
+    (routing still reaches it here), and the draining streams need its experts; Serve's
+    shutdown stops it after them."""
     import ray
     from ray.serve._private.common import ReplicaID
     from ray.serve._private.constants import SERVE_NAMESPACE
 
+    from actors.serving.pool_server import ExpertPoolServer
+
+    def drained(name: str) -> bool:     # the pool owner serves no client: it goes last, with
+        deployment = ReplicaID.from_full_id_str(name).deployment_id     # Serve's shutdown
+        return deployment.app_name == app and deployment.name != ExpertPoolServer.name
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == SERVE_NAMESPACE and ReplicaID.is_full_id_str(a["name"])
-             and ReplicaID.from_full_id_str(a["name"]).deployment_id.app_name == app]
+             and drained(a["name"])]
     refs = [ray.get_actor(name, namespace=SERVE_NAMESPACE).perform_graceful_shutdown.remote()
             for name in names]
     log.warning("Ctrl-C: draining %d replicas of %r for up to %.0f s (Ctrl-C again to stop at "
