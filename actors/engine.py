@@ -150,6 +150,7 @@ class RayEngine:
         a bad one before anything starts; PlacementError when the cluster cannot hold them;
         an actor's start-up error once everything started is stopped again."""
         o = dataclasses.replace(options, **fields) if options else EngineOptions(**fields)
+        source = o.weight_source(source)
         tokenizer = Tokenizer.from_pretrained(source.path)
         if pool is not None:
             return cls._on_pool(source, o, pool, tokenizer)
@@ -174,9 +175,14 @@ class RayEngine:
         """A frontend actor on a shared pool's experts. ValueError when its dtype or tokens per
         step do not fit the pool's actors (their channels would refuse its rows); one WARNING
         naming the expert fields set here that the pool's options override (POOL_FIELDS)."""
-        if source.resolve_dtype(o.dtype) != pool.source.resolve_dtype(pool.options.dtype):
+        if source.resolve_dtype(o.dtype, o.device) != pool.source.resolve_dtype(
+                pool.options.dtype, pool.options.device):
             raise ValueError(f"dtype {o.dtype!r} differs from the pool's "
                              f"{pool.options.dtype!r}")
+        if o.quantization != pool.options.quantization:
+            raise ValueError(f"quantization {o.quantization!r} differs from the pool's "
+                             f"{pool.options.quantization!r}: its expert actors hold the "
+                             f"experts' weights")
         if o.max_num_batched_tokens > pool.options.max_num_batched_tokens:
             raise ValueError(f"engine_args.max_num_batched_tokens={o.max_num_batched_tokens} is "
                              f"over the pool's {pool.options.max_num_batched_tokens}, which "

@@ -27,7 +27,6 @@ from actors.experts.transport import make_transport
 from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo
 from model.checkpoint import WeightSource
 from model.engine import Engine, Resume, SamplingParams
-from model.linear import nbytes
 from model.mixtral import Mixtral, non_expert_names
 from model.moe import route
 from model.tokenizer import Tokenizer
@@ -51,7 +50,7 @@ class Frontend:
         if pool is not None:
             experts = pool.experts()
         cfg = source.model_config()
-        tensors = source.load(non_expert_names(cfg), source.resolve_dtype(dtype), device)
+        tensors = source.load(non_expert_names(cfg), source.resolve_dtype(dtype, device), device)
         model = Mixtral.from_tensors(cfg, tensors)
         self.dispatcher = Dispatcher(experts.actors, experts.actor_experts, cfg.num_local_experts,
                                      make_transport(transport, experts.secret),
@@ -162,8 +161,7 @@ class Frontend:
             expert_load=dict(enumerate(load.rows_per_s)))
 
     def worker_info(self) -> WorkerInfo:
-        state = self.engine.model.state_dict()
-        return WorkerInfo.of_this_process((), sum(nbytes(t) for t in state.values()),
+        return WorkerInfo.of_this_process((), self.engine.model.nbytes(),
                                           self.engine.model.checkpoint_names())
 
     def dispatch_timings(self, clear: bool = True) -> dict[str, float]:

@@ -26,8 +26,9 @@ from actors.experts.pool import default_resources, frontend_runtime_env
 from actors.experts.scaling import ExpertAutoscaling
 from actors.experts.transport import TRANSPORTS
 from cluster.placement import resource_options
-from model.checkpoint import torch_dtype
+from model.checkpoint import WeightSource, torch_dtype
 from model.engine import Engine
+from model.quant import QUANTIZATIONS
 
 DEVICES = ("cpu", "cuda")
 EXPERT_POOLS = ("shared", "per_replica")
@@ -44,6 +45,11 @@ class EngineOptions:
     dtype: str = _option("auto", """Dtype of the weights and activations: "auto" (the
         checkpoint's config.json torch_dtype; float32 for random weights), "float32",
         "bfloat16" or "float16".""")
+    quantization: str | None = _option(None, """"int8": the expert weights quantized at load,
+        int8 weight-only with per-output-channel scales (model/quant.py), half of bf16's
+        bytes in every expert actor; also accepted as engine_args' "quantization", as
+        vLLM's engine args name it. None: as stored (an FP8 checkpoint is read as FP8 without
+        it; int8 on one is a ValueError).""")
     device: str = _option("cpu", """Where the frontend and the expert actors compute: "cpu" or
         "cuda" (each actor then asks for a GPU unless its resources say otherwise).""")
     expert_pool: str = _option("shared", """Served: "shared" (one pool of expert actors for
@@ -92,6 +98,9 @@ class EngineOptions:
         waits for Serve to restart it, weights and all: set this above that restart.""")
 
     def __post_init__(self):
+        self._lift_quantization()
+        if self.quantization is not None:
+            _one_of("quantization", self.quantization, QUANTIZATIONS)
         _one_of("device", self.device, DEVICES)
         _one_of("transport", self.transport, TRANSPORTS)
         _one_of("expert_pool", self.expert_pool, EXPERT_POOLS)
@@ -110,6 +119,26 @@ class EngineOptions:
         _keywords("dispatch_args", self.dispatch_args, Dispatcher.__init__,
                   {"actors", "actor_experts", "num_experts", "transport", "clock", "sleep"})
         ExpertAutoscaling.from_args(self.expert_autoscaling)
+
+    def _lift_quantization(self) -> None:
+        """engine_args' "quantization" (vLLM's and Ray Serve LLM's engine_kwargs name) moved
+        to the field; ValueError when both are set and differ."""
+        if not isinstance(self.engine_args, Mapping) or "quantization" not in self.engine_args:
+            return
+        rest = {k: v for k, v in self.engine_args.items() if k != "quantization"}
+        lifted = self.engine_args["quantization"]
+        if self.quantization is not None and lifted is not None and lifted != self.quantization:
+            raise ValueError(f"quantization={self.quantization!r} and engine_args.quantization="
+                             f"{lifted!r} differ: set one")
+        object.__setattr__(self, "engine_args", rest or None)
+        object.__setattr__(self, "quantization", self.quantization or lifted)
+
+    def weight_source(self, source: WeightSource) -> WeightSource:
+        """`source` with this engine's `quantization` (model/checkpoint.py WeightSource):
+        ValueError when the checkpoint is already quantized."""
+        if source.quantization == self.quantization:
+            return source
+        return dataclasses.replace(source, quantization=self.quantization)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> EngineOptions:

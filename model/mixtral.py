@@ -20,8 +20,9 @@ from torch import nn
 from model.attention import AttentionMetadata, KVCache, attend, write_kv
 from model.config import MixtralConfig
 from model.layers import RMSNorm, apply_rope, rope_cos_sin
-from model.linear import Linear
+from model.linear import Linear, Weight, nbytes
 from model.moe import expert_name, route
+from model.quant import QuantizedWeight, concat
 
 MoeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # moe_begin(layer, x, weights, experts) dispatches now and returns a function that waits for
@@ -83,9 +84,10 @@ class Mixtral(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
     @classmethod
-    def from_tensors(cls, cfg: MixtralConfig, tensors: dict[str, torch.Tensor]) -> Mixtral:
-        """Build from checkpoint tensors (every non-expert name; `tensors` is not changed);
-        q/k/v fused, linear weights packed."""
+    def from_tensors(cls, cfg: MixtralConfig, tensors: dict[str, Weight]) -> Mixtral:
+        """Build from checkpoint tensors (every non-expert name; `tensors` is not changed; an
+        FP8 checkpoint's projections come as QuantizedWeights); q/k/v fused, linear weights
+        packed."""
         with torch.device("meta"):
             module = cls(cfg)
         tensors = dict(tensors)
@@ -93,18 +95,34 @@ class Mixtral(nn.Module):
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         for i in range(cfg.num_hidden_layers):
             fused = f"model.layers.{i}.self_attn.qkv_proj.weight"
-            tensors[fused] = torch.cat([tensors.pop(name) for name in qkv_names(fused)])
-        module.load_state_dict(tensors, strict=True, assign=True)
+            tensors[fused] = concat([tensors.pop(name) for name in qkv_names(fused)])
+        quantized = {n: w for n, w in tensors.items() if isinstance(w, QuantizedWeight)}
+        module.load_state_dict({n: quantized[n].qweight if n in quantized else w
+                                for n, w in tensors.items()}, strict=True, assign=True)
+        for name, weight in quantized.items():
+            module.get_submodule(name.removesuffix(".weight")).load(weight)
         for m in module.modules():
             if isinstance(m, Linear):
                 m.pack()
         return module.requires_grad_(False).eval()
 
+    def held(self) -> dict[str, Weight]:
+        """Every weight this module holds by its module name: its state_dict's tensors and
+        the quantized projections' QuantizedWeights (which are not tensors)."""
+        held: dict[str, Weight] = dict(self.state_dict())
+        held.update({f"{name}.weight": m.weight for name, m in self.named_modules()
+                     if isinstance(m, Linear) and isinstance(m.weight, QuantizedWeight)})
+        return held
+
+    def nbytes(self) -> int:
+        """Bytes of the weights held (`held`)."""
+        return sum(nbytes(w) for w in self.held().values())
+
     def checkpoint_names(self) -> set[str]:
         """Names of the tensors this module holds, as the checkpoint names them (`qkv_proj`
         stands for q, k and v_proj; `lm_head.weight` is listed even when tied to the embedding)."""
         names = set()
-        for name in self.state_dict():
+        for name in self.held():
             names.update(qkv_names(name) if name.endswith(".qkv_proj.weight") else (name,))
         return names
 

@@ -7,6 +7,14 @@ random weights (`model.checkpoint.random_tensor`, seeded from (seed, name)), whi
 transformers' MixtralForCausalLM loads:
 
     python -m model.random_checkpoint --preset small --out /tmp/small [--dtype float32] [--seed 0]
+    python -m model.checkpoint random --preset small --out /tmp/small-fp8 --quantization fp8
+
+`--quantization fp8` writes the published FP8 layout (model/quant.py): every expert and
+attention projection as float8_e4m3fn with a float32 per-tensor `weight_scale` and a static
+`input_scale` calibrated on the unquantized weights (the largest |input| each projection saw
+over CALIBRATION_TOKENS random tokens, / 448, as AutoFP8 calibrates), config.json's
+`quantization_config` {quant_method fp8, activation_scheme static, ignored_layers: lm_head and
+the routers}; the other tensors in `--dtype`, which config.json's torch_dtype names.
 
 `cached_random_checkpoint(preset)` writes one once under the cache dir and reuses it (the demo,
 the tests and the benchmarks). Reading checkpoints is model/checkpoint.py's job.
@@ -24,16 +32,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from model import quant
 from model.checkpoint import (
     DTYPES,
     INDEX_FILE,
     RANDOM_INIT_VERSION,
     Progress,
+    WeightSource,
     random_tensor,
     torch_dtype,
 )
 from model.config import PRESETS, MixtralConfig, cache_dir, resolve_config
+from model.linear import dense
 from model.mixtral import tensor_shapes
+from model.moe import is_expert_name
 from model.spm import MISTRAL_COMMON_FILES, mistral_common_model
 from model.tokenizer import Tokenizer
 
@@ -47,6 +59,8 @@ log = logging.getLogger(__name__)
 # as one of its two experts: about half of all (token, expert) rows on `tiny` and `small`.
 HOT_OFFSET, HOT_GATE = 0.5, 0.5
 HOT_BIAS_VERSION = 2        # bump when the bias changes: names the cached biased checkpoints
+QUANTIZATIONS = ("fp8",)    # what --quantization writes
+CALIBRATION_TOKENS = 256    # random tokens the static FP8 input scales are calibrated on
 
 
 def _bias_router(name: str, t: torch.Tensor, hot_expert: int) -> torch.Tensor:
@@ -58,18 +72,33 @@ def _bias_router(name: str, t: torch.Tensor, hot_expert: int) -> torch.Tensor:
     return t
 
 
+def is_fp8_name(name: str) -> bool:
+    """Whether the FP8 layout quantizes this weight: the experts' and attention's projections
+    (not the routers, lm_head, the embedding or the norms)."""
+    return is_expert_name(name) or (".self_attn." in name and name.endswith("_proj.weight"))
+
+
 def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch.float32,
                  seed: int = 0, shard_bytes: int | None = None,
-                 hot_expert: int | None = None) -> Path:
+                 hot_expert: int | None = None, quantization: str | None = None) -> Path:
     """Write a random-weight checkpoint in the exact Hugging Face Mixtral layout to `out`.
     `hot_expert`: bias every layer's router towards that expert id (HOT_OFFSET, HOT_GATE), so
-    that routing load is uneven, as in real traffic (elastic experts' tests and benchmark)."""
+    that routing load is uneven, as in real traffic (elastic experts' tests and benchmark).
+    `quantization` "fp8": the published FP8 layout (module doc); ValueError with hot_expert."""
     if hot_expert is not None and not 0 <= hot_expert < cfg.num_local_experts:
         raise ValueError(f"hot_expert must be in [0, {cfg.num_local_experts}), got {hot_expert}")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or None, "
+                         f"got {quantization!r}")
+    if quantization and hot_expert is not None:
+        raise ValueError("hot_expert and quantization: one or the other (the input scales are "
+                         "calibrated on the unbiased weights)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = tensor_shapes(cfg)
-    sizes = {n: math.prod(s) * dtype.itemsize for n, s in shapes.items()}
+    input_scales = _calibrate(cfg, seed) if quantization else {}
+    sizes = {n: math.prod(s) * (1 if n in input_scales else dtype.itemsize)
+             for n, s in shapes.items()}
     total = sum(sizes.values())
     shards = _plan_shards(sizes, shard_bytes or min(5 * 10**9, math.ceil(total / 4)))
     progress = Progress(len(shapes), f"writing {len(shards)} shards to {out}")
@@ -78,22 +107,74 @@ def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for n in names:
-            tensors[n] = random_tensor(n, shapes[n], seed, dtype)
+            if n in input_scales:
+                w = random_tensor(n, shapes[n], seed, torch.float32)
+                tensors[n], tensors[n + "_scale"] = quant.quantize_fp8(w)     # weight_scale
+                tensors[n.removesuffix("weight") + quant.INPUT_SCALE] = input_scales[n]
+            else:
+                tensors[n] = random_tensor(n, shapes[n], seed, dtype)
             if hot_expert is not None:
                 tensors[n] = _bias_router(n, tensors[n], hot_expert)
             progress.advance(sizes[n])
         save_file(tensors, out / file, metadata={"format": "pt"})
         os.chmod(out / file, _new_file_mode())      # safetensors creates it 0600
-        names_to_file.update(dict.fromkeys(names, file))
+        names_to_file.update(dict.fromkeys(tensors, file))
     progress.done()
     index = {"metadata": {"total_size": total}, "weight_map": names_to_file}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     hf = cfg.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    if quantization:
+        ignored = ["lm_head"] + [f"model.layers.{i}.block_sparse_moe.gate"
+                                 for i in range(cfg.num_hidden_layers)]
+        hf["quantization_config"] = {"quant_method": quant.FP8_METHOD,
+                                     "activation_scheme": "static", "ignored_layers": ignored}
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tokenizer_for(cfg).save(out)
     return out
+
+
+def _calibrate(cfg: MixtralConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Each FP8 projection's static input scale (0-d float32): the largest |input| it saw
+    while the unquantized random model (float32, in memory) read CALIBRATION_TOKENS random
+    tokens, / 448. Keyed by the projection's weight name (q, k and v share their input)."""
+    from model.engine import Engine, SamplingParams  # the engine reads checkpoints
+
+    engine = Engine.from_source(WeightSource(config=cfg, seed=seed), "float32")
+    seen: dict[str, float] = {}
+
+    def saw(name: str, x: torch.Tensor) -> None:
+        seen[name] = max(seen.get(name, 0.0), float(x.abs().max()))
+
+    def saw_all(names: list[str], x: torch.Tensor) -> None:     # a pre-hook: returns None
+        for name in names:
+            saw(name, x)
+
+    for i, layer in enumerate(engine.model.model.layers):
+        p = f"model.layers.{i}.self_attn."
+        for module, names in ((layer.self_attn.qkv_proj, [p + f"{x}_proj.weight" for x in "qkv"]),
+                              (layer.self_attn.o_proj, [p + "o_proj.weight"])):
+            module.register_forward_pre_hook(
+                lambda _, args, names=names: saw_all(names, args[0]))
+    experts = engine.moe.__self__                          # model/moe.py LocalExperts
+    plain = experts.compute
+
+    def compute(layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        w13, _ = experts.weights[(layer, expert)]
+        gate, up = torch.nn.functional.linear(x, dense(w13)).chunk(2, dim=-1)
+        for w in ("w1", "w3"):
+            saw(f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight", x)
+        saw(f"model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
+            torch.nn.functional.silu(gate) * up)
+        return plain(layer, expert, x)
+
+    experts.compute = compute
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, cfg.vocab_size, (CALIBRATION_TOKENS // 16, 16), generator=gen)
+    engine.generate([p.tolist() for p in prompts], SamplingParams(max_tokens=1))
+    return {n: torch.tensor(max(seen.get(n, 0.0), 1e-6) / quant.FP8_MAX)
+            for n in tensor_shapes(cfg) if is_fp8_name(n)}
 
 
 def tokenizer_for(cfg: MixtralConfig) -> Tokenizer:
@@ -112,17 +193,21 @@ def _new_file_mode() -> int:
 
 def cached_random_checkpoint(preset: str = "tiny", seed: int = 0,
                              dtype: torch.dtype = torch.float32,
-                             hot_expert: int | None = None) -> Path:
+                             hot_expert: int | None = None,
+                             quantization: str | None = None) -> Path:
     """A random checkpoint under the cache dir, written once (atomically) and reused."""
     name = f"{preset}-seed{seed}-{str(dtype).removeprefix('torch.')}-v{RANDOM_INIT_VERSION}"
     if hot_expert is not None:
         name += f"-hot{hot_expert}-b{HOT_BIAS_VERSION}"
+    if quantization is not None:
+        name += f"-{quantization}"
     path = cache_dir() / "checkpoints" / name
     if (path / "config.json").exists():
         return path
     log.info("creating the %s random checkpoint at %s (once)", preset, path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    write_random(resolve_config(preset), partial, dtype, seed, hot_expert=hot_expert)
+    write_random(resolve_config(preset), partial, dtype, seed, hot_expert=hot_expert,
+                 quantization=quantization)
     try:
         os.replace(partial, path)
     except OSError:             # another process finished first
@@ -164,6 +249,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hot-expert", type=int, default=None,
                         help="bias every layer's router towards this expert id, in "
                              "[0, num_local_experts), for uneven routing load (default: none)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="fp8: the published FP8 layout (float8_e4m3fn projections with "
+                             "per-tensor weight_scale and static input_scale; see the module "
+                             "doc); default: none")
     return parser
 
 
@@ -177,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     shard = args.shard_size_mb * 10**6 if args.shard_size_mb is not None else None
     try:
         path = write_random(resolve_config(args.preset), args.out, torch_dtype(args.dtype),
-                            args.seed, shard, args.hot_expert)
+                            args.seed, shard, args.hot_expert, args.quantization)
     except ValueError as e:     # hot_expert out of range, named with its limit
         parser.error(str(e))
     log.info("wrote %s checkpoint to %s", args.preset, path)

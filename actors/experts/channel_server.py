@@ -28,8 +28,11 @@ frame header announces more is disconnected before the body is read.
 Refusals: a peer with a wrong secret (ZAP answers 400) or none (a mechanism mismatch, which
 never reaches ZAP) gets one WARNING line naming the reason (and the address ZAP saw); the
 secret, right or wrong, is never logged.
-Malformed calls from an authenticated peer (wrong frame count, short header, a dtype other than
-this actor's, k other than its expert ids, rows not n x D, n over the bound, bad counts) get an
+Rows may come in any float dtype of the protocol (channel.py DTYPES): the actor computes them
+in its own and answers in theirs, so a frontend whose `dtype: auto` chose another compute dtype
+(a CPU with or without native bf16, model/checkpoint.py `native_dtype`) is still served.
+Malformed calls from an authenticated peer (wrong frame count, short header, an unknown dtype
+code, k other than its expert ids, rows not n x D, n over the bound, bad counts) get an
 error reply (ExpertError at the frontend: not retriable) and one WARNING line; the thread goes on
 serving. Anything else that ends the thread (a BaseException from `compute`, a ZeroMQ error)
 calls `on_death`, by default logging and exiting the process: the actor then fails Ray's
@@ -76,7 +79,7 @@ class CallBound:
     """The largest legitimate call an expert actor takes, and the checks of a request."""
     max_rows: int            # n of one call at most
     hidden_size: int         # D
-    dtype: torch.dtype       # the actor's: rows in any other cannot be computed
+    dtype: torch.dtype       # the actor's: rows in another are converted to it and back
     num_experts: int         # k, the expert ids the actor holds (counts in the header)
 
     @classmethod
@@ -89,12 +92,13 @@ class CallBound:
     @property
     def max_frame_bytes(self) -> int:
         """ZeroMQ's maxmsgsize: the rows frame of max_rows, or the header if larger."""
-        return max(self.max_rows * self.hidden_size * self.dtype.itemsize,
+        return max(self.max_rows * self.hidden_size * max(d.itemsize for d in DTYPES),
                    REQUEST.size + 4 * self.num_experts)
 
-    def parse(self, frames: list) -> tuple[int, int, torch.Tensor, list[int]]:
+    def parse(self, frames: list) -> tuple[int, int, torch.Tensor, list[int], torch.dtype]:
         """A request's frames (header, rows: bytes or zmq.Frame) -> (sequence, layer,
-        x (n, D) viewing the rows frame, counts (k,)). MalformedCall naming what is wrong."""
+        x (n, D) in the actor's dtype (viewing the rows frame when it is the rows' dtype),
+        counts (k,), the rows' dtype). MalformedCall naming what is wrong."""
         head = memoryview(frames[0]) if frames else memoryview(b"")
         seq = struct.unpack_from("<Q", head)[0] if len(head) >= 8 else None
         if len(frames) != 2:
@@ -105,24 +109,25 @@ class CallBound:
         if k != self.num_experts or len(head) != REQUEST.size + 4 * k:
             raise MalformedCall(seq, f"header of {len(head)} bytes with k={k}: this actor holds "
                                      f"{self.num_experts} expert ids")
-        if code >= len(DTYPES) or DTYPES[code] != self.dtype:
-            raise MalformedCall(seq, f"dtype code {code}: this actor takes {self.dtype} "
-                                     f"(code {DTYPES.index(self.dtype)})")
+        if code >= len(DTYPES):
+            raise MalformedCall(seq, f"dtype code {code}: expected one of 0..{len(DTYPES) - 1} "
+                                     f"({', '.join(map(str, DTYPES))})")
+        dtype = DTYPES[code]
         if n > self.max_rows:
             raise MalformedCall(seq, f"n={n} rows, over this actor's bound of {self.max_rows}")
-        row = self.hidden_size * self.dtype.itemsize
+        row = self.hidden_size * dtype.itemsize
         rows = memoryview(frames[1])
         if rows.nbytes != n * row:
             raise MalformedCall(seq, f"rows frame of {rows.nbytes} bytes, not n={n} x {row}")
         counts = list(struct.unpack_from(f"<{k}i", head, REQUEST.size))
         if min(counts, default=0) < 0 or sum(counts) != n:
             raise MalformedCall(seq, f"counts {counts} must be >= 0 and sum to n={n}")
-        return seq, layer, self._rows(rows, n), counts
+        return seq, layer, self._rows(rows, n, dtype).to(self.dtype), counts, dtype
 
-    def _rows(self, rows: memoryview, n: int) -> torch.Tensor:
+    def _rows(self, rows: memoryview, n: int, dtype: torch.dtype) -> torch.Tensor:
         if n == 0:
-            return torch.empty(0, self.hidden_size, dtype=self.dtype)
-        return torch.frombuffer(rows, dtype=torch.uint8).view(self.dtype).view(n, -1)  # (n, D)
+            return torch.empty(0, self.hidden_size, dtype=dtype)
+        return torch.frombuffer(rows, dtype=torch.uint8).view(dtype).view(n, -1)  # (n, D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +138,7 @@ class Request:
     layer: int
     x: torch.Tensor
     counts: list[int]
+    dtype: torch.dtype          # the rows' as sent, which the reply takes
 
 
 def merge_rows(requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
@@ -267,7 +273,7 @@ class ChannelServer:
         for r, own in zip(requests, split_rows(y, requests) if merged else [y]):
             share = r.x.shape[0] / x.shape[0] if x.shape[0] else 1 / len(requests)
             self._socket.send_multipart([r.peer, REPLY.pack(r.seq, seconds * share, 1),
-                                         as_bytes(own)], copy=False)
+                                         as_bytes(own.to(r.dtype))], copy=False)
 
     def _reply(self, peer: zmq.Frame, seq: int | None, error: str) -> None:
         head = REPLY.pack(NO_SEQ if seq is None else seq, 0.0, 0)

@@ -54,7 +54,7 @@ class ExpertFleet:
         frontend actor (`frontend_options()`). `prefix`, `secret`: a shared pool's detached,
         named actors (ExpertPool). ValueError when `options.dtype` does not fit the
         checkpoint, PlacementError when the cluster cannot hold the plan: nothing started."""
-        source.resolve_dtype(options.dtype)
+        source.resolve_dtype(options.dtype, options.device)
         frontend = options.frontend_resources or default_resources(options.device)
         pool = ExpertPool.start(
             source, options.dtype, options.device, expert_replicas=options.expert_replicas,

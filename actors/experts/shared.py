@@ -256,8 +256,8 @@ class SharedExpertPool:
         """Start the owner and its expert actors (the expert fields of EngineOptions) and wait
         until they are ready; an error there is raised with nothing left running."""
         o = dataclasses.replace(options, **fields) if options else EngineOptions(**fields)
-        source = WeightSource(path=str(path))
-        source.resolve_dtype(o.dtype)
+        source = o.weight_source(WeightSource(path=str(path)))
+        source.resolve_dtype(o.dtype, o.device)
         name = f"mixtral-ep-pool:{uuid.uuid4().hex[:8]}"
         remote = ray.remote(max_restarts=-1, max_task_retries=-1)(PoolOwner)
         owner = remote.options(name=name, lifetime="detached", num_cpus=CPU_ACTOR["CPU"],

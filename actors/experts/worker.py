@@ -56,7 +56,7 @@ class ExpertWorker:
         self.expert_ids = list(expert_ids)
         self.device = torch.device(device)
         cfg = source.model_config()
-        self.dtype = source.resolve_dtype(dtype)
+        self.dtype = source.resolve_dtype(dtype, device)
         tensors = source.load(expert_names(cfg, self.expert_ids), self.dtype, self.device)
         self.experts = LocalExperts.from_tensors(cfg, tensors, self.expert_ids)
         self.hidden_size = cfg.hidden_size
@@ -74,13 +74,14 @@ class ExpertWorker:
         start = time.perf_counter()
         assert x.ndim == 2 and x.shape[1] == self.hidden_size, f"x must be (n, {self.hidden_size})"
         assert sum(counts) == x.shape[0] and len(counts) == len(self.expert_ids), "bad counts"
-        x = device_rows(x, self.device)
+        rows_dtype = x.dtype            # the frontend's; it may compute in another (dtype auto)
+        x = device_rows(x, self.device).to(self.dtype)
         parts, begin = [], 0
         for expert, n in zip(self.expert_ids, counts):
             if n:
                 parts.append(self.experts.compute(layer, expert, x[begin:begin + n]))
             begin += n
-        y = host_rows(torch.cat(parts) if parts else x[:0])
+        y = host_rows((torch.cat(parts) if parts else x[:0]).to(rows_dtype))
         return y, time.perf_counter() - start
 
     def warm(self, sizes: tuple[int, ...] = (1, 8)) -> float:

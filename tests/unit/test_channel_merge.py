@@ -74,7 +74,8 @@ counts_st = st.lists(st.integers(0, 5), min_size=K, max_size=K)
 @settings(max_examples=200, deadline=None)
 @given(st.lists(counts_st, min_size=1, max_size=4), st.integers(1, 9))
 def test_merged_rows_are_grouped_by_expert_and_split_back_exactly(counts, layer):
-    requests = [Request(None, i, layer, rows(sum(c), i), c) for i, c in enumerate(counts)]
+    requests = [Request(None, i, layer, rows(sum(c), i), c, torch.float32)
+                for i, c in enumerate(counts)]
     x, merged_counts = merge_rows(requests)
     assert merged_counts == [sum(c[e] for c in counts) for e in range(K)]
     want_x = torch.cat([r.x.split(r.counts)[e] for e in range(K) for r in requests])
@@ -253,7 +254,7 @@ def test_a_merged_compute_never_exceeds_one_calls_bound(held, server, clients):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, PER_CALL), max_size=12))
 def test_capped_groups_are_in_order_full_and_within_the_bound(n):
-    requests = [Request(None, i, 1, rows(k, i), [k, 0]) for i, k in enumerate(n)]
+    requests = [Request(None, i, 1, rows(k, i), [k, 0], torch.float32) for i, k in enumerate(n)]
     groups = capped(requests, PER_CALL)
     assert [r.seq for g in groups for r in g] == list(range(len(n)))      # in order, each once
     assert [[r.seq for r in g] for g in groups] == greedy(range(len(n)), n)

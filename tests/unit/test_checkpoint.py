@@ -3,6 +3,7 @@ writing random checkpoints is tests/unit/test_random_checkpoint.py."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -148,11 +149,30 @@ def test_config_accepts_both_rope_spellings_and_null_fields():
     assert MixtralConfig.from_dict(base | {"sliding_window": 4096}).sliding_window == 4096
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_dtype_auto_computes_half_in_float32_on_a_cpu_without_native_kernels(caplog, stored):
+    """A bf16 (fp16) checkpoint keeps its dtype where the CPU has native kernels for it, and
+    is computed in float32 where it has none (bf16 fell back to plain F.linear there: 0.36-0.54
+    of vLLM-CPU's decode on a Zen 3); logged once, naming the reason; never on CUDA."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    flag = "bf16_native" if stored == torch.bfloat16 else "fp16_native"
+    assert ckpt.native_dtype(stored, cpu, **{flag: True}) == stored
+    ckpt._LOGGED_NATIVE.clear()
+    with caplog.at_level(logging.INFO, logger="model.checkpoint"):
+        assert ckpt.native_dtype(stored, cpu, **{flag: False}) == torch.float32
+        assert ckpt.native_dtype(stored, cpu, **{flag: False}) == torch.float32
+    lines = [r.getMessage() for r in caplog.records if "no native" in r.getMessage()]
+    assert len(lines) == 1 and "float32" in lines[0], lines
+    assert ckpt.native_dtype(stored, cuda, **{flag: False}) == stored
+    assert ckpt.native_dtype(torch.float32, cpu, bf16_native=False) == torch.float32
+
+
 def test_dtype_auto_takes_the_checkpoints_torch_dtype(tmp_path, tiny_checkpoint, hf_checkpoint):
     """"auto" (the default) is config.json's `torch_dtype` (or transformers 5's `dtype`), as HF
     and vLLM take it; float32 for random weights or when none is named; an explicit dtype wins."""
     bf16 = write_random(PRESETS["tiny"], tmp_path / "bf16", torch.bfloat16, seed=0)
-    assert Engine.from_pretrained(bf16).dtype == torch.bfloat16
+    assert Engine.from_pretrained(bf16).dtype == ckpt.native_dtype(torch.bfloat16,
+                                                                   torch.device("cpu"))
     assert Engine.from_pretrained(bf16, dtype="float32").dtype == torch.float32
     assert ckpt.WeightSource(path=str(tiny_checkpoint)).resolve_dtype("auto") == torch.float32
     assert ckpt.WeightSource(path=str(hf_checkpoint()[1])).resolve_dtype("auto") == torch.float32
@@ -161,7 +181,8 @@ def test_dtype_auto_takes_the_checkpoints_torch_dtype(tmp_path, tiny_checkpoint,
     for key in ("torch_dtype", "dtype"):
         raw.pop("torch_dtype", None)
         (bf16 / "config.json").write_text(json.dumps(raw | {key: "float16"}))
-        assert ckpt.WeightSource(path=str(bf16)).resolve_dtype("auto") == torch.float16
+        assert ckpt.WeightSource(path=str(bf16)).stored_dtype() == torch.float16
+        assert ckpt.WeightSource(path=str(bf16)).resolve_dtype("auto", "cuda") == torch.float16
     (bf16 / "config.json").write_text(json.dumps(raw | {"dtype": "int8"}))
     with pytest.raises(ValueError, match=r"dtype 'auto'.*'int8'"):
         ckpt.WeightSource(path=str(bf16)).resolve_dtype("auto")
