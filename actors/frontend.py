@@ -24,7 +24,7 @@ from actors.experts.dispatcher import Dispatcher
 from actors.experts.follower import PoolClient, PoolFollower
 from actors.experts.pool import Experts
 from actors.experts.transport import make_transport
-from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo
+from actors.info import ActorLoad, EngineInfo, ExpertLoad, WorkerInfo, checkpoint_quantization
 from model.checkpoint import WeightSource
 from model.engine import Engine, Resume, SamplingParams
 from model.mixtral import Mixtral, non_expert_names
@@ -62,6 +62,7 @@ class Frontend:
                              device=device, moe_begin=self.dispatcher.moe_begin,
                              **(engine_args or {}))
         self.follower = PoolFollower(pool, self) if pool is not None else None
+        self.quantization = checkpoint_quantization(source)     # EngineInfo.quantization
 
     @property
     def generation(self) -> int:
@@ -142,8 +143,8 @@ class Frontend:
                          for a, ids in zip(actors, actor_experts)))
 
     async def info(self) -> EngineInfo:
-        """The engine's model limits, KV blocks, where each expert actor runs and each expert
-        id's recent load."""
+        """The engine's model limits, compute dtype and quantization, KV blocks, where each
+        expert actor runs and each expert id's recent load."""
         load = self.expert_load()
         experts: dict[int, tuple[str, ...]] = {}
         for a in load.actors:
@@ -158,7 +159,8 @@ class Frontend:
             experts=dict(sorted(experts.items())), free_blocks=self.engine.num_free_blocks(),
             total_blocks=self.engine.kv.allocator.num_blocks, retries=self.dispatcher.retries,
             tracked_requests=self.engine.num_tracked(),
-            expert_load=dict(enumerate(load.rows_per_s)))
+            expert_load=dict(enumerate(load.rows_per_s)),
+            dtype=str(self.engine.dtype).removeprefix("torch."), quantization=self.quantization)
 
     def worker_info(self) -> WorkerInfo:
         return WorkerInfo.of_this_process((), self.engine.model.nbytes(),

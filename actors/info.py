@@ -22,7 +22,8 @@ from collections.abc import Iterable, Mapping
 import ray
 import torch
 
-from model.checkpoint import materialised_names
+from model import quant
+from model.checkpoint import WeightSource, materialised_names, quantization_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,22 @@ class EngineInfo:
     tracked_requests: int = 0                   # requests the engine holds state for now
     expert_load: Mapping[int, float] = dataclasses.field(default_factory=dict)
                                                 # expert id -> rows per second, all layers
+    dtype: str = ""                             # the frontend's compute dtype: "bfloat16", ...
+    quantization: str = ""                      # QUANTIZATION_NONE, "fp8" or "int8":
+                                                # checkpoint_quantization()
+
+
+QUANTIZATION_NONE = ""     # EngineInfo.quantization (and ModelInfo's) of unquantized weights
+
+
+def checkpoint_quantization(source: WeightSource) -> str:
+    """How `source`'s weights are quantized, as EngineInfo reports it: "fp8" for an FP8
+    checkpoint (config.json quantization_config: its experts' and attention's projections),
+    "int8" for `quantization="int8"` (the experts' weights, quantized at load), else
+    QUANTIZATION_NONE. Reads config.json (CheckpointError as `quantization_config`)."""
+    if source.path is not None and quantization_config(source.path) is not None:
+        return quant.FP8_METHOD
+    return source.quantization or QUANTIZATION_NONE
 
 
 @dataclasses.dataclass(frozen=True)

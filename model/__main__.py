@@ -1,6 +1,7 @@
 """Generate from a checkpoint in one process, streaming to stdout.
 
     python -m model "Tell me a story" [--checkpoint DIR] [--chat] [--max-tokens 64]
+                                      [--dtype auto] [--quantization int8]
 
 With no --checkpoint it creates (once, cached) the `tiny` random checkpoint with the real
 Mixtral tokenizer: its weights are random, so its text is gibberish.
@@ -18,6 +19,7 @@ import torch
 from model.checkpoint import DTYPES
 from model.config import PRESETS
 from model.engine import Engine, SamplingParams
+from model.quant import QUANTIZATIONS
 from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("model")
@@ -37,11 +39,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="int8: the expert weights quantized at load, weight-only, with "
+                             "per-output-channel scales (an FP8 checkpoint needs none: it is "
+                             "read as FP8)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     path = args.checkpoint or cached_random_checkpoint(args.preset)
-    engine = Engine.from_pretrained(path, dtype=args.dtype, device=args.device)
+    engine = Engine.from_pretrained(path, dtype=args.dtype, device=args.device,
+                                    quantization=args.quantization)
     prompt = (engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
               if args.chat else args.prompt)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,

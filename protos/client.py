@@ -152,12 +152,17 @@ def _info(stub: pb_grpc.GeneratorStub, args: argparse.Namespace) -> None:
 
 
 def info_lines(info: pb.ModelInfoResponse) -> list[str]:
-    """ModelInfo as text: the model; the answering engine replica's own figures (each replica
-    has its own: with several, its rows/s are its share only); the shared expert pool, once,
-    with the load summed over every replica, when the server has one (expert_pool: shared)."""
+    """ModelInfo as text: the model and its precision (compute dtype, quantization; left
+    out for a server from before either was reported: no dtype); the answering engine
+    replica's own figures (each replica has its own: with several, its rows/s are its share
+    only); the shared expert pool, once, with the load summed over every replica, when the
+    server has one (expert_pool: shared)."""
+    precision = (f"; {info.dtype} compute, {info.quantization or 'unquantized'} weights"
+                 if info.dtype else "")
     lines = [f"model {info.model}: context {info.context_length} tokens, vocabulary "
              f"{info.vocab_size}, {info.num_layers} layers, {info.num_experts} experts "
-             f"(top-{info.experts_per_token}); frontend on node {info.frontend_node_id}"]
+             f"(top-{info.experts_per_token}); frontend on node {info.frontend_node_id}"
+             f"{precision}"]
     stats = ""
     if info.HasField("frontend"):
         f = info.frontend

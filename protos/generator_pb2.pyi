@@ -200,7 +200,7 @@ class ExpertPlacement(_message.Message):
     def __init__(self, expert_id: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., rows_per_second: _Optional[float] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "context_length", "vocab_size", "num_layers", "num_experts", "experts_per_token", "frontend_node_id", "experts", "pool", "frontend")
+    __slots__ = ("model", "context_length", "vocab_size", "num_layers", "num_experts", "experts_per_token", "frontend_node_id", "experts", "pool", "frontend", "dtype", "quantization")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,8 @@ class ModelInfoResponse(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     FRONTEND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     vocab_size: int
@@ -221,7 +223,9 @@ class ModelInfoResponse(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertPlacement]
     pool: ExpertPool
     frontend: FrontendStats
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., frontend_node_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., pool: _Optional[_Union[ExpertPool, _Mapping]] = ..., frontend: _Optional[_Union[FrontendStats, _Mapping]] = ...) -> None: ...
+    dtype: str
+    quantization: str
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts_per_token: _Optional[int] = ..., frontend_node_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., pool: _Optional[_Union[ExpertPool, _Mapping]] = ..., frontend: _Optional[_Union[FrontendStats, _Mapping]] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class PoolActor(_message.Message):
     __slots__ = ("expert_ids", "node_id", "actor_id", "rows_per_second")

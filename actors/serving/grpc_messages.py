@@ -186,7 +186,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> pb.
 
 def model_info(name: str, info: EngineInfo, pool: PoolInfo | None = None) -> pb.ModelInfoResponse:
     """ModelInfo of the engine replica that answered (`info`: its placement, its own load and
-    figures) and, with a shared pool, of the pool once (`pool`: EngineServer.pool_info)."""
+    figures, its dtype and quantization) and, with a shared pool, of the pool once (`pool`:
+    EngineServer.pool_info)."""
     out = pb.ModelInfoResponse(
         model=name, context_length=info.context_length, vocab_size=info.vocab_size,
         num_layers=info.num_layers, num_experts=info.num_experts,
@@ -197,7 +198,8 @@ def model_info(name: str, info: EngineInfo, pool: PoolInfo | None = None) -> pb.
         frontend=pb.FrontendStats(expert_call_retries=info.retries,
                                   kv_blocks_free=info.free_blocks,
                                   kv_blocks_total=info.total_blocks,
-                                  tracked_requests=info.tracked_requests))
+                                  tracked_requests=info.tracked_requests),
+        dtype=info.dtype, quantization=info.quantization)
     if pool is not None:
         out.pool.CopyFrom(expert_pool(pool))
     return out

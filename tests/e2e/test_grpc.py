@@ -126,6 +126,7 @@ def test_model_info(server, ray_cluster):
     assert all(set(e.node_ids) <= expert_nodes for e in info.experts)
     assert info.context_length == 4096
     assert info.frontend_node_id == ray_cluster.head_node.node_id   # frontend_resources: the head
+    assert (info.dtype, info.quantization) == ("float32", "")      # issue 25: fp32, unquantized
 
 
 

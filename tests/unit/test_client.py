@@ -187,6 +187,18 @@ def test_info_without_a_pool_prints_no_pool_block():
     assert client.pool_lines(idle)[-1].endswith("(0%), 0 computes, 0.0 rows per GEMM")
 
 
+def test_info_prints_the_precision():
+    """Issue 25: the compute dtype and the weights' quantization ("" is unquantized); a server
+    from before them (no dtype) gets no precision."""
+    info = shared_pool_info()
+    assert not client.info_lines(info)[0].endswith("weights")
+    info.dtype, info.quantization = "bfloat16", "fp8"
+    assert client.info_lines(info)[0].endswith("; frontend on node n0; bfloat16 compute, "
+                                                "fp8 weights")
+    info.dtype, info.quantization = "float32", ""
+    assert client.info_lines(info)[0].endswith("; float32 compute, unquantized weights")
+
+
 NEW_FLAGS = ["--n", "2", "--top-logprobs", "2", "--prompt-logprobs", "1", "--presence-penalty",
              "0.5", "--frequency-penalty", "-1", "--repetition-penalty", "1.25", "--logit-bias",
              "13=-100", "--logit-bias", "7=2.5", "--min-tokens", "1", "--stop-token-id", "13",

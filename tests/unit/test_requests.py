@@ -2,6 +2,7 @@
 request's one log line (no server; tests/e2e/ has the same over a real channel)."""
 from __future__ import annotations
 
+import json
 import logging
 
 import grpc
@@ -13,13 +14,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from actors.experts.dispatcher import ExpertCallError
 from actors.failover import unwrap
-from actors.info import EngineInfo
+from actors.info import QUANTIZATION_NONE, EngineInfo, checkpoint_quantization
 from actors.serving import status
 from actors.serving.grpc_messages import model_info, prompt_ids, sampling_params
 from actors.serving.grpc_servicer import set_status
 from actors.serving.http_app import http_error
 from actors.serving.status import HTTP_STATUS, status_of
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, WeightSource
+from model.config import PRESETS
 from model.errors import InvalidRequest, QueueFull
 from model.tokenizer import ChatTemplateError, Tokenizer
 from protos import generator_pb2 as pb
@@ -90,6 +92,23 @@ def test_model_info_from_engine_info():
         "tiny", 4096, 2, "head")
     assert [(e.expert_id, list(e.node_ids)) for e in reply.experts] == [(0, ["n0", "n2"]),
                                                                         (1, ["n1"])]
+
+
+def test_model_info_reports_the_dtype_and_quantization(tmp_path):
+    """Issue 25: EngineInfo's dtype and quantization reach ModelInfoResponse; a source's
+    quantization is "fp8" for an FP8 checkpoint (its config.json), "int8" when quantized at
+    load, "" otherwise."""
+    info = EngineInfo(context_length=64, vocab_size=100, num_layers=2, num_experts=2,
+                      experts_per_token=2, frontend_node_id="head", experts={}, free_blocks=1,
+                      total_blocks=1, retries=0, dtype="bfloat16", quantization="fp8")
+    reply = model_info("tiny", info)
+    assert (reply.dtype, reply.quantization) == ("bfloat16", "fp8")
+    config = PRESETS["tiny"]
+    assert checkpoint_quantization(WeightSource(config=config)) == QUANTIZATION_NONE == ""
+    assert checkpoint_quantization(WeightSource(config=config, quantization="int8")) == "int8"
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}))
+    assert checkpoint_quantization(WeightSource(path=str(tmp_path))) == "fp8"
 
 
 def _torch_value_error() -> ValueError:
