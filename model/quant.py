@@ -13,7 +13,9 @@ W ~= qweight * scale[:, None], so y = x @ W.T = (x @ qweight.T) * scale.
   Compute: `torch._scaled_mm` on CUDA devices with FP8 tensor cores (compute capability 8.9
   and up: Ada, Hopper), with the checkpoint's scales; elsewhere (CPU, older GPUs) weight-only:
   the FP8 weight is converted to the compute dtype in every call (held as FP8: half of
-  bf16's bytes; the activation scale is not used), `F.linear`, then the scale.
+  bf16's bytes; the activation scale is not used), `F.linear`, then the scale. On CPU the
+  conversion moves bits (`fp8_to`): PyTorch's own `.to()` took 2.7 ms for a 3584x512 weight
+  here, the bit moves 0.23 ms.
 - **int8 weight-only** (`quantization="int8"`, any checkpoint, applied at load to the expert
   weights): symmetric per-output-channel scales, scale = max|row| / 127, q = round(w / scale).
   Compute: `torch.ops.aten._weight_int8pack_mm` on CPU with bf16 activations (its fast path:
@@ -71,9 +73,10 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W (out, in) in `dtype`: qweight * scale, computed in float32."""
+        q = fp8_to(self.qweight, torch.float32) if self.kind == "fp8" else self.qweight.float()
         if self.tensor_scale is not None:
-            return (self.qweight.float() * self.tensor_scale).to(dtype)
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+            return (q * self.tensor_scale).to(dtype)
+        return (q * self.scale[:, None]).to(dtype)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(*(t.to(device) if t is not None else None
@@ -87,7 +90,30 @@ class QuantizedWeight:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight,
                                                    self.kernel_scale)
             return y.to(x.dtype)
-        return F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+        q = fp8_to(self.qweight, x.dtype) if self.kind == "fp8" else self.qweight.to(x.dtype)
+        return F.linear(x, q) * self.scale.to(x.dtype)
+
+
+# float8_e4m3fn bits (s eeee mmm, exponent bias 7) moved into a wider float's sign, exponent and
+# mantissa fields without re-biasing read as the value times 2**-120, subnormals included
+# (bias 127 - 7 = 120 for both bfloat16 and float32); the masks keep the sign and those bits
+_REBIAS = 2.0 ** 120
+_BF16_MASK = 0x87F0 - 2 ** 16           # bit 15 and bits 10..4, as an int16
+_FP32_MASK = 0x87F00000 - 2 ** 32       # bit 31 and bits 26..20, as an int32
+
+
+def fp8_to(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float8_e4m3fn tensor as `dtype`, exactly (every finite value; NaN bytes, which
+    quantized weights never hold, read as +-480): on CPU to bfloat16 / float32 by moving bits,
+    4 vectorised passes (a sign-extending shift, a mask, a multiply), 5-20x faster here than
+    `.to()`, which converts element by element; `.to()` elsewhere."""
+    if q.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return q.to(dtype)
+    if dtype == torch.bfloat16:
+        bits = (q.view(torch.int8).to(torch.int16) << 4).bitwise_and_(_BF16_MASK)
+    else:
+        bits = (q.view(torch.int8).to(torch.int32) << 20).bitwise_and_(_FP32_MASK)
+    return bits.view(dtype).mul_(_REBIAS)
 
 
 def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
