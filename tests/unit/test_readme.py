@@ -20,6 +20,7 @@ RUN_BY = {("README.md", "Python API"): "unit/test_readme.py",
               "e2e/test_openai_structured.py",
           ("docs/python-api.md", "In-process engine"): "unit/test_readme.py",
           ("docs/python-api.md", "Prefix caching"): "unit/test_readme.py",
+          ("docs/python-api.md", "Trying both on the tiny model"): "unit/test_readme.py",
           ("docs/python-api.md", "Expert parallelism on Ray"): "integration/test_readme_ray.py",
           ("docs/python-api.md", "Several engines, one expert pool"):
               "integration/test_readme_ray.py"}
@@ -61,6 +62,11 @@ def test_docs_in_process_engine_block_runs(doc_code):
 def test_docs_prefix_caching_block_runs(doc_code):
     code = doc_code("docs/python-api.md", "Prefix caching")
     exec(compile(code, "docs/python-api.md (Prefix caching)", "exec"), {})
+
+
+def test_docs_quantization_block_runs(doc_code):
+    code = doc_code("docs/python-api.md", "Trying both on the tiny model")
+    exec(compile(code, "docs/python-api.md (Trying both on the tiny model)", "exec"), {})
 
 
 @pytest.mark.gpu
