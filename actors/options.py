@@ -43,8 +43,9 @@ def _option(default: Any, doc: str) -> Any:
 class EngineOptions:
     """One engine's options; `python -m actors.options` lists them with their docs."""
     dtype: str = _option("auto", """Dtype of the weights and activations: "auto" (the
-        checkpoint's config.json torch_dtype; float32 for random weights), "float32",
-        "bfloat16" or "float16".""")
+        checkpoint's config.json torch_dtype, except a bfloat16 / float16 one on a CPU without
+        native kernels for it: float32 there, logged once; float32 for random weights),
+        "float32", "bfloat16" or "float16".""")
     quantization: str | None = _option(None, """"int8": the expert weights quantized at load,
         int8 weight-only with per-output-channel scales (model/quant.py), half of bf16's
         bytes in every expert actor; also accepted as engine_args' "quantization", as
