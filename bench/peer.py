@@ -40,11 +40,12 @@ import logging
 import os
 import random
 import re
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.peer_report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.peer")
@@ -79,7 +80,8 @@ def measure(generate, batches: list[int], prompt_len: int, new_tokens: int) -> d
         start = time.perf_counter()
         ids = generate(random_prompts(batch, prompt_len, seed=next(seeds)), new_tokens)
         total = time.perf_counter() - start
-        decode_tps = batch * (new_tokens - 1) / max(total - ttft, 1e-9)
+        decode_tps = (batch * (new_tokens - 1) / (total - ttft) if total > ttft
+                      else float("nan"))     # noise: the TTFT outlasted the whole generate
         out[str(batch)] = {"ttft": ttft, "decode_tps": decode_tps, "ids": ids}
     return out
 
@@ -147,14 +149,23 @@ def run_worker(python: str, which: str, path: str, precision: str, args, env=Non
     return run_json(cmd, which, env, args.timeout)
 
 
+class WorkerFailed(RuntimeError):
+    """A worker process failed: the message ends with its stderr's end; `stderr` is whole."""
+
+    def __init__(self, message: str, stderr: str):
+        super().__init__(message)
+        self.stderr = stderr
+
+
 def run_json(cmd: list[str], which: str, env: dict | None, timeout: float) -> dict:
     """Run a worker process in the repository root; its last stdout line that starts with "{",
-    parsed. RuntimeError with its stderr's end if it failed or printed none."""
+    parsed. WorkerFailed (a RuntimeError) if it failed or printed none."""
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{which} worker failed ({done.returncode}): {done.stderr[-2000:]}")
+        raise WorkerFailed(f"{which} worker failed ({done.returncode}): {done.stderr[-2000:]}",
+                           done.stderr)
     return json.loads(lines[-1])
 
 
@@ -168,16 +179,15 @@ def have_vllm(vllm_python: str) -> bool:
     return found
 
 
-def _median(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs) if runs else float("nan")
-
-
 def error_line(message: str) -> str:
-    """The line of a worker's stderr that says why it failed: the last `...Error: ...` line,
-    else the last non-empty one."""
+    """Why a worker failed, from its stderr: the last `SomeError: ...` (from where it appears in
+    its line, past any log prefix) that is not a wrapper pointing elsewhere ("See root cause
+    above"), else the last non-empty line."""
+    found = [m.group(0).strip() for line in message.splitlines()
+             if (m := re.search(r"\b\w*(Error|Exception)\b: .*", line))]
+    causes = [line for line in found if "root cause" not in line]
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
-    return (errors or lines or ["no output"])[-1][:200]
+    return (causes or found or lines or ["no output"])[-1][:200]
 
 
 def checkpoints() -> dict[str, str]:
@@ -205,60 +215,14 @@ def collect(args, precisions: list[str], vllm: bool, env: dict) -> dict:
                 try:
                     out = run_worker(python, which, path, precision, args,
                                      env if which == "vllm" else None)
-                except RuntimeError as e:
+                except WorkerFailed as e:
                     if which == "ours":
                         raise
-                    log.warning("vLLM %s failed: %s", precision, e)
-                    results[(which, precision)] = f"not supported: {error_line(str(e))}"
+                    log.warning("vLLM %s failed: %s", precision, error_line(e.stderr))
+                    results[(which, precision)] = f"not supported: {error_line(e.stderr)}"
                     continue
                 results.setdefault((which, precision), []).append(out)
     return results
-
-
-def _cell(runs, key: str, fmt: str = "{:.1f}") -> str:
-    if isinstance(runs, str):
-        return runs
-    return fmt.format(_median(runs, key)) if runs else "-"
-
-
-def report(results: dict, args, precisions: list[str], preload: list[str]) -> str:
-    """The markdown tables: every precision side by side, then per batch our best against
-    vLLM's best."""
-    from bench.machine import cpu_name
-    lines = [f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores; small checkpoint, prompt "
-             f"{args.prompt_len} random ids, {args.new_tokens} greedy new tokens; medians of "
-             f"{args.runs} run(s), alternating processes; {args.max_num_batched_tokens} tokens "
-             f"per step; vLLM preloads: "
-             f"{', '.join(Path(p).name for p in preload) or 'none found'}", "",
-             "| precision | batch | ours decode tok/s | vLLM decode tok/s | ours / vLLM "
-             "| TTFT ours / vLLM s | fp32 greedy ids equal |", "|---|---|---|---|---|---|---|"]
-    best: dict = {}                                  # (engine, batch) -> (tok/s, precision)
-    for precision in precisions:
-        for b in map(str, args.batches):
-            ours = [r[b] for r in results[("ours", precision)]]
-            theirs = results.get(("vllm", precision), [])
-            theirs = theirs if isinstance(theirs, str) else [r[b] for r in theirs]
-            for which, runs in (("ours", ours), ("vllm", theirs)):
-                if runs and not isinstance(runs, str):
-                    best[(which, b)] = max(best.get((which, b), (0.0, "")),
-                                           (_median(runs, "decode_tps"), precision))
-            same = "-"
-            if theirs and not isinstance(theirs, str) and precision == "fp32":
-                pairs = list(zip(ours[0]["ids"], theirs[0]["ids"]))
-                same = f"{sum(a == c for a, c in pairs)} / {len(pairs)}"
-            ratio = (f"{_median(ours, 'decode_tps') / _median(theirs, 'decode_tps'):.2f}"
-                     if theirs and not isinstance(theirs, str) else "-")
-            lines.append(f"| {precision} | {b} | {_cell(ours, 'decode_tps')} | "
-                         f"{_cell(theirs, 'decode_tps')} | {ratio} | "
-                         f"{_cell(ours, 'ttft', '{:.2f}')} / {_cell(theirs, 'ttft', '{:.2f}')} "
-                         f"| {same} |")
-    lines += ["", "| batch | our best | vLLM's best | ours / vLLM |", "|---|---|---|---|"]
-    for b in map(str, args.batches):
-        ours, theirs = best[("ours", b)], best.get(("vllm", b))
-        lines.append(f"| {b} | {ours[0]:.1f} ({ours[1]}) | "
-                     + (f"{theirs[0]:.1f} ({theirs[1]}) | {ours[0] / theirs[0]:.2f} |"
-                        if theirs else "- | - |"))
-    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,7 +5,8 @@ cost in accuracy, and what `dtype: auto` picks and gains.
     python -m bench.quant --sections kernels --quick       # the `small` shapes only
 
 1. **kernels**: ms per call of y = x @ W.T for the `small` expert shapes (w1/w3 fused 3584x512,
-   w2 512x1792) and Mixtral-8x7B's (28672x4096, 4096x14336; 1 and 8 rows), at 1/8/32 rows:
+   w2 512x1792) at 1/8/32 rows (decode) and 256 (a prefill's share of an expert), and
+   Mixtral-8x7B's (28672x4096, 4096x14336) at 1 and 8 rows:
    packed fp32 and bf16 (model/linear.py `pack`), int8 through `_weight_int8pack_mm` with bf16
    and with fp32 rows, int8 as the engine runs it with fp32 rows (`pack`ed: rows converted to
    bf16 and back), int8 and FP8 converted to the rows' dtype in every call (model/quant.py's
@@ -260,7 +261,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     head = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if "kernels" in sections:
-        shapes = [(o, i, [1, 8, 32]) for o, i in SMALL_SHAPES]
+        shapes = [(o, i, [1, 8, 32, 256]) for o, i in SMALL_SHAPES]
         shapes += [] if args.quick else [(o, i, [1, 8]) for o, i in MIXTRAL_SHAPES]
         print(f"## kernels, ms per call ({head})\n\n{kernel_table(shapes, args.repeats)}\n",
               flush=True)

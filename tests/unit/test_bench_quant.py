@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench import quant as bench_quant
-from bench.peer import PRECISIONS, error_line, parse_precisions, report
+from bench.peer import PRECISIONS, error_line, parse_precisions
+from bench.peer_report import report
 from bench.quant import accuracy, agreement, dequantized_checkpoint, kernels, outputs
 from model.random_checkpoint import cached_random_checkpoint
 
@@ -60,6 +61,11 @@ def test_peer_precisions_and_report():
     assert PRECISIONS["fp8"] == ("fp8", "bfloat16", None)
     assert error_line("Traceback\n  File x\nValueError: fp8 needs a GPU\n\n") == (
         "ValueError: fp8 needs a GPU")
+    vllm = ("(Worker pid=1) ERROR 12-07 [x.py:953] RuntimeError: _C::static_scaled_fp8_quant() "
+            "expected at most 0 argument(s)\nRuntimeError: Engine core initialization failed. "
+            "See root cause above. Failed core proc(s): {}\n")
+    assert error_line(vllm) == ("RuntimeError: _C::static_scaled_fp8_quant() expected at most 0 "
+                                "argument(s)")
 
     def run(tps):
         return {"1": {"decode_tps": tps, "ttft": 0.1, "ids": [[1, 2]]}}
@@ -70,5 +76,5 @@ def test_peer_precisions_and_report():
                               batches=[1])
     text = report(results, args, ["fp32", "int8-bf16", "fp8"], [])
     assert "| fp32 | 1 | 10.0 | 20.0 | 0.50 |" in text
-    assert "| fp8 | 1 | 5.0 | not supported: ValueError: fp8 needs a GPU | - |" in text
+    assert "| fp8 | 1 | 5.0 | not supported: ValueError: fp8 needs a GPU | - | 0.10 / - |" in text
     assert "| 1 | 30.0 (int8-bf16) | 20.0 (fp32) | 1.50 |" in text
