@@ -35,6 +35,9 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)      # 448
 INT8_MAX = 127
+# _weight_int8pack_mm reads the input dim in blocks of 16: with another size it crashed the
+# process (segfault, 2+ rows) or returned garbage (1 row) in torch 2.13, so it is used only then
+INT8PACK_BLOCK = 16
 QUANTIZATIONS = ("int8",)                  # the `quantization` engine option's values (or None)
 FP8_METHOD = "fp8"                         # config.json quantization_config.quant_method
 ACTIVATION_SCHEMES = ("static", "dynamic")
@@ -174,13 +177,14 @@ def fp8_gemm_supported(device: torch.device) -> bool:
 def pack(w: QuantizedWeight) -> QuantizedWeight:
     """`w` prepared for the kernel of its device (see the module doc). FP8 for
     `torch._scaled_mm`: its per-channel scales requantized to one per-tensor scale (their
-    max; exact where they were one scale, as in a checkpoint's unfused projections)."""
+    max; exact where they were one scale, as in a checkpoint's unfused projections). int8 on
+    CPU for `_weight_int8pack_mm` when its input dim is a multiple of INT8PACK_BLOCK."""
     if w.kind == "fp8" and fp8_gemm_supported(w.device):
         top = w.scale.max()
         q = w.qweight if bool((w.scale == top).all()) else (
             (w.qweight.float() * (w.scale / top)[:, None]).to(FP8))
         return QuantizedWeight(q, w.scale, w.input_scale, top.reshape(()).float())
-    if w.kind == "int8" and w.device.type == "cpu":
+    if w.kind == "int8" and w.device.type == "cpu" and w.shape[1] % INT8PACK_BLOCK == 0:
         return QuantizedWeight(w.qweight, w.scale, kernel_scale=w.scale.to(torch.bfloat16))
     return w
 

@@ -88,6 +88,37 @@ def small_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fp8_checkpoint():
+    """The `tiny` random checkpoint in the published FP8 layout (model/random_checkpoint.py),
+    written once under the cache dir."""
+    from model.random_checkpoint import cached_random_checkpoint
+    return cached_random_checkpoint("tiny", quantization="fp8")
+
+
+@pytest.fixture(scope="session")
+def dequantized_engine():
+    """(path, quantization=None) -> the oracle of a quantized engine: a float32 CPU Engine whose
+    weights are the checkpoint's as this server loads them (an FP8 checkpoint's projections, or
+    with "int8" the quantized experts) dequantized to plain float32 tensors."""
+    from model.checkpoint import WeightSource
+    from model.engine import Engine
+    from model.linear import dense
+    from model.mixtral import Mixtral, tensor_shapes
+    from model.moe import LocalExperts
+    from model.tokenizer import Tokenizer
+
+    def make(path, quantization: str | None = None) -> Engine:
+        source = WeightSource(path=str(path), quantization=quantization)
+        cfg = source.model_config()
+        tensors = {n: dense(w) for n, w in
+                   source.load(list(tensor_shapes(cfg)), torch.float32).items()}
+        experts = LocalExperts.from_tensors(cfg, tensors)         # pops the expert tensors
+        return Engine(Mixtral.from_tensors(cfg, tensors), experts.moe,
+                      Tokenizer.from_pretrained(path), moe_begin=experts.moe_begin)
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint):
     from model.engine import Engine
     return Engine.from_pretrained(tiny_checkpoint, max_num_batched_tokens=64)
