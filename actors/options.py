@@ -185,10 +185,10 @@ def parse_arg(name: str, hint: Any, raw: Any) -> Any:
     choices = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     optional = type(None) in choices
     [kind] = [c for c in choices if c is not type(None)]
+    if optional and isinstance(raw, str) and raw.strip().lower() in NONE_WORDS:
+        return None
     if not isinstance(raw, str) or kind is str:
         return raw
-    if optional and raw.strip().lower() in NONE_WORDS:
-        return None
     expects = {int: "an integer", float: "a number", dict: "a JSON object"}[kind]
     try:
         value = json.loads(raw) if kind is dict else kind(raw)

@@ -23,6 +23,7 @@ import logging
 import time
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,8 +86,9 @@ def check_checkpoint_dir(path: str | Path) -> None:
     """Fail at once, naming what is missing, unless `path` is a servable checkpoint: a directory
     with a readable config.json (whose quantization_config, if any, is the FP8 layout), a
     tokenizer (tokenizer.json or tokenizer.model), and shards (an index or model.safetensors)
-    that exist and hold every tensor the config needs.
-    Raises CheckpointError (a ValueError). Reads no tensor data."""
+    that exist and hold every tensor the config needs, in an FP8 checkpoint with the scales
+    of its float8_e4m3fn tensors. Raises CheckpointError (a ValueError). Reads no tensor data
+    (FP8 scales: the shards' headers)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model path {path} is not a directory")
@@ -96,7 +98,7 @@ def check_checkpoint_dir(path: str | Path) -> None:
         cfg = MixtralConfig.from_json(path)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'config.json'} is not a Mixtral config: {e}") from None
-    quantization_config(path)           # CheckpointError naming an unsupported quant_method
+    quantized = quantization_config(path) is not None    # CheckpointError: unsupported
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"model path {path} has no tokenizer.json or tokenizer.model")
     files = weight_map(path)
@@ -108,6 +110,26 @@ def check_checkpoint_dir(path: str | Path) -> None:
     if absent:
         raise CheckpointError(f"checkpoint {path} has no tensor {absent[0]!r} "
                               f"({len(absent)} of the config's tensors are missing)")
+    if quantized:
+        _check_fp8_scales(files, tensor_shapes(cfg))
+
+
+def _check_fp8_scales(files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Each float8_e4m3fn tensor of `shapes` has the scales `load_tensors` needs, of shapes it
+    reads (checked on empty "meta" tensors of the shapes the shards' headers give)."""
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, file in files.items():
+        by_file[file].append(name)
+    found: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                t = f.get_slice(name)
+                found[name] = torch.empty(t.get_shape(), device="meta",
+                                          dtype=quant.FP8 if t.get_dtype() == "F8_E4M3" else None)
+    for name in shapes:
+        if found[name].dtype == quant.FP8:
+            _fp8_weight(name, found[name], found.get)
 
 
 def quantization_config(path: str | Path) -> dict | None:
@@ -162,7 +184,8 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
                                           f"expected {tuple(shapes[name])}")
                 if t.get_dtype() == "F8_E4M3":
                     tensor = f.get_tensor(name).to(device=device)
-                    out[name] = _fp8_weight(files, name, tensor, device)
+                    out[name] = _fp8_weight(name, tensor,
+                                            lambda n: _read_scale(files, n, device))
                 else:
                     tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                     out[name] = tensor
@@ -172,23 +195,28 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
     return out
 
 
-def _fp8_weight(files: dict[str, Path], name: str, weight: torch.Tensor,
-                device: torch.device | str) -> QuantizedWeight:
-    """An FP8 checkpoint's `name` with its `weight_scale` and, where present, `input_scale`."""
-    scales = {}
-    for suffix in (quant.WEIGHT_SCALE, quant.INPUT_SCALE):
-        scale_name = _scale_name(name, suffix)
-        if scale_name not in files:
-            if suffix == quant.INPUT_SCALE:
-                continue
-            raise CheckpointError(f"FP8 tensor {name!r} has no {scale_name!r}")
-        with safe_open(files[scale_name], framework="pt", device="cpu") as f:
-            scales[suffix] = f.get_tensor(scale_name).to(device)
+def _fp8_weight(name: str, weight: torch.Tensor, scale: Callable[[str], torch.Tensor | None]
+                ) -> QuantizedWeight:
+    """An FP8 checkpoint's `name` with its `weight_scale` and, where present, `input_scale`
+    (`scale(tensor name)`: the tensor, None when the checkpoint has none). CheckpointError
+    naming a missing weight_scale or a scale of a wrong shape."""
+    weight_scale = scale(_scale_name(name, quant.WEIGHT_SCALE))
+    if weight_scale is None:
+        raise CheckpointError(f"FP8 tensor {name!r} has no "
+                              f"{_scale_name(name, quant.WEIGHT_SCALE)!r}")
     try:
-        return quant.from_fp8_checkpoint(weight, scales[quant.WEIGHT_SCALE],
-                                         scales.get(quant.INPUT_SCALE))
+        return quant.from_fp8_checkpoint(weight, weight_scale,
+                                         scale(_scale_name(name, quant.INPUT_SCALE)))
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
+
+
+def _read_scale(files: dict[str, Path], name: str,
+                device: torch.device | str) -> torch.Tensor | None:
+    if name not in files:
+        return None
+    with safe_open(files[name], framework="pt", device="cpu") as f:
+        return f.get_tensor(name).to(device)
 
 
 class Progress:
@@ -267,6 +295,7 @@ class WeightSource:
         all_shapes = tensor_shapes(self.model_config())
         shapes = {n: all_shapes[n] for n in names}
         if self.path is not None:
+            quantization_config(self.path)      # CheckpointError naming what it cannot read
             weights = load_tensors(self.path, shapes, dtype, device)
         else:
             _MATERIALISED.update(shapes)
