@@ -119,3 +119,73 @@ def test_ray_engine_on_cuda_equals_the_cuda_engine(tiny_checkpoint, transport):
         engine.shutdown()
         if started:
             ray.shutdown()
+
+
+# ---- quantized weights (model/quant.py) ------------------------------------------------------
+needs_fp8_gemm = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="torch._scaled_mm needs FP8 tensor cores (compute capability 8.9+)")
+# An FP8 checkpoint with _scaled_mm quantizes every projection's input to FP8 (4 significant
+# bits) against its dequantized weights in fp32: measured with torch._scaled_mm on the CPU (the
+# same quantization of x, tests/unit/test_quant.py), the tiny FP8 checkpoint's logits on PROMPTS
+# were within 0.048-0.17 of the logit scale (tiny's attention scores are large: q, k x8), each
+# greedy token within 0.011-0.023 of the best fp32 logit.
+FP8_ACTIVATION_REL = 0.3
+
+
+@needs_fp8_gemm
+@pytest.mark.parametrize("scheme", ["static", "dynamic"])
+def test_packed_fp8_weights_take_scaled_mm_and_match_their_dequantized_weight(scheme):
+    """`pack` on CUDA sm_89+ sets `tensor_scale` (for torch._scaled_mm): of one checkpoint
+    weight, its own scale; of w1 and w3 fused (two scales), their max, the rows of the smaller
+    requantized. Each matmul within tests/quant_bounds.py `fp8_gemm_bound` of x @ W.T for the
+    dequantized W, for 1 (decode), 5 and 32 rows."""
+    from model import quant
+    from tests.quant_bounds import fp8_gemm_bound
+    gen = torch.Generator().manual_seed(0)
+    w1, w3 = (0.02 * torch.randn(96, 128, generator=gen) * g for g in (1.0, 0.3))
+    parts = [quant.quantize_fp8(w) for w in (w1, w3)]
+    for rows in (1, 5, 32):
+        x = torch.randn(rows, 128, generator=gen)
+        static = float(x.abs().max()) * 1.5 / quant.FP8_MAX if scheme == "static" else None
+        scale_in = None if static is None else torch.tensor(static)
+        one = quant.from_fp8_checkpoint(*parts[0], scale_in)
+        fused = quant.concat([one, quant.from_fp8_checkpoint(*parts[1], scale_in)])
+        for q, top in ((one, parts[0][1]), (fused, max(parts[0][1], parts[1][1]))):
+            packed = quant.pack(q.to("cuda"))
+            assert packed.tensor_scale is not None and packed.tensor_scale.cpu() == top
+            y = packed.matmul(x.cuda())
+            assert y.dtype == torch.float32 and y.shape == (rows, q.shape[0])
+            wd = packed.to("cpu").dequantize(torch.float64)
+            input_scale = static if static is not None else float(x.abs().max()) / quant.FP8_MAX
+            bound = fp8_gemm_bound(x.double(), wd, input_scale)
+            assert ((y.cpu().double() - x.double() @ wd.T).abs() <= bound).all()
+
+
+def test_an_fp8_checkpoint_on_cuda_is_close_to_its_dequantized_weights(
+        tiny_fp8_checkpoint, dequantized_engine, assert_bf16_close):
+    """With torch._scaled_mm (sm_89+): within FP8_ACTIVATION_REL (tests/conftest.py
+    assert_bf16_close: logits, and each greedy token's fp32 logit); weight-only elsewhere, the
+    same products as fp32: logits within 1e-4 of the scale, greedy tokens equal."""
+    from model import quant
+    gpu = Engine.from_pretrained(tiny_fp8_checkpoint, device="cuda")
+    fp8_gemm = quant.fp8_gemm_supported(gpu.device)
+    qkv = gpu.model.model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.device.type == "cuda" and qkv.kind == "fp8"
+    assert (qkv.tensor_scale is not None) == fp8_gemm
+    cpu = dequantized_engine(tiny_fp8_checkpoint)
+    if fp8_gemm:
+        assert_bf16_close(gpu, cpu, PROMPTS, rel=FP8_ACTIVATION_REL)
+    else:
+        _assert_equal_engines(gpu, cpu, 1e-4)
+
+
+def test_int8_experts_on_cuda_equal_their_dequantized_weights(tiny_checkpoint, dequantized_engine):
+    """int8 experts on CUDA (weight-only: converted to fp32 per call, then scaled) against the
+    same int8 weights dequantized on the CPU: the same products, logits within 1e-4 of the
+    scale, greedy tokens equal."""
+    gpu = Engine.from_pretrained(tiny_checkpoint, device="cuda", quantization="int8")
+    w13, w2 = gpu.moe.__self__.weights[(0, 0)]
+    assert w13.kind == w2.kind == "int8" and w13.device.type == "cuda"
+    assert w13.kernel_scale is None            # the CPU kernel's bf16 scale: CPU only
+    _assert_equal_engines(gpu, dequantized_engine(tiny_checkpoint, "int8"), 1e-4)

@@ -2,18 +2,10 @@
 dequantized weight, an int8 expert against the unquantized one within a derived bound, the int8
 engine's logits against fp32's, an FP8 checkpoint's engine against its dequantized weights.
 
-Rounding model of the bounds (u: a format's unit roundoff, half its spacing at 1):
-- bfloat16 keeps 8 significant bits, U_BF16 = 2**-8; float32 24, U_FP32 = 2**-24;
-  float8_e4m3fn 4, U_FP8 = 2**-4, and below its smallest normal (2**-6) a spacing of 2**-9, so
-  an absolute error of at most FP8_SUBNORMAL = 2**-10 there.
-- A k-term dot product accumulated in float32 errs by at most (k + 2) U_FP32 of the sum of its
-  terms' magnitudes (k - 1 additions, the products, the scale). The CPU int8 kernel
-  (`_weight_int8pack_mm`) also rounds x, the scale and its output to bfloat16: 3 more roundings,
-  3.02 U_BF16 with their products. So |computed - x @ W.T| <= gamma * (|x| @ |W|.T).
+Bounds: tests/quant_bounds.py (the rounding model of each format and kernel, and (L): a linear
+layer's bound for a weight error e), and
 - Round-to-nearest symmetric int8 per output channel: s_i = max_j |W_ij| / 127 and
-  |W_ij - q_ij s_i| <= s_i / 2.
-- A linear layer whose weight errs by e (elementwise) on inputs x:
-  |computed - x @ W.T| <= |x| @ (e + gamma (|W| + e)).T                                  (L)
+  |W_ij - q_ij s_i| <= s_i / 2: the e of (L) against the unquantized weight.
 - The expert y = w2(silu(g) * u), [g; u] = w13 x: (L) bounds g and u by b_g, b_u; silu is
   1.1-Lipschitz (max |silu'| = 1.0998), so a = silu(g) * u errs by at most
   b_a = 1.1 b_g (|u| + b_u) + |silu(g)| b_u (+ float32 rounding of silu and the product), and
@@ -33,23 +25,10 @@ from model import quant
 from model.engine import Engine, SamplingParams
 from model.moe import expert_mlp, fuse_w13
 from model.quant import QuantizedWeight
+from tests.quant_bounds import U_FP32, fp8_gemm_bound, gamma, linear_bound
 
-U_BF16, U_FP32, U_FP8 = 2.0 ** -8, 2.0 ** -24, 2.0 ** -4
-FP8_SUBNORMAL = 2.0 ** -10
 SILU_LIPSCHITZ = 1.1
 EXAMPLES = settings(max_examples=25, deadline=None)
-
-
-def gamma(k: int, packed: bool) -> float:
-    """The relative rounding of a k-term dot product (module doc): float32 accumulation, and
-    with the CPU int8 kernel three bfloat16 roundings."""
-    return (3.02 * U_BF16 if packed else 0.0) + (k + 2) * U_FP32
-
-
-def linear_bound(x_abs: torch.Tensor, w: torch.Tensor, w_err: torch.Tensor | float,
-                 g: float) -> torch.Tensor:
-    """(L): x_abs (n, in), w (out, in) float64, w_err its error bound -> (n, out)."""
-    return x_abs @ (w_err + g * (w.abs() + w_err)).T
 
 
 def expert_bound(x, w13, e13, w2, e2, g13: float, g2: float) -> torch.Tensor:
@@ -149,17 +128,15 @@ def test_an_int8_expert_is_within_the_derived_bound_of_the_unquantized_one(seed,
 @pytest.mark.parametrize("scheme", ["static", "dynamic"])
 def test_the_scaled_mm_math_on_cpu(scheme):
     """The FP8 GEMM path (`tensor_scale` set: on CUDA sm_89+ `pack` sets it; torch._scaled_mm
-    also runs on this CPU, so its math is checked here; tests/gpu checks it on CUDA): x is
-    quantized to FP8 by its static input scale or its own max / 448, so
-    |y - x @ W.T| <= U_FP8 |x| @ |W|.T + FP8_SUBNORMAL * input_scale * sum_j |W_ij| + fp32."""
+    also runs on this CPU, so its math is checked here; tests/gpu checks it on CUDA): x
+    quantized by its static input scale or by its own max / 448, within `fp8_gemm_bound`."""
     w, x = weights(0, (48, 64), 1.0), activations(0, 5, 64, 1.0)
     qw, scale = quant.quantize_fp8(w)
     static = x.abs().max() * 1.5 / quant.FP8_MAX if scheme == "static" else None
     q = QuantizedWeight(qw, scale.expand(48).contiguous(), static, scale)
     wd = q.dequantize(torch.float64)
     input_scale = static if static is not None else x.abs().max() / quant.FP8_MAX
-    bound = (linear_bound(x.double().abs(), wd, 0.0, U_FP8 + gamma(64, False))
-             + FP8_SUBNORMAL * float(input_scale) * wd.abs().sum(dim=1))
+    bound = fp8_gemm_bound(x.double(), wd, float(input_scale))
     assert ((q.matmul(x).double() - x.double() @ wd.T).abs() <= bound).all()
 
 
