@@ -150,11 +150,12 @@ def run_worker(python: str, which: str, path: str, precision: str, args, env=Non
 
 
 class WorkerFailed(RuntimeError):
-    """A worker process failed: the message ends with its stderr's end; `stderr` is whole."""
+    """A worker process failed: the message ends with its stderr's end; `output` is its whole
+    stdout and stderr (vLLM logs its engine processes' errors on stdout)."""
 
-    def __init__(self, message: str, stderr: str):
+    def __init__(self, message: str, output: str):
         super().__init__(message)
-        self.stderr = stderr
+        self.output = output
 
 
 def run_json(cmd: list[str], which: str, env: dict | None, timeout: float) -> dict:
@@ -165,7 +166,7 @@ def run_json(cmd: list[str], which: str, env: dict | None, timeout: float) -> di
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise WorkerFailed(f"{which} worker failed ({done.returncode}): {done.stderr[-2000:]}",
-                           done.stderr)
+                           done.stdout + "\n" + done.stderr)
     return json.loads(lines[-1])
 
 
@@ -218,8 +219,8 @@ def collect(args, precisions: list[str], vllm: bool, env: dict) -> dict:
                 except WorkerFailed as e:
                     if which == "ours":
                         raise
-                    log.warning("vLLM %s failed: %s", precision, error_line(e.stderr))
-                    results[(which, precision)] = f"not supported: {error_line(e.stderr)}"
+                    log.warning("vLLM %s failed: %s", precision, error_line(e.output))
+                    results[(which, precision)] = f"not supported: {error_line(e.output)}"
                     continue
                 results.setdefault((which, precision), []).append(out)
     return results

@@ -109,6 +109,22 @@ def kernel_table(shapes: list[tuple[int, int, list[int]]], repeats: int = 3,
                       "|---|---|" + "---|" * len(names)] + lines)
 
 
+def layer_errors(shapes: list[tuple[int, int]], rows: int = 32) -> str:
+    """A markdown table: each `kernels` entry's relative error ||y - y32|| / ||y32|| against
+    the fp32 product, for `rows` random rows of one layer per shape."""
+    lines = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)) * 0.02
+        x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1))
+        want = x @ w.T
+        ways = kernels(w)
+        errors = [(fn(x.to(dt)).float() - want).norm() / want.norm() for dt, fn in ways.values()]
+        lines.append(f"| {out_f}x{in_f} | {rows} | " + " | ".join(f"{e:.1e}" for e in errors)
+                     + " |")
+    return "\n".join([f"| weight (out x in) | rows | {' | '.join(ways)} |",
+                      "|---|---|" + "---|" * len(ways)] + lines)
+
+
 # ---- 2. accuracy -----------------------------------------------------------------------------
 def dequantized_checkpoint(src: str | Path, out: str | Path) -> Path:
     """The FP8 checkpoint `src` rewritten at `out` with every FP8 weight dequantized to float32
@@ -263,7 +279,8 @@ def main() -> None:
     if "kernels" in sections:
         shapes = [(o, i, [1, 8, 32, 256]) for o, i in SMALL_SHAPES]
         shapes += [] if args.quick else [(o, i, [1, 8]) for o, i in MIXTRAL_SHAPES]
-        print(f"## kernels, ms per call ({head})\n\n{kernel_table(shapes, args.repeats)}\n",
+        print(f"## kernels, ms per call ({head})\n\n{kernel_table(shapes, args.repeats)}\n\n"
+              f"one layer's relative error against fp32\n\n{layer_errors(SMALL_SHAPES)}\n",
               flush=True)
     if "accuracy" in sections:
         acc = accuracy(args.preset, args.prompts, args.prompt_len, args.new_tokens)

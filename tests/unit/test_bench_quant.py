@@ -28,6 +28,10 @@ def test_every_kernel_computes_x_times_w_transposed():
     table = bench_quant.kernel_table([(32, 16, [1, 2])], repeats=1, fill_s=0.001)
     assert table.count("\n") == 3 and "| 32x16 | 2 |" in table
     assert all(name in table.splitlines()[0] for name in kernels(w))
+    errors = bench_quant.layer_errors([(32, 16)], rows=4)
+    cells = errors.splitlines()[2].split("|")[3:-1]         # one per kernel
+    assert errors.splitlines()[2].startswith("| 32x16 | 4 |") and len(cells) == len(kernels(w))
+    assert float(cells[0]) < 1e-5 and all(float(c) < 0.1 for c in cells)   # fp32 packed first
 
 
 def test_the_dequantized_fp8_checkpoint_is_the_same_model(tmp_path):
