@@ -40,9 +40,9 @@ def report(results: dict, args, precisions: list[str], preload: list[str]) -> st
             theirs = results.get(("vllm", precision), [])
             theirs = theirs if isinstance(theirs, str) else [r[b] for r in theirs]
             for which, runs in (("ours", ours), ("vllm", theirs)):
-                if runs and not isinstance(runs, str):
-                    best[(which, b)] = max(best.get((which, b), (0.0, "")),
-                                           (_median(runs, "decode_tps"), precision))
+                tps = _median(runs, "decode_tps") if not isinstance(runs, str) else float("nan")
+                if tps == tps:                                       # not NaN
+                    best[(which, b)] = max(best.get((which, b), (0.0, "")), (tps, precision))
             same = "-"
             if theirs and not isinstance(theirs, str) and precision == "fp32":
                 pairs = list(zip(ours[0]["ids"], theirs[0]["ids"]))
@@ -56,8 +56,8 @@ def report(results: dict, args, precisions: list[str], preload: list[str]) -> st
                          f"| {same} |")
     lines += ["", "| batch | our best | vLLM's best | ours / vLLM |", "|---|---|---|---|"]
     for b in map(str, args.batches):
-        ours, theirs = best[("ours", b)], best.get(("vllm", b))
-        lines.append(f"| {b} | {ours[0]:.1f} ({ours[1]}) | "
-                     + (f"{theirs[0]:.1f} ({theirs[1]}) | {ours[0] / theirs[0]:.2f} |"
-                        if theirs else "- | - |"))
+        ours, theirs = best.get(("ours", b)), best.get(("vllm", b))
+        cells = [f"{r[0]:.1f} ({r[1]})" if r else "-" for r in (ours, theirs)]
+        ratio = f"{ours[0] / theirs[0]:.2f}" if ours and theirs else "-"
+        lines.append(f"| {b} | {cells[0]} | {cells[1]} | {ratio} |")
     return "\n".join(lines)
