@@ -82,11 +82,13 @@ def test_int8_is_round_to_nearest_per_output_channel(seed, out, k, decades):
 
 
 @EXAMPLES
-@given(st.integers(0, 2**16), st.integers(1, 9), st.sampled_from([8, 16, 24, 32, 48]),
-       st.integers(1, 40), st.sampled_from(["int8", "fp8"]), st.booleans())
+@given(st.integers(0, 2**16), st.one_of(st.integers(1, 9), st.sampled_from([32, 33, 70])),
+       st.sampled_from([8, 16, 24, 32, 48]), st.integers(1, 40), st.sampled_from(["int8", "fp8"]),
+       st.booleans())
 def test_matmul_equals_x_times_the_dequantized_weight(seed, n, k, out, kind, packed):
     """Every CPU path: the int8 kernel (packed; its input dim a multiple of 16, else the
-    dequant path: the kernel crashed or returned garbage for other sizes), the int8 and FP8
+    dequant path: the kernel crashed or returned garbage for other sizes; over
+    INT8PACK_MAX_ROWS rows one bf16 GEMM on the converted weight), the int8 and FP8
     weight-only dequant paths (unpacked; FP8 on CPU is never packed)."""
     w = weights(seed, (out, k), 1.0)
     x = activations(seed, n, k, 1.0)
