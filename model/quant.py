@@ -18,11 +18,15 @@ W ~= qweight * scale[:, None], so y = x @ W.T = (x @ qweight.T) * scale.
   here, the bit moves 0.23 ms.
 - **int8 weight-only** (`quantization="int8"`, any checkpoint, applied at load to the expert
   weights): symmetric per-output-channel scales, scale = max|row| / 127, q = round(w / scale).
-  Compute on CPU, with bf16 activations (bench/quant.py, this project's Zen 4 EPYC): up to
-  INT8PACK_MAX_ROWS rows `torch.ops.aten._weight_int8pack_mm` (a 3584x512 weight: 0.03 ms for
-  1 row vs 0.05 ms for the packed fp32 GEMM; with fp32 activations it took 0.6-20 ms); more rows
-  (prefill) convert the weight to bf16 once and run one GEMM (256 rows: 1.2 vs 3.2 ms). On CUDA
-  the int8 weight is converted to the compute dtype per call, `F.linear`, then the scale.
+  Compute on CPU: `torch.ops.aten._weight_int8pack_mm` with bf16 activations and bf16 scales
+  (bench/quant.py, this project's Zen 4 EPYC: a 3584x512 weight took 0.03 ms for 1 row vs
+  0.05 ms for the packed fp32 GEMM; with fp32 activations 0.6-20 ms). It computes each row on
+  its own, so a row's output never depends on the other rows of the call (batch invariance:
+  merged calls of several frontends, batched or alone). Converting the weight to bf16 once and
+  running one GEMM was faster from ~32 rows on (256 rows: 1.2 vs 3.2 ms), but rounds
+  differently: a switch by row count made a greedy sequence's tokens depend on the batch, so
+  prefill pays the kernel's price. On CUDA the int8 weight is converted to the compute dtype
+  per call, `F.linear`, then the scale.
 
 Shapes: weights (out, in); activations x (n, in) -> y (n, out).
 """
@@ -39,7 +43,6 @@ INT8_MAX = 127
 # _weight_int8pack_mm reads the input dim in blocks of 16: with another size it crashed the
 # process (segfault, 2+ rows) or returned garbage (1 row) in torch 2.13, so it is used only then
 INT8PACK_BLOCK = 16
-INT8PACK_MAX_ROWS = 32      # more rows: converting the weight once is faster (module doc)
 QUANTIZATIONS = ("int8",)                  # the `quantization` engine option's values (or None)
 FP8_METHOD = "fp8"                         # config.json quantization_config.quant_method
 ACTIVATION_SCHEMES = ("static", "dynamic")
@@ -92,11 +95,8 @@ class QuantizedWeight:
         if self.tensor_scale is not None:
             return _scaled_mm(x, self.qweight, self.tensor_scale, self.input_scale)
         if self.kernel_scale is not None:
-            xb = x.to(torch.bfloat16)
-            if x.shape[0] <= INT8PACK_MAX_ROWS:
-                y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.kernel_scale)
-            else:
-                y = F.linear(xb, self.qweight.to(torch.bfloat16)) * self.kernel_scale
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight,
+                                                   self.kernel_scale)
             return y.to(x.dtype)
         q = fp8_to(self.qweight, x.dtype) if self.kind == "fp8" else self.qweight.to(x.dtype)
         return F.linear(x, q) * self.scale.to(x.dtype)

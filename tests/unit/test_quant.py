@@ -87,8 +87,7 @@ def test_int8_is_round_to_nearest_per_output_channel(seed, out, k, decades):
        st.booleans())
 def test_matmul_equals_x_times_the_dequantized_weight(seed, n, k, out, kind, packed):
     """Every CPU path: the int8 kernel (packed; its input dim a multiple of 16, else the
-    dequant path: the kernel crashed or returned garbage for other sizes; over
-    INT8PACK_MAX_ROWS rows one bf16 GEMM on the converted weight), the int8 and FP8
+    dequant path: the kernel crashed or returned garbage for other sizes), the int8 and FP8
     weight-only dequant paths (unpacked; FP8 on CPU is never packed)."""
     w = weights(seed, (out, k), 1.0)
     x = activations(seed, n, k, 1.0)
@@ -222,3 +221,31 @@ def test_an_fp8_checkpoint_equals_its_dequantized_weights(tiny_fp8_checkpoint, d
             logits = oracle.logits(prompt + want.token_ids[:first])[-1]
             top = logits.topk(2).values
             assert top[0] - top[1] <= FP8_REL * logits.abs().max(), (prompt, first)
+
+
+@EXAMPLES
+@given(st.integers(0, 2**16), st.integers(2, 300), st.sampled_from([16, 64]))
+def test_packed_int8_gives_a_row_the_same_bits_in_any_call(seed, n, k):
+    """The CPU int8 kernel computes each row on its own: a row's output is bitwise the same alone
+    and among n others (a merged call of several frontends, a prefill). A switch to another
+    kernel above some row count broke this (greedy tokens depended on the batch)."""
+    q = quant.pack(quant.quantize_int8(weights(seed, (48, k), 1.0)))
+    assert q.kernel_scale is not None
+    x = activations(seed, n, k, 1.0)
+    y = q.matmul(x)
+    for i in {0, n // 2, n - 1}:
+        assert torch.equal(q.matmul(x[i:i + 1]), y[i:i + 1])
+
+
+def test_int8_batched_and_chunked_equal_alone(tiny_checkpoint):
+    """int8 experts' greedy ids are batch-invariant: alone, in a batch of 40 prompts (over 32
+    rows an expert in prefill) and chunked (2 sequences, 7 tokens a step)."""
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = ["Hello, my name is", "def fib(n):\n    return", "Once upon a time " * 8, "日本語 😀"]
+    others = [f"Prompt number {i} says " * 3 for i in range(36)]
+    engine = Engine.from_pretrained(tiny_checkpoint, quantization="int8")
+    alone = [engine.generate(p, greedy)[0].token_ids for p in prompts]
+    assert [o.token_ids for o in engine.generate(prompts + others, greedy)][:4] == alone
+    chunked = Engine.from_pretrained(tiny_checkpoint, quantization="int8",
+                                     max_num_batched_tokens=7, max_num_seqs=2)
+    assert [o.token_ids for o in chunked.generate(prompts, greedy)] == alone
