@@ -87,9 +87,9 @@ def check_checkpoint_dir(path: str | Path) -> None:
     """Fail at once, naming what is missing, unless `path` is a servable checkpoint: a directory
     with a readable config.json (whose quantization_config, if any, is the FP8 layout), a
     tokenizer (tokenizer.json or tokenizer.model), and shards (an index or model.safetensors)
-    that exist and hold every tensor the config needs, in an FP8 checkpoint with the scales
-    of its float8_e4m3fn tensors. Raises CheckpointError (a ValueError). Reads no tensor data
-    (FP8 scales: the shards' headers)."""
+    that exist and hold every tensor the config needs (the shard the index names holds it, in
+    a float dtype), in an FP8 checkpoint with the scales of its float8_e4m3fn tensors. Raises
+    CheckpointError (a ValueError). Reads no tensor data: the shards' headers only."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model path {path} is not a directory")
@@ -99,7 +99,7 @@ def check_checkpoint_dir(path: str | Path) -> None:
         cfg = MixtralConfig.from_json(path)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'config.json'} is not a Mixtral config: {e}") from None
-    quantized = quantization_config(path) is not None    # CheckpointError: unsupported
+    quantized = quantization_config(path)               # CheckpointError: unsupported
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"model path {path} has no tokenizer.json or tokenizer.model")
     files = weight_map(path)
@@ -111,26 +111,49 @@ def check_checkpoint_dir(path: str | Path) -> None:
     if absent:
         raise CheckpointError(f"checkpoint {path} has no tensor {absent[0]!r} "
                               f"({len(absent)} of the config's tensors are missing)")
-    if quantized:
-        _check_fp8_scales(files, tensor_shapes(cfg))
+    _check_shards(files, tensor_shapes(cfg), _is_static(quantized))
 
 
-def _check_fp8_scales(files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Each float8_e4m3fn tensor of `shapes` has the scales `load_tensors` needs, of shapes it
-    reads (checked on empty "meta" tensors of the shapes the shards' headers give)."""
+def _check_shards(files: dict[str, Path], shapes: dict[str, tuple[int, ...]],
+                  static: bool) -> None:
+    """Each tensor of `shapes` is in the shard the index names, in a dtype `load_tensors`
+    reads, and a float8_e4m3fn one has the scales it needs, of shapes it reads (checked on
+    empty "meta" tensors of the shapes the shards' headers give)."""
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, file in files.items():
         by_file[file].append(name)
     found: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:
+            held = set(f.keys())
             for name in names:
+                if name not in held:
+                    if name in shapes:
+                        raise CheckpointError(f"the index names shard {file.name} for tensor "
+                                              f"{name!r}, which that shard does not hold")
+                    continue
                 t = f.get_slice(name)
+                _check_stored_dtype(name, t.get_dtype())
                 found[name] = torch.empty(t.get_shape(), device="meta",
                                           dtype=quant.FP8 if t.get_dtype() == "F8_E4M3" else None)
     for name in shapes:
         if found[name].dtype == quant.FP8:
-            _fp8_weight(name, found[name], found.get)
+            _fp8_weight(name, found[name], found.get, static)
+
+
+# safetensors' names of the dtypes a weight may be stored in (F8_E4M3: FP8 checkpoints)
+STORED_DTYPES = ("F32", "BF16", "F16", "F64", "F8_E4M3")
+
+
+def _check_stored_dtype(name: str, stored: str) -> None:
+    if stored not in STORED_DTYPES:
+        raise CheckpointError(f"tensor {name!r} is stored as {stored}: weights are read from "
+                              f"{', '.join(STORED_DTYPES)} (F8_E4M3 with its weight_scale)")
+
+
+def _is_static(config: dict | None) -> bool:
+    """Whether an FP8 checkpoint's activations have static scales (each needs input_scale)."""
+    return config is not None and config.get("activation_scheme", "dynamic") == "static"
 
 
 def quantization_config(path: str | Path) -> dict | None:
@@ -167,6 +190,7 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
     a float8_e4m3fn weight (an FP8 checkpoint's) stays FP8, read with its scales as a
     QuantizedWeight. CheckpointError naming a missing tensor or scale, or a wrong shape."""
     files = weight_map(path)
+    static = _is_static(quantization_config(path))    # CheckpointError: one it cannot read
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in shapes:
         if name not in files:
@@ -178,15 +202,20 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
         if not file.exists():
             raise CheckpointError(f"shard {file.name} (holding {names[0]!r}) is missing")
         with safe_open(file, framework="pt", device="cpu") as f:
+            held = set(f.keys())
             for name in names:
+                if name not in held:
+                    raise CheckpointError(f"the index names shard {file.name} for tensor "
+                                          f"{name!r}, which that shard does not hold")
                 t = f.get_slice(name)
+                _check_stored_dtype(name, t.get_dtype())
                 if tuple(t.get_shape()) != tuple(shapes[name]):
                     raise CheckpointError(f"tensor {name!r} has shape {tuple(t.get_shape())}, "
                                           f"expected {tuple(shapes[name])}")
                 if t.get_dtype() == "F8_E4M3":
                     tensor = f.get_tensor(name).to(device=device)
                     out[name] = _fp8_weight(name, tensor,
-                                            lambda n: _read_scale(files, n, device))
+                                            lambda n: _read_scale(files, n, device), static)
                 else:
                     tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                     out[name] = tensor
@@ -196,18 +225,22 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
     return out
 
 
-def _fp8_weight(name: str, weight: torch.Tensor, scale: Callable[[str], torch.Tensor | None]
-                ) -> QuantizedWeight:
-    """An FP8 checkpoint's `name` with its `weight_scale` and, where present, `input_scale`
-    (`scale(tensor name)`: the tensor, None when the checkpoint has none). CheckpointError
-    naming a missing weight_scale or a scale of a wrong shape."""
+def _fp8_weight(name: str, weight: torch.Tensor, scale: Callable[[str], torch.Tensor | None],
+                static: bool) -> QuantizedWeight:
+    """An FP8 checkpoint's `name` with its `weight_scale` and its `input_scale` (required with
+    static activation scales, else read where present; `scale(tensor name)`: the tensor, None
+    when the checkpoint has none). CheckpointError naming a missing scale or a bad one."""
     weight_scale = scale(_scale_name(name, quant.WEIGHT_SCALE))
     if weight_scale is None:
         raise CheckpointError(f"FP8 tensor {name!r} has no "
                               f"{_scale_name(name, quant.WEIGHT_SCALE)!r}")
+    input_scale = scale(_scale_name(name, quant.INPUT_SCALE))
+    if input_scale is None and static:
+        raise CheckpointError(f"FP8 tensor {name!r} has no "
+                              f"{_scale_name(name, quant.INPUT_SCALE)!r}, which config.json's "
+                              f"activation_scheme 'static' needs")
     try:
-        return quant.from_fp8_checkpoint(weight, weight_scale,
-                                         scale(_scale_name(name, quant.INPUT_SCALE)))
+        return quant.from_fp8_checkpoint(weight, weight_scale, input_scale)
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
 
@@ -273,12 +306,15 @@ class WeightSource:
         all_shapes = tensor_shapes(self.model_config())
         shapes = {n: all_shapes[n] for n in names}
         if self.path is not None:
-            quantization_config(self.path)      # CheckpointError naming what it cannot read
             weights = load_tensors(self.path, shapes, dtype, device)
         else:
             _MATERIALISED.update(shapes)
             weights = {n: random_tensor(n, s, self.seed, dtype, device) for n, s in shapes.items()}
         if self.quantization == "int8":
+            stored = [n for n, w in weights.items() if isinstance(w, QuantizedWeight)]
+            if stored:
+                raise CheckpointError(f"quantization='int8': {stored[0]!r} is stored quantized "
+                                      f"(float8_e4m3fn) in {self.path}")
             weights.update({n: quant.quantize_int8(w) for n, w in weights.items()
                             if is_expert_name(n)})
         return weights

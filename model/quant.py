@@ -146,7 +146,8 @@ def from_fp8_checkpoint(weight: torch.Tensor, weight_scale: torch.Tensor,
                         input_scale: torch.Tensor | None) -> QuantizedWeight:
     """A checkpoint's float8_e4m3fn `weight` (out, in) with its `weight_scale` (per tensor: a
     0-d or 1-element tensor; or per channel: (out,) or (out, 1)) and `input_scale` (None or
-    one value). ValueError naming the shape when a scale fits neither."""
+    one value). ValueError naming the shape when a scale fits neither, or a scale that is not
+    finite and > 0."""
     out = weight.shape[0]
     scale = weight_scale.float().reshape(-1)
     if scale.numel() not in (1, out):
@@ -157,6 +158,10 @@ def from_fp8_checkpoint(weight: torch.Tensor, weight_scale: torch.Tensor,
             raise ValueError(f"input_scale has shape {tuple(input_scale.shape)}: expected one "
                              f"value (a per-tensor static activation scale)")
         input_scale = input_scale.float().reshape(())
+    for what, t in (("weight_scale", scale), ("input_scale", input_scale)):
+        if t is not None and t.device.type != "meta" and not bool(
+                (torch.isfinite(t) & (t > 0)).all()):
+            raise ValueError(f"{what} must be finite and > 0, got {t.flatten()[:4].tolist()}")
     return QuantizedWeight(weight, scale.expand(out).contiguous(), input_scale)
 
 

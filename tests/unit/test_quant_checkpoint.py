@@ -190,7 +190,10 @@ def test_an_unsupported_quantization_config_is_named(tiny_fp8_checkpoint, tmp_pa
     (Q_PROJ, None, {scale_name(Q_PROJ, quant.WEIGHT_SCALE): torch.ones(3)},
      f"{Q_PROJ}: weight_scale has shape \\(3,\\): expected one value or one per output channel"),
     (W1, None, {scale_name(W1, quant.INPUT_SCALE): torch.ones(2)},
-     f"{W1}: input_scale has shape \\(2,\\): expected one value")])
+     f"{W1}: input_scale has shape \\(2,\\): expected one value"),
+    (W1, scale_name(W1, quant.INPUT_SCALE), None,
+     f"FP8 tensor '{W1}' has no '{scale_name(W1, quant.INPUT_SCALE)}', which config.json's "
+     f"activation_scheme 'static' needs")])
 def test_a_missing_or_misshapen_scale_is_named_with_its_tensor(tiny_fp8_checkpoint, tmp_path,
                                                                name, drop, extra, message):
     """Before serving (check_checkpoint_dir, from the shards' headers) and when loaded."""
@@ -199,6 +202,53 @@ def test_a_missing_or_misshapen_scale_is_named_with_its_tensor(tiny_fp8_checkpoi
         check_checkpoint_dir(path)
     with pytest.raises(CheckpointError, match=message):
         WeightSource(path=str(path)).load([name], torch.float32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -0.01])
+@pytest.mark.parametrize("which", [quant.WEIGHT_SCALE, quant.INPUT_SCALE])
+def test_a_scale_that_is_not_finite_and_positive_is_named_when_loaded(tiny_fp8_checkpoint,
+                                                                      tmp_path, bad, which):
+    """A NaN scale made every request fail later ("logits are not finite"); zero or negative
+    ones were taken silently. check_checkpoint_dir reads headers only: the values at load."""
+    path = variant(tiny_fp8_checkpoint, tmp_path, extra={scale_name(W1, which): torch.tensor(bad)})
+    with pytest.raises(CheckpointError, match=f"{W1}: {which} must be finite and > 0"):
+        WeightSource(path=str(path)).load([W1], torch.float32)
+
+
+def test_a_weight_stored_as_integers_or_missing_from_its_shard_is_named(tiny_fp8_checkpoint,
+                                                                         tmp_path):
+    """An I8 weight was read as float values (garbage text); an index naming a shard that lacks
+    the tensor gave safetensors' raw error: both named, before serving and at load."""
+    rows, cols = tensor_shapes(MixtralConfig.from_json(tiny_fp8_checkpoint))[W1]
+    (tmp_path / "ints").mkdir()
+    ints = variant(tiny_fp8_checkpoint, tmp_path / "ints",
+                   extra={W1: torch.ones(rows, cols, dtype=torch.int8)})
+    for check in (check_checkpoint_dir, lambda p: WeightSource(path=str(p)).load([W1],
+                                                                                 torch.float32)):
+        with pytest.raises(CheckpointError, match=f"tensor '{W1}' is stored as I8"):
+            check(ints)
+    (tmp_path / "stale").mkdir()
+    stale = variant(tiny_fp8_checkpoint, tmp_path / "stale", extra={"unused": torch.ones(1)})
+    index = json.loads((stale / INDEX_FILE).read_text())
+    index["weight_map"][W1] = "extra.safetensors"
+    (stale / INDEX_FILE).write_text(json.dumps(index))
+    for check in (check_checkpoint_dir, lambda p: WeightSource(path=str(p)).load([W1],
+                                                                                 torch.float32)):
+        with pytest.raises(CheckpointError, match=f"shard extra.safetensors for tensor '{W1}', "
+                                                  f"which that shard does not hold"):
+            check(stale)
+
+
+def test_int8_on_fp8_tensors_without_a_quantization_config_is_refused(tiny_fp8_checkpoint,
+                                                                      tmp_path):
+    """F8_E4M3 tensors with no quantization_config are read as FP8 (leniently); int8 on them
+    crashed with an AttributeError: now a CheckpointError naming the tensor."""
+    path = variant(tiny_fp8_checkpoint, tmp_path)
+    raw = json.loads((path / "config.json").read_text())
+    del raw["quantization_config"]
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=f"quantization='int8': '{W1}' is stored quantized"):
+        WeightSource(path=str(path), quantization="int8").load([W1], torch.float32)
 
 
 def test_per_channel_scales_are_read_too(tiny_fp8_checkpoint, tmp_path):
