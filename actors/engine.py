@@ -50,7 +50,7 @@ from actors.failover import (
     with_seed,
 )
 from actors.frontend import Frontend
-from actors.info import EngineInfo, ExpertLoad, WorkerInfo
+from actors.info import EngineInfo, ExpertLoad, WorkerInfo, checkpoint_quantization
 from actors.options import EngineOptions
 from model.admission import as_prompt_list
 from model.checkpoint import WeightSource
@@ -172,17 +172,23 @@ class RayEngine:
     @classmethod
     def _on_pool(cls, source: WeightSource, o: EngineOptions, pool: SharedExpertPool,
                  tokenizer: Tokenizer) -> RayEngine:
-        """A frontend actor on a shared pool's experts. ValueError when its dtype or tokens per
-        step do not fit the pool's actors (their channels would refuse its rows); one WARNING
+        """A frontend actor on a shared pool's experts. ValueError when its model (config.json),
+        quantization, dtype or tokens per step do not fit the pool's actors (their channels
+        would refuse its rows, or serve another model's experts); one WARNING
         naming the expert fields set here that the pool's options override (POOL_FIELDS)."""
+        if source.model_config() != pool.source.model_config():
+            raise ValueError(f"the model at {source.path} is not the pool's ({pool.source.path}): "
+                             f"their config.json differ, and the pool's expert actors hold "
+                             f"the experts")
         if source.resolve_dtype(o.dtype, o.device) != pool.source.resolve_dtype(
                 pool.options.dtype, pool.options.device):
             raise ValueError(f"dtype {o.dtype!r} differs from the pool's "
                              f"{pool.options.dtype!r}")
-        if o.quantization != pool.options.quantization:
-            raise ValueError(f"quantization {o.quantization!r} differs from the pool's "
-                             f"{pool.options.quantization!r}: its expert actors hold the "
-                             f"experts' weights")
+        mine, pools = checkpoint_quantization(source), checkpoint_quantization(pool.source)
+        if mine != pools:
+            raise ValueError(f"quantization {mine or 'none'!r} differs from the pool's "
+                             f"{pools or 'none'!r} (an FP8 checkpoint's is 'fp8'): its expert "
+                             f"actors hold the experts' weights")
         if o.max_num_batched_tokens > pool.options.max_num_batched_tokens:
             raise ValueError(f"engine_args.max_num_batched_tokens={o.max_num_batched_tokens} is "
                              f"over the pool's {pool.options.max_num_batched_tokens}, which "

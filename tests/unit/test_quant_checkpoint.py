@@ -27,7 +27,7 @@ from model.checkpoint import (
     random_tensor,
     weight_map,
 )
-from model.config import MixtralConfig
+from model.config import PRESETS, MixtralConfig
 from model.engine import Engine
 from model.mixtral import tensor_shapes
 from model.moe import expert_name
@@ -265,16 +265,30 @@ def test_per_channel_scales_are_read_too(tiny_fp8_checkpoint, tmp_path):
     assert torch.equal(got.scale, per_row[:, 0])
 
 
-def test_an_engine_on_a_pool_of_another_quantization_is_refused():
+def test_an_engine_on_a_pool_of_another_model_or_quantization_is_refused(tiny_checkpoint,
+                                                                      tiny_fp8_checkpoint):
     """RayEngine._on_pool (actors/engine.py), without Ray: the pool's expert actors hold the
     experts' weights, so an engine asking for other ones fails before its frontend starts."""
+    import dataclasses
     import types
 
     from actors.engine import RayEngine
-    for mine, pools in (("int8", None), (None, "int8")):
-        pool = types.SimpleNamespace(source=WeightSource(), name="mixtral-ep-pool:t",
-                                     options=EngineOptions(dtype="float32", quantization=pools))
-        with pytest.raises(ValueError, match=f"quantization {mine!r} differs from the pool's "
-                                             f"{pools!r}"):
-            RayEngine._on_pool(WeightSource(), EngineOptions(dtype="float32", quantization=mine),
-                               pool, tokenizer=None)
+
+    def on_pool(mine: WeightSource, pools: WeightSource):
+        options = {s: EngineOptions(dtype="float32", quantization=s.quantization)
+                   for s in (mine, pools)}
+        pool = types.SimpleNamespace(source=pools, name="mixtral-ep-pool:t",
+                                     options=options[pools])
+        RayEngine._on_pool(mine, options[mine], pool, tokenizer=None)
+
+    tiny, fp8 = WeightSource(path=str(tiny_checkpoint)), WeightSource(path=str(tiny_fp8_checkpoint))
+    int8 = dataclasses.replace(tiny, quantization="int8")
+    for mine, pools, names in ((int8, tiny, "'int8' differs from the pool's 'none'"),
+                               (tiny, int8, "'none' differs from the pool's 'int8'"),
+                               (fp8, int8, "'fp8' differs from the pool's 'int8'"),
+                               (tiny, fp8, "'none' differs from the pool's 'fp8'")):
+        with pytest.raises(ValueError, match=f"quantization {names}"):
+            on_pool(mine, pools)
+    small = WeightSource(config=PRESETS["small"])
+    with pytest.raises(ValueError, match="is not the pool's .*config.json differ"):
+        on_pool(tiny, small)
