@@ -100,8 +100,10 @@ class EngineOptions:
 
     def __post_init__(self):
         self._lift_quantization()
-        if self.quantization is not None:
-            _one_of("quantization", self.quantization, QUANTIZATIONS)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got "
+                             f"{self.quantization!r} (the option or engine_args.quantization; "
+                             f"an FP8 checkpoint is read as FP8 without it)")
         _one_of("device", self.device, DEVICES)
         _one_of("transport", self.transport, TRANSPORTS)
         _one_of("expert_pool", self.expert_pool, EXPERT_POOLS)
