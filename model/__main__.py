@@ -4,7 +4,9 @@
                                       [--dtype auto] [--quantization int8]
 
 With no --checkpoint it creates (once, cached) the `tiny` random checkpoint with the real
-Mixtral tokenizer: its weights are random, so its text is gibberish.
+Mixtral tokenizer: its weights are random, so its text is gibberish. A bad checkpoint, option or
+request (a ValueError: CheckpointError, ConfigError, InvalidRequest, a quantization the checkpoint
+cannot take) exits 2 with one line on stderr naming it; anything else is a bug and tracebacks.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from model.random_checkpoint import cached_random_checkpoint
 log = logging.getLogger("model")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt")
@@ -43,9 +45,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="int8: the expert weights quantized at load, weight-only, with "
                              "per-output-channel scales (an FP8 checkpoint needs none: it is "
                              "read as FP8)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse `argv` and generate. Exits 2 with one line naming a ValueError (module doc)."""
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        _generate(args)
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {type(e).__name__}: {e}\n")
 
+
+def _generate(args: argparse.Namespace) -> None:
     path = args.checkpoint or cached_random_checkpoint(args.preset)
     engine = Engine.from_pretrained(path, dtype=args.dtype, device=args.device,
                                     quantization=args.quantization)

@@ -336,16 +336,19 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m model.checkpoint random ...`: model/random_checkpoint.py's CLI."""
-    import sys
+    """`python -m model.checkpoint random ...`: model/random_checkpoint.py's CLI as a
+    subcommand. Exits 2 naming a missing or unknown subcommand, or a bad option."""
+    import argparse
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "random":
-        sys.exit("usage: python -m model.checkpoint random --preset P --out DIR "
-                 "[--quantization fp8] ... (see python -m model.checkpoint random --help)")
-    from model.random_checkpoint import main as write_main
+    from model import random_checkpoint
 
-    write_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m model.checkpoint",
+                                     description="Hugging Face Mixtral checkpoints' tools.")
+    commands = parser.add_subparsers(title="commands", required=True)
+    random = commands.add_parser("random", help=random_checkpoint.DESCRIPTION,
+                                 description=random_checkpoint.DESCRIPTION)
+    random_checkpoint.add_arguments(random)
+    random_checkpoint.run(parser.parse_args(argv), random)
 
 
 if __name__ == "__main__":

@@ -227,11 +227,12 @@ def _plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
     return shards
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.random_checkpoint",
-        description="Write a random-weight checkpoint in the Hugging Face Mixtral layout "
-                    "(config.json, sharded safetensors + index, tokenizer files).")
+DESCRIPTION = ("Write a random-weight checkpoint in the Hugging Face Mixtral layout "
+               "(config.json, sharded safetensors + index, tokenizer files).")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The CLI's options on `parser` (this module's and `python -m model.checkpoint random`)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True,
                         help="model shape (model/config.py PRESETS): tiny and small for tests "
                              "and benchmarks (tiny-v3: tiny with the v3 vocabulary and its "
@@ -256,20 +257,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The CLI: parse `argv`, write the checkpoint, log where. Exits 2 naming a bad option."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="python -m model.random_checkpoint",
+                                                 description=DESCRIPTION))
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """Write the checkpoint that `args` (add_arguments' options) ask for and log where. Exits 2
+    through `parser` naming a bad option and its limit, or in one line an `--out` that is a file
+    or cannot be created (other OS errors, not about `--out`, propagate)."""
     if args.shard_size_mb is not None and args.shard_size_mb <= 0:
         parser.error(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.exit(2, f"{parser.prog}: error: --out {out} is an existing file, not a "
+                       "directory\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     shard = args.shard_size_mb * 10**6 if args.shard_size_mb is not None else None
     try:
-        path = write_random(resolve_config(args.preset), args.out, torch_dtype(args.dtype),
+        path = write_random(resolve_config(args.preset), out, torch_dtype(args.dtype),
                             args.seed, shard, args.hot_expert, args.quantization)
     except ValueError as e:     # hot_expert out of range, named with its limit
         parser.error(str(e))
+    except OSError as e:        # --out (or a folder above it) cannot be created
+        if e.filename is None or Path(e.filename) not in (out, *out.parents):
+            raise
+        parser.exit(2, f"{parser.prog}: error: --out {out} cannot be created: "
+                       f"{e.filename}: {e.strerror}\n")
     log.info("wrote %s checkpoint to %s", args.preset, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The CLI: parse `argv`, write the checkpoint, log where. Exits 2 naming a bad option."""
+    parser = _parser()
+    run(parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":
