@@ -23,7 +23,8 @@ import ray
 import torch
 
 from model import quant
-from model.checkpoint import WeightSource, materialised_names, quantization_config
+from model.checkpoint import WeightSource, materialised_names
+from model.quant_checkpoint import quantization_config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,9 +136,8 @@ def dequantized_checkpoint(src: str | Path, out: str | Path) -> Path:
     for file in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(file))
     for name in [n for n in tensors if tensors[n].dtype == quant.FP8]:
-        stem = name.removesuffix("weight")
-        scale = tensors.pop(stem + quant.WEIGHT_SCALE)
-        tensors.pop(stem + quant.INPUT_SCALE, None)
+        scale = tensors.pop(quant.scale_name(name, quant.WEIGHT_SCALE))
+        tensors.pop(quant.scale_name(name, quant.INPUT_SCALE), None)
         tensors[name] = quant.from_fp8_checkpoint(tensors[name], scale, None).dequantize(F32)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     for file in src.iterdir():

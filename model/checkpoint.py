@@ -22,7 +22,6 @@ import json
 import logging
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,11 +29,19 @@ from safetensors import safe_open
 
 from model import quant
 from model.config import MixtralConfig
+from model.errors import CheckpointError
 from model.linear import native_dtype
 from model.mixtral import tensor_shapes
 from model.moe import is_expert_name
 from model.progress import Progress
 from model.quant import QuantizedWeight
+from model.quant_checkpoint import (
+    FP8_STORED,
+    check_stored_dtype,
+    fp8_weight,
+    is_static,
+    quantization_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +51,6 @@ QK_INIT_GAIN = 8.0
 RANDOM_INIT_VERSION = 2     # bump when random_tensor changes: names the cached checkpoints
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MATERIALISED: set[str] = set()     # tensor names this process read or built, see below
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing a tensor, has a wrong shape or is malformed; names the tensor."""
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -111,7 +114,7 @@ def check_checkpoint_dir(path: str | Path) -> None:
     if absent:
         raise CheckpointError(f"checkpoint {path} has no tensor {absent[0]!r} "
                               f"({len(absent)} of the config's tensors are missing)")
-    _check_shards(files, tensor_shapes(cfg), _is_static(quantized))
+    _check_shards(files, tensor_shapes(cfg), is_static(quantized))
 
 
 def _check_shards(files: dict[str, Path], shapes: dict[str, tuple[int, ...]],
@@ -127,61 +130,25 @@ def _check_shards(files: dict[str, Path], shapes: dict[str, tuple[int, ...]],
         with safe_open(file, framework="pt") as f:
             held = set(f.keys())
             for name in names:
-                if name not in held:
-                    if name in shapes:
-                        raise CheckpointError(f"the index names shard {file.name} for tensor "
-                                              f"{name!r}, which that shard does not hold")
-                    continue
-                t = f.get_slice(name)
-                _check_stored_dtype(name, t.get_dtype())
-                found[name] = torch.empty(t.get_shape(), device="meta",
-                                          dtype=quant.FP8 if t.get_dtype() == "F8_E4M3" else None)
+                if name in shapes or name in held:      # a stale scale entry is never read
+                    t = _slice(f, held, file, name)
+                    fp8 = t.get_dtype() == FP8_STORED
+                    found[name] = torch.empty(t.get_shape(), device="meta",
+                                              dtype=quant.FP8 if fp8 else None)
     for name in shapes:
         if found[name].dtype == quant.FP8:
-            _fp8_weight(name, found[name], found.get, static)
+            fp8_weight(name, found[name], found.get, static)
 
 
-# safetensors' names of the dtypes a weight may be stored in (F8_E4M3: FP8 checkpoints)
-STORED_DTYPES = ("F32", "BF16", "F16", "F64", "F8_E4M3")
-
-
-def _check_stored_dtype(name: str, stored: str) -> None:
-    if stored not in STORED_DTYPES:
-        raise CheckpointError(f"tensor {name!r} is stored as {stored}: weights are read from "
-                              f"{', '.join(STORED_DTYPES)} (F8_E4M3 with its weight_scale)")
-
-
-def _is_static(config: dict | None) -> bool:
-    """Whether an FP8 checkpoint's activations have static scales (each needs input_scale)."""
-    return config is not None and config.get("activation_scheme", "dynamic") == "static"
-
-
-def quantization_config(path: str | Path) -> dict | None:
-    """config.json's `quantization_config`, None when it has none. CheckpointError unless it
-    is the FP8 layout this server reads (model/quant.py): quant_method "fp8", per-tensor
-    (no weight_block_size), activation_scheme "static" or "dynamic"."""
-    raw = json.loads((Path(path) / "config.json").read_text())
-    config = raw.get("quantization_config")
-    if config is None:
-        return None
-    method = config.get("quant_method")
-    if method != quant.FP8_METHOD:
-        raise CheckpointError(f"config.json quantization_config.quant_method {method!r} is not "
-                              f"supported: this server reads {quant.FP8_METHOD!r} checkpoints "
-                              f"(or unquantized ones, with quantization='int8' at load)")
-    if config.get("weight_block_size"):
-        raise CheckpointError("config.json quantization_config.weight_block_size: block-wise "
-                              "FP8 is not supported, only per-tensor scales")
-    scheme = config.get("activation_scheme", "dynamic")
-    if scheme not in quant.ACTIVATION_SCHEMES:
-        raise CheckpointError(f"config.json quantization_config.activation_scheme {scheme!r}: "
-                              f"expected one of {', '.join(quant.ACTIVATION_SCHEMES)}")
-    return config
-
-
-def _scale_name(name: str, suffix: str) -> str:
-    """"...q_proj.weight" -> "...q_proj.weight_scale" (suffix WEIGHT_SCALE or INPUT_SCALE)."""
-    return name.removesuffix("weight") + suffix
+def _slice(f, held: set[str], file: Path, name: str):
+    """Shard `f`'s (`file`, holding `held`) slice of `name`. CheckpointError when the shard
+    does not hold it or holds it in a dtype weights are not read from."""
+    if name not in held:
+        raise CheckpointError(f"the index names shard {file.name} for tensor {name!r}, which "
+                              f"that shard does not hold")
+    t = f.get_slice(name)
+    check_stored_dtype(name, t.get_dtype())
+    return t
 
 
 def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
@@ -190,7 +157,7 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
     a float8_e4m3fn weight (an FP8 checkpoint's) stays FP8, read with its scales as a
     QuantizedWeight. CheckpointError naming a missing tensor or scale, or a wrong shape."""
     files = weight_map(path)
-    static = _is_static(quantization_config(path))    # CheckpointError: one it cannot read
+    static = is_static(quantization_config(path))     # CheckpointError: one it cannot read
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in shapes:
         if name not in files:
@@ -204,18 +171,14 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
         with safe_open(file, framework="pt", device="cpu") as f:
             held = set(f.keys())
             for name in names:
-                if name not in held:
-                    raise CheckpointError(f"the index names shard {file.name} for tensor "
-                                          f"{name!r}, which that shard does not hold")
-                t = f.get_slice(name)
-                _check_stored_dtype(name, t.get_dtype())
+                t = _slice(f, held, file, name)
                 if tuple(t.get_shape()) != tuple(shapes[name]):
                     raise CheckpointError(f"tensor {name!r} has shape {tuple(t.get_shape())}, "
                                           f"expected {tuple(shapes[name])}")
-                if t.get_dtype() == "F8_E4M3":
+                if t.get_dtype() == FP8_STORED:
                     tensor = f.get_tensor(name).to(device=device)
-                    out[name] = _fp8_weight(name, tensor,
-                                            lambda n: _read_scale(files, n, device), static)
+                    out[name] = fp8_weight(name, tensor, _scale_reader(files, file, f, device),
+                                           static)
                 else:
                     tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                     out[name] = tensor
@@ -225,32 +188,17 @@ def load_tensors(path: str | Path, shapes: dict[str, tuple[int, ...]], dtype: to
     return out
 
 
-def _fp8_weight(name: str, weight: torch.Tensor, scale: Callable[[str], torch.Tensor | None],
-                static: bool) -> QuantizedWeight:
-    """An FP8 checkpoint's `name` with its `weight_scale` and its `input_scale` (required with
-    static activation scales, else read where present; `scale(tensor name)`: the tensor, None
-    when the checkpoint has none). CheckpointError naming a missing scale or a bad one."""
-    weight_scale = scale(_scale_name(name, quant.WEIGHT_SCALE))
-    if weight_scale is None:
-        raise CheckpointError(f"FP8 tensor {name!r} has no "
-                              f"{_scale_name(name, quant.WEIGHT_SCALE)!r}")
-    input_scale = scale(_scale_name(name, quant.INPUT_SCALE))
-    if input_scale is None and static:
-        raise CheckpointError(f"FP8 tensor {name!r} has no "
-                              f"{_scale_name(name, quant.INPUT_SCALE)!r}, which config.json's "
-                              f"activation_scheme 'static' needs")
-    try:
-        return quant.from_fp8_checkpoint(weight, weight_scale, input_scale)
-    except ValueError as e:
-        raise CheckpointError(f"{name}: {e}") from None
-
-
-def _read_scale(files: dict[str, Path], name: str,
-                device: torch.device | str) -> torch.Tensor | None:
-    if name not in files:
-        return None
-    with safe_open(files[name], framework="pt", device="cpu") as f:
-        return f.get_tensor(name).to(device)
+def _scale_reader(files: dict[str, Path], file: Path, f, device: torch.device | str):
+    """name -> that scale tensor on `device`, None when the checkpoint has none: from the open
+    shard `f` (`file`) when it holds it (the usual case), else from its own shard."""
+    def read(name: str) -> torch.Tensor | None:
+        if name not in files:
+            return None
+        if files[name] == file:
+            return f.get_tensor(name).to(device)
+        with safe_open(files[name], framework="pt", device="cpu") as other:
+            return other.get_tensor(name).to(device)
+    return read
 
 
 @dataclasses.dataclass(frozen=True)

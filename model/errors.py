@@ -4,6 +4,7 @@
 sampling parameters, the engine's admission checks and the chat template raise it (or a
 subclass) with a message naming the field and the limit, and only it maps to gRPC
 INVALID_ARGUMENT / HTTP 400. Any other exception is the server's: INTERNAL, with no text.
+`CheckpointError` is the other input's: a model directory the server is given to load.
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ MAX_JSON_DEPTH = 128    # nesting levels of client JSON (documented: docs/api.md
 
 class InvalidRequest(ValueError):
     """A request field is outside its limits; the message names the field and the limit."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing a tensor, has a wrong shape or is malformed; names the tensor."""
 
 
 def lone_surrogate_at(text: str) -> int | None:

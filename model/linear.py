@@ -107,8 +107,8 @@ def native_dtype(stored: torch.dtype, device: torch.device,
         return stored
     if stored not in _LOGGED_NATIVE:
         _LOGGED_NATIVE.add(stored)
+        name = str(stored).removeprefix("torch.")
         log.info("dtype 'auto': computing the %s checkpoint in float32: this CPU has no native "
                  "%s kernels (oneDNN), where float32 is faster; pass dtype=%s to keep it",
-                 str(stored).removeprefix("torch."), str(stored).removeprefix("torch."),
-                 str(stored).removeprefix("torch."))
+                 name, name, name)
     return torch.float32

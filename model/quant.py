@@ -49,6 +49,12 @@ ACTIVATION_SCHEMES = ("static", "dynamic")
 WEIGHT_SCALE, INPUT_SCALE = "weight_scale", "input_scale"   # suffixes next to "weight"
 
 
+def scale_name(name: str, suffix: str) -> str:
+    """A weight's scale in the FP8 layout: "...q_proj.weight" -> "...q_proj.weight_scale"
+    (`suffix` WEIGHT_SCALE or INPUT_SCALE)."""
+    return name.removesuffix("weight") + suffix
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
     """W ~= qweight * scale[:, None] (out, in). `input_scale`: an FP8 checkpoint's static

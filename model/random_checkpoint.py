@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 # as one of its two experts: about half of all (token, expert) rows on `tiny` and `small`.
 HOT_OFFSET, HOT_GATE = 0.5, 0.5
 HOT_BIAS_VERSION = 2        # bump when the bias changes: names the cached biased checkpoints
-QUANTIZATIONS = ("fp8",)    # what --quantization writes
+WRITTEN_QUANTIZATIONS = (quant.FP8_METHOD,)    # what --quantization writes
 CALIBRATION_TOKENS = 256    # random tokens the static FP8 input scales are calibrated on
 
 
@@ -87,8 +87,8 @@ def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch
     `quantization` "fp8": the published FP8 layout (module doc); ValueError with hot_expert."""
     if hot_expert is not None and not 0 <= hot_expert < cfg.num_local_experts:
         raise ValueError(f"hot_expert must be in [0, {cfg.num_local_experts}), got {hot_expert}")
-    if quantization not in (None, *QUANTIZATIONS):
-        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)} or None, "
+    if quantization not in (None, *WRITTEN_QUANTIZATIONS):
+        raise ValueError(f"quantization must be one of {list(WRITTEN_QUANTIZATIONS)} or None, "
                          f"got {quantization!r}")
     if quantization and hot_expert is not None:
         raise ValueError("hot_expert and quantization: one or the other (the input scales are "
@@ -109,8 +109,9 @@ def write_random(cfg: MixtralConfig, out: str | Path, dtype: torch.dtype = torch
         for n in names:
             if n in input_scales:
                 w = random_tensor(n, shapes[n], seed, torch.float32)
-                tensors[n], tensors[n + "_scale"] = quant.quantize_fp8(w)     # weight_scale
-                tensors[n.removesuffix("weight") + quant.INPUT_SCALE] = input_scales[n]
+                weight, scale = quant.quantize_fp8(w)
+                tensors[n], tensors[quant.scale_name(n, quant.WEIGHT_SCALE)] = weight, scale
+                tensors[quant.scale_name(n, quant.INPUT_SCALE)] = input_scales[n]
             else:
                 tensors[n] = random_tensor(n, shapes[n], seed, dtype)
             if hot_expert is not None:
@@ -250,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--hot-expert", type=int, default=None,
                         help="bias every layer's router towards this expert id, in "
                              "[0, num_local_experts), for uneven routing load (default: none)")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+    parser.add_argument("--quantization", choices=WRITTEN_QUANTIZATIONS, default=None,
                         help="fp8: the published FP8 layout (float8_e4m3fn projections with "
                              "per-tensor weight_scale and static input_scale; see the module "
                              "doc); default: none")
